@@ -1,0 +1,209 @@
+"""ShapeEdit: determinism, the oracle's ranking, critiques, held-out splits, export format, CLI errors."""
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reward.shapeedit import GenerateConfig, build_reference, generate, judge, judge_image, render, sample_scene
+from reward.shapeedit.__main__ import main as cli
+from reward.shapeedit.candidates import MODES, make_candidate, render_candidate
+from reward.shapeedit.critique import scores_1_to_4, status, write_critique
+from reward.shapeedit.edits import Edit, apply_edits, composition_keys, is_heldout, refer, sample_instruction
+from reward.shapeedit.oracle import FAR
+from reward.shapeedit.world import KINDS, SHAPE_COLOURS, SIZES, Scene, palette, size_name
+
+
+def _cases(seed: int, n: int):
+    """n random (scene, edits, instruction) draws."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        scene = sample_scene(rng)
+        drawn = sample_instruction(rng, scene)
+        if drawn is not None:
+            out.append((scene, *drawn))
+    return rng, out
+
+
+def test_palette_colours_are_further_apart_than_the_oracle_threshold():
+    p = palette()
+    assert min(np.abs(a - b).max() for a, b in itertools.combinations(p, 2)) > FAR
+
+
+def test_same_seed_gives_byte_identical_output(tmp_path):
+    for name in ("a", "b"):
+        generate(GenerateConfig(out=str(tmp_path / name), pairs=120, seed=7), progress=False)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) > 50
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    generate(GenerateConfig(out=str(tmp_path / "c"), pairs=120, seed=8), progress=False)
+    assert (tmp_path / "a" / "train.json").read_bytes() != (tmp_path / "c" / "train.json").read_bytes()
+
+
+def test_oracle_ranks_the_correct_edit_above_every_failure_mode():
+    rng, cases = _cases(seed=1, n=500)
+    compared = 0
+    for scene, edits, _ in cases:
+        reference = build_reference(scene, edits, 64, 64)
+        correct = judge(reference, render(apply_edits(scene, edits)))
+        assert (correct.following, correct.consistency, correct.quality, correct.overall) == (1.0, 1.0, 1.0, 1.0)
+        for mode in MODES[1:]:
+            candidate = make_candidate(rng, scene, edits, mode)
+            if candidate is None:
+                continue
+            image = render_candidate(candidate, rng, 64)
+            if np.array_equal(image, render(apply_edits(scene, edits))):
+                continue
+            assert judge(reference, image).overall < correct.overall, (mode, edits)
+            compared += 1
+    assert compared > 2500
+
+
+def test_oracle_scores_failures_on_the_right_axis():
+    rng, cases = _cases(seed=2, n=150)
+    for scene, edits, _ in cases:
+        reference = build_reference(scene, edits, 64, 64)
+        j = judge(reference, render(scene))  # nothing done
+        assert j.following < 0.05 and j.consistency == 1.0 and j.quality == 1.0
+        for mode in ("noise", "blur", "colour_shift"):
+            image = render_candidate(make_candidate(rng, scene, edits, mode), rng, 64)
+            if np.array_equal(image, render(apply_edits(scene, edits))):
+                continue  # blur of an image without edges
+            assert judge(reference, image).quality < 0.9, mode
+
+
+def test_oracle_judges_arbitrary_images_of_any_size_and_mode():
+    scene = Scene("white", ())
+    edits = (Edit("add", kind="circle", colour="red", size=SIZES["large"], region="centre"),)
+    target = render(apply_edits(scene, edits), 40, 56)
+    assert judge_image(scene, edits, Image.fromarray(target)).overall == 1.0
+    assert judge_image(scene, edits, Image.fromarray(target).convert("RGBA")).overall == 1.0
+    assert judge_image(scene, edits, Image.fromarray(target).convert("P", palette=Image.Palette.ADAPTIVE)).overall == 1.0
+    assert judge_image(scene, edits, target.astype(np.float32) / 255).overall == 1.0
+    noise = np.random.default_rng(0).integers(0, 256, size=target.shape, dtype=np.uint8)
+    assert judge_image(scene, edits, noise).overall < 0.3
+    with pytest.raises(ValueError, match="reference was built for"):
+        judge(build_reference(scene, edits, 64, 64), target)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        judge_image(scene, edits, target[:, :, 0])
+
+
+def test_referring_expressions_pick_out_exactly_one_shape():
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(400):
+        scene = sample_scene(rng)
+        for shape in scene.shapes:
+            words = refer(scene, shape.id, rng)
+            if words is None or " on the " in words or " at the " in words:
+                continue
+            tokens = words.split()
+            matches = [
+                s
+                for s in scene.shapes
+                if s.kind == tokens[-1]
+                and (len(tokens) < 2 or s.colour == tokens[-2])
+                and (len(tokens) < 3 or size_name(s.size) == tokens[-3])
+            ]
+            assert matches == [shape], (words, scene)
+            assert tokens[-1] in KINDS and (len(tokens) < 2 or tokens[-2] in SHAPE_COLOURS)
+            checked += 1
+    assert checked > 500
+
+
+def test_critiques_agree_with_the_oracle():
+    rng, cases = _cases(seed=4, n=200)
+    for scene, edits, instruction in cases:
+        reference = build_reference(scene, edits, 64, 64)
+        for mode in MODES:
+            candidate = make_candidate(rng, scene, edits, mode)
+            if candidate is None:
+                continue
+            j = judge(reference, render_candidate(candidate, rng, 64))
+            text = write_critique(scene, edits, instruction, candidate, j)
+            following, quality = scores_1_to_4(j)
+            verdict = re.search(r"Instruction following (\d)/4, consistency and quality (\d)/4, overall (\d)/8", text)
+            assert verdict and tuple(map(int, verdict.groups())) == (following, quality, following + quality), text
+            check = text.split("3. Check: ")[1]
+            assert [m.group(1) for m in re.finditer(r": (done|partly done|not done)", check)] == [
+                status(f) for f in j.following_per_edit
+            ], text
+            if mode == "correct":
+                assert "everything else is preserved" in text and "clean and sharp" in text and "8/8" in text
+            if mode == "not_applied":
+                assert "nothing in the scene changed" in text
+
+
+def test_dataset_format_splits_and_heldout_compositions(tmp_path):
+    out = tmp_path / "data"
+    meta = generate(GenerateConfig(out=str(out), pairs=1200, seed=5), progress=False)
+    assert sum(meta["pairs"].values()) == 1200
+    for split in ("train", "val", "test_iid", "test_heldout"):
+        prompts = json.loads((out / f"{split}_prompts.json").read_text())
+        assert prompts, split
+        for p in prompts:
+            scene = Scene.from_dict(p["scene"])
+            edits = tuple(Edit.from_dict(e) for e in p["edits"])
+            keys = [k for e in edits for k in composition_keys(scene, e)]
+            heldout = any(is_heldout(k) for k in keys)
+            assert heldout == (split == "test_heldout"), (split, keys)
+        triples = json.loads((out / f"{split}_triples.json").read_text())
+        assert [t["prompt_id"] for t in triples] == [p["prompt_id"] for p in prompts]
+        for t, p in zip(triples, prompts):
+            # The target image is exactly the render of the edited scene.
+            edits = tuple(Edit.from_dict(e) for e in p["edits"])
+            target = render(apply_edits(Scene.from_dict(p["scene"]), edits))
+            assert np.array_equal(np.asarray(Image.open(out / t["path_target"])), target)
+        pairs = json.loads((out / f"{split}.json").read_text())
+        required = {"prompt", "path_src", "path1", "path2", "model1", "model2", "tie_case", "rationale1", "rationale2"}
+        required |= {f"model{s}_{d}_score" for s in "12" for d in ("dim1", "dim2", "overall")}
+        for row in pairs:
+            assert required <= set(row)
+            assert row["oracle1"]["overall"] >= row["oracle2"]["overall"]
+            assert row["tie_case"] == (row["oracle1"]["overall"] - row["oracle2"]["overall"] < 0.02)
+            assert row["model1_overall_score"] == row["model1_dim1_score"] + row["model1_dim2_score"]
+            for key in ("path_src", "path1", "path2"):
+                assert Image.open(out / row[key]).size == (64, 64)
+    train_keys = {tuple(k) for p in json.loads((out / "train_prompts.json").read_text()) for k in p["compositions"]}
+    heldout_keys = {tuple(k) for p in json.loads((out / "test_heldout_prompts.json").read_text()) for k in p["compositions"]}
+    assert not {k for k in heldout_keys if is_heldout(k)} & train_keys
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--pairs", "0"], "pairs must be at least 1"),
+        (["--size", "8"], "size must be between 16 and 1024"),
+        (["--candidates", "1"], "candidates must be between 2"),
+        (["--val-fraction", "0.6", "--test-iid-fraction", "0.5"], "split fractions"),
+    ],
+)
+def test_cli_refuses_impossible_requests(tmp_path, capsys, argv, message):
+    assert cli(["generate", "--out", str(tmp_path / "x")] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_unknown_options_and_non_empty_output(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["generate", "--out", str(tmp_path), "--pears", "10"])
+    assert e.value.code == 2 and "--pears" in capsys.readouterr().err
+    (tmp_path / "keep.txt").write_text("precious")
+    assert cli(["generate", "--out", str(tmp_path), "--pairs", "10"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_cli_generates_and_draws_a_contact_sheet(tmp_path, capsys):
+    assert cli(["generate", "--out", str(tmp_path / "d"), "--pairs", "30", "--size", "32"]) == 0
+    assert "wrote 30 pairs" in capsys.readouterr().out
+    assert cli(["sheet", str(tmp_path / "d"), "--rows", "3"]) == 0
+    sheet = Image.open(tmp_path / "d" / "sheet_train.png")
+    assert sheet.size[0] > 5 * 128 and sheet.size[1] > 3 * 128
+    assert Path(tmp_path / "d" / "images" / "train" / "000000_src.png").exists()
