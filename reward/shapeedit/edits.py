@@ -44,7 +44,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
     "move": (
         "move the {ref} to the {region}",
-        "put the {ref} in the {region}",
+        "put the {ref} {at_region}",
         "shift the {ref} to the {region}",
         "drag the {ref} over to the {region}",
     ),
@@ -209,8 +209,10 @@ def phrase(scene: Scene, edit: Edit, rng: np.random.Generator) -> str | None:
         if ref2 is None:
             return None
         words["ref2"] = ref2
+    if edit.region is not None:
+        words["at_region"] = AT_REGION.get(edit.region, f"in the {edit.region}")
     if f == "add":
-        words.update(size=size_name(edit.size), kind=edit.kind, at_region=AT_REGION.get(edit.region, f"in the {edit.region}"))
+        words.update(size=size_name(edit.size), kind=edit.kind)
     if edit.colour is not None:
         words["colour"] = edit.colour
     if edit.region is not None:
