@@ -1,0 +1,209 @@
+"""Judge a reward on editing reward benchmarks; writes results.json and results.md.
+
+    python reward/evaluate.py --reward jrm:runs/jrm/final \
+        --benchmark shapeedit:runs/jrm/data/test_iid.json --benchmark shapeedit:runs/jrm/data/test_heldout.json \
+        --benchmark tiger:/data/EditReward-Bench --benchmark editscore:/data/editscore_bench.jsonl \
+        --benchmark mmrb2:/data/mmrb2_editing.json --benchmark genai:/data/genai_bench_edit --out runs/eval [--erank]
+
+Rewards: `jrm:PATH` (JRM.from_pretrained), `generative:PATH` (decode a critique with the same checkpoint,
+parse its verdict), `oracle:SHAPEEDIT_DIR` (the exact ShapeEdit judge; ShapeEdit benchmarks only).
+Benchmark formats and metrics: reward/benchmarks.py. A missing or corrupt image stops the run with the
+row and file, unless --skip-bad (then it is skipped and counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python reward/evaluate.py`: import the package, not sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+import torch
+from PIL import Image
+
+from reward.benchmarks import BENCHMARKS, Comparison, image_key, load_benchmark, open_image, summarise
+from reward.data import DataError, load_image
+
+
+def effective_rank(features: torch.Tensor) -> float:
+    """Roy & Vetterli (2007): exp(entropy of the normalised singular values) of the centred (N, H) features."""
+    x = features.double() - features.double().mean(0, keepdim=True)
+    s = torch.linalg.svdvals(x)
+    if s.sum() <= 0:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+class OracleReward:
+    """The ShapeEdit oracle behind the common score() signature; finds each source's scene by its pixels."""
+
+    def __init__(self, data_dir: str | Path):
+        from reward.shapeedit import Edit, Scene
+
+        data_dir = Path(data_dir)
+        self.lookup: dict[tuple[str, str], tuple] = {}
+        files = sorted(data_dir.glob("*_prompts.json"))
+        if not files:
+            raise DataError(f"{data_dir} has no *_prompts.json: the oracle needs ShapeEdit scenes")
+        for file in files:
+            for row in json.loads(file.read_text()):
+                key = (row["instruction"], _pixels(load_image(data_dir / row["path_src"])))
+                self.lookup[key] = (Scene.from_dict(row["scene"]), tuple(Edit.from_dict(e) for e in row["edits"]))
+
+    def score(self, source_images, instructions, edited_images, batch_size: int = 0) -> torch.Tensor:
+        from reward.shapeedit import judge_image
+
+        out = []
+        for source, instruction, edited in zip(source_images, instructions, edited_images):
+            found = self.lookup.get((instruction, _pixels(source)))
+            if found is None:
+                raise DataError(f"the oracle knows no ShapeEdit scene for {instruction!r} with this source image")
+            out.append(judge_image(found[0], found[1], np.asarray(edited)).overall)
+        return torch.tensor(out, dtype=torch.float32)
+
+
+def _pixels(image: Image.Image) -> str:
+    return hashlib.sha1(np.asarray(image.convert("RGB")).tobytes()).hexdigest()
+
+
+def load_reward(spec: str):
+    """`kind:path` -> an object with score(source_images, instructions, edited_images, batch_size)."""
+    kind, _, path = spec.partition(":")
+    if kind == "jrm":
+        from reward.model import JRM
+
+        return JRM.from_pretrained(path)
+    if kind == "generative":
+        from reward.generative import GenerativeJudge
+        from reward.model import JRM
+
+        return GenerativeJudge(JRM.from_pretrained(path))
+    if kind == "oracle":
+        return OracleReward(path)
+    raise ValueError(f"unknown reward {spec!r}; use jrm:PATH, generative:PATH or oracle:SHAPEEDIT_DIR")
+
+
+def score_comparisons(reward, comparisons: list[Comparison], batch_size: int, skip_bad: bool, features: bool = False):
+    """Score every distinct (source, instruction, candidate) once.
+
+    Returns:
+        diffs: (M,) score(a) - score(b) for the comparisons kept; kept: their indices; skipped: count;
+        seconds spent scoring; the score-token features (K, H) when asked.
+    """
+    keys: dict[tuple, int] = {}
+    jobs: list[tuple[Comparison, object]] = []
+    slots = []
+    for c in comparisons:
+        pair = []
+        for cand in (c.a, c.b):
+            key = (image_key(c.source), c.instruction, image_key(cand), str(c.base))
+            if key not in keys:
+                keys[key] = len(jobs)
+                jobs.append((c, cand))
+            pair.append(keys[key])
+        slots.append(pair)
+    scores = np.full(len(jobs), np.nan)
+    bad_jobs: set[int] = set()
+    seconds = 0.0
+    feats = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(jobs))))
+        sources, edited, instructions, ok = [], [], [], []
+        for j in chunk:
+            c, cand = jobs[j]
+            try:
+                sources.append(open_image(c.source, c.base, c.where))
+                edited.append(open_image(cand, c.base, c.where))
+            except DataError:
+                if not skip_bad:
+                    raise
+                bad_jobs.add(j)
+                sources = sources[: len(edited)]
+                continue
+            instructions.append(c.instruction)
+            ok.append(j)
+        if not ok:
+            continue
+        t = time.perf_counter()
+        scores[ok] = reward.score(sources, instructions, edited, batch_size=batch_size).numpy()
+        seconds += time.perf_counter() - t
+        if features:
+            feats.append(reward.features(sources, instructions, edited, batch_size=batch_size))
+    kept = [i for i, (a, b) in enumerate(slots) if a not in bad_jobs and b not in bad_jobs]
+    diffs = np.array([scores[slots[i][0]] - scores[slots[i][1]] for i in kept])
+    return diffs, kept, len(comparisons) - len(kept), seconds, (torch.cat(feats) if feats else None)
+
+
+def evaluate(reward_spec: str, benchmarks: list[str], out: str | Path, batch_size: int = 16, skip_bad: bool = False, erank: bool = False, limit: int = 0) -> list[dict]:
+    reward = load_reward(reward_spec)
+    results = []
+    for spec in benchmarks:
+        kind, _, path = spec.partition(":")
+        if kind not in BENCHMARKS or not path:
+            raise ValueError(f"benchmark {spec!r} must look like KIND:PATH with KIND one of {BENCHMARKS}")
+        comparisons, skipped_rows = load_benchmark(kind, path, skip_bad)
+        if limit:
+            comparisons = comparisons[:limit]
+        diffs, kept, skipped_images, seconds, feats = score_comparisons(reward, comparisons, batch_size, skip_bad, features=erank)
+        result = summarise(kind, [comparisons[i] for i in kept], diffs)
+        result.update(
+            reward=reward_spec,
+            path=path,
+            skipped_rows=skipped_rows,
+            skipped_comparisons=skipped_images,
+            scoring_seconds=round(seconds, 3),
+            pairs_per_second=round(len(kept) / seconds, 2) if seconds > 0 else None,
+        )
+        if feats is not None:
+            result["effective_rank"] = effective_rank(feats)
+        if hasattr(reward, "parse_failures"):
+            result["parse_failures"] = reward.parse_failures
+        results.append(result)
+        print(json.dumps(result))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| reward | benchmark | file | metric | value |", "| --- | --- | --- | --- | --- |"]
+    skip = {"reward", "benchmark", "path"}
+    for r in results:
+        for key, value in r.items():
+            if key in skip:
+                continue
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"| {r['reward']} | {r['benchmark']} | {Path(r['path']).name} | {key} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reward", required=True, help="jrm:PATH, generative:PATH or oracle:SHAPEEDIT_DIR")
+    parser.add_argument("--benchmark", action="append", required=True, help=f"KIND:PATH, KIND in {BENCHMARKS}; repeatable")
+    parser.add_argument("--out", required=True, help="folder for results.json and results.md")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--skip-bad", action="store_true", help="skip and count bad rows and images instead of stopping")
+    parser.add_argument("--erank", action="store_true", help="effective rank of the score-token features (JRM only)")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N comparisons of each benchmark")
+    args = parser.parse_args(argv)
+    try:
+        evaluate(args.reward, args.benchmark, args.out, args.batch_size, args.skip_bad, args.erank, args.limit)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The Joint Reward Model (JRM, arXiv 2602.07533): a VLM backbone, a score token, and a reward head.
+
+Sequence per candidate (Qwen chat format):
+    user: [source image] "Instruction: ..." [edited image] "Judge ..."   assistant: <|score|> critique <|im_end|>
+reward = head(final hidden state at <|score|>). Training appends the critique after the score token and
+puts a next-token loss on it; causality means the score token never sees the critique, so the reward
+read in training equals the reward of a prompt-only forward. Scoring is one prefill, no decoding.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from reward.backbone import MODEL_CLASSES, SCORE_TOKEN, ImageOnlyProcessor, build_tiny, load_backbone
+from reward.data import to_rgb
+from reward.losses import critique_lm_loss, next_token_targets
+
+JUDGE_PROMPT = "Judge how well the second image carries out the instruction on the first image."
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class JRMConfig:
+    backbone: str = "tiny"
+    """"tiny" (random weights, built offline) or a local path / hub id of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model."""
+    family: str = "qwen2_vl"
+    """Backbone family of the tiny preset: qwen2_vl, qwen2_5_vl or qwen3_vl (real checkpoints say their own)."""
+    tiny_hidden: int = 128
+    """Tiny preset: language-model width."""
+    tiny_layers: int = 4
+    """Tiny preset: language-model layers."""
+    dimension_heads: int = 0
+    """Extra reward heads for per-dimension scores (EditReward-Data has 2: following, quality); 0 for none."""
+    lora: bool = False
+    """Train LoRA adapters on the language model instead of every weight."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    """Regex of the modules that get adapters (the vision MLP shares names, hence the language_model prefix)."""
+    freeze_vision: bool = False
+    """Keep the vision tower's weights fixed."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    dtype: str = "float32"
+    """Backbone weights: float32, bfloat16 or float16. The head and the losses are always float32."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa, eager or flash_attention_2."""
+    trust_remote_code: bool = False
+    """Allow code shipped with a checkpoint to run (off unless you trust its source)."""
+    max_critique_tokens: int = 384
+    """Critiques longer than this many tokens are cut for the language-modelling loss."""
+
+    def to_dict(self) -> dict:
+        """Plain data (the Trainer's wandb integration logs the model config through this)."""
+        return asdict(self)
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.family not in MODEL_CLASSES:
+            raise ValueError(f"family must be one of {sorted(MODEL_CLASSES)}, got {self.family!r}")
+        if self.dimension_heads < 0:
+            raise ValueError(f"dimension_heads must be >= 0, got {self.dimension_heads}")
+
+
+@dataclass
+class JRMOutput:
+    rewards: torch.Tensor  # (N,) float32, one per sequence
+    dimension_rewards: torch.Tensor | None  # (N, D) float32 when dimension heads exist
+    features: torch.Tensor  # (N, H) final hidden state at the score token
+    lm_loss: torch.Tensor | None  # scalar, when labels were given
+
+
+class JRM(nn.Module):
+    """Joint Reward Model. `score()` for users; `forward()` and `encode()` for training."""
+
+    def __init__(self, config: JRMConfig, backbone: nn.Module, processor: ImageOnlyProcessor):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.processor = processor
+        self.score_token_id = processor.tokenizer.convert_tokens_to_ids(SCORE_TOKEN)
+        if config.freeze_vision:
+            for p in _unwrap(backbone).model.visual.parameters():
+                p.requires_grad_(False)
+        if config.lora:
+            lora = LoraConfig(
+                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=config.lora_target
+            )
+            backbone = get_peft_model(backbone, lora)
+        if config.gradient_checkpointing:
+            _unwrap(backbone).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _unwrap(backbone).enable_input_require_grads()
+        self.backbone = backbone
+        hidden = _unwrap(backbone).config.get_text_config().hidden_size
+        self.head = nn.Linear(hidden, 1 + config.dimension_heads)
+        nn.init.normal_(self.head.weight, std=1.0 / hidden**0.5)
+        nn.init.zeros_(self.head.bias)
+
+    # --- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, config: JRMConfig, seed: int = 0) -> JRM:
+        """A new JRM: the tiny preset (random weights) or a pretrained backbone with a fresh head."""
+        config.validate()
+        if config.backbone == "tiny":
+            backbone, processor = build_tiny(config.family, seed=seed, hidden=config.tiny_hidden, layers=config.tiny_layers)
+            backbone = backbone.to(DTYPES[config.dtype])
+        else:
+            backbone, processor = load_backbone(
+                config.backbone, DTYPES[config.dtype], config.attn_implementation, config.trust_remote_code
+            )
+        torch.manual_seed(seed)
+        return cls(config, backbone, processor)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write jrm_config.json, model.safetensors (backbone, adapters and head) and the processor files."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"jrm": asdict(self.config), "backbone_config": _unwrap(self.backbone).config.to_dict()}
+        (path / "jrm_config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        save_model(self, str(path / "model.safetensors"))
+        self.processor.save_pretrained(str(path))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | None = None) -> JRM:
+        """Load a JRM written by `save_pretrained`; scores round-trip exactly."""
+        path = Path(path)
+        config_file = path / "jrm_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} is not a JRM checkpoint: {config_file} is missing")
+        meta = json.loads(config_file.read_text())
+        config = JRMConfig(**meta["jrm"])
+        if dtype is not None:
+            config.dtype = dtype
+        backbone_config = dict(meta["backbone_config"])
+        model_type = backbone_config["model_type"]
+        config_class = MODEL_CLASSES[model_type].config_class
+        backbone = MODEL_CLASSES[model_type](config_class.from_dict(backbone_config)).to(DTYPES[config.dtype])
+        processor = ImageOnlyProcessor.from_pretrained(str(path))
+        model = cls(config, backbone, processor)
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
+        return model
+
+    # --- encoding ----------------------------------------------------------------------------------
+
+    def prompt_text(self, instruction: str) -> str:
+        """The chat text for one candidate, ending with the score token."""
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": f"Instruction: {instruction}\n"},
+                    {"type": "image"},
+                    {"type": "text", "text": JUDGE_PROMPT},
+                ],
+            }
+        ]
+        text = self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text + SCORE_TOKEN
+
+    def _cut(self, critique: str) -> str:
+        tokenizer = self.processor.tokenizer
+        ids = tokenizer(critique, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.config.max_critique_tokens:
+            return critique
+        return tokenizer.decode(ids[: self.config.max_critique_tokens])
+
+    def encode(
+        self,
+        source_images: list[Image.Image],
+        instructions: list[str],
+        edited_images: list[Image.Image],
+        critiques: list[str | None] | None = None,
+        padding_side: str = "right",
+    ) -> dict[str, torch.Tensor]:
+        """Tokenize candidates; with critiques, `labels` holds the critique tokens (-100 elsewhere).
+
+        Returns:
+            input_ids, attention_mask, mm_token_type_ids: (N, L); pixel_values: (patches, C*P*P);
+            image_grid_thw: (2N, 3); labels: (N, L) when critiques are given.
+        """
+        n = len(source_images)
+        if not (len(instructions) == len(edited_images) == n) or (critiques is not None and len(critiques) != n):
+            raise ValueError(
+                f"batch mismatch: {n} source images, {len(instructions)} instructions, {len(edited_images)} edited images"
+                + (f", {len(critiques)} critiques" if critiques is not None else "")
+            )
+        for i, text in enumerate(instructions):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"instruction {i} is empty; every candidate needs an instruction")
+        eos = self.processor.tokenizer.eos_token
+        texts = [self.prompt_text(t) for t in instructions]
+        if critiques is not None:
+            texts = [t + self._cut(c) + eos if c else t for t, c in zip(texts, critiques)]
+        images = [[to_rgb(s), to_rgb(e)] for s, e in zip(source_images, edited_images)]
+        batch = self.processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt")
+        batch = dict(batch)
+        if critiques is not None:
+            labels = batch["input_ids"].clone()
+            score_pos = self._score_positions(batch["input_ids"])
+            after = torch.arange(labels.shape[1])[None, :] > score_pos[:, None]
+            labels[~after | (batch["attention_mask"] == 0)] = -100
+            batch["labels"] = labels
+        return batch
+
+    def _score_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_score = input_ids == self.score_token_id
+        counts = is_score.sum(1)
+        if not torch.all(counts == 1):
+            raise ValueError(f"every sequence needs exactly one {SCORE_TOKEN} token; counts per row: {counts.tolist()}")
+        return is_score.int().argmax(1)
+
+    # --- forward and scoring -----------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        mm_token_type_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> JRMOutput:
+        """One pass: rewards at the score token and, with labels, the critique LM loss."""
+        base = _unwrap(self.backbone)
+        hidden = base.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            use_cache=False,
+        ).last_hidden_state
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        features = hidden[rows, self._score_positions(input_ids)].float()
+        out = self.head(features)
+        lm_loss = None
+        if labels is not None:
+            positions, targets = next_token_targets(labels)
+            lm_loss = critique_lm_loss(base.lm_head(hidden[positions]), targets)
+        return JRMOutput(
+            rewards=out[:, 0],
+            dimension_rewards=out[:, 1:] if self.config.dimension_heads else None,
+            features=features,
+            lm_loss=lm_loss,
+        )
+
+    @torch.inference_mode()
+    def score(
+        self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16
+    ) -> torch.Tensor:
+        """Rewards of edited images, one prefill each, no decoding.
+
+        Args:
+            source_images: B PIL images of any mode (converted to RGB).
+            instructions: B non-empty strings.
+            edited_images: B PIL images.
+            batch_size: sequences per forward pass; results do not depend on it.
+
+        Returns:
+            (B,) float32 rewards on CPU.
+        """
+        return torch.cat([o.rewards for o in self._outputs(source_images, instructions, edited_images, batch_size)]).cpu()
+
+    @torch.inference_mode()
+    def features(
+        self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16
+    ) -> torch.Tensor:
+        """(B, H) score-token features, for representation analysis (effective rank)."""
+        return torch.cat([o.features for o in self._outputs(source_images, instructions, edited_images, batch_size)]).cpu()
+
+    def _outputs(self, sources, instructions, edited, batch_size):
+        was_training = self.training
+        self.eval()
+        device = self.head.weight.device
+        try:
+            for i in range(0, len(sources), batch_size):
+                batch = self.encode(sources[i : i + batch_size], instructions[i : i + batch_size], edited[i : i + batch_size])
+                yield self(**{k: v.to(device) for k, v in batch.items()})
+        finally:
+            self.train(was_training)
+
+
+def _unwrap(backbone: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone

@@ -1,0 +1,328 @@
+"""Train a Joint Reward Model: L = L_pref + lambda * L_LM on one backbone (arXiv 2602.07533).
+
+    python reward/train.py                                   # tiny JRM from scratch on ShapeEdit, CPU
+    python reward/train.py loss.lm_weight=0                  # the discriminative-only baseline
+    python reward/train.py --config reward/configs/qwen25vl7b_zero2.yaml      # real backbone (see README)
+    torchrun --nproc_per_node=8 reward/train.py --config reward/configs/qwen25vl7b_zero2.yaml
+
+Built on transformers' Trainer (schedules, accumulation, checkpoints, DeepSpeed ZeRO, wandb); this file
+adds the pair collator, the joint loss and pairwise-accuracy evaluation. Without `data.train`, a ShapeEdit
+dataset is generated into {output_dir}/data. Writes {output_dir}/config.yaml, metrics.jsonl,
+checkpoint-*/ (resumable: resume=auto), final/ (JRM.save_pretrained) and eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python reward/train.py`: import the package, not sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from reward.config import ConfigError, load_config, save_config
+from reward.data import PreferencePair, load_image, load_pairs
+from reward.losses import pairwise_accuracy, preference_loss
+from reward.model import JRM, JRMConfig
+
+DEFAULT_TRAINER = {
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 50,
+    "weight_decay": 0.0,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 600,
+    "logging_steps": 20,
+    "eval_strategy": "steps",
+    "eval_steps": 150,
+    "save_strategy": "steps",
+    "save_steps": 150,
+    "save_total_limit": 2,
+    "report_to": ["wandb"],
+    "dataloader_num_workers": 0,
+    "remove_unused_columns": False,
+    "disable_tqdm": False,
+}
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """EditReward-Data json/jsonl of training pairs; empty: generate ShapeEdit into {output_dir}/data."""
+    eval: str = ""
+    """Pairs for periodic evaluation; empty with ShapeEdit: its val split."""
+    image_root: str = ""
+    """Folder the image paths are relative to; empty: each json file's folder."""
+    skip_bad: bool = False
+    """Skip (and count) bad rows instead of stopping."""
+    max_eval_pairs: int = 400
+    """Cap on evaluation pairs, to keep periodic evaluation cheap."""
+    shapeedit_pairs: int = 10000
+    """Pairs to generate when no training file is given."""
+    shapeedit_seed: int = 0
+    """Seed of the generated ShapeEdit data."""
+
+
+@dataclass
+class LossConfig:
+    lm_weight: float = 0.5
+    """lambda: weight of the critique language-modelling loss; 0 is the discriminative-only baseline."""
+    margin: float = 0.0
+    """Bradley-Terry margin for strict pairs."""
+    ties: str = "drop"
+    """Tie pairs: drop, or model (target 1/2)."""
+    dimension_weight: float = 0.5
+    """Weight of the per-dimension Bradley-Terry losses (when model.dimension_heads > 0)."""
+
+    def validate(self) -> None:
+        if self.ties not in ("drop", "model"):
+            raise ValueError(f"loss.ties must be 'drop' or 'model', got {self.ties!r}")
+        if self.lm_weight < 0:
+            raise ValueError(f"loss.lm_weight must be >= 0, got {self.lm_weight}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/jrm"
+    """Run folder: config, metrics, checkpoints, final model."""
+    seed: int = 0
+    """Seed of the model initialisation and data order."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir; none; or a checkpoint path."""
+    model: JRMConfig = field(default_factory=JRMConfig)
+    """The reward model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The joint objective."""
+    trainer: dict = field(default_factory=lambda: dict(DEFAULT_TRAINER))
+    """transformers TrainingArguments (learning_rate, max_steps, deepspeed, bf16, ...)."""
+
+
+class PairDataset(Dataset):
+    def __init__(self, pairs: list[PreferencePair]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> PreferencePair:
+        return self.pairs[i]
+
+
+class PairCollator:
+    """Loads a batch of pairs' images and encodes chosen then rejected candidates into one batch of 2B."""
+
+    def __init__(self, model: JRM, with_critiques: bool):
+        self.model = model
+        self.with_critiques = with_critiques
+
+    def __call__(self, pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
+        sources = [load_image(p.source, p.where) for p in pairs]
+        edited = [load_image(p.chosen, p.where) for p in pairs] + [load_image(p.rejected, p.where) for p in pairs]
+        critiques = None
+        if self.with_critiques:
+            critiques = [p.chosen_critique for p in pairs] + [p.rejected_critique for p in pairs]
+        batch = self.model.encode(sources + sources, [p.instruction for p in pairs] * 2, edited, critiques)
+        batch["ties"] = torch.tensor([p.tie for p in pairs])
+        if self.model.config.dimension_heads:
+            dims = [(p.chosen_dims, p.rejected_dims) for p in pairs]
+            batch["dims_known"] = torch.tensor([c is not None and r is not None for c, r in dims])
+            width = self.model.config.dimension_heads
+            batch["chosen_dims"] = torch.tensor([c if c is not None else (0.0,) * width for c, _ in dims], dtype=torch.float32)
+            batch["rejected_dims"] = torch.tensor([r if r is not None else (0.0,) * width for _, r in dims], dtype=torch.float32)
+        return batch
+
+
+class JRMTrainer(Trainer):
+    """transformers' Trainer with JRM's joint loss and pairwise evaluation."""
+
+    def __init__(self, *args, loss_config: LossConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_config = loss_config
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def _joint_loss(self, model: JRM, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ties = inputs.pop("ties")
+        dim_inputs = {k: inputs.pop(k) for k in ("dims_known", "chosen_dims", "rejected_dims") if k in inputs}
+        out = model(**inputs)
+        n = ties.shape[0]
+        chosen, rejected = out.rewards[:n], out.rewards[n:]
+        cfg = self.loss_config
+        pref = preference_loss(chosen, rejected, ties, cfg.margin, cfg.ties)
+        loss = pref
+        if out.lm_loss is not None and cfg.lm_weight > 0:
+            loss = loss + cfg.lm_weight * out.lm_loss
+        if out.dimension_rewards is not None:
+            dim_loss = 0.0
+            for d in range(out.dimension_rewards.shape[1]):
+                sign = torch.sign(dim_inputs["chosen_dims"][:, d] - dim_inputs["rejected_dims"][:, d])
+                usable = dim_inputs["dims_known"] & (sign != 0)
+                a, b = out.dimension_rewards[:n, d], out.dimension_rewards[n:, d]
+                dim_loss = dim_loss + preference_loss(sign * a, sign * b, ~usable)
+            loss = loss + cfg.dimension_weight * dim_loss
+        prefix = "train" if model.training else "eval"
+        self._metrics[f"{prefix}/pref_loss"].append(float(pref.detach()))
+        if out.lm_loss is not None:
+            self._metrics[f"{prefix}/lm_loss"].append(float(out.lm_loss.detach()))
+        acc = pairwise_accuracy(chosen.detach(), rejected.detach(), ties)
+        if not math.isnan(acc):
+            self._metrics[f"{prefix}/accuracy"].append(acc)
+        return loss, chosen.detach(), rejected.detach()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, chosen, rejected = self._joint_loss(model, inputs)
+        return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        ties = inputs["ties"]
+        with torch.no_grad():
+            loss, chosen, rejected = self._joint_loss(model, inputs)
+        return loss.detach(), torch.stack([chosen, rejected], dim=1), ties.long()
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        prefix = "eval" if any(k.startswith("eval") for k in logs) else "train"
+        for key in [k for k in self._metrics if k.startswith(prefix + "/")]:
+            values = self._metrics.pop(key)
+            logs[key] = sum(values) / len(values)
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Checkpoints hold a loadable JRM (JRM.from_pretrained works on any checkpoint-*/).
+        output_dir = output_dir or self.args.output_dir
+        if state_dict is None or not self.is_deepspeed_enabled:
+            self.model.save_pretrained(output_dir)
+        else:
+            super()._save(output_dir, state_dict)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+
+def compute_metrics(prediction) -> dict[str, float]:
+    rewards, ties = prediction.predictions, prediction.label_ids.astype(bool)
+    strict = ~ties
+    diff = rewards[strict, 0] - rewards[strict, 1]
+    return {"pairwise_accuracy": float(((diff > 0) + 0.5 * (diff == 0)).mean()) if strict.any() else float("nan")}
+
+
+class MetricsFile(TrainerCallback):
+    """Appends every log record, with its step, to {output_dir}/metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def training_arguments(cfg: TrainConfig) -> TrainingArguments:
+    valid = {f.name for f in fields(TrainingArguments)}
+    unknown = sorted(set(cfg.trainer) - valid)
+    if unknown:
+        raise ConfigError(f"unknown trainer key(s) {unknown}; they must be transformers.TrainingArguments fields")
+    if "output_dir" in cfg.trainer or "seed" in cfg.trainer:
+        raise ConfigError("set output_dir and seed at the top level of the config, not under trainer")
+    kwargs = dict(cfg.trainer)
+    if not torch.cuda.is_available():
+        kwargs.setdefault("use_cpu", True)
+    return TrainingArguments(output_dir=cfg.output_dir, seed=cfg.seed, **kwargs)
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Training and evaluation pairs; generates ShapeEdit when no training file is configured."""
+    data = cfg.data
+    root = data.image_root or None
+    if not data.train:
+        from reward.shapeedit import GenerateConfig, generate
+
+        data_dir = Path(cfg.output_dir) / "data"
+        if not (data_dir / "meta.json").is_file():
+            generate(GenerateConfig(out=str(data_dir), pairs=data.shapeedit_pairs, seed=data.shapeedit_seed, overwrite=True))
+        train_file, eval_file = data_dir / "train.json", Path(data.eval) if data.eval else data_dir / "val.json"
+    else:
+        train_file, eval_file = Path(data.train), Path(data.eval) if data.eval else None
+    train, skipped = load_pairs(train_file, root, data.skip_bad)
+    if skipped:
+        print(f"skipped {skipped} bad training rows of {train_file}")
+    evaluation: list[PreferencePair] = []
+    if eval_file is not None:
+        evaluation, skipped = load_pairs(eval_file, root, data.skip_bad)
+        evaluation = [p for p in evaluation if not p.tie][: data.max_eval_pairs]
+    return train, evaluation
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train, save {output_dir}/final, and return the final evaluation metrics."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_DIR", cfg.output_dir)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    args = training_arguments(cfg)
+    train_pairs, eval_pairs = prepare_data(cfg)
+    with_critiques = cfg.loss.lm_weight > 0
+    if with_critiques and not any(p.chosen_critique for p in train_pairs):
+        raise ValueError("loss.lm_weight > 0 needs critiques (rationale1/rationale2) in the training data")
+    model = JRM.build(cfg.model, seed=cfg.seed)
+    if not eval_pairs:
+        args.eval_strategy = "no"
+    trainer = JRMTrainer(
+        model=model,
+        args=args,
+        train_dataset=PairDataset(train_pairs),
+        eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
+        data_collator=PairCollator(model, with_critiques),
+        compute_metrics=compute_metrics,
+        callbacks=[MetricsFile(out / "metrics.jsonl")],
+        loss_config=cfg.loss,
+    )
+    checkpoint = None
+    if cfg.resume == "auto":
+        checkpoint = get_last_checkpoint(cfg.output_dir)
+    elif cfg.resume != "none":
+        checkpoint = cfg.resume
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(out / "final"))
+    results = trainer.evaluate() if eval_pairs else {}
+    (out / "eval.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    config_path = None
+    if argv and argv[0] == "--config":
+        if len(argv) < 2:
+            print("error: --config needs a YAML file", file=sys.stderr)
+            return 2
+        config_path, argv = argv[1], argv[2:]
+    try:
+        cfg = load_config(TrainConfig, config_path, argv)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = train(cfg)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""JRM: scoring invariants, the joint objective, save/load, backbone families, training, config errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from reward.backbone import SCORE_TOKEN, build_tiny
+from reward.config import ConfigError, load_config
+from reward.generative import GenerativeJudge, parse_verdict
+from reward.losses import critique_lm_loss, next_token_targets, preference_loss
+from reward.model import JRM, JRMConfig
+from reward.shapeedit import Edit, Scene, apply_edits, render, sample_instruction, sample_scene
+from reward.train import TrainConfig
+
+SMALL = dict(tiny_hidden=64, tiny_layers=2)
+
+
+@pytest.fixture(scope="module")
+def jrm():
+    return JRM.build(JRMConfig(**SMALL), seed=0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Six candidates with instructions of different lengths and critiques of different lengths."""
+    rng = np.random.default_rng(0)
+    sources, instructions, edited, critiques = [], [], [], []
+    while len(sources) < 6:
+        scene = sample_scene(rng)
+        drawn = sample_instruction(rng, scene)
+        if drawn is None:
+            continue
+        edits, text = drawn
+        sources.append(Image.fromarray(render(scene)))
+        edited.append(Image.fromarray(render(apply_edits(scene, edits))))
+        instructions.append(text)
+        critiques.append("The edit is fine. " * (1 + len(sources)) + "Verdict: overall 7/8.")
+    return sources, instructions, edited, critiques
+
+
+def test_score_does_not_depend_on_batch_or_padding_side(jrm, batch):
+    sources, instructions, edited, _ = batch
+    together = jrm.score(sources, instructions, edited, batch_size=6)
+    alone = torch.cat([jrm.score(sources[i : i + 1], instructions[i : i + 1], edited[i : i + 1]) for i in range(6)])
+    shuffled = jrm.score(sources[::-1], instructions[::-1], edited[::-1], batch_size=4).flip(0)
+    with torch.no_grad():
+        left = jrm(**jrm.encode(sources, instructions, edited, padding_side="left")).rewards
+    assert together.shape == (6,)
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert torch.allclose(together, shuffled, atol=1e-5)
+    assert torch.allclose(together, left, atol=1e-5)
+    assert together.std() > 0  # different inputs, different scores
+
+
+def test_training_reward_equals_prompt_only_reward(jrm, batch):
+    sources, instructions, edited, critiques = batch
+    with torch.no_grad():
+        trained = jrm(**jrm.encode(sources, instructions, edited, critiques)).rewards
+    assert torch.allclose(trained, jrm.score(sources, instructions, edited), atol=1e-5)
+
+
+def test_lm_loss_equals_the_models_own_labels_loss(jrm, batch):
+    sources, instructions, edited, critiques = batch
+    encoded = jrm.encode(sources, instructions, edited, critiques)
+    labels = encoded["labels"]
+    # Labels cover exactly the critique and the closing token: everything after the score token.
+    score_pos = (encoded["input_ids"] == jrm.score_token_id).int().argmax(1)
+    for row, pos in enumerate(score_pos.tolist()):
+        real = encoded["attention_mask"][row].bool()
+        after = torch.arange(labels.shape[1]) > pos
+        assert torch.equal(labels[row] != -100, after & real)
+    with torch.no_grad():
+        ours = jrm(**encoded).lm_loss
+        theirs = jrm.backbone(**encoded).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_loss_functions_match_closed_forms():
+    chosen = torch.tensor([2.0, 0.5, 1.0])
+    rejected = torch.tensor([1.0, 1.5, 1.0])
+    ties = torch.tensor([False, False, True])
+    dropped = preference_loss(chosen, rejected, ties)
+    assert dropped.item() == pytest.approx((-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(-1.0))).item() / 2)
+    margin = preference_loss(chosen, rejected, ties, margin=0.5)
+    assert margin.item() == pytest.approx((-F.logsigmoid(torch.tensor(0.5)) - F.logsigmoid(torch.tensor(-1.5))).item() / 2)
+    modelled = preference_loss(chosen, rejected, ties, tie_mode="model")
+    expected = (-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(-1.0)) + np.log(2)).item() / 3
+    assert modelled.item() == pytest.approx(expected)
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, 8, -100]])
+    positions, targets = next_token_targets(labels)
+    assert positions.tolist() == [[False, True, True, False], [True, True, False, False]]
+    assert targets.tolist() == [5, 6, 7, 8]
+    logits = torch.randn(4, 10)
+    assert critique_lm_loss(logits, targets).item() == pytest.approx(F.cross_entropy(logits, targets).item())
+
+
+def test_save_and_load_round_trip_exactly(jrm, batch, tmp_path):
+    sources, instructions, edited, _ = batch
+    jrm.save_pretrained(tmp_path / "ck")
+    assert (tmp_path / "ck" / "model.safetensors").is_file() and (tmp_path / "ck" / "jrm_config.json").is_file()
+    loaded = JRM.from_pretrained(tmp_path / "ck")
+    assert torch.equal(loaded.score(sources, instructions, edited), jrm.score(sources, instructions, edited))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_other_backbone_families_score_padding_invariantly(family, batch):
+    sources, instructions, edited, critiques = batch
+    model = JRM.build(JRMConfig(family=family, **SMALL), seed=1)
+    together = model.score(sources, instructions, edited)
+    alone = torch.cat([model.score(sources[i : i + 1], instructions[i : i + 1], edited[i : i + 1]) for i in range(6)])
+    assert torch.allclose(together, alone, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(model(**model.encode(sources, instructions, edited, critiques)).rewards, together, atol=1e-5)
+
+
+def test_lora_trains_only_adapters_and_head_and_round_trips(batch, tmp_path):
+    sources, instructions, edited, _ = batch
+    model = JRM.build(JRMConfig(lora=True, lora_r=4, freeze_vision=True, **SMALL), seed=0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)  # make the adapters matter
+    model.save_pretrained(tmp_path / "lora")
+    loaded = JRM.from_pretrained(tmp_path / "lora")
+    assert torch.equal(loaded.score(sources, instructions, edited), model.score(sources, instructions, edited))
+
+
+def test_pretrained_backbone_loads_from_a_local_folder(tmp_path, batch):
+    """The real loading path (from_pretrained of a transformers checkpoint), on a tiny saved backbone."""
+    sources, instructions, edited, _ = batch
+    backbone, processor = build_tiny("qwen2_vl", hidden=64, layers=2)
+    backbone.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    model = JRM.build(JRMConfig(backbone=str(tmp_path / "vlm")))
+    assert model.processor.tokenizer.convert_tokens_to_ids(SCORE_TOKEN) == model.score_token_id
+    scores = model.score(sources, instructions, edited)
+    assert scores.shape == (6,) and torch.isfinite(scores).all()
+
+
+def test_bad_inputs_are_refused_clearly(jrm, batch):
+    sources, instructions, edited, _ = batch
+    with pytest.raises(ValueError, match="instruction 1 is empty"):
+        jrm.score(sources[:2], [instructions[0], "  "], edited[:2])
+    with pytest.raises(ValueError, match="batch mismatch"):
+        jrm.score(sources[:2], instructions[:1], edited[:2])
+    rgba = [s.convert("RGBA") for s in sources[:2]]
+    grey = [e.convert("L") for e in edited[:2]]
+    assert torch.isfinite(jrm.score(rgba, instructions[:2], grey)).all()
+
+
+def test_generative_baseline_decodes_and_parses(jrm, batch):
+    sources, instructions, edited, _ = batch
+    assert parse_verdict("... Verdict: a good edit. Instruction following 4/4, overall 7/8.") == pytest.approx(7 / 8)
+    assert parse_verdict("score 3/4") == pytest.approx(0.75)
+    assert parse_verdict("no numbers here") is None
+    judge = GenerativeJudge(jrm, max_new_tokens=8)
+    scores = judge.score(sources[:3], instructions[:3], edited[:3])
+    assert scores.shape == (3,) and judge.generated_tokens > 0
+    assert judge.parse_failures + int((scores > 0).sum()) == 3
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"model.lorra.*valid keys here.*model.lora"):
+        load_config(TrainConfig, None, ["model.lorra=true"])
+    with pytest.raises(ConfigError, match="loss.lm_weight: expected float"):
+        load_config(TrainConfig, None, ["loss.lm_weight=abc"])
+    with pytest.raises(ValueError, match="loss.ties"):
+        load_config(TrainConfig, None, ["loss.ties=maybe"])
+    cfg = load_config(TrainConfig, None, ["loss.lm_weight=0", "trainer.max_steps=3", "model.family=qwen3_vl"])
+    assert cfg.loss.lm_weight == 0.0 and cfg.trainer["max_steps"] == 3 and cfg.trainer["logging_steps"] == 20
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
+    from reward.train import train
+
+    common = [
+        "model.tiny_hidden=64",
+        "model.tiny_layers=2",
+        "data.shapeedit_pairs=240",
+        "data.max_eval_pairs=32",
+        "trainer.max_steps=24",
+        "trainer.per_device_train_batch_size=8",
+        "trainer.logging_steps=4",
+        "trainer.eval_steps=12",
+        "trainer.save_steps=12",
+        "trainer.warmup_steps=0",
+        "trainer.report_to=[]",
+        "trainer.disable_tqdm=true",
+    ]
+    full = load_config(TrainConfig, None, [f"output_dir={tmp_path / 'full'}"] + common)
+    train(full)
+    logs = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logs if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "full" / "final" / "model.safetensors").is_file()
+    JRM.from_pretrained(tmp_path / "full" / "checkpoint-12")  # checkpoints are loadable JRMs
+
+    # Resume: a run that stops at step 12 and is continued with resume=auto ends where the full run ends.
+    import shutil
+
+    shutil.copytree(tmp_path / "full" / "data", tmp_path / "resumed" / "data")
+    shutil.copytree(tmp_path / "full" / "checkpoint-12", tmp_path / "resumed" / "checkpoint-12")
+    resumed = load_config(TrainConfig, None, [f"output_dir={tmp_path / 'resumed'}"] + common)
+    train(resumed)
+    a = JRM.from_pretrained(tmp_path / "full" / "final")
+    b = JRM.from_pretrained(tmp_path / "resumed" / "final")
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), name
