@@ -192,9 +192,14 @@ def build_tiny(family: str = "qwen2_vl", seed: int = 0, **sizes) -> tuple[PreTra
 
 
 def load_backbone(
-    name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", trust_remote_code: bool = False
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    add_score_token: bool = True,
 ) -> tuple[PreTrainedModel, ImageOnlyProcessor]:
-    """A pretrained Qwen-VL backbone and its processor from a local path or hub id, with the score token added."""
+    """A pretrained Qwen-VL backbone and its processor from a local path or hub id, with the score token
+    added (new embedding rows start at the mean of the old ones)."""
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if config.model_type not in MODEL_CLASSES:
         raise ValueError(f"{name_or_path} is a {config.model_type!r} model; JRM supports {sorted(MODEL_CLASSES)}")
@@ -212,7 +217,7 @@ def load_backbone(
     if chat_template is None:
         raise ValueError(f"{name_or_path} has no chat template (tokenizer_config.json or chat_template.jinja)")
     tokenizer.chat_template = chat_template
-    if SCORE_TOKEN not in tokenizer.get_vocab():
+    if add_score_token and SCORE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([SCORE_TOKEN], special_tokens=True)
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)

@@ -15,14 +15,15 @@ Formats and protocols (REFERENCE.md §3):
 - `genai`     GenAI-Bench image_edition: instruct_prompt, source_image, left_output_image,
               right_output_image, vote_type (leftvote/rightvote/tievote/bothbad_vote). Accuracy on
               left/right votes, and tie-calibrated accuracy with tievote and bothbad_vote as ties.
-- `shapeedit` ShapeEdit / EditReward-Data pairs json: accuracy on strict (non-tie) pairs.
+- `shapeedit` ShapeEdit / EditReward-Data pairs json: accuracy on strict (non-tie) pairs, overall and by
+              the rejected candidate's failure mode (`model2`); `accuracy_ties_half` counts a score tie
+              as one half (fairer to judges with discrete scores).
 Image fields may be paths (relative to the file), {"bytes"|"path"} dicts, or decoded PIL images.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reward.data import DataError, load_image, to_rgb
+from reward.data import DataError, load_image, read_rows, to_rgb
 
 BENCHMARKS = ("tiger", "editscore", "mmrb2", "genai", "shapeedit")
 
@@ -58,18 +59,7 @@ def read_table(path: str | Path) -> list[dict]:
     if not path.exists():
         raise DataError(f"benchmark path {path} does not exist")
     if path.is_file() and path.suffix in (".json", ".jsonl"):
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix == ".jsonl":
-                return [json.loads(line) for line in text.splitlines() if line.strip()]
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid json ({e})") from e
-        if isinstance(data, dict) and "pairs" in data:
-            data = data["pairs"]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a list of rows (or {{'pairs': [...]}})")
-        return data
+        return read_rows(path)
     import datasets  # only for the hub layouts
 
     if path.is_dir() and (path / "dataset_info.json").exists():
@@ -240,7 +230,7 @@ def _parse_row(kind: str, row: dict, where: str, base: Path) -> list[Comparison]
     return [
         cmp(
             group=str(row.get("prompt_id", where)),
-            subset=f"{row.get('model1', '?')}>{row.get('model2', '?')}",
+            subset=str(row.get("model2", "?")),  # the rejected candidate's failure mode
             instruction=str(_need(row, "prompt", where)),
             source=_need(row, "path_src", where),
             a=_need(row, "path1", where),
@@ -326,4 +316,10 @@ def summarise(kind: str, comparisons: list[Comparison], diffs: np.ndarray) -> di
         result["tie_eps"] = eps
     else:
         result["accuracy"] = strict_accuracy(diffs, labels)
+        # Judges with discrete scores (the generative baseline) tie often; count a tie as a coin flip.
+        strict = labels != 0
+        result["accuracy_ties_half"] = float(((np.sign(diffs[strict]) == labels[strict]) + 0.5 * (diffs[strict] == 0)).mean()) if strict.any() else float("nan")
+        result["score_ties"] = int((diffs[strict] == 0).sum())
+        for subset, idx in sorted(by_subset.items()):
+            result[f"vs_{subset}/accuracy"] = strict_accuracy(diffs[idx], labels[idx])
     return result

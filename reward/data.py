@@ -80,7 +80,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list:
+    """Rows of a json list, a jsonl file, or a json object holding them under "pairs" (MMRB2)."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -91,8 +92,10 @@ def _read_rows(path: Path) -> list[dict]:
             rows = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid json ({e})") from e
+    if isinstance(rows, dict) and "pairs" in rows:
+        rows = rows["pairs"]
     if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a json list of pair objects, got {type(rows).__name__}")
+        raise DataError(f"{path}: expected a json list of rows (or {{'pairs': [...]}}), got {type(rows).__name__}")
     return rows
 
 
@@ -125,7 +128,7 @@ def load_pairs(path: str | Path, image_root: str | Path | None = None, skip_bad:
     root = Path(image_root) if image_root is not None else path.parent
     pairs: list[PreferencePair] = []
     skipped = 0
-    for i, row in enumerate(_read_rows(path)):
+    for i, row in enumerate(read_rows(path)):
         where = f"{path}:row {i}"
         try:
             if not isinstance(row, dict):

@@ -1,7 +1,7 @@
 """The Joint Reward Model (JRM, arXiv 2602.07533): a VLM backbone, a score token, and a reward head.
 
 Sequence per candidate (Qwen chat format):
-    user: [source image] "Instruction: ..." [edited image] "Judge ..."   assistant: <|score|> critique <|im_end|>
+    user: [source image] [edited image] "Instruction: ... Judge ..."   assistant: <|score|> critique <|im_end|>
 reward = head(final hidden state at <|score|>). Training appends the critique after the score token and
 puts a next-token loss on it; causality means the score token never sees the critique, so the reward
 read in training equals the reward of a prompt-only forward. Scoring is one prefill, no decoding.
@@ -61,6 +61,11 @@ class JRMConfig:
     """Allow code shipped with a checkpoint to run (off unless you trust its source)."""
     max_critique_tokens: int = 384
     """Critiques longer than this many tokens are cut for the language-modelling loss."""
+    transition_frames: bool = True
+    """Feed the edited image as a two-frame clip (source -> edit) through the vision tower's temporal patch
+    embedding, so the first layer sees what changed where. Qwen-VL embeds every image as two frames
+    (an image is a clip of two equal frames), so this costs nothing; the edit is resized to the source's
+    size first. On ShapeEdit it is what lets a tiny random-init JRM learn comparisons in minutes."""
 
     def to_dict(self) -> dict:
         """Plain data (the Trainer's wandb integration logs the model config through this)."""
@@ -161,11 +166,12 @@ class JRM(nn.Module):
         messages = [
             {
                 "role": "user",
+                # Both images first, side by side: corresponding patches of the source and the edit then
+                # sit at the same relative position whatever the instruction's length.
                 "content": [
                     {"type": "image"},
-                    {"type": "text", "text": f"Instruction: {instruction}\n"},
                     {"type": "image"},
-                    {"type": "text", "text": JUDGE_PROMPT},
+                    {"type": "text", "text": f"Instruction: {instruction}\n{JUDGE_PROMPT}"},
                 ],
             }
         ]
@@ -206,9 +212,14 @@ class JRM(nn.Module):
         texts = [self.prompt_text(t) for t in instructions]
         if critiques is not None:
             texts = [t + self._cut(c) + eos if c else t for t, c in zip(texts, critiques)]
-        images = [[to_rgb(s), to_rgb(e)] for s, e in zip(source_images, edited_images)]
-        batch = self.processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt")
+        sources = [to_rgb(s) for s in source_images]
+        edits = [to_rgb(e) for e in edited_images]
+        if self.config.transition_frames:
+            edits = [e if e.size == s.size else e.resize(s.size, Image.Resampling.BICUBIC) for s, e in zip(sources, edits)]
+        batch = self.processor(text=texts, images=[[s, e] for s, e in zip(sources, edits)], padding=True, padding_side=padding_side, return_tensors="pt")
         batch = dict(batch)
+        if self.config.transition_frames:
+            batch["pixel_values"] = self._transition(batch["pixel_values"], batch["image_grid_thw"])
         if critiques is not None:
             labels = batch["input_ids"].clone()
             score_pos = self._score_positions(batch["input_ids"])
@@ -216,6 +227,24 @@ class JRM(nn.Module):
             labels[~after | (batch["attention_mask"] == 0)] = -100
             batch["labels"] = labels
         return batch
+
+    def _transition(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Replace the first temporal frame of every edited image's patches with the source's.
+
+        pixel_values rows are patches, each flattened as (channel, temporal frame, pixels); images come
+        in (source, edit) order per candidate, each with grid_thw[i].prod() patches.
+        """
+        frames = self.processor.image_processor.temporal_patch_size
+        counts = grid_thw.prod(-1).tolist()
+        out = pixel_values.clone()
+        start = 0
+        for i in range(0, len(counts), 2):
+            n = counts[i]
+            source = out[start : start + n].view(n, 3, frames, -1)
+            edit = out[start + n : start + 2 * n].view(n, 3, frames, -1)
+            edit[:, :, 0] = source[:, :, 0]
+            start += 2 * n
+        return out
 
     def _score_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_score = input_ids == self.score_token_id

@@ -213,3 +213,43 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     b = JRM.from_pretrained(tmp_path / "resumed" / "final")
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.allclose(pa, pb, atol=1e-6), name
+
+
+
+def test_critique_synthesis_is_label_consistent_and_resumable(tmp_path):
+    from reward.shapeedit import GenerateConfig, generate
+    from reward.synthesize_critiques import Teacher, synthesize
+
+    data = tmp_path / "data"
+    generate(GenerateConfig(out=str(data), pairs=12, seed=2), progress=False)
+    rows = json.loads((data / "train.json").read_text())
+    for row in rows:  # real EditReward-Data has no critiques
+        del row["rationale1"], row["rationale2"]
+    (data / "plain.json").write_text(json.dumps(rows))
+    backbone, processor = build_tiny("qwen2_vl", hidden=64, layers=2)
+    backbone.save_pretrained(tmp_path / "teacher")
+    processor.save_pretrained(tmp_path / "teacher")
+    teacher = Teacher(str(tmp_path / "teacher"), max_new_tokens=6)
+    out = data / "with_critiques.json"
+    assert synthesize(data / "plain.json", teacher, out, batch_size=2, limit=3) == 3
+    assert not out.exists() and out.with_suffix(".json.partial.jsonl").exists()  # interrupted: resumable
+    assert synthesize(data / "plain.json", teacher, out, batch_size=2) == len(rows) - 3
+    written = json.loads(out.read_text())
+    for row in written:
+        for slot in ("1", "2"):
+            d1, d2 = row[f"model{slot}_dim1_score"], row[f"model{slot}_dim2_score"]
+            assert row[f"rationale{slot}"].endswith(f"overall {d1 + d2:g}/8.")
+            assert parse_verdict(row[f"rationale{slot}"]) == pytest.approx((d1 + d2) / 8)
+
+
+def test_transition_frames_show_the_source_in_the_edits_first_frame(batch):
+    sources, instructions, edited, _ = batch
+    plain = JRM.build(JRMConfig(transition_frames=False, **SMALL), seed=0)
+    clip = JRM.build(JRMConfig(transition_frames=True, **SMALL), seed=0)
+    a = plain.encode(sources[:2], instructions[:2], edited[:2])["pixel_values"].view(2, 2, 64, 3, 2, -1)
+    b = clip.encode(sources[:2], instructions[:2], edited[:2])["pixel_values"].view(2, 2, 64, 3, 2, -1)
+    assert torch.equal(b[:, 0], a[:, 0])  # sources unchanged
+    assert torch.equal(b[:, 1, :, :, 1], a[:, 1, :, :, 1])  # the edit stays the second frame
+    assert torch.equal(b[:, 1, :, :, 0], a[:, 0, :, :, 0])  # and the source is its first
+    small = [e.resize((32, 32)) for e in edited[:2]]  # edits of another size are resized to the source's
+    assert clip.encode(sources[:2], instructions[:2], small)["pixel_values"].shape == (2 * 2 * 64, 384)
