@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from reward.backbone import MODEL_CLASSES, SCORE_TOKEN, ImageOnlyProcessor, build_tiny, load_backbone
@@ -130,13 +130,19 @@ class JRM(nn.Module):
         torch.manual_seed(seed)
         return cls(config, backbone, processor)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write jrm_config.json, model.safetensors (backbone, adapters and head) and the processor files."""
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write jrm_config.json, model.safetensors (backbone, adapters and head) and the processor files.
+
+        `state_dict` is for weights gathered elsewhere (DeepSpeed ZeRO hands the Trainer a full one).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {"jrm": asdict(self.config), "backbone_config": _unwrap(self.backbone).config.to_dict()}
         (path / "jrm_config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        save_model(self, str(path / "model.safetensors"))
+        if state_dict is None:
+            save_model(self, str(path / "model.safetensors"))
+        else:  # copies, so that tied weights are two tensors, which safetensors accepts
+            save_file({k: v.detach().contiguous().clone().cpu() for k, v in state_dict.items()}, str(path / "model.safetensors"))
         self.processor.save_pretrained(str(path))
 
     @classmethod

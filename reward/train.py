@@ -202,10 +202,7 @@ class JRMTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # Checkpoints hold a loadable JRM (JRM.from_pretrained works on any checkpoint-*/).
         output_dir = output_dir or self.args.output_dir
-        if state_dict is None or not self.is_deepspeed_enabled:
-            self.model.save_pretrained(output_dir)
-        else:
-            super()._save(output_dir, state_dict)
+        self.model.save_pretrained(output_dir, state_dict=state_dict if self.is_deepspeed_enabled else None)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
 
@@ -276,6 +273,11 @@ def train(cfg: TrainConfig) -> dict:
     with_critiques = cfg.loss.lm_weight > 0
     if with_critiques and not any(p.chosen_critique for p in train_pairs):
         raise ValueError("loss.lm_weight > 0 needs critiques (rationale1/rationale2) in the training data")
+    if args.deepspeed:
+        import deepspeed
+
+        # ZeRO-3 partitions weights while the model is built: DeepSpeed must see every rank by then.
+        deepspeed.init_distributed(dist_backend=args.ddp_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
     model = JRM.build(cfg.model, seed=cfg.seed)
     if not eval_pairs:
         args.eval_strategy = "no"

@@ -253,3 +253,32 @@ def test_transition_frames_show_the_source_in_the_edits_first_frame(batch):
     assert torch.equal(b[:, 1, :, :, 0], a[:, 0, :, :, 0])  # and the source is its first
     small = [e.resize((32, 32)) for e in edited[:2]]  # edits of another size are resized to the source's
     assert clip.encode(sources[:2], instructions[:2], small)["pixel_values"].shape == (2 * 2 * 64, 384)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_two_cpu_ranks(tmp_path):
+    """torchrun with 2 gloo ranks and DeepSpeed ZeRO-2 trains, checkpoints and saves a loadable JRM."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(root))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+        str(root / "reward" / "train.py"), f"output_dir={tmp_path}", "model.tiny_hidden=64", "model.tiny_layers=2",
+        "data.shapeedit_pairs=120", "data.max_eval_pairs=8", "trainer.max_steps=4", "trainer.per_device_train_batch_size=2",
+        "trainer.logging_steps=1", "trainer.eval_steps=2", "trainer.save_steps=2", "trainer.report_to=[]",
+        "trainer.disable_tqdm=true", f"trainer.deepspeed={root / 'reward' / 'configs' / 'ds_zero2.json'}", "trainer.ddp_backend=gloo",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
+    assert JRM.from_pretrained(tmp_path / "checkpoint-4").score is not None
+    JRM.from_pretrained(tmp_path / "final")
