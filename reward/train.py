@@ -301,7 +301,12 @@ def train(cfg: TrainConfig) -> dict:
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(out / "final"))
     results = trainer.evaluate() if eval_pairs else {}
-    (out / "eval.json").write_text(json.dumps(results, indent=1))
+    if trainer.is_world_process_zero():
+        (out / "eval.json").write_text(json.dumps(results, indent=1))
+    if torch.distributed.is_initialized():
+        # An orderly shutdown: ranks that exit with the process group alive can abort in its threads.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return results
 
 
