@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reward.data import DataError, load_image, read_rows, to_rgb
+from reward.data import DataError, load_image, parse_rows, read_rows, to_rgb
 
 BENCHMARKS = ("tiger", "editscore", "mmrb2", "genai", "shapeedit")
 
@@ -127,19 +127,7 @@ def load_benchmark(kind: str, path: str | Path, skip_bad: bool = False) -> tuple
         raise ValueError(f"unknown benchmark {kind!r}; expected one of {BENCHMARKS}")
     path = Path(path)
     base = path.parent if path.is_file() else path
-    out: list[Comparison] = []
-    skipped = 0
-    for i, row in enumerate(read_table(path)):
-        where = f"{path}:row {i}"
-        try:
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-            out.extend(_parse_row(kind, row, where, base))
-        except DataError:
-            if not skip_bad:
-                raise
-            skipped += 1
-    return out, skipped
+    return parse_rows(path, read_table(path), lambda row, where: _parse_row(kind, row, where, base), skip_bad)
 
 
 def _parse_row(kind: str, row: dict, where: str, base: Path) -> list[Comparison]:

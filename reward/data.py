@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
+
+T = TypeVar("T")
 
 # Refuse decompression bombs early: 64 megapixels is far beyond any editing benchmark image.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
@@ -126,40 +130,53 @@ def load_pairs(path: str | Path, image_root: str | Path | None = None, skip_bad:
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    pairs: list[PreferencePair] = []
+
+    def parse(row: dict, where: str) -> list[PreferencePair]:
+        instruction = _field(row, "prompt", str, where)
+        if not instruction.strip():
+            raise DataError(f"{where}: field 'prompt' is empty")
+        paths = [root / _field(row, k, str, where) for k in ("path_src", "path1", "path2")]
+        for key, p in zip(("path_src", "path1", "path2"), paths):
+            if not p.is_file():
+                raise DataError(f"{where}: {key} image {p} does not exist")
+        dims = []
+        for slot in ("1", "2"):
+            values = [_field(row, f"model{slot}_dim{d}_score", float, where, optional=True) for d in (1, 2)]
+            dims.append(None if any(v is None for v in values) else tuple(values))
+        return [
+            PreferencePair(
+                source=str(paths[0]),
+                instruction=instruction,
+                chosen=str(paths[1]),
+                rejected=str(paths[2]),
+                tie=bool(_field(row, "tie_case", bool, where, optional=True) or False),
+                chosen_critique=_field(row, "rationale1", str, where, optional=True),
+                rejected_critique=_field(row, "rationale2", str, where, optional=True),
+                chosen_dims=dims[0],
+                rejected_dims=dims[1],
+                where=where,
+            )
+        ]
+
+    return parse_rows(path, read_rows(path), parse, skip_bad)
+
+
+def parse_rows(path: Path, rows: list, parse: Callable[[dict, str], list[T]], skip_bad: bool) -> tuple[list[T], int]:
+    """Apply `parse(row, "file:row i")` to every row; a DataError stops, or with `skip_bad` is counted.
+
+    Returns:
+        (everything parse returned, concatenated; number of skipped rows)
+    """
+    out: list[T] = []
     skipped = 0
-    for i, row in enumerate(read_rows(path)):
+    for i, row in enumerate(rows):
         where = f"{path}:row {i}"
         try:
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-            instruction = _field(row, "prompt", str, where)
-            if not instruction.strip():
-                raise DataError(f"{where}: field 'prompt' is empty")
-            paths = [root / _field(row, k, str, where) for k in ("path_src", "path1", "path2")]
-            for key, p in zip(("path_src", "path1", "path2"), paths):
-                if not p.is_file():
-                    raise DataError(f"{where}: {key} image {p} does not exist")
-            dims = []
-            for slot in ("1", "2"):
-                values = [_field(row, f"model{slot}_dim{d}_score", float, where, optional=True) for d in (1, 2)]
-                dims.append(None if any(v is None for v in values) else tuple(values))
-            pairs.append(
-                PreferencePair(
-                    source=str(paths[0]),
-                    instruction=instruction,
-                    chosen=str(paths[1]),
-                    rejected=str(paths[2]),
-                    tie=bool(_field(row, "tie_case", bool, where, optional=True) or False),
-                    chosen_critique=_field(row, "rationale1", str, where, optional=True),
-                    rejected_critique=_field(row, "rationale2", str, where, optional=True),
-                    chosen_dims=dims[0],
-                    rejected_dims=dims[1],
-                    where=where,
-                )
-            )
+            out.extend(parse(row, where))
         except DataError:
             if not skip_bad:
                 raise
             skipped += 1
-    return pairs, skipped
+    return out, skipped
