@@ -199,7 +199,7 @@ def load_backbone(
     add_score_token: bool = True,
 ) -> tuple[PreTrainedModel, ImageOnlyProcessor]:
     """A pretrained Qwen-VL backbone and its processor from a local path or hub id, with the score token
-    added (new embedding rows start at the mean of the old ones)."""
+    added (its input and output embeddings start at the mean of the rows before it)."""
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if config.model_type not in MODEL_CLASSES:
         raise ValueError(f"{name_or_path} is a {config.model_type!r} model; JRM supports {sorted(MODEL_CLASSES)}")
@@ -219,6 +219,14 @@ def load_backbone(
     tokenizer.chat_template = chat_template
     if add_score_token and SCORE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([SCORE_TOKEN], special_tokens=True)
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        rows = model.get_input_embeddings().weight.shape[0]
+        # Real Qwen tables are padded past the tokenizer: never shrink them, and start the new token at
+        # the mean of the trained rows rather than at an untrained padding row.
+        if len(tokenizer) > rows:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        score_id = tokenizer.convert_tokens_to_ids(SCORE_TOKEN)
+        with torch.no_grad():
+            for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+                table[score_id] = table[: score_id].mean(0)
     processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
     return model, processor

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reward.data import DataError, load_image, parse_rows, read_rows, to_rgb
+from reward.data import DataError, decode_image, load_image, parse_rows, read_rows, to_rgb
 
 BENCHMARKS = ("tiger", "editscore", "mmrb2", "genai", "shapeedit")
 
@@ -80,12 +80,7 @@ def open_image(ref: object, base: Path, where: str) -> Image.Image:
         return to_rgb(ref)
     if isinstance(ref, dict):
         if ref.get("bytes"):
-            try:
-                with Image.open(io.BytesIO(ref["bytes"])) as image:
-                    image.load()
-                    return to_rgb(image)
-            except (OSError, SyntaxError, ValueError) as e:
-                raise DataError(f"{where}: cannot decode embedded image bytes: {e}") from e
+            return decode_image(io.BytesIO(ref["bytes"]), f"{where}: cannot decode embedded image bytes")
         if ref.get("path"):
             return load_image(base / ref["path"], where)
     if isinstance(ref, str):
@@ -135,8 +130,10 @@ def _parse_row(kind: str, row: dict, where: str, base: Path) -> list[Comparison]
         return Comparison(where=where, base=base, **kw)
 
     if kind == "tiger":
-        ctype = row.get("comparison_type") or "AvsB"
-        left, right = ctype.split("vs") if "vs" in ctype else ("A", "B")
+        ctype = re.fullmatch(r"([A-Z])vs([A-Z])", str(row.get("comparison_type") or "AvsB"))
+        if ctype is None:
+            raise DataError(f"{where}: comparison_type {row.get('comparison_type')!r} should look like 'AvsC'")
+        left, right = ctype.groups()
         label = _ranking_label(str(_need(row, "ranking", where)), left, right, where)
         rid = str(_need(row, "id", where))
         return [
@@ -178,6 +175,8 @@ def _parse_row(kind: str, row: dict, where: str, base: Path) -> list[Comparison]
         def response_image(key: str):
             content = _need(_need(row, key, where), "response_content", where)
             if isinstance(content, list):
+                if not all(isinstance(item, (list, tuple)) and len(item) == 2 for item in content):
+                    raise DataError(f"{where}: {key}.response_content items must be [type, value]")
                 found = [v for t, v in content if t == "image"]
                 if not found:
                     raise DataError(f"{where}: {key} has no image")
@@ -281,7 +280,8 @@ def summarise(kind: str, comparisons: list[Comparison], diffs: np.ndarray) -> di
                     if labels[i] != 0:
                         groups[comparisons[i].group].append(bool(right[i]))
                 result[f"{subset}/group_accuracy"] = float(np.mean([all(g) for g in groups.values()])) if groups else float("nan")
-        result["overall/accuracy"] = strict_accuracy(diffs, labels)
+        # Pair-level accuracy over every subset; the published "Overall" may aggregate differently.
+        result["all_pairs/accuracy_no_ties"] = strict_accuracy(diffs, labels)
     elif kind == "editscore":
         dims: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
         for i, c in enumerate(comparisons):

@@ -19,7 +19,15 @@ T = TypeVar("T")
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads 1e-3 as a string; this loader reads it as the float everyone means."""
+    """YAML as people mean it: 1e-3 is a float (YAML 1.1 says string) and only true/false are booleans
+    (YAML 1.1 also turns no/yes/on/off into booleans, which breaks `eval_strategy: no`)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 _Loader.add_implicit_resolver(

@@ -8,6 +8,7 @@ Every bad row is reported with its file, row number and key.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from collections.abc import Callable
@@ -55,14 +56,20 @@ def load_image(path: str | Path, where: str = "") -> Image.Image:
     label = f"{where}: " if where else ""
     if not path.is_file():
         raise DataError(f"{label}image file {path} does not exist")
+    return decode_image(path, f"{label}cannot read image {path}")
+
+
+def decode_image(source: Path | io.BytesIO, error: str) -> Image.Image:
+    """Decode a file or in-memory image to RGB (EXIF rotation applied; bombs, truncation and non-images
+    raise DataError starting with `error`)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.load()
                 image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{label}cannot read image {path}: {e}") from e
+        raise DataError(f"{error}: {e}") from e
     return to_rgb(image)
 
 
@@ -89,13 +96,19 @@ def read_rows(path: Path) -> list:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:line {n}: not valid json ({e})") from e
+    else:
+        try:
             rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid json ({e})") from e
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid json ({e})") from e
     if isinstance(rows, dict) and "pairs" in rows:
         rows = rows["pairs"]
     if not isinstance(rows, list):
@@ -103,7 +116,7 @@ def read_rows(path: Path) -> list:
     return rows
 
 
-def _field(row: dict, key: str, kind: type, where: str, optional: bool = False):
+def field(row: dict, key: str, kind: type, where: str, optional: bool = False):
     if key not in row or row[key] is None:
         if optional:
             return None
@@ -132,16 +145,16 @@ def load_pairs(path: str | Path, image_root: str | Path | None = None, skip_bad:
     root = Path(image_root) if image_root is not None else path.parent
 
     def parse(row: dict, where: str) -> list[PreferencePair]:
-        instruction = _field(row, "prompt", str, where)
+        instruction = field(row, "prompt", str, where)
         if not instruction.strip():
             raise DataError(f"{where}: field 'prompt' is empty")
-        paths = [root / _field(row, k, str, where) for k in ("path_src", "path1", "path2")]
+        paths = [root / field(row, k, str, where) for k in ("path_src", "path1", "path2")]
         for key, p in zip(("path_src", "path1", "path2"), paths):
             if not p.is_file():
                 raise DataError(f"{where}: {key} image {p} does not exist")
         dims = []
         for slot in ("1", "2"):
-            values = [_field(row, f"model{slot}_dim{d}_score", float, where, optional=True) for d in (1, 2)]
+            values = [field(row, f"model{slot}_dim{d}_score", float, where, optional=True) for d in (1, 2)]
             dims.append(None if any(v is None for v in values) else tuple(values))
         return [
             PreferencePair(
@@ -149,9 +162,9 @@ def load_pairs(path: str | Path, image_root: str | Path | None = None, skip_bad:
                 instruction=instruction,
                 chosen=str(paths[1]),
                 rejected=str(paths[2]),
-                tie=bool(_field(row, "tie_case", bool, where, optional=True) or False),
-                chosen_critique=_field(row, "rationale1", str, where, optional=True),
-                rejected_critique=_field(row, "rationale2", str, where, optional=True),
+                tie=bool(field(row, "tie_case", bool, where, optional=True) or False),
+                chosen_critique=field(row, "rationale1", str, where, optional=True),
+                rejected_critique=field(row, "rationale2", str, where, optional=True),
                 chosen_dims=dims[0],
                 rejected_dims=dims[1],
                 where=where,

@@ -29,6 +29,8 @@ from PIL import Image
 
 from reward.benchmarks import BENCHMARKS, Comparison, image_key, load_benchmark, open_image, summarise
 from reward.data import DataError, load_image
+from reward.generative import GenerativeJudge
+from reward.model import JRM
 
 
 def effective_rank(features: torch.Tensor) -> float:
@@ -74,18 +76,13 @@ def _pixels(image: Image.Image) -> str:
     return hashlib.sha1(np.asarray(image.convert("RGB")).tobytes()).hexdigest()
 
 
-def load_reward(spec: str):
+def load_reward(spec: str, device: str = "cpu"):
     """`kind:path` -> an object with score(source_images, instructions, edited_images, batch_size)."""
     kind, _, path = spec.partition(":")
     if kind == "jrm":
-        from reward.model import JRM
-
-        return JRM.from_pretrained(path)
+        return JRM.from_pretrained(path).to(device)
     if kind == "generative":
-        from reward.generative import GenerativeJudge
-        from reward.model import JRM
-
-        return GenerativeJudge(JRM.from_pretrained(path))
+        return GenerativeJudge(JRM.from_pretrained(path).to(device))
     if kind == "oracle":
         return OracleReward(path)
     raise ValueError(f"unknown reward {spec!r}; use jrm:PATH, generative:PATH or oracle:SHAPEEDIT_DIR")
@@ -142,14 +139,26 @@ def score_comparisons(reward, comparisons: list[Comparison], batch_size: int, sk
     return diffs, kept, len(comparisons) - len(kept), seconds, (torch.cat(feats) if feats else None)
 
 
-def evaluate(reward_spec: str, benchmarks: list[str], out: str | Path, batch_size: int = 16, skip_bad: bool = False, erank: bool = False, limit: int = 0) -> list[dict]:
-    reward = load_reward(reward_spec)
+def evaluate(
+    reward_spec: str,
+    benchmarks: list[str],
+    out: str | Path,
+    batch_size: int = 16,
+    skip_bad: bool = False,
+    erank: bool = False,
+    limit: int = 0,
+    device: str = "cuda" if torch.cuda.is_available() else "cpu",
+) -> list[dict]:
+    if erank and not reward_spec.startswith("jrm:"):
+        raise ValueError("--erank reads JRM's score-token features; it needs a jrm:PATH reward")
+    reward = load_reward(reward_spec, device)
     results = []
     for spec in benchmarks:
         kind, _, path = spec.partition(":")
         if kind not in BENCHMARKS or not path:
             raise ValueError(f"benchmark {spec!r} must look like KIND:PATH with KIND one of {BENCHMARKS}")
         comparisons, skipped_rows = load_benchmark(kind, path, skip_bad)
+        failures_before = reward.parse_failures if isinstance(reward, GenerativeJudge) else 0
         if limit:
             comparisons = comparisons[:limit]
         diffs, kept, skipped_images, seconds, feats = score_comparisons(reward, comparisons, batch_size, skip_bad, features=erank)
@@ -164,8 +173,8 @@ def evaluate(reward_spec: str, benchmarks: list[str], out: str | Path, batch_siz
         )
         if feats is not None:
             result["effective_rank"] = effective_rank(feats)
-        if hasattr(reward, "parse_failures"):
-            result["parse_failures"] = reward.parse_failures
+        if isinstance(reward, GenerativeJudge):
+            result["parse_failures"] = reward.parse_failures - failures_before
         results.append(result)
         print(json.dumps(result))
     out = Path(out)
@@ -196,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad rows and images instead of stopping")
     parser.add_argument("--erank", action="store_true", help="effective rank of the score-token features (JRM only)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N comparisons of each benchmark")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the reward model runs")
     args = parser.parse_args(argv)
     try:
-        evaluate(args.reward, args.benchmark, args.out, args.batch_size, args.skip_bad, args.erank, args.limit)
+        evaluate(args.reward, args.benchmark, args.out, args.batch_size, args.skip_bad, args.erank, args.limit, args.device)
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
+from torch.nn import functional as F
 
 from reward.backbone import MODEL_CLASSES, SCORE_TOKEN, ImageOnlyProcessor, build_tiny, load_backbone
 from reward.data import to_rgb
@@ -162,7 +163,7 @@ class JRM(nn.Module):
         backbone = MODEL_CLASSES[model_type](config_class.from_dict(backbone_config)).to(DTYPES[config.dtype])
         processor = ImageOnlyProcessor.from_pretrained(str(path))
         model = cls(config, backbone, processor)
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
+        load_model(model, str(path / "model.safetensors"), strict=True)
         return model
 
     # --- encoding ----------------------------------------------------------------------------------
@@ -282,7 +283,8 @@ class JRM(nn.Module):
         ).last_hidden_state
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         features = hidden[rows, self._score_positions(input_ids)].float()
-        out = self.head(features)
+        # The head stays float32 even when DeepSpeed casts every parameter to bf16.
+        out = F.linear(features, self.head.weight.float(), self.head.bias.float())
         lm_loss = None
         if labels is not None:
             positions, targets = next_token_targets(labels)
@@ -309,16 +311,20 @@ class JRM(nn.Module):
         Returns:
             (B,) float32 rewards on CPU.
         """
-        return torch.cat([o.rewards for o in self._outputs(source_images, instructions, edited_images, batch_size)]).cpu()
+        rewards = [o.rewards for o in self._outputs(source_images, instructions, edited_images, batch_size)]
+        return torch.cat(rewards).cpu() if rewards else torch.empty(0)
 
     @torch.inference_mode()
     def features(
         self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16
     ) -> torch.Tensor:
         """(B, H) score-token features, for representation analysis (effective rank)."""
-        return torch.cat([o.features for o in self._outputs(source_images, instructions, edited_images, batch_size)]).cpu()
+        features = [o.features for o in self._outputs(source_images, instructions, edited_images, batch_size)]
+        return torch.cat(features).cpu() if features else torch.empty(0, self.head.in_features)
 
     def _outputs(self, sources, instructions, edited, batch_size):
+        if not (len(sources) == len(instructions) == len(edited)):
+            raise ValueError(f"batch mismatch: {len(sources)} source images, {len(instructions)} instructions, {len(edited)} edited images")
         was_training = self.training
         self.eval()
         device = self.head.weight.device

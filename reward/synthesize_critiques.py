@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as `python reward/synthesize_critiques.py`:
 import torch
 
 from reward.backbone import load_backbone
-from reward.data import DataError, load_image
+from reward.data import DataError, field, load_image, read_rows
 
 TEACHER_PROMPT = (
     "The first image is the source, the second is an edit of it made for the instruction: {instruction}\n"
@@ -78,7 +78,7 @@ class Teacher:
 
 def synthesize(data: Path, teacher: Teacher, out: Path, batch_size: int = 4, limit: int = 0) -> int:
     """Fill rationale1/rationale2 of every row; returns how many rows were written in this call."""
-    rows = json.loads(data.read_text())
+    rows = read_rows(data)
     partial = out.with_suffix(out.suffix + ".partial.jsonl")
     done: dict[int, dict] = {}
     if partial.exists():
@@ -95,14 +95,14 @@ def synthesize(data: Path, teacher: Teacher, out: Path, batch_size: int = 4, lim
         jobs = []
         for i in chunk:
             row, where = rows[i], f"{data}:row {i}"
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+            instruction = field(row, "prompt", str, where)
+            source = load_image(data.parent / field(row, "path_src", str, where), where)
             for slot in ("1", "2"):
-                try:
-                    following, quality = float(row[f"model{slot}_dim1_score"]), float(row[f"model{slot}_dim2_score"])
-                    instruction = row["prompt"]
-                except KeyError as e:
-                    raise DataError(f"{where}: missing field {e.args[0]!r}, needed to condition the teacher") from e
-                source = load_image(data.parent / row["path_src"], where)
-                edited = load_image(data.parent / row[f"path{slot}"], where)
+                following = field(row, f"model{slot}_dim1_score", float, where)
+                quality = field(row, f"model{slot}_dim2_score", float, where)
+                edited = load_image(data.parent / field(row, f"path{slot}", str, where), where)
                 jobs.append((source, edited, instruction, following, quality))
         bodies = teacher.critique(jobs)
         with partial.open("a") as f:

@@ -207,10 +207,9 @@ class JRMTrainer(Trainer):
 
 
 def compute_metrics(prediction) -> dict[str, float]:
-    rewards, ties = prediction.predictions, prediction.label_ids.astype(bool)
-    strict = ~ties
-    diff = rewards[strict, 0] - rewards[strict, 1]
-    return {"pairwise_accuracy": float(((diff > 0) + 0.5 * (diff == 0)).mean()) if strict.any() else float("nan")}
+    """Pairwise accuracy over the whole evaluation set (the per-batch eval/accuracy averages batches)."""
+    rewards, ties = torch.from_numpy(prediction.predictions), torch.from_numpy(prediction.label_ids.astype(bool))
+    return {"pairwise_accuracy": pairwise_accuracy(rewards[:, 0], rewards[:, 1], ties)}
 
 
 class MetricsFile(TrainerCallback):
@@ -248,6 +247,12 @@ def prepare_data(cfg: TrainConfig) -> tuple[list[PreferencePair], list[Preferenc
         data_dir = Path(cfg.output_dir) / "data"
         if not (data_dir / "meta.json").is_file():
             generate(GenerateConfig(out=str(data_dir), pairs=data.shapeedit_pairs, seed=data.shapeedit_seed, overwrite=True))
+        made = json.loads((data_dir / "meta.json").read_text())["config"]
+        if (made["pairs"], made["seed"]) != (data.shapeedit_pairs, data.shapeedit_seed):
+            raise ValueError(
+                f"{data_dir} holds ShapeEdit data of {made['pairs']} pairs with seed {made['seed']}, but the config asks for "
+                f"{data.shapeedit_pairs} pairs with seed {data.shapeedit_seed}: use another output_dir or delete {data_dir}"
+            )
         train_file, eval_file = data_dir / "train.json", Path(data.eval) if data.eval else data_dir / "val.json"
     else:
         train_file, eval_file = Path(data.train), Path(data.eval) if data.eval else None
@@ -257,6 +262,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[list[PreferencePair], list[Preferenc
     evaluation: list[PreferencePair] = []
     if eval_file is not None:
         evaluation, skipped = load_pairs(eval_file, root, data.skip_bad)
+        if skipped:
+            print(f"skipped {skipped} bad evaluation rows of {eval_file}")
         evaluation = [p for p in evaluation if not p.tie][: data.max_eval_pairs]
     return train, evaluation
 
@@ -273,6 +280,10 @@ def train(cfg: TrainConfig) -> dict:
     with_critiques = cfg.loss.lm_weight > 0
     if with_critiques and not any(p.chosen_critique for p in train_pairs):
         raise ValueError("loss.lm_weight > 0 needs critiques (rationale1/rationale2) in the training data")
+    if cfg.model.dimension_heads not in (0, 2):
+        raise ValueError(f"model.dimension_heads must be 0 or 2 (EditReward-Data has 2 dimension scores), got {cfg.model.dimension_heads}")
+    if cfg.model.dimension_heads and not any(p.chosen_dims for p in train_pairs):
+        raise ValueError("model.dimension_heads > 0 needs model1/2_dim1/2_score fields in the training data")
     if args.deepspeed:
         import deepspeed
 

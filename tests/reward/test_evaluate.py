@@ -140,6 +140,14 @@ def test_bad_rows_and_images_stop_with_row_and_file_or_are_skipped(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     rows[0]["candidate_1"] = "broken.png"
     (tmp_path / "t2.json").write_text(json.dumps(rows[:1]))
+    rows[0]["comparison_type"] = "AvsBvsC"
+    (tmp_path / "t3.json").write_text(json.dumps(rows[:1]))
+    with pytest.raises(DataError, match=r"t3.json:row 0: comparison_type 'AvsBvsC'"):
+        load_benchmark("tiger", tmp_path / "t3.json")
+    (tmp_path / "t4.jsonl").write_text('{"a": 1}\n{not json\n')
+    with pytest.raises(DataError, match=r"t4.jsonl:line 2: not valid json"):
+        load_benchmark("genai", tmp_path / "t4.jsonl")
+    rows[0]["comparison_type"] = "AvsB"
     with pytest.raises(DataError, match="cannot read image .*broken.png"):
         score_comparisons(Brightness(), load_benchmark("tiger", tmp_path / "t2.json")[0], 4, skip_bad=False)
 
@@ -164,3 +172,5 @@ def test_cli_with_the_oracle_reward_on_shapeedit(tmp_path):
     assert results[0]["accuracy"] == 1.0  # the oracle made the labels
     assert "| oracle:" in (tmp_path / "out" / "results.md").read_text()
     assert evaluate_main(["--reward", "oracle:" + str(data), "--benchmark", "nope:x", "--out", str(tmp_path / "o2")]) == 2
+    erank_needs_jrm = ["--reward", f"oracle:{data}", "--erank", "--benchmark", f"shapeedit:{data / 'train.json'}", "--out", str(tmp_path / "o3")]
+    assert evaluate_main(erank_needs_jrm) == 2

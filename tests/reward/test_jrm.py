@@ -149,6 +149,9 @@ def test_bad_inputs_are_refused_clearly(jrm, batch):
         jrm.score(sources[:2], [instructions[0], "  "], edited[:2])
     with pytest.raises(ValueError, match="batch mismatch"):
         jrm.score(sources[:2], instructions[:1], edited[:2])
+    with pytest.raises(ValueError, match="batch mismatch"):
+        jrm.score(sources[:2], instructions[:3], edited[:3])
+    assert jrm.score([], [], []).shape == (0,)
     rgba = [s.convert("RGBA") for s in sources[:2]]
     grey = [e.convert("L") for e in edited[:2]]
     assert torch.isfinite(jrm.score(rgba, instructions[:2], grey)).all()
@@ -174,6 +177,8 @@ def test_config_errors_name_the_key():
         load_config(TrainConfig, None, ["loss.ties=maybe"])
     cfg = load_config(TrainConfig, None, ["loss.lm_weight=0", "trainer.max_steps=3", "model.family=qwen3_vl"])
     assert cfg.loss.lm_weight == 0.0 and cfg.trainer["max_steps"] == 3 and cfg.trainer["logging_steps"] == 20
+    cfg = load_config(TrainConfig, None, ["trainer.eval_strategy=no", "trainer.learning_rate=3e-4"])
+    assert cfg.trainer["eval_strategy"] == "no" and cfg.trainer["learning_rate"] == 3e-4  # not False, not "3e-4"
 
 
 @pytest.mark.slow
@@ -280,5 +285,49 @@ def test_deepspeed_zero2_on_two_cpu_ranks(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
-    assert JRM.from_pretrained(tmp_path / "checkpoint-4").score is not None
-    JRM.from_pretrained(tmp_path / "final")
+    images = [Image.fromarray(render(sample_scene(np.random.default_rng(0))))] * 2
+    checkpoint = JRM.from_pretrained(tmp_path / "checkpoint-4").score(images[:1], ["Remove the circle"], images[1:])
+    final = JRM.from_pretrained(tmp_path / "final").score(images[:1], ["Remove the circle"], images[1:])
+    assert torch.isfinite(checkpoint).all() and torch.equal(checkpoint, final)  # step 4 is the last step
+
+
+def test_head_stays_float32_when_the_backbone_is_bf16(batch):
+    sources, instructions, edited, _ = batch
+    model = JRM.build(JRMConfig(**SMALL), seed=0)
+    model.head.bfloat16()  # what DeepSpeed's bf16 mode does to every parameter
+    model.backbone.bfloat16()
+    scores = model.score(sources[:2], instructions[:2], edited[:2])
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+
+
+def test_dimension_heads_learn_from_dimension_scores(tmp_path):
+    from reward.data import load_pairs
+    from reward.shapeedit import GenerateConfig, generate
+    from reward.train import JRMTrainer, LossConfig, PairCollator, PairDataset, training_arguments
+
+    generate(GenerateConfig(out=str(tmp_path / "d"), pairs=12, seed=3), progress=False)
+    pairs, _ = load_pairs(tmp_path / "d" / "train.json")
+    cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "trainer.report_to=[]", "trainer.eval_strategy=no"])
+    model = JRM.build(JRMConfig(dimension_heads=2, **SMALL))
+    trainer = JRMTrainer(
+        model=model, args=training_arguments(cfg), train_dataset=PairDataset(pairs),
+        data_collator=PairCollator(model, with_critiques=False), loss_config=LossConfig(dimension_weight=1.0),
+    )
+    inputs = PairCollator(model, with_critiques=False)(pairs[:6])
+    assert inputs["chosen_dims"].shape == (6, 2) and bool(inputs["dims_known"].all())
+    with_dims = trainer.compute_loss(model, dict(inputs))
+    trainer.loss_config = LossConfig(dimension_weight=0.0)
+    without = trainer.compute_loss(model, dict(inputs))
+    assert with_dims.item() > without.item()  # the two dimension Bradley-Terry terms are added
+    with_dims.backward()
+    assert model.head.weight.grad[1:].abs().sum() > 0  # and reach the dimension heads
+
+
+def test_stale_shapeedit_data_is_refused(tmp_path):
+    from reward.shapeedit import GenerateConfig, generate
+    from reward.train import prepare_data
+
+    generate(GenerateConfig(out=str(tmp_path / "data"), pairs=12, seed=0), progress=False)
+    cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "data.shapeedit_pairs=24"])
+    with pytest.raises(ValueError, match="holds ShapeEdit data of 12 pairs"):
+        prepare_data(cfg)
