@@ -158,7 +158,7 @@ def evaluate(
         if kind not in BENCHMARKS or not path:
             raise ValueError(f"benchmark {spec!r} must look like KIND:PATH with KIND one of {BENCHMARKS}")
         comparisons, skipped_rows = load_benchmark(kind, path, skip_bad)
-        failures_before = reward.parse_failures if isinstance(reward, GenerativeJudge) else 0
+        before = (reward.parse_failures, reward.generated_tokens) if isinstance(reward, GenerativeJudge) else (0, 0)
         if limit:
             comparisons = comparisons[:limit]
         diffs, kept, skipped_images, seconds, feats = score_comparisons(reward, comparisons, batch_size, skip_bad, features=erank)
@@ -174,7 +174,8 @@ def evaluate(
         if feats is not None:
             result["effective_rank"] = effective_rank(feats)
         if isinstance(reward, GenerativeJudge):
-            result["parse_failures"] = reward.parse_failures - failures_before
+            result["parse_failures"] = reward.parse_failures - before[0]
+            result["generated_tokens"] = reward.generated_tokens - before[1]
         results.append(result)
         print(json.dumps(result))
     out = Path(out)
