@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 from torch.nn import functional as F
+from transformers.initialization import no_init_weights
 
 from reward.backbone import MODEL_CLASSES, SCORE_TOKEN, ImageOnlyProcessor, build_tiny, load_backbone
 from reward.data import to_rgb
@@ -160,7 +161,8 @@ class JRM(nn.Module):
         backbone_config = dict(meta["backbone_config"])
         model_type = backbone_config["model_type"]
         config_class = MODEL_CLASSES[model_type].config_class
-        backbone = MODEL_CLASSES[model_type](config_class.from_dict(backbone_config)).to(DTYPES[config.dtype])
+        with no_init_weights():  # every weight is overwritten from model.safetensors below: skip random init
+            backbone = MODEL_CLASSES[model_type]._from_config(config_class.from_dict(backbone_config), dtype=DTYPES[config.dtype])
         processor = ImageOnlyProcessor.from_pretrained(str(path))
         model = cls(config, backbone, processor)
         load_model(model, str(path / "model.safetensors"), strict=True)
