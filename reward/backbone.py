@@ -8,6 +8,7 @@ torchvision (not installable beside the CPU torch wheel, REFERENCE.md §4).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
+
+from reward.shapeedit.generate import GenerateConfig, make_prompt
 
 SCORE_TOKEN = "<|score|>"
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -62,10 +65,10 @@ class ImageOnlyProcessor(Qwen2VLProcessor):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
 
-def _tokenizer_corpus(num_prompts: int = 400, seed: int = 0) -> list[str]:
-    """ShapeEdit instructions and critiques: the text the tiny preset reads and writes."""
-    from reward.shapeedit.generate import GenerateConfig, make_prompt
-
+@functools.cache
+def _tokenizer_corpus(num_prompts: int = 400, seed: int = 0) -> tuple[str, ...]:
+    """ShapeEdit instructions and critiques: the text the tiny preset reads and writes (made once per
+    process: it is most of the cost of building a tiny model)."""
     rng = np.random.default_rng(seed)
     cfg = GenerateConfig(out="", candidates=4, size=32)
     texts: list[str] = []
@@ -74,7 +77,7 @@ def _tokenizer_corpus(num_prompts: int = 400, seed: int = 0) -> list[str]:
         if prompt is not None:
             texts.append(prompt.instruction)
             texts.extend(prompt.critiques)
-    return texts
+    return tuple(texts)
 
 
 def build_tiny_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:

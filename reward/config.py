@@ -103,8 +103,7 @@ def build(cls: type[T], values: dict, prefix: str = "") -> T:
         obj = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
-    validate = getattr(cls, "validate", None)
-    if callable(validate):
+    if hasattr(obj, "validate"):
         obj.validate()
     return obj
 
@@ -119,13 +118,12 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     tree[parts[-1]] = value
 
 
-def _asdict_shallow(obj: Any) -> dict:
-    return {f.name: _asdict_shallow(getattr(obj, f.name)) if dataclasses.is_dataclass(getattr(obj, f.name)) else getattr(obj, f.name) for f in dataclasses.fields(obj)}
-
-
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Defaults of `cls`, then the YAML file at `path`, then `key.sub=value` overrides (values parsed as YAML)."""
-    tree = _asdict_shallow(cls()) if _has_defaults(cls) else {}
+    try:
+        tree = dataclasses.asdict(cls())
+    except TypeError:  # a dataclass with required fields: the file and overrides must give them
+        tree = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -150,18 +148,6 @@ def _merge(base: dict, new: dict) -> None:
             base[k] = v
 
 
-def _has_defaults(cls: type) -> bool:
-    try:
-        cls()
-    except TypeError:
-        return False
-    return True
-
-
-def to_dict(obj: Any) -> dict:
-    """A config as plain data, for writing into the run directory."""
-    return dataclasses.asdict(obj)
-
-
 def save_config(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    """Write the resolved config, as plain YAML, into the run directory."""
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False))

@@ -31,6 +31,7 @@ from reward.benchmarks import BENCHMARKS, Comparison, image_key, load_benchmark,
 from reward.data import DataError, load_image
 from reward.generative import GenerativeJudge
 from reward.model import JRM
+from reward.shapeedit import Edit, Scene, judge_image
 
 
 def effective_rank(features: torch.Tensor) -> float:
@@ -48,8 +49,6 @@ class OracleReward:
     """The ShapeEdit oracle behind the common score() signature; finds each source's scene by its pixels."""
 
     def __init__(self, data_dir: str | Path):
-        from reward.shapeedit import Edit, Scene
-
         data_dir = Path(data_dir)
         self.lookup: dict[tuple[str, str], tuple] = {}
         files = sorted(data_dir.glob("*_prompts.json"))
@@ -61,13 +60,14 @@ class OracleReward:
                 self.lookup[key] = (Scene.from_dict(row["scene"]), tuple(Edit.from_dict(e) for e in row["edits"]))
 
     def score(self, source_images, instructions, edited_images, batch_size: int = 0) -> torch.Tensor:
-        from reward.shapeedit import judge_image
-
         out = []
         for source, instruction, edited in zip(source_images, instructions, edited_images):
             found = self.lookup.get((instruction, _pixels(source)))
             if found is None:
-                raise DataError(f"the oracle knows no ShapeEdit scene for {instruction!r} with this source image")
+                raise DataError(
+                    f"the oracle knows no ShapeEdit scene for {instruction!r} with this source image: "
+                    f"give oracle: the folder this benchmark was generated into"
+                )
             out.append(judge_image(found[0], found[1], np.asarray(edited)).overall)
         return torch.tensor(out, dtype=torch.float32)
 
@@ -130,10 +130,13 @@ def score_comparisons(reward, comparisons: list[Comparison], batch_size: int, sk
         if not ok:
             continue
         t = time.perf_counter()
-        scores[ok] = reward.score(sources, instructions, edited, batch_size=batch_size).numpy()
+        if features:  # one pass gives both
+            chunk_scores, chunk_features = reward.score_with_features(sources, instructions, edited, batch_size=batch_size)
+            feats.append(chunk_features)
+        else:
+            chunk_scores = reward.score(sources, instructions, edited, batch_size=batch_size)
+        scores[ok] = chunk_scores.numpy()
         seconds += time.perf_counter() - t
-        if features:
-            feats.append(reward.features(sources, instructions, edited, batch_size=batch_size))
     kept = [i for i, (a, b) in enumerate(slots) if a not in bad_jobs and b not in bad_jobs]
     diffs = np.array([scores[slots[i][0]] - scores[slots[i][1]] for i in kept])
     return diffs, kept, len(comparisons) - len(kept), seconds, (torch.cat(feats) if feats else None)

@@ -208,12 +208,7 @@ class JRM(nn.Module):
             input_ids, attention_mask, mm_token_type_ids: (N, L); pixel_values: (patches, C*P*P);
             image_grid_thw: (2N, 3); labels: (N, L) when critiques are given.
         """
-        n = len(source_images)
-        if not (len(instructions) == len(edited_images) == n) or (critiques is not None and len(critiques) != n):
-            raise ValueError(
-                f"batch mismatch: {n} source images, {len(instructions)} instructions, {len(edited_images)} edited images"
-                + (f", {len(critiques)} critiques" if critiques is not None else "")
-            )
+        _check_batch(source_images, instructions, edited_images, critiques)
         for i, text in enumerate(instructions):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"instruction {i} is empty; every candidate needs an instruction")
@@ -313,20 +308,20 @@ class JRM(nn.Module):
         Returns:
             (B,) float32 rewards on CPU.
         """
-        rewards = [o.rewards for o in self._outputs(source_images, instructions, edited_images, batch_size)]
-        return torch.cat(rewards).cpu() if rewards else torch.empty(0)
+        return self.score_with_features(source_images, instructions, edited_images, batch_size)[0]
 
     @torch.inference_mode()
-    def features(
+    def score_with_features(
         self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16
-    ) -> torch.Tensor:
-        """(B, H) score-token features, for representation analysis (effective rank)."""
-        features = [o.features for o in self._outputs(source_images, instructions, edited_images, batch_size)]
-        return torch.cat(features).cpu() if features else torch.empty(0, self.head.in_features)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score()` plus the (B, H) score-token features of the same pass (for the effective rank)."""
+        outputs = list(self._outputs(source_images, instructions, edited_images, batch_size))
+        if not outputs:
+            return torch.empty(0), torch.empty(0, self.head.in_features)
+        return torch.cat([o.rewards for o in outputs]).cpu(), torch.cat([o.features for o in outputs]).cpu()
 
     def _outputs(self, sources, instructions, edited, batch_size):
-        if not (len(sources) == len(instructions) == len(edited)):
-            raise ValueError(f"batch mismatch: {len(sources)} source images, {len(instructions)} instructions, {len(edited)} edited images")
+        _check_batch(sources, instructions, edited)  # before slicing, which would hide a mismatch
         was_training = self.training
         self.eval()
         device = self.head.weight.device
@@ -336,6 +331,16 @@ class JRM(nn.Module):
                 yield self(**{k: v.to(device) for k, v in batch.items()})
         finally:
             self.train(was_training)
+
+
+def _check_batch(sources: list, instructions: list, edited: list, critiques: list | None = None) -> None:
+    lengths = [len(sources), len(instructions), len(edited)] + ([] if critiques is None else [len(critiques)])
+    if len(set(lengths)) > 1:
+        raise ValueError(
+            f"batch mismatch: {len(sources)} source images, {len(instructions)} instructions, {len(edited)} edited images"
+            + (f", {len(critiques)} critiques" if critiques is not None else "")
+            + "; give one of each per candidate"
+        )
 
 
 def _unwrap(backbone: nn.Module) -> nn.Module:

@@ -33,6 +33,7 @@ from reward.config import ConfigError, load_config, save_config
 from reward.data import PreferencePair, load_image, load_pairs
 from reward.losses import pairwise_accuracy, preference_loss
 from reward.model import JRM, JRMConfig
+from reward.shapeedit import GenerateConfig, generate
 
 DEFAULT_TRAINER = {
     "learning_rate": 3e-4,
@@ -242,8 +243,6 @@ def prepare_data(cfg: TrainConfig) -> tuple[list[PreferencePair], list[Preferenc
     data = cfg.data
     root = data.image_root or None
     if not data.train:
-        from reward.shapeedit import GenerateConfig, generate
-
         data_dir = Path(cfg.output_dir) / "data"
         if not (data_dir / "meta.json").is_file():
             generate(GenerateConfig(out=str(data_dir), pairs=data.shapeedit_pairs, seed=data.shapeedit_seed, overwrite=True))

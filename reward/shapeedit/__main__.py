@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(GenerateConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            gen.add_argument(flag, action="store_true", help=f"(default: off)")
+            gen.add_argument(flag, action="store_true", help="(default: off)")
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             gen.add_argument(flag, type=kind, default=getattr(defaults, f.name), required=f.name == "out", help=f"(default: {getattr(defaults, f.name)})")

@@ -13,7 +13,7 @@ from reward.config import ConfigError, load_config
 from reward.generative import GenerativeJudge, parse_verdict
 from reward.losses import critique_lm_loss, next_token_targets, preference_loss
 from reward.model import JRM, JRMConfig
-from reward.shapeedit import Edit, Scene, apply_edits, render, sample_instruction, sample_scene
+from reward.shapeedit import apply_edits, render, sample_instruction, sample_scene
 from reward.train import TrainConfig
 
 SMALL = dict(tiny_hidden=64, tiny_layers=2)
