@@ -273,9 +273,13 @@ def train(cfg: TrainConfig) -> dict:
     os.environ.setdefault("WANDB_DIR", cfg.output_dir)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     args = training_arguments(cfg)
-    train_pairs, eval_pairs = prepare_data(cfg)
+    # Under torchrun every rank runs this: rank 0 writes the config and generates the data while the
+    # others wait, then they read what it wrote (concurrent generation into one folder races).
+    with args.main_process_first(desc="ShapeEdit data"):
+        if args.process_index == 0:
+            save_config(cfg, out / "config.yaml")
+        train_pairs, eval_pairs = prepare_data(cfg)
     with_critiques = cfg.loss.lm_weight > 0
     if with_critiques and not any(p.chosen_critique for p in train_pairs):
         raise ValueError("loss.lm_weight > 0 needs critiques (rationale1/rationale2) in the training data")
