@@ -1,7 +1,7 @@
 """ShapeEdit: a procedural image-editing world with an exact oracle judge (see README, "ShapeEdit")."""
 
 from reward.shapeedit.edits import Edit, apply_edits, sample_instruction
-from reward.shapeedit.generate import SPLITS, GenerateConfig, generate
+from reward.shapeedit.generate import SPLITS, GenerateConfig, Task, generate, sample_task
 from reward.shapeedit.oracle import Judgement, Reference, build_reference, judge, judge_image
 from reward.shapeedit.world import Scene, Shape, render, sample_scene
 
@@ -13,6 +13,7 @@ __all__ = [
     "Reference",
     "Scene",
     "Shape",
+    "Task",
     "apply_edits",
     "build_reference",
     "generate",
@@ -21,4 +22,5 @@ __all__ = [
     "render",
     "sample_instruction",
     "sample_scene",
+    "sample_task",
 ]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from reward.shapeedit.candidates import MODES, Candidate, make_candidate, render_candidate
 from reward.shapeedit.critique import scores_1_to_4, write_critique
 from reward.shapeedit.edits import Edit, composition_keys, is_heldout, sample_instruction
-from reward.shapeedit.oracle import build_reference, judge
+from reward.shapeedit.oracle import Reference, build_reference, judge
 from reward.shapeedit.world import Scene, render, sample_scene
 
 SPLITS = ("train", "val", "test_iid", "test_heldout")
@@ -114,17 +114,38 @@ class Prompt:
     critiques: list[str]
 
 
-def make_prompt(rng: np.random.Generator, cfg: GenerateConfig) -> Prompt | None:
-    """Sample one prompt and its candidates, or None when the draw cannot be used (then draw again)."""
+@dataclass(frozen=True)
+class Task:
+    """One editing task: a source scene, its instruction, and the oracle's reference at one size."""
+
+    scene: Scene
+    edits: tuple[Edit, ...]
+    instruction: str
+    heldout: bool  # uses a (family, kind, colour) composition reserved for test_heldout
+    reference: Reference
+
+
+def sample_task(rng: np.random.Generator, size: int, compose_probability: float = 0.25) -> Task | None:
+    """Draw a scene and an instruction whose every edit is visible at size x size, or None (draw again)."""
     scene = sample_scene(rng)
-    drawn = sample_instruction(rng, scene, cfg.compose_probability)
+    drawn = sample_instruction(rng, scene, compose_probability)
     if drawn is None:
         return None
     edits, instruction = drawn
     try:
-        reference = build_reference(scene, edits, cfg.size, cfg.size)
+        reference = build_reference(scene, edits, size, size)
     except ValueError:  # an edit too small to see at this size
         return None
+    heldout = any(is_heldout(k) for e in edits for k in composition_keys(scene, e))
+    return Task(scene, edits, instruction, heldout, reference)
+
+
+def make_prompt(rng: np.random.Generator, cfg: GenerateConfig) -> Prompt | None:
+    """Sample one prompt and its candidates, or None when the draw cannot be used (then draw again)."""
+    task = sample_task(rng, cfg.size, cfg.compose_probability)
+    if task is None:
+        return None
+    scene, edits, instruction, reference = task.scene, task.edits, task.instruction, task.reference
     candidates = [make_candidate(rng, scene, edits, "correct")]
     images = [render_candidate(candidates[0], rng, cfg.size)]
     for mode in rng.permutation(list(MODES[1:])):
@@ -142,8 +163,7 @@ def make_prompt(rng: np.random.Generator, cfg: GenerateConfig) -> Prompt | None:
         return None
     judgements = [judge(reference, im) for im in images]
     critiques = [write_critique(scene, edits, instruction, c, j) for c, j in zip(candidates, judgements)]
-    heldout = any(is_heldout(k) for e in edits for k in composition_keys(scene, e))
-    return Prompt(scene, edits, instruction, heldout, candidates, images, judgements, critiques)
+    return Prompt(scene, edits, instruction, task.heldout, candidates, images, judgements, critiques)
 
 
 def generate(cfg: GenerateConfig, progress: bool = True) -> dict:

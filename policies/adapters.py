@@ -1,0 +1,80 @@
+"""What a policy trains: LoRA adapters (peft, through diffusers' adapter API) by default, or every weight.
+
+The reference policy for the KL term is the same network with its adapters disabled, so it costs no
+memory. A fully fine-tuned network has no adapters to disable: it keeps a frozen copy as its reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig
+from torch import Tensor, nn
+
+
+@dataclass
+class TrainableConfig:
+    lora_rank: int = 32
+    """LoRA rank; 0 = full fine-tune (every weight trained, a frozen copy kept as the reference)."""
+    lora_alpha: float = 64.0
+    """LoRA alpha (the update is scaled by alpha / rank)."""
+    lora_targets: list[str] = field(default_factory=list)
+    """Module names to adapt; empty = the policy's own default list."""
+
+    def __post_init__(self):
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
+
+
+class Trainable:
+    """The trained part of one network: which parameters, their state for weight sync, the reference."""
+
+    def __init__(self, net: nn.Module, cfg: TrainableConfig, default_targets: list[str]):
+        self.net = net
+        self.cfg = cfg
+        net.requires_grad_(False)
+        if cfg.lora_rank > 0:
+            targets = cfg.lora_targets or default_targets
+            net.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, init_lora_weights="gaussian"))
+            self.frozen = None
+        else:
+            self.frozen = copy.deepcopy(net).requires_grad_(False)
+            net.requires_grad_(True)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def state(self) -> dict[str, Tensor]:
+        """Detached copies of the trained tensors, by name (what weight sync and checkpoints move)."""
+        return {n: p.detach().clone() for n, p in self.net.named_parameters() if p.requires_grad}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        params = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise KeyError(f"trainable state does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                if state[name].shape != p.shape:
+                    raise ValueError(f"trainable tensor {name}: shape {tuple(state[name].shape)} != {tuple(p.shape)}")
+                p.copy_(state[name])
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Within this block the network computes the reference policy."""
+        if self.frozen is not None:
+            live = self.net
+            self.net = self.frozen
+            try:
+                yield
+            finally:
+                self.net = live
+            return
+        self.net.disable_adapters()
+        try:
+            yield
+        finally:
+            self.net.enable_adapters()

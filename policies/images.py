@@ -1,0 +1,65 @@
+"""Images in and out of a policy: explicit RGB conversion, batch checks, uint8 tensors <-> PIL."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Explicit RGB conversion for every PIL mode (1, L, P, RGBA, LA, CMYK, I;16, I, F, ...).
+
+    Kept identical to reward/data.py:to_rgb on purpose (policies/ and reward/ are leaves and do not
+    import each other); tests/policies/test_images.py checks that the two agree on every mode.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        scaled = np.zeros_like(array) if hi <= lo else (array - lo) / (hi - lo) * 255.0
+        return Image.fromarray(scaled.round().astype("uint8"), mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def check_batch(source_images: list, instructions: list, height: int, width: int) -> None:
+    """Refuse a batch the policy cannot edit, naming the offending row."""
+    if not isinstance(source_images, (list, tuple)) or not isinstance(instructions, (list, tuple)):
+        raise TypeError("source_images and instructions must be lists (one entry per edit)")
+    if len(source_images) != len(instructions):
+        raise ValueError(f"{len(source_images)} source images but {len(instructions)} instructions")
+    if not source_images:
+        raise ValueError("empty batch: at least one source image and instruction are needed")
+    for i, (image, text) in enumerate(zip(source_images, instructions)):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"source_images[{i}] is a {type(image).__name__}, not a PIL image")
+        if image.size != (width, height):
+            raise ValueError(
+                f"source_images[{i}] is {image.size[0]}x{image.size[1]} but this policy edits "
+                f"{width}x{height} images; resize them first (e.g. image.resize(({width}, {height})))"
+            )
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"instructions[{i}] is empty: {text!r}")
+
+
+def images_to_tensor(images: list[Image.Image]) -> Tensor:
+    """(B, 3, H, W) uint8 from PIL images of one size, any mode (converted explicitly)."""
+    return torch.from_numpy(np.stack([np.asarray(to_rgb(im), dtype=np.uint8) for im in images])).permute(0, 3, 1, 2)
+
+
+def tensor_to_images(images: Tensor) -> list[Image.Image]:
+    """PIL RGB images from a (B, 3, H, W) uint8 tensor."""
+    return [Image.fromarray(x) for x in images.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """(B, 3, H, W) uint8 from images in [-1, 1], rounded the way diffusers' image processor does."""
+    return ((images.float().clamp(-1, 1) / 2 + 0.5) * 255).round().to(torch.uint8)

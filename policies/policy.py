@@ -1,0 +1,53 @@
+"""The contract every editing policy keeps (FLUX.1 Kontext, Qwen-Image-Edit, the ShapeEdit policy).
+
+The learner and the rollout workers see only this. Each model writes its own explicit denoising loop
+and calls policies.sde.sde_step_with_logprob at every step (STYLE.md: own the sampling loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from policies.rollout import Rollout
+from policies.sampling import SamplerConfig
+from policies.sde import StepOutput
+
+
+class EditingPolicy(Protocol):
+    height: int  # the source images' height, in pixels (the caller resizes)
+    width: int
+    version: int  # bumped by load_trainable_state; stamped on every rollout row
+
+    def sample(
+        self,
+        source_images: list[Image.Image],
+        instructions: list[str],
+        sampler: SamplerConfig | None = None,
+        generator: torch.Generator | None = None,
+        group_ids: Tensor | None = None,
+    ) -> Rollout:
+        """Edit a batch, recording the trajectory and per-step log-probs under the current weights."""
+
+    def log_prob(self, rollout: Rollout, step: int) -> StepOutput:
+        """Recompute step `step` of a stored rollout with the current weights (with grad if enabled).
+
+        Equals rollout.log_probs[:, step] exactly (on-policy ratio 1) when the weights are the ones that
+        sampled it and the batch is the one it was sampled in.
+        """
+
+    def reference(self) -> contextlib.AbstractContextManager:
+        """Within the block, log_prob computes the reference policy (adapters disabled)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def trainable_state(self) -> dict[str, Tensor]: ...
+
+    def load_trainable_state(self, state: dict[str, Tensor], version: int) -> None: ...
+
+    def save_pretrained(self, path: str | Path) -> None: ...

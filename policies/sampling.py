@@ -1,0 +1,65 @@
+"""How a policy samples: the sampler settings shared by every editing model, and the SDE window.
+
+Flow-GRPO trains on stochastic steps only. With an SDE window (Flow-GRPO-Fast, MixGRPO) only a few
+consecutive steps are stochastic, drawn afresh for each rollout batch; the other steps are ODE (Euler)
+steps, which cost nothing to train because they are not trained. Evaluation uses `noise_level = 0`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from policies.sde import KINDS
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 10
+    """Denoising steps of one rollout."""
+    noise_level: float = 0.7
+    """a in the SDE step; 0 = deterministic ODE sampling (evaluation)."""
+    kind: str = "sde"
+    """'sde' (Flow-GRPO) or 'cps' (coefficients-preserving); see policies/sde.py."""
+    sde_window_size: int = 0
+    """Number of consecutive stochastic (trained) steps; 0 = every step."""
+    sde_window_max_start: int = -1
+    """Latest step the window may start at (inclusive); -1 = any step that fits the window."""
+    guidance_scale: float = 1.0
+    """True classifier-free guidance (a second, unconditional forward); 1 = off."""
+    guidance: float = 0.0
+    """Guidance embedding of guidance-distilled models (FLUX.1 Kontext: 2.5); ignored by models without one."""
+    negative_prompt: str = " "
+    """The unconditional prompt used by true CFG."""
+
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.kind not in KINDS:
+            raise ValueError(f"sampler kind must be one of {KINDS}, got {self.kind!r}")
+        if self.noise_level < 0:
+            raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
+        if not 0 <= self.sde_window_size <= self.num_steps:
+            raise ValueError(f"sde_window_size must be in [0, num_steps={self.num_steps}], got {self.sde_window_size}")
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
+
+
+def stochastic_steps(cfg: SamplerConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which steps are sampled with noise (and trained): a (T,) bool mask.
+
+    All False at noise_level 0; all True without a window; otherwise `sde_window_size` consecutive
+    steps starting at a step drawn uniformly from [0, last start], with the given generator.
+    """
+    mask = torch.zeros(cfg.num_steps, dtype=torch.bool)
+    if cfg.noise_level == 0:
+        return mask
+    if cfg.sde_window_size == 0:
+        return ~mask
+    last = cfg.num_steps - cfg.sde_window_size
+    if cfg.sde_window_max_start >= 0:
+        last = min(last, cfg.sde_window_max_start)
+    start = int(torch.randint(0, last + 1, (1,), generator=generator))
+    mask[start : start + cfg.sde_window_size] = True
+    return mask
