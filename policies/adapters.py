@@ -11,6 +11,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from torch import Tensor, nn
 
@@ -39,6 +40,7 @@ class Trainable:
         if cfg.lora_rank > 0:
             targets = cfg.lora_targets or default_targets
             net.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, init_lora_weights="gaussian"))
+            cast_training_params(net, dtype=torch.float32)  # adapters train in fp32 over a bf16 base
             self.frozen = None
         else:
             self.frozen = copy.deepcopy(net).requires_grad_(False)

@@ -12,15 +12,16 @@ from torch import Tensor
 from policies.sampling import SamplerConfig
 
 
-def _map_tensors(record: Any, fn) -> Any:
-    """A copy of a dataclass whose batch-first tensor fields (and nested dataclasses') went through fn."""
+def _map_tensors(record: Any, fn, shared_too: bool = False) -> Any:
+    """A copy of a dataclass whose batch-first tensor fields (all tensor fields with shared_too), nested
+    dataclasses' included, went through fn."""
     changes = {}
     for f in dataclasses.fields(record):
         value = getattr(record, f.name)
-        if isinstance(value, Tensor) and f.metadata.get("batch", True):
+        if isinstance(value, Tensor) and (shared_too or f.metadata.get("batch", True)):
             changes[f.name] = fn(value)
         elif dataclasses.is_dataclass(value) and not isinstance(value, SamplerConfig):
-            changes[f.name] = _map_tensors(value, fn)
+            changes[f.name] = _map_tensors(value, fn, shared_too)
     return dataclasses.replace(record, **changes)
 
 
@@ -82,9 +83,7 @@ class Rollout:
         return out
 
     def to(self, device: torch.device | str) -> Rollout:
-        out = _map_tensors(self, lambda t: t.to(device))
-        out.sigmas = self.sigmas.to(device)
-        return out
+        return _map_tensors(self, lambda t: t.to(device), shared_too=True)
 
     @staticmethod
     def cat(rollouts: list[Rollout]) -> Rollout:

@@ -60,6 +60,7 @@ def stochastic_steps(cfg: SamplerConfig, generator: torch.Generator | None = Non
     last = cfg.num_steps - cfg.sde_window_size
     if cfg.sde_window_max_start >= 0:
         last = min(last, cfg.sde_window_max_start)
-    start = int(torch.randint(0, last + 1, (1,), generator=generator))
+    device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on its own device
+    start = int(torch.randint(0, last + 1, (1,), generator=generator, device=device))
     mask[start : start + cfg.sde_window_size] = True
     return mask

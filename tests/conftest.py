@@ -5,3 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+# One intra-op thread: on a 2-core machine, tiny models run many times slower when torch's threads
+# compete with each other (or with a second process), and one thread makes CPU timings repeatable.
+torch.set_num_threads(1)
