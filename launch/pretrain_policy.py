@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as `python launch/pretrain_policy.py`: impo
 import numpy as np
 import torch
 from PIL import Image
+from diffusers.training_utils import EMAModel
 from transformers import get_cosine_schedule_with_warmup
 
 from policies.images import tensor_to_images
@@ -45,8 +46,8 @@ class PretrainConfig:
     """Seeds the initial weights, the task stream and the noise."""
     policy: ShapeEditPolicyConfig = field(default_factory=ShapeEditPolicyConfig)
     """The policy's architecture."""
-    max_steps: int = 4000
-    """Optimizer steps (training stops earlier when max_minutes is reached)."""
+    max_steps: int = 2400
+    """Optimizer steps; the cosine schedule ends here (training stops earlier when max_minutes is reached)."""
     max_minutes: float = 10.0
     """Wall-clock budget for training, evaluation excluded; 0 = no limit."""
     batch_size: int = 32
@@ -61,6 +62,8 @@ class PretrainConfig:
     """Fraction of instructions that compose two edits."""
     vocab_instructions: int = 20000
     """Instructions drawn to learn the word-level vocabulary."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of the weights that is evaluated and saved (0 = none)."""
     eval_every: int = 1000
     """Evaluate every this many steps (and at the end)."""
     num_eval: int = 128
@@ -146,6 +149,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.ema_decay else None
     metrics = (out / "metrics.jsonl").open("w")
     print(f"ShapeEdit policy: {sum(p.numel() for p in params) / 1e6:.2f} M parameters, vocabulary {len(policy.tokenizer)}")
 
@@ -154,12 +158,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
         metrics.flush()
 
     def run_eval(step: int) -> dict:
+        """Evaluate the averaged weights (when EMA is on), then put the trained ones back."""
         policy.transformer.eval()
         policy.text_encoder.eval()
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
         result = {"step": step}
         for split, prompts in evals.items():
             for k, v in evaluate(policy, prompts, cfg.eval_steps, seed=cfg.seed).items():
                 result[f"eval/{split}/{k}"] = round(v, 4)
+        if ema is not None:
+            ema.restore(params)
         policy.transformer.train()
         policy.text_encoder.train()
         log(result)
@@ -177,6 +187,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        if ema is not None:
+            ema.step(params)
         step += 1
         trained_s += time.perf_counter() - start
         loss_sum += loss.item()
@@ -190,6 +202,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             result = run_eval(step)
     if result["step"] != step:
         result = run_eval(step)
+    if ema is not None:
+        ema.copy_to(params)  # the saved policy is the averaged one, as evaluated
     policy.text_encoder.requires_grad_(False)
     policy.save_pretrained(out)
     result["trained_s"] = round(trained_s, 1)

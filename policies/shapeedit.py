@@ -2,7 +2,8 @@
 
 An SD3-style MMDiT (diffusers' SD3Transformer2DModel, joint text-image attention) over 8x8-pixel patches
 of the 64x64 image, with the source image concatenated on the channel axis and a small CLIP text encoder
-(transformers' CLIPTextModel) over a word-level tokenizer. Pixel space, not a VAE latent space: ShapeEdit
+(transformers' CLIPTextModel) over a word-level tokenizer; it predicts the clean edit as a change of the
+source, from which the velocity follows. Pixel space, not a VAE latent space: ShapeEdit
 images are flat colours with hard edges, 8x8 patches already give only 64 tokens, and the oracle judges
 exactly the pixels the policy writes. Pretrain it with `python launch/pretrain_policy.py`; RL adapts it
 with LoRA on the transformer (the text encoder stays frozen, so rollouts store its outputs).
@@ -205,16 +206,28 @@ class ShapeEditPolicy:
         out = self.text_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         return out.last_hidden_state, out.pooler_output
 
-    def velocity(self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
-        """The network's velocity (B, 3, H, W) at x = latents, for one sigma (a float) or one per row (B,)."""
+    def predict_clean(self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
+        """The network's estimate of the clean edit x0, (B, 3, H, W): the source plus a predicted change.
+
+        Predicting x0 (not v) matters in pixel space: a token of 8x8x3 = 192 values cannot carry the noise
+        through a 128-wide transformer, but the flat-coloured change from the source it can.
+        """
         sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(latents.shape[0])
         net = self.trainable.net if self.trainable is not None else self.transformer
-        return net(
+        change = net(
             hidden_states=torch.cat([latents, source], dim=1),
             encoder_hidden_states=text_embeds,
             pooled_projections=pooled_embeds,
             timestep=sigma * 1000.0,
         ).sample.float()
+        return source + change
+
+    def velocity(self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
+        """The velocity (B, 3, H, W) at x = latents for one sigma (a float) or one per row (B,):
+        v = (x - x0_hat) / sigma on the path x = (1 - sigma) x0 + sigma eps."""
+        x0 = self.predict_clean(latents, sigma, source, text_embeds, pooled_embeds)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(latents.shape[0]).clamp_min(1e-3)
+        return (latents.float() - x0) / sigma.view(-1, 1, 1, 1)
 
     @torch.no_grad()
     def sample(
@@ -299,12 +312,12 @@ class ShapeEditPolicy:
 
 
 def flow_matching_loss(policy: ShapeEditPolicy, source: Tensor, target: Tensor, instructions: list[str], generator: torch.Generator | None = None) -> Tensor:
-    """Supervised (rectified) flow matching: x_s = (1 - s) x0 + s eps, regress v = eps - x0.
+    """Supervised (rectified) flow matching on x_s = (1 - s) x0 + s eps, in the x0 parametrisation.
 
     Args:
         source, target: (B, 3, H, W) float32 in [-1, 1]; instructions: B strings ("" for the
             unconditional branch of CFG). The text encoder is trained along (call requires_grad_ on it).
-    Returns: the scalar mean squared error. Sigmas are logit-normal (SD3), which favours the middle.
+    Returns: the scalar mean squared error of the predicted clean image; sigmas are logit-normal (SD3).
     """
     b = target.shape[0]
     sigma = torch.sigmoid(torch.randn(b, generator=generator))
@@ -312,5 +325,4 @@ def flow_matching_loss(policy: ShapeEditPolicy, source: Tensor, target: Tensor, 
     s = sigma.view(b, 1, 1, 1)
     x = (1 - s) * target + s * noise
     text, pooled = policy.encode_instructions(instructions)
-    v = policy.velocity(x, sigma, source, text, pooled)
-    return torch.nn.functional.mse_loss(v, noise - target)
+    return torch.nn.functional.mse_loss(policy.predict_clean(x, sigma, source, text, pooled), target)

@@ -1,0 +1,58 @@
+"""Online RL of an editing policy against a reward model: GRPO or PPO, Ray actors, DeepSpeed learners.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python launch/grpo_edit.py --config launch/configs/shapeedit.yaml key=value ...
+    python launch/grpo_edit.py [--config FILE.yaml] [key=value ...]     # starts a local Ray on 127.0.0.1
+
+Under `ray job submit` the job joins the submitting cluster; alone, it starts a private local cluster
+bound to loopback. The resolved config goes to <output_dir>/config.yaml; see rl/config.py for keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python launch/grpo_edit.py`: import the packages, not sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import ray
+
+from reward.config import ConfigError, load_config
+from rl.config import RLConfig
+from rl.loop import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    config_path = None
+    if argv and argv[0] == "--config":
+        if len(argv) < 2:
+            print("error: --config needs a YAML file", file=sys.stderr)
+            return 2
+        config_path, argv = argv[1], argv[2:]
+    try:
+        cfg = load_config(RLConfig, config_path, argv)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    root = str(Path(__file__).resolve().parents[1])
+    env = {"env_vars": {"PYTHONPATH": root, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}}
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.cluster.address or None, runtime_env=env)  # the job's cluster (ray job submit sets RAY_ADDRESS)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=env, configure_logging=False)
+    try:
+        print(json.dumps(train(cfg), indent=1))
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

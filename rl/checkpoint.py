@@ -1,0 +1,76 @@
+"""Run-directory checkpoints: written atomically, the newest complete one found by resume=auto.
+
+A checkpoint is a folder checkpoints/step-000040/ holding state.json (step, policy version, wandb run
+id, data position, seeds), policy.safetensors (the trainable weights) and deepspeed/ (each learner
+rank's optimizer, scheduler and value model). It is written under a temporary name and renamed only
+when complete, so a run killed mid-write never leaves a checkpoint that resume would load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+def staging_dir(run_dir: str | Path, step: int) -> Path:
+    """A fresh temporary folder to write the checkpoint of `step` into."""
+    path = Path(run_dir) / "checkpoints" / f".tmp-{PREFIX}{step:06d}"
+    if path.exists():
+        shutil.rmtree(path)  # left by a run killed while writing it
+    path.mkdir(parents=True)
+    return path
+
+
+def commit(staging: Path, state: dict, trainable: dict[str, np.ndarray], keep: int) -> Path:
+    """Finish a staged checkpoint: write state and weights, fsync, rename into place, prune old ones."""
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in trainable.items()}, str(staging / "policy.safetensors"))
+    (staging / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    for f in staging.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    final = staging.parent / staging.name.removeprefix(".tmp-")
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    for old in complete_checkpoints(staging.parent.parent)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are never complete)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def find_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to continue from: resume='auto' -> the newest complete one (or None), 'never' -> None,
+    anything else -> that path, which must be a complete checkpoint."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no state.json)")
+    return path
+
+
+def load(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """state.json and the trainable weights of a checkpoint."""
+    state = json.loads((path / "state.json").read_text())
+    weights = {k: v.numpy() for k, v in load_file(str(path / "policy.safetensors")).items()}
+    return state, weights

@@ -1,0 +1,202 @@
+"""The RL run's configuration: one dataclass per part, filled from a preset YAML and `a.b=c` overrides.
+
+    cfg = load_config(RLConfig, "launch/configs/shapeedit.yaml", ["algo.kl_beta=0.04"])
+
+Unknown keys are errors that list the valid ones (reward.config.load_config); the resolved config is
+written to the run directory as config.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from policies.sampling import SamplerConfig
+
+POLICY_KINDS = ("shapeedit", "flux_kontext", "qwen_image_edit")
+
+
+@dataclass
+class PolicyConfig:
+    kind: str = "shapeedit"
+    """'shapeedit' (a saved ShapeEdit policy), 'flux_kontext' or 'qwen_image_edit' (diffusers weights)."""
+    path: str = "runs/demo/policy"
+    """Folder or hub id of the pretrained policy."""
+    dtype: str = "float32"
+    """Weights dtype: float32 or bfloat16 (the SDE math and the adapters are float32 either way)."""
+    lora_rank: int = 16
+    """LoRA rank; 0 = full fine-tune."""
+    lora_alpha: float = 32.0
+    """LoRA alpha."""
+    height: int = 64
+    """Image height the policy edits (sources are resized to it)."""
+    width: int = 64
+    """Image width."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """Rollout sampling: steps, noise level, SDE window, guidance."""
+    eval_steps: int = 10
+    """ODE steps for evaluation samples."""
+
+    def __post_init__(self):
+        if self.kind not in POLICY_KINDS:
+            raise ValueError(f"policy.kind must be one of {POLICY_KINDS}, got {self.kind!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"policy.dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class RewardTerm:
+    name: str = "jrm"
+    """Metric name of the term (rollout/reward_<name>)."""
+    spec: str = "jrm:runs/demo/jrm"
+    """jrm:PATH, generative:PATH, oracle:SHAPEEDIT_DIR or preservation (1 - mean |edit - source|)."""
+    weight: float = 1.0
+    """Weight in the total reward."""
+    required: bool = True
+    """A required term that fails stops the run (with a checkpoint); an optional one scores 0 and is counted."""
+
+
+@dataclass
+class RewardConfig:
+    terms: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
+    """The reward is the weighted sum of these terms, each logged."""
+    gold: str = ""
+    """Held-out judge for evaluation only (oracle:SHAPEEDIT_DIR on ShapeEdit); '' = none."""
+    max_batch_size: int = 64
+    """The reward actor scores up to this many edits in one call ..."""
+    max_wait_s: float = 0.05
+    """... waiting at most this long for more requests to fill a batch."""
+    timeout_s: float = 120.0
+    """Per-call timeout of a scoring request."""
+    retries: int = 2
+    """Retries after a timeout before the run stops."""
+
+
+@dataclass
+class AlgoConfig:
+    algo: str = "grpo"
+    """'grpo' (group-relative advantages) or 'ppo' (learned value baseline, per-step advantages)."""
+    group_size: int = 8
+    """Edits sampled per prompt."""
+    prompts_per_step: int = 8
+    """Prompts per RL step; the rollout batch is prompts_per_step x group_size."""
+    micro_batch_size: int = 16
+    """Rows per rollout call and per learner forward (the same, so the on-policy ratio is exactly 1)."""
+    updates_per_step: int = 2
+    """Optimizer steps per rollout batch (the batch is split into this many minibatches)."""
+    clip_range: float = 1e-3
+    """PPO ratio clip c (sde log-probs are means over latent dims, so c is small; cps needs ~1e-5)."""
+    adv_clip: float = 5.0
+    """Advantages are clipped to [-adv_clip, adv_clip]."""
+    adv_std: str = "group"
+    """'group' or 'batch' std in the GRPO normalisation."""
+    drop_zero_std: bool = False
+    """Leave groups whose rewards are all equal out of the update (they carry no signal)."""
+    kl_beta: float = 0.0
+    """Weight of the KL to the reference policy (adapters off)."""
+    lr: float = 3e-4
+    """AdamW learning rate (constant)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    value_lr: float = 1e-3
+    """PPO: learning rate of the value model."""
+    value_clip: float = 0.2
+    """PPO: value loss clip."""
+    value_coef: float = 0.5
+    """PPO: weight of the value loss."""
+
+    def __post_init__(self):
+        if self.algo not in ("grpo", "ppo"):
+            raise ValueError(f"algo.algo must be 'grpo' or 'ppo', got {self.algo!r}")
+        if self.group_size < 2:
+            raise ValueError(f"algo.group_size must be >= 2 (advantages compare edits of one prompt), got {self.group_size}")
+        batch = self.prompts_per_step * self.group_size
+        if batch % self.micro_batch_size:
+            raise ValueError(f"the rollout batch (prompts_per_step x group_size = {batch}) must be divisible by micro_batch_size ({self.micro_batch_size})")
+        if (batch // self.micro_batch_size) % self.updates_per_step:
+            raise ValueError(f"the {batch // self.micro_batch_size} micro-batches per step must split evenly into updates_per_step ({self.updates_per_step}) minibatches")
+
+
+@dataclass
+class ClusterConfig:
+    num_rollout_workers: int = 2
+    """Rollout actors (each holds a copy of the policy)."""
+    num_learners: int = 1
+    """Learner actors: one DeepSpeed data-parallel group."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage of the learners: 2 (optimizer state and gradients sharded; the LoRA default)."""
+    device: str = "cpu"
+    """'cpu' (gloo) or 'cuda' (NCCL)."""
+    gpus_per_node: int = 0
+    """GPUs of each node; rollout and reward actors share them fractionally, learners take whole ones."""
+    threads_per_worker: int = 1
+    """torch intra-op threads in each actor (CPU runs)."""
+    async_reward: bool = False
+    """Overlap scoring of batch k with the rollout of batch k + 1 (one step off-policy for the reward only)."""
+    address: str = ""
+    """Ray address; '' = the job's cluster under `ray job submit`, else a local one on 127.0.0.1."""
+
+    def __post_init__(self):
+        if self.zero_stage != 2:
+            raise ValueError(
+                f"cluster.zero_stage {self.zero_stage} is not supported by the learner yet: ZeRO-3 would shard the "
+                "trainable weights, which the rollout-shaped forward of the policy does not gather; use 2"
+            )
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"cluster.device must be cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str = "runs/demo/data/train_prompts.json"
+    """ShapeEdit *_prompts.json, or a .jsonl of {"source": image path, "instruction": text} (paths relative to the file)."""
+    eval_prompts: str = "runs/demo/data/test_heldout_prompts.json"
+    """Prompts for periodic ODE evaluation."""
+    num_eval: int = 64
+    """Evaluation prompts used."""
+
+
+@dataclass
+class RLConfig:
+    output_dir: str = "runs/grpo"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, eval/ grids, wandb/."""
+    seed: int = 0
+    """Seeds prompts order, rollout noise and initial adapters."""
+    num_steps: int = 100
+    """RL steps (rollout batch + update)."""
+    resume: str = "auto"
+    """'auto' = continue from the newest complete checkpoint in output_dir/checkpoints, 'never', or a checkpoint path."""
+    save_every: int = 10
+    """Checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept (older ones deleted)."""
+    eval_every: int = 10
+    """Evaluate every this many steps (and at step 0 and the end)."""
+    max_bad_steps: int = 3
+    """Consecutive steps with NaN/Inf rewards or losses (skipped) before the run stops."""
+    wandb: bool = True
+    """Log to wandb too (offline unless WANDB_MODE says otherwise)."""
+    wandb_project: str = "jrm-edit"
+    """wandb project name."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The editing policy."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward: terms, gold judge, batching."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """GRPO / PPO settings."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Actors and devices."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts."""
+
+    def __post_init__(self):
+        rows = self.algo.prompts_per_step * self.algo.group_size
+        micro = rows // self.algo.micro_batch_size
+        if micro % self.cluster.num_learners:
+            raise ValueError(f"{micro} micro-batches per step cannot be shared evenly by {self.cluster.num_learners} learners")
+        if (micro // self.algo.updates_per_step) % self.cluster.num_learners:
+            raise ValueError(
+                f"each of the {self.algo.updates_per_step} minibatches holds {micro // self.algo.updates_per_step} micro-batches, "
+                f"which {self.cluster.num_learners} learners cannot share evenly"
+            )

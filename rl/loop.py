@@ -1,0 +1,266 @@
+"""The RL driver: one function, `train(cfg)`, that reads top to bottom.
+
+    prompts -> rollout (Ray rollout actors; the colocated reward actor scores each micro-batch)
+            -> advantages -> update (DeepSpeed learner actors) -> weight sync (versioned) -> log / eval / checkpoint
+
+Actors (one placement group per node; see the README's topology picture): N RolloutWorker, one
+RewardWorker per node batching the scoring requests of that node's rollout workers, M Learner ranks
+forming one DeepSpeed data-parallel group. Entry point: launch/grpo_edit.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from PIL import Image
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from policies.images import tensor_to_images
+from reward.config import save_config
+from rl import checkpoint
+from rl.algorithms import group_advantages
+from rl.config import RLConfig
+from rl.learner import Learner
+from rl.logger import MetricsLogger
+from rl.prompts import load_prompts, prompts_for_step
+from rl.rewards import RewardWorker, Scores, build_reward
+from rl.workers import RolloutWorker
+
+
+class RewardUnavailable(RuntimeError):
+    """The reward actor did not answer within timeout and retries."""
+
+
+class RayRewardClient:
+    """Scoring through the reward actor, with a per-call timeout and retries."""
+
+    def __init__(self, handle, timeout_s: float, retries: int):
+        self.handle, self.timeout_s, self.retries = handle, timeout_s, retries
+
+    def submit(self, sources, instructions, edited):
+        return self.handle.score_batched.remote(sources, instructions, edited), (sources, instructions, edited)
+
+    def result(self, submitted) -> Scores:
+        ref, args = submitted
+        for attempt in range(self.retries + 1):
+            try:
+                return ray.get(ref, timeout=self.timeout_s)
+            except (GetTimeoutError, RayActorError) as e:
+                if attempt == self.retries:
+                    raise RewardUnavailable(f"the reward actor failed {self.retries + 1} times ({type(e).__name__}) on a batch of {len(args[0])} edits") from e
+                ref = self.handle.score_batched.remote(*args)
+        raise AssertionError("unreachable")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_actors(cfg: RLConfig):
+    """Placement group and actors. CPU runs share the CPUs fractionally; GPU runs put one rollout worker, one
+    learner and (on the first GPU) the reward actor on each GPU, as fractions of it."""
+    c = cfg.cluster
+    n_actors = c.num_rollout_workers + c.num_learners + 1
+    cpus = ray.available_resources().get("CPU", 1.0)
+    cpu_each = min(1.0, cpus / n_actors)
+    bundle = {"CPU": cpu_each * n_actors}
+    if c.gpus_per_node:
+        bundle["GPU"] = float(c.gpus_per_node)
+    pg = placement_group([bundle], strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=120)
+    place = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0)
+    gpu = (lambda share: share) if c.gpus_per_node else (lambda share: 0)
+    reward = (
+        ray.remote(RewardWorker)
+        .options(num_cpus=cpu_each, num_gpus=gpu(0.2), scheduling_strategy=place, max_restarts=2, max_task_retries=0, max_concurrency=64)
+        .remote(cfg.reward.terms, c.device, cfg.reward.max_batch_size, cfg.reward.max_wait_s, c.threads_per_worker)
+    )
+    client = RayRewardClient(reward, cfg.reward.timeout_s, cfg.reward.retries)
+    rollout_workers = [
+        ray.remote(RolloutWorker)
+        .options(num_cpus=cpu_each, num_gpus=gpu(0.4), scheduling_strategy=place, max_restarts=2, max_task_retries=2)
+        .remote(cfg.policy, cfg.seed, client, c.threads_per_worker, c.device)
+        for _ in range(c.num_rollout_workers)
+    ]
+    port = _free_port()
+    learners = [
+        ray.remote(Learner)
+        .options(num_cpus=cpu_each, num_gpus=gpu(0.4), scheduling_strategy=place)
+        .remote(cfg, rank, c.num_learners, port, c.threads_per_worker)
+        for rank in range(c.num_learners)
+    ]
+    return pg, reward, rollout_workers, learners
+
+
+def save_grid(path: Path, sources: torch.Tensor, edits: torch.Tensor, rows: int = 8) -> None:
+    """A PNG with source | edit pairs side by side, `rows` of them."""
+    srcs, outs = tensor_to_images(sources[:rows]), tensor_to_images(edits[:rows])
+    w, h = srcs[0].size
+    grid = Image.new("RGB", (2 * w, h * len(srcs)), "white")
+    for i, (s, e) in enumerate(zip(srcs, outs)):
+        grid.paste(s, (0, i * h))
+        grid.paste(e, (w, i * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def train(cfg: RLConfig) -> dict:
+    """Run (or continue) one RL run; returns the last evaluation metrics."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    algo, P, G = cfg.algo, cfg.algo.prompts_per_step, cfg.algo.group_size
+    prompts = load_prompts(cfg.data.train_prompts, cfg.policy.height, cfg.policy.width)
+    eval_prompts = load_prompts(cfg.data.eval_prompts, cfg.policy.height, cfg.policy.width, cfg.data.num_eval)
+    gold = build_reward(cfg.reward.gold) if cfg.reward.gold else None
+    pg, reward, rollout_workers, learners = start_actors(cfg)
+
+    # ---- resume ------------------------------------------------------------------------------------------------
+    resume_from = checkpoint.find_resume(run_dir, cfg.resume)
+    step, version, run_id = 0, 0, None
+    if resume_from is not None:
+        state, _ = checkpoint.load(resume_from)
+        ray.get([learner.load.remote(str(resume_from)) for learner in learners])
+        step, version, run_id = state["step"], state["policy_version"], state["wandb_run_id"]
+        print(f"resumed from {resume_from} (step {step})", flush=True)
+    weights = learners[0].trainable_state.remote()
+    ray.get([w.set_weights.remote(weights, version) for w in rollout_workers])
+    logger = MetricsLogger(run_dir, step if resume_from else None, cfg.wandb, cfg.wandb_project, run_id, asdict(cfg))
+
+    def evaluate(at_step: int) -> dict:
+        start = time.perf_counter()
+        shares = np.array_split(np.arange(len(eval_prompts)), len(rollout_workers))
+        parts = ray.get([w.evaluate.remote([eval_prompts[i] for i in s], cfg.seed, algo.micro_batch_size) for w, s in zip(rollout_workers, shares) if len(s)])
+        edits = torch.cat(parts)
+        sources = [p.source for p in eval_prompts]
+        instructions = [p.instruction for p in eval_prompts]
+        edited = tensor_to_images(edits)
+        scores = ray.get(reward.score.remote(sources, instructions, edited), timeout=cfg.reward.timeout_s * (cfg.reward.retries + 1))
+        row = {"eval/reward_mean": float(np.mean(scores.total))}
+        row.update({f"eval/reward_{k}": float(np.mean(v)) for k, v in scores.terms.items()})
+        if gold is not None:
+            row["eval/gold_score"] = float(gold.score(sources, instructions, edited).mean())
+        source_tensor = torch.stack([torch.from_numpy(np.array(s)).permute(2, 0, 1) for s in sources])
+        save_grid(run_dir / "eval" / f"step-{at_step:06d}.png", source_tensor, edits)
+        row["perf/eval_s"] = time.perf_counter() - start
+        logger.log(at_step, row)
+        print(f"[eval step {at_step}] " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
+        return row
+
+    def save(at_step: int) -> None:
+        staging = checkpoint.staging_dir(run_dir, at_step)
+        ray.get([learner.save.remote(str(staging)) for learner in learners])
+        state = {"step": at_step, "policy_version": version, "wandb_run_id": logger.run_id, "data_position": at_step * P, "seed": cfg.seed}
+        checkpoint.commit(staging, state, ray.get(learners[0].trainable_state.remote()), cfg.keep_checkpoints)
+
+    last_eval = evaluate(0) if step == 0 else {}
+    bad_steps = 0
+    while step < cfg.num_steps:
+        t0 = time.perf_counter()
+        # ---- prompts: P prompts, each repeated G times; a group = one prompt ----------------------------------------
+        rows = [prompts[i] for i in prompts_for_step(len(prompts), step, P, cfg.seed) for _ in range(G)]
+        group_ids = torch.arange(P).repeat_interleave(G)
+
+        # ---- rollout + reward: each worker samples its share in micro-batches, scored by the reward actor -------------
+        shares = np.array_split(np.arange(len(rows)), len(rollout_workers))
+        try:
+            results = ray.get(
+                [
+                    w.rollout.remote([rows[i] for i in s], group_ids[s], algo.micro_batch_size, seed=cfg.seed * 1_000_003 + step * 1009 + k)
+                    for k, (w, s) in enumerate(zip(rollout_workers, shares))
+                ]
+            )
+        except RewardUnavailable:
+            save(step)
+            raise
+        t_rollout = time.perf_counter()
+        micro = [r for res in results for r in res.rollouts]
+        scores = [s for res in results for s in res.scores]
+        rewards = [torch.tensor(s.total, dtype=torch.float32) for s in scores]
+        total = torch.cat(rewards)
+        if not torch.isfinite(total).all():
+            bad_steps += 1
+            logger.log(step, {"train/skipped_nonfinite_reward": 1})
+            if bad_steps >= cfg.max_bad_steps:
+                save(step)
+                raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); checkpoint saved, see the reward terms")
+            step += 1
+            continue
+
+        # ---- advantages: group-relative (GRPO); PPO's R - V is formed by the learners ----------------------------
+        adv = group_advantages(total, group_ids, algo.adv_std, algo.adv_clip)
+        advantages = adv.advantages * (~adv.zero_std) if algo.drop_zero_std else adv.advantages
+        per_micro = list(advantages.split(algo.micro_batch_size))
+
+        # ---- update: minibatch u = micro-batches [u K, (u + 1) K); rank r takes every M-th of each ----------------
+        M = len(learners)
+        K = len(micro) // algo.updates_per_step
+        order = [[u * K + j for u in range(algo.updates_per_step) for j in range(r, K, M)] for r in range(M)]
+        stats = ray.get([learner.update.remote([micro[i] for i in idx], [per_micro[i] for i in idx], [rewards[i] for i in idx]) for learner, idx in zip(learners, order)])
+        t_update = time.perf_counter()
+
+        # ---- weight sync: learner rank 0 -> every rollout worker, through the object store --------------------------
+        version += 1
+        weights = learners[0].trainable_state.remote()
+        ray.get([w.set_weights.remote(weights, version) for w in rollout_workers])
+        t_sync = time.perf_counter()
+        step += 1
+
+        # ---- log ---------------------------------------------------------------------------------------------
+        row = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+        row["train/ratio_min"] = min(s["train/ratio_min"] for s in stats)
+        row["train/ratio_max"] = max(s["train/ratio_max"] for s in stats)
+        nonfinite = sum(s["train/nonfinite_losses"] for s in stats)
+        row.update(
+            {
+                "rollout/reward_mean": total.mean().item(),
+                "rollout/reward_std": total.std().item(),
+                "rollout/zero_std_ratio": adv.zero_std.float().mean().item(),
+                "rollout/policy_version": version - 1,
+                "perf/rollout_s": t_rollout - t0,
+                "perf/sample_s": max(r.sample_s for r in results),
+                "perf/reward_wait_s": max(r.wait_s for r in results),
+                "perf/update_s": t_update - t_rollout,
+                "perf/sync_s": t_sync - t_update,
+                "perf/step_s": t_sync - t0,
+            }
+        )
+        for name in scores[0].terms:
+            row[f"rollout/reward_{name}"] = float(np.mean([x for s in scores for x in s.terms[name]]))
+        errors = {}
+        for s in scores:
+            for k, v in s.errors.items():
+                errors[k] = errors.get(k, 0) + v
+        row.update({f"rollout/reward_errors_{k}": v for k, v in errors.items()})
+        logger.log(step, row)
+        print(
+            f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} clipfrac {row['train/clipfrac']:.3f} "
+            f"kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}] ({row['perf/step_s']:.1f} s)",
+            flush=True,
+        )
+        bad_steps = bad_steps + 1 if nonfinite else 0
+        if bad_steps >= cfg.max_bad_steps:
+            save(step)
+            raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); checkpoint saved, lower algo.lr")
+
+        # ---- eval and checkpoint -----------------------------------------------------------------------------
+        if step % cfg.eval_every == 0 or step == cfg.num_steps:
+            last_eval = evaluate(step)
+        if step % cfg.save_every == 0 or step == cfg.num_steps:
+            save(step)
+    logger.close()
+    ray.util.remove_placement_group(pg)
+    for actor in [reward, *rollout_workers, *learners]:
+        ray.kill(actor)
+    return last_eval
+

@@ -1,0 +1,110 @@
+"""The rollout worker: holds one copy of the policy, samples edits, has them scored, takes new weights.
+
+A plain class (Ray applies `ray.remote` in rl/loop.py). Its reward client is anything with
+`submit(sources, instructions, edited) -> handle` and `result(handle) -> Scores`: in-process for tests,
+the Ray reward actor (with timeout and retries) in a run. Micro-batch k's scoring is submitted before
+micro-batch k + 1 is sampled, so with a remote reward actor the two overlap (`cluster.async_reward`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from policies.adapters import TrainableConfig
+from policies.images import tensor_to_images
+from policies.rollout import Rollout
+from policies.sampling import SamplerConfig
+from rl.config import PolicyConfig
+from rl.prompts import Prompt
+from rl.rewards import RewardWorker, Scores
+
+
+def build_policy(cfg: PolicyConfig, seed: int):
+    """The policy named by the config, with fresh LoRA adapters drawn from `seed` (identical in every actor)."""
+    trainable = TrainableConfig(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    torch.manual_seed(seed)
+    if cfg.kind == "shapeedit":
+        from policies.shapeedit import ShapeEditPolicy
+
+        policy = ShapeEditPolicy.from_pretrained(cfg.path, trainable=trainable)
+        if (policy.height, policy.width) != (cfg.height, cfg.width):
+            raise ValueError(f"the ShapeEdit policy at {cfg.path} edits {policy.width}x{policy.height} images; set policy.height/width to match")
+        return policy
+    if cfg.kind == "flux_kontext":
+        from policies.kontext import FluxKontextPolicy
+
+        return FluxKontextPolicy.from_pretrained(cfg.path, torch_dtype=dtype, trainable=trainable, height=cfg.height, width=cfg.width)
+    from policies.qwen_image_edit import QwenImageEditPolicy
+
+    return QwenImageEditPolicy.from_pretrained(cfg.path, torch_dtype=dtype, trainable=trainable, height=cfg.height, width=cfg.width)
+
+
+class LocalRewardClient:
+    """A reward client that scores in-process, at submit time."""
+
+    def __init__(self, worker: RewardWorker):
+        self.worker = worker
+
+    def submit(self, sources, instructions, edited) -> Scores:
+        return self.worker.score(sources, instructions, edited)
+
+    def result(self, handle: Scores) -> Scores:
+        return handle
+
+
+@dataclass
+class RolloutResult:
+    rollouts: list[Rollout]  # one per micro-batch, as sampled (the learner recomputes them in these shapes)
+    scores: list[Scores]  # one per micro-batch
+    sample_s: float  # seconds sampling
+    wait_s: float  # seconds waiting for rewards after the last micro-batch was sampled
+
+
+class RolloutWorker:
+    def __init__(self, cfg: PolicyConfig, seed: int, reward_client, threads: int = 0, device: str = "cpu"):
+        if threads:
+            torch.set_num_threads(threads)
+        self.policy = build_policy(cfg, seed)
+        if device != "cpu":
+            self.policy.to(device)
+        self.device = device
+        self.sampler = cfg.sampler
+        self.eval_sampler = SamplerConfig(num_steps=cfg.eval_steps, noise_level=0.0, guidance_scale=cfg.sampler.guidance_scale, guidance=cfg.sampler.guidance)
+        self.reward = reward_client
+
+    def set_weights(self, state: dict[str, np.ndarray], version: int) -> int:
+        """Load the learner's trainable weights (numpy arrays by name); returns the version now held."""
+        self.policy.load_trainable_state({k: torch.tensor(v) for k, v in state.items()}, version)  # object-store arrays are read-only
+        return version
+
+    def rollout(self, prompts: list[Prompt], group_ids: Tensor, micro_batch_size: int, seed: int) -> RolloutResult:
+        """Sample `prompts` (already repeated per group) in micro-batches and have each scored."""
+        generator = torch.Generator(self.device).manual_seed(seed)
+        rollouts, handles = [], []
+        start = time.perf_counter()
+        for i in range(0, len(prompts), micro_batch_size):
+            chunk = prompts[i : i + micro_batch_size]
+            sources = [p.source for p in chunk]
+            instructions = [p.instruction for p in chunk]
+            rollout = self.policy.sample(sources, instructions, self.sampler, generator, group_ids[i : i + micro_batch_size]).to("cpu")
+            handles.append(self.reward.submit(sources, instructions, tensor_to_images(rollout.edited_images)))
+            rollouts.append(rollout)
+        sampled = time.perf_counter()
+        scores = [self.reward.result(h) for h in handles]
+        return RolloutResult(rollouts, scores, sampled - start, time.perf_counter() - sampled)
+
+    def evaluate(self, prompts: list[Prompt], seed: int, batch_size: int) -> Tensor:
+        """ODE (noise 0) edits of `prompts`: (N, 3, H, W) uint8."""
+        generator = torch.Generator(self.device).manual_seed(seed)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            rollout = self.policy.sample([p.source for p in chunk], [p.instruction for p in chunk], self.eval_sampler, generator)
+            out.append(rollout.edited_images.cpu())
+        return torch.cat(out)

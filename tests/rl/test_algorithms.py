@@ -1,0 +1,58 @@
+"""rl/algorithms.py against closed forms."""
+
+import math
+
+import pytest
+import torch
+
+from rl.algorithms import clipped_surrogate, gaussian_kl, group_advantages, value_loss
+
+
+def test_group_advantages_closed_form():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 0.0, 4.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    out = group_advantages(rewards, groups, clip=0)
+    # group 0: mean 2, std 1 -> -1, 0, 1; group 1: all equal -> 0 and flagged; group 2: mean 2, std sqrt(8)
+    expected = [-1, 0, 1, 0, 0, 0, -2 / math.sqrt(8), 2 / math.sqrt(8)]
+    torch.testing.assert_close(out.advantages, torch.tensor(expected) * torch.tensor([1 / (1 + 1e-4)] * 3 + [1] * 3 + [math.sqrt(8) / (math.sqrt(8) + 1e-4)] * 2))
+    assert out.zero_std.tolist() == [False] * 3 + [True] * 3 + [False] * 2
+    clipped = group_advantages(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 100.0]), torch.zeros(8, dtype=torch.long), clip=2.0)
+    assert clipped.advantages.max().item() == 2.0
+    batch = group_advantages(rewards, groups, std="batch", clip=0)
+    torch.testing.assert_close(batch.advantages[:3], (rewards[:3] - 2) / (rewards.std() + 1e-4))
+
+
+def test_group_advantages_refuses_bad_groups():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        group_advantages(torch.ones(3), torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="must both be"):
+        group_advantages(torch.ones(3), torch.tensor([0, 0]))
+
+
+def test_clipped_surrogate_closed_form():
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.0, 1.5, 0.5, 1.05]))
+    adv = torch.tensor([1.0, 1.0, -1.0, -2.0])
+    loss, stats = clipped_surrogate(new, old, adv, clip_range=0.1)
+    # per row max(-A r, -A clip(r)): 1 -> -1; 1.5 -> max(-1.5, -1.1) = -1.1; 0.5, A=-1 -> max(0.5, 0.9) = 0.9; 1.05, A=-2 -> 2.1
+    assert loss.item() == pytest.approx((-1 - 1.1 + 0.9 + 2.1) / 4, abs=1e-6)
+    assert stats.clipfrac == pytest.approx(0.5) and stats.clipfrac_high == pytest.approx(0.25) and stats.clipfrac_low == pytest.approx(0.25)
+    assert stats.ratio_min == pytest.approx(0.5) and stats.ratio_max == pytest.approx(1.5)
+    assert stats.approx_kl == pytest.approx(0.5 * (new**2).mean().item())
+    # on-policy: ratio 1, gradient = -A d logp (the policy gradient)
+    logp = torch.zeros(3, requires_grad=True)
+    loss, stats = clipped_surrogate(logp, logp.detach(), torch.tensor([1.0, -1.0, 2.0]), 1e-4)
+    loss.backward()
+    assert stats.ratio_min == stats.ratio_max == 1.0
+    torch.testing.assert_close(logp.grad, -torch.tensor([1.0, -1.0, 2.0]) / 3)
+
+
+def test_gaussian_kl_and_value_loss():
+    mean = torch.ones(2, 3, 4)
+    ref = torch.zeros(2, 3, 4)
+    torch.testing.assert_close(gaussian_kl(mean, ref, torch.tensor(0.5)), torch.full((2,), 1 / (2 * 0.25)))
+    v = torch.tensor([1.0, 0.0])
+    old = torch.tensor([0.0, 0.0])
+    ret = torch.tensor([0.0, 1.0])
+    # row 0: V=1, clipped 0.2 -> max(1, 0.04) = 1; row 1: V=0 -> 1
+    assert value_loss(v, old, ret, 0.2).item() == pytest.approx(0.5 * (1 + 1) / 2)

@@ -1,0 +1,31 @@
+"""rl/checkpoint.py: atomic writes, newest complete checkpoint found, pruning, half-written ones ignored."""
+
+import numpy as np
+import pytest
+
+from rl import checkpoint
+
+
+def _write(run, step, keep=2):
+    staging = checkpoint.staging_dir(run, step)
+    (staging / "deepspeed").mkdir()
+    return checkpoint.commit(staging, {"step": step}, {"w": np.full(3, step, dtype=np.float32)}, keep)
+
+
+def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
+    assert checkpoint.find_resume(tmp_path, "auto") is None
+    _write(tmp_path, 1)
+    _write(tmp_path, 2)
+    half = checkpoint.staging_dir(tmp_path, 3)  # a run killed while writing step 3
+    (half / "policy.safetensors").write_bytes(b"partial")
+    found = checkpoint.find_resume(tmp_path, "auto")
+    assert found.name == "step-000002"
+    state, weights = checkpoint.load(found)
+    assert state == {"step": 2} and weights["w"].tolist() == [2, 2, 2]
+    _write(tmp_path, 10)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-000002", "step-000010"]  # keep 2, numeric order
+    assert checkpoint.find_resume(tmp_path, "never") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        checkpoint.find_resume(tmp_path, str(half))
+    _write(tmp_path, 11)  # the staging folder of step 3 is gone once rewritten; stale ones never count
+    assert checkpoint.find_resume(tmp_path, "auto").name == "step-000011"

@@ -1,0 +1,68 @@
+"""rl/rewards.py: named terms, weighted sum, batching of concurrent requests, optional-term failures."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rl.rewards as rewards
+from rl.config import RewardTerm
+from rl.rewards import RewardWorker, SourcePreservation
+
+
+def _images(n, value=0):
+    return [Image.new("RGB", (8, 8), (value, value, value)) for _ in range(n)]
+
+
+def test_source_preservation():
+    s = SourcePreservation().score(_images(2, 0), ["a", "b"], [Image.new("RGB", (8, 8), (255, 255, 255)), Image.new("L", (4, 4), 0)])
+    assert s.tolist() == [0.0, 1.0]
+
+
+class Broken:
+    def score(self, *args, **kwargs):
+        raise RuntimeError("judge down")
+
+
+def test_weighted_sum_and_optional_failures(monkeypatch):
+    worker = RewardWorker([RewardTerm("keep", "preservation", 0.5), RewardTerm("keep2", "preservation", 2.0, required=False)])
+    out = worker.score(_images(2), ["a", "b"], _images(2, 255))
+    assert out.total == [0.0, 0.0] and out.terms["keep"] == [0.0, 0.0]
+    out = worker.score(_images(1), ["a"], _images(1))
+    assert out.total == [2.5]
+    worker.terms[1] = (worker.terms[1][0], Broken())
+    out = worker.score(_images(3), ["a"] * 3, _images(3))
+    assert out.total == [0.5] * 3 and out.errors == {"keep2": 3} and out.terms["keep2"] == [0.0] * 3
+    worker.terms[0] = (worker.terms[0][0], Broken())
+    with pytest.raises(RuntimeError, match="judge down"):
+        worker.score(_images(1), ["a"], _images(1))
+    with pytest.raises(ValueError, match="distinct names"):
+        RewardWorker([RewardTerm("a", "preservation"), RewardTerm("a", "preservation")])
+
+
+def test_concurrent_requests_are_batched():
+    worker = RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=8, max_wait_s=0.2)
+
+    async def many():
+        # 3 requests of 2 arrive together: one call of 6 after max_wait; then 8 at once flush immediately
+        first = await asyncio.gather(*[worker.score_batched(_images(2), ["a", "b"], _images(2, 255 * (i % 2))) for i in range(3)])
+        second = await asyncio.gather(*[worker.score_batched(_images(4), ["a"] * 4, _images(4)) for _ in range(2)])
+        return first, second
+
+    first, second = asyncio.run(many())
+    assert worker.batch_sizes == [6, 8]
+    assert [r.total for r in first] == [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]  # each caller gets its own rows
+    assert all(r.total == [1.0] * 4 for r in second)
+
+
+def test_a_failed_batch_reaches_every_caller():
+    worker = RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=4, max_wait_s=0.05)
+    worker.terms[0] = (worker.terms[0][0], Broken())
+
+    async def two():
+        return await asyncio.gather(worker.score_batched(_images(1), ["a"], _images(1)), worker.score_batched(_images(1), ["b"], _images(1)), return_exceptions=True)
+
+    results = asyncio.run(two())
+    assert all(isinstance(r, RuntimeError) for r in results)
