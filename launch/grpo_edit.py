@@ -20,27 +20,13 @@ if __package__ in (None, ""):  # run as `python launch/grpo_edit.py`: import the
 
 import ray
 
-from reward.config import ConfigError, load_config
+from reward.config import config_from_cli
 from rl.config import RLConfig
 from rl.loop import train
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    config_path = None
-    if argv and argv[0] == "--config":
-        if len(argv) < 2:
-            print("error: --config needs a YAML file", file=sys.stderr)
-            return 2
-        config_path, argv = argv[1], argv[2:]
-    try:
-        cfg = load_config(RLConfig, config_path, argv)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_cli(RLConfig, sys.argv[1:] if argv is None else argv, __doc__)
     root = str(Path(__file__).resolve().parents[1])
     env = {"env_vars": {"PYTHONPATH": root, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}}
     if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):

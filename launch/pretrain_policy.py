@@ -31,7 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 from policies.images import tensor_to_images
 from policies.sampling import SamplerConfig
 from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig, flow_matching_loss
-from reward.config import ConfigError, load_config, save_config
+from reward.config import config_from_cli, save_config
 from reward.data import load_image
 from reward.shapeedit import Edit, Scene, apply_edits, judge_image, render, sample_task
 
@@ -213,21 +213,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    config_path = None
-    if argv and argv[0] == "--config":
-        if len(argv) < 2:
-            print("error: --config needs a YAML file", file=sys.stderr)
-            return 2
-        config_path, argv = argv[1], argv[2:]
-    try:
-        cfg = load_config(PretrainConfig, config_path, argv)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_cli(PretrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
     print(json.dumps(pretrain(cfg), indent=1))
     return 0
 

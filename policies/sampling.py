@@ -40,8 +40,8 @@ class SamplerConfig:
             raise ValueError(f"sampler kind must be one of {KINDS}, got {self.kind!r}")
         if self.noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
-        if not 0 <= self.sde_window_size <= self.num_steps:
-            raise ValueError(f"sde_window_size must be in [0, num_steps={self.num_steps}], got {self.sde_window_size}")
+        if not 0 <= self.sde_window_size <= max(self.num_steps - 1, 1):
+            raise ValueError(f"sde_window_size must be in [0, num_steps - 1 = {self.num_steps - 1}] (the last step is never stochastic), got {self.sde_window_size}")
         if self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
 
@@ -49,15 +49,18 @@ class SamplerConfig:
 def stochastic_steps(cfg: SamplerConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Which steps are sampled with noise (and trained): a (T,) bool mask.
 
-    All False at noise_level 0; all True without a window; otherwise `sde_window_size` consecutive
-    steps starting at a step drawn uniformly from [0, last start], with the given generator.
+    All False at noise_level 0. The last step (to sigma 0) is always an ODE step: its transition std is
+    ~0, so its log-prob ratio explodes at the smallest weight change (Flow-GRPO leaves it out too).
+    Without a window every other step is stochastic; with one, `sde_window_size` consecutive steps
+    starting at a step drawn uniformly from [0, last start], with the given generator.
     """
     mask = torch.zeros(cfg.num_steps, dtype=torch.bool)
     if cfg.noise_level == 0:
         return mask
     if cfg.sde_window_size == 0:
-        return ~mask
-    last = cfg.num_steps - cfg.sde_window_size
+        mask[: max(cfg.num_steps - 1, 1)] = True
+        return mask
+    last = max(cfg.num_steps - 1 - cfg.sde_window_size, 0)
     if cfg.sde_window_max_start >= 0:
         last = min(last, cfg.sde_window_max_start)
     device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on its own device

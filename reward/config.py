@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -151,3 +152,24 @@ def _merge(base: dict, new: dict) -> None:
 def save_config(obj: Any, path: str | Path) -> None:
     """Write the resolved config, as plain YAML, into the run directory."""
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False))
+
+
+def config_from_cli(cls: type[T], argv: list[str], doc: str) -> T:
+    """`[--config FILE.yaml] [key.sub=value ...]` -> a config, for the entry points' main().
+
+    -h/--help prints `doc` and exits 0; a bad file, key or value prints the error and exits 2.
+    """
+    if argv and argv[0] in ("-h", "--help"):
+        print(doc)
+        raise SystemExit(0)
+    config_path = None
+    if argv and argv[0] == "--config":
+        if len(argv) < 2:
+            print("error: --config needs a YAML file", file=sys.stderr)
+            raise SystemExit(2)
+        config_path, argv = argv[1], argv[2:]
+    try:
+        return load_config(cls, config_path, argv)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from reward.config import ConfigError, load_config, save_config
+from reward.config import ConfigError, config_from_cli, save_config
 from reward.data import PreferencePair, load_image, load_pairs
 from reward.losses import pairwise_accuracy, preference_loss
 from reward.model import JRM, JRMConfig
@@ -325,23 +325,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    config_path = None
-    if argv and argv[0] == "--config":
-        if len(argv) < 2:
-            print("error: --config needs a YAML file", file=sys.stderr)
-            return 2
-        config_path, argv = argv[1], argv[2:]
-    try:
-        cfg = load_config(TrainConfig, config_path, argv)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    results = train(cfg)
-    print(json.dumps(results, indent=1))
+    cfg = config_from_cli(TrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
+    print(json.dumps(train(cfg), indent=1))
     return 0
 
 

@@ -132,8 +132,8 @@ class ClusterConfig:
     """GPUs of each node; rollout and reward actors share them fractionally, learners take whole ones."""
     threads_per_worker: int = 1
     """torch intra-op threads in each actor (CPU runs)."""
-    async_reward: bool = False
-    """Overlap scoring of batch k with the rollout of batch k + 1 (one step off-policy for the reward only)."""
+    async_reward: bool = True
+    """Score micro-batch k while micro-batch k + 1 is sampled (still on-policy); false = wait for each score."""
     address: str = ""
     """Ray address; '' = the job's cluster under `ray job submit`, else a local one on 127.0.0.1."""
 

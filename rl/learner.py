@@ -49,7 +49,7 @@ class Learner:
             groups.append({"params": list(self.value.parameters()), "lr": algo.value_lr})
         micro_per_rank = cfg.algo.prompts_per_step * cfg.algo.group_size // cfg.algo.micro_batch_size // world_size
         self.micro_per_update = micro_per_rank // algo.updates_per_step
-        steps = cfg.policy.sampler.sde_window_size or cfg.policy.sampler.num_steps
+        steps = cfg.policy.sampler.sde_window_size or max(cfg.policy.sampler.num_steps - 1, 1)
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.algo.micro_batch_size,
             "gradient_accumulation_steps": self.micro_per_update * steps,
@@ -83,6 +83,7 @@ class Learner:
         sums: dict[str, float] = {}
         count = 0
         nonfinite = 0
+        ratio_min, ratio_max = float("inf"), float("-inf")
         for i, mb in enumerate(rollouts):
             trained = mb.stochastic.any(0).nonzero().flatten().tolist()
             if len(trained) != self.steps_per_update:
@@ -110,10 +111,12 @@ class Learner:
                 row["loss"] = loss.item()
                 self.engine.backward(loss)
                 self.engine.step()
+                ratio_min, ratio_max = min(ratio_min, row.pop("ratio_min")), max(ratio_max, row.pop("ratio_max"))
                 for k, v in row.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         out = {f"train/{k}": v / count for k, v in sums.items()}
+        out["train/ratio_min"], out["train/ratio_max"] = ratio_min, ratio_max
         out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["train/lr"] = self.engine.optimizer.param_groups[0]["lr"]
         out["train/nonfinite_losses"] = nonfinite

@@ -176,7 +176,7 @@ def train(cfg: RLConfig) -> dict:
         try:
             results = ray.get(
                 [
-                    w.rollout.remote([rows[i] for i in s], group_ids[s], algo.micro_batch_size, seed=cfg.seed * 1_000_003 + step * 1009 + k)
+                    w.rollout.remote([rows[i] for i in s], group_ids[s], algo.micro_batch_size, cfg.seed * 1_000_003 + step * 1009 + k, cfg.cluster.async_reward)
                     for k, (w, s) in enumerate(zip(rollout_workers, shares))
                 ]
             )

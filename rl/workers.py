@@ -3,7 +3,7 @@
 A plain class (Ray applies `ray.remote` in rl/loop.py). Its reward client is anything with
 `submit(sources, instructions, edited) -> handle` and `result(handle) -> Scores`: in-process for tests,
 the Ray reward actor (with timeout and retries) in a run. Micro-batch k's scoring is submitted before
-micro-batch k + 1 is sampled, so with a remote reward actor the two overlap (`cluster.async_reward`).
+micro-batch k + 1 is sampled, so with a remote reward actor the two overlap (`cluster.async_reward`, on by default).
 """
 
 from __future__ import annotations
@@ -83,8 +83,11 @@ class RolloutWorker:
         self.policy.load_trainable_state({k: torch.tensor(v) for k, v in state.items()}, version)  # object-store arrays are read-only
         return version
 
-    def rollout(self, prompts: list[Prompt], group_ids: Tensor, micro_batch_size: int, seed: int) -> RolloutResult:
-        """Sample `prompts` (already repeated per group) in micro-batches and have each scored."""
+    def rollout(self, prompts: list[Prompt], group_ids: Tensor, micro_batch_size: int, seed: int, overlap: bool = True) -> RolloutResult:
+        """Sample `prompts` (already repeated per group) in micro-batches and have each scored.
+
+        With `overlap`, micro-batch k is scored while k + 1 is sampled; without, each score is awaited first.
+        """
         generator = torch.Generator(self.device).manual_seed(seed)
         rollouts, handles = [], []
         start = time.perf_counter()
@@ -94,9 +97,11 @@ class RolloutWorker:
             instructions = [p.instruction for p in chunk]
             rollout = self.policy.sample(sources, instructions, self.sampler, generator, group_ids[i : i + micro_batch_size]).to("cpu")
             handles.append(self.reward.submit(sources, instructions, tensor_to_images(rollout.edited_images)))
+            if not overlap:
+                handles[-1] = self.reward.result(handles[-1])
             rollouts.append(rollout)
         sampled = time.perf_counter()
-        scores = [self.reward.result(h) for h in handles]
+        scores = [self.reward.result(h) if overlap else h for h in handles]
         return RolloutResult(rollouts, scores, sampled - start, time.perf_counter() - sampled)
 
     def evaluate(self, prompts: list[Prompt], seed: int, batch_size: int) -> Tensor:

@@ -41,7 +41,7 @@ def test_on_policy_ratio_is_exactly_one(batch, guidance_scale, kind):
     sampler = SamplerConfig(num_steps=4, noise_level=0.8, guidance_scale=guidance_scale, kind=kind)
     rollout = policy.sample(images(batch), (INSTRUCTIONS * 2)[:batch], sampler, torch.Generator().manual_seed(0))
     assert rollout.latents.shape == (batch, 5, 3, 32, 32) and rollout.log_probs.shape == (batch, 4)
-    for t in range(4 if kind == "sde" else 3):  # cps's last step (s' = 0) is deterministic
+    for t in range(3):  # the last step (to sigma 0) is an ODE step
         assert torch.equal(policy.log_prob(rollout, t).log_probs, rollout.log_probs[:, t]), f"step {t}"
     # the learner's minibatch: the same rows, selected
     half = rollout.select([0, 1])
