@@ -117,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 5. summary --------------------------------------------------------------------------------
     evals = [r for r in map(json.loads, (grpo / "metrics.jsonl").read_text().splitlines()) if "eval/gold_score" in r]
-    print("\nHeld-out oracle score (test_heldout, ODE sampling), before and after GRPO:")
-    print(f"  pretrained policy  {evals[0]['eval/gold_score']:.4f}   (JRM reward {evals[0]['eval/reward_mean']:.4f})")
-    print(f"  after {evals[-1]['step']:>3} RL steps  {evals[-1]['eval/gold_score']:.4f}   (JRM reward {evals[-1]['eval/reward_mean']:.4f})")
+    print("\nHeld-out prompts (test_heldout, ODE sampling) during GRPO: oracle (gold) score and JRM (proxy) reward")
+    print("  RL step   oracle   JRM reward")
+    for r in evals:
+        print(f"  {r['step']:>7}   {r['eval/gold_score']:.4f}   {r['eval/reward_mean']:+.4f}")
+    best = max(evals, key=lambda r: r["eval/gold_score"])
+    print(f"  pretrained {evals[0]['eval/gold_score']:.4f} -> best {best['eval/gold_score']:.4f} (step {best['step']}) -> last {evals[-1]['eval/gold_score']:.4f}")
+    print("  (a proxy that keeps rising while the oracle falls is reward hacking: see README, RL results)")
     print("\nStage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
     print("\nOutputs:")
     print(f"  data          {data_dir}/  (train/val/test_iid/test_heldout .json, *_triples.json, *_prompts.json)")
