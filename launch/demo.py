@@ -60,12 +60,15 @@ def grpo_job(out: Path, overrides: list[str]) -> None:
     """Start a loopback-only Ray cluster, submit the GRPO job to it, and stop it whatever happens."""
     bin_dir = Path(sys.executable).parent
     ray = str(bin_dir / "ray")
-    run([ray, "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--port=6389"])
+    # Ray 2.60 clusters require a token (written to ~/.ray/auth_token by `ray start`); the job client only
+    # sends it when RAY_AUTH_MODE=token is set in its environment.
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    run([ray, "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--port=6389"], env=env)
     try:
-        cmd = [ray, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--", "python", "launch/grpo_edit.py", "--config", "launch/configs/shapeedit.yaml", *overrides]
-        run(cmd, env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"})
+        cmd = [ray, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--", sys.executable, "launch/grpo_edit.py", "--config", "launch/configs/shapeedit.yaml", *overrides]
+        run(cmd, env=env)
     finally:
-        subprocess.run([ray, "stop"], cwd=ROOT, check=False)
+        subprocess.run([ray, "stop"], cwd=ROOT, check=False, env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 2. the reward model: a tiny JRM ---------------------------------------------------------------
     start = time.perf_counter()
     jrm = out / "jrm"
-    run([py, "reward/train.py", f"output_dir={jrm}", "resume=never", f"seed={args.seed}", f"data.train={data_dir / 'train.json'}", f"data.eval={data_dir / 'val.json'}",
+    run([py, "reward/train.py", f"output_dir={jrm}", "resume=none", f"seed={args.seed}", f"data.train={data_dir / 'train.json'}", f"data.eval={data_dir / 'val.json'}",
          f"trainer.max_steps={100 if args.quick else 1600}", f"trainer.eval_steps={50 if args.quick else 400}", f"trainer.save_steps={50 if args.quick else 400}"])
     timings["jrm"] = time.perf_counter() - start
 

@@ -56,9 +56,9 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def find_resume(run_dir: str | Path, resume: str) -> Path | None:
-    """The checkpoint to continue from: resume='auto' -> the newest complete one (or None), 'never' -> None,
+    """The checkpoint to continue from: resume='auto' -> the newest complete one (or None), 'none' -> None,
     anything else -> that path, which must be a complete checkpoint."""
-    if resume == "never":
+    if resume == "none":
         return None
     if resume == "auto":
         found = complete_checkpoints(run_dir)

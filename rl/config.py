@@ -166,7 +166,7 @@ class RLConfig:
     num_steps: int = 100
     """RL steps (rollout batch + update)."""
     resume: str = "auto"
-    """'auto' = continue from the newest complete checkpoint in output_dir/checkpoints, 'never', or a checkpoint path."""
+    """'auto' = continue from the newest complete checkpoint in output_dir/checkpoints, 'none' (start fresh), or a checkpoint path."""
     save_every: int = 10
     """Checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 2

@@ -24,7 +24,7 @@ def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
     assert state == {"step": 2} and weights["w"].tolist() == [2, 2, 2]
     _write(tmp_path, 10)
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-000002", "step-000010"]  # keep 2, numeric order
-    assert checkpoint.find_resume(tmp_path, "never") is None
+    assert checkpoint.find_resume(tmp_path, "none") is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         checkpoint.find_resume(tmp_path, str(half))
     _write(tmp_path, 11)  # the staging folder of step 3 is gone once rewritten; stale ones never count
