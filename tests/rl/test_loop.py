@@ -73,9 +73,9 @@ def test_grpo_on_policy_updates_ranks_and_resume(setup, tmp_path):
     assert any(not torch.equal(step1[k], fresh[k]) for k in fresh), "one RL step changed no trainable weight"
     assert (a / "eval" / "step-000003.png").is_file()
 
-    # 2 learner ranks under ZeRO-2 on the same global batch: the same update
+    # 2 learner ranks under ZeRO-2 on the same global batch (same rollout workers, so the same samples): the same update
     b = tmp_path / "b"
-    train(load_config(RLConfig, None, overrides(root, b, "cluster.num_learners=2", "num_steps=1", "cluster.num_rollout_workers=1")))
+    train(load_config(RLConfig, None, overrides(root, b, "cluster.num_learners=2", "num_steps=1")))
     two = load_file(str(b / "checkpoints" / "step-000001" / "policy.safetensors"))
     for k in step1:
         torch.testing.assert_close(two[k], step1[k], rtol=0, atol=1e-6)
