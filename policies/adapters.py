@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import Tensor, nn
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: a pipeline's load_lora_weights(dir) reads it
 
 
 @dataclass
@@ -80,3 +87,27 @@ class Trainable:
             yield
         finally:
             self.net.enable_adapters()
+
+    def save(self, path: Path, pipeline_cls) -> None:
+        """LoRA: diffusers' LORA_FILE, which a stock `pipeline_cls.load_lora_weights(path)` reads; full
+        fine-tune: the network's own save_pretrained in path/transformer."""
+        if self.cfg.lora_rank > 0:
+            pipeline_cls.save_lora_weights(
+                path,
+                transformer_lora_layers=get_peft_model_state_dict(self.net),
+                transformer_lora_adapter_metadata=self.net.peft_config["default"].to_dict(),
+            )
+        else:
+            self.net.save_pretrained(path / "transformer")
+
+    def read_saved(self, path: Path) -> dict[str, Tensor]:
+        """The tensors save() wrote, named as in state() (ready for load_state)."""
+        if self.cfg.lora_rank > 0:
+            # diffusers' file has 'transformer.' prefixes and no adapter name; ours are peft's 'default' adapter
+            return {
+                re.sub(r"\.lora_([AB])\.weight$", r".lora_\1.default.weight", key.removeprefix("transformer.")): value
+                for key, value in load_file(str(path / LORA_FILE)).items()
+            }
+        names = set(self.state())
+        full = type(self.net).from_pretrained(path / "transformer", dtype=self.net.dtype).state_dict()
+        return {name: value for name, value in full.items() if name in names}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
-from peft.utils import get_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import load_file
 from tokenizers import pre_tokenizers
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
@@ -53,7 +50,6 @@ LORA_TARGETS = [
     "ff_context.net.2",
 ]
 DEFAULT_GUIDANCE = 2.5  # FLUX.1 Kontext's recommended guidance embedding
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: FluxKontextPipeline.load_lora_weights(dir) reads it
 CONFIG_FILE = "policy.json"
 
 
@@ -277,15 +273,7 @@ class FluxKontextPolicy:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = self._trainable.cfg
-        net = self.pipe.transformer
-        if cfg.lora_rank > 0:
-            FluxKontextPipeline.save_lora_weights(
-                path,
-                transformer_lora_layers=get_peft_model_state_dict(net),
-                transformer_lora_adapter_metadata=net.peft_config["default"].to_dict(),
-            )
-        else:
-            net.save_pretrained(path / "transformer")
+        self._trainable.save(path, FluxKontextPipeline)
         settings = {
             "height": self.height,
             "width": self.width,
@@ -313,15 +301,7 @@ class FluxKontextPolicy:
         differ = {key: (settings[key], value) for key, value in mine.items() if settings[key] != value}
         if differ:
             raise ValueError(f"{path / CONFIG_FILE} does not match this policy (saved, this): {differ}")
-        if self._trainable.cfg.lora_rank > 0:
-            # diffusers' file has 'transformer.' prefixes and no adapter name; ours are peft's 'default' adapter
-            state = {}
-            for key, value in load_file(str(path / LORA_FILE)).items():
-                state[re.sub(r"\.lora_([AB])\.weight$", r".lora_\1.default.weight", key.removeprefix("transformer."))] = value
-        else:
-            names = set(self.trainable_state())
-            full = FluxTransformer2DModel.from_pretrained(path / "transformer", dtype=self.pipe.transformer.dtype).state_dict()
-            state = {name: value for name, value in full.items() if name in names}
+        state = self._trainable.read_saved(path)
         self.load_trainable_state(state, settings["version"])
 
     # ------------------------------------------------------------------ internals

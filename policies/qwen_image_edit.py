@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,7 @@ from diffusers import (
     QwenImageTransformer2DModel,
 )
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions, calculate_shift, retrieve_timesteps
-from peft.utils import get_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch import Tensor, nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
@@ -51,7 +48,6 @@ DEFAULT_LORA_TARGETS = [
     "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
 ]  # fmt: skip
 CONFIG_FILE = "qwen_image_edit_policy.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
 
 
 @dataclass
@@ -202,15 +198,7 @@ class QwenImageEditPolicy:
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        net = self.pipeline.transformer
-        if self.trainable.cfg.lora_rank > 0:
-            QwenImageEditPipeline.save_lora_weights(
-                path,
-                transformer_lora_layers=get_peft_model_state_dict(net),
-                transformer_lora_adapter_metadata=net.peft_config["default"].to_dict(),
-            )
-        else:
-            net.save_pretrained(path / "transformer")
+        self.trainable.save(path, QwenImageEditPipeline)
         (path / CONFIG_FILE).write_text(json.dumps(dict(self._settings(), version=self.version), indent=2) + "\n")
 
     def load_pretrained(self, path: str | Path) -> None:
@@ -224,15 +212,7 @@ class QwenImageEditPolicy:
         differ = {key: (saved[key], value) for key, value in self._settings().items() if saved[key] != value}
         if differ:
             raise ValueError(f"{path / CONFIG_FILE} does not match this policy (saved, this): {differ}")
-        if self.trainable.cfg.lora_rank > 0:
-            # diffusers' file has 'transformer.' prefixes and no adapter name; ours are peft's 'default' adapter
-            state = {}
-            for key, value in load_file(str(path / LORA_FILE)).items():
-                state[re.sub(r"\.lora_([AB])\.weight$", r".lora_\1.default.weight", key.removeprefix("transformer."))] = value
-        else:
-            names = set(self.trainable_state())
-            full = QwenImageTransformer2DModel.from_pretrained(path / "transformer", dtype=self.pipeline.transformer.dtype)
-            state = {name: value for name, value in full.state_dict().items() if name in names}
+        state = self.trainable.read_saved(path)
         self.load_trainable_state({k: v.to(self.device) for k, v in state.items()}, saved["version"])
 
     def _settings(self) -> dict:

@@ -10,8 +10,8 @@ from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 from PIL import Image
 
-from policies.adapters import TrainableConfig
-from policies.qwen_image_edit import CONDITION_AREA, LORA_FILE, QwenEditCondition, QwenImageEditPolicy, pad_prompts, tiny_components
+from policies.adapters import LORA_FILE, TrainableConfig
+from policies.qwen_image_edit import CONDITION_AREA, QwenEditCondition, QwenImageEditPolicy, pad_prompts, tiny_components
 from policies.rollout import Rollout
 from policies.sampling import SamplerConfig
 
