@@ -38,9 +38,17 @@ def commit(staging: Path, state: dict, trainable: dict[str, np.ndarray], keep: i
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     final = staging.parent / staging.name.removeprefix(".tmp-")
-    if final.exists():
-        shutil.rmtree(final)
+    old = staging.parent / f".old-{final.name}"
+    if final.exists():  # re-saving a step: never a moment without a complete checkpoint of it
+        os.rename(final, old)
     os.rename(staging, final)
+    dir_fd = os.open(staging.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself reaches the disk
+    finally:
+        os.close(dir_fd)
+    if old.exists():
+        shutil.rmtree(old)
     for old in complete_checkpoints(staging.parent.parent)[:-keep]:
         shutil.rmtree(old)
     return final

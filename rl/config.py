@@ -90,7 +90,8 @@ class AlgoConfig:
     adv_std: str = "group"
     """'group' or 'batch' std in the GRPO normalisation."""
     drop_zero_std: bool = False
-    """Leave groups whose rewards are all equal out of the update (they carry no signal)."""
+    """Leave groups whose rewards are all equal out of the surrogate's mean (their advantages are 0 anyway;
+    without this they dilute the other rows' gradient)."""
     kl_beta: float = 0.0
     """Weight of the KL to the reference policy (adapters off)."""
     lr: float = 3e-4
@@ -129,7 +130,8 @@ class ClusterConfig:
     device: str = "cpu"
     """'cpu' (gloo) or 'cuda' (NCCL)."""
     gpus_per_node: int = 0
-    """GPUs of each node; rollout and reward actors share them fractionally, learners take whole ones."""
+    """GPUs of the node; each actor takes a fraction (rollout 0.4, learner 0.4, reward 0.2): size the counts so
+    Ray packs one rollout worker and one learner per GPU."""
     threads_per_worker: int = 1
     """torch intra-op threads in each actor (CPU runs)."""
     async_reward: bool = True
@@ -192,6 +194,15 @@ class RLConfig:
 
     def __post_init__(self):
         rows = self.algo.prompts_per_step * self.algo.group_size
+        if rows % (self.cluster.num_rollout_workers * self.algo.micro_batch_size):
+            raise ValueError(
+                f"the rollout batch ({rows} rows) must split into whole micro-batches of {self.algo.micro_batch_size} "
+                f"for each of the {self.cluster.num_rollout_workers} rollout workers"
+            )
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.policy.kind == "shapeedit" and self.cluster.device != "cpu":
+            raise ValueError("the ShapeEdit policy runs on CPU; set cluster.device=cpu")
         micro = rows // self.algo.micro_batch_size
         if micro % self.cluster.num_learners:
             raise ValueError(f"{micro} micro-batches per step cannot be shared evenly by {self.cluster.num_learners} learners")

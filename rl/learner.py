@@ -78,7 +78,7 @@ class Learner:
         old_values = self._old_values(rollouts) if self.value is not None else None
         if old_values is not None:  # PPO: per-step advantages R - V, whitened over this rank's batch
             raw = [rewards[i].to(device)[:, None] - old_values[i] for i in range(len(rollouts))]
-            flat = torch.cat([a.flatten() for a in raw])
+            flat = torch.cat([a[mb.stochastic] for a, mb in zip(raw, rollouts)])  # trained steps only (this rank's)
             advantages = [(a - flat.mean()) / (flat.std() + 1e-6) for a in raw]
         sums: dict[str, float] = {}
         count = 0

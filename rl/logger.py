@@ -16,7 +16,13 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         kept = []
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a run killed while writing it
+                    continue
+                if row["step"] <= resume_step:
+                    kept.append(line)
         elif self.path.exists():
             self.path.unlink()
         self.path.write_text("".join(line + "\n" for line in kept))

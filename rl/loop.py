@@ -56,6 +56,7 @@ class RayRewardClient:
             except (GetTimeoutError, RayActorError) as e:
                 if attempt == self.retries:
                     raise RewardUnavailable(f"the reward actor failed {self.retries + 1} times ({type(e).__name__}) on a batch of {len(args[0])} edits") from e
+                ray.cancel(ref)
                 ref = self.handle.score_batched.remote(*args)
         raise AssertionError("unreachable")
 
@@ -127,6 +128,12 @@ def train(cfg: RLConfig) -> dict:
 
     # ---- resume ------------------------------------------------------------------------------------------------
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
+    found = checkpoint.complete_checkpoints(run_dir)
+    if found and resume_from != found[-1]:
+        raise ValueError(
+            f"{run_dir} already holds checkpoints up to {found[-1].name}; continue it with resume=auto, or use another output_dir "
+            "(a new run here would prune or mix with them)"
+        )
     step, version, run_id = 0, 0, None
     if resume_from is not None:
         state, _ = checkpoint.load(resume_from)
@@ -180,26 +187,36 @@ def train(cfg: RLConfig) -> dict:
                     for k, (w, s) in enumerate(zip(rollout_workers, shares))
                 ]
             )
-        except RewardUnavailable:
-            save(step)
+        except Exception:  # reward actor unavailable, a required term failed, a worker lost: keep what we have
+            if step > 0:
+                try:
+                    save(step)
+                except Exception as e:  # noqa: BLE001 - the original error matters more
+                    print(f"could not write a checkpoint at step {step} after the failure: {e}", flush=True)
             raise
         t_rollout = time.perf_counter()
         micro = [r for res in results for r in res.rollouts]
+        stale = [int(v) for r in micro for v in r.policy_versions.unique() if v != version]
+        if stale:  # a rollout worker restarted (fresh weights): resend the weights, redo this step's rollout
+            print(f"step {step}: rollouts from weight versions {sorted(set(stale))} != {version}; resending weights, redoing the step", flush=True)
+            ray.get([w.set_weights.remote(learners[0].trainable_state.remote(), version) for w in rollout_workers])
+            continue
         scores = [s for res in results for s in res.scores]
         rewards = [torch.tensor(s.total, dtype=torch.float32) for s in scores]
         total = torch.cat(rewards)
         if not torch.isfinite(total).all():
             bad_steps += 1
+            step += 1
             logger.log(step, {"train/skipped_nonfinite_reward": 1})
             if bad_steps >= cfg.max_bad_steps:
-                save(step)
-                raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); checkpoint saved, see the reward terms")
-            step += 1
+                raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); see the reward terms, resume=auto continues from the last checkpoint")
             continue
 
         # ---- advantages: group-relative (GRPO); PPO's R - V is formed by the learners ----------------------------
         adv = group_advantages(total, group_ids, algo.adv_std, algo.adv_clip)
-        advantages = adv.advantages * (~adv.zero_std) if algo.drop_zero_std else adv.advantages
+        advantages = adv.advantages
+        if algo.drop_zero_std and (~adv.zero_std).any():  # mean over the rows that carry signal
+            advantages = advantages * (~adv.zero_std) * (len(advantages) / (~adv.zero_std).sum())
         per_micro = list(advantages.split(algo.micro_batch_size))
 
         # ---- update: minibatch u = micro-batches [u K, (u + 1) K); rank r takes every M-th of each ----------------
@@ -249,9 +266,8 @@ def train(cfg: RLConfig) -> dict:
             flush=True,
         )
         bad_steps = bad_steps + 1 if nonfinite else 0
-        if bad_steps >= cfg.max_bad_steps:
-            save(step)
-            raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); checkpoint saved, lower algo.lr")
+        if bad_steps >= cfg.max_bad_steps:  # no save: the weights may be damaged; the last checkpoint is not
+            raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto from the last checkpoint")
 
         # ---- eval and checkpoint -----------------------------------------------------------------------------
         if step % cfg.eval_every == 0 or step == cfg.num_steps:

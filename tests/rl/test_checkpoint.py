@@ -29,3 +29,7 @@ def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
         checkpoint.find_resume(tmp_path, str(half))
     _write(tmp_path, 11)  # the staging folder of step 3 is gone once rewritten; stale ones never count
     assert checkpoint.find_resume(tmp_path, "auto").name == "step-000011"
+    staging = checkpoint.staging_dir(tmp_path, 11)  # re-saving a step replaces it whole
+    again = checkpoint.commit(staging, {"step": 11, "again": True}, {"w": np.zeros(3, dtype=np.float32)}, 2)
+    assert checkpoint.load(again)[0] == {"step": 11, "again": True}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".tmp-step-000003", "step-000010", "step-000011"]

@@ -26,6 +26,10 @@ def test_bad_configs_are_refused():
         load_config(RLConfig, None, ["algo.micro_batch_size=7"])
     with pytest.raises(ValueError, match="cannot be shared evenly by 3 learners"):
         load_config(RLConfig, None, ["cluster.num_learners=3"])
+    with pytest.raises(ValueError, match="whole micro-batches of 16 for each of the 3 rollout workers"):
+        load_config(RLConfig, None, ["cluster.num_rollout_workers=3"])
+    with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
+        load_config(RLConfig, None, ["keep_checkpoints=0"])
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         load_config(RLConfig, None, ["algo.group_size=1"])
     with pytest.raises(ValueError, match="zero_stage 3 is not supported"):
