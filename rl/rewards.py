@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,10 +97,6 @@ class RewardWorker:
             self._timer = loop.call_later(self.max_wait_s, self._flush)
         return await future
 
-    def stats(self) -> dict:
-        sizes = self.batch_sizes or [0]
-        return {"calls": len(self.batch_sizes), "mean_batch": float(np.mean(sizes)), "max_batch": int(max(sizes))}
-
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -130,6 +125,3 @@ class RewardWorker:
             p[3].set_result(part)
             start += n
 
-
-def finite(scores: Scores) -> bool:
-    return all(math.isfinite(x) for x in scores.total)

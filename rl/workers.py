@@ -1,8 +1,8 @@
 """The rollout worker: holds one copy of the policy, samples edits, has them scored, takes new weights.
 
 A plain class (Ray applies `ray.remote` in rl/loop.py). Its reward client is anything with
-`submit(sources, instructions, edited) -> handle` and `result(handle) -> Scores`: in-process for tests,
-the Ray reward actor (with timeout and retries) in a run. Micro-batch k's scoring is submitted before
+`submit(sources, instructions, edited) -> handle` and `result(handle) -> Scores`: in a run, the Ray
+reward actor with timeout and retries (rl/loop.py:RayRewardClient). Micro-batch k's scoring is submitted before
 micro-batch k + 1 is sampled, so with a remote reward actor the two overlap (`cluster.async_reward`, on by default).
 """
 
@@ -21,7 +21,7 @@ from policies.rollout import Rollout
 from policies.sampling import SamplerConfig
 from rl.config import PolicyConfig
 from rl.prompts import Prompt
-from rl.rewards import RewardWorker, Scores
+from rl.rewards import Scores
 
 
 def build_policy(cfg: PolicyConfig, seed: int):
@@ -43,19 +43,6 @@ def build_policy(cfg: PolicyConfig, seed: int):
     from policies.qwen_image_edit import QwenImageEditPolicy
 
     return QwenImageEditPolicy.from_pretrained(cfg.path, torch_dtype=dtype, trainable=trainable, height=cfg.height, width=cfg.width)
-
-
-class LocalRewardClient:
-    """A reward client that scores in-process, at submit time."""
-
-    def __init__(self, worker: RewardWorker):
-        self.worker = worker
-
-    def submit(self, sources, instructions, edited) -> Scores:
-        return self.worker.score(sources, instructions, edited)
-
-    def result(self, handle: Scores) -> Scores:
-        return handle
 
 
 @dataclass
