@@ -56,7 +56,7 @@ def run(cmd: list[str], **kwargs) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True, **kwargs)
 
 
-def grpo_job(out: Path, overrides: list[str]) -> None:
+def grpo_job(overrides: list[str]) -> None:
     """Start a loopback-only Ray cluster, submit the GRPO job to it, and stop it whatever happens."""
     bin_dir = Path(sys.executable).parent
     ray = str(bin_dir / "ray")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"reward.gold=oracle:{data_dir}", f"data.train_prompts={data_dir / 'train_prompts.json'}", f"data.eval_prompts={data_dir / 'test_heldout_prompts.json'}"]
     if args.quick:
         overrides += ["num_steps=4", "eval_every=2", "save_every=2", "data.num_eval=16"]
-    grpo_job(out, overrides)
+    grpo_job(overrides)
     timings["grpo"] = time.perf_counter() - start
 
     # ---- 5. summary --------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ class Learner:
         for i, mb in enumerate(rollouts):
             trained = mb.stochastic.any(0).nonzero().flatten().tolist()
             if len(trained) != self.steps_per_update:
-                raise ValueError(f"micro-batch {i} has {len(trained)} stochastic steps; the learner was set up for {self.steps_per_update}")
+                raise ValueError(f"micro-batch {i} has {len(trained)} stochastic steps; the learner was set up for {self.steps_per_update} (policy.sampler: every rollout of a run must use the same num_steps and sde_window_size)")
             for t in trained:
                 out = self.policy.log_prob(mb, t)
                 adv = advantages[i][:, t] if old_values is not None else advantages[i].to(device)

@@ -23,7 +23,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from policies.images import tensor_to_images
+from policies.images import images_to_tensor, tensor_to_images
 from reward.config import save_config
 from rl import checkpoint
 from rl.algorithms import group_advantages
@@ -144,21 +144,22 @@ def train(cfg: RLConfig) -> dict:
     ray.get([w.set_weights.remote(weights, version) for w in rollout_workers])
     logger = MetricsLogger(run_dir, step if resume_from else None, cfg.wandb, cfg.wandb_project, run_id, asdict(cfg))
 
+    eval_sources = [p.source for p in eval_prompts]  # fixed for the run: prepared once
+    eval_instructions = [p.instruction for p in eval_prompts]
+    eval_source_tensor = images_to_tensor(eval_sources)
+
     def evaluate(at_step: int) -> dict:
         start = time.perf_counter()
         shares = np.array_split(np.arange(len(eval_prompts)), len(rollout_workers))
         parts = ray.get([w.evaluate.remote([eval_prompts[i] for i in s], cfg.seed, algo.micro_batch_size) for w, s in zip(rollout_workers, shares) if len(s)])
         edits = torch.cat(parts)
-        sources = [p.source for p in eval_prompts]
-        instructions = [p.instruction for p in eval_prompts]
         edited = tensor_to_images(edits)
-        scores = ray.get(reward.score.remote(sources, instructions, edited), timeout=cfg.reward.timeout_s * (cfg.reward.retries + 1))
+        scores = ray.get(reward.score.remote(eval_sources, eval_instructions, edited), timeout=cfg.reward.timeout_s * (cfg.reward.retries + 1))
         row = {"eval/reward_mean": float(np.mean(scores.total))}
         row.update({f"eval/reward_{k}": float(np.mean(v)) for k, v in scores.terms.items()})
         if gold is not None:
-            row["eval/gold_score"] = float(gold.score(sources, instructions, edited).mean())
-        source_tensor = torch.stack([torch.from_numpy(np.array(s)).permute(2, 0, 1) for s in sources])
-        save_grid(run_dir / "eval" / f"step-{at_step:06d}.png", source_tensor, edits)
+            row["eval/gold_score"] = float(gold.score(eval_sources, eval_instructions, edited).mean())
+        save_grid(run_dir / "eval" / f"step-{at_step:06d}.png", eval_source_tensor, edits)
         row["perf/eval_s"] = time.perf_counter() - start
         logger.log(at_step, row)
         print(f"[eval step {at_step}] " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
