@@ -1,13 +1,14 @@
-"""The project's main job on its embedded default: ShapeEdit on CPU, end to end.
+"""The project's main job on its embedded default: ShapeEdit on CPU, end to end, ending in a comparison report.
 
-    make demo            # or: python launch/demo.py [--quick] [--out runs/demo]
+    make demo            # or: python launch/demo.py [--quick] [--out runs/demo] [--seeds 2]
 
 1. generate a ShapeEdit dataset, print its summary, draw a contact sheet;
-2. train a tiny JRM on it (reward/train.py);
+2. train two tiny reward models on it with reward/train.py: the JRM (lambda = 0.5) and its discriminative-only
+   ablation (lambda = 0), same data, steps and seed;
 3. pretrain the ShapeEdit policy by flow matching (launch/pretrain_policy.py);
-4. start a local Ray cluster on 127.0.0.1, submit GRPO with `ray job submit` (launch/grpo_edit.py, preset
-   launch/configs/shapeedit.yaml, reward = the JRM, gold = the oracle), stop the cluster;
-5. print the held-out oracle score of the policy before and after RL.
+4. start a local Ray cluster on 127.0.0.1 and submit one GRPO job per reward model and seed with `ray job submit`
+   (launch/grpo_edit.py, preset launch/configs/shapeedit.yaml, gold = the oracle); stop the cluster;
+5. compare the runs and the two reward models (launch/compare_runs.py) and print the report's path.
 `--quick` shortens every stage (a smoke run of the whole path, a few minutes).
 """
 
@@ -56,26 +57,35 @@ def run(cmd: list[str], **kwargs) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True, **kwargs)
 
 
-def grpo_job(overrides: list[str]) -> None:
-    """Start a loopback-only Ray cluster, submit the GRPO job to it, and stop it whatever happens."""
-    bin_dir = Path(sys.executable).parent
-    ray = str(bin_dir / "ray")
-    # Ray 2.60 clusters require a token (written to ~/.ray/auth_token by `ray start`); the job client only
-    # sends it when RAY_AUTH_MODE=token is set in its environment.
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    run([ray, "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--port=6389"], env=env)
-    try:
-        cmd = [ray, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--", sys.executable, "launch/grpo_edit.py", "--config", "launch/configs/shapeedit.yaml", *overrides]
-        run(cmd, env=env)
-    finally:
-        subprocess.run([ray, "stop"], cwd=ROOT, check=False, env=env)
+class RayCluster:
+    """A loopback-only local Ray cluster for the GRPO jobs, stopped whatever happens."""
+
+    def __init__(self):
+        bin_dir = Path(sys.executable).parent
+        self.ray = str(bin_dir / "ray")
+        # Ray 2.60 clusters require a token (written to ~/.ray/auth_token by `ray start`); the job client only
+        # sends it when RAY_AUTH_MODE=token is set in its environment.
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token"}
+
+    def __enter__(self) -> RayCluster:
+        run([self.ray, "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--port=6389"], env=self.env)
+        return self
+
+    def submit(self, overrides: list[str]) -> None:
+        """One GRPO job, waited for; its logs stream to this terminal."""
+        cmd = [self.ray, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--", sys.executable, "launch/grpo_edit.py", "--config", "launch/configs/shapeedit.yaml", *overrides]
+        run(cmd, env=self.env)
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run([self.ray, "stop"], cwd=ROOT, check=False, env=self.env)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="run folder (its data/ is regenerated)")
     parser.add_argument("--quick", action="store_true", help="every stage shortened: a smoke run of the whole path")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the reward models and the policy")
+    parser.add_argument("--seeds", type=int, default=2, help="GRPO runs per reward model (seeds 0..N-1)")
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -92,48 +102,62 @@ def main(argv: list[str] | None = None) -> int:
     print(summarise(data_dir))
     sheet = contact_sheet(data_dir, "train", rows=8, out=out / "contact_sheet.png")
 
-    # ---- 2. the reward model: a tiny JRM ---------------------------------------------------------------
-    start = time.perf_counter()
-    jrm = out / "jrm"
-    run([py, "reward/train.py", f"output_dir={jrm}", "resume=none", f"seed={args.seed}", f"data.train={data_dir / 'train.json'}", f"data.eval={data_dir / 'val.json'}",
-         f"trainer.max_steps={100 if args.quick else 1600}", f"trainer.eval_steps={50 if args.quick else 400}", f"trainer.save_steps={50 if args.quick else 400}"])
-    timings["jrm"] = time.perf_counter() - start
+    # ---- 2. the reward models: JRM and its lambda = 0 ablation ----------------------------------------------
+    # Same data, steps and seed; every checkpoint is kept for the drift analysis of the report.
+    rewards = {"JRM": (out / "jrm", 0.5), "lambda0": (out / "lambda0", 0.0)}
+    steps = 100 if args.quick else 1000
+    for name, (folder, lm_weight) in rewards.items():
+        start = time.perf_counter()
+        if folder.exists():  # checkpoints of an earlier demo would mix into the drift analysis
+            shutil.rmtree(folder)
+        run([py, "reward/train.py", f"output_dir={folder}", "resume=none", f"seed={args.seed}", f"loss.lm_weight={lm_weight}", f"data.train={data_dir / 'train.json'}",
+             f"data.eval={data_dir / 'val.json'}", f"trainer.max_steps={steps}", f"trainer.eval_steps={steps // 4}", f"trainer.save_steps={steps // 5}", "trainer.save_total_limit=12"])
+        timings[f"reward model {name}"] = time.perf_counter() - start
 
     # ---- 3. the policy: supervised flow matching ---------------------------------------------------------
     start = time.perf_counter()
     policy = out / "policy"
-    minutes = 1.5 if args.quick else 10
-    run([py, "launch/pretrain_policy.py", f"output_dir={policy}", f"data_dir={data_dir}", f"seed={args.seed}", f"max_minutes={minutes}", f"max_steps={300 if args.quick else 2400}", "num_eval=64"])
+    minutes = 1.5 if args.quick else 8
+    run([py, "launch/pretrain_policy.py", f"output_dir={policy}", f"data_dir={data_dir}", f"seed={args.seed}", f"max_minutes={minutes}", f"max_steps={300 if args.quick else 1800}", "num_eval=64"])
     timings["policy"] = time.perf_counter() - start
 
-    # ---- 4. GRPO as a Ray job -------------------------------------------------------------------------
+    # ---- 4. GRPO as Ray jobs: each reward model x each seed ------------------------------------------------
     start = time.perf_counter()
-    grpo = out / "grpo"
-    if grpo.exists():
-        shutil.rmtree(grpo)
-    overrides = [f"output_dir={grpo}", f"seed={args.seed}", f"policy.path={policy}", f"reward.terms=[{{name: jrm, spec: 'jrm:{jrm / 'final'}'}}]",
-                 f"reward.gold=oracle:{data_dir}", f"data.train_prompts={data_dir / 'train_prompts.json'}", f"data.eval_prompts={data_dir / 'test_heldout_prompts.json'}"]
-    if args.quick:
-        overrides += ["num_steps=4", "eval_every=2", "save_every=2", "data.num_eval=16"]
-    grpo_job(overrides)
+    grpo_runs = []
+    if (out / "grpo").exists():
+        shutil.rmtree(out / "grpo")
+    with RayCluster() as cluster:
+        for name, (folder, _) in rewards.items():
+            for seed in range(args.seeds):
+                run_dir = out / "grpo" / f"{name}-seed{seed}"
+                overrides = [f"output_dir={run_dir}", f"seed={seed}", f"policy.path={policy}", f"reward.terms=[{{name: {name}, spec: 'jrm:{folder / 'final'}'}}]",
+                             f"reward.gold=oracle:{data_dir}", f"data.train_prompts={data_dir / 'train_prompts.json'}", f"data.eval_prompts={data_dir / 'test_heldout_prompts.json'}"]
+                if args.quick:
+                    overrides += ["num_steps=3", "eval_every=1", "save_every=3", "data.num_eval=16"]
+                cluster.submit(overrides)
+                grpo_runs.append(f"{name}={run_dir}")
     timings["grpo"] = time.perf_counter() - start
 
-    # ---- 5. summary --------------------------------------------------------------------------------
-    evals = [r for r in map(json.loads, (grpo / "metrics.jsonl").read_text().splitlines()) if "eval/gold_score" in r]
-    print("\nHeld-out prompts (test_heldout, ODE sampling) during GRPO: oracle (gold) score and JRM (proxy) reward")
-    print("  RL step   oracle   JRM reward")
-    for r in evals:
-        print(f"  {r['step']:>7}   {r['eval/gold_score']:.4f}   {r['eval/reward_mean']:+.4f}")
-    best = max(evals, key=lambda r: r["eval/gold_score"])
-    print(f"  pretrained {evals[0]['eval/gold_score']:.4f} -> best {best['eval/gold_score']:.4f} (step {best['step']}) -> last {evals[-1]['eval/gold_score']:.4f}")
-    print("  (a proxy that keeps rising while the oracle falls is reward hacking: see README, RL results)")
-    print("\nStage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
+    # ---- 5. the comparison report ------------------------------------------------------------------------------
+    start = time.perf_counter()
+    report = out / "report"
+    run([py, "launch/compare_runs.py", *grpo_runs, "--out", str(report), "--reward-runs", *(f"{name}={folder}" for name, (folder, _) in rewards.items()),
+         "--probe", str(data_dir / "test_iid.json")])
+    timings["report"] = time.perf_counter() - start
+    summary = json.loads((report / "summary.json").read_text())
+    print("\nHeld-out prompts (test_heldout, ODE sampling), mean over seeds:")
+    print("  reward model   gold at start   gold at step S   best gold   verdicts")
+    for g in summary["rl"]["groups"]:
+        print(f"  {g['label']:<14} {g['gold_start']:>13.4f}   {g['gold_at']:>14.4f}   {g['gold_best']:>9.4f}   {g['verdicts']}   (S = {g['at_step']})")
+    print("\nStage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + f"; total {sum(timings.values()) / 60:.1f} min")
     print("\nOutputs:")
     print(f"  data          {data_dir}/  (train/val/test_iid/test_heldout .json, *_triples.json, *_prompts.json)")
     print(f"  contact sheet {sheet}")
-    print(f"  JRM           {jrm / 'final'}  (metrics: {jrm / 'metrics.jsonl'})")
+    for name, (folder, _) in rewards.items():
+        print(f"  {name:<13} {folder / 'final'}  (metrics: {folder / 'metrics.jsonl'})")
     print(f"  policy        {policy}  (results.json)")
-    print(f"  GRPO run      {grpo}  (metrics.jsonl, eval/*.png, checkpoints/)")
+    print(f"  GRPO runs     {out / 'grpo'}/*  (metrics.jsonl, eval/*.png, checkpoints/)")
+    print(f"  report        {report / 'report.md'}  (report.html, curves.png, reward_models.png, summary.json)")
     return 0
 
 

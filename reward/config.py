@@ -149,6 +149,14 @@ def _merge(base: dict, new: dict) -> None:
             base[k] = v
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"a.b.c": value}: the dotted keys of CLI overrides."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def save_config(obj: Any, path: str | Path) -> None:
     """Write the resolved config, as plain YAML, into the run directory."""
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False))

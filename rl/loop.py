@@ -103,6 +103,12 @@ def start_actors(cfg: RLConfig):
     return pg, reward, rollout_workers, learners
 
 
+def _standard_error(values) -> float:
+    """Standard error of the mean of a 1-D sample (nan for a single value: its noise is unknown)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
 def save_grid(path: Path, sources: torch.Tensor, edits: torch.Tensor, rows: int = 8) -> None:
     """A PNG with source | edit pairs side by side, `rows` of them."""
     srcs, outs = tensor_to_images(sources[:rows]), tensor_to_images(edits[:rows])
@@ -155,10 +161,13 @@ def train(cfg: RLConfig) -> dict:
         edits = torch.cat(parts)
         edited = tensor_to_images(edits)
         scores = ray.get(reward.score.remote(eval_sources, eval_instructions, edited), timeout=cfg.reward.timeout_s * (cfg.reward.retries + 1))
-        row = {"eval/reward_mean": float(np.mean(scores.total))}
+        # the standard errors let rl/compare.py tell a real drop from evaluation noise
+        row = {"eval/reward_mean": float(np.mean(scores.total)), "eval/reward_sem": _standard_error(scores.total)}
         row.update({f"eval/reward_{k}": float(np.mean(v)) for k, v in scores.terms.items()})
         if gold is not None:
-            row["eval/gold_score"] = float(gold.score(eval_sources, eval_instructions, edited).mean())
+            gold_scores = gold.score(eval_sources, eval_instructions, edited).numpy()
+            row["eval/gold_score"] = float(gold_scores.mean())
+            row["eval/gold_sem"] = _standard_error(gold_scores)
         save_grid(run_dir / "eval" / f"step-{at_step:06d}.png", eval_source_tensor, edits)
         row["perf/eval_s"] = time.perf_counter() - start
         logger.log(at_step, row)

@@ -1,0 +1,373 @@
+"""Compare RL runs: curves across seeds, seed-to-seed spread, and a reward-hacking signal per run.
+
+Reads the run folders `launch/grpo_edit.py` writes (config.yaml, metrics.jsonl, checkpoints/), finished or
+still running, of any lengths. Pure numbers: the figures and the report are drawn by launch/compare_runs.py.
+
+Reward hacking, as measured here (on the evaluation rows: fixed held-out prompts, ODE sampling). Let b be
+the evaluation with the best gold score and k a later one; k *hacks* when, since b, both
+    the gold score fell:   G_b - G_k > tol_G      and      the proxy rose:   P_k - P_b > tol_P,
+tol = 3 * sqrt(sem_b^2 + sem_k^2) from the logged standard errors (eval/gold_sem, eval/reward_sem); runs
+without them use --gold-tolerance for gold and 0 for the proxy. Three standard errors, not two, because b is
+the best of many noisy evaluations (simulated flat gold under a rising proxy, sem 0.01: 0.7-2.4% of runs
+of 7-21 evaluations flagged; gold falling 0.06 over the second half: 94-98% flagged). The standard errors
+treat evaluations as independent samples; they are the same prompts, so the true noise of a difference is
+smaller and the test errs on the side of not flagging. Verdicts, in this order:
+  too short  fewer than 3 evaluations;
+  hacking    the last evaluation hacks (onset: first evaluation of the unbroken hacking stretch to the end);
+  collapsed  gold and proxy both fell since b beyond tolerance (the policy broke; the reward was not fooled);
+  improved / degraded   the last gold score is above / below the first beyond tolerance;
+  flat       none of these.
+`agreement` is the Spearman correlation of proxy and gold across all evaluations (1: the proxy tracks gold).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from reward.compare import differing_settings, setting_value, spearman
+from reward.config import flatten
+from rl import checkpoint
+
+# Curves shown for every comparison; a run folder without the per-step ones is not an RL run of ours.
+STEP_KEYS = ("rollout/reward_mean", "rollout/reward_std", "rollout/zero_std_ratio", "train/approx_kl", "train/clipfrac")
+EVAL_KEYS = ("eval/reward_mean", "eval/gold_score", "eval/reward_sem", "eval/gold_sem")
+# Settings that define what the evaluation numbers mean: runs compared side by side must share them.
+EVAL_SETTINGS = ("reward.gold", "data.eval_prompts", "data.num_eval", "policy.eval_steps", "policy.height", "policy.width")
+# Settings that may differ between seeds of one group (everything else must match within a group).
+SEED_SETTINGS = ("seed", "output_dir", "resume", "num_steps", "save_every", "keep_checkpoints", "wandb", "wandb_project", "max_bad_steps")
+TOLERANCE_SEMS = 3.0  # see the module docstring
+
+
+class CompareError(ValueError):
+    """Runs that can't be read or can't be compared; the message names the file, run or setting."""
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str  # the group this run belongs to (one reward model, several seeds)
+    config: dict  # flattened resolved config: {"reward.gold": ..., "algo.lr": ...}
+    rows: dict[int, dict]  # step -> every metric logged at that step
+    last_checkpoint: int | None  # step of the newest complete checkpoint
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
+
+    @property
+    def planned_steps(self) -> int:
+        return self.config["num_steps"]
+
+    @property
+    def last_step(self) -> int:
+        return max(self.rows)
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of one metric, in step order, at the steps that logged it."""
+        steps = [s for s in sorted(self.rows) if key in self.rows[s]]
+        return np.array(steps, dtype=np.int64), np.array([self.rows[s][key] for s in steps], dtype=np.float64)
+
+
+def default_label(config: dict) -> str:
+    """The reward the run optimised: `kind:folder` per term (a trained model's folder, not its final/)."""
+    names = []
+    for term in config["reward.terms"]:
+        kind, _, path = term["spec"].partition(":")
+        where = Path(path)
+        if where.name == "final" or where.name.startswith("checkpoint-"):
+            where = where.parent
+        weight = "" if term["weight"] == 1.0 else f"*{term['weight']:g}"
+        names.append(f"{kind}:{where.name}{weight}" if path else kind)
+    return "+".join(names)
+
+
+def read_metrics(path: Path) -> dict[int, dict]:
+    """metrics.jsonl -> {step: every metric of that step}. A torn last line (a run writing or killed) is ignored.
+
+    A step's training row and evaluation row are merged; a metric logged twice for one step means the file
+    mixes two runs (the logger truncates on resume), and is refused, as is a non-finite evaluation value.
+    """
+    if not path.is_file():
+        raise CompareError(f"{path} is missing: not a run folder of launch/grpo_edit.py")
+    lines = path.read_text().splitlines()
+    rows: dict[int, dict] = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise CompareError(f"{path}:{number} is not JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise CompareError(f"{path}:{number} has no integer 'step'")
+        merged = rows.setdefault(row["step"], {})
+        for key, value in row.items():
+            if key == "step":
+                continue
+            if key in merged:
+                raise CompareError(f"{path}:{number} logs {key} for step {row['step']} a second time: the file mixes two runs")
+            if key in EVAL_KEYS and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise CompareError(f"{path}:{number} has {key}={value!r} at step {row['step']}: evaluations must be finite")
+            merged[key] = value
+    if not rows:
+        raise CompareError(f"{path} has no metrics yet")
+    return rows
+
+
+def load_run(path: str | Path, label: str | None = None) -> Run:
+    path = Path(path)
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        raise CompareError(f"{config_file} is missing: not a run folder of launch/grpo_edit.py")
+    config = flatten(yaml.safe_load(config_file.read_text()))
+    for key in ("seed", "num_steps", "reward.terms", *EVAL_SETTINGS):
+        if key not in config:
+            raise CompareError(f"{config_file} has no {key!r}: not a config written by launch/grpo_edit.py")
+    rows = read_metrics(path / "metrics.jsonl")
+    logged = set().union(*rows.values())
+    missing = [k for k in ("eval/reward_mean",) if k not in logged]
+    if missing:
+        raise CompareError(f"{path / 'metrics.jsonl'} never logged {missing}: not metrics of launch/grpo_edit.py")
+    found = checkpoint.complete_checkpoints(path)
+    last = int(found[-1].name.removeprefix(checkpoint.PREFIX)) if found else None
+    return Run(path, label or default_label(config), config, rows, last)
+
+
+def check_comparable(runs: list[Run]) -> None:
+    """Refuse comparisons whose numbers mean different things, naming the runs and settings."""
+    if not runs:
+        raise CompareError("no runs to compare")
+    for key in EVAL_SETTINGS:
+        values = {setting_value(r.config[key]) for r in runs}
+        if len(values) > 1:
+            detail = "; ".join(f"{r.path}: {r.config[key]!r}" for r in runs)
+            raise CompareError(f"runs evaluate differently ({key} differs: {detail}): their eval metrics can't be compared")
+    with_gold = [r for r in runs if any("eval/gold_score" in row for row in r.rows.values())]
+    if with_gold and len(with_gold) != len(runs):
+        without = [str(r.path) for r in runs if r not in with_gold]
+        raise CompareError(f"runs {without} logged no eval/gold_score while the others did (same reward.gold, different metrics)")
+    trained = [r for r in runs if r.last_step > 0]  # a run that only evaluated step 0 has no training rows yet
+    for key in STEP_KEYS:
+        has = [any(key in row for row in r.rows.values()) for r in trained]
+        if any(has) and not all(has):
+            without = [str(r.path) for r, h in zip(trained, has) if not h]
+            raise CompareError(f"runs {without} never logged {key} while the others did: metrics don't match")
+    for label in sorted({r.label for r in runs}):
+        group = [r for r in runs if r.label == label]
+        first = group[0]
+        for other in group[1:]:
+            differ = differing_settings(first.config, other.config, lambda k: k in SEED_SETTINGS or k.startswith("cluster."))
+            if differ:
+                raise CompareError(
+                    f"runs labelled {label!r} differ in {differ} ({first.path} vs {other.path}), so their spread would not be "
+                    f"seed-to-seed: give them different labels (LABEL=RUN_DIR)"
+                )
+
+
+@dataclass
+class Signal:
+    """The hacking signal of one run (see the module docstring)."""
+
+    verdict: str  # too short | hacking | collapsed | improved | degraded | flat | no gold
+    tolerance: str = ""  # where the tolerances came from: "3 standard errors" or "fixed gold 0.02, proxy 0"
+    best_step: int | None = None  # evaluation with the best gold score
+    gold_drop: float = math.nan  # G_best - G_last
+    proxy_rise: float = math.nan  # P_last - P_best
+    onset: int | None = None  # first step of the hacking stretch that reaches the last evaluation
+    agreement: float = math.nan  # Spearman(proxy, gold) across evaluations
+
+
+def hacking_signal(
+    steps: np.ndarray,
+    proxy: np.ndarray,
+    gold: np.ndarray,
+    proxy_sem: np.ndarray | None = None,
+    gold_sem: np.ndarray | None = None,
+    gold_tolerance: float = 0.02,
+) -> Signal:
+    """Classify one run from its evaluations.
+
+    Args:
+        steps, proxy, gold: (E,) evaluation steps, mean proxy reward and mean gold score, all finite.
+        proxy_sem, gold_sem: (E,) their standard errors, or None (then tolerances gold_tolerance and 0).
+    """
+    if len(gold) == 0:
+        return Signal("no gold")
+    with_sems = proxy_sem is not None and gold_sem is not None and bool(np.isfinite(proxy_sem).all() and np.isfinite(gold_sem).all())
+    source = f"{TOLERANCE_SEMS:g} standard errors" if with_sems else f"fixed: gold {gold_tolerance:g}, proxy 0"
+    if len(gold) < 3:
+        return Signal("too short", source)
+
+    def tol_gold(i: int, j: int) -> float:
+        return TOLERANCE_SEMS * math.hypot(gold_sem[i], gold_sem[j]) if with_sems else gold_tolerance
+
+    def tol_proxy(i: int, j: int) -> float:
+        return TOLERANCE_SEMS * math.hypot(proxy_sem[i], proxy_sem[j]) if with_sems else 0.0
+
+    b, last = int(np.argmax(gold)), len(gold) - 1
+
+    def hacks(k: int) -> bool:
+        return gold[b] - gold[k] > tol_gold(b, k) and proxy[k] - proxy[b] > tol_proxy(b, k)
+
+    signal = Signal("flat", source, int(steps[b]), float(gold[b] - gold[last]), float(proxy[last] - proxy[b]), agreement=spearman(proxy, gold))
+    if hacks(last):
+        first = last
+        while first - 1 > b and hacks(first - 1):
+            first -= 1
+        signal.verdict, signal.onset = "hacking", int(steps[first])
+    elif gold[b] - gold[last] > tol_gold(b, last) and proxy[b] - proxy[last] > tol_proxy(b, last):
+        signal.verdict = "collapsed"
+    elif gold[last] - gold[0] > tol_gold(0, last):
+        signal.verdict = "improved"
+    elif gold[0] - gold[last] > tol_gold(0, last):
+        signal.verdict = "degraded"
+    return signal
+
+
+def run_signal(run: Run, gold_tolerance: float = 0.02) -> Signal:
+    steps, gold = run.series("eval/gold_score")
+    if len(steps) == 0:
+        return Signal("no gold")
+    proxy = np.array([run.rows[s]["eval/reward_mean"] for s in steps])
+    sems = all("eval/gold_sem" in run.rows[s] and "eval/reward_sem" in run.rows[s] for s in steps)
+    gold_sem = np.array([run.rows[s]["eval/gold_sem"] for s in steps]) if sems else None
+    proxy_sem = np.array([run.rows[s]["eval/reward_sem"] for s in steps]) if sems else None
+    return hacking_signal(steps, proxy, gold, proxy_sem, gold_sem, gold_tolerance)
+
+
+@dataclass
+class Band:
+    """One metric of one group across its seeds, at every step some seed logged it."""
+
+    steps: np.ndarray  # (S,)
+    mean: np.ndarray  # (S,)
+    low: np.ndarray  # (S,) minimum across seeds
+    high: np.ndarray  # (S,) maximum across seeds
+    count: np.ndarray  # (S,) seeds that logged this step
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average over `window` logged points (the first points average what exists)."""
+    if window <= 1 or len(values) == 0:
+        return values
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    start = np.maximum(idx - window, 0)
+    return (sums[idx] - sums[start]) / (idx - start)
+
+
+def band(runs: list[Run], key: str, window: int = 1, relative: bool = False) -> Band:
+    """relative: each run's values minus its first one (reward models have their own offsets; curves then
+    start together, though their units still differ)."""
+    per_run = {}
+    for run in runs:
+        steps, values = run.series(key)
+        if relative and len(values):
+            values = values - values[0]
+        per_run[run.path] = dict(zip(steps.tolist(), smooth(values, window).tolist()))
+    steps = sorted(set().union(*per_run.values()))
+    table = [[v[s] for v in per_run.values() if s in v] for s in steps]
+    return Band(
+        np.array(steps, dtype=np.int64),
+        np.array([np.mean(t) for t in table]),
+        np.array([np.min(t) for t in table]),
+        np.array([np.max(t) for t in table]),
+        np.array([len(t) for t in table]),
+    )
+
+
+def seed_std(values: list[float]) -> float:
+    """Seed-to-seed standard deviation (n-1); nan for a single seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def common_eval_step(runs: list[Run]) -> int:
+    """The last evaluation step every run reached: where runs of different lengths are compared."""
+    shared = set.intersection(*(set(r.series("eval/reward_mean")[0].tolist()) for r in runs))
+    if not shared:
+        raise CompareError("the runs share no evaluation step (different eval_every and no common step)")
+    return max(shared)
+
+
+@dataclass
+class GroupSummary:
+    label: str
+    runs: int
+    steps: str  # "done/planned" range over seeds
+    at_step: int  # the common evaluation step the *_at numbers are taken at
+    gold_start: float
+    gold_at: float
+    gold_at_std: float  # seed-to-seed spread at the common step
+    gold_best: float  # mean over seeds of the best gold up to the common step
+    proxy_start: float
+    proxy_at: float
+    proxy_at_std: float
+    gold_curve_std: float  # mean over the group's shared evaluations <= at_step of the seed-to-seed std of gold
+    verdicts: dict[str, int] = field(default_factory=dict)  # whole runs
+    onsets: list[int] = field(default_factory=list)  # whole runs
+    agreement: float = math.nan  # whole runs, mean over seeds
+    kl: float = math.nan  # mean train/approx_kl over steps <= at_step and seeds (so are the next three)
+    clipfrac: float = math.nan
+    reward_std: float = math.nan
+    zero_std_ratio: float = math.nan
+
+
+def _at(run: Run, key: str, step: int) -> float:
+    return float(run.rows[step][key]) if key in run.rows.get(step, {}) else math.nan
+
+
+def _mean_of(runs: list[Run], key: str, up_to: int) -> float:
+    """Mean of a per-step metric over every step <= up_to of every run."""
+    values = np.concatenate([v[s <= up_to] for s, v in (r.series(key) for r in runs)])
+    return float(values.mean()) if len(values) else math.nan
+
+
+def summarise(runs: list[Run], gold_tolerance: float = 0.02) -> tuple[list[GroupSummary], dict[Path, Signal]]:
+    """One summary per label (in first-seen order) and the signal of every run."""
+    check_comparable(runs)
+    at = common_eval_step(runs)
+    signals = {r.path: run_signal(r, gold_tolerance) for r in runs}
+    summaries = []
+    for label in dict.fromkeys(r.label for r in runs):
+        group = [r for r in runs if r.label == label]
+        first_eval = [int(r.series("eval/reward_mean")[0][0]) for r in group]
+        shared = sorted(s for s in set.intersection(*(set(r.series("eval/gold_score")[0].tolist()) for r in group)) if s <= at)
+        curve_std = [seed_std([_at(r, "eval/gold_score", s) for r in group]) for s in shared]
+        best = []
+        for r in group:
+            steps, gold = r.series("eval/gold_score")
+            best.append(float(gold[steps <= at].max()) if len(steps) else math.nan)
+        verdicts: dict[str, int] = {}
+        for r in group:
+            verdicts[signals[r.path].verdict] = verdicts.get(signals[r.path].verdict, 0) + 1
+        done = sorted({f"{r.last_step}/{r.planned_steps}" for r in group})
+        summaries.append(
+            GroupSummary(
+                label=label,
+                runs=len(group),
+                steps=", ".join(done),
+                at_step=at,
+                gold_start=float(np.mean([_at(r, "eval/gold_score", s) for r, s in zip(group, first_eval)])),
+                gold_at=float(np.mean([_at(r, "eval/gold_score", at) for r in group])),
+                gold_at_std=seed_std([_at(r, "eval/gold_score", at) for r in group]),
+                gold_best=float(np.mean(best)),
+                proxy_start=float(np.mean([_at(r, "eval/reward_mean", s) for r, s in zip(group, first_eval)])),
+                proxy_at=float(np.mean([_at(r, "eval/reward_mean", at) for r in group])),
+                proxy_at_std=seed_std([_at(r, "eval/reward_mean", at) for r in group]),
+                gold_curve_std=float(np.mean(curve_std)) if curve_std and len(group) > 1 else math.nan,
+                verdicts=verdicts,
+                onsets=sorted(signals[r.path].onset for r in group if signals[r.path].onset is not None),
+                agreement=float(np.nanmean([signals[r.path].agreement for r in group])) if any(not math.isnan(signals[r.path].agreement) for r in group) else math.nan,
+                kl=_mean_of(group, "train/approx_kl", at),
+                clipfrac=_mean_of(group, "train/clipfrac", at),
+                reward_std=_mean_of(group, "rollout/reward_std", at),
+                zero_std_ratio=_mean_of(group, "rollout/zero_std_ratio", at),
+            )
+        )
+    return summaries, signals
