@@ -36,7 +36,7 @@ from rl import checkpoint
 
 # Curves shown for every comparison; a run folder without the per-step ones is not an RL run of ours.
 STEP_KEYS = ("rollout/reward_mean", "rollout/reward_std", "rollout/zero_std_ratio", "train/approx_kl", "train/clipfrac")
-EVAL_KEYS = ("eval/reward_mean", "eval/gold_score", "eval/reward_sem", "eval/gold_sem")
+EVAL_KEYS = ("eval/reward_mean", "eval/gold_score")  # must be finite (their standard errors may be nan: one prompt)
 # Settings that define what the evaluation numbers mean: runs compared side by side must share them.
 EVAL_SETTINGS = ("reward.gold", "data.eval_prompts", "data.num_eval", "policy.eval_steps", "policy.height", "policy.width")
 # Settings that may differ between seeds of one group (everything else must match within a group).
