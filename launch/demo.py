@@ -64,8 +64,9 @@ class RayCluster:
         bin_dir = Path(sys.executable).parent
         self.ray = str(bin_dir / "ray")
         # Ray 2.60 clusters require a token (written to ~/.ray/auth_token by `ray start`); the job client only
-        # sends it when RAY_AUTH_MODE=token is set in its environment.
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        # sends it when RAY_AUTH_MODE=token is set in its environment. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 stops
+        # Ray from replacing 127.0.0.1 by the machine's address, so every server listens on loopback only.
+        self.env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **os.environ, "RAY_AUTH_MODE": "token"}
 
     def __enter__(self) -> RayCluster:
         run([self.ray, "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--port=6389"], env=self.env)

@@ -18,11 +18,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/grpo_edit.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import ray
+# Ray rewrites a 127.0.0.1 node address to the machine's network address and then binds its servers to all
+# interfaces; this (undocumented) switch keeps a local cluster on loopback. It only changes how localhost is
+# resolved, so joining a real multi-node cluster is unaffected. Read when ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+import ray  # noqa: E402
 
-from reward.config import config_from_cli
-from rl.config import RLConfig
-from rl.loop import train
+from reward.config import config_from_cli  # noqa: E402
+from rl.config import RLConfig  # noqa: E402
+from rl.loop import train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

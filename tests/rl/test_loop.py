@@ -131,3 +131,23 @@ def test_reward_timeouts_are_retried_then_raise(setup):
     assert 1.5 <= time.perf_counter() - start < 10
     assert ray.get(actor.count.remote()) == 3  # the first call and two retries reached the actor
     ray.kill(actor)
+
+
+def test_the_local_cluster_listens_on_loopback_only(setup):
+    """Ray would bind its GCS, raylet, agents and workers to every interface; ours stay on 127.0.0.1."""
+    import psutil
+
+    @ray.remote
+    class Probe:
+        def pid(self):
+            return os.getpid()
+
+    probe = Probe.remote()
+    worker = ray.get(probe.pid.remote())
+    processes = psutil.Process().children(recursive=True)
+    assert worker in {p.pid for p in processes}
+    listening = [(p.name(), c.laddr) for p in processes for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 3  # GCS, raylet, the actor's worker at least
+    exposed = [(name, addr) for name, addr in listening if addr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    ray.kill(probe)
