@@ -56,9 +56,25 @@ class RayRewardClient:
             except (GetTimeoutError, RayActorError) as e:
                 if attempt == self.retries:
                     raise RewardUnavailable(f"the reward actor failed {self.retries + 1} times ({type(e).__name__}) on a batch of {len(args[0])} edits") from e
+                print(f"reward call failed ({type(e).__name__}); retry {attempt + 1} of {self.retries}", flush=True)
                 ray.cancel(ref)
+                if isinstance(e, RayActorError):  # died: Ray restarts it (max_restarts); calls fail fast until then
+                    self._wait_until_alive()
                 ref = self.handle.score_batched.remote(*args)
         raise AssertionError("unreachable")
+
+    def _wait_until_alive(self) -> None:
+        """Poll the actor until it answers, for at most timeout_s (then the retry fails and counts)."""
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.handle.__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 0.01))
+                return
+            except (GetTimeoutError, RayActorError):
+                time.sleep(0.2)
+
+
+MAX_REDOS = 3  # consecutive redos of one step (a rollout worker died or came back with old weights) before stopping
 
 
 def _free_port() -> int:
@@ -131,6 +147,7 @@ def train(cfg: RLConfig) -> dict:
     eval_prompts = load_prompts(cfg.data.eval_prompts, cfg.policy.height, cfg.policy.width, cfg.data.num_eval)
     gold = build_reward(cfg.reward.gold) if cfg.reward.gold else None
     pg, reward, rollout_workers, learners = start_actors(cfg)
+    reward_client = RayRewardClient(reward, cfg.reward.timeout_s, cfg.reward.retries)  # the driver's, for evaluation
 
     # ---- resume ------------------------------------------------------------------------------------------------
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
@@ -160,7 +177,7 @@ def train(cfg: RLConfig) -> dict:
         parts = ray.get([w.evaluate.remote([eval_prompts[i] for i in s], cfg.seed, algo.micro_batch_size) for w, s in zip(rollout_workers, shares) if len(s)])
         edits = torch.cat(parts)
         edited = tensor_to_images(edits)
-        scores = ray.get(reward.score.remote(eval_sources, eval_instructions, edited), timeout=cfg.reward.timeout_s * (cfg.reward.retries + 1))
+        scores = reward_client.result(reward_client.submit(eval_sources, eval_instructions, edited))
         # the standard errors let rl/compare.py tell a real drop from evaluation noise
         row = {"eval/reward_mean": float(np.mean(scores.total)), "eval/reward_sem": _standard_error(scores.total)}
         row.update({f"eval/reward_{k}": float(np.mean(v)) for k, v in scores.terms.items()})
@@ -180,8 +197,16 @@ def train(cfg: RLConfig) -> dict:
         state = {"step": at_step, "policy_version": version, "wandb_run_id": logger.run_id, "data_position": at_step * P, "seed": cfg.seed}
         checkpoint.commit(staging, state, ray.get(learners[0].trainable_state.remote()), cfg.keep_checkpoints)
 
+    def save_after_failure(at_step: int) -> None:
+        if at_step == 0:
+            return
+        try:
+            save(at_step)
+        except Exception as e:  # noqa: BLE001 - the original error matters more
+            print(f"could not write a checkpoint at step {at_step} after the failure: {e}", flush=True)
+
     last_eval = evaluate(0) if step == 0 else {}
-    bad_steps = 0
+    bad_steps = redos = 0
     while step < cfg.num_steps:
         t0 = time.perf_counter()
         # ---- prompts: P prompts, each repeated G times; a group = one prompt ----------------------------------------
@@ -197,20 +222,27 @@ def train(cfg: RLConfig) -> dict:
                     for k, (w, s) in enumerate(zip(rollout_workers, shares))
                 ]
             )
-        except Exception:  # reward actor unavailable, a required term failed, a worker lost: keep what we have
-            if step > 0:
-                try:
-                    save(step)
-                except Exception as e:  # noqa: BLE001 - the original error matters more
-                    print(f"could not write a checkpoint at step {step} after the failure: {e}", flush=True)
+            micro = [r for res in results for r in res.rollouts]
+            stale = sorted({int(v) for r in micro for v in r.policy_versions.unique() if v != version})
+            lost = None
+        except RayActorError as e:  # a rollout worker died mid-step; Ray restarts it (max_restarts)
+            results, stale, lost = [], [], e
+        except Exception:  # reward actor unavailable, a required term failed: keep what we have
+            save_after_failure(step)
             raise
         t_rollout = time.perf_counter()
-        micro = [r for res in results for r in res.rollouts]
-        stale = [int(v) for r in micro for v in r.policy_versions.unique() if v != version]
-        if stale:  # a rollout worker restarted (fresh weights): resend the weights, redo this step's rollout
-            print(f"step {step}: rollouts from weight versions {sorted(set(stale))} != {version}; resending weights, redoing the step", flush=True)
+        if lost is not None or stale:
+            # A restarted worker has fresh weights (or none of this step's rows): drop every row of the step, resend
+            # the weights and redo it with the same seeds, so no sample is lost or counted twice.
+            redos += 1
+            why = f"a rollout worker died ({type(lost).__name__})" if lost is not None else f"rollouts from weight versions {stale} != {version}"
+            if redos > MAX_REDOS:
+                save_after_failure(step)
+                raise RuntimeError(f"step {step}: {why}, {redos} times in a row; giving up (resume=auto continues from the checkpoint)") from lost
+            print(f"step {step}: {why}; resending weights, redoing the step ({redos}/{MAX_REDOS})", flush=True)
             ray.get([w.set_weights.remote(learners[0].trainable_state.remote(), version) for w in rollout_workers])
             continue
+        redos = 0
         scores = [s for res in results for s in res.scores]
         rewards = [torch.tensor(s.total, dtype=torch.float32) for s in scores]
         total = torch.cat(rewards)
