@@ -10,6 +10,7 @@ forming one DeepSpeed data-parallel group. Entry point: launch/grpo_edit.py.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from dataclasses import asdict
@@ -125,6 +126,19 @@ def _standard_error(values) -> float:
     return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
+@contextlib.contextmanager
+def running_actors(cfg: RLConfig):
+    """start_actors(), and kill them and free their placement group however the run ends (a failed run in a
+    notebook or test must not hold the cluster's CPUs)."""
+    pg, reward, rollout_workers, learners = start_actors(cfg)
+    try:
+        yield reward, rollout_workers, learners
+    finally:
+        for actor in [reward, *rollout_workers, *learners]:
+            ray.kill(actor)
+        ray.util.remove_placement_group(pg)
+
+
 def save_grid(path: Path, sources: torch.Tensor, edits: torch.Tensor, rows: int = 8) -> None:
     """A PNG with source | edit pairs side by side, `rows` of them."""
     srcs, outs = tensor_to_images(sources[:rows]), tensor_to_images(edits[:rows])
@@ -146,10 +160,6 @@ def train(cfg: RLConfig) -> dict:
     prompts = load_prompts(cfg.data.train_prompts, cfg.policy.height, cfg.policy.width)
     eval_prompts = load_prompts(cfg.data.eval_prompts, cfg.policy.height, cfg.policy.width, cfg.data.num_eval)
     gold = build_reward(cfg.reward.gold) if cfg.reward.gold else None
-    pg, reward, rollout_workers, learners = start_actors(cfg)
-    reward_client = RayRewardClient(reward, cfg.reward.timeout_s, cfg.reward.retries)  # the driver's, for evaluation
-
-    # ---- resume ------------------------------------------------------------------------------------------------
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
     found = checkpoint.complete_checkpoints(run_dir)
     if found and resume_from != found[-1]:
@@ -157,168 +167,176 @@ def train(cfg: RLConfig) -> dict:
             f"{run_dir} already holds checkpoints up to {found[-1].name}; continue it with resume=auto, or use another output_dir "
             "(a new run here would prune or mix with them)"
         )
-    step, version, run_id = 0, 0, None
-    if resume_from is not None:
-        state, _ = checkpoint.load(resume_from)
-        ray.get([learner.load.remote(str(resume_from)) for learner in learners])
-        step, version, run_id = state["step"], state["policy_version"], state["wandb_run_id"]
-        print(f"resumed from {resume_from} (step {step})", flush=True)
-    weights = learners[0].trainable_state.remote()
-    ray.get([w.set_weights.remote(weights, version) for w in rollout_workers])
-    logger = MetricsLogger(run_dir, step if resume_from else None, cfg.wandb, cfg.wandb_project, run_id, asdict(cfg))
+    with running_actors(cfg) as (reward, rollout_workers, learners):
+        reward_client = RayRewardClient(reward, cfg.reward.timeout_s, cfg.reward.retries)  # the driver's, for evaluation
 
-    eval_sources = [p.source for p in eval_prompts]  # fixed for the run: prepared once
-    eval_instructions = [p.instruction for p in eval_prompts]
-    eval_source_tensor = images_to_tensor(eval_sources)
-
-    def evaluate(at_step: int) -> dict:
-        start = time.perf_counter()
-        shares = np.array_split(np.arange(len(eval_prompts)), len(rollout_workers))
-        parts = ray.get([w.evaluate.remote([eval_prompts[i] for i in s], cfg.seed, algo.micro_batch_size) for w, s in zip(rollout_workers, shares) if len(s)])
-        edits = torch.cat(parts)
-        edited = tensor_to_images(edits)
-        scores = reward_client.result(reward_client.submit(eval_sources, eval_instructions, edited))
-        # the standard errors let rl/compare.py tell a real drop from evaluation noise
-        row = {"eval/reward_mean": float(np.mean(scores.total)), "eval/reward_sem": _standard_error(scores.total)}
-        row.update({f"eval/reward_{k}": float(np.mean(v)) for k, v in scores.terms.items()})
-        if gold is not None:
-            gold_scores = gold.score(eval_sources, eval_instructions, edited).numpy()
-            row["eval/gold_score"] = float(gold_scores.mean())
-            row["eval/gold_sem"] = _standard_error(gold_scores)
-        save_grid(run_dir / "eval" / f"step-{at_step:06d}.png", eval_source_tensor, edits)
-        row["perf/eval_s"] = time.perf_counter() - start
-        logger.log(at_step, row)
-        print(f"[eval step {at_step}] " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
-        return row
-
-    def save(at_step: int) -> None:
-        staging = checkpoint.staging_dir(run_dir, at_step)
-        ray.get([learner.save.remote(str(staging)) for learner in learners])
-        state = {"step": at_step, "policy_version": version, "wandb_run_id": logger.run_id, "data_position": at_step * P, "seed": cfg.seed}
-        checkpoint.commit(staging, state, ray.get(learners[0].trainable_state.remote()), cfg.keep_checkpoints)
-
-    def save_after_failure(at_step: int) -> None:
-        if at_step == 0:
-            return
-        try:
-            save(at_step)
-        except Exception as e:  # noqa: BLE001 - the original error matters more
-            print(f"could not write a checkpoint at step {at_step} after the failure: {e}", flush=True)
-
-    last_eval = evaluate(0) if step == 0 else {}
-    bad_steps = redos = 0
-    while step < cfg.num_steps:
-        t0 = time.perf_counter()
-        # ---- prompts: P prompts, each repeated G times; a group = one prompt ----------------------------------------
-        rows = [prompts[i] for i in prompts_for_step(len(prompts), step, P, cfg.seed) for _ in range(G)]
-        group_ids = torch.arange(P).repeat_interleave(G)
-
-        # ---- rollout + reward: each worker samples its share in micro-batches, scored by the reward actor -------------
-        shares = np.array_split(np.arange(len(rows)), len(rollout_workers))
-        try:
-            results = ray.get(
-                [
-                    w.rollout.remote([rows[i] for i in s], group_ids[s], algo.micro_batch_size, cfg.seed * 1_000_003 + step * 1009 + k, cfg.cluster.async_reward)
-                    for k, (w, s) in enumerate(zip(rollout_workers, shares))
-                ]
-            )
-            micro = [r for res in results for r in res.rollouts]
-            stale = sorted({int(v) for r in micro for v in r.policy_versions.unique() if v != version})
-            lost = None
-        except RayActorError as e:  # a rollout worker died mid-step; Ray restarts it (max_restarts)
-            results, stale, lost = [], [], e
-        except Exception:  # reward actor unavailable, a required term failed: keep what we have
-            save_after_failure(step)
-            raise
-        t_rollout = time.perf_counter()
-        if lost is not None or stale:
-            # A restarted worker has fresh weights (or none of this step's rows): drop every row of the step, resend
-            # the weights and redo it with the same seeds, so no sample is lost or counted twice.
-            redos += 1
-            why = f"a rollout worker died ({type(lost).__name__})" if lost is not None else f"rollouts from weight versions {stale} != {version}"
-            if redos > MAX_REDOS:
-                save_after_failure(step)
-                raise RuntimeError(f"step {step}: {why}, {redos} times in a row; giving up (resume=auto continues from the checkpoint)") from lost
-            print(f"step {step}: {why}; resending weights, redoing the step ({redos}/{MAX_REDOS})", flush=True)
-            ray.get([w.set_weights.remote(learners[0].trainable_state.remote(), version) for w in rollout_workers])
-            continue
-        redos = 0
-        scores = [s for res in results for s in res.scores]
-        rewards = [torch.tensor(s.total, dtype=torch.float32) for s in scores]
-        total = torch.cat(rewards)
-        if not torch.isfinite(total).all():
-            bad_steps += 1
-            step += 1
-            logger.log(step, {"train/skipped_nonfinite_reward": 1})
-            if bad_steps >= cfg.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); see the reward terms, resume=auto continues from the last checkpoint")
-            continue
-
-        # ---- advantages: group-relative (GRPO); PPO's R - V is formed by the learners ----------------------------
-        adv = group_advantages(total, group_ids, algo.adv_std, algo.adv_clip)
-        advantages = adv.advantages
-        if algo.drop_zero_std and (~adv.zero_std).any():  # mean over the rows that carry signal
-            advantages = advantages * (~adv.zero_std) * (len(advantages) / (~adv.zero_std).sum())
-        per_micro = list(advantages.split(algo.micro_batch_size))
-
-        # ---- update: minibatch u = micro-batches [u K, (u + 1) K); rank r takes every M-th of each ----------------
-        M = len(learners)
-        K = len(micro) // algo.updates_per_step
-        order = [[u * K + j for u in range(algo.updates_per_step) for j in range(r, K, M)] for r in range(M)]
-        stats = ray.get([learner.update.remote([micro[i] for i in idx], [per_micro[i] for i in idx], [rewards[i] for i in idx]) for learner, idx in zip(learners, order)])
-        t_update = time.perf_counter()
-
-        # ---- weight sync: learner rank 0 -> every rollout worker, through the object store --------------------------
-        version += 1
+        # ---- resume ------------------------------------------------------------------------------------------------
+        step, version, run_id = 0, 0, None
+        if resume_from is not None:
+            state, _ = checkpoint.load(resume_from)
+            ray.get([learner.load.remote(str(resume_from)) for learner in learners])
+            step, version, run_id = state["step"], state["policy_version"], state["wandb_run_id"]
+            print(f"resumed from {resume_from} (step {step})", flush=True)
         weights = learners[0].trainable_state.remote()
         ray.get([w.set_weights.remote(weights, version) for w in rollout_workers])
-        t_sync = time.perf_counter()
-        step += 1
+        logger = MetricsLogger(run_dir, step if resume_from else None, cfg.wandb, cfg.wandb_project, run_id, asdict(cfg))
 
-        # ---- log ---------------------------------------------------------------------------------------------
-        row = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
-        row["train/ratio_min"] = min(s["train/ratio_min"] for s in stats)
-        row["train/ratio_max"] = max(s["train/ratio_max"] for s in stats)
-        nonfinite = sum(s["train/nonfinite_losses"] for s in stats)
-        row.update(
-            {
-                "rollout/reward_mean": total.mean().item(),
-                "rollout/reward_std": total.std().item(),
-                "rollout/zero_std_ratio": adv.zero_std.float().mean().item(),
-                "rollout/policy_version": version - 1,
-                "perf/rollout_s": t_rollout - t0,
-                "perf/sample_s": max(r.sample_s for r in results),
-                "perf/reward_wait_s": max(r.wait_s for r in results),
-                "perf/update_s": t_update - t_rollout,
-                "perf/sync_s": t_sync - t_update,
-                "perf/step_s": t_sync - t0,
-            }
-        )
-        for name in scores[0].terms:
-            row[f"rollout/reward_{name}"] = float(np.mean([x for s in scores for x in s.terms[name]]))
-        errors = {}
-        for s in scores:
-            for k, v in s.errors.items():
-                errors[k] = errors.get(k, 0) + v
-        row.update({f"rollout/reward_errors_{k}": v for k, v in errors.items()})
-        logger.log(step, row)
-        print(
-            f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} clipfrac {row['train/clipfrac']:.3f} "
-            f"kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}] ({row['perf/step_s']:.1f} s)",
-            flush=True,
-        )
-        bad_steps = bad_steps + 1 if nonfinite else 0
-        if bad_steps >= cfg.max_bad_steps:  # no save: the weights may be damaged; the last checkpoint is not
-            raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto from the last checkpoint")
+        eval_sources = [p.source for p in eval_prompts]  # fixed for the run: prepared once
+        eval_instructions = [p.instruction for p in eval_prompts]
+        eval_source_tensor = images_to_tensor(eval_sources)
 
-        # ---- eval and checkpoint -----------------------------------------------------------------------------
-        if step % cfg.eval_every == 0 or step == cfg.num_steps:
-            last_eval = evaluate(step)
-        if step % cfg.save_every == 0 or step == cfg.num_steps:
-            save(step)
-    logger.close()
-    ray.util.remove_placement_group(pg)
-    for actor in [reward, *rollout_workers, *learners]:
-        ray.kill(actor)
-    return last_eval
+        def evaluate(at_step: int) -> dict:
+            start = time.perf_counter()
+            shares = np.array_split(np.arange(len(eval_prompts)), len(rollout_workers))
+            parts = ray.get([w.evaluate.remote([eval_prompts[i] for i in s], cfg.seed, algo.micro_batch_size) for w, s in zip(rollout_workers, shares) if len(s)])
+            edits = torch.cat(parts)
+            edited = tensor_to_images(edits)
+            scores = reward_client.result(reward_client.submit(eval_sources, eval_instructions, edited))
+            # the standard errors let rl/compare.py tell a real drop from evaluation noise
+            row = {"eval/reward_mean": float(np.mean(scores.total)), "eval/reward_sem": _standard_error(scores.total)}
+            row.update({f"eval/reward_{k}": float(np.mean(v)) for k, v in scores.terms.items()})
+            if gold is not None:
+                gold_scores = gold.score(eval_sources, eval_instructions, edited).numpy()
+                row["eval/gold_score"] = float(gold_scores.mean())
+                row["eval/gold_sem"] = _standard_error(gold_scores)
+            save_grid(run_dir / "eval" / f"step-{at_step:06d}.png", eval_source_tensor, edits)
+            row["perf/eval_s"] = time.perf_counter() - start
+            logger.log(at_step, row)
+            print(f"[eval step {at_step}] " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
+            return row
+
+        def save(at_step: int) -> None:
+            staging = checkpoint.staging_dir(run_dir, at_step)
+            ray.get([learner.save.remote(str(staging)) for learner in learners])
+            state = {"step": at_step, "policy_version": version, "wandb_run_id": logger.run_id, "data_position": at_step * P, "seed": cfg.seed}
+            checkpoint.commit(staging, state, ray.get(learners[0].trainable_state.remote()), cfg.keep_checkpoints)
+
+        def save_after_failure(at_step: int) -> None:
+            if at_step == 0:
+                return
+            try:
+                save(at_step)
+            except Exception as e:  # noqa: BLE001 - the original error matters more
+                print(f"could not write a checkpoint at step {at_step} after the failure: {e}", flush=True)
+
+        last_eval = evaluate(0) if step == 0 else {}
+        bad_steps = redos = 0
+        while step < cfg.num_steps:
+            t0 = time.perf_counter()
+            # ---- prompts: P prompts, each repeated G times; a group = one prompt ----------------------------------------
+            rows = [prompts[i] for i in prompts_for_step(len(prompts), step, P, cfg.seed) for _ in range(G)]
+            group_ids = torch.arange(P).repeat_interleave(G)
+
+            # ---- rollout + reward: each worker samples its share in micro-batches, scored by the reward actor -------------
+            shares = np.array_split(np.arange(len(rows)), len(rollout_workers))
+            try:
+                results = ray.get(
+                    [
+                        w.rollout.remote([rows[i] for i in s], group_ids[s], algo.micro_batch_size, cfg.seed * 1_000_003 + step * 1009 + k, cfg.cluster.async_reward)
+                        for k, (w, s) in enumerate(zip(rollout_workers, shares))
+                    ]
+                )
+                micro = [r for res in results for r in res.rollouts]
+                stale = sorted({int(v) for r in micro for v in r.policy_versions.unique() if v != version})
+                lost = None
+            except RayActorError as e:  # a rollout worker died mid-step; Ray restarts it (max_restarts)
+                results, stale, lost = [], [], e
+            except Exception:  # reward actor unavailable, a required term failed: keep what we have
+                save_after_failure(step)
+                raise
+            t_rollout = time.perf_counter()
+            if lost is not None or stale:
+                # A restarted worker has fresh weights (or none of this step's rows): drop every row of the step, resend
+                # the weights and redo it with the same seeds, so no sample is lost or counted twice.
+                redos += 1
+                why = f"a rollout worker died ({type(lost).__name__})" if lost is not None else f"rollouts from weight versions {stale} != {version}"
+                if redos > MAX_REDOS:
+                    save_after_failure(step)
+                    raise RuntimeError(f"step {step}: {why}, {redos} times in a row; giving up (resume=auto continues from the checkpoint)") from lost
+                print(f"step {step}: {why}; resending weights, redoing the step ({redos}/{MAX_REDOS})", flush=True)
+                ray.get([w.set_weights.remote(learners[0].trainable_state.remote(), version) for w in rollout_workers])
+                continue
+            redos = 0
+            scores = [s for res in results for s in res.scores]
+            rewards = [torch.tensor(s.total, dtype=torch.float32) for s in scores]
+            total = torch.cat(rewards)
+            if not torch.isfinite(total).all():
+                bad_steps += 1
+                step += 1
+                logger.log(step, {"train/skipped_nonfinite_reward": 1})
+                if bad_steps >= cfg.max_bad_steps:
+                    raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); see the reward terms, resume=auto continues from the last checkpoint")
+                continue
+
+            # ---- advantages: group-relative (GRPO); PPO's R - V is formed by the learners ----------------------------
+            adv = group_advantages(total, group_ids, algo.adv_std, algo.adv_clip)
+            advantages = adv.advantages
+            if algo.drop_zero_std and (~adv.zero_std).any():  # mean over the rows that carry signal
+                advantages = advantages * (~adv.zero_std) * (len(advantages) / (~adv.zero_std).sum())
+            per_micro = list(advantages.split(algo.micro_batch_size))
+
+            # ---- update: minibatch u = micro-batches [u K, (u + 1) K); rank r takes every M-th of each ----------------
+            M = len(learners)
+            K = len(micro) // algo.updates_per_step
+            order = [[u * K + j for u in range(algo.updates_per_step) for j in range(r, K, M)] for r in range(M)]
+            try:
+                stats = ray.get([learner.update.remote([micro[i] for i in idx], [per_micro[i] for i in idx], [rewards[i] for i in idx]) for learner, idx in zip(learners, order)])
+            except RayActorError as e:  # its optimizer state is gone with it: restarting it would silently reset training
+                last = checkpoint.complete_checkpoints(run_dir)
+                raise RuntimeError(
+                    f"a learner died during step {step + 1} ({type(e).__name__}); resume=auto continues from "
+                    f"{last[-1] if last else 'the start (no checkpoint yet)'}"
+                ) from e
+            t_update = time.perf_counter()
+
+            # ---- weight sync: learner rank 0 -> every rollout worker, through the object store --------------------------
+            version += 1
+            weights = learners[0].trainable_state.remote()
+            ray.get([w.set_weights.remote(weights, version) for w in rollout_workers])
+            t_sync = time.perf_counter()
+            step += 1
+
+            # ---- log ---------------------------------------------------------------------------------------------
+            row = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+            row["train/ratio_min"] = min(s["train/ratio_min"] for s in stats)
+            row["train/ratio_max"] = max(s["train/ratio_max"] for s in stats)
+            nonfinite = sum(s["train/nonfinite_losses"] for s in stats)
+            row.update(
+                {
+                    "rollout/reward_mean": total.mean().item(),
+                    "rollout/reward_std": total.std().item(),
+                    "rollout/zero_std_ratio": adv.zero_std.float().mean().item(),
+                    "rollout/policy_version": version - 1,
+                    "perf/rollout_s": t_rollout - t0,
+                    "perf/sample_s": max(r.sample_s for r in results),
+                    "perf/reward_wait_s": max(r.wait_s for r in results),
+                    "perf/update_s": t_update - t_rollout,
+                    "perf/sync_s": t_sync - t_update,
+                    "perf/step_s": t_sync - t0,
+                }
+            )
+            for name in scores[0].terms:
+                row[f"rollout/reward_{name}"] = float(np.mean([x for s in scores for x in s.terms[name]]))
+            errors = {}
+            for s in scores:
+                for k, v in s.errors.items():
+                    errors[k] = errors.get(k, 0) + v
+            row.update({f"rollout/reward_errors_{k}": v for k, v in errors.items()})
+            logger.log(step, row)
+            print(
+                f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} clipfrac {row['train/clipfrac']:.3f} "
+                f"kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}] ({row['perf/step_s']:.1f} s)",
+                flush=True,
+            )
+            bad_steps = bad_steps + 1 if nonfinite else 0
+            if bad_steps >= cfg.max_bad_steps:  # no save: the weights may be damaged; the last checkpoint is not
+                raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto from the last checkpoint")
+
+            # ---- eval and checkpoint -----------------------------------------------------------------------------
+            if step % cfg.eval_every == 0 or step == cfg.num_steps:
+                last_eval = evaluate(step)
+            if step % cfg.save_every == 0 or step == cfg.num_steps:
+                save(step)
+        logger.close()
+        return last_eval
 

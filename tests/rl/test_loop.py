@@ -1,6 +1,7 @@
 """The whole Ray path on a tiny ShapeEdit setup: on-policy ratio 1, weights move, ZeRO-2 with 2 ranks equals
-1 rank, a killed run resumed with resume=auto reproduces the uninterrupted run, PPO runs, and a reward
-actor that times out is retried and then stops the run."""
+1 rank, PPO runs, a reward actor that times out is retried and then stops the run, the local cluster
+listens on loopback only, and real faults (SIGKILL of a rollout worker, the reward actor, a learner, or the
+driver mid-checkpoint) leave the run's metrics equal to the uninterrupted run's."""
 
 import asyncio
 import json
@@ -8,10 +9,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 import torch
@@ -20,6 +23,7 @@ from safetensors.torch import load_file
 from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig
 from reward.config import load_config
 from reward.shapeedit import GenerateConfig, generate
+from rl import checkpoint
 from rl.config import RLConfig
 from rl.loop import RayRewardClient, RewardUnavailable, train
 from rl.workers import build_policy
@@ -53,15 +57,30 @@ def overrides(root, out, *extra):
     ]
 
 
+@pytest.fixture(scope="module")
+def whole(setup, tmp_path_factory):
+    """The uninterrupted 3-step run every fault test must reproduce."""
+    out = tmp_path_factory.mktemp("whole")
+    train(load_config(RLConfig, None, overrides(setup, out)))
+    return out
+
+
 def metrics(run):
     rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
 
 
-def test_grpo_on_policy_updates_ranks_and_resume(setup, tmp_path):
-    root = setup
-    a = tmp_path / "a"
-    train(load_config(RLConfig, None, overrides(root, a)))
+def _same_metrics(got_dir, want_dir):
+    got, want = metrics(got_dir), metrics(want_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in w:
+            assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), (g["step"], k)
+
+
+def test_grpo_on_policy_updates_ranks_and_resume(setup, whole, tmp_path):
+    root, a = setup, whole
     rows = [r for r in metrics(a) if "train/ratio_min" in r]
     assert len(rows) == 3
     for r in rows:  # one update per batch: every ratio is computed before the optimizer moves
@@ -94,12 +113,7 @@ def test_grpo_on_policy_updates_ranks_and_resume(setup, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     train(load_config(RLConfig, None, overrides(root, c)))
-    got, want = metrics(c), metrics(a)
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        for k in w:
-            assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), (g["step"], k)
+    _same_metrics(c, a)
 
 
 def test_ppo_runs(setup, tmp_path):
@@ -135,8 +149,6 @@ def test_reward_timeouts_are_retried_then_raise(setup):
 
 def test_the_local_cluster_listens_on_loopback_only(setup):
     """Ray would bind its GCS, raylet, agents and workers to every interface; ours stay on 127.0.0.1."""
-    import psutil
-
     @ray.remote
     class Probe:
         def pid(self):
@@ -153,6 +165,26 @@ def test_the_local_cluster_listens_on_loopback_only(setup):
     ray.kill(probe)
 
 
+def kill_once(after: Path, process: str) -> tuple[threading.Thread, list]:
+    """A thread that SIGKILLs the first process whose title starts with `process` (Ray titles a worker
+    `ray::Class.method` while it runs that method) once the file `after` exists; the list gets its pid."""
+    killed = []
+
+    def watch():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            for p in psutil.process_iter(["cmdline"]) if after.exists() else []:
+                if p.info["cmdline"] and p.info["cmdline"][0].startswith(process):
+                    p.kill()
+                    killed.append(p.pid)
+                    break
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, killed
+
+
 @pytest.mark.parametrize(
     "process, recovery",
     [
@@ -161,38 +193,50 @@ def test_the_local_cluster_listens_on_loopback_only(setup):
     ],
     ids=["rollout-worker", "reward-actor"],
 )
-def test_an_actor_killed_mid_step_is_restarted_and_the_run_unchanged(setup, tmp_path, capfd, process, recovery):
-    """SIGKILL an actor's process during step 2 (Ray names a process after the method it runs): Ray restarts
-    it, the step is redone or the call retried with the same seeds, and the run's metrics equal the
-    uninterrupted run's, so no sample was lost or counted twice."""
-    import threading
-
-    import psutil
-
-    want_dir, got_dir = tmp_path / "whole", tmp_path / "killed"
-    train(load_config(RLConfig, None, overrides(setup, want_dir)))
-    killed = []
-
-    def kill_during_step_2():  # once step 1 is logged
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            done = (got_dir / "metrics.jsonl").is_file() and '"step": 1,' in (got_dir / "metrics.jsonl").read_text()
-            for p in psutil.process_iter(["cmdline"]) if done else []:
-                if p.info["cmdline"] and p.info["cmdline"][0].startswith(process):
-                    p.kill()
-                    killed.append(p.pid)
-                    break
-            time.sleep(0.01)
-
-    killer = threading.Thread(target=kill_during_step_2, daemon=True)
-    killer.start()
+def test_an_actor_killed_mid_step_is_restarted_and_the_run_unchanged(setup, whole, tmp_path, capfd, process, recovery):
+    """SIGKILL an actor's process during step 2 (after checkpoint 1): Ray restarts it, the step is redone or the
+    call retried with the same seeds, and the metrics equal the uninterrupted run's: no sample lost or counted twice."""
+    want_dir, got_dir = whole, tmp_path / "killed"
+    killer, killed = kill_once(got_dir / "checkpoints" / "step-000001" / "state.json", process)
     train(load_config(RLConfig, None, overrides(setup, got_dir)))
     killer.join()
     assert killed, f"no {process} process was caught: the fault was not injected"
     assert recovery in capfd.readouterr().out
-    got, want = metrics(got_dir), metrics(want_dir)
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        for k in w:
-            assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), (g["step"], k)
+    _same_metrics(got_dir, want_dir)
+
+
+def test_a_learner_killed_mid_step_stops_the_run_and_resume_reproduces_it(setup, whole, tmp_path):
+    """A learner's optimizer state dies with it, so the run stops with a clear error (never a silent restart);
+    resume=auto from the last checkpoint then ends exactly like the uninterrupted run."""
+    want_dir, got_dir = whole, tmp_path / "killed"
+    killer, killed = kill_once(got_dir / "checkpoints" / "step-000001" / "state.json", "ray::Learner.update")
+    with pytest.raises(RuntimeError, match=r"a learner died during step \d.*resume=auto continues from .*step-00000\d"):
+        train(load_config(RLConfig, None, overrides(setup, got_dir)))
+    killer.join()
+    assert killed
+    train(load_config(RLConfig, None, overrides(setup, got_dir)))  # resume=auto is the default
+    _same_metrics(got_dir, want_dir)
+
+
+def test_a_driver_killed_while_writing_a_checkpoint_never_loads_it(setup, whole, tmp_path):
+    """SIGKILL the driver while checkpoints/.tmp-step-N exists (the checkpoint half written): resume=auto takes
+    the previous complete checkpoint, and the run ends exactly like the uninterrupted one."""
+    want_dir, got_dir = whole, tmp_path / "killed"
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "grpo_edit.py"), *overrides(setup, got_dir, f"cluster.address={address}")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    staging = got_dir / "checkpoints" / ".tmp-step-000002"
+    deadline = time.time() + 300
+    while not staging.exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before writing checkpoint 2"
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (got_dir / "checkpoints" / "step-000002").exists(), "the kill came after the rename: nothing was half-written"
+    assert checkpoint.find_resume(got_dir, "auto").name == "step-000001"
+    train(load_config(RLConfig, None, overrides(setup, got_dir)))
+    assert not staging.exists()
+    _same_metrics(got_dir, want_dir)
+
