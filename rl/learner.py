@@ -137,6 +137,17 @@ class Learner:
         self.engine.save_checkpoint(str(Path(path) / "deepspeed"), tag="state", exclude_frozen_parameters=True)
 
     def load(self, path: str) -> None:
+        """Resume this rank from a checkpoint. DeepSpeed's own loader unpickles with weights_only=False; ours
+        reads the same files with weights_only=True, allowing only the three DeepSpeed classes they hold."""
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        def load_weights_only(file, map_location=None):
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(file, map_location=map_location, weights_only=True)
+
+        self.engine.checkpoint_engine.load = load_weights_only
         self.engine.load_checkpoint(str(Path(path) / "deepspeed"), tag="state", load_module_strict=False)
 
     def barrier(self) -> int:
