@@ -264,3 +264,21 @@ def test_resume_unpickles_weights_only_and_refuses_code(setup, whole, tmp_path):
     with pytest.raises(Exception, match="Weights only load failed"):
         train(load_config(RLConfig, None, overrides(setup, run, "num_steps=4")))
     assert not marker.exists()
+
+
+def test_nan_rewards_skip_steps_then_stop_the_run(setup, tmp_path):
+    """A reward model with a NaN head (a real corrupted checkpoint): every step is skipped and logged, and after
+    max_bad_steps in a row the run stops with a message that names the cause."""
+    from reward.model import JRM, JRMConfig
+
+    broken = JRM.build(JRMConfig(tiny_hidden=64, tiny_layers=2), seed=0)
+    with torch.no_grad():
+        broken.head.weight.fill_(float("nan"))
+    broken.save_pretrained(tmp_path / "nan_jrm")
+    run = tmp_path / "run"
+    cfg = load_config(RLConfig, None, overrides(setup, run, f"reward.terms=[{{name: broken, spec: 'jrm:{tmp_path / 'nan_jrm'}'}}]", "max_bad_steps=2"))
+    with pytest.raises(RuntimeError, match="2 consecutive steps had NaN/Inf rewards"):
+        train(cfg)
+    skipped = [r for r in metrics(run) if r.get("train/skipped_nonfinite_reward") == 1]
+    assert [r["step"] for r in skipped] == [1, 2]
+    assert not any("train/loss" in r for r in metrics(run))  # no update ever used them
