@@ -63,6 +63,8 @@ class JRMConfig:
     """Allow code shipped with a checkpoint to run (off unless you trust its source)."""
     max_critique_tokens: int = 384
     """Critiques longer than this many tokens are cut for the language-modelling loss."""
+    max_instruction_tokens: int = 1024
+    """An instruction longer than this many tokens is refused (it would be a data error, and costs memory)."""
     transition_frames: bool = True
     """Feed the edited image as a two-frame clip (source -> edit) through the vision tower's temporal patch
     embedding, so the first layer sees what changed where. Qwen-VL embeds every image as two frames
@@ -194,6 +196,15 @@ class JRM(nn.Module):
             return critique
         return tokenizer.decode(ids[: self.config.max_critique_tokens])
 
+    def check_instruction(self, text: str, where: str) -> None:
+        """Refuse an empty instruction or one over model.max_instruction_tokens, naming `where`."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where} is empty; every candidate needs an instruction")
+        if len(text) > self.config.max_instruction_tokens:  # a token is at least one character: count only then
+            tokens = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if tokens > self.config.max_instruction_tokens:
+                raise ValueError(f"{where} has {tokens} tokens, more than model.max_instruction_tokens ({self.config.max_instruction_tokens})")
+
     def encode(
         self,
         source_images: list[Image.Image],
@@ -210,8 +221,7 @@ class JRM(nn.Module):
         """
         _check_batch(source_images, instructions, edited_images, critiques)
         for i, text in enumerate(instructions):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"instruction {i} is empty; every candidate needs an instruction")
+            self.check_instruction(text, f"instruction {i}")
         eos = self.processor.tokenizer.eos_token
         texts = [self.prompt_text(t) for t in instructions]
         if critiques is not None:

@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from reward.config import ConfigError, config_from_cli, save_config
-from reward.data import PreferencePair, load_image, load_pairs
+from reward.data import DataError, PreferencePair, load_image, load_pairs
 from reward.losses import pairwise_accuracy, preference_loss
 from reward.model import JRM, JRMConfig
 from reward.shapeedit import GenerateConfig, generate
@@ -267,6 +267,23 @@ def prepare_data(cfg: TrainConfig) -> tuple[list[PreferencePair], list[Preferenc
     return train, evaluation
 
 
+def usable_pairs(model: JRM, pairs: list[PreferencePair], skip_bad: bool, what: str) -> list[PreferencePair]:
+    """Pairs whose instruction the model accepts; any other stops with its file and row (or, with
+    data.skip_bad, is dropped and counted)."""
+    kept = []
+    for pair in pairs:
+        try:
+            model.check_instruction(pair.instruction, f"{pair.where}: the instruction")
+        except ValueError as e:
+            if not skip_bad:
+                raise DataError(str(e)) from e
+            continue
+        kept.append(pair)
+    if len(kept) < len(pairs):
+        print(f"skipped {len(pairs) - len(kept)} {what} pairs whose instruction the model refuses")
+    return kept
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train, save {output_dir}/final, and return the final evaluation metrics."""
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -293,6 +310,8 @@ def train(cfg: TrainConfig) -> dict:
         # ZeRO-3 partitions weights while the model is built: DeepSpeed must see every rank by then.
         deepspeed.init_distributed(dist_backend=args.ddp_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
     model = JRM.build(cfg.model, seed=cfg.seed)
+    train_pairs = usable_pairs(model, train_pairs, cfg.data.skip_bad, "training")  # before hours of training, not in them
+    eval_pairs = usable_pairs(model, eval_pairs, cfg.data.skip_bad, "evaluation")
     if not eval_pairs:
         args.eval_strategy = "no"
     trainer = JRMTrainer(

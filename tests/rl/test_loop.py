@@ -282,3 +282,21 @@ def test_nan_rewards_skip_steps_then_stop_the_run(setup, tmp_path):
     skipped = [r for r in metrics(run) if r.get("train/skipped_nonfinite_reward") == 1]
     assert [r["step"] for r in skipped] == [1, 2]
     assert not any("train/loss" in r for r in metrics(run))  # no update ever used them
+
+
+def test_no_secret_reaches_the_run_directory(setup, tmp_path, monkeypatch):
+    """Tokens in the environment (wandb, Hugging Face, Ray) appear in no file of a run, wandb's offline files
+    included; wandb stays offline."""
+    secrets = {"WANDB_API_KEY": "wandb-secret-4f1c9e", "HF_TOKEN": "hf_secret_8d2b7a", "RAY_AUTH_TOKEN": "ray-secret-77a0c3"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must be our default, not the test's
+    run = tmp_path / "run"
+    train(load_config(RLConfig, None, [*overrides(setup, run), "num_steps=1", "wandb=true"]))
+    files = [f for f in run.rglob("*") if f.is_file()]
+    assert any("wandb" in f.parts for f in files) and any(f.name == "metrics.jsonl" for f in files)
+    assert list(run.glob("wandb/offline-run-*")) and not list(run.glob("wandb/run-*")), "wandb did not stay offline"
+    for f in files:
+        data = f.read_bytes()
+        for key, value in secrets.items():
+            assert value.encode() not in data, f"{key}'s value is in {f}"

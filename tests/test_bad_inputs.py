@@ -1,0 +1,137 @@
+"""Bad input, end to end on real files: every image, text and data-file fault a user can hand us either
+converts explicitly (image modes, EXIF rotation, 1x1, non-ASCII) or stops with a message naming the file,
+row or key, or (where the user asked, skip_bad) is skipped and counted. The README's table lists these."""
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reward.data import DataError, load_image, load_pairs
+from reward.model import JRM, JRMConfig
+from reward.train import usable_pairs
+from rl.prompts import load_prompts
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid PNG header (IHDR with a correct CRC) declaring a huge image: the shape of a decompression bomb."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def test_broken_images_are_refused_naming_the_row_and_file(tmp_path):
+    good = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    good.save(tmp_path / "good.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "good.png").read_bytes()[:300])
+    (tmp_path / "text.png").write_text("not an image at all")
+    (tmp_path / "bomb.png").write_bytes(png_declaring(30000, 30000))
+    cases = {
+        "missing.png": r"rows.json row 3: image file .*missing.png does not exist",
+        "truncated.png": r"rows.json row 3: cannot read image .*truncated.png",
+        "text.png": r"rows.json row 3: cannot read image .*text.png: cannot identify image file",
+        "bomb.png": r"rows.json row 3: cannot read image .*bomb.png: .*decompression bomb",
+    }
+    for name, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            load_image(tmp_path / name, "rows.json row 3")
+
+
+@pytest.mark.parametrize("mode, fmt", [("1", "PNG"), ("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("F", "TIFF")])
+def test_every_pil_mode_becomes_rgb_of_the_same_size(tmp_path, mode, fmt):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)).convert(mode if mode not in ("I;16", "F") else "L")
+    if mode == "I;16":
+        image = Image.fromarray((rng.random((12, 20)) * 65535).astype(np.uint16))
+    if mode == "F":
+        image = Image.fromarray(rng.random((12, 20)).astype(np.float32) * 1e4)
+    path = tmp_path / f"image.{fmt.lower()}"
+    image.save(path, fmt)
+    loaded = load_image(path)
+    assert (loaded.mode, loaded.size) == ("RGB", (20, 12))
+    assert np.asarray(loaded).std() > 0  # the content survived the conversion
+
+
+def test_a_1x1_image_and_exif_rotation(tmp_path):
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(tmp_path / "dot.png")
+    assert np.asarray(load_image(tmp_path / "dot.png")).tolist() == [[[200, 10, 10]]]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 10), "white").save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(tmp_path / "rotated.jpg").size == (10, 40)
+
+
+def write_pairs(tmp_path, rows, name="pairs.json"):
+    for level in (10, 200):
+        Image.new("RGB", (8, 8), (level,) * 3).save(tmp_path / f"g{level}.png")
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    return path
+
+
+def pair(**change):
+    return {"prompt": "make it red", "path_src": "g10.png", "path1": "g200.png", "path2": "g10.png", **change}
+
+
+def test_malformed_data_files_name_the_file_row_and_key_or_are_skipped_and_counted(tmp_path):
+    (tmp_path / "broken.json").write_text('[{"prompt": "x",')
+    with pytest.raises(DataError, match=r"broken.json: not valid json"):
+        load_pairs(tmp_path / "broken.json")
+    jsonl = write_pairs(tmp_path, [pair(), '{"prompt": oops}', pair()], "rows.jsonl")
+    with pytest.raises(DataError, match=r"rows.jsonl:line 2: not valid json"):
+        load_pairs(jsonl)
+    bad_rows = [pair(), {k: v for k, v in pair().items() if k != "path2"}, pair(prompt=7), pair(prompt="   "), pair(path1="nowhere.png")]
+    for rows, message in [
+        (bad_rows[:2], r"pairs.json.*1.*missing field 'path2'"),
+        ([bad_rows[0], bad_rows[2]], r"pairs.json.*1.*field 'prompt' should be str, got int 7"),
+        ([bad_rows[0], bad_rows[3]], r"pairs.json.*1.*field 'prompt' is empty"),
+        ([bad_rows[0], bad_rows[4]], r"pairs.json.*1.*nowhere.png does not exist"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            load_pairs(write_pairs(tmp_path, rows))
+    kept, skipped = load_pairs(write_pairs(tmp_path, bad_rows, "all.json"), skip_bad=True)
+    assert (len(kept), skipped) == (1, 4)
+
+
+def test_bad_prompt_files_name_the_file_and_row(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "src.png")
+    (tmp_path / "bomb.png").write_bytes(png_declaring(30000, 30000))
+    cases = [
+        ({"not": "a list"}, r"prompts.json: expected a non-empty list of prompts"),
+        ([{"path_src": "src.png"}], r"prompts.json row 0: needs a non-empty 'instruction'"),
+        ([{"path_src": "src.png", "instruction": "x"}, {"path_src": "bomb.png", "instruction": "y"}], r"prompts.json row 1: cannot read image .*decompression bomb"),
+    ]
+    for rows, message in cases:
+        (tmp_path / "prompts.json").write_text(json.dumps(rows))
+        with pytest.raises(DataError, match=message):
+            load_prompts(tmp_path / "prompts.json", 8, 8)
+    with pytest.raises(DataError, match="prompt file .*missing.json does not exist"):
+        load_prompts(tmp_path / "missing.json", 8, 8)
+
+
+def test_text_empty_overlong_and_non_ascii(tmp_path):
+    model = JRM.build(JRMConfig(tiny_hidden=64, tiny_layers=2, max_instruction_tokens=32), seed=0)
+    image = Image.new("RGB", (32, 32), "red")
+    scores = model.score([image] * 3, ["把圆圈变成红色 🎨", "rendre le cercle bleu, s'il vous plaît", "make it red"], [image] * 3)
+    assert np.isfinite(scores.numpy()).all()
+    with pytest.raises(ValueError, match="instruction 1 is empty"):
+        model.score([image] * 2, ["make it red", "  "], [image] * 2)
+    with pytest.raises(ValueError, match=r"instruction 0 has \d+ tokens, more than model.max_instruction_tokens \(32\)"):
+        model.score([image], ["make the circle red " * 40], [image])
+    # in training data the over-long instruction is found before training, with its file and row
+    path = write_pairs(tmp_path, [pair(), pair(prompt="make the circle red " * 40)])
+    pairs, _ = load_pairs(path)
+    with pytest.raises(DataError, match=r"pairs.json.*1.*: the instruction has \d+ tokens"):
+        usable_pairs(model, pairs, skip_bad=False, what="training")
+    assert len(usable_pairs(model, pairs, skip_bad=True, what="training")) == 1
