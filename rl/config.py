@@ -157,6 +157,8 @@ class DataConfig:
     """Prompts for periodic ODE evaluation."""
     num_eval: int = 64
     """Evaluation prompts used."""
+    skip_bad: bool = False
+    """Skip (and count: data/skipped_prompts in metrics.jsonl) prompt rows with missing fields or unreadable images instead of stopping."""
 
 
 @dataclass

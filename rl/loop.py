@@ -157,8 +157,10 @@ def train(cfg: RLConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     algo, P, G = cfg.algo, cfg.algo.prompts_per_step, cfg.algo.group_size
-    prompts = load_prompts(cfg.data.train_prompts, cfg.policy.height, cfg.policy.width)
-    eval_prompts = load_prompts(cfg.data.eval_prompts, cfg.policy.height, cfg.policy.width, cfg.data.num_eval)
+    prompts, skipped = load_prompts(cfg.data.train_prompts, cfg.policy.height, cfg.policy.width, skip_bad=cfg.data.skip_bad)
+    eval_prompts, eval_skipped = load_prompts(cfg.data.eval_prompts, cfg.policy.height, cfg.policy.width, cfg.data.num_eval, cfg.data.skip_bad)
+    if skipped or eval_skipped:
+        print(f"skipped bad prompt rows: {skipped} of {cfg.data.train_prompts}, {eval_skipped} of {cfg.data.eval_prompts}", flush=True)
     gold = build_reward(cfg.reward.gold) if cfg.reward.gold else None
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
     found = checkpoint.complete_checkpoints(run_dir)
@@ -220,6 +222,8 @@ def train(cfg: RLConfig) -> dict:
                 print(f"could not write a checkpoint at step {at_step} after the failure: {e}", flush=True)
 
         last_eval = evaluate(0) if step == 0 else {}
+        if step == 0 and (skipped or eval_skipped):
+            logger.log(0, {"data/skipped_prompts": skipped, "data/skipped_eval_prompts": eval_skipped})
         bad_steps = redos = 0
         while step < cfg.num_steps:
             t0 = time.perf_counter()

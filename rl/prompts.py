@@ -24,8 +24,12 @@ class Prompt:
     instruction: str
 
 
-def load_prompts(path: str | Path, height: int, width: int, limit: int = 0) -> list[Prompt]:
-    """Read prompts, resizing sources to height x width (LANCZOS; ShapeEdit sources already fit)."""
+def load_prompts(path: str | Path, height: int, width: int, limit: int = 0, skip_bad: bool = False) -> tuple[list[Prompt], int]:
+    """Read prompts, resizing sources to height x width (LANCZOS; ShapeEdit sources already fit).
+
+    Returns (prompts, skipped): a bad row (missing fields, an unreadable source image) raises DataError naming
+    the file and row, or with skip_bad is skipped and counted.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"prompt file {path} does not exist (ShapeEdit: python -m reward.shapeedit generate --out DIR)")
@@ -36,20 +40,33 @@ def load_prompts(path: str | Path, height: int, width: int, limit: int = 0) -> l
         raise DataError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(rows, list) or not rows:
         raise DataError(f"{path}: expected a non-empty list of prompts")
-    prompts = []
-    for i, row in enumerate(rows[: limit or None]):
-        where = f"{path} row {i}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-        source_key = "path_src" if "path_src" in row else "source"
-        instruction = row.get("instruction")
-        if source_key not in row or not isinstance(instruction, str) or not instruction.strip():
-            raise DataError(f"{where}: needs a non-empty 'instruction' and 'path_src' (or 'source'); has {sorted(row)}")
-        image = load_image(path.parent / row[source_key], where)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS)
-        prompts.append(Prompt(image, instruction))
-    return prompts
+    prompts, skipped = [], 0
+    for i, row in enumerate(rows):
+        if limit and len(prompts) == limit:
+            break
+        try:
+            prompts.append(_prompt(path, i, row, height, width))
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+    if not prompts:
+        raise DataError(f"{path}: no usable prompt ({skipped} bad rows skipped)")
+    return prompts, skipped
+
+
+def _prompt(path: Path, i: int, row, height: int, width: int) -> Prompt:
+    where = f"{path} row {i}"
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    source_key = "path_src" if "path_src" in row else "source"
+    instruction = row.get("instruction")
+    if source_key not in row or not isinstance(instruction, str) or not instruction.strip():
+        raise DataError(f"{where}: needs a non-empty 'instruction' and 'path_src' (or 'source'); has {sorted(row)}")
+    image = load_image(path.parent / row[source_key], where)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return Prompt(image, instruction)
 
 
 def prompts_for_step(num_prompts: int, step: int, per_step: int, seed: int) -> list[int]:

@@ -118,6 +118,13 @@ def test_bad_prompt_files_name_the_file_and_row(tmp_path):
             load_prompts(tmp_path / "prompts.json", 8, 8)
     with pytest.raises(DataError, match="prompt file .*missing.json does not exist"):
         load_prompts(tmp_path / "missing.json", 8, 8)
+    rows = [{"path_src": "src.png", "instruction": "x"}, {"path_src": "bomb.png", "instruction": "y"}, {"path_src": "src.png"}, {"path_src": "src.png", "instruction": "z"}]
+    (tmp_path / "prompts.json").write_text(json.dumps(rows))
+    prompts, skipped = load_prompts(tmp_path / "prompts.json", 8, 8, skip_bad=True)  # data.skip_bad=true
+    assert ([p.instruction for p in prompts], skipped) == (["x", "z"], 2)
+    (tmp_path / "prompts.json").write_text(json.dumps(rows[1:3]))
+    with pytest.raises(DataError, match=r"no usable prompt \(2 bad rows skipped\)"):
+        load_prompts(tmp_path / "prompts.json", 8, 8, skip_bad=True)
 
 
 def test_text_empty_overlong_and_non_ascii(tmp_path):

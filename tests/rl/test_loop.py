@@ -300,3 +300,30 @@ def test_no_secret_reaches_the_run_directory(setup, tmp_path, monkeypatch):
         data = f.read_bytes()
         for key, value in secrets.items():
             assert value.encode() not in data, f"{key}'s value is in {f}"
+
+
+def test_a_reward_actor_that_stays_dead_stops_the_run_resumably(setup, whole, tmp_path):
+    """Kill the reward actor every time Ray restarts it: the retries run out, the run stops naming the reward
+    actor and keeps a checkpoint, and resume=auto (with a healthy reward) ends like the uninterrupted run."""
+    run = tmp_path / "run"
+    stop = threading.Event()
+
+    def keep_killing():
+        while not stop.is_set():
+            if (run / "checkpoints" / "step-000001" / "state.json").exists():
+                for p in psutil.process_iter(["cmdline"]):
+                    if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RewardWorker"):
+                        p.kill()
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=keep_killing, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(Exception, match=r"the reward actor failed 3 times|RewardWorker.*died"):
+            train(load_config(RLConfig, None, overrides(setup, run, "reward.timeout_s=5")))
+    finally:
+        stop.set()
+        killer.join()
+    assert checkpoint.find_resume(run, "auto") is not None
+    train(load_config(RLConfig, None, overrides(setup, run)))
+    _same_metrics(run, whole)

@@ -13,9 +13,9 @@ def test_formats_and_errors(tmp_path):
     Image.new("RGBA", (10, 12), (1, 2, 3, 255)).save(tmp_path / "a.png")
     (tmp_path / "p.jsonl").write_text(json.dumps({"source": "a.png", "instruction": "make it red"}) + "\n\n")
     (tmp_path / "q.json").write_text(json.dumps([{"path_src": "a.png", "instruction": "x", "scene": {}}]))
-    p = load_prompts(tmp_path / "p.jsonl", 8, 8)
+    p, _ = load_prompts(tmp_path / "p.jsonl", 8, 8)
     assert p[0].source.size == (8, 8) and p[0].source.mode == "RGB" and p[0].instruction == "make it red"
-    assert load_prompts(tmp_path / "q.json", 12, 10)[0].source.size == (10, 12)
+    assert load_prompts(tmp_path / "q.json", 12, 10)[0][0].source.size == (10, 12)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"source": "a.png"}) + "\n")
     with pytest.raises(DataError, match="bad.jsonl row 0: needs a non-empty 'instruction'"):
         load_prompts(tmp_path / "bad.jsonl", 8, 8)
