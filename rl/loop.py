@@ -20,7 +20,7 @@ import numpy as np
 import ray
 import torch
 from PIL import Image
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -71,7 +71,9 @@ class RayRewardClient:
             try:
                 ray.get(self.handle.__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 0.01))
                 return
-            except (GetTimeoutError, RayActorError):
+            except ActorDiedError:  # restarts used up: waiting can't help
+                return
+            except (GetTimeoutError, RayActorError):  # still restarting
                 time.sleep(0.2)
 
 
@@ -135,8 +137,16 @@ def running_actors(cfg: RLConfig):
         yield reward, rollout_workers, learners
     finally:
         for actor in [reward, *rollout_workers, *learners]:
-            ray.kill(actor)
-        ray.util.remove_placement_group(pg)
+            _release(ray.kill, actor)
+        _release(ray.util.remove_placement_group, pg)
+
+
+def _release(release, what) -> None:
+    """One cleanup call; a failure is printed, so it hides neither the run's own error nor the other calls."""
+    try:
+        release(what)
+    except Exception as e:  # noqa: BLE001
+        print(f"cleanup: {type(e).__name__}: {e}", flush=True)
 
 
 def save_grid(path: Path, sources: torch.Tensor, edits: torch.Tensor, rows: int = 8) -> None:
@@ -190,13 +200,24 @@ def train(cfg: RLConfig) -> dict:
         def evaluate(at_step: int) -> dict:
             start = time.perf_counter()
             shares = np.array_split(np.arange(len(eval_prompts)), len(rollout_workers))
-            parts = ray.get([w.evaluate.remote([eval_prompts[i] for i in s], cfg.seed, algo.micro_batch_size) for w, s in zip(rollout_workers, shares) if len(s)])
-            edits = torch.cat(parts)
+            for attempt in range(MAX_REDOS + 1):
+                parts = ray.get([w.evaluate.remote([eval_prompts[i] for i in s], cfg.seed, algo.micro_batch_size) for w, s in zip(rollout_workers, shares) if len(s)])
+                held = sorted({v for _, v in parts} - {version})
+                if not held:
+                    break
+                if attempt == MAX_REDOS:  # a worker restarted during evaluation keeps coming back with other weights
+                    raise RuntimeError(f"evaluation at step {at_step}: workers held weight versions {held} != {version}, {MAX_REDOS + 1} times")
+                print(f"evaluation at step {at_step}: weight versions {held} != {version} (a worker restarted); resending weights", flush=True)
+                ray.get([w.set_weights.remote(learners[0].trainable_state.remote(), version) for w in rollout_workers])
+            edits = torch.cat([e for e, _ in parts])
             edited = tensor_to_images(edits)
-            scores = reward_client.result(reward_client.submit(eval_sources, eval_instructions, edited))
+            n = cfg.reward.max_batch_size  # scored in batches, like rollouts: one timeout per batch
+            chunks = [reward_client.submit(eval_sources[i : i + n], eval_instructions[i : i + n], edited[i : i + n]) for i in range(0, len(edited), n)]
+            results = [reward_client.result(c) for c in chunks]
+            total = [x for r in results for x in r.total]
             # the standard errors let rl/compare.py tell a real drop from evaluation noise
-            row = {"eval/reward_mean": float(np.mean(scores.total)), "eval/reward_sem": _standard_error(scores.total)}
-            row.update({f"eval/reward_{k}": float(np.mean(v)) for k, v in scores.terms.items()})
+            row = {"eval/reward_mean": float(np.mean(total)), "eval/reward_sem": _standard_error(total)}
+            row.update({f"eval/reward_{k}": float(np.mean([x for r in results for x in r.terms[k]])) for k in results[0].terms})
             if gold is not None:
                 gold_scores = gold.score(eval_sources, eval_instructions, edited).numpy()
                 row["eval/gold_score"] = float(gold_scores.mean())
@@ -258,7 +279,11 @@ def train(cfg: RLConfig) -> dict:
                     save_after_failure(step)
                     raise RuntimeError(f"step {step}: {why}, {redos} times in a row; giving up (resume=auto continues from the checkpoint)") from lost
                 print(f"step {step}: {why}; resending weights, redoing the step ({redos}/{MAX_REDOS})", flush=True)
-                ray.get([w.set_weights.remote(learners[0].trainable_state.remote(), version) for w in rollout_workers])
+                try:
+                    ray.get([w.set_weights.remote(learners[0].trainable_state.remote(), version) for w in rollout_workers])
+                except RayActorError as e:  # restarts used up: the worker is gone for good
+                    save_after_failure(step)
+                    raise RuntimeError(f"step {step}: a rollout worker is gone for good ({type(e).__name__}); resume=auto continues from the checkpoint") from e
                 continue
             redos = 0
             scores = [s for res in results for s in res.scores]
@@ -338,7 +363,11 @@ def train(cfg: RLConfig) -> dict:
 
             # ---- eval and checkpoint -----------------------------------------------------------------------------
             if step % cfg.eval_every == 0 or step == cfg.num_steps:
-                last_eval = evaluate(step)
+                try:
+                    last_eval = evaluate(step)
+                except Exception:  # keep this step's update: resume=auto continues after it (without this evaluation)
+                    save_after_failure(step)
+                    raise
             if step % cfg.save_every == 0 or step == cfg.num_steps:
                 save(step)
         logger.close()

@@ -91,12 +91,12 @@ class RolloutWorker:
         scores = [self.reward.result(h) if overlap else h for h in handles]
         return RolloutResult(rollouts, scores, sampled - start, time.perf_counter() - sampled)
 
-    def evaluate(self, prompts: list[Prompt], seed: int, batch_size: int) -> Tensor:
-        """ODE (noise 0) edits of `prompts`: (N, 3, H, W) uint8."""
+    def evaluate(self, prompts: list[Prompt], seed: int, batch_size: int) -> tuple[Tensor, int]:
+        """ODE (noise 0) edits of `prompts`, (N, 3, H, W) uint8, and the weight version that made them."""
         generator = torch.Generator(self.device).manual_seed(seed)
         out = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             rollout = self.policy.sample([p.source for p in chunk], [p.instruction for p in chunk], self.eval_sampler, generator)
             out.append(rollout.edited_images.cpu())
-        return torch.cat(out)
+        return torch.cat(out), self.policy.version

@@ -166,6 +166,27 @@ def test_the_local_cluster_listens_on_loopback_only(setup):
     ray.kill(probe)
 
 
+def ours() -> list[psutil.Process]:
+    """Processes of the Ray cluster this test module started (never another cluster on the machine)."""
+    return psutil.Process().children(recursive=True)
+
+
+def title(p: psutil.Process) -> str:
+    try:
+        cmdline = p.cmdline()
+    except psutil.Error:  # gone meanwhile
+        return ""
+    return cmdline[0] if cmdline else ""
+
+
+def kill(p: psutil.Process) -> bool:
+    try:
+        p.kill()
+        return True
+    except psutil.Error:
+        return False
+
+
 def kill_once(after: Path, process: str) -> tuple[threading.Thread, list]:
     """A thread that SIGKILLs the first process whose title starts with `process` (Ray titles a worker
     `ray::Class.method` while it runs that method) once the file `after` exists; the list gets its pid."""
@@ -174,9 +195,8 @@ def kill_once(after: Path, process: str) -> tuple[threading.Thread, list]:
     def watch():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            for p in psutil.process_iter(["cmdline"]) if after.exists() else []:
-                if p.info["cmdline"] and p.info["cmdline"][0].startswith(process):
-                    p.kill()
+            for p in ours() if after.exists() else []:
+                if title(p).startswith(process) and kill(p):
                     killed.append(p.pid)
                     break
             time.sleep(0.005)
@@ -311,9 +331,9 @@ def test_a_reward_actor_that_stays_dead_stops_the_run_resumably(setup, whole, tm
     def keep_killing():
         while not stop.is_set():
             if (run / "checkpoints" / "step-000001" / "state.json").exists():
-                for p in psutil.process_iter(["cmdline"]):
-                    if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RewardWorker"):
-                        p.kill()
+                for p in ours():
+                    if title(p).startswith("ray::RewardWorker"):
+                        kill(p)
             time.sleep(0.01)
 
     killer = threading.Thread(target=keep_killing, daemon=True)
