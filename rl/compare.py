@@ -130,10 +130,8 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
         if key not in config:
             raise CompareError(f"{config_file} has no {key!r}: not a config written by launch/grpo_edit.py")
     rows = read_metrics(path / "metrics.jsonl")
-    logged = set().union(*rows.values())
-    missing = [k for k in ("eval/reward_mean",) if k not in logged]
-    if missing:
-        raise CompareError(f"{path / 'metrics.jsonl'} never logged {missing}: not metrics of launch/grpo_edit.py")
+    if not any("eval/reward_mean" in row for row in rows.values()):
+        raise CompareError(f"{path / 'metrics.jsonl'} never logged eval/reward_mean: not metrics of launch/grpo_edit.py")
     found = checkpoint.complete_checkpoints(path)
     last = int(found[-1].name.removeprefix(checkpoint.PREFIX)) if found else None
     return Run(path, label or default_label(config), config, rows, last)
@@ -151,13 +149,16 @@ def check_comparable(runs: list[Run]) -> None:
     with_gold = [r for r in runs if any("eval/gold_score" in row for row in r.rows.values())]
     if with_gold and len(with_gold) != len(runs):
         without = [str(r.path) for r in runs if r not in with_gold]
-        raise CompareError(f"runs {without} logged no eval/gold_score while the others did (same reward.gold, different metrics)")
+        raise CompareError(
+            f"runs {without} logged no eval/gold_score while the others did (same reward.gold, different metrics): "
+            f"compare them in separate reports"
+        )
     trained = [r for r in runs if r.last_step > 0]  # a run that only evaluated step 0 has no training rows yet
     for key in STEP_KEYS:
         has = [any(key in row for row in r.rows.values()) for r in trained]
         if any(has) and not all(has):
             without = [str(r.path) for r, h in zip(trained, has) if not h]
-            raise CompareError(f"runs {without} never logged {key} while the others did: metrics don't match")
+            raise CompareError(f"runs {without} never logged {key} while the others did: compare runs of one jrm-edit version, or in separate reports")
     for label in sorted({r.label for r in runs}):
         group = [r for r in runs if r.label == label]
         first = group[0]
@@ -291,7 +292,7 @@ def common_eval_step(runs: list[Run]) -> int:
     """The last evaluation step every run reached: where runs of different lengths are compared."""
     shared = set.intersection(*(set(r.series("eval/reward_mean")[0].tolist()) for r in runs))
     if not shared:
-        raise CompareError("the runs share no evaluation step (different eval_every and no common step)")
+        raise CompareError("the runs share no evaluation step: compare runs whose eval_every divide a common step, or in separate reports")
     return max(shared)
 
 

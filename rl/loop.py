@@ -88,7 +88,9 @@ def _free_port() -> int:
 
 def start_actors(cfg: RLConfig):
     """Placement group and actors. CPU runs share the CPUs fractionally; GPU runs put one rollout worker, one
-    learner and (on the first GPU) the reward actor on each GPU, as fractions of it."""
+    learner and (on the first GPU) the reward actor on each GPU, as fractions of it. Returns the placement
+    group, the reward actor, its retrying client (the workers' and the driver's evaluation), the rollout
+    workers and the learners."""
     c = cfg.cluster
     n_actors = c.num_rollout_workers + c.num_learners + 1
     cpus = ray.available_resources().get("CPU", 1.0)
@@ -119,7 +121,7 @@ def start_actors(cfg: RLConfig):
         .remote(cfg, rank, c.num_learners, port, c.threads_per_worker)
         for rank in range(c.num_learners)
     ]
-    return pg, reward, rollout_workers, learners
+    return pg, reward, client, rollout_workers, learners
 
 
 def _standard_error(values) -> float:
@@ -132,9 +134,9 @@ def _standard_error(values) -> float:
 def running_actors(cfg: RLConfig):
     """start_actors(), and kill them and free their placement group however the run ends (a failed run in a
     notebook or test must not hold the cluster's CPUs)."""
-    pg, reward, rollout_workers, learners = start_actors(cfg)
+    pg, reward, client, rollout_workers, learners = start_actors(cfg)
     try:
-        yield reward, rollout_workers, learners
+        yield client, rollout_workers, learners
     finally:
         for actor in [reward, *rollout_workers, *learners]:
             _release(ray.kill, actor)
@@ -179,8 +181,7 @@ def train(cfg: RLConfig) -> dict:
             f"{run_dir} already holds checkpoints up to {found[-1].name}; continue it with resume=auto, or use another output_dir "
             "(a new run here would prune or mix with them)"
         )
-    with running_actors(cfg) as (reward, rollout_workers, learners):
-        reward_client = RayRewardClient(reward, cfg.reward.timeout_s, cfg.reward.retries)  # the driver's, for evaluation
+    with running_actors(cfg) as (reward_client, rollout_workers, learners):
 
         # ---- resume ------------------------------------------------------------------------------------------------
         step, version, run_id = 0, 0, None

@@ -187,14 +187,15 @@ def kill(p: psutil.Process) -> bool:
         return False
 
 
-def kill_once(after: Path, process: str) -> tuple[threading.Thread, list]:
+def kill_when(after: Path, process: str, until: threading.Event | None = None) -> tuple[threading.Thread, list]:
     """A thread that SIGKILLs the first process whose title starts with `process` (Ray titles a worker
-    `ray::Class.method` while it runs that method) once the file `after` exists; the list gets its pid."""
+    `ray::Class.method` while it runs that method) once the file `after` exists; the list gets its pid.
+    With `until`, it goes on killing every such process (each restart) until that event is set."""
     killed = []
 
     def watch():
         deadline = time.time() + 240
-        while time.time() < deadline and not killed:
+        while time.time() < deadline and (not killed if until is None else not until.is_set()):
             for p in ours() if after.exists() else []:
                 if title(p).startswith(process) and kill(p):
                     killed.append(p.pid)
@@ -218,7 +219,7 @@ def test_an_actor_killed_mid_step_is_restarted_and_the_run_unchanged(setup, whol
     """SIGKILL an actor's process during step 2 (after checkpoint 1): Ray restarts it, the step is redone or the
     call retried with the same seeds, and the metrics equal the uninterrupted run's: no sample lost or counted twice."""
     want_dir, got_dir = whole, tmp_path / "killed"
-    killer, killed = kill_once(got_dir / "checkpoints" / "step-000001" / "state.json", process)
+    killer, killed = kill_when(got_dir / "checkpoints" / "step-000001" / "state.json", process)
     train(load_config(RLConfig, None, overrides(setup, got_dir)))
     killer.join()
     assert killed, f"no {process} process was caught: the fault was not injected"
@@ -230,7 +231,7 @@ def test_a_learner_killed_mid_step_stops_the_run_and_resume_reproduces_it(setup,
     """A learner's optimizer state dies with it, so the run stops with a clear error (never a silent restart);
     resume=auto from the last checkpoint then ends exactly like the uninterrupted run."""
     want_dir, got_dir = whole, tmp_path / "killed"
-    killer, killed = kill_once(got_dir / "checkpoints" / "step-000001" / "state.json", "ray::Learner.update")
+    killer, killed = kill_when(got_dir / "checkpoints" / "step-000001" / "state.json", "ray::Learner.update")
     with pytest.raises(RuntimeError, match=r"a learner died during step \d.*resume=auto continues from .*step-00000\d"):
         train(load_config(RLConfig, None, overrides(setup, got_dir)))
     killer.join()
@@ -327,17 +328,7 @@ def test_a_reward_actor_that_stays_dead_stops_the_run_resumably(setup, whole, tm
     actor and keeps a checkpoint, and resume=auto (with a healthy reward) ends like the uninterrupted run."""
     run = tmp_path / "run"
     stop = threading.Event()
-
-    def keep_killing():
-        while not stop.is_set():
-            if (run / "checkpoints" / "step-000001" / "state.json").exists():
-                for p in ours():
-                    if title(p).startswith("ray::RewardWorker"):
-                        kill(p)
-            time.sleep(0.01)
-
-    killer = threading.Thread(target=keep_killing, daemon=True)
-    killer.start()
+    killer, _ = kill_when(run / "checkpoints" / "step-000001" / "state.json", "ray::RewardWorker", until=stop)
     try:
         with pytest.raises(Exception, match=r"the reward actor failed 3 times|RewardWorker.*died"):
             train(load_config(RLConfig, None, overrides(setup, run, "reward.timeout_s=5")))
