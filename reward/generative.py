@@ -30,9 +30,14 @@ def parse_verdict(text: str) -> float | None:
 class GenerativeJudge:
     """score() by greedy decoding of a critique; unparsable critiques score 0 and are counted."""
 
-    def __init__(self, model: JRM, max_new_tokens: int = 256):
+    def __init__(self, model: JRM, max_new_tokens: int = 256, min_new_tokens: int = 0):
+        """`min_new_tokens` holds back the end token until that many are decoded: benchmarks set it to
+        max_new_tokens so that a random-weight judge writes critiques of a known length."""
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"need 0 <= min_new_tokens ({min_new_tokens}) <= max_new_tokens ({max_new_tokens})")
         self.model = model
         self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
         self.parse_failures = 0
         self.generated_tokens = 0
 
@@ -48,12 +53,14 @@ class GenerativeJudge:
         generated = _unwrap(model.backbone).generate(
             **batch,
             max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
         new = generated[:, batch["input_ids"].shape[1] :]
-        self.generated_tokens += int((new != tokenizer.pad_token_id).sum())
+        ends = (new == tokenizer.eos_token_id).int()
+        self.generated_tokens += int((ends.cumsum(1) - ends == 0).sum())  # up to each row's end token: the rest is padding
         return tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def score(

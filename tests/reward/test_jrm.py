@@ -166,6 +166,11 @@ def test_generative_baseline_decodes_and_parses(jrm, batch):
     scores = judge.score(sources[:3], instructions[:3], edited[:3])
     assert scores.shape == (3,) and judge.generated_tokens > 0
     assert judge.parse_failures + int((scores > 0).sum()) == 3
+    fixed = GenerativeJudge(jrm, max_new_tokens=6, min_new_tokens=6)  # what the benchmarks use: critiques of a known length
+    fixed.critique(sources[:2], instructions[:2], edited[:2])
+    assert fixed.generated_tokens == 2 * 6
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        GenerativeJudge(jrm, max_new_tokens=4, min_new_tokens=5)
 
 
 def test_config_errors_name_the_key():

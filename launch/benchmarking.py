@@ -1,0 +1,140 @@
+"""What every benchmark in launch/ shares: the machine's description, peak-memory measurement, a printed table
+and a JSON report. The benchmarks themselves: bench_reward.py (JRM vs the generative judge),
+bench_reward_actor.py (the Ray reward actor's batching), bench_rl_step.py (RL step phases, Ray overhead,
+async, scaling, memory per role) and gpu_check.py (real sizes on one GPU). Their figures: docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+
+def machine() -> dict:
+    """Where the figures come from: CPU, cores, threads, GPU, library versions."""
+    import diffusers
+    import transformers
+
+    info = {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+class PeakMemory:
+    """Peak memory while the block runs: GPU bytes allocated by torch on CUDA; on CPU the peak resident set of
+    this process above its size at entry (sampled every `interval_s`, so a spike shorter than that can be missed).
+
+        with PeakMemory(device) as mem: ...
+        mem.peak_gib
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", interval_s: float = 0.005):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._process = psutil.Process()
+        self._base = self._process.memory_info().rss
+        self._peak = self._base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._process.memory_info().rss)
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.added_bytes = self.peak_bytes - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._process.memory_info().rss)
+        self.peak_bytes = self._peak
+        self.added_bytes = self._peak - self._base
+
+    @property
+    def peak_gib(self) -> float:
+        """Peak in GiB: GPU memory allocated, or the process's resident set on CPU."""
+        return self.peak_bytes / 2**30
+
+    @property
+    def added_gib(self) -> float:
+        """Peak minus the memory held at entry, in GiB (what the block itself needed)."""
+        return self.added_bytes / 2**30
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for queued GPU work, so a timer reads the work's end and not its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def table(rows: list[dict], columns: list[str], title: str = "") -> str:
+    """A plain-text table of `rows` (dicts) in `columns` order; floats with 3 significant decimals."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return "" if value is None else str(value)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
+    return "\n".join(lines)
+
+
+def write_report(path: str | Path, name: str, command: str, settings: dict, results: dict) -> Path:
+    """The JSON a benchmark leaves behind: what ran, where, with which settings, and what it measured."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": name, "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "settings": settings, "results": results}
+    path.write_text(json.dumps(report, indent=1))
+    return path
