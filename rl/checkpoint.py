@@ -31,7 +31,8 @@ def staging_dir(run_dir: str | Path, step: int) -> Path:
 
 def commit(staging: Path, state: dict, trainable: dict[str, np.ndarray], keep: int) -> Path:
     """Finish a staged checkpoint: write state and weights, fsync, rename into place, prune old ones."""
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in trainable.items()}, str(staging / "policy.safetensors"))
+    # a copy: arrays from the object store are read-only, which torch warns about
+    save_file({k: torch.from_numpy(np.array(v, order="C")) for k, v in trainable.items()}, str(staging / "policy.safetensors"))
     (staging / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     for f in staging.rglob("*"):
         if f.is_file():

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from policies.policy import EditingPolicy
 from policies.rollout import Rollout
 from rl.algorithms import clipped_surrogate, gaussian_kl, value_loss
 from rl.config import RLConfig
@@ -25,7 +26,12 @@ from rl.workers import build_policy
 
 
 class Learner:
-    def __init__(self, cfg: RLConfig, rank: int, world_size: int, master_port: int, threads: int = 0):
+    def __init__(self, cfg: RLConfig, rank: int, world_size: int, master_port: int, threads: int = 0, policy: EditingPolicy | None = None):
+        """Join the DeepSpeed group as `rank` of `world_size` and set up the optimizer over the policy's trainable weights.
+
+        `policy`: an editing policy already on cfg.cluster.device to train instead of the one cfg.policy names
+        (launch/gpu_check.py passes random weights at real sizes); by default build_policy(cfg.policy, cfg.seed).
+        """
         if threads:
             torch.set_num_threads(threads)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
@@ -37,9 +43,11 @@ class Learner:
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
-        self.policy = build_policy(cfg.policy, cfg.seed)
-        if cfg.cluster.device != "cpu":
-            self.policy.to(cfg.cluster.device)
+        if policy is None:
+            policy = build_policy(cfg.policy, cfg.seed)
+            if cfg.cluster.device != "cpu":
+                policy.to(cfg.cluster.device)
+        self.policy = policy
         algo = cfg.algo
         self.value = ValueModel() if algo.algo == "ppo" else None
         groups = [{"params": self.policy.trainable_parameters(), "lr": algo.lr}]

@@ -80,7 +80,8 @@ class RayRewardClient:
 MAX_REDOS = 3  # consecutive redos of one step (a rollout worker died or came back with old weights) before stopping
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the learners' rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -114,7 +115,7 @@ def start_actors(cfg: RLConfig):
         .remote(cfg.policy, cfg.seed, client, c.threads_per_worker, c.device)
         for _ in range(c.num_rollout_workers)
     ]
-    port = _free_port()
+    port = free_port()
     learners = [
         ray.remote(Learner)
         .options(num_cpus=cpu_each, num_gpus=gpu(0.4), scheduling_strategy=place)

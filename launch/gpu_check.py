@@ -1,0 +1,618 @@
+"""Real sizes on one GPU with random weights (nothing downloaded): does the code run, how fast, in how much memory.
+
+    python launch/gpu_check.py [--out runs/bench/gpu_check.json] [--peak-tflops F] [--steps 8] [--batch 32]
+                               [--only jrm,generative,kontext_rollout,kontext_learner] [--gradient-checkpointing]
+    python launch/gpu_check.py --tiny                  # the same code path at tiny sizes, CPU, seconds (tested)
+    python launch/gpu_check.py --tiny --device cuda    # a seconds-long smoke test of the device code first
+
+Under 8 minutes on one H100/H200, bf16 weights (LoRA weights and SDE math float32). Rows of the table:
+- jrm: the JRM on a Qwen2.5-VL-7B-sized backbone scores `--batch` pairs of 512x512 source and edit: pairs/s of
+  JRM.score (CPU preprocessing included); MFU of its forward alone (target 40%+), and of vision tower and LM apart.
+- generative: the generative judge on the same weights, critiques of exactly `--critique-tokens`: tokens/s, pairs/s.
+- kontext_rollout: FLUX.1 Kontext at full size (12B transformer with the RL preset's LoRA, T5-XXL, CLIP-L, the
+  16-channel VAE) edits one 512x512 image in `--steps` steps: seconds per image.
+- kontext_learner: rl/learner.py's DeepSpeed ZeRO-2 learner (one rank) takes one optimizer step on that rollout
+  with launch/configs/flux_kontext_jrm.yaml's algorithm (SDE window, KL term): seconds per step.
+peak_gib: the most GPU memory allocated during the row, weights included. A row that fails (out of memory, say)
+is printed as FAILED, the others are still measured and written, and the command then exits with an error.
+
+MFU = FLOPs / (seconds x peak FLOP/s), forward FLOPs of a batch (P = parameters of the named modules):
+    vision   = 2 (P_blocks + P_patch_embed) patches + 2 P_merger patches / 4
+               + 4 d_vision (sum over full-attention layers of n_image^2 + over window layers of sum n_window^2)
+    language = 2 P_decoder_layers tokens + 2 layers d_model sum_seq L^2     (causal: half of QK^T and AV)
+Embedding lookups, elementwise work and the reward head are left out. Peak: the card's dense bf16 spec (H100/H200
+SXM 989, H100 PCIe 756, A100 312 TFLOP/s) or --peak-tflops; no MFU on CPU. With sdpa, transformers runs the vision
+tower's window attention as one kernel call per window; flash_attention_2 (--attn, if flash-attn is installed)
+runs them as one. Tokenizers are the offline tiny ones (their ids are valid in the real vocabularies), so text
+token counts differ a little from the real tokenizers'. Figures and their analysis: docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import math
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python launch/gpu_check.py`: import the packages, not sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPTextConfig,
+    CLIPTextModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    T5Config,
+    T5EncoderModel,
+)
+
+from launch.benchmarking import PeakMemory, median, sync, table, write_report  # noqa: E402
+from policies.adapters import TrainableConfig  # noqa: E402
+from policies.kontext import FluxKontextPolicy, tiny_tokenizers  # noqa: E402
+from policies.rollout import Rollout  # noqa: E402
+from reward.backbone import ImageOnlyProcessor, build_tiny_tokenizer  # noqa: E402
+from reward.config import load_config  # noqa: E402
+from reward.generative import GenerativeJudge  # noqa: E402
+from reward.model import DTYPES, JRM, JRMConfig  # noqa: E402
+from rl.config import RLConfig  # noqa: E402
+from rl.learner import Learner  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KONTEXT_PRESET = ROOT / "launch" / "configs" / "flux_kontext_jrm.yaml"
+ROWS = ("jrm", "generative", "kontext_rollout", "kontext_learner")
+COLUMNS = ["check", "value", "unit", "mfu", "seconds", "peak_gib", "detail"]
+# Dense bf16 TFLOP/s from the spec sheets, matched in order against torch.cuda.get_device_name().
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+INSTRUCTION = "make the sky purple and add a small red boat"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every size of the check: `REAL` and `TINY` differ in these numbers only (one code path)."""
+
+    text: dict  # Qwen2_5_VLConfig.text_config of the JRM backbone
+    vision: dict  # its vision_config
+    min_pixels: int  # the image processor's bounds (Qwen2.5-VL's preprocessor_config.json)
+    max_pixels: int
+    image_size: int  # side of the JRM's source and edited images
+    batch: int  # JRM pairs per forward
+    generative_batch: int  # pairs per generate() call
+    critique_tokens: int  # tokens per generated critique (min = max new tokens)
+    repeats: int  # timed runs of each JRM measurement (median), after one warm-up
+    flux: dict  # FluxTransformer2DModel
+    vae: dict  # AutoencoderKL
+    clip: dict  # CLIPTextConfig
+    t5: dict  # T5Config (encoder)
+    max_sequence_length: int  # T5 tokens per instruction
+    edit_size: int  # side of the policy's source image and edit
+    steps: int  # denoising steps of the rollout
+    dtype: torch.dtype
+
+
+REAL = Preset(  # Qwen2.5-VL-7B-Instruct and FLUX.1-Kontext-dev, from their config.json files
+    text=dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]),
+    ),
+    vision=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+    ),
+    min_pixels=3136,
+    max_pixels=12845056,
+    image_size=512,
+    batch=32,
+    generative_batch=8,
+    critique_tokens=256,
+    repeats=3,
+    flux=dict(
+        in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56),
+    ),
+    vae=dict(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+        sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    ),
+    clip=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768),
+    t5=dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32),
+    max_sequence_length=512,
+    edit_size=512,
+    steps=8,
+    dtype=torch.bfloat16,
+)
+
+TINY = Preset(  # the shapes of the tests' tiny models; vocabularies larger than the tiny tokenizers, as the real ones are
+    text=dict(
+        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]),
+    ),
+    vision=dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1],
+    ),
+    min_pixels=256,
+    max_pixels=4096,
+    image_size=64,
+    batch=4,
+    generative_batch=4,
+    critique_tokens=8,
+    repeats=2,
+    flux=dict(
+        in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4),
+    ),
+    vae=dict(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    ),
+    clip=dict(vocab_size=1024, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+    t5=dict(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
+    max_sequence_length=32,
+    edit_size=32,
+    steps=3,
+    dtype=torch.float32,
+)
+
+
+@contextlib.contextmanager
+def building_on(device: str | torch.device, dtype: torch.dtype):
+    """New parameters are made on `device` in `dtype`: a 12B model never exists in float32 or on the CPU."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def seconds(fn, device: str, repeats: int) -> float:
+    """Median wall-clock seconds of fn() over `repeats` runs, after one warm-up run (kernels, allocator)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def random_images(n: int, size: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def peak_flops(device: str, given_tflops: float | None) -> tuple[float | None, str]:
+    """Peak dense bf16 FLOP/s of the device (None where unknown) and where the figure comes from."""
+    if given_tflops is not None:
+        return given_tflops * 1e12, f"--peak-tflops {given_tflops}"
+    if torch.device(device).type != "cuda":
+        return None, "no MFU on CPU"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12, f"{name}: {tflops} TFLOP/s (spec sheet, dense bf16)"
+    return None, f"unknown GPU {name!r}: pass --peak-tflops for MFU"
+
+
+def mfu(flops: float, secs: float, peak: float | None) -> float | None:
+    return None if peak is None else flops / secs / peak
+
+
+# ---------------------------------------------------------------------- the JRM and the generative judge
+
+
+def build_jrm(preset: Preset, device: str | torch.device, attn: str) -> JRM:
+    """A JRM on a random-weight Qwen2.5-VL backbone of the preset's size, built on `device` in the preset's dtype.
+
+    Special-token ids come from the offline tiny tokenizer (all below the vocabulary size)."""
+    tokenizer = build_tiny_tokenizer()
+    if preset.text["vocab_size"] < len(tokenizer):
+        raise ValueError(f"vocab_size {preset.text['vocab_size']} is below the tokenizer's {len(tokenizer)} tokens")
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{token}|>") for name, token in
+           (("image_token_id", "image_pad"), ("video_token_id", "video_pad"), ("vision_start_token_id", "vision_start"), ("vision_end_token_id", "vision_end"))}
+    text = dict(preset.text, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=preset.vision, tie_word_embeddings=False, **ids)
+    with building_on(device, preset.dtype):
+        torch.manual_seed(0)
+        backbone = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=preset.dtype, attn_implementation=attn)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=preset.vision["patch_size"], merge_size=preset.vision["spatial_merge_size"],
+        temporal_patch_size=preset.vision["temporal_patch_size"], min_pixels=preset.min_pixels, max_pixels=preset.max_pixels,
+    )
+    processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    jrm = JRM(JRMConfig(family="qwen2_5_vl", dtype=dtype_name(preset.dtype), attn_implementation=attn), backbone, processor)
+    return jrm.to(device).eval()  # the backbone is there already; this moves the float32 reward head
+
+
+def jrm_flops(backbone: Qwen2_5_VLForConditionalGeneration, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[float, float]:
+    """(vision, language) FLOPs of one JRM forward over a batch (formula: module docstring).
+
+    Args:
+        attention_mask: (N, L) of the batch; padding is not counted.
+        image_grid_thw: (images, 3) patch grid (frames, height, width) of every image.
+    """
+    visual, language = backbone.model.visual, backbone.model.language_model
+    vision_cfg, text_cfg = backbone.config.vision_config, backbone.config.text_config
+    merge = vision_cfg.spatial_merge_size
+    side = vision_cfg.window_size // merge // vision_cfg.patch_size  # merged tokens along a window's side
+    full_layers = len(vision_cfg.fullatt_block_indexes)
+    window_layers = vision_cfg.depth - full_layers
+    per_patch = 2 * (num_params(visual.blocks) + num_params(visual.patch_embed)) + 2 * num_params(visual.merger) / merge**2
+    vision = 0.0
+    for frames, h, w in image_grid_thw.tolist():
+        patches = frames * h * w
+        rows, cols = _chunks(h // merge, side), _chunks(w // merge, side)
+        windowed = frames * merge**4 * sum(r * r for r in rows) * sum(c * c for c in cols)  # sum of window lengths^2
+        attention = 4 * vision_cfg.hidden_size * (full_layers * frames * (h * w) ** 2 + window_layers * windowed)
+        vision += per_patch * patches + attention
+    lengths = attention_mask.sum(1).double()
+    language = 2 * num_params(language.layers) * lengths.sum().item()
+    language += 2 * text_cfg.num_hidden_layers * text_cfg.hidden_size * (lengths**2).sum().item()
+    return vision, language
+
+
+def _chunks(length: int, size: int) -> list[int]:
+    """Lengths of the windows along one axis (the last one shorter), as Qwen2.5-VL's get_window_index cuts them."""
+    return [size] * (length // size) + ([length % size] if length % size else [])
+
+
+def check_jrm(jrm: JRM, preset: Preset, device: str, batch: int, peak: float | None) -> dict:
+    """pairs/s of JRM.score end to end; seconds and MFU of its forward, its vision tower and its language model."""
+    sources, edits = random_images(batch, preset.image_size, 0), random_images(batch, preset.image_size, 1)
+    instructions = [INSTRUCTION] * batch  # one length: no padding
+    backbone = jrm.backbone
+    with PeakMemory(device) as memory:
+        score_s = seconds(lambda: jrm.score(sources, instructions, edits, batch_size=batch), device, preset.repeats)
+        inputs = {k: v.to(device) for k, v in jrm.encode(sources, instructions, edits).items()}
+        with torch.inference_mode():
+            forward_s = seconds(lambda: jrm(**inputs), device, preset.repeats)
+            pixels = inputs["pixel_values"].to(backbone.model.visual.dtype)
+            vision_s = seconds(lambda: backbone.model.visual(pixels, grid_thw=inputs["image_grid_thw"]), device, preset.repeats)
+    vision_flops, language_flops = jrm_flops(backbone, inputs["attention_mask"], inputs["image_grid_thw"])
+    tokens = inputs["attention_mask"].sum(1).float().mean().item()
+    image_tokens = (inputs["image_grid_thw"].prod(-1) // backbone.config.vision_config.spatial_merge_size**2).tolist()
+    language_s = max(forward_s - vision_s, 1e-9)
+    return {
+        "pairs_per_s": batch / score_s,
+        "score_s": score_s,
+        "forward_s": forward_s,
+        "forward_pairs_per_s": batch / forward_s,
+        "vision_s": vision_s,
+        "language_s": language_s,
+        "flops_per_pair": (vision_flops + language_flops) / batch,
+        "mfu": mfu(vision_flops + language_flops, forward_s, peak),
+        "mfu_score": mfu(vision_flops + language_flops, score_s, peak),
+        "mfu_vision": mfu(vision_flops, vision_s, peak),
+        "mfu_language": mfu(language_flops, language_s, peak),
+        "tokens_per_sequence": tokens,
+        "image_tokens": image_tokens[:2],
+        "batch": batch,
+        "peak_gib": memory.peak_gib,
+    }
+
+
+def check_generative(jrm: JRM, preset: Preset, device: str, batch: int, critique_tokens: int) -> dict:
+    """tokens/s and pairs/s of the generative judge writing critiques of exactly `critique_tokens` tokens."""
+    sources, edits = random_images(batch, preset.image_size, 2), random_images(batch, preset.image_size, 3)
+    instructions = [INSTRUCTION] * batch
+    GenerativeJudge(jrm, max_new_tokens=2, min_new_tokens=2).score(sources, instructions, edits, batch_size=batch)  # warm-up
+    judge = GenerativeJudge(jrm, max_new_tokens=critique_tokens, min_new_tokens=critique_tokens)
+    with PeakMemory(device) as memory:
+        sync(device)
+        start = time.perf_counter()
+        judge.score(sources, instructions, edits, batch_size=batch)
+        sync(device)
+        elapsed = time.perf_counter() - start
+    if judge.generated_tokens != batch * critique_tokens:
+        raise RuntimeError(f"the judge wrote {judge.generated_tokens} tokens, expected {batch} x {critique_tokens}")
+    return {
+        "tokens_per_s": judge.generated_tokens / elapsed,
+        "pairs_per_s": batch / elapsed,
+        "generated_tokens": judge.generated_tokens,
+        "seconds": elapsed,
+        "batch": batch,
+        "critique_tokens": critique_tokens,
+        "peak_gib": memory.peak_gib,
+    }
+
+
+# ---------------------------------------------------------------------- FLUX.1 Kontext: rollout and learner step
+
+
+def learner_config(preset: Preset, device: str, steps: int) -> RLConfig:
+    """The FLUX.1 Kontext RL preset's algorithm (LoRA, SDE window, KL), shaped for one rollout of one image on one rank."""
+    return load_config(
+        RLConfig,
+        KONTEXT_PRESET,
+        [
+            f"cluster.device={device}", "cluster.num_rollout_workers=1", "cluster.num_learners=1", "cluster.gpus_per_node=1",
+            f"policy.dtype={dtype_name(preset.dtype)}", f"policy.height={preset.edit_size}", f"policy.width={preset.edit_size}",
+            f"policy.sampler.num_steps={steps}",
+            f"policy.sampler.sde_window_size={min(3, steps - 1)}",  # the preset's window of 3, fewer if the steps are fewer
+            # 1 prompt x 2 edits in micro-batches of 1 and 2 updates: each optimizer step is one 1-image micro-batch
+            "algo.prompts_per_step=1", "algo.group_size=2", "algo.micro_batch_size=1", "algo.updates_per_step=2",
+            "wandb=false",
+        ],
+    )
+
+
+def build_kontext(preset: Preset, device: str | torch.device, trainable: TrainableConfig) -> FluxKontextPolicy:
+    """FLUX.1 Kontext of the preset's size with random weights, built on `device`, the offline tiny tokenizers."""
+    tokenizer, tokenizer_2 = tiny_tokenizers()
+    # FLUX.1 Kontext [dev]'s scheduler settings (as policies/kontext.py's tiny_components)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    with building_on(device, preset.dtype):
+        torch.manual_seed(0)
+        # token ids of the tiny tokenizers (the real ones differ; every id is valid in both vocabularies)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**preset.clip, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        text_encoder_2 = T5EncoderModel(T5Config(**preset.t5, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1))
+        vae = AutoencoderKL(**preset.vae)
+        transformer = FluxTransformer2DModel(**preset.flux, patch_size=1, guidance_embeds=True)
+    components = {
+        "scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2, "transformer": transformer,
+    }
+    return FluxKontextPolicy(components, trainable, preset.edit_size, preset.edit_size, preset.max_sequence_length, seed=0)
+
+
+def check_rollout(policy: FluxKontextPolicy, cfg: RLConfig, device: str) -> tuple[dict, Rollout]:
+    """Seconds to edit one image (text encoders, VAE and every denoising step), after a 2-step warm-up rollout."""
+    source = random_images(1, policy.height, 4)
+    sampler = cfg.policy.sampler
+    warm_up = replace(sampler, num_steps=2, sde_window_size=1, sde_window_max_start=-1)
+    policy.sample(source, [INSTRUCTION], warm_up, torch.Generator(device).manual_seed(1))
+    with PeakMemory(device) as memory:
+        sync(device)
+        start = time.perf_counter()
+        rollout = policy.sample(source, [INSTRUCTION], sampler, torch.Generator(device).manual_seed(0))
+        sync(device)
+        elapsed = time.perf_counter() - start
+    condition = rollout.condition
+    return {
+        "seconds_per_image": elapsed,
+        "steps": sampler.num_steps,
+        "trained_steps": int(rollout.stochastic.sum()),
+        "finite_log_probs": bool(torch.isfinite(rollout.log_probs).all()),
+        "tokens_per_forward": rollout.latents.shape[2] + condition.image_latents.shape[1] + condition.prompt_embeds.shape[1],
+        "transformer_params": num_params(policy.pipe.transformer),
+        "trainable_params": sum(p.numel() for p in policy.trainable_parameters()),
+        "peak_gib": memory.peak_gib,
+    }, rollout
+
+
+def check_learner(policy: FluxKontextPolicy, cfg: RLConfig, rollout: Rollout, device: str, checkpointing: bool) -> dict:
+    """Seconds of one optimizer step of the DeepSpeed ZeRO-2 learner on the rollout (the second of two steps)."""
+    if checkpointing:  # recompute each block's activations in the backward (only while gradients are on)
+        policy.pipe.transformer.enable_gradient_checkpointing()
+    before = policy.trainable_state()
+    with PeakMemory(device) as memory:
+        # The process group stays up for later learners of this process: DeepSpeed caches its groups, so a
+        # learner made after destroy_process_group() fails. The command line destroys it at exit.
+        learner = Learner(cfg, rank=0, world_size=1, master_port=free_port(), policy=policy)
+        times, stats = [], []
+        for _ in range(2):  # the first step also pays for allocations and DeepSpeed's first-step set-up
+            sync(device)
+            start = time.perf_counter()
+            stats.append(learner.update([rollout], [torch.ones(1)], [torch.ones(1)]))
+            sync(device)
+            times.append(time.perf_counter() - start)
+    after = policy.trainable_state()
+    return {
+        "seconds_per_step": times[1],
+        "first_step_s": times[0],
+        "backward_passes_per_step": learner.steps_per_update,
+        "gradient_checkpointing": checkpointing,
+        "loss": stats[1]["train/loss"],
+        "grad_norm": stats[1]["train/grad_norm"],
+        "nonfinite_losses": stats[0]["train/nonfinite_losses"] + stats[1]["train/nonfinite_losses"],
+        "max_weight_change": max((after[k].float() - before[k].float()).abs().max().item() for k in before),
+        "peak_gib": memory.peak_gib,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- the check
+
+
+def attempt(results: dict, names: tuple[str, ...], device: str, fn) -> None:
+    """results.update(fn()), or each of `names` set to the error fn raised (traceback printed): a failing check
+    (out of memory, say) leaves the other rows' figures, and main() fails after writing them."""
+    try:
+        results.update(fn())
+    except Exception as error:  # noqa: BLE001 - one GPU run reports every row it can
+        traceback.print_exc()
+        message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        if isinstance(error, torch.OutOfMemoryError):
+            message += " (the learner step fits in less memory with --gradient-checkpointing)"
+        results.update({name: {"error": message} for name in names})
+    free_memory(device)
+
+
+def run_reward(preset: Preset, device: str, args: argparse.Namespace, peak: float | None) -> dict:
+    start = time.perf_counter()
+    jrm = build_jrm(preset, device, args.attn)
+    sync(device)
+    results = {"jrm_build": {"seconds": time.perf_counter() - start, "backbone_params": num_params(jrm.backbone)}}
+    if "jrm" in args.only:
+        attempt(results, ("jrm",), device, lambda: {"jrm": check_jrm(jrm, preset, device, args.batch, peak)})
+    if "generative" in args.only:
+        attempt(results, ("generative",), device, lambda: {"generative": check_generative(jrm, preset, device, args.generative_batch, args.critique_tokens)})
+    return results
+
+
+def run_kontext(preset: Preset, device: str, args: argparse.Namespace) -> dict:
+    cfg = learner_config(preset, device, args.steps)
+    start = time.perf_counter()
+    policy = build_kontext(preset, device, TrainableConfig(lora_rank=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha))
+    sync(device)
+    results = {"kontext_build": {"seconds": time.perf_counter() - start}}
+    row, rollout = check_rollout(policy, cfg, device)  # the learner trains on this rollout
+    if "kontext_rollout" in args.only:
+        results["kontext_rollout"] = row
+    if "kontext_learner" in args.only:
+        attempt(results, ("kontext_learner",), device, lambda: {"kontext_learner": check_learner(policy, cfg, rollout, device, args.gradient_checkpointing)})
+    return results
+
+
+def table_rows(results: dict, names: list[str]) -> list[dict]:
+    """One table row per check in `names`: its headline figure, MFU, seconds, peak memory and a short detail."""
+    rows = []
+    for name in names:
+        r = results[name]
+        if "error" in r:
+            rows.append({"check": name, "detail": f"FAILED {r['error']}"})
+        elif name == "jrm":
+            rows.append({"check": name, "value": r["pairs_per_s"], "unit": "pairs/s", "mfu": r["mfu"], "seconds": r["score_s"], "peak_gib": r["peak_gib"],
+                         "detail": f"batch {r['batch']}, {r['tokens_per_sequence']:.0f} tokens/seq; forward {r['forward_s']:.3g} s, "
+                         f"MFU vision {_percent(r['mfu_vision'])} language {_percent(r['mfu_language'])}"})
+        elif name == "generative":
+            ratio = f"; JRM {results['jrm']['pairs_per_s'] / r['pairs_per_s']:.3g}x the pairs/s" if "pairs_per_s" in results.get("jrm", {}) else ""
+            rows.append({"check": name, "value": r["tokens_per_s"], "unit": "tokens/s", "seconds": r["seconds"], "peak_gib": r["peak_gib"],
+                         "detail": f"batch {r['batch']} x {r['critique_tokens']} tokens, {r['pairs_per_s']:.3g} pairs/s{ratio}"})
+        elif name == "kontext_rollout":
+            rows.append({"check": name, "value": r["seconds_per_image"], "unit": "s/image", "seconds": r["seconds_per_image"], "peak_gib": r["peak_gib"],
+                         "detail": f"{r['steps']} steps, {r['tokens_per_forward']} tokens/forward, {r['transformer_params'] / 1e9:.3g}B params"
+                         + ("" if r["finite_log_probs"] else ", NON-FINITE log-probs")})
+        else:
+            rows.append({"check": name, "value": r["seconds_per_step"], "unit": "s/step", "seconds": r["seconds_per_step"], "peak_gib": r["peak_gib"],
+                         "detail": f"ZeRO-2, {r['backward_passes_per_step']} backward passes{', checkpointing' if r['gradient_checkpointing'] else ''}, "
+                         f"loss {r['loss']:.3g}, first step {r['first_step_s']:.3g} s"})
+    return rows
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def failures(results: dict, names: list[str]) -> list[str]:
+    """What is wrong with the measured rows, one line each (empty when all is well)."""
+    problems = [f"{name}: {results[name]['error']}" for name in names if "error" in results[name]]
+    for row in table_rows(results, names):
+        if "error" not in results[row["check"]] and not (math.isfinite(row["value"]) and row["value"] > 0):
+            problems.append(f"{row['check']}: value {row['value']} is not a positive number")
+    if "finite_log_probs" in results.get("kontext_rollout", {}) and not results["kontext_rollout"]["finite_log_probs"]:
+        problems.append("kontext_rollout: non-finite log-probs")
+    if results.get("kontext_learner", {}).get("nonfinite_losses"):
+        problems.append(f"kontext_learner: {results['kontext_learner']['nonfinite_losses']} non-finite losses")
+    return problems
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Preset]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes, float32, CPU by default: the code path in seconds")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda for real sizes, cpu with --tiny)")
+    parser.add_argument("--out", default="runs/bench/gpu_check.json")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s for MFU (default: from the card's name)")
+    parser.add_argument("--steps", type=int, default=None, help="rollout denoising steps, 6-12 (default 8; 3 with --tiny)")
+    parser.add_argument("--batch", type=int, default=None, help="JRM pairs per forward (default 32; 4 with --tiny)")
+    parser.add_argument("--generative-batch", type=int, default=None, help="pairs per generative call (default 8; 4 with --tiny)")
+    parser.add_argument("--critique-tokens", type=int, default=None, help="tokens per generated critique (default 256; 8 with --tiny)")
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="weights (default: bfloat16; float32 with --tiny)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "flash_attention_2", "eager"), help="the JRM backbone's attention kernel")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="the learner step recomputes the transformer's activations")
+    parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows, of {','.join(ROWS)}")
+    args = parser.parse_args(argv)
+    preset = TINY if args.tiny else REAL
+    if args.dtype is not None:
+        preset = replace(preset, dtype=DTYPES[args.dtype])
+    args.device = args.device or ("cpu" if args.tiny else "cuda")
+    args.steps = args.steps or preset.steps
+    args.batch = args.batch or preset.batch
+    args.generative_batch = args.generative_batch or preset.generative_batch
+    args.critique_tokens = args.critique_tokens or preset.critique_tokens
+    args.only = args.only.split(",")
+    unknown = sorted(set(args.only) - set(ROWS))
+    if unknown:
+        parser.error(f"--only: unknown rows {unknown}; choose from {','.join(ROWS)}")
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device must be cuda or cpu, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU (a CPU build of torch, or no driver); run with --tiny on a CPU")
+    if not args.tiny and args.device == "cpu":
+        parser.error("real sizes (an 8.3B JRM, a 12B FLUX transformer and 4.8B T5, in bf16) need a GPU; on a CPU run with --tiny")
+    if not args.tiny and not 6 <= args.steps <= 12:
+        parser.error(f"--steps must be in 6..12 at real sizes, got {args.steps}")
+    if args.steps < 2 or min(args.batch, args.generative_batch, args.critique_tokens) < 1:
+        parser.error("--steps must be >= 2 and --batch, --generative-batch, --critique-tokens positive")
+    if args.attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        parser.error("--attn flash_attention_2 needs the flash-attn package; use sdpa")
+    return args, preset
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the checks; returns the results written to --out, or raises after writing them if a check failed."""
+    args, preset = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    peak, peak_source = peak_flops(device, args.peak_tflops)
+    names = [name for name in ROWS if name in args.only]
+    start = time.perf_counter()
+    results: dict = {}
+    if {"jrm", "generative"} & set(names):
+        attempt(results, tuple(n for n in names if n in ("jrm", "generative")), device, lambda: run_reward(preset, device, args, peak))
+    if {"kontext_rollout", "kontext_learner"} & set(names):
+        attempt(results, tuple(n for n in names if n.startswith("kontext")), device, lambda: run_kontext(preset, device, args))
+    results["total_s"] = time.perf_counter() - start
+    results["rows"] = table_rows(results, names)
+    title = f"gpu_check ({'tiny' if args.tiny else 'real'} sizes, {dtype_name(preset.dtype)}, {device}; MFU: {peak_source}), {results['total_s']:.0f} s"
+    print("\n" + table(results["rows"], COLUMNS, title))
+    settings = dict(vars(args), preset="tiny" if args.tiny else "real", dtype=dtype_name(preset.dtype), peak_flops=peak, peak_source=peak_source)
+    command = " ".join(["python launch/gpu_check.py", *(argv if argv is not None else sys.argv[1:])])
+    path = write_report(args.out, "gpu_check", command, settings, results)
+    print(f"wrote {path}")
+    problems = failures(results, names)
+    if problems:
+        raise RuntimeError(f"gpu_check failed ({path} has the figures that were measured):\n  " + "\n  ".join(problems))
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        if torch.distributed.is_initialized():  # the learner's group: NCCL complains at exit when it is left up
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,59 @@
+"""The benchmarks of launch/ at tiny sizes: each runs end to end, writes its JSON report, and the quantities it
+reports hold what they claim (the judge decoded every token it was asked for, the actor really batched, every
+RL phase was timed). Speed targets live in the benchmarks' own tables, never here."""
+
+import json
+import math
+
+import pytest
+
+from launch import bench_reward, bench_reward_actor, bench_rl_step
+
+
+def report(path):
+    data = json.loads(path.read_text())
+    assert data["machine"]["cores"] >= 1 and data["command"].startswith("python launch/")
+    return data["results"]["rows"]
+
+
+def test_bench_reward_tiny(tmp_path, capsys):
+    out = tmp_path / "reward.json"
+    bench_reward.main(["--sizes", "tiny", "--batches", "1,4", "--critique-tokens", "8", "--repeats", "1", "--min-pairs", "4", "--threads", "1", "--out", str(out)])
+    rows = report(out)
+    assert [r["batch"] for r in rows] == [1, 4]
+    for r in rows:
+        # the judge prefills what the JRM prefills, then decodes 8 tokens per pair: it cannot be faster
+        assert r["ratio"] > 1 and math.isclose(r["ratio"], r["jrm_pairs_s"] / r["gen_pairs_s"])
+        assert r["gen_tokens_s"] == pytest.approx(8 * r["gen_pairs_s"])
+    assert "JRM vs generative judge" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_reward.main(["--sizes", "huge"])
+
+
+@pytest.mark.ray
+def test_bench_reward_actor_tiny(tmp_path):
+    out = tmp_path / "actor.json"
+    bench_reward_actor.main(["--sizes", "tiny", "--clients", "8", "--requests", "16", "--threads", "1", "--out", str(out)])
+    one, batched = report(out)
+    assert one["mode"] == "one at a time" and one["mean_batch"] == 1.0
+    assert batched["clients"] == 8 and batched["mean_batch"] > 1, "8 concurrent clients were never scored together"
+    assert batched["speedup"] == pytest.approx(batched["edits_s"] / one["edits_s"])
+    for r in (one, batched):
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_rl_step_tiny(tmp_path):
+    out = tmp_path / "rl.json"
+    bench_rl_step.main(["--size", "tiny", "--steps", "2", "--configs", "async-1x1", "--out", str(out)])
+    local, ray_run = report(out)
+    assert (local["config"], ray_run["config"]) == ("in-process-1x1", "async-1x1")
+    for r in (local, ray_run):
+        assert r["step_s"] >= r["rollout_s"] + r["update_s"] > 0
+        assert r["rollout_s"] >= r["sample_s"] > 0
+    assert local["waiting_s"] == pytest.approx(0, abs=0.05)  # nothing to wait for without Ray
+    assert all(ray_run[f"{role}_gib"] > 0.05 for role in bench_rl_step.ROLES), "a role's process was not found"
+    assert ray_run["vs_in_process"] == pytest.approx(ray_run["step_s"] / local["step_s"] - 1)
+    with pytest.raises(SystemExit):
+        bench_rl_step.main(["--configs", "fast-1x1"])
