@@ -70,6 +70,16 @@ def concurrent(actor, requests: list[tuple], clients: int) -> tuple[float, list[
     return time.perf_counter() - start, latencies
 
 
+def round_trip_ms(actor, calls: int = 50) -> float:
+    """Median milliseconds of an empty call to the actor: Ray's own cost per request."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        ray.get(actor.__ray_ready__.remote())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
 def batch_sizes_since(actor, seen: int) -> list[int]:
     """The sizes of the scoring calls the actor made after its first `seen` calls."""
     return ray.get(actor.__ray_call__.remote(lambda worker: worker.batch_sizes[seen:]))
@@ -94,7 +104,8 @@ def bench_size(size: str, clients: list[int], num_requests: int, request_size: i
     seconds, latencies = one_at_a_time(actor, requests)
     seen += len(requests)
     base = n / seconds
-    rows = [{"size": size, "mode": "one at a time", "clients": 1, "edits_s": base, "speedup": 1.0, "mean_batch": float(request_size), **percentiles(latencies)}]
+    empty_ms = round_trip_ms(actor)
+    rows = [{"size": size, "mode": "one at a time", "clients": 1, "edits_s": base, "speedup": 1.0, "mean_batch": float(request_size), **percentiles(latencies), "empty_call_ms": empty_ms}]
     for c in clients:
         seconds, latencies = concurrent(actor, requests, c)
         sizes = batch_sizes_since(actor, seen)
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = [row for size in sizes for row in bench_size(size, clients, args.requests, args.request_size, args.max_batch_size, args.max_wait_s, threads)]
     finally:
         ray.shutdown()
-    columns = ["size", "mode", "clients", "edits_s", "speedup", "mean_batch", "p50_ms", "p90_ms", "p99_ms"]
+    columns = ["size", "mode", "clients", "edits_s", "speedup", "mean_batch", "p50_ms", "p90_ms", "p99_ms", "empty_call_ms"]
     title = f"Ray reward actor: {args.requests} requests of {args.request_size} edit(s), max_wait_s {args.max_wait_s}, {threads} threads"
     print("\n" + table(rows, columns, title))
     path = write_report(args.out, "reward_actor", " ".join(["python launch/bench_reward_actor.py", *(argv if argv is not None else sys.argv[1:])]), vars(args), {"rows": rows})

@@ -370,8 +370,9 @@ def learner_config(preset: Preset, device: str, steps: int) -> RLConfig:
     )
 
 
-def build_kontext(preset: Preset, device: str | torch.device, trainable: TrainableConfig) -> FluxKontextPolicy:
-    """FLUX.1 Kontext of the preset's size with random weights, built on `device`, the offline tiny tokenizers."""
+def kontext_components(preset: Preset, device: str | torch.device) -> dict:
+    """FluxKontextPipeline's components at the preset's size with random weights, built on `device`, and the
+    offline tiny tokenizers (their token ids are valid in the real vocabularies)."""
     tokenizer, tokenizer_2 = tiny_tokenizers()
     # FLUX.1 Kontext [dev]'s scheduler settings (as policies/kontext.py's tiny_components)
     scheduler = FlowMatchEulerDiscreteScheduler(
@@ -380,16 +381,22 @@ def build_kontext(preset: Preset, device: str | torch.device, trainable: Trainab
     )
     with building_on(device, preset.dtype):
         torch.manual_seed(0)
-        # token ids of the tiny tokenizers (the real ones differ; every id is valid in both vocabularies)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**preset.clip, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-        text_encoder_2 = T5EncoderModel(T5Config(**preset.t5, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1))
-        vae = AutoencoderKL(**preset.vae)
-        transformer = FluxTransformer2DModel(**preset.flux, patch_size=1, guidance_embeds=True)
-    components = {
-        "scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-        "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2, "transformer": transformer,
-    }
-    return FluxKontextPolicy(components, trainable, preset.edit_size, preset.edit_size, preset.max_sequence_length, seed=0)
+        clip = CLIPTextConfig(**preset.clip, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        t5 = T5Config(**preset.t5, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)
+        return {
+            "scheduler": scheduler,
+            "vae": AutoencoderKL(**preset.vae),
+            "text_encoder": CLIPTextModel(clip),
+            "tokenizer": tokenizer,
+            "text_encoder_2": T5EncoderModel(t5),
+            "tokenizer_2": tokenizer_2,
+            "transformer": FluxTransformer2DModel(**preset.flux, patch_size=1, guidance_embeds=True),
+        }
+
+
+def build_kontext(preset: Preset, device: str | torch.device, trainable: TrainableConfig) -> FluxKontextPolicy:
+    """The FLUX.1 Kontext policy on kontext_components(preset, device), with fresh LoRA adapters."""
+    return FluxKontextPolicy(kontext_components(preset, device), trainable, preset.edit_size, preset.edit_size, preset.max_sequence_length, seed=0)
 
 
 def check_rollout(policy: FluxKontextPolicy, cfg: RLConfig, device: str) -> tuple[dict, Rollout]:
@@ -532,10 +539,11 @@ def failures(results: dict, names: list[str]) -> list[str]:
     for row in table_rows(results, names):
         if "error" not in results[row["check"]] and not (math.isfinite(row["value"]) and row["value"] > 0):
             problems.append(f"{row['check']}: value {row['value']} is not a positive number")
-    if "finite_log_probs" in results.get("kontext_rollout", {}) and not results["kontext_rollout"]["finite_log_probs"]:
+    rollout, learner = results.get("kontext_rollout", {}), results.get("kontext_learner", {})  # when measured
+    if rollout.get("finite_log_probs") is False:
         problems.append("kontext_rollout: non-finite log-probs")
-    if results.get("kontext_learner", {}).get("nonfinite_losses"):
-        problems.append(f"kontext_learner: {results['kontext_learner']['nonfinite_losses']} non-finite losses")
+    if learner.get("nonfinite_losses"):
+        problems.append(f"kontext_learner: {learner['nonfinite_losses']} non-finite losses")
     return problems
 
 

@@ -4,10 +4,15 @@ RL phase was timed). Speed targets live in the benchmarks' own tables, never her
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from launch import bench_reward, bench_reward_actor, bench_rl_step
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def report(path):
@@ -46,7 +51,10 @@ def test_bench_reward_actor_tiny(tmp_path):
 @pytest.mark.slow
 def test_bench_rl_step_tiny(tmp_path):
     out = tmp_path / "rl.json"
-    bench_rl_step.main(["--size", "tiny", "--steps", "2", "--configs", "async-1x1", "--out", str(out)])
+    # a process of its own: the in-process learner sets up (and tears down) a DeepSpeed process group
+    command = [sys.executable, "launch/bench_rl_step.py", "--size", "tiny", "--steps", "2", "--configs", "async-1x1", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     local, ray_run = report(out)
     assert (local["config"], ray_run["config"]) == ("in-process-1x1", "async-1x1")
     for r in (local, ray_run):
@@ -56,4 +64,4 @@ def test_bench_rl_step_tiny(tmp_path):
     assert all(ray_run[f"{role}_gib"] > 0.05 for role in bench_rl_step.ROLES), "a role's process was not found"
     assert ray_run["vs_in_process"] == pytest.approx(ray_run["step_s"] / local["step_s"] - 1)
     with pytest.raises(SystemExit):
-        bench_rl_step.main(["--configs", "fast-1x1"])
+        bench_rl_step.main(["--configs", "fast-1x1"])  # refused before anything starts
