@@ -64,7 +64,8 @@ class RewardConfig:
     max_batch_size: int = 64
     """The reward actor scores up to this many edits in one call ..."""
     max_wait_s: float = 0.05
-    """... waiting at most this long for more requests to fill a batch."""
+    """... waiting at most this long for more requests to fill a batch (counted from when the actor is free:
+    requests that arrive during a call go into the next one)."""
     timeout_s: float = 120.0
     """Per-call timeout of a scoring request."""
     retries: int = 2

@@ -3,9 +3,10 @@
     prompts -> rollout (Ray rollout actors; the colocated reward actor scores each micro-batch)
             -> advantages -> update (DeepSpeed learner actors) -> weight sync (versioned) -> log / eval / checkpoint
 
-Actors (one placement group per node; see the README's topology picture): N RolloutWorker, one
-RewardWorker per node batching the scoring requests of that node's rollout workers, M Learner ranks
-forming one DeepSpeed data-parallel group. Entry point: launch/grpo_edit.py.
+Actors (one placement group on one node; see the README's topology picture): N RolloutWorker, one
+RewardWorker batching the scoring requests of every rollout worker, M Learner ranks forming one DeepSpeed
+data-parallel group. Multi-node placement (a reward actor per node) is a later step: docs/performance.md.
+Entry point: launch/grpo_edit.py.
 """
 
 from __future__ import annotations

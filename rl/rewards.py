@@ -3,8 +3,9 @@
 A term is anything with reward's `score(source_images, instructions, edited_images, batch_size)`:
 JRM (`jrm:PATH`), the generative judge (`generative:PATH`), the ShapeEdit oracle (`oracle:DIR`) or the
 source-preservation term below. The worker's `score_batched` gathers requests from all rollout workers
-(up to `max_batch_size` edits or `max_wait_s`) and scores them in one call; it is a plain asyncio
-method, so the same class runs in a unit test and as a Ray async actor.
+(up to `max_batch_size` edits or `max_wait_s`) and scores them in one call; requests that arrive while a call
+runs wait for it and go together into the next. It is a plain asyncio method, so the same class runs in a
+unit test and as a Ray async actor.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class RewardWorker:
         self.max_wait_s = max_wait_s
         self._pending: list[tuple[list, list, list, asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._busy = False  # a scoring call is running
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one scoring call at a time
         self.batch_sizes: list[int] = []
 
@@ -87,23 +89,39 @@ class RewardWorker:
         return Scores(total.tolist(), terms, errors)
 
     async def score_batched(self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]) -> Scores:
-        """Like score(), but requests arriving together are scored in one call."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        """Like score(), but requests arriving together are scored in one call.
+
+        A call starts once max_batch_size edits wait, or max_wait_s after the first of them arrived. One call
+        runs at a time: requests arriving meanwhile gather, and the same rule starts the next call when it ends
+        (with closed-loop clients, timing the flush from the end of the call is what lets the batch refill).
+        """
+        future = asyncio.get_running_loop().create_future()
         self._pending.append((source_images, instructions, edited_images, future))
+        self._schedule()
+        return await future
+
+    def _schedule(self) -> None:
+        if self._busy or not self._pending:
+            return
         if sum(len(p[0]) for p in self._pending) >= self.max_batch_size:
             self._flush()
         elif self._timer is None:
-            self._timer = loop.call_later(self.max_wait_s, self._flush)
-        return await future
+            self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._flush)
 
     def _flush(self) -> None:
+        """Start a call on the oldest requests: up to max_batch_size edits, and at least one request."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        pending, self._pending = self._pending, []
-        if pending:
-            asyncio.get_running_loop().create_task(self._score_pending(pending))
+        if self._busy or not self._pending:
+            return
+        take, edits = 1, len(self._pending[0][0])
+        while take < len(self._pending) and edits + len(self._pending[take][0]) <= self.max_batch_size:
+            edits += len(self._pending[take][0])
+            take += 1
+        pending, self._pending = self._pending[:take], self._pending[take:]
+        self._busy = True
+        asyncio.get_running_loop().create_task(self._score_pending(pending))
 
     async def _score_pending(self, pending: list) -> None:
         sources = [x for p in pending for x in p[0]]
@@ -116,6 +134,9 @@ class RewardWorker:
             for p in pending:
                 p[3].set_exception(e)
             return
+        finally:
+            self._busy = False
+            self._schedule()
         start = 0
         for p in pending:
             n = len(p[0])

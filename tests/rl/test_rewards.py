@@ -1,6 +1,7 @@
 """rl/rewards.py: named terms, weighted sum, batching of concurrent requests, optional-term failures."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -55,6 +56,29 @@ def test_concurrent_requests_are_batched():
     assert worker.batch_sizes == [6, 8]
     assert [r.total for r in first] == [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]  # each caller gets its own rows
     assert all(r.total == [1.0] * 4 for r in second)
+
+
+def test_requests_arriving_during_a_call_fill_the_next_one():
+    worker = RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=4, max_wait_s=0.01)
+    score = worker.score
+
+    def slow_score(*args):
+        time.sleep(0.3)
+        return score(*args)
+
+    worker.score = slow_score
+
+    async def staggered():
+        async def request(i):
+            await asyncio.sleep(0.04 * i)  # 6 arrive one by one, each more than max_wait_s after the last
+            return await worker.score_batched(_images(1), [f"{i}"], _images(1, 255 * (i % 2)))
+
+        return await asyncio.gather(*[request(i) for i in range(7)])
+
+    results = asyncio.run(staggered())
+    # the first is scored alone; the 6 arriving during its call go as full batches (4, then the 2 left)
+    assert worker.batch_sizes == [1, 4, 2]
+    assert [r.total for r in results] == [[1.0 - (i % 2)] for i in range(7)]
 
 
 def test_a_failed_batch_reaches_every_caller():
