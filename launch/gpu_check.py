@@ -1,7 +1,7 @@
 """Real sizes on one GPU with random weights (nothing downloaded): does the code run, how fast, in how much memory.
 
     python launch/gpu_check.py [--out runs/bench/gpu_check.json] [--peak-tflops F] [--steps 8] [--batch 32]
-                               [--only jrm,generative,kontext_rollout,kontext_learner] [--gradient-checkpointing]
+                               [--only jrm,generative,kontext_rollout,kontext_learner] [--no-gradient-checkpointing]
     python launch/gpu_check.py --tiny                  # the same code path at tiny sizes, CPU, seconds (tested)
     python launch/gpu_check.py --tiny --device cuda    # a seconds-long smoke test of the device code first
 
@@ -34,7 +34,6 @@ import contextlib
 import gc
 import importlib.util
 import math
-import socket
 import sys
 import time
 import traceback
@@ -69,6 +68,7 @@ from reward.generative import GenerativeJudge  # noqa: E402
 from reward.model import DTYPES, JRM, JRMConfig  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.learner import Learner  # noqa: E402
+from rl.loop import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KONTEXT_PRESET = ROOT / "launch" / "configs" / "flux_kontext_jrm.yaml"
@@ -426,7 +426,7 @@ def check_rollout(policy: FluxKontextPolicy, cfg: RLConfig, device: str) -> tupl
 
 def check_learner(policy: FluxKontextPolicy, cfg: RLConfig, rollout: Rollout, device: str, checkpointing: bool) -> dict:
     """Seconds of one optimizer step of the DeepSpeed ZeRO-2 learner on the rollout (the second of two steps)."""
-    if checkpointing:  # recompute each block's activations in the backward (only while gradients are on)
+    if checkpointing:  # recompute each block's activations in the backward (as policy.gradient_checkpointing does)
         policy.pipe.transformer.enable_gradient_checkpointing()
     before = policy.trainable_state()
     with PeakMemory(device) as memory:
@@ -454,12 +454,6 @@ def check_learner(policy: FluxKontextPolicy, cfg: RLConfig, rollout: Rollout, de
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------- the check
 
 
@@ -472,7 +466,7 @@ def attempt(results: dict, names: tuple[str, ...], device: str, fn) -> None:
         traceback.print_exc()
         message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         if isinstance(error, torch.OutOfMemoryError):
-            message += " (the learner step fits in less memory with --gradient-checkpointing)"
+            message += " (the learner step needs less memory with --gradient-checkpointing)"
         results.update({name: {"error": message} for name in names})
     free_memory(device)
 
@@ -560,13 +554,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Preset]:
     parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="weights (default: bfloat16; float32 with --tiny)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "flash_attention_2", "eager"), help="the JRM backbone's attention kernel")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="the learner step recomputes the transformer's activations")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="the learner step recomputes the transformer's activations (default: on at real sizes, as the RL presets; off with --tiny)")
     parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows, of {','.join(ROWS)}")
     args = parser.parse_args(argv)
     preset = TINY if args.tiny else REAL
     if args.dtype is not None:
         preset = replace(preset, dtype=DTYPES[args.dtype])
     args.device = args.device or ("cpu" if args.tiny else "cuda")
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = not args.tiny
     args.steps = args.steps or preset.steps
     args.batch = args.batch or preset.batch
     args.generative_batch = args.generative_batch or preset.generative_batch

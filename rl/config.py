@@ -27,6 +27,9 @@ class PolicyConfig:
     """LoRA rank; 0 = full fine-tune."""
     lora_alpha: float = 32.0
     """LoRA alpha."""
+    gradient_checkpointing: bool = False
+    """Recompute the denoiser's activations in the learner's backward (FLUX.1 Kontext and Qwen-Image-Edit need
+    it at 512x512 on an 80 GB GPU: docs/performance.md); rollouts run without gradients and are unaffected."""
     height: int = 64
     """Image height the policy edits (sources are resized to it)."""
     width: int = 64
@@ -39,6 +42,8 @@ class PolicyConfig:
     def __post_init__(self):
         if self.kind not in POLICY_KINDS:
             raise ValueError(f"policy.kind must be one of {POLICY_KINDS}, got {self.kind!r}")
+        if self.gradient_checkpointing and self.kind == "shapeedit":
+            raise ValueError("policy.gradient_checkpointing: the ShapeEdit policy is small and does not support it; set it false")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"policy.dtype must be float32 or bfloat16, got {self.dtype!r}")
 

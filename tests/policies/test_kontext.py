@@ -8,7 +8,7 @@ import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
-from policies.adapters import TrainableConfig
+from policies.adapters import Trainable, TrainableConfig
 from policies.kontext import FluxKontextPolicy, KontextCondition, tiny_components
 from policies.rollout import Rollout
 from policies.sampling import SamplerConfig
@@ -301,3 +301,19 @@ def test_any_image_mode_is_accepted(policy):
     assert torch.equal(rollout.source_images[0], torch.from_numpy(np.array(rgb[0])).permute(2, 0, 1))  # opaque RGBA
     assert torch.equal(rollout.group_ids, groups)
     assert dataclasses.asdict(rollout.sampler) == dataclasses.asdict(sampler())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """TrainableConfig.gradient_checkpointing (policy.gradient_checkpointing in RL) recomputes activations in the
+    backward: the same log-probs and LoRA gradients, to the bit in float32; a network without it is refused."""
+    grads = []
+    for checkpointing in (False, True):
+        policy = FluxKontextPolicy.tiny(SIZE, SIZE, TrainableConfig(lora_rank=4, gradient_checkpointing=checkpointing))
+        perturb(policy, seed=3)  # fresh LoRA B is zero: give the adapters a gradient path of their own
+        assert policy.pipe.transformer.is_gradient_checkpointing == checkpointing
+        rollout = sample(policy, 2, sampler())
+        policy.log_prob(rollout, 0).log_probs.sum().backward()
+        grads.append([p.grad.clone() for p in policy.trainable_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="cannot recompute"):
+        Trainable(torch.nn.Linear(2, 2), TrainableConfig(gradient_checkpointing=True), ["weight"])

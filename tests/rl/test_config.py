@@ -34,6 +34,8 @@ def test_bad_configs_are_refused():
         load_config(RLConfig, None, ["algo.group_size=1"])
     with pytest.raises(ValueError, match="zero_stage 3 is not supported"):
         load_config(RLConfig, None, ["cluster.zero_stage=3"])
+    with pytest.raises(ValueError, match="ShapeEdit policy is small and does not support it"):
+        load_config(RLConfig, None, ["policy.gradient_checkpointing=true"])
 
 
 def test_cli_errors_exit_2(capsys):
