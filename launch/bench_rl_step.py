@@ -3,7 +3,7 @@ the same work; the gain from overlapping reward with sampling (`cluster.async_re
 number of rollout actors and learner ranks; peak memory of each role.
 
     python launch/bench_rl_step.py [--size demo] [--steps 4] [--configs sync-1x1,async-1x1,async-2x1,async-1x2,async-2x2]
-                                   [--out runs/bench/rl_step.json]
+                                   [--max-wait-s S] [--out runs/bench/rl_step.json]
 
 Sizes (`--size demo`, the default): the demo's (launch/configs/shapeedit.yaml: 8 prompts x 8 edits per step, micro-batches of 16,
 8 SDE steps, 2 updates per step, LoRA rank 16; the ShapeEdit policy at its default 64x64 size; a `small`
@@ -72,7 +72,7 @@ def prepare(root: Path, size: str) -> dict[str, Path]:
     return {"data": root / "data", "policy": root / "policy", "jrm": root / "jrm"}
 
 
-def config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: str, workers: int, learners: int) -> RLConfig:
+def config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: str, workers: int, learners: int, max_wait_s: float | None) -> RLConfig:
     data = paths["data"]
     return load_config(
         RLConfig,
@@ -83,6 +83,7 @@ def config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: str, 
             f"num_steps={steps}", f"eval_every={steps}", f"save_every={steps}", "wandb=false",
             f"cluster.num_rollout_workers={workers}", f"cluster.num_learners={learners}", f"cluster.async_reward={mode == 'async'}",
             *SIZES[size][2],
+            *([] if max_wait_s is None else [f"reward.max_wait_s={max_wait_s}"]),
         ],
     )
 
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--size", default="demo", choices=sorted(SIZES))
     parser.add_argument("--steps", type=int, default=4, help="RL steps per run (the first is a warm-up)")
     parser.add_argument("--configs", default="sync-1x1,async-1x1,async-2x1,async-1x2,async-2x2", help="MODE-RxL, MODE sync or async")
+    parser.add_argument("--max-wait-s", type=float, default=None, help="the reward actor's batching wait (default: the preset's)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
     parser.add_argument("--out", default="runs/bench/rl_step.json")
     args = parser.parse_args(argv)
@@ -199,13 +201,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         root = Path(tmp)
         paths = prepare(root, args.size)
         if not args.no_in_process:
-            results.append(in_process_run(config(paths, args.size, root / "in-process", args.steps, "sync", 1, 1)))
+            results.append(in_process_run(config(paths, args.size, root / "in-process", args.steps, "sync", 1, 1, args.max_wait_s)))
             print(table(results[-1:], list(results[-1])), flush=True)
         env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}}
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False, runtime_env=env)
         try:
             for name, mode, workers, learners in runs:
-                results.append(ray_run(config(paths, args.size, root / name, args.steps, mode, workers, learners), name))
+                results.append(ray_run(config(paths, args.size, root / name, args.steps, mode, workers, learners, args.max_wait_s), name))
                 print(table(results[-1:], list(results[-1])), flush=True)
         finally:
             ray.shutdown()
