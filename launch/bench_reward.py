@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from launch.benchmarking import median, table, write_report  # noqa: E402
+from launch.benchmarking import comma_list, median, table, write_report  # noqa: E402
 from reward.backbone import tiny_processor  # noqa: E402
 from reward.generative import GenerativeJudge  # noqa: E402
 from reward.model import JRM, JRMConfig  # noqa: E402
@@ -126,13 +126,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default="runs/bench/reward.json")
     parser.add_argument("--profile", action="store_true", help="then profile the largest batch of the first size")
     args = parser.parse_args(argv)
-    sizes = args.sizes.split(",")
-    unknown = sorted(set(sizes) - set(SIZES))
-    if unknown:
-        parser.error(f"unknown sizes {unknown}; choose from {sorted(SIZES)}")
-    batches = [int(b) for b in args.batches.split(",")]
-    if min(batches) < 1 or args.critique_tokens < 1 or args.repeats < 1:
-        parser.error("batches, --critique-tokens and --repeats must be positive")
+    sizes = comma_list(parser, "--sizes", args.sizes, SIZES)
+    batches = comma_list(parser, "--batches", args.batches)
+    if args.critique_tokens < 1 or args.repeats < 1:
+        parser.error("--critique-tokens and --repeats must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [row for size in sizes for row in bench_size(size, batches, args.critique_tokens, args.repeats, args.min_pairs)]

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from launch.bench_reward import SIZES, build_model, candidates  # noqa: E402
-from launch.benchmarking import table, write_report  # noqa: E402
+from launch.benchmarking import comma_list, table, write_report  # noqa: E402
 from rl.config import RewardTerm  # noqa: E402
 from rl.rewards import RewardWorker  # noqa: E402
 
@@ -126,13 +126,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the actor (default: all cores)")
     parser.add_argument("--out", default="runs/bench/reward_actor.json")
     args = parser.parse_args(argv)
-    sizes = args.sizes.split(",")
-    unknown = sorted(set(sizes) - set(SIZES))
-    if unknown:
-        parser.error(f"unknown sizes {unknown}; choose from {sorted(SIZES)}")
-    clients = [int(c) for c in args.clients.split(",")]
-    if min(clients) < 1 or args.requests < 1 or args.request_size < 1:
-        parser.error("--clients, --requests and --request-size must be positive")
+    sizes = comma_list(parser, "--sizes", args.sizes, SIZES)
+    clients = comma_list(parser, "--clients", args.clients)
+    if args.requests < 1 or args.request_size < 1:
+        parser.error("--requests and --request-size must be positive")
     threads = args.threads or os.cpu_count()
     env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}}
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False, runtime_env=env)

@@ -6,6 +6,7 @@ async, scaling, memory per role) and gpu_check.py (real sizes on one GPU). Their
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -108,6 +109,19 @@ def sync(device: str | torch.device) -> None:
     """Wait for queued GPU work, so a timer reads the work's end and not its launch."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def comma_list(parser: argparse.ArgumentParser, option: str, text: str, choices=None) -> list:
+    """A comma-separated option's items: names out of `choices`, or positive integers without; else a usage error."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if choices is not None:
+        unknown = sorted(set(items) - set(choices))
+        if unknown or not items:
+            parser.error(f"{option}: unknown {unknown or 'empty list'}; choose from {sorted(choices)}")
+        return items
+    if not items or not all(item.isdigit() and int(item) > 0 for item in items):
+        parser.error(f"{option}: expected comma-separated positive integers, got {text!r}")
+    return [int(item) for item in items]
 
 
 def median(values: list[float]) -> float:
