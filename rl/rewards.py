@@ -66,6 +66,7 @@ class RewardWorker:
         self._pending: list[tuple[list, list, list, asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._busy = False  # a scoring call is running
+        self._task: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one scoring call at a time
         self.batch_sizes: list[int] = []
 
@@ -91,9 +92,10 @@ class RewardWorker:
     async def score_batched(self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]) -> Scores:
         """Like score(), but requests arriving together are scored in one call.
 
-        A call starts once max_batch_size edits wait, or max_wait_s after the first of them arrived. One call
-        runs at a time: requests arriving meanwhile gather, and the same rule starts the next call when it ends
-        (with closed-loop clients, timing the flush from the end of the call is what lets the batch refill).
+        While no call runs, a call starts once max_batch_size edits wait, or max_wait_s after the first of them
+        arrived. One call runs at a time: requests arriving meanwhile gather, and when it ends the same rule
+        applies with the wait counted from its end (with closed-loop clients, that is what lets the batch
+        refill). A request the caller cancelled (Ray's cancel on a timeout) is dropped, not scored.
         """
         future = asyncio.get_running_loop().create_future()
         self._pending.append((source_images, instructions, edited_images, future))
@@ -113,6 +115,7 @@ class RewardWorker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._pending = [p for p in self._pending if not p[3].done()]  # cancelled by their callers
         if self._busy or not self._pending:
             return
         take, edits = 1, len(self._pending[0][0])
@@ -121,7 +124,7 @@ class RewardWorker:
             take += 1
         pending, self._pending = self._pending[:take], self._pending[take:]
         self._busy = True
-        asyncio.get_running_loop().create_task(self._score_pending(pending))
+        self._task = asyncio.get_running_loop().create_task(self._score_pending(pending))  # held: the loop keeps weak references
 
     async def _score_pending(self, pending: list) -> None:
         sources = [x for p in pending for x in p[0]]
@@ -132,7 +135,8 @@ class RewardWorker:
             scores = await loop.run_in_executor(self._executor, self.score, sources, instructions, edited)
         except Exception as e:  # every waiting request learns why
             for p in pending:
-                p[3].set_exception(e)
+                if not p[3].done():  # a caller that gave up has cancelled its future
+                    p[3].set_exception(e)
             return
         finally:
             self._busy = False
@@ -143,6 +147,7 @@ class RewardWorker:
             part = Scores(scores.total[start : start + n], {k: v[start : start + n] for k, v in scores.terms.items()}, {})
             if start == 0:
                 part.errors = scores.errors  # counted once
-            p[3].set_result(part)
+            if not p[3].done():
+                p[3].set_result(part)
             start += n
 

@@ -83,10 +83,38 @@ def test_requests_arriving_during_a_call_fill_the_next_one():
 
 def test_a_failed_batch_reaches_every_caller():
     worker = RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=4, max_wait_s=0.05)
-    worker.terms[0] = (worker.terms[0][0], Broken())
+    working = worker.terms[0]
+    worker.terms[0] = (working[0], Broken())
 
-    async def two():
-        return await asyncio.gather(worker.score_batched(_images(1), ["a"], _images(1)), worker.score_batched(_images(1), ["b"], _images(1)), return_exceptions=True)
+    async def two_then_one():
+        failed = await asyncio.gather(worker.score_batched(_images(1), ["a"], _images(1)), worker.score_batched(_images(1), ["b"], _images(1)), return_exceptions=True)
+        worker.terms[0] = working  # the judge is back: the worker serves again after a failed call
+        return failed, await worker.score_batched(_images(1), ["c"], _images(1))
 
-    results = asyncio.run(two())
-    assert all(isinstance(r, RuntimeError) for r in results)
+    failed, later = asyncio.run(two_then_one())
+    assert all(isinstance(r, RuntimeError) for r in failed)
+    assert later.total == [1.0]
+
+
+def test_a_request_cancelled_during_its_call_leaves_the_others_answered():
+    """Ray cancels a request whose caller timed out; the rest of its batch still get their scores."""
+    worker = RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=8, max_wait_s=0.01)
+    score = worker.score
+
+    def slow_score(*args):
+        time.sleep(0.2)
+        return score(*args)
+
+    worker.score = slow_score
+
+    async def three_cancel_one():
+        tasks = [asyncio.ensure_future(worker.score_batched(_images(1), [f"{i}"], _images(1))) for i in range(3)]
+        await asyncio.sleep(0.1)  # the call of three is running
+        tasks[1].cancel()
+        answers = await asyncio.gather(*tasks, return_exceptions=True)
+        return answers, await worker.score_batched(_images(2), ["a", "b"], _images(2))
+
+    answers, later = asyncio.run(three_cancel_one())
+    assert isinstance(answers[1], asyncio.CancelledError)
+    assert answers[0].total == [1.0] and answers[2].total == [1.0]
+    assert later.total == [1.0, 1.0] and worker.batch_sizes == [3, 2]
