@@ -19,7 +19,6 @@ import argparse
 import cProfile
 import pstats
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python launch/bench_reward.py`: import the packages, not sibling files
@@ -29,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from launch.benchmarking import comma_list, median, table, write_report  # noqa: E402
+from launch.benchmarking import comma_list, command_line, seconds, table, write_report  # noqa: E402
 from reward.backbone import tiny_processor  # noqa: E402
 from reward.generative import GenerativeJudge  # noqa: E402
 from reward.model import JRM, JRMConfig  # noqa: E402
@@ -45,6 +44,7 @@ INSTRUCTIONS = ("make the red circle blue", "move the square to the left", "remo
 
 
 def build_model(size: str, seed: int = 0) -> JRM:
+    """A random-weight JRM of `size` (SIZES), its processor set to the size's images, in eval mode."""
     dims = SIZES[size]
     model = JRM.build(JRMConfig(tiny_hidden=dims["hidden"], tiny_layers=dims["layers"]), seed=seed)
     model.processor = tiny_processor(model.processor.tokenizer, patch=8, image_size=dims["image"])
@@ -61,18 +61,8 @@ def candidates(n: int, image: int, seed: int = 0) -> tuple[list[Image.Image], li
     return [picture() for _ in range(n)], [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(n)], [picture() for _ in range(n)]
 
 
-def time_scoring(score, batch: dict, repeats: int) -> float:
-    """Median seconds of `score(**batch)` over `repeats` runs, after one warm-up run."""
-    score(**batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        score(**batch)
-        times.append(time.perf_counter() - start)
-    return median(times)
-
-
 def bench_size(size: str, batches: list[int], critique_tokens: int, repeats: int, min_pairs: int) -> list[dict]:
+    """One table row per batch size: JRM and generative pairs/s on the same candidates, their ratio, tokens/s."""
     model = build_model(size)
     judge = GenerativeJudge(model, max_new_tokens=critique_tokens, min_new_tokens=critique_tokens)
     sources, instructions, edits = candidates(max(*batches, min_pairs), SIZES[size]["image"])
@@ -81,9 +71,9 @@ def bench_size(size: str, batches: list[int], critique_tokens: int, repeats: int
     for b in batches:
         n = max(b, min_pairs)  # at least min_pairs per timing, in batches of b
         batch = dict(source_images=sources[:n], instructions=instructions[:n], edited_images=edits[:n], batch_size=b)
-        jrm_s = time_scoring(model.score, batch, repeats)
+        jrm_s = seconds(lambda: model.score(**batch), "cpu", repeats)
         judge.generated_tokens = 0
-        gen_s = time_scoring(judge.score, batch, repeats)
+        gen_s = seconds(lambda: judge.score(**batch), "cpu", repeats)
         tokens_per_run = judge.generated_tokens / (repeats + 1)
         assert tokens_per_run == n * critique_tokens, f"judge wrote {tokens_per_run} tokens per run, expected {n * critique_tokens}"
         rows.append(
@@ -128,14 +118,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     sizes = comma_list(parser, "--sizes", args.sizes, SIZES)
     batches = comma_list(parser, "--batches", args.batches)
-    if args.critique_tokens < 1 or args.repeats < 1:
-        parser.error("--critique-tokens and --repeats must be positive")
+    if min(args.critique_tokens, args.repeats, args.min_pairs) < 1:
+        parser.error("--critique-tokens, --repeats and --min-pairs must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [row for size in sizes for row in bench_size(size, batches, args.critique_tokens, args.repeats, args.min_pairs)]
     columns = ["size", "batch", "prompt_tokens", "jrm_pairs_s", "gen_pairs_s", "ratio", "gen_tokens_s"]
     print("\n" + table(rows, columns, f"JRM vs generative judge ({args.critique_tokens}-token critiques), {torch.get_num_threads()} threads"))
-    path = write_report(args.out, "reward", " ".join(["python launch/bench_reward.py", *(argv if argv is not None else sys.argv[1:])]), vars(args), {"rows": rows})
+    path = write_report(args.out, "reward", command_line(__file__, argv), vars(args), {"rows": rows})
     print(f"wrote {path}")
     if args.profile:
         profile(sizes[0], max(batches), args.critique_tokens)

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from launch.bench_reward import SIZES, build_model, candidates  # noqa: E402
-from launch.benchmarking import comma_list, table, write_report  # noqa: E402
+from launch.benchmarking import comma_list, command_line, median, table, write_report  # noqa: E402
 from rl.config import RewardTerm  # noqa: E402
 from rl.rewards import RewardWorker  # noqa: E402
 
@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def percentiles(latencies: list[float]) -> dict:
+    """p50, p90 and p99 of latencies given in seconds, in milliseconds."""
     p50, p90, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 90, 99])
     return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99)}
 
@@ -52,7 +53,7 @@ def one_at_a_time(actor, requests: list[tuple]) -> tuple[float, list[float]]:
     return time.perf_counter() - start, latencies
 
 
-def concurrent(actor, requests: list[tuple], clients: int) -> tuple[float, list[float]]:
+def with_clients(actor, requests: list[tuple], clients: int) -> tuple[float, list[float]]:
     """Seconds for all requests sent by `clients` closed-loop clients to `score_batched`, and the latencies."""
     latencies: list[float] = []
 
@@ -77,7 +78,7 @@ def round_trip_ms(actor, calls: int = 50) -> float:
         start = time.perf_counter()
         ray.get(actor.__ray_ready__.remote())
         times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
+    return median(times) * 1000
 
 
 def batch_sizes_since(actor, seen: int) -> list[int]:
@@ -86,6 +87,7 @@ def batch_sizes_since(actor, seen: int) -> list[int]:
 
 
 def bench_size(size: str, clients: list[int], num_requests: int, request_size: int, max_batch: int, max_wait_s: float, threads: int) -> list[dict]:
+    """Rows for one JRM size: one request at a time, then batched with each number of clients, on one actor."""
     with tempfile.TemporaryDirectory() as tmp:
         build_model(size).save_pretrained(tmp)
         actor = (
@@ -98,7 +100,7 @@ def bench_size(size: str, clients: list[int], num_requests: int, request_size: i
     sources, instructions, edits = candidates(n, SIZES[size]["image"])
     requests = [(sources[i : i + request_size], instructions[i : i + request_size], edits[i : i + request_size]) for i in range(0, n, request_size)]
     one_at_a_time(actor, requests[:4])  # warm-up: first calls pay for lazy initialisation
-    concurrent(actor, requests[: 2 * max(clients)], max(clients))
+    with_clients(actor, requests[: 2 * max(clients)], max(clients))
     seen = len(batch_sizes_since(actor, 0))
 
     seconds, latencies = one_at_a_time(actor, requests)
@@ -107,7 +109,7 @@ def bench_size(size: str, clients: list[int], num_requests: int, request_size: i
     empty_ms = round_trip_ms(actor)
     rows = [{"size": size, "mode": "one at a time", "clients": 1, "edits_s": base, "speedup": 1.0, "mean_batch": float(request_size), **percentiles(latencies), "empty_call_ms": empty_ms}]
     for c in clients:
-        seconds, latencies = concurrent(actor, requests, c)
+        seconds, latencies = with_clients(actor, requests, c)
         sizes = batch_sizes_since(actor, seen)
         seen += len(sizes)
         rows.append({"size": size, "mode": "batched", "clients": c, "edits_s": n / seconds, "speedup": n / seconds / base, "mean_batch": float(np.mean(sizes)), **percentiles(latencies)})
@@ -128,8 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     sizes = comma_list(parser, "--sizes", args.sizes, SIZES)
     clients = comma_list(parser, "--clients", args.clients)
-    if args.requests < 1 or args.request_size < 1:
-        parser.error("--requests and --request-size must be positive")
+    if min(args.requests, args.request_size, args.max_batch_size) < 1 or args.max_wait_s < 0:
+        parser.error("--requests, --request-size and --max-batch-size must be positive, --max-wait-s >= 0")
     threads = args.threads or os.cpu_count()
     env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}}
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False, runtime_env=env)
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     columns = ["size", "mode", "clients", "edits_s", "speedup", "mean_batch", "p50_ms", "p90_ms", "p99_ms", "empty_call_ms"]
     title = f"Ray reward actor: {args.requests} requests of {args.request_size} edit(s), max_wait_s {args.max_wait_s}, {threads} threads"
     print("\n" + table(rows, columns, title))
-    path = write_report(args.out, "reward_actor", " ".join(["python launch/bench_reward_actor.py", *(argv if argv is not None else sys.argv[1:])]), vars(args), {"rows": rows})
+    path = write_report(args.out, "reward_actor", command_line(__file__, argv), vars(args), {"rows": rows})
     print(f"wrote {path}")
     return rows
 

@@ -34,7 +34,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from launch.bench_reward import build_model  # noqa: E402
-from launch.benchmarking import PeakMemory, median, table, write_report  # noqa: E402
+from launch.benchmarking import PeakMemory, command_line, median, table, write_report  # noqa: E402
 from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig  # noqa: E402
 from reward.config import load_config  # noqa: E402
 from reward.shapeedit import GenerateConfig, generate  # noqa: E402
@@ -72,7 +72,8 @@ def prepare(root: Path, size: str) -> dict[str, Path]:
     return {"data": root / "data", "policy": root / "policy", "jrm": root / "jrm"}
 
 
-def config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: str, workers: int, learners: int, max_wait_s: float | None) -> RLConfig:
+def rl_config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: str, workers: int, learners: int, max_wait_s: float | None) -> RLConfig:
+    """The demo preset (launch/configs/shapeedit.yaml) on the prepared files, resized by `size`, for one run."""
     data = paths["data"]
     return load_config(
         RLConfig,
@@ -89,7 +90,8 @@ def config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: str, 
 
 
 class RolePeaks:
-    """Peak resident memory of each Ray actor role (the largest process of that role), polled every interval_s."""
+    """Peak resident memory of each Ray actor role (the largest process of that role), polled every interval_s.
+    Only this process's descendants count: the local Ray cluster it started, not another one on the machine."""
 
     def __init__(self, interval_s: float = 0.25):
         self.interval_s = interval_s
@@ -103,11 +105,14 @@ class RolePeaks:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            for proc in psutil.process_iter(["cmdline", "memory_info"]):
-                title = " ".join(proc.info["cmdline"] or [])
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    title, rss = " ".join(proc.cmdline()), proc.memory_info().rss
+                except psutil.Error:  # ended between the listing and the reading
+                    continue
                 for role in ROLES:
-                    if title.startswith(f"ray::{role}") and proc.info["memory_info"] is not None:
-                        self.peaks_gib[role] = max(self.peaks_gib[role], proc.info["memory_info"].rss / 2**30)
+                    if title.startswith(f"ray::{role}"):
+                        self.peaks_gib[role] = max(self.peaks_gib[role], rss / 2**30)
             time.sleep(self.interval_s)
 
     def __exit__(self, *exc) -> None:
@@ -188,6 +193,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is a warm-up)")
+    if args.max_wait_s is not None and args.max_wait_s < 0:
+        parser.error("--max-wait-s must be >= 0")
     runs = []
     for name in args.configs.split(","):
         mode, _, shape = name.partition("-")
@@ -201,13 +208,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         root = Path(tmp)
         paths = prepare(root, args.size)
         if not args.no_in_process:
-            results.append(in_process_run(config(paths, args.size, root / "in-process", args.steps, "sync", 1, 1, args.max_wait_s)))
+            results.append(in_process_run(rl_config(paths, args.size, root / "in-process", args.steps, "sync", 1, 1, args.max_wait_s)))
             print(table(results[-1:], list(results[-1])), flush=True)
         env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}}
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False, runtime_env=env)
         try:
             for name, mode, workers, learners in runs:
-                results.append(ray_run(config(paths, args.size, root / name, args.steps, mode, workers, learners, args.max_wait_s), name))
+                results.append(ray_run(rl_config(paths, args.size, root / name, args.steps, mode, workers, learners, args.max_wait_s), name))
                 print(table(results[-1:], list(results[-1])), flush=True)
         finally:
             ray.shutdown()
@@ -222,8 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\n" + table(results, columns, f"RL step phases (median seconds over steps 2..{args.steps}), {os.cpu_count()} cores, 1 thread per actor"))
     memory = ["config", *(f"{role}_gib" for role in ROLES), "driver_gib"]
     print("\n" + table(results, memory, "Peak resident memory per role (GiB; in-process: the one process)"))
-    command = " ".join(["python launch/bench_rl_step.py", *(argv if argv is not None else sys.argv[1:])])
-    path = write_report(args.out, "rl_step", command, vars(args), {"rows": results})
+    path = write_report(args.out, "rl_step", command_line(__file__, argv), vars(args), {"rows": results})
     print(f"wrote {path}")
     return results
 

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -125,7 +126,26 @@ def comma_list(parser: argparse.ArgumentParser, option: str, text: str, choices=
 
 
 def median(values: list[float]) -> float:
+    """The median as a plain float (for JSON)."""
     return float(statistics.median(values))
+
+
+def seconds(fn, device: str | torch.device, repeats: int) -> float:
+    """Median wall-clock seconds of fn() over `repeats` runs, after one warm-up run (lazy set-up, kernels, allocator)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How to rerun a benchmark from the repository root: `python launch/<script> <its arguments>`."""
+    return " ".join([f"python launch/{Path(script).name}", *(argv if argv is not None else sys.argv[1:])])
 
 
 def table(rows: list[dict], columns: list[str], title: str = "") -> str:

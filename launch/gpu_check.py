@@ -58,7 +58,7 @@ from transformers import (  # noqa: E402
     T5EncoderModel,
 )
 
-from launch.benchmarking import PeakMemory, median, sync, table, write_report  # noqa: E402
+from launch.benchmarking import PeakMemory, command_line, seconds, sync, table, write_report  # noqa: E402
 from policies.adapters import TrainableConfig  # noqa: E402
 from policies.kontext import FluxKontextPolicy, tiny_tokenizers  # noqa: E402
 from policies.rollout import Rollout  # noqa: E402
@@ -184,33 +184,24 @@ def building_on(device: str | torch.device, dtype: torch.dtype):
 
 
 def free_memory(device: str) -> None:
+    """Give back what the finished row held, so the next row's peak memory is its own."""
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
 
 
-def seconds(fn, device: str, repeats: int) -> float:
-    """Median wall-clock seconds of fn() over `repeats` runs, after one warm-up run (kernels, allocator)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return median(times)
-
-
 def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (the names of JRMConfig.dtype and policy.dtype)."""
     return str(dtype).removeprefix("torch.")
 
 
 def num_params(module: nn.Module) -> int:
+    """Parameters of `module`, all of them (trainable or not)."""
     return sum(p.numel() for p in module.parameters())
 
 
 def random_images(n: int, size: int, seed: int) -> list[Image.Image]:
+    """n random RGB images of size x size pixels (speed does not depend on what they show)."""
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
@@ -229,6 +220,7 @@ def peak_flops(device: str, given_tflops: float | None) -> tuple[float | None, s
 
 
 def mfu(flops: float, secs: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak; None without a peak."""
     return None if peak is None else flops / secs / peak
 
 
@@ -305,7 +297,7 @@ def check_jrm(jrm: JRM, preset: Preset, device: str, batch: int, peak: float | N
     vision_flops, language_flops = jrm_flops(backbone, inputs["attention_mask"], inputs["image_grid_thw"])
     tokens = inputs["attention_mask"].sum(1).float().mean().item()
     image_tokens = (inputs["image_grid_thw"].prod(-1) // backbone.config.vision_config.spatial_merge_size**2).tolist()
-    language_s = max(forward_s - vision_s, 1e-9)
+    language_s = forward_s - vision_s  # timed apart: noise can make it <= 0 at tiny sizes, then no MFU
     return {
         "pairs_per_s": batch / score_s,
         "score_s": score_s,
@@ -317,7 +309,7 @@ def check_jrm(jrm: JRM, preset: Preset, device: str, batch: int, peak: float | N
         "mfu": mfu(vision_flops + language_flops, forward_s, peak),
         "mfu_score": mfu(vision_flops + language_flops, score_s, peak),
         "mfu_vision": mfu(vision_flops, vision_s, peak),
-        "mfu_language": mfu(language_flops, language_s, peak),
+        "mfu_language": mfu(language_flops, language_s, peak) if language_s > 0 else None,
         "tokens_per_sequence": tokens,
         "image_tokens": image_tokens[:2],
         "batch": batch,
@@ -424,10 +416,8 @@ def check_rollout(policy: FluxKontextPolicy, cfg: RLConfig, device: str) -> tupl
     }, rollout
 
 
-def check_learner(policy: FluxKontextPolicy, cfg: RLConfig, rollout: Rollout, device: str, checkpointing: bool) -> dict:
+def check_learner(policy: FluxKontextPolicy, cfg: RLConfig, rollout: Rollout, device: str) -> dict:
     """Seconds of one optimizer step of the DeepSpeed ZeRO-2 learner on the rollout (the second of two steps)."""
-    if checkpointing:  # recompute each block's activations in the backward (as policy.gradient_checkpointing does)
-        policy.pipe.transformer.enable_gradient_checkpointing()
     before = policy.trainable_state()
     with PeakMemory(device) as memory:
         # The process group stays up for later learners of this process: DeepSpeed caches its groups, so a
@@ -445,7 +435,7 @@ def check_learner(policy: FluxKontextPolicy, cfg: RLConfig, rollout: Rollout, de
         "seconds_per_step": times[1],
         "first_step_s": times[0],
         "backward_passes_per_step": learner.steps_per_update,
-        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing": policy.pipe.transformer.is_gradient_checkpointing,
         "loss": stats[1]["train/loss"],
         "grad_norm": stats[1]["train/grad_norm"],
         "nonfinite_losses": stats[0]["train/nonfinite_losses"] + stats[1]["train/nonfinite_losses"],
@@ -457,43 +447,49 @@ def check_learner(policy: FluxKontextPolicy, cfg: RLConfig, rollout: Rollout, de
 # ---------------------------------------------------------------------- the check
 
 
-def attempt(results: dict, names: tuple[str, ...], device: str, fn) -> None:
+def attempt(results: dict, names: tuple[str, ...], device: str, fn, memory_hint: str) -> None:
     """results.update(fn()), or each of `names` set to the error fn raised (traceback printed): a failing check
-    (out of memory, say) leaves the other rows' figures, and main() fails after writing them."""
+    (out of memory, say: then `memory_hint` says what to try) leaves the other rows' figures, and main() fails
+    after writing them."""
     try:
         results.update(fn())
     except Exception as error:  # noqa: BLE001 - one GPU run reports every row it can
         traceback.print_exc()
         message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         if isinstance(error, torch.OutOfMemoryError):
-            message += " (the learner step needs less memory with --gradient-checkpointing)"
+            message += f" ({memory_hint})"
         results.update({name: {"error": message} for name in names})
     free_memory(device)
 
 
 def run_reward(preset: Preset, device: str, args: argparse.Namespace, peak: float | None) -> dict:
+    """Build the JRM once; the jrm and generative rows (as --only asks) on it."""
     start = time.perf_counter()
     jrm = build_jrm(preset, device, args.attn)
     sync(device)
     results = {"jrm_build": {"seconds": time.perf_counter() - start, "backbone_params": num_params(jrm.backbone)}}
     if "jrm" in args.only:
-        attempt(results, ("jrm",), device, lambda: {"jrm": check_jrm(jrm, preset, device, args.batch, peak)})
+        attempt(results, ("jrm",), device, lambda: {"jrm": check_jrm(jrm, preset, device, args.batch, peak)}, "try a smaller --batch")
     if "generative" in args.only:
-        attempt(results, ("generative",), device, lambda: {"generative": check_generative(jrm, preset, device, args.generative_batch, args.critique_tokens)})
+        attempt(results, ("generative",), device, lambda: {"generative": check_generative(jrm, preset, device, args.generative_batch, args.critique_tokens)},
+                "try a smaller --generative-batch")
     return results
 
 
 def run_kontext(preset: Preset, device: str, args: argparse.Namespace) -> dict:
+    """Build FLUX.1 Kontext once; the rollout row, then the learner row on that rollout (as --only asks)."""
     cfg = learner_config(preset, device, args.steps)
     start = time.perf_counter()
-    policy = build_kontext(preset, device, TrainableConfig(lora_rank=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha))
+    trainable = TrainableConfig(lora_rank=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha, gradient_checkpointing=args.gradient_checkpointing)
+    policy = build_kontext(preset, device, trainable)
     sync(device)
     results = {"kontext_build": {"seconds": time.perf_counter() - start}}
     row, rollout = check_rollout(policy, cfg, device)  # the learner trains on this rollout
     if "kontext_rollout" in args.only:
         results["kontext_rollout"] = row
     if "kontext_learner" in args.only:
-        attempt(results, ("kontext_learner",), device, lambda: {"kontext_learner": check_learner(policy, cfg, rollout, device, args.gradient_checkpointing)})
+        hint = "a card with more memory" if args.gradient_checkpointing else "the learner step needs less memory with --gradient-checkpointing"
+        attempt(results, ("kontext_learner",), device, lambda: {"kontext_learner": check_learner(policy, cfg, rollout, device)}, hint)
     return results
 
 
@@ -509,7 +505,8 @@ def table_rows(results: dict, names: list[str]) -> list[dict]:
                          "detail": f"batch {r['batch']}, {r['tokens_per_sequence']:.0f} tokens/seq; forward {r['forward_s']:.3g} s, "
                          f"MFU vision {_percent(r['mfu_vision'])} language {_percent(r['mfu_language'])}"})
         elif name == "generative":
-            ratio = f"; JRM {results['jrm']['pairs_per_s'] / r['pairs_per_s']:.3g}x the pairs/s" if "pairs_per_s" in results.get("jrm", {}) else ""
+            jrm = results.get("jrm", {})
+            ratio = f"; JRM at batch {jrm['batch']}: {jrm['pairs_per_s'] / r['pairs_per_s']:.3g}x the pairs/s" if "pairs_per_s" in jrm else ""
             rows.append({"check": name, "value": r["tokens_per_s"], "unit": "tokens/s", "seconds": r["seconds"], "peak_gib": r["peak_gib"],
                          "detail": f"batch {r['batch']} x {r['critique_tokens']} tokens, {r['pairs_per_s']:.3g} pairs/s{ratio}"})
         elif name == "kontext_rollout":
@@ -538,10 +535,13 @@ def failures(results: dict, names: list[str]) -> list[str]:
         problems.append("kontext_rollout: non-finite log-probs")
     if learner.get("nonfinite_losses"):
         problems.append(f"kontext_learner: {learner['nonfinite_losses']} non-finite losses")
+    if learner.get("max_weight_change") == 0:
+        problems.append("kontext_learner: the optimizer step changed no LoRA weight")
     return problems
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Preset]:
+    """The options with their size-dependent defaults filled in, and the preset; a usage error for bad ones."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, float32, CPU by default: the code path in seconds")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda for real sizes, cpu with --tiny)")
@@ -598,16 +598,15 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     results: dict = {}
     if {"jrm", "generative"} & set(names):
-        attempt(results, tuple(n for n in names if n in ("jrm", "generative")), device, lambda: run_reward(preset, device, args, peak))
+        attempt(results, tuple(n for n in names if n in ("jrm", "generative")), device, lambda: run_reward(preset, device, args, peak), "building the 8.3B JRM needs about 17 GB")
     if {"kontext_rollout", "kontext_learner"} & set(names):
-        attempt(results, tuple(n for n in names if n.startswith("kontext")), device, lambda: run_kontext(preset, device, args))
+        attempt(results, tuple(n for n in names if n.startswith("kontext")), device, lambda: run_kontext(preset, device, args), "FLUX.1 Kontext's weights need about 34 GB")
     results["total_s"] = time.perf_counter() - start
     results["rows"] = table_rows(results, names)
     title = f"gpu_check ({'tiny' if args.tiny else 'real'} sizes, {dtype_name(preset.dtype)}, {device}; MFU: {peak_source}), {results['total_s']:.0f} s"
     print("\n" + table(results["rows"], COLUMNS, title))
     settings = dict(vars(args), preset="tiny" if args.tiny else "real", dtype=dtype_name(preset.dtype), peak_flops=peak, peak_source=peak_source)
-    command = " ".join(["python launch/gpu_check.py", *(argv if argv is not None else sys.argv[1:])])
-    path = write_report(args.out, "gpu_check", command, settings, results)
+    path = write_report(args.out, "gpu_check", command_line(__file__, argv), settings, results)
     print(f"wrote {path}")
     problems = failures(results, names)
     if problems:

@@ -49,7 +49,7 @@ class Trainable:
         net.requires_grad_(False)
         if cfg.gradient_checkpointing:
             if not hasattr(net, "enable_gradient_checkpointing"):
-                raise ValueError(f"{type(net).__name__} cannot recompute activations; set gradient_checkpointing false")
+                raise ValueError(f"{type(net).__name__} cannot recompute activations; set TrainableConfig.gradient_checkpointing (policy.gradient_checkpointing in RL) false")
             net.enable_gradient_checkpointing()
         if cfg.lora_rank > 0:
             targets = cfg.lora_targets or default_targets

@@ -3,7 +3,6 @@ reports hold what they claim (the judge decoded every token it was asked for, th
 RL phase was timed). Speed targets live in the benchmarks' own tables, never here."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +27,8 @@ def test_bench_reward_tiny(tmp_path, capsys):
     assert [r["batch"] for r in rows] == [1, 4]
     for r in rows:
         # the judge prefills what the JRM prefills, then decodes 8 tokens per pair: it cannot be faster
-        assert r["ratio"] > 1 and math.isclose(r["ratio"], r["jrm_pairs_s"] / r["gen_pairs_s"])
-        assert r["gen_tokens_s"] == pytest.approx(8 * r["gen_pairs_s"])
+        # (the benchmark itself refuses a judge that wrote fewer tokens than asked)
+        assert r["jrm_pairs_s"] > r["gen_pairs_s"] > 0 and r["prompt_tokens"] > 8
     assert "JRM vs generative judge" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_reward.main(["--sizes", "huge"])
@@ -41,8 +40,7 @@ def test_bench_reward_actor_tiny(tmp_path):
     bench_reward_actor.main(["--sizes", "tiny", "--clients", "8", "--requests", "16", "--threads", "1", "--out", str(out)])
     one, batched = report(out)
     assert one["mode"] == "one at a time" and one["mean_batch"] == 1.0
-    assert batched["clients"] == 8 and batched["mean_batch"] > 1, "8 concurrent clients were never scored together"
-    assert batched["speedup"] == pytest.approx(batched["edits_s"] / one["edits_s"])
+    assert batched["clients"] == 8 and 1 < batched["mean_batch"] <= 8, "8 concurrent clients were never scored together"
     for r in (one, batched):
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
 
@@ -62,6 +60,5 @@ def test_bench_rl_step_tiny(tmp_path):
         assert r["rollout_s"] >= r["sample_s"] > 0
     assert local["waiting_s"] == pytest.approx(0, abs=0.05)  # nothing to wait for without Ray
     assert all(ray_run[f"{role}_gib"] > 0.05 for role in bench_rl_step.ROLES), "a role's process was not found"
-    assert ray_run["vs_in_process"] == pytest.approx(ray_run["step_s"] / local["step_s"] - 1)
     with pytest.raises(SystemExit):
         bench_rl_step.main(["--configs", "fast-1x1"])  # refused before anything starts

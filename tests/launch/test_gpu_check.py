@@ -58,7 +58,6 @@ def test_tiny_jrm_figures_are_consistent(tiny_run):
 def test_tiny_generative_writes_exactly_the_critique_tokens(tiny_run):
     generative = tiny_run["generative"]
     assert generative["generated_tokens"] == TINY.generative_batch * TINY.critique_tokens
-    assert generative["tokens_per_s"] == pytest.approx(generative["pairs_per_s"] * TINY.critique_tokens)
 
 
 def test_tiny_learner_step_trains_the_lora_weights(tiny_run):
@@ -67,17 +66,6 @@ def test_tiny_learner_step_trains_the_lora_weights(tiny_run):
     assert learner["backward_passes_per_step"] == rollout["trained_steps"]
     assert math.isfinite(learner["loss"]) and learner["nonfinite_losses"] == 0
     assert learner["grad_norm"] > 0 and learner["max_weight_change"] > 0
-
-
-def test_gradient_checkpointing_changes_no_figure_of_the_step(tiny_run, tmp_path):
-    """Recomputing activations in the backward gives the same gradients (float32 on CPU: the same bits)."""
-    plain = tiny_run["kontext_learner"]
-    results = run_tiny(tmp_path / "gc.json", "--only", "kontext_learner", "--gradient-checkpointing")["results"]
-    checkpointed = results["kontext_learner"]
-    assert [row["check"] for row in results["rows"]] == ["kontext_learner"]
-    assert checkpointed["gradient_checkpointing"] and not plain["gradient_checkpointing"]
-    for key in ("loss", "grad_norm", "max_weight_change"):
-        assert checkpointed[key] == plain[key], key
 
 
 def test_a_failing_row_leaves_the_others_then_fails(tmp_path, monkeypatch):

@@ -3,12 +3,9 @@
 import asyncio
 import time
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import rl.rewards as rewards
 from rl.config import RewardTerm
 from rl.rewards import RewardWorker, SourcePreservation
 
