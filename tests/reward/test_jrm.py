@@ -283,7 +283,7 @@ def test_deepspeed_zero2_on_two_cpu_ranks(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
         str(root / "reward" / "train.py"), f"output_dir={tmp_path}", "model.tiny_hidden=64", "model.tiny_layers=2",
         "data.shapeedit_pairs=120", "data.max_eval_pairs=8", "trainer.max_steps=4", "trainer.per_device_train_batch_size=2",
-        "trainer.logging_steps=1", "trainer.eval_steps=2", "trainer.save_steps=2", "trainer.report_to=[]",
+        "trainer.logging_steps=1", "trainer.eval_steps=4", "trainer.save_steps=4", "trainer.report_to=[]",
         "trainer.disable_tqdm=true", f"trainer.deepspeed={root / 'reward' / 'configs' / 'ds_zero2.json'}", "trainer.ddp_backend=gloo",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
