@@ -10,6 +10,18 @@ from rl.config import RewardTerm
 from rl.rewards import RewardWorker, SourcePreservation
 
 
+def slow(worker: RewardWorker, seconds: float) -> RewardWorker:
+    """The worker, each of its scoring calls taking `seconds` longer (so that requests arrive during a call)."""
+    score = worker.score
+
+    def slow_score(*args):
+        time.sleep(seconds)
+        return score(*args)
+
+    worker.score = slow_score
+    return worker
+
+
 def _images(n, value=0):
     return [Image.new("RGB", (8, 8), (value, value, value)) for _ in range(n)]
 
@@ -56,14 +68,7 @@ def test_concurrent_requests_are_batched():
 
 
 def test_requests_arriving_during_a_call_fill_the_next_one():
-    worker = RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=4, max_wait_s=0.01)
-    score = worker.score
-
-    def slow_score(*args):
-        time.sleep(0.3)
-        return score(*args)
-
-    worker.score = slow_score
+    worker = slow(RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=4, max_wait_s=0.01), 0.3)
 
     async def staggered():
         async def request(i):
@@ -95,14 +100,7 @@ def test_a_failed_batch_reaches_every_caller():
 
 def test_a_request_cancelled_during_its_call_leaves_the_others_answered():
     """Ray cancels a request whose caller timed out; the rest of its batch still get their scores."""
-    worker = RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=8, max_wait_s=0.01)
-    score = worker.score
-
-    def slow_score(*args):
-        time.sleep(0.2)
-        return score(*args)
-
-    worker.score = slow_score
+    worker = slow(RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=8, max_wait_s=0.01), 0.2)
 
     async def three_cancel_one():
         tasks = [asyncio.ensure_future(worker.score_batched(_images(1), [f"{i}"], _images(1))) for i in range(3)]
