@@ -24,11 +24,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/bench_reward.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from launch.benchmarking import comma_list, command_line, seconds, table, write_report  # noqa: E402
+from launch.benchmarking import comma_list, command_line, random_images, seconds, table, write_report  # noqa: E402
 from reward.backbone import tiny_processor  # noqa: E402
 from reward.generative import GenerativeJudge  # noqa: E402
 from reward.model import JRM, JRMConfig  # noqa: E402
@@ -53,12 +52,8 @@ def build_model(size: str, seed: int = 0) -> JRM:
 
 def candidates(n: int, image: int, seed: int = 0) -> tuple[list[Image.Image], list[str], list[Image.Image]]:
     """n random (source, instruction, edit) candidates of `image` x `image` pixels."""
-    rng = np.random.default_rng(seed)
-
-    def picture() -> Image.Image:
-        return Image.fromarray(rng.integers(0, 256, (image, image, 3), dtype=np.uint8))
-
-    return [picture() for _ in range(n)], [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(n)], [picture() for _ in range(n)]
+    instructions = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(n)]
+    return random_images(n, image, seed), instructions, random_images(n, image, seed + 1)
 
 
 def bench_size(size: str, batches: list[int], critique_tokens: int, repeats: int, min_pairs: int) -> list[dict]:

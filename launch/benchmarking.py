@@ -16,8 +16,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
+from PIL import Image
 
 
 def machine() -> dict:
@@ -53,7 +55,7 @@ def _cpu_name() -> str:
 
 class PeakMemory:
     """Peak memory while the block runs: GPU bytes allocated by torch on CUDA; on CPU the peak resident set of
-    this process above its size at entry (sampled every `interval_s`, so a spike shorter than that can be missed).
+    this process, libraries included (sampled every `interval_s`, so a spike shorter than that can be missed).
 
         with PeakMemory(device) as mem: ...
         mem.peak_gib
@@ -68,11 +70,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
             return self
         self._process = psutil.Process()
-        self._base = self._process.memory_info().rss
-        self._peak = self._base
+        self._peak = self._process.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -87,23 +87,21 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-            self.added_bytes = self.peak_bytes - self._base
             return
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, self._process.memory_info().rss)
         self.peak_bytes = self._peak
-        self.added_bytes = self._peak - self._base
 
     @property
     def peak_gib(self) -> float:
         """Peak in GiB: GPU memory allocated, or the process's resident set on CPU."""
         return self.peak_bytes / 2**30
 
-    @property
-    def added_gib(self) -> float:
-        """Peak minus the memory held at entry, in GiB (what the block itself needed)."""
-        return self.added_bytes / 2**30
+def random_images(n: int, size: int, seed: int) -> list[Image.Image]:
+    """n random RGB images of size x size pixels (speed does not depend on what they show)."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def sync(device: str | torch.device) -> None:

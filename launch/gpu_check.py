@@ -43,10 +43,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/gpu_check.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPTextConfig,
@@ -58,7 +56,7 @@ from transformers import (  # noqa: E402
     T5EncoderModel,
 )
 
-from launch.benchmarking import PeakMemory, command_line, seconds, sync, table, write_report  # noqa: E402
+from launch.benchmarking import PeakMemory, command_line, random_images, seconds, sync, table, write_report  # noqa: E402
 from policies.adapters import TrainableConfig  # noqa: E402
 from policies.kontext import FluxKontextPolicy, tiny_tokenizers  # noqa: E402
 from policies.rollout import Rollout  # noqa: E402
@@ -198,12 +196,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 def num_params(module: nn.Module) -> int:
     """Parameters of `module`, all of them (trainable or not)."""
     return sum(p.numel() for p in module.parameters())
-
-
-def random_images(n: int, size: int, seed: int) -> list[Image.Image]:
-    """n random RGB images of size x size pixels (speed does not depend on what they show)."""
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def peak_flops(device: str, given_tflops: float | None) -> tuple[float | None, str]:

@@ -65,8 +65,7 @@ class RewardWorker:
         self.max_wait_s = max_wait_s
         self._pending: list[tuple[list, list, list, asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._busy = False  # a scoring call is running
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None  # the scoring call running, if any (held: the loop keeps weak references)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one scoring call at a time
         self.batch_sizes: list[int] = []
 
@@ -103,7 +102,7 @@ class RewardWorker:
         return await future
 
     def _schedule(self) -> None:
-        if self._busy or not self._pending:
+        if self._task is not None or not self._pending:
             return
         if sum(len(p[0]) for p in self._pending) >= self.max_batch_size:
             self._flush()
@@ -116,15 +115,14 @@ class RewardWorker:
             self._timer.cancel()
             self._timer = None
         self._pending = [p for p in self._pending if not p[3].done()]  # cancelled by their callers
-        if self._busy or not self._pending:
+        if self._task is not None or not self._pending:
             return
         take, edits = 1, len(self._pending[0][0])
         while take < len(self._pending) and edits + len(self._pending[take][0]) <= self.max_batch_size:
             edits += len(self._pending[take][0])
             take += 1
         pending, self._pending = self._pending[:take], self._pending[take:]
-        self._busy = True
-        self._task = asyncio.get_running_loop().create_task(self._score_pending(pending))  # held: the loop keeps weak references
+        self._task = asyncio.get_running_loop().create_task(self._score_pending(pending))
 
     async def _score_pending(self, pending: list) -> None:
         sources = [x for p in pending for x in p[0]]
@@ -139,7 +137,7 @@ class RewardWorker:
                     p[3].set_exception(e)
             return
         finally:
-            self._busy = False
+            self._task = None
             self._schedule()
         start = 0
         for p in pending:

@@ -16,7 +16,8 @@ import torch
 from transformers.vision_utils import get_vision_window_index
 
 from launch import gpu_check
-from launch.gpu_check import REAL, ROWS, TINY, build_jrm, jrm_flops, kontext_components, main, num_params, random_images
+from launch.benchmarking import random_images
+from launch.gpu_check import REAL, ROWS, TINY, build_jrm, jrm_flops, kontext_components, main, num_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
