@@ -60,6 +60,13 @@ class Trainable:
             self.frozen = copy.deepcopy(net).requires_grad_(False)
             net.requires_grad_(True)
 
+    def to(self, device: torch.device | str) -> Trainable:
+        """Move the network and, for a full fine-tune, its frozen reference copy (which no pipeline holds)."""
+        self.net.to(device)
+        if self.frozen is not None:
+            self.frozen.to(device)
+        return self
+
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]
 

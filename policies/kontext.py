@@ -133,9 +133,9 @@ class FluxKontextPolicy:
         return cls(components, trainable, height, width, max_sequence_length=32, seed=seed)
 
     def to(self, device: torch.device | str) -> FluxKontextPolicy:
+        """Move every component, the reference copy of a full fine-tune included; returns the policy."""
         self.pipe.to(device)
-        if self._trainable.frozen is not None:
-            self._trainable.frozen.to(device)
+        self._trainable.to(device)
         return self
 
     @property

@@ -34,11 +34,21 @@ class EditingPolicy(Protocol):
     ) -> Rollout:
         """Edit a batch, recording the trajectory and per-step log-probs under the current weights."""
 
+    def to(self, device: torch.device | str) -> EditingPolicy:
+        """Move every component, the frozen reference copy of a full fine-tune included; returns the policy."""
+
     def log_prob(self, rollout: Rollout, step: int) -> StepOutput:
         """Recompute step `step` of a stored rollout with the current weights (with grad if enabled).
 
         Equals rollout.log_probs[:, step] exactly (on-policy ratio 1) when the weights are the ones that
         sampled it and the batch is the one it was sampled in.
+
+        Deterministic steps: a row for which the step was an ODE step (outside its SDE window, the last
+        step, or noise level 0) gets log-prob 0, as stored, so the ratio is 1 there too and no gradient
+        flows from it; it is not an error. If the step was stochastic for any row (rollouts with different
+        windows, concatenated), `mean` and `std` are the SDE transition's for every row: mask the others
+        out of a KL term with rollout.stochastic[:, step]. If it was deterministic for every row, `mean`
+        is the Euler step's and `std` is 0.
         """
 
     def reference(self) -> contextlib.AbstractContextManager:

@@ -226,6 +226,12 @@ class QwenImageEditPolicy:
 
     # ---------------------------------------------------------------- training interface
 
+    def to(self, device: torch.device | str) -> QwenImageEditPolicy:
+        """Move every component, the reference copy of a full fine-tune included; returns the policy."""
+        self.pipeline.to(device)
+        self.trainable.to(device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.pipeline.transformer.device

@@ -179,11 +179,26 @@ class ShapeEditPolicy:
             PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
             trainable,
         )
-        if adapter.is_file() and trainable is not None and meta["trainable"] == asdict(trainable):
-            policy.load_trainable_state(load_file(str(adapter)), meta["version"])
+        if trainable is not None and meta["trainable"] == asdict(trainable):
+            if adapter.is_file():
+                policy.load_trainable_state(load_file(str(adapter)), meta["version"])
+            else:  # a full fine-tune: its trained weights are the saved transformer
+                policy.version = meta["version"]
         return policy
 
     # ---- the EditingPolicy protocol -----------------------------------------------------------------------
+
+    def to(self, device: torch.device | str) -> ShapeEditPolicy:
+        """Move both networks, the reference copy of a full fine-tune included; returns the policy."""
+        self.text_encoder.to(device)
+        self.transformer.to(device)
+        if self.trainable is not None:
+            self.trainable.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self._trainable().parameters()
@@ -202,7 +217,7 @@ class ShapeEditPolicy:
         """(B, L, D) hidden states and (B, D) pooled output of the text encoder, padded to a fixed length."""
         batch = self.tokenizer(
             instructions, padding="max_length", truncation=True, max_length=self.cfg.max_instruction_tokens, return_tensors="pt"
-        )
+        ).to(self.device)
         out = self.text_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         return out.last_hidden_state, out.pooler_output
 
@@ -212,7 +227,7 @@ class ShapeEditPolicy:
         Predicting x0 (not v) matters in pixel space: a token of 8x8x3 = 192 values cannot carry the noise
         through a 128-wide transformer, but the flat-coloured change from the source it can.
         """
-        sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(latents.shape[0])
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
         net = self.trainable.net if self.trainable is not None else self.transformer
         change = net(
             hidden_states=torch.cat([latents, source], dim=1),
@@ -226,7 +241,7 @@ class ShapeEditPolicy:
         """The velocity (B, 3, H, W) at x = latents for one sigma (a float) or one per row (B,):
         v = (x - x0_hat) / sigma on the path x = (1 - sigma) x0 + sigma eps."""
         x0 = self.predict_clean(latents, sigma, source, text_embeds, pooled_embeds)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(latents.shape[0]).clamp_min(1e-3)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0]).clamp_min(1e-3)
         return (latents.float() - x0) / sigma.view(-1, 1, 1, 1)
 
     @torch.no_grad()
@@ -241,17 +256,18 @@ class ShapeEditPolicy:
         """Edit a batch (images exactly image_size square, any PIL mode), recording the whole trajectory.
 
         Returns a Rollout with latents (B, T + 1, 3, H, W) in [-1, 1] pixel units and log_probs (B, T).
+        Noise is drawn on the policy's device, so on a GPU the generator must live there too.
         """
         sampler = sampler or SamplerConfig()
         check_batch(source_images, instructions, self.height, self.width)
-        b = len(instructions)
-        sources = images_to_tensor(source_images)
+        b, device = len(instructions), self.device
+        sources = images_to_tensor(source_images).to(device)
         text, pooled = self.encode_instructions(list(instructions))
         neg_text, neg_pooled = self.encode_instructions([sampler.negative_prompt] * b)
         condition = ShapeEditCondition(sources.float() / 127.5 - 1.0, text, pooled, neg_text, neg_pooled)
         sigmas = self._sigmas(sampler.num_steps)
-        stochastic = stochastic_steps(sampler, generator)
-        x = torch.randn((b, 3, self.height, self.width), generator=generator, dtype=torch.float32)
+        stochastic = stochastic_steps(sampler, generator).to(device)
+        x = torch.randn((b, 3, self.height, self.width), generator=generator, dtype=torch.float32, device=device)
         latents, log_probs = [x], []
         for t in range(sampler.num_steps):
             v = self._guided_velocity(x, float(sigmas[t]), condition, sampler.guidance_scale)
@@ -267,23 +283,28 @@ class ShapeEditPolicy:
             log_probs=torch.stack(log_probs, dim=1),
             stochastic=stochastic.expand(b, -1).clone(),
             edited_images=to_uint8(x),
-            group_ids=torch.arange(b) if group_ids is None else group_ids.long(),
-            policy_versions=torch.full((b,), self.version, dtype=torch.long),
+            group_ids=(torch.arange(b) if group_ids is None else group_ids).to(device=device, dtype=torch.long),
+            policy_versions=torch.full((b,), self.version, dtype=torch.long, device=device),
             condition=condition,
             sigmas=sigmas,
             sampler=sampler,
         )
 
     def log_prob(self, rollout: Rollout, step: int) -> StepOutput:
-        """Step `step` of a stored rollout under the current weights (differentiable when grad is on)."""
+        """Step `step` of a stored rollout under the current weights (differentiable when grad is on); rows
+        for which it was an ODE step get log-prob 0, as stored (EditingPolicy.log_prob)."""
+        if not 0 <= step < rollout.num_steps:
+            raise ValueError(f"step must be in [0, {rollout.num_steps}), got {step}")
         sampler = rollout.sampler
-        if not rollout.stochastic[:, step].any():
-            raise ValueError(f"step {step} of this rollout was an ODE step; only stochastic steps have a log-prob")
+        stochastic = rollout.stochastic[:, step]
         s, s_next = float(rollout.sigmas[step]), float(rollout.sigmas[step + 1])
         v = self._guided_velocity(rollout.latents[:, step], s, rollout.condition, sampler.guidance_scale)
-        return sde_step_with_logprob(
-            rollout.latents[:, step], v, s, s_next, sampler.noise_level, sampler.kind, prev_latents=rollout.latents[:, step + 1]
+        out = sde_step_with_logprob(
+            rollout.latents[:, step], v, s, s_next, sampler.noise_level if bool(stochastic.any()) else 0.0, sampler.kind,
+            prev_latents=rollout.latents[:, step + 1],
         )
+        out.log_probs = torch.where(stochastic, out.log_probs, torch.zeros_like(out.log_probs))
+        return out
 
     # ---- internals --------------------------------------------------------------------------------------------
 

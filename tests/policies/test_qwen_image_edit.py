@@ -287,21 +287,6 @@ def test_same_seed_same_rollout_other_seed_differs(policy):
     assert not torch.equal(a.latents, c.latents) and not torch.equal(a.log_probs, c.log_probs)
 
 
-@pytest.mark.parametrize("rank", [8, 0])
-def test_reference_is_the_network_before_training(rank):
-    """After a weight change log_prob moves; within reference() it is the untrained log_prob to the bit."""
-    p = tiny(trainable=TrainableConfig(lora_rank=rank))
-    r = sample(p, 2, sampler(), seed=2)
-    with torch.no_grad():
-        before = [p.log_prob(r, t).log_probs for t in range(r.num_steps)]
-        perturb(p, seed=9, scale=0.05 if rank == 0 else 0.3)
-        for t in range(r.num_steps - 1):  # the last step is an ODE step (log-prob 0)
-            assert not torch.equal(p.log_prob(r, t).log_probs, before[t])
-            with p.reference():
-                assert torch.equal(p.log_prob(r, t).log_probs, before[t])
-        assert not torch.equal(p.log_prob(r, 0).log_probs, before[0])  # the adapters are back on
-
-
 def test_load_trainable_state_round_trip(policy):
     other = tiny()
     other.load_trainable_state(policy.trainable_state(), version=5)
