@@ -497,11 +497,10 @@ class QwenImageEditPolicy:
 # ---------------------------------------------------------------- offline tiny components
 
 
+# Copied from reward/backbone.py:ImageOnlyProcessor (policies/ and reward/ are leaves and do not import each
+# other); tests/policies/test_qwen_image_edit.py checks that the two take the same parts and give the same inputs.
 class ImageOnlyProcessor(Qwen2VLProcessor):
-    """Qwen2-VL processor with an image processor and a tokenizer only: its video processor needs torchvision.
-
-    Deliberately duplicated from reward/backbone.py (policies/ and reward/ do not import each other).
-    """
+    """Qwen2-VL processor with an image processor and a tokenizer only: its video processor needs torchvision."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
