@@ -3,7 +3,7 @@
 The tiny preset builds a random-weight model from a config and a byte-level BPE tokenizer trained here on
 ShapeEdit text, so everything runs offline on a CPU. Real checkpoints load with `from_pretrained`.
 Images go through `ImageOnlyProcessor`: Qwen2-VL's processor without the video processor, which needs
-torchvision (not installable beside the CPU torch wheel, REFERENCE.md §4).
+torchvision, which does not install beside the CPU torch wheel.
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
+from reward.shapeedit.critique import GLOBAL_TAG, REGION_TAGS
 from reward.shapeedit.generate import GenerateConfig, make_prompt
 
 SCORE_TOKEN = "<|score|>"
+ADDED_TOKENS = [SCORE_TOKEN, *REGION_TAGS, GLOBAL_TAG]
+"""Tokens JRM adds to a backbone's vocabulary: the score token and the grounded critiques' region tags."""
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
@@ -90,7 +93,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=_SPECIAL + [SCORE_TOKEN],
+        special_tokens=_SPECIAL + ADDED_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: no unknown tokens, ever
         show_progress=False,
     )
@@ -102,7 +105,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
-        extra_special_tokens=_SPECIAL[1:] + [SCORE_TOKEN],
+        extra_special_tokens=_SPECIAL[1:] + ADDED_TOKENS,
     )
     tokenizer.chat_template = _CHAT_TEMPLATE
     return tokenizer
@@ -220,16 +223,17 @@ def load_backbone(
     if chat_template is None:
         raise ValueError(f"{name_or_path} has no chat template (tokenizer_config.json or chat_template.jinja)")
     tokenizer.chat_template = chat_template
-    if add_score_token and SCORE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([SCORE_TOKEN], special_tokens=True)
+    new = [t for t in ADDED_TOKENS if t not in tokenizer.get_vocab()] if add_score_token else []
+    if new:
+        tokenizer.add_tokens(new, special_tokens=True)
         rows = model.get_input_embeddings().weight.shape[0]
-        # Real Qwen tables are padded past the tokenizer: never shrink them, and start the new token at
+        # Real Qwen tables are padded past the tokenizer: never shrink them, and start the new tokens at
         # the mean of the trained rows rather than at an untrained padding row.
         if len(tokenizer) > rows:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-        score_id = tokenizer.convert_tokens_to_ids(SCORE_TOKEN)
+        new_ids = tokenizer.convert_tokens_to_ids(new)
         with torch.no_grad():
             for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-                table[score_id] = table[: score_id].mean(0)
+                table[new_ids] = table[: min(new_ids)].mean(0)
     processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
     return model, processor

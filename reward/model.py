@@ -174,20 +174,20 @@ class JRM(nn.Module):
 
     def prompt_text(self, instruction: str) -> str:
         """The chat text for one candidate, ending with the score token."""
+        return self.chat_text(f"Instruction: {instruction}\n{JUDGE_PROMPT}")
+
+    def chat_text(self, text: str) -> str:
+        """The chat text for [source image][second image] `text`, ending with the score token."""
         messages = [
             {
                 "role": "user",
                 # Both images first, side by side: corresponding patches of the source and the edit then
                 # sit at the same relative position whatever the instruction's length.
-                "content": [
-                    {"type": "image"},
-                    {"type": "image"},
-                    {"type": "text", "text": f"Instruction: {instruction}\n{JUDGE_PROMPT}"},
-                ],
+                "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": text}],
             }
         ]
-        text = self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text + SCORE_TOKEN
+        chat = self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat + SCORE_TOKEN
 
     def _cut(self, critique: str) -> str:
         tokenizer = self.processor.tokenizer
@@ -222,10 +222,23 @@ class JRM(nn.Module):
         _check_batch(source_images, instructions, edited_images, critiques)
         for i, text in enumerate(instructions):
             self.check_instruction(text, f"instruction {i}")
+        return self.encode_chats([self.prompt_text(t) for t in instructions], source_images, edited_images, critiques, padding_side)
+
+    def encode_chats(
+        self,
+        chats: list[str],
+        source_images: list[Image.Image],
+        edited_images: list[Image.Image],
+        targets: list[str | None] | None = None,
+        padding_side: str = "right",
+    ) -> dict[str, torch.Tensor]:
+        """`encode` for chat texts that end with the score token (`chat_text`), with optional target texts
+        after it (the critiques; the backbone's pretraining answers). Same returns as `encode`."""
+        _check_batch(source_images, chats, edited_images, targets)
         eos = self.processor.tokenizer.eos_token
-        texts = [self.prompt_text(t) for t in instructions]
-        if critiques is not None:
-            texts = [t + self._cut(c) + eos if c else t for t, c in zip(texts, critiques)]
+        texts = list(chats)
+        if targets is not None:
+            texts = [t + self._cut(c) + eos if c else t for t, c in zip(texts, targets)]
         sources = [to_rgb(s) for s in source_images]
         edits = [to_rgb(e) for e in edited_images]
         if self.config.transition_frames:
@@ -234,7 +247,7 @@ class JRM(nn.Module):
         batch = dict(batch)
         if self.config.transition_frames:
             batch["pixel_values"] = self._transition(batch["pixel_values"], batch["image_grid_thw"])
-        if critiques is not None:
+        if targets is not None:
             labels = batch["input_ids"].clone()
             score_pos = self._score_positions(batch["input_ids"])
             after = torch.arange(labels.shape[1])[None, :] > score_pos[:, None]

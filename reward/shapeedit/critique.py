@@ -1,17 +1,25 @@
-"""Step-by-step critiques of candidate edits, built from scene facts and the oracle's scores.
+"""Grounded critiques of candidate edits, built from scene facts and the oracle's scores.
 
-The critique is the chain-of-thought text that JRM's language-modelling loss learns from. Its facts
-(what was asked, what changed, what stayed) come from comparing scenes object by object; its judgements
-(done / partly done / not done, the scores) come from the oracle, so a critique never disagrees with the
-label of its candidate.
+The critique is the text that JRM's language-modelling loss learns from, in the structured, spatially
+grounded form of arXiv 2602.07533: first the boxes of the regions the instruction concerns and of the
+regions that changed (`[ymin, xmin, ymax, xmax]` on Qwen-VL's 0-1000 scale), then one statement per
+region under its tag (`<|bbox_0|>`, `<|bbox_1|>`, ...), then `<|global|>` (background, untouched
+objects, artifacts), then the verdict with the scores. Its facts come from comparing scenes object by
+object; its judgements (done / partly done / not done, the scores) come from the oracle, so a critique
+never disagrees with the label of its candidate.
 """
 
 from __future__ import annotations
 
 from reward.shapeedit.candidates import Candidate
-from reward.shapeedit.edits import Edit, apply_edits
+from reward.shapeedit.edits import ADDED_ID, Edit, apply_edits
 from reward.shapeedit.oracle import Judgement
 from reward.shapeedit.world import Scene, Shape, region_name, size_name
+
+REGION_TAGS = tuple(f"<|bbox_{i}|>" for i in range(8))
+"""Region tags, in the order the critique lists its regions; special tokens of the JRM's tokenizer."""
+GLOBAL_TAG = "<|global|>"
+"""Introduces the critique's statement on the whole image."""
 
 ARTIFACT_SENTENCES = {
     None: "The image is clean and sharp.",
@@ -95,22 +103,83 @@ def changes(source: Scene, scene: Scene) -> dict[tuple[int, str], str]:
     return out
 
 
-def write_critique(source: Scene, edits: tuple[Edit, ...], instruction: str, candidate: Candidate, judgement: Judgement) -> str:
-    """A four-step critique ending in a verdict whose scores are the oracle's (see `scores_1_to_4`)."""
-    wanted = changes(source, apply_edits(source, edits))
-    seen = changes(source, candidate.scene)
+def box(shape: Shape) -> tuple[int, int, int, int]:
+    """The shape's bounding box as (ymin, xmin, ymax, xmax) on a 0-1000 scale (Qwen-VL's grounding convention)."""
+    edges = (shape.y - shape.size, shape.x - shape.size, shape.y + shape.size, shape.x + shape.size)
+    return tuple(min(1000, max(0, round(1000 * v))) for v in edges)
 
-    asks = "; ".join(request(source, e) for e in edits)
-    lines = [f'1. Request: "{instruction}" asks to {asks}.']
-    observed = [seen[k] for k in seen]
-    lines.append("2. Changes: " + ("; ".join(observed) + "." if observed else "nothing in the scene changed."))
-    checks = [f"{request(source, e)}: {status(score)}" for e, score in zip(edits, judgement.following_per_edit)]
-    extra = [seen[k] for k in seen if k not in wanted]
-    wrong = [seen[k] for k in seen if k in wanted and seen[k] != wanted[k]]
-    kept = "everything else is preserved" if not extra else "not requested: " + "; ".join(extra)
-    detail = f" (differs from what was asked: {'; '.join(wrong)})" if wrong else ""
-    lines.append("3. Check: " + "; ".join(checks) + detail + "; " + kept + ".")
-    lines.append("4. Quality: " + ARTIFACT_SENTENCES[candidate.artifact])
+
+def box_text(b: tuple[int, int, int, int]) -> str:
+    return "[" + ", ".join(str(v) for v in b) + "]"
+
+
+def regions(source: Scene, wanted: Scene, seen: Scene, edits: tuple[Edit, ...]) -> list[tuple[int, Shape]]:
+    """The critique's regions as (shape id, the shape whose box is shown): first every object an edit names
+    or creates, in the instruction's order, then every other object that changed, by id.
+
+    The box is where the object is in the source; an object the source lacks (added) is shown where the
+    instruction puts it, or, when only the candidate has it, where the candidate put it.
+    """
+    ids: list[int] = []
+    for e in edits:
+        named = [e.target, e.other] if e.family != "add" else [ADDED_ID]
+        ids += [i for i in named if i is not None and i not in ids]
+    diff = changes(source, seen)
+    ids += sorted({i for i, _ in diff if i >= 0 and i not in ids})
+    out = []
+    for i in ids:
+        for scene in (source, wanted, seen):
+            if any(s.id == i for s in scene.shapes):
+                out.append((i, scene.shape(i)))
+                break
+    if len(out) > len(REGION_TAGS):
+        raise ValueError(f"a critique can show at most {len(REGION_TAGS)} regions, this one has {len(out)}")
+    return out
+
+
+def write_critique(source: Scene, edits: tuple[Edit, ...], candidate: Candidate, judgement: Judgement) -> str:
+    """A grounded critique (see the module docstring) ending in a verdict whose scores are the oracle's
+    (see `scores_1_to_4`)."""
+    wanted_scene = apply_edits(source, edits)
+    wanted = changes(source, wanted_scene)
+    seen = changes(source, candidate.scene)
+    shown = regions(source, wanted_scene, candidate.scene, edits)
+    tags = {i: REGION_TAGS[k] for k, (i, _) in enumerate(shown)}
+
+    lines = ["Regions: " + (" ".join(f"{tags[i]} {box_text(box(s))}" for i, s in shown) if shown else "none") + "."]
+    statuses: dict[int, list[str]] = {i: [] for i, _ in shown}
+    for e, score in zip(edits, judgement.following_per_edit):
+        for i in [ADDED_ID] if e.family == "add" else [e.target, e.other]:
+            if i is not None:
+                statuses[i].append(f"asked to {request(source, e)}: {status(score)}")
+    after = {s.id: s for s in candidate.scene.shapes}
+    for i, s in shown:
+        words = name(source, s) if any(t.id == i for t in source.shapes) else f"{size_name(s.size)} {s.colour} {s.kind}"
+        facts = [seen[k] for k in seen if k[0] == i]
+        extra = [seen[k] for k in seen if k[0] == i and k not in wanted]
+        missed = [wanted[k] for k in wanted if k[0] == i and seen.get(k) != wanted[k]]
+        parts = statuses[i] or ["not asked"]
+        parts.append("changes: " + "; ".join(facts) if facts else "unchanged")
+        if i in after and facts and box(after[i]) != box(s):
+            parts.append(f"now at {box_text(box(after[i]))}")
+        if missed:
+            parts.append("expected: " + "; ".join(missed))
+        if extra and statuses[i]:
+            parts.append("not requested: " + "; ".join(extra))
+        lines.append(f"{tags[i]} the {words}: " + "; ".join(parts) + ".")
+    background = [e for e in edits if e.family == "background"]
+    glob = []
+    for e, score in zip(edits, judgement.following_per_edit):
+        if e.family == "background":
+            glob.append(f"asked to {request(source, e)}: {status(score)}")
+    if (-1, "background") in seen:
+        glob.append(seen[(-1, "background")] + ("" if background else " (not requested)"))
+    else:
+        glob.append(f"the background is still {source.background}")
+    untouched = [s for s in source.shapes if s.id not in tags]
+    if untouched:
+        glob.append("the other shapes are unchanged" if len(untouched) > 1 else f"the {name(source, untouched[0])} is unchanged")
+    lines.append(f"{GLOBAL_TAG} " + "; ".join(glob) + ". " + ARTIFACT_SENTENCES[candidate.artifact])
     following, quality = scores_1_to_4(judgement)
     overall = following + quality
     word = "a good edit" if overall >= 7 else "a flawed edit" if overall >= 5 else "a failed edit"

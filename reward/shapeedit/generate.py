@@ -162,7 +162,7 @@ def make_prompt(rng: np.random.Generator, cfg: GenerateConfig) -> Prompt | None:
     if len(candidates) < cfg.candidates:
         return None
     judgements = [judge(reference, im) for im in images]
-    critiques = [write_critique(scene, edits, instruction, c, j) for c, j in zip(candidates, judgements)]
+    critiques = [write_critique(scene, edits, c, j) for c, j in zip(candidates, judgements)]
     return Prompt(scene, edits, instruction, task.heldout, candidates, images, judgements, critiques)
 
 

@@ -12,8 +12,8 @@ from PIL import Image
 from reward.shapeedit import GenerateConfig, build_reference, generate, judge, judge_image, render, sample_scene
 from reward.shapeedit.__main__ import main as cli
 from reward.shapeedit.candidates import MODES, make_candidate, render_candidate
-from reward.shapeedit.critique import scores_1_to_4, status, write_critique
-from reward.shapeedit.edits import Edit, apply_edits, composition_keys, is_heldout, refer, sample_instruction
+from reward.shapeedit.critique import box, scores_1_to_4, status, write_critique
+from reward.shapeedit.edits import ADDED_ID, Edit, apply_edits, composition_keys, is_heldout, refer, sample_instruction
 from reward.shapeedit.oracle import FAR
 from reward.shapeedit.world import KINDS, SHAPE_COLOURS, SIZES, Scene, palette, size_name
 
@@ -118,27 +118,42 @@ def test_referring_expressions_pick_out_exactly_one_shape():
     assert checked > 500
 
 
-def test_critiques_agree_with_the_oracle():
+def test_critiques_agree_with_the_oracle_and_their_boxes_with_the_scene():
     rng, cases = _cases(seed=4, n=200)
     for scene, edits, instruction in cases:
         reference = build_reference(scene, edits, 64, 64)
+        wanted = apply_edits(scene, edits)
         for mode in MODES:
             candidate = make_candidate(rng, scene, edits, mode)
             if candidate is None:
                 continue
             j = judge(reference, render_candidate(candidate, rng, 64))
-            text = write_critique(scene, edits, instruction, candidate, j)
+            text = write_critique(scene, edits, candidate, j)
             following, quality = scores_1_to_4(j)
             verdict = re.search(r"Instruction following (\d)/4, consistency and quality (\d)/4, overall (\d)/8", text)
             assert verdict and tuple(map(int, verdict.groups())) == (following, quality, following + quality), text
-            check = text.split("3. Check: ")[1]
-            assert [m.group(1) for m in re.finditer(r": (done|partly done|not done)", check)] == [
-                status(f) for f in j.following_per_edit
-            ], text
+            # One status per atomic edit (a swap states it on both objects), in the oracle's words.
+            said = [m.group(1) for m in re.finditer(r"asked to [^:]*: (done|partly done|not done)", text)]
+            expected = [status(f) for e, f in zip(edits, j.following_per_edit) for _ in range(2 if e.family == "swap" else 1)]
+            assert sorted(said) == sorted(expected), text
+            # Every region's box is the exact box of an object of the source, of the asked-for scene or of
+            # the candidate, on the 0-1000 scale; the instruction's objects come first, with tags in order.
+            header, *lines = text.split("\n")
+            boxes = re.findall(r"<\|bbox_(\d)\|> \[(\d+), (\d+), (\d+), (\d+)\]", header)
+            assert [int(b[0]) for b in boxes] == list(range(len(boxes))), text
+            known = {box(s) for sc in (scene, wanted, candidate.scene) for s in sc.shapes}
+            assert all(tuple(map(int, b[1:])) in known for b in boxes), text
+            named = {i for e in edits for i in ([ADDED_ID] if e.family == "add" else [e.target, e.other]) if i is not None}
+            assert len(boxes) >= len(named), text
+            assert [line.split(" ")[0] for line in lines[: len(boxes)]] == [f"<|bbox_{k}|>" for k in range(len(boxes))], text
+            assert lines[len(boxes)].startswith("<|global|> ") and lines[-1].startswith("Verdict: "), text
             if mode == "correct":
-                assert "everything else is preserved" in text and "clean and sharp" in text and "8/8" in text
+                assert "not requested" not in text and "clean and sharp" in text and "8/8" in text
             if mode == "not_applied":
-                assert "nothing in the scene changed" in text
+                assert "changes:" not in text and "changed from" not in text
+            if mode == "wrong_object":
+                # The object that did change is boxed and said to be not asked for.
+                assert "not asked; changes:" in text, text
 
 
 def test_dataset_format_splits_and_heldout_compositions(tmp_path):
