@@ -52,7 +52,7 @@ class PolicyConfig:
 class RewardTerm:
     name: str = "jrm"
     """Metric name of the term (rollout/reward_<name>)."""
-    spec: str = "jrm:runs/demo/jrm"
+    spec: str = "jrm:runs/demo/jrm/final"
     """jrm:PATH, generative:PATH, oracle:SHAPEEDIT_DIR or preservation (1 - mean |edit - source|)."""
     weight: float = 1.0
     """Weight in the total reward."""

@@ -3,18 +3,34 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launch.grpo_edit import main
 from reward.config import ConfigError, load_config
 from rl.config import RLConfig
 
-PRESETS = sorted((Path(__file__).resolve().parents[2] / "launch" / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
+REWARD_PRESETS = sorted((ROOT / "reward" / "configs").glob("*.yaml"))
+DEMO_JRM = "runs/demo/jrm/final"  # trained by `make demo` (launch/demo.py --out runs/demo)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_presets_load(preset):
     cfg = load_config(RLConfig, preset)
     assert cfg.algo.prompts_per_step * cfg.algo.group_size % cfg.algo.micro_batch_size == 0
+
+
+@pytest.mark.parametrize("preset", [*PRESETS, None], ids=lambda p: p.stem if p else "defaults")
+def test_jrm_paths_are_where_reward_training_writes(preset):
+    """A `jrm:runs/...` reward term reads the final model of a reward/configs preset (<output_dir>/final) or
+    the demo's, not a folder nothing writes."""
+    written = {f"{yaml.safe_load(p.read_text())['output_dir']}/final" for p in REWARD_PRESETS} | {DEMO_JRM}
+    specs = [term.spec for term in load_config(RLConfig, preset).reward.terms]
+    paths = [spec.removeprefix("jrm:") for spec in specs if spec.startswith("jrm:runs/")]
+    assert paths, f"no jrm:runs/... reward term in {specs}"
+    for path in paths:
+        assert path in written, f"jrm:{path} is written by nothing; reward training writes {sorted(written)}"
 
 
 def test_bad_configs_are_refused():
