@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python launch/grpo_edit.py`: import the packages, not sibling files
@@ -29,10 +30,19 @@ from rl.config import RLConfig  # noqa: E402
 from rl.loop import train  # noqa: E402
 
 
+def runtime_env(environ: Mapping[str, str]) -> dict:
+    """Ray's runtime_env for every actor: this repository on PYTHONPATH, wandb offline unless the user chose a
+    mode, and HF_HUB_OFFLINE only when the user set it, so hub access (hub ids in policy.path) follows the
+    user's environment. Nothing else is forwarded here (no tokens)."""
+    env_vars = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "WANDB_MODE": environ.get("WANDB_MODE", "offline")}
+    if "HF_HUB_OFFLINE" in environ:
+        env_vars["HF_HUB_OFFLINE"] = environ["HF_HUB_OFFLINE"]
+    return {"env_vars": env_vars}
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_cli(RLConfig, sys.argv[1:] if argv is None else argv, __doc__)
-    root = str(Path(__file__).resolve().parents[1])
-    env = {"env_vars": {"PYTHONPATH": root, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}}
+    env = runtime_env(os.environ)
     if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.cluster.address or None, runtime_env=env)  # the job's cluster (ray job submit sets RAY_ADDRESS)
     else:
