@@ -7,7 +7,8 @@ Real preference data has scores but no evaluation text; JRM's language-modelling
 per candidate (`rationale1`, `rationale2`). The teacher sees source, instruction, edit and the human
 scores, and explains them; the verdict line is then rewritten from the labels, so a critique can never
 contradict its label. Progress goes to OUT.partial.jsonl after every batch: rerun the same command to
-resume; the final json is written once every row is done.
+resume; the final json is written once every row is done. With CUDA the teacher is loaded in bf16 and
+spread over every visible GPU (CUDA_VISIBLE_DEVICES picks them), so a 72B teacher fits on several.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ if __package__ in (None, ""):  # run as `python reward/synthesize_critiques.py`:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
+from accelerate import dispatch_model, infer_auto_device_map
+from accelerate.utils import get_balanced_memory
+from transformers import PreTrainedModel
 
 from reward.backbone import load_backbone
 from reward.data import DataError, field, load_image, read_rows
@@ -43,13 +47,26 @@ def enforce_verdict(text: str, following: float, quality: float) -> str:
     return f"{body}\n{verdict(following, quality)}" if body else verdict(following, quality)
 
 
+def spread_over_gpus(model: PreTrainedModel) -> PreTrainedModel:
+    """The model dispatched over every visible GPU, whole decoder and vision blocks on each, in accelerate's
+    balanced map (what from_pretrained's device_map="auto" makes), so a teacher larger than one GPU fits
+    (72B in bf16 is ~145 GB). The model arrives in CPU memory (load_backbone reads it there); weights that fit
+    on no GPU stay there, and generate() moves activations between devices."""
+    no_split = model._no_split_modules
+    memory = get_balanced_memory(model, no_split_module_classes=no_split, dtype=model.dtype)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=model.dtype)
+    return dispatch_model(model, device_map, skip_keys="past_key_values")  # the KV cache stays where each layer writes it
+
+
 class Teacher:
     def __init__(self, path: str, max_new_tokens: int, trust_remote_code: bool = False):
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        self.model, self.processor = load_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code, add_score_token=False)
+        gpu = torch.cuda.is_available()
+        self.model, self.processor = load_backbone(
+            path, dtype=torch.bfloat16 if gpu else torch.float32, trust_remote_code=trust_remote_code, add_score_token=False
+        )
         self.model.eval()
-        if torch.cuda.is_available():
-            self.model.cuda()
+        if gpu:
+            self.model = spread_over_gpus(self.model)
         self.max_new_tokens = max_new_tokens
 
     @torch.inference_mode()
