@@ -1,6 +1,6 @@
 """Editing reward benchmarks: loaders for local copies (json/jsonl, or the hub's parquet/arrow) and their metrics.
 
-Formats and protocols (REFERENCE.md §3):
+Formats and protocols, as each benchmark's release and its authors' evaluation script define them:
 - `tiger`     TIGER-Lab EditReward-Bench: rows id, instruction, source_image, candidate_1, candidate_2,
               ranking ("A>B", "B>A", "A=B", or "A>C"... in 3/4-way groups), comparison_type ("AvsC"),
               dataset ("2pair"/"3pair"/"4pair"). 2-pair: accuracy with tie calibration; 3/4-pair:

@@ -1,6 +1,6 @@
 """The RL math, as pure functions: group-relative advantages, the clipped surrogate, KL, PPO's value loss.
 
-Flow-GRPO (Liu et al. 2025, arXiv 2505.05470; REFERENCE.md section 2):
+Flow-GRPO (Liu et al. 2025, arXiv 2505.05470):
     A_i = clip((R_i - mean_group) / (std + eps), -adv_clip, adv_clip), the same for every step of trajectory i
     r = exp(logp_new - logp_old),  L = mean(max(-A r, -A clip(r, 1 - c, 1 + c))) + beta KL
     KL = mean over latent dims of (mean_theta - mean_ref)^2 / (2 std^2)    (std: the step's transition std)

@@ -1,4 +1,4 @@
-"""The shared SDE step (REFERENCE.md section 2): its log-prob is a Gaussian density, a = 0 is Euler, seeds reproduce."""
+"""The shared SDE step (Flow-GRPO, arXiv 2505.05470): its log-prob is a Gaussian density, a = 0 is Euler, seeds reproduce."""
 
 import math
 
@@ -19,7 +19,7 @@ def test_sde_log_prob_is_the_gaussian_density(sigma, sigma_next):
     x, v = _inputs()
     a = 0.7
     out = sde_step_with_logprob(x, v, sigma, sigma_next, a, generator=torch.Generator().manual_seed(1))
-    # Written out independently from REFERENCE.md section 2.
+    # Flow-GRPO's SDE step (arXiv 2505.05470), written out again here rather than taken from policies/sde.py.
     d = sigma_next - sigma
     std_s = a * math.sqrt(sigma / (1 - (sigma_next if sigma == 1.0 else sigma)))
     mean = x * (1 + std_s**2 / (2 * sigma) * d) + v * (1 + std_s**2 * (1 - sigma) / (2 * sigma)) * d
