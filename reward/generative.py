@@ -1,8 +1,10 @@
-"""Generative baseline on JRM's backbone: decode a critique after the score token, then parse its verdict.
+"""Generative judge: decode a critique after the score token, then parse its verdict ("... overall 6/8.").
 
-This is how generative judges (EditScore, VLM-as-a-judge) score an edit. It shares weights, prompt and
-`score()` signature with JRM, so accuracy and speed compare like for like: JRM reads one hidden state
-after a prefill; this decodes up to `max_new_tokens` tokens per candidate first.
+This is how generative judges (EditScore, VLM-as-a-judge) score an edit. The trained baseline is
+reward/train_generative.py: JRM's backbone fine-tuned on the critiques alone and saved as a JRM checkpoint;
+any JRM checkpoint also decodes the critique it learnt beside its reward. Either way the weights' format,
+prompt and `score()` signature are JRM's, so accuracy and speed compare like for like: JRM reads one hidden
+state after a prefill; this decodes up to `max_new_tokens` tokens per candidate first.
 """
 
 from __future__ import annotations
