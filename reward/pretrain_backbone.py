@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     with (out / "metrics.jsonl").open("w") as f:
         for log in trainer.state.log_history:
             f.write(json.dumps(log) + "\n")
+    for checkpoint in out.glob("checkpoint-*"):  # only for resuming an interrupted run; the folder is the model now
+        shutil.rmtree(checkpoint)
     done.write_text(json.dumps(record, indent=1) + "\n")
     return record
 

@@ -1,0 +1,76 @@
+"""Backbone pretraining on ShapeEdit grounding tasks: exact answers, a checkpoint that loads like a real one, reuse."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from reward.config import ConfigError
+from reward.model import JRM, JRMConfig
+from reward.pretrain_backbone import PretrainConfig, pretrain
+from reward.shapeedit.critique import box
+from reward.shapeedit.grounding import TASKS, describe, sample_example
+from reward.shapeedit.world import sample_scene
+
+
+def test_grounding_answers_are_exact():
+    rng = np.random.default_rng(0)
+    for task in TASKS:
+        seen = 0
+        while seen < 30:
+            example = sample_example(rng, 32, task)
+            if example is None:
+                continue
+            seen += 1
+            assert example.task == task and example.source.shape == example.second.shape == (32, 32, 3)
+            if task in ("describe", "locate", "instruction_regions"):
+                assert np.array_equal(example.source, example.second)  # one image asked about
+            for b in re.findall(r"\[(\d+), (\d+), (\d+), (\d+)\]", example.answer):
+                ymin, xmin, ymax, xmax = map(int, b)
+                assert 0 <= ymin < ymax <= 1000 and 0 <= xmin < xmax <= 1000, example
+    scene = sample_scene(np.random.default_rng(1), num_shapes=3)
+    text = describe(scene)
+    # Reading order: the boxes appear sorted, one per shape, each the shape's exact box.
+    boxes = [tuple(map(int, b)) for b in re.findall(r"\[(\d+), (\d+), (\d+), (\d+)\]", text)]
+    assert boxes == sorted(box(s) for s in scene.shapes)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("backbone")
+    cfg = PretrainConfig(
+        output_dir=str(out),
+        model=JRMConfig(tiny_hidden=64, tiny_layers=2),
+        trainer={"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": [], "save_strategy": "no",
+                 "remove_unused_columns": False, "disable_tqdm": True, "logging_steps": 1},  # fmt: skip
+    )
+    record = pretrain(cfg)
+    return cfg, record
+
+
+def test_pretrained_backbone_loads_like_a_real_checkpoint(pretrained):
+    cfg, record = pretrained
+    assert record["final_loss"] is not None and np.isfinite(record["final_loss"])
+    saved = AutoModelForImageTextToText.from_pretrained(cfg.output_dir)
+    jrm = JRM.build(JRMConfig(backbone=cfg.output_dir))  # reward/train.py model.backbone=DIR takes this path
+    assert type(saved) is type(jrm.backbone)
+    for (name, a), (_, b) in zip(saved.state_dict().items(), jrm.backbone.state_dict().items()):
+        assert torch.equal(a, b), name
+    # The grounded critiques' region tags were already in the vocabulary: nothing was added or resized.
+    assert len(jrm.processor.tokenizer) == saved.get_input_embeddings().weight.shape[0]
+
+
+def test_a_second_run_reuses_the_checkpoint_and_other_settings_are_refused(pretrained):
+    cfg, record = pretrained
+    weights = Path(cfg.output_dir) / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert pretrain(cfg) == record
+    assert weights.stat().st_mtime_ns == stamp
+    other = PretrainConfig(output_dir=cfg.output_dir, model=cfg.model, trainer=dict(cfg.trainer, max_steps=4))
+    with pytest.raises(ConfigError, match="other settings"):
+        pretrain(other)
+    assert json.loads((Path(cfg.output_dir) / "pretrain.json").read_text()) == record
