@@ -14,27 +14,33 @@ import re
 import torch
 from PIL import Image
 
-from reward.model import JRM, _unwrap
+from reward.model import JRM
 
 VERDICT = re.compile(r"overall\s+(\d+(?:\.\d+)?)\s*/\s*(\d+)", re.IGNORECASE)
-ANY_SCORE = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*(\d+)")
 
 
 def parse_verdict(text: str) -> float | None:
-    """The overall score in [0, 1] from a critique ("... overall 6/8."), else the last "a/b", else None."""
-    match = VERDICT.search(text) or (ANY_SCORE.findall(text) or [None])[-1]
-    if match is None:
+    """The overall score c/b of the critique's (last) verdict "... overall c/b.", in [0, 1]; None without one.
+
+    A critique cut before its verdict is a parse failure, not a score read off another of its lines.
+    """
+    found = VERDICT.findall(text)
+    if not found:
         return None
-    value, scale = (match.groups() if isinstance(match, re.Match) else match)
+    value, scale = found[-1]
     return float(value) / float(scale) if float(scale) > 0 else None
 
 
 class GenerativeJudge:
-    """score() by greedy decoding of a critique; unparsable critiques score 0 and are counted."""
+    """score() by greedy decoding of a critique and parsing its verdict; critiques without one score 0 and are counted."""
 
-    def __init__(self, model: JRM, max_new_tokens: int = 256, min_new_tokens: int = 0):
-        """`min_new_tokens` holds back the end token until that many are decoded: benchmarks set it to
-        max_new_tokens so that a random-weight judge writes critiques of a known length."""
+    def __init__(self, model: JRM, max_new_tokens: int | None = None, min_new_tokens: int = 0):
+        """`max_new_tokens` defaults to the longest critique the model was trained on (model.max_critique_tokens)
+        plus its end token, so that no verdict is cut. `min_new_tokens` holds back the end token until that many
+        are decoded: benchmarks set it to max_new_tokens so that a random-weight judge writes critiques of a
+        known length."""
+        if max_new_tokens is None:
+            max_new_tokens = model.config.max_critique_tokens + 1
         if not 0 <= min_new_tokens <= max_new_tokens:
             raise ValueError(f"need 0 <= min_new_tokens ({min_new_tokens}) <= max_new_tokens ({max_new_tokens})")
         self.model = model
@@ -43,27 +49,11 @@ class GenerativeJudge:
         self.parse_failures = 0
         self.generated_tokens = 0
 
-    @torch.inference_mode()
     def critique(self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]) -> list[str]:
-        """Greedy critiques, one per candidate (left padding, so every row continues from its score token)."""
-        model = self.model
-        model.eval()
-        batch = model.encode(source_images, instructions, edited_images, padding_side="left")
-        device = model.head.weight.device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        tokenizer = model.processor.tokenizer
-        generated = _unwrap(model.backbone).generate(
-            **batch,
-            max_new_tokens=self.max_new_tokens,
-            min_new_tokens=self.min_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new = generated[:, batch["input_ids"].shape[1] :]
-        ends = (new == tokenizer.eos_token_id).int()
-        self.generated_tokens += int((ends.cumsum(1) - ends == 0).sum())  # up to each row's end token: the rest is padding
-        return tokenizer.batch_decode(new, skip_special_tokens=True)
+        """Greedy critiques, one per candidate (JRM.critique)."""
+        out = self.model.critique(source_images, instructions, edited_images, self.max_new_tokens, self.min_new_tokens)
+        self.generated_tokens += int(out.num_tokens.sum())
+        return out.texts
 
     def score(
         self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16

@@ -92,6 +92,12 @@ class JRMOutput:
     lm_loss: torch.Tensor | None  # scalar, when labels were given
 
 
+@dataclass
+class Critiques:
+    texts: list[str]  # B decoded critiques, special tokens removed
+    num_tokens: torch.Tensor  # (B,) tokens generated per candidate, up to and including its end token
+
+
 class JRM(nn.Module):
     """Joint Reward Model. `score()` for users; `forward()` and `encode()` for training."""
 
@@ -342,6 +348,44 @@ class JRM(nn.Module):
         if not outputs:
             return torch.empty(0), torch.empty(0, self.head.in_features)
         return torch.cat([o.rewards for o in outputs]).cpu(), torch.cat([o.features for o in outputs]).cpu()
+
+    @torch.inference_mode()
+    def critique(
+        self,
+        source_images: list[Image.Image],
+        instructions: list[str],
+        edited_images: list[Image.Image],
+        max_new_tokens: int = 256,
+        min_new_tokens: int = 0,
+    ) -> Critiques:
+        """The JRM's optional text output: greedy critiques decoded after the score token, in one generate() call.
+
+        Left padding, so that every row continues from its own score token. `min_new_tokens` holds back the
+        end token until that many are decoded (benchmarks use it for critiques of a known length).
+
+        Returns:
+            Critiques: B texts and (B,) generated token counts.
+        """
+        was_training = self.training
+        self.eval()
+        batch = self.encode(source_images, instructions, edited_images, padding_side="left")
+        device = self.head.weight.device
+        tokenizer = self.processor.tokenizer
+        try:
+            generated = _unwrap(self.backbone).generate(
+                **{k: v.to(device) for k, v in batch.items()},
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        finally:
+            self.train(was_training)
+        new = generated[:, batch["input_ids"].shape[1] :]
+        ends = (new == tokenizer.eos_token_id).int()
+        num_tokens = (ends.cumsum(1) - ends == 0).sum(1).cpu()  # up to each row's end token: the rest is padding
+        return Critiques(tokenizer.batch_decode(new, skip_special_tokens=True), num_tokens)
 
     def _outputs(self, sources, instructions, edited, batch_size):
         _check_batch(sources, instructions, edited)  # before slicing, which would hide a mismatch

@@ -70,14 +70,15 @@ SFT_FIELDS_USED = {"loss_type", "activation_offloading"}
 
 @dataclass
 class DecodeConfig:
-    max_new_tokens: int = 256
-    """Critique tokens decoded per candidate in the final evaluation (256, as evaluate.py's generative:PATH)."""
+    max_new_tokens: int = 0
+    """Critique tokens decoded per candidate in the final evaluation; 0: model.max_critique_tokens + 1, as
+    evaluate.py's generative:PATH (every verdict fits)."""
     batch_size: int = 16
     """Candidates per generate() call."""
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError(f"decode.max_new_tokens ({self.max_new_tokens}) and decode.batch_size ({self.batch_size}) must be >= 1")
+        if self.max_new_tokens < 0 or self.batch_size < 1:
+            raise ValueError(f"decode.max_new_tokens ({self.max_new_tokens}) must be >= 0 and decode.batch_size ({self.batch_size}) >= 1")
 
 
 @dataclass
@@ -267,7 +268,7 @@ def train(cfg: GenerativeConfig) -> dict:
         if eval_pairs:
             # Judged as evaluate.py judges `generative:PATH`: the saved checkpoint, reloaded, decoding.
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            judge = GenerativeJudge(JRM.from_pretrained(out / "final").to(device), max_new_tokens=cfg.decode.max_new_tokens)
+            judge = GenerativeJudge(JRM.from_pretrained(out / "final").to(device), max_new_tokens=cfg.decode.max_new_tokens or None)
             results = judge_pairs(judge, eval_pairs, cfg.decode.batch_size)
         (out / "eval.json").write_text(json.dumps(results, indent=1))
     if torch.distributed.is_initialized():

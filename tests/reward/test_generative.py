@@ -9,6 +9,7 @@ import torch
 from reward.config import ConfigError, load_config
 from reward.data import PreferencePair, load_image, load_pairs
 from reward.evaluate import load_reward
+from reward.generative import GenerativeJudge, parse_verdict
 from reward.model import JRM, JRMConfig
 from reward.shapeedit import GenerateConfig, generate
 from reward.train_generative import CandidateCollator, GenerativeConfig, candidates_of, judge_pairs, sft_config, train
@@ -117,6 +118,24 @@ def test_sft_learns_the_critique_and_final_loads_as_a_generative_reward(shapeedi
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_jrm_critique_is_the_judges_text_and_the_verdict_is_the_score(shapeedit):
+    model = JRM.build(JRMConfig(**SMALL), seed=0)
+    candidates = candidates_of(load_pairs(shapeedit / "train.json")[0][:2])[0]
+    sources = [load_image(c.source) for c in candidates]
+    edited = [load_image(c.edited) for c in candidates]
+    instructions = [c.instruction for c in candidates]
+    model.train()
+    out = model.critique(sources, instructions, edited, max_new_tokens=5, min_new_tokens=5)
+    assert model.training  # decoding leaves the mode it found
+    assert out.num_tokens.tolist() == [5] * len(candidates)
+    judge = GenerativeJudge(model, max_new_tokens=5, min_new_tokens=5)
+    assert judge.critique(sources, instructions, edited) == out.texts and judge.generated_tokens == 5 * len(candidates)
+    for candidate in candidates:  # the training critiques end with the verdict the judge learns to write
+        assert parse_verdict(candidate.critique) is not None
+    assert parse_verdict("Instruction following 3/4, consistency and quality 2.5/4, overall 5.5/8.") == pytest.approx(5.5 / 8)
+    assert parse_verdict("Instruction following 3/4, consistency and quality 2/4") is None  # cut before the verdict
+
+
 class TableJudge:
     """Scores looked up by the edited image's pixels: the part of GenerativeJudge that judge_pairs uses."""
 
@@ -158,7 +177,7 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="trl.SFTConfig"):
         sft_config(load_config(GenerativeConfig, None, ["trainer.learning_rat=1e-4"]))
     with pytest.raises(ValueError, match="decode.max_new_tokens"):
-        load_config(GenerativeConfig, None, ["decode.max_new_tokens=0"])
+        load_config(GenerativeConfig, None, ["decode.max_new_tokens=-1"])
     cfg = load_config(GenerativeConfig, None, ["model.backbone=runs/backbone", "trainer.loss_type=dft"])
     args = sft_config(cfg)
     assert cfg.data.max_eval_pairs == 100 and args.loss_type == "dft" and not args.activation_checkpointing
