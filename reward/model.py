@@ -41,6 +41,9 @@ class JRMConfig:
     """Tiny preset: language-model layers."""
     dimension_heads: int = 0
     """Extra reward heads for per-dimension scores (EditReward-Data has 2: following, quality); 0 for none."""
+    uncertainty: bool = False
+    """The head also predicts a sigma for the reward and each dimension reward, for the uncertainty-aware
+    ranking loss (loss.ranking=uncertainty); `score()` still returns the mean."""
     lora: bool = False
     """Train LoRA adapters on the language model instead of every weight."""
     lora_r: int = 16
@@ -86,10 +89,12 @@ class JRMConfig:
 
 @dataclass
 class JRMOutput:
-    rewards: torch.Tensor  # (N,) float32, one per sequence
+    rewards: torch.Tensor  # (N,) float32, one per sequence (the mean mu under config.uncertainty)
     dimension_rewards: torch.Tensor | None  # (N, D) float32 when dimension heads exist
     features: torch.Tensor  # (N, H) final hidden state at the score token
     lm_loss: torch.Tensor | None  # scalar, when labels were given
+    reward_std: torch.Tensor | None  # (N,) float32 sigma > 0 of each reward, under config.uncertainty
+    dimension_std: torch.Tensor | None  # (N, D) float32 sigma > 0, under config.uncertainty with dimension heads
 
 
 @dataclass
@@ -120,7 +125,8 @@ class JRM(nn.Module):
             _unwrap(backbone).enable_input_require_grads()
         self.backbone = backbone
         hidden = _unwrap(backbone).config.get_text_config().hidden_size
-        self.head = nn.Linear(hidden, 1 + config.dimension_heads)
+        # Outputs: the reward and each dimension reward, then (under uncertainty) one raw sigma for each.
+        self.head = nn.Linear(hidden, (1 + config.dimension_heads) * (2 if config.uncertainty else 1))
         nn.init.normal_(self.head.weight, std=1.0 / hidden**0.5)
         nn.init.zeros_(self.head.bias)
 
@@ -297,7 +303,14 @@ class JRM(nn.Module):
         mm_token_type_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> JRMOutput:
-        """One pass: rewards at the score token and, with labels, the critique LM loss."""
+        """One pass: rewards (and under config.uncertainty their sigmas) at the score token and, with labels,
+        the critique LM loss.
+
+        sigma = softplus(raw head output): it grows linearly, not exponentially as exp(log sigma) would, so a
+        few pairs the head cannot rank do not blow it up, and it is smooth and positive without a clamp. No
+        floor is needed: the ranking loss only adds sigma^2 under a square root (1 + pi sigma^2 / 8) and
+        never divides by it, and at sigma -> 0 it is Bradley-Terry.
+        """
         base = _unwrap(self.backbone)
         hidden = base.model(
             input_ids=input_ids,
@@ -315,11 +328,15 @@ class JRM(nn.Module):
         if labels is not None:
             positions, targets = next_token_targets(labels)
             lm_loss = critique_lm_loss(base.lm_head(hidden[positions]), targets)
+        width = 1 + self.config.dimension_heads
+        std = F.softplus(out[:, width:]) if self.config.uncertainty else None
         return JRMOutput(
             rewards=out[:, 0],
-            dimension_rewards=out[:, 1:] if self.config.dimension_heads else None,
+            dimension_rewards=out[:, 1:width] if self.config.dimension_heads else None,
             features=features,
             lm_loss=lm_loss,
+            reward_std=None if std is None else std[:, 0],
+            dimension_std=std[:, 1:] if std is not None and self.config.dimension_heads else None,
         )
 
     @torch.inference_mode()
