@@ -1,9 +1,13 @@
-"""The two halves of JRM's joint objective, L = L_pref + lambda * L_LM (arXiv 2602.07533; REFERENCE.md §1).
+"""The two halves of JRM's joint objective, L = (1 - alpha) L_rank + alpha L_LM (arXiv 2602.07533).
 
+L_rank is Bradley-Terry (`preference_loss`) or HPSv3's uncertainty-aware ranking (arXiv 2508.03789,
+`uncertainty_preference_loss`); L_LM is next-token cross-entropy on the critique (`critique_lm_loss`).
 Pure functions on tensors, so each can be checked against its closed form.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +34,59 @@ def preference_loss(
         scalar; 0 (with a gradient path) when no pair counts.
     """
     diff = chosen_rewards - rejected_rewards
-    strict = -F.logsigmoid(diff - margin)
+    return _pair_nll(diff - margin, diff, ties, tie_mode)
+
+
+def uncertainty_preference_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_std: torch.Tensor,
+    rejected_std: torch.Tensor,
+    ties: torch.Tensor,
+    margin: float = 0.0,
+    tie_mode: str = "drop",
+) -> torch.Tensor:
+    """HPSv3's uncertainty-aware ranking loss (arXiv 2508.03789), in closed form.
+
+    Each candidate's reward is r ~ N(mu, sigma^2), independently; the difference d = r_c - r_r is then
+    N(m, s^2) with m = mu_c - mu_r and s^2 = sigma_c^2 + sigma_r^2, and
+
+        P(chosen > rejected) = E[sigmoid(d)] ~= sigmoid(m / sqrt(1 + pi s^2 / 8)),    loss = -log P,
+
+    the probit approximation: sigmoid(x) ~= Phi(x sqrt(pi / 8)), whose expectation under N(m, s^2) has
+    this closed form. It is off by at most ~0.018 in probability (the s -> infinity limit, where it is the
+    gap between Phi and the scaled sigmoid). sigma -> 0 gives `preference_loss`; a large sigma pulls P towards 1/2, so
+    pairs the head cannot rank cost little once it says it is unsure, and sigma gets a gradient.
+    The margin and ties work as in `preference_loss`, on m: strict pairs use m - margin, modelled ties
+    target 1/2.
+
+    Args:
+        chosen_rewards: (B,) mu of the preferred edits.
+        rejected_rewards: (B,) mu of the other edits.
+        chosen_std: (B,) sigma >= 0 of the preferred edits.
+        rejected_std: (B,) sigma >= 0 of the other edits.
+        ties: (B,) bool, pairs the labels could not separate.
+        margin: required gap in mu for strict pairs.
+        tie_mode: "drop" or "model", as in `preference_loss`.
+
+    Returns:
+        scalar; 0 (with a gradient path) when no pair counts.
+    """
+    diff = chosen_rewards - rejected_rewards
+    scale = torch.sqrt(1.0 + (math.pi / 8.0) * (chosen_std.square() + rejected_std.square()))
+    return _pair_nll((diff - margin) / scale, diff / scale, ties, tie_mode)
+
+
+def _pair_nll(strict_logits: torch.Tensor, tie_logits: torch.Tensor, ties: torch.Tensor, tie_mode: str) -> torch.Tensor:
+    """Mean negative log-likelihood over the pairs that count: -log sigmoid(strict_logits) for strict pairs;
+    for ties, nothing ("drop") or -(log sigmoid(t) + log sigmoid(-t)) / 2 ("model"). All (B,)."""
+    strict = -F.logsigmoid(strict_logits)
     if tie_mode == "drop":
         weights = (~ties).float()
         per_pair = strict
     elif tie_mode == "model":
-        weights = torch.ones_like(diff)
-        per_pair = torch.where(ties, -(F.logsigmoid(diff) + F.logsigmoid(-diff)) / 2, strict)
+        weights = torch.ones_like(strict)
+        per_pair = torch.where(ties, -(F.logsigmoid(tie_logits) + F.logsigmoid(-tie_logits)) / 2, strict)
     else:
         raise ValueError(f"tie_mode must be 'drop' or 'model', got {tie_mode!r}")
     return (per_pair * weights).sum() / weights.sum().clamp(min=1.0)
