@@ -1,10 +1,12 @@
-"""Train a Joint Reward Model: L = L_pref + lambda * L_LM on one backbone (arXiv 2602.07533).
+"""Train a Joint Reward Model: L = (1 - alpha) L_rank + alpha L_LM on one backbone (arXiv 2602.07533).
 
     python reward/train.py                                   # tiny JRM from scratch on ShapeEdit, CPU
-    python reward/train.py loss.lm_weight=0                  # the discriminative-only baseline
-    python reward/train.py --config reward/configs/qwen25vl7b_zero2.yaml      # real backbone (see README)
+    python reward/train.py loss.alpha=0                      # the discriminative-only baseline
+    torchrun --nproc_per_node=8 reward/train.py --config reward/configs/paper.yaml   # the paper's settings
     torchrun --nproc_per_node=8 reward/train.py --config reward/configs/qwen25vl7b_zero2.yaml
 
+L_rank is Bradley-Terry or HPSv3's uncertainty-aware ranking (arXiv 2508.03789), on the reward and on each
+per-dimension reward; L_LM is next-token cross-entropy on the critique after the score token.
 Built on transformers' Trainer (schedules, accumulation, checkpoints, DeepSpeed ZeRO, wandb); this file
 adds the pair collator, the joint loss and pairwise-accuracy evaluation. Without `data.train`, a ShapeEdit
 dataset is generated into {output_dir}/data. Writes {output_dir}/config.yaml, metrics.jsonl,
@@ -31,7 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from reward.config import ConfigError, config_from_cli, save_config
 from reward.data import DataError, PreferencePair, load_image, load_pairs
-from reward.losses import pairwise_accuracy, preference_loss
+from reward.losses import pairwise_accuracy, preference_loss, uncertainty_preference_loss
 from reward.model import JRM, JRMConfig
 from reward.shapeedit import GenerateConfig, generate
 
@@ -77,20 +79,25 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    lm_weight: float = 0.5
-    """lambda: weight of the critique language-modelling loss; 0 is the discriminative-only baseline."""
+    alpha: float = 1 / 3
+    """Share of the critique LM loss in L = (1 - alpha) L_rank + alpha L_LM, in [0, 1); 0 is the
+    discriminative-only baseline; the paper uses 0.7. The default 1/3 weighs L_LM half as much as L_rank."""
+    ranking: str = "bt"
+    """L_rank: bt (Bradley-Terry on the rewards) or uncertainty (HPSv3; needs model.uncertainty=true)."""
     margin: float = 0.0
-    """Bradley-Terry margin for strict pairs."""
+    """Required reward gap for strict pairs (on mu under uncertainty ranking)."""
     ties: str = "drop"
     """Tie pairs: drop, or model (target 1/2)."""
     dimension_weight: float = 0.5
-    """Weight of the per-dimension Bradley-Terry losses (when model.dimension_heads > 0)."""
+    """Weight, inside L_rank, of the per-dimension ranking losses (when model.dimension_heads > 0)."""
 
     def validate(self) -> None:
         if self.ties not in ("drop", "model"):
             raise ValueError(f"loss.ties must be 'drop' or 'model', got {self.ties!r}")
-        if self.lm_weight < 0:
-            raise ValueError(f"loss.lm_weight must be >= 0, got {self.lm_weight}")
+        if self.ranking not in ("bt", "uncertainty"):
+            raise ValueError(f"loss.ranking must be 'bt' or 'uncertainty', got {self.ranking!r}")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"loss.alpha must be in [0, 1) (1 would leave no ranking loss), got {self.alpha}")
 
 
 @dataclass
@@ -109,6 +116,13 @@ class TrainConfig:
     """The joint objective."""
     trainer: dict = field(default_factory=lambda: dict(DEFAULT_TRAINER))
     """transformers TrainingArguments (learning_rate, max_steps, deepspeed, bf16, ...)."""
+
+    def validate(self) -> None:
+        if (self.loss.ranking == "uncertainty") != self.model.uncertainty:
+            raise ValueError(
+                f"loss.ranking={self.loss.ranking} with model.uncertainty={str(self.model.uncertainty).lower()}: the "
+                "uncertainty ranking needs the head's sigma outputs, and only it uses them; set both or neither"
+            )
 
 
 class PairDataset(Dataset):
@@ -154,6 +168,15 @@ class JRMTrainer(Trainer):
         self.loss_config = loss_config
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
+    def _ranking_loss(
+        self, mu: torch.Tensor, std: torch.Tensor | None, n: int, ties: torch.Tensor, margin: float, tie_mode: str
+    ) -> torch.Tensor:
+        """The configured L_rank of chosen rows mu[:n] against rejected rows mu[n:] (both (2n,)); `std` (2n,)
+        is the head's sigma under uncertainty ranking, None under bt."""
+        if self.loss_config.ranking == "uncertainty":
+            return uncertainty_preference_loss(mu[:n], mu[n:], std[:n], std[n:], ties, margin, tie_mode)
+        return preference_loss(mu[:n], mu[n:], ties, margin, tie_mode)
+
     def _joint_loss(self, model: JRM, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ties = inputs.pop("ties")
         dim_inputs = {k: inputs.pop(k) for k in ("dims_known", "chosen_dims", "rejected_dims") if k in inputs}
@@ -161,22 +184,23 @@ class JRMTrainer(Trainer):
         n = ties.shape[0]
         chosen, rejected = out.rewards[:n], out.rewards[n:]
         cfg = self.loss_config
-        pref = preference_loss(chosen, rejected, ties, cfg.margin, cfg.ties)
-        loss = pref
-        if out.lm_loss is not None and cfg.lm_weight > 0:
-            loss = loss + cfg.lm_weight * out.lm_loss
+        pref = self._ranking_loss(out.rewards, out.reward_std, n, ties, cfg.margin, cfg.ties)
+        rank = pref
         if out.dimension_rewards is not None:
-            dim_loss = 0.0
             for d in range(out.dimension_rewards.shape[1]):
+                # Orient each pair by its dimension scores; pairs without them, or tied on them, do not count.
                 sign = torch.sign(dim_inputs["chosen_dims"][:, d] - dim_inputs["rejected_dims"][:, d])
                 usable = dim_inputs["dims_known"] & (sign != 0)
-                a, b = out.dimension_rewards[:n, d], out.dimension_rewards[n:, d]
-                dim_loss = dim_loss + preference_loss(sign * a, sign * b, ~usable)
-            loss = loss + cfg.dimension_weight * dim_loss
+                oriented = out.dimension_rewards[:, d] * torch.cat([sign, sign])
+                std = None if out.dimension_std is None else out.dimension_std[:, d]
+                rank = rank + cfg.dimension_weight * self._ranking_loss(oriented, std, n, ~usable, 0.0, "drop")
+        loss = rank if out.lm_loss is None else (1 - cfg.alpha) * rank + cfg.alpha * out.lm_loss
         prefix = "train" if model.training else "eval"
         self._metrics[f"{prefix}/pref_loss"].append(float(pref.detach()))
         if out.lm_loss is not None:
             self._metrics[f"{prefix}/lm_loss"].append(float(out.lm_loss.detach()))
+        if out.reward_std is not None:
+            self._metrics[f"{prefix}/reward_std"].append(float(out.reward_std.detach().mean()))
         acc = pairwise_accuracy(chosen.detach(), rejected.detach(), ties)
         if not math.isnan(acc):
             self._metrics[f"{prefix}/accuracy"].append(acc)
@@ -297,9 +321,9 @@ def train(cfg: TrainConfig) -> dict:
         if args.process_index == 0:
             save_config(cfg, out / "config.yaml")
         train_pairs, eval_pairs = prepare_data(cfg)
-    with_critiques = cfg.loss.lm_weight > 0
+    with_critiques = cfg.loss.alpha > 0
     if with_critiques and not any(p.chosen_critique for p in train_pairs):
-        raise ValueError("loss.lm_weight > 0 needs critiques (rationale1/rationale2) in the training data")
+        raise ValueError("loss.alpha > 0 needs critiques (rationale1/rationale2) in the training data; loss.alpha=0 trains without")
     if cfg.model.dimension_heads not in (0, 2):
         raise ValueError(f"model.dimension_heads must be 0 or 2 (EditReward-Data has 2 dimension scores), got {cfg.model.dimension_heads}")
     if cfg.model.dimension_heads and not any(p.chosen_dims for p in train_pairs):

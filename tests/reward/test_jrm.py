@@ -1,6 +1,7 @@
 """JRM: scoring invariants, the joint objective, save/load, backbone families, training, config errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,23 @@ def test_save_and_load_round_trip_exactly(jrm, batch, tmp_path):
     assert torch.equal(loaded.score(sources, instructions, edited), jrm.score(sources, instructions, edited))
 
 
+def test_uncertainty_head_gives_positive_sigmas_and_scores_the_mean(batch, tmp_path):
+    sources, instructions, edited, critiques = batch
+    model = JRM.build(JRMConfig(uncertainty=True, dimension_heads=2, **SMALL), seed=0)
+    encoded = model.encode(sources, instructions, edited, critiques)
+    out = model(**encoded)
+    assert out.reward_std.shape == (6,) and out.dimension_std.shape == (6, 2) and out.dimension_rewards.shape == (6, 2)
+    assert (out.reward_std > 0).all() and (out.dimension_std > 0).all()
+    assert torch.allclose(model.score(sources, instructions, edited), out.rewards.detach(), atol=1e-5)  # mu only
+    out.reward_std.sum().backward()
+    assert model.head.weight.grad[3].abs().sum() > 0 and model.head.weight.grad[:3].abs().sum() == 0  # row 3: sigma
+    model.save_pretrained(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(JRM.from_pretrained(tmp_path / "ck")(**encoded).dimension_std, out.dimension_std.detach())
+        plain = JRM.build(JRMConfig(**SMALL), seed=0)(**encoded)
+    assert plain.reward_std is None and plain.dimension_std is None
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_other_backbone_families_score_padding_invariantly(family, batch):
     sources, instructions, edited, critiques = batch
@@ -139,7 +157,7 @@ def test_bad_inputs_are_refused_clearly(jrm, batch):
 def test_generative_baseline_decodes_and_parses(jrm, batch):
     sources, instructions, edited, _ = batch
     assert parse_verdict("... Verdict: a good edit. Instruction following 4/4, overall 7/8.") == pytest.approx(7 / 8)
-    assert parse_verdict("score 3/4") == pytest.approx(0.75)
+    assert parse_verdict("Instruction following 4/4, consistency and quality 3/4") is None  # cut before the verdict
     assert parse_verdict("no numbers here") is None
     judge = GenerativeJudge(jrm, max_new_tokens=8)
     scores = judge.score(sources[:3], instructions[:3], edited[:3])
@@ -155,14 +173,47 @@ def test_generative_baseline_decodes_and_parses(jrm, batch):
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"model.lorra.*valid keys here.*model.lora"):
         load_config(TrainConfig, None, ["model.lorra=true"])
-    with pytest.raises(ConfigError, match="loss.lm_weight: expected float"):
-        load_config(TrainConfig, None, ["loss.lm_weight=abc"])
+    with pytest.raises(ConfigError, match="loss.alpha: expected float"):
+        load_config(TrainConfig, None, ["loss.alpha=abc"])
+    with pytest.raises(ValueError, match=r"loss.alpha must be in \[0, 1\)"):
+        load_config(TrainConfig, None, ["loss.alpha=1"])
     with pytest.raises(ValueError, match="loss.ties"):
         load_config(TrainConfig, None, ["loss.ties=maybe"])
-    cfg = load_config(TrainConfig, None, ["loss.lm_weight=0", "trainer.max_steps=3", "model.family=qwen3_vl"])
-    assert cfg.loss.lm_weight == 0.0 and cfg.trainer["max_steps"] == 3 and cfg.trainer["logging_steps"] == 20
+    with pytest.raises(ValueError, match="loss.ranking must be"):
+        load_config(TrainConfig, None, ["loss.ranking=hps"])
+    with pytest.raises(ValueError, match="loss.ranking=uncertainty with model.uncertainty=false"):
+        load_config(TrainConfig, None, ["loss.ranking=uncertainty"])
+    with pytest.raises(ValueError, match="loss.ranking=bt with model.uncertainty=true"):
+        load_config(TrainConfig, None, ["model.uncertainty=true"])
+    cfg = load_config(TrainConfig, None, ["loss.alpha=0", "trainer.max_steps=3", "model.family=qwen3_vl"])
+    assert cfg.loss.alpha == 0.0 and cfg.trainer["max_steps"] == 3 and cfg.trainer["logging_steps"] == 20
     cfg = load_config(TrainConfig, None, ["trainer.eval_strategy=no", "trainer.learning_rate=3e-4"])
     assert cfg.trainer["eval_strategy"] == "no" and cfg.trainer["learning_rate"] == 3e-4  # not False, not "3e-4"
+
+
+def test_joint_loss_weighs_ranking_and_language_by_alpha(tmp_path):
+    from reward.data import load_pairs
+    from reward.shapeedit import GenerateConfig, generate
+    from reward.train import JRMTrainer, LossConfig, PairCollator, PairDataset, training_arguments
+
+    generate(GenerateConfig(out=str(tmp_path / "d"), pairs=12, seed=3), progress=False)
+    pairs, _ = load_pairs(tmp_path / "d" / "train.json")
+    cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "trainer.report_to=[]", "trainer.eval_strategy=no"])
+    model = JRM.build(JRMConfig(dimension_heads=2, uncertainty=True, **SMALL))
+    collate = PairCollator(model, with_critiques=True)
+    trainer = JRMTrainer(
+        model=model, args=training_arguments(cfg), train_dataset=PairDataset(pairs), data_collator=collate,
+        loss_config=LossConfig(alpha=0.0, ranking="uncertainty"),
+    )
+    inputs = collate(pairs[:12])  # the first pairs tie on the second dimension
+    rank = trainer.compute_loss(model, dict(inputs))
+    lm = model(**{k: v for k, v in inputs.items() if k not in ("ties", "dims_known", "chosen_dims", "rejected_dims")}).lm_loss
+    trainer.loss_config = LossConfig(alpha=0.7, ranking="uncertainty")
+    joint = trainer.compute_loss(model, dict(inputs))
+    assert joint.item() == pytest.approx(0.3 * rank.item() + 0.7 * lm.item(), rel=1e-5)
+    joint.backward()
+    grad = model.head.weight.grad.abs().sum(1)  # rows: reward, 2 dimension rewards, then their 3 raw sigmas
+    assert (grad > 0).all()  # the ranking loss reaches every mean and every sigma
 
 
 @pytest.mark.slow
@@ -251,7 +302,6 @@ def test_deepspeed_zero2_on_two_cpu_ranks(tmp_path):
     import socket
     import subprocess
     import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
     with socket.socket() as s:
