@@ -191,6 +191,28 @@ def test_config_errors_name_the_key():
     assert cfg.trainer["eval_strategy"] == "no" and cfg.trainer["learning_rate"] == 3e-4  # not False, not "3e-4"
 
 
+def test_paper_preset_holds_the_papers_settings():
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(TrainConfig, root / "reward/configs/paper.yaml")
+    assert cfg.output_dir == "runs/jrm-paper"
+    assert (cfg.model.backbone, cfg.model.dtype, cfg.model.dimension_heads) == ("Qwen/Qwen3-VL-8B-Instruct", "bfloat16", 2)
+    assert cfg.model.uncertainty and cfg.model.gradient_checkpointing
+    assert (cfg.loss.alpha, cfg.loss.ranking) == (0.7, "uncertainty")
+    t = cfg.trainer
+    assert (t["adam_beta1"], t["adam_beta2"], t["learning_rate"], t["lr_scheduler_type"]) == (0.9, 0.95, 2e-6, "cosine")
+    assert (t["warmup_steps"], t["num_train_epochs"], t["max_steps"], t["bf16"]) == (0.05, 10, -1, True)
+    assert t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * 8 == 64  # pairs per step on 8 GPUs
+    assert t["deepspeed"] == "reward/configs/ds_zero2.json"  # relative to the repository root, where torchrun starts
+    assert json.loads((root / t["deepspeed"]).read_text())["zero_optimization"]["stage"] == 2
+    for preset in ("paper.yaml", "qwen25vl7b_zero2.yaml"):  # every trainer key of every preset is a field
+        trainer = load_config(TrainConfig, root / "reward/configs" / preset).trainer
+        assert set(trainer) <= {f.name for f in fields(TrainingArguments)}, preset
+
+
 def test_joint_loss_weighs_ranking_and_language_by_alpha(tmp_path):
     from reward.data import load_pairs
     from reward.shapeedit import GenerateConfig, generate
