@@ -1,7 +1,7 @@
 """Compare RL runs (and the reward models behind them): one report in markdown and HTML, PNG figures, JSON.
 
-    python launch/compare_runs.py JRM=runs/grpo_jrm_s0 JRM=runs/grpo_jrm_s1 lambda0=runs/grpo_l0_s0 ... --out report/
-    python launch/compare_runs.py RUN_DIR ... --reward-runs JRM=runs/jrm lambda0=runs/lambda0 --probe data/test_iid.json --out report/
+    python launch/compare_runs.py JRM=runs/grpo_jrm_s0 JRM=runs/grpo_jrm_s1 alpha0=runs/grpo_a0_s0 ... --out report/
+    python launch/compare_runs.py RUN_DIR ... --reward-runs JRM=runs/jrm alpha0=runs/alpha0 --probe data/test_iid.json --out report/
 
 A RUN_DIR is an output folder of launch/grpo_edit.py, finished or still running; LABEL=RUN_DIR groups runs
 (default label: the reward terms the run optimised), and runs of one group must differ only in their seed.

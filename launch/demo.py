@@ -3,8 +3,8 @@
     make demo            # or: python launch/demo.py [--quick] [--out runs/demo] [--seeds 2]
 
 1. generate a ShapeEdit dataset, print its summary, draw a contact sheet;
-2. train two tiny reward models on it with reward/train.py: the JRM (lambda = 0.5) and its discriminative-only
-   ablation (lambda = 0), same data, steps and seed;
+2. train two tiny reward models on it with reward/train.py: the JRM (alpha = 1/3) and its discriminative-only
+   ablation (alpha = 0), same data, steps and seed;
 3. pretrain the ShapeEdit policy by flow matching (launch/pretrain_policy.py);
 4. start a local Ray cluster on 127.0.0.1 and submit one GRPO job per reward model and seed with `ray job submit`
    (launch/grpo_edit.py, preset launch/configs/shapeedit.yaml, gold = the oracle); stop the cluster;
@@ -103,15 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     print(summarise(data_dir))
     sheet = contact_sheet(data_dir, "train", rows=8, out=out / "contact_sheet.png")
 
-    # ---- 2. the reward models: JRM and its lambda = 0 ablation ----------------------------------------------
+    # ---- 2. the reward models: JRM and its alpha = 0 ablation -----------------------------------------------
     # Same data, steps and seed; every checkpoint is kept for the drift analysis of the report.
-    rewards = {"JRM": (out / "jrm", 0.5), "lambda0": (out / "lambda0", 0.0)}
+    rewards = {"JRM": (out / "jrm", 1 / 3), "alpha0": (out / "alpha0", 0.0)}
     steps = 100 if args.quick else 1000
-    for name, (folder, lm_weight) in rewards.items():
+    for name, (folder, alpha) in rewards.items():
         start = time.perf_counter()
         if folder.exists():  # checkpoints of an earlier demo would mix into the drift analysis
             shutil.rmtree(folder)
-        run([py, "reward/train.py", f"output_dir={folder}", "resume=none", f"seed={args.seed}", f"loss.lm_weight={lm_weight}", f"data.train={data_dir / 'train.json'}",
+        run([py, "reward/train.py", f"output_dir={folder}", "resume=none", f"seed={args.seed}", f"loss.alpha={alpha!r}", f"data.train={data_dir / 'train.json'}",
              f"data.eval={data_dir / 'val.json'}", f"trainer.max_steps={steps}", f"trainer.eval_steps={steps // 4}", f"trainer.save_steps={steps // 5}", "trainer.save_total_limit=12"])
         timings[f"reward model {name}"] = time.perf_counter() - start
 

@@ -83,8 +83,8 @@ def load_reward_run(path: str | Path, label: str | None = None) -> RewardRun:
         if not (path / name).exists():
             raise DataError(f"{path / name} is missing: not a finished run folder of reward/train.py")
     config = flatten(yaml.safe_load((path / "config.yaml").read_text()))
-    if "loss.lm_weight" not in config or "seed" not in config:
-        raise DataError(f"{path / 'config.yaml'} has no loss.lm_weight or seed: not a config of reward/train.py")
+    if "loss.alpha" not in config or "seed" not in config:
+        raise DataError(f"{path / 'config.yaml'} has no loss.alpha or seed: not a config of reward/train.py")
     steps = []
     for number, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), 1):
         try:
@@ -102,7 +102,7 @@ def load_reward_run(path: str | Path, label: str | None = None) -> RewardRun:
     found = sorted((int(p.name.removeprefix("checkpoint-")), p) for p in path.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit())
     final_step = max(steps)
     checkpoints = [(s, p) for s, p in found if s < final_step] + [(final_step, path / "final")]
-    return RewardRun(path, label or f"lambda={config['loss.lm_weight']:g}", config, accuracy, checkpoints)
+    return RewardRun(path, label or f"alpha={config['loss.alpha']:.3g}", config, accuracy, checkpoints)
 
 
 @dataclass

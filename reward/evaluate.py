@@ -34,10 +34,13 @@ from reward.model import JRM
 from reward.shapeedit import Edit, Scene, judge_image
 
 
-def effective_rank(features: torch.Tensor) -> float:
-    """Roy & Vetterli (2007): exp(entropy of the normalised singular values) of the centred (N, H) features."""
+def effective_rank(features: torch.Tensor, power: int = 1) -> float:
+    """exp(entropy of p) of the centred (N, H) features, p_i = s_i^power / sum_j s_j^power over their singular
+    values s. power=1 is Roy & Vetterli (2007); power=2 weighs directions by the variance they carry, the
+    convention arXiv 2602.07533 reports. Both run from 1 (one direction) to min(N, H) (a flat spectrum);
+    power=2 is never the larger."""
     x = features.double() - features.double().mean(0, keepdim=True)
-    s = torch.linalg.svdvals(x)
+    s = torch.linalg.svdvals(x) ** power
     if s.sum() <= 0:
         return 0.0
     p = s / s.sum()
@@ -176,6 +179,7 @@ def evaluate(
         )
         if feats is not None:
             result["effective_rank"] = effective_rank(feats)
+            result["effective_rank_s2"] = effective_rank(feats, power=2)
         if isinstance(reward, GenerativeJudge):
             result["parse_failures"] = reward.parse_failures - before[0]
             result["generated_tokens"] = reward.generated_tokens - before[1]

@@ -9,7 +9,7 @@ learn to see shapes, read words and bind them from preference pairs alone. This 
 with the tasks of reward/shapeedit/grounding.py (describe with boxes, name the differences, find an object,
 point at the objects an instruction names: no preference labels), never the same example twice. Inputs are the
 JRM's own ([source][second image] text <|score|> answer), so the fine-tuned model reads what it was
-pretrained on. Both the JRM and its lambda = 0 ablation start from the same checkpoint.
+pretrained on. Both the JRM and its alpha = 0 ablation start from the same checkpoint.
 
 Writes {output_dir}/ (config.json, model.safetensors, tokenizer and processor files: `load_backbone` and
 `AutoModelForImageTextToText` read it), pretrain.json (the settings and final loss) and metrics.jsonl.

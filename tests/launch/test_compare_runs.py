@@ -16,25 +16,25 @@ def test_report_of_rl_and_reward_runs(tmp_path, capsys):
     runs = [
         f"JRM={write_run(tmp_path, 'jrm0', rising, lambda s: 0.1 * s, seed=0, noise=0.01)}",
         f"JRM={write_run(tmp_path, 'jrm1', rising, lambda s: 0.1 * s, seed=1, noise=0.01)}",
-        f"lambda0={write_run(tmp_path, 'l00', hacked_gold, lambda s: 0.1 * s, seed=0, reward_dir='lambda0')}",
+        f"alpha0={write_run(tmp_path, 'l00', hacked_gold, lambda s: 0.1 * s, seed=0, reward_dir='alpha0')}",
     ]
     data = tmp_path / "data"
     generate(GenerateConfig(out=str(data), pairs=40, seed=3), progress=False)
-    rm = [f"JRM={write_reward_run(tmp_path, 'rm_a', {50: 3, 100: 0})}", f"lambda0={write_reward_run(tmp_path, 'rm_b', {100: 1}, lm_weight=0.0)}"]
+    rm = [f"JRM={write_reward_run(tmp_path, 'rm_a', {50: 3, 100: 0})}", f"alpha0={write_reward_run(tmp_path, 'rm_b', {100: 1}, alpha=0.0)}"]
     out = tmp_path / "report"
     assert main([*runs, "--out", str(out), "--reward-runs", *rm, "--probe", str(data / "train.json"), "--probe-pairs", "8"]) == 0
     assert "report.md" in capsys.readouterr().out
     md = (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     groups = {g["label"]: g for g in summary["rl"]["groups"]}
-    assert groups["lambda0"]["verdicts"] == {"hacking": 1}
-    assert "| lambda0 | 1 | 40/40 |" in md
+    assert groups["alpha0"]["verdicts"] == {"hacking": 1}
+    assert "| alpha0 | 1 | 40/40 |" in md
     gold = [json.loads(line) for line in (tmp_path / "jrm0" / "metrics.jsonl").read_text().splitlines()]
     gold += [json.loads(line) for line in (tmp_path / "jrm1" / "metrics.jsonl").read_text().splitlines()]
     at_40 = [r["eval/gold_score"] for r in gold if r["step"] == 40 and "eval/gold_score" in r]
     assert groups["JRM"]["gold_at"] == np.mean(at_40)
     assert f"{np.mean(at_40):.3f} ± {np.std(at_40, ddof=1):.3f}" in md
-    assert "lambda0: the policy hacked it in 1 of 1 runs (onset at steps 25)" in md
+    assert "alpha0: the policy hacked it in 1 of 1 runs (onset at steps 25)" in md
     assert summary["reward_models"]["probe_pairs"] == 8
     assert "## Reward models" in md and "<table>" in (out / "report.html").read_text()
     for name in ("curves.png", "reward_models.png"):

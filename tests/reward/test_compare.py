@@ -24,13 +24,13 @@ def probe(tmp_path_factory):
     return Probe.load(data / "train.json", num_pairs=12)
 
 
-def write_reward_run(root, name, seeds: dict[int, int], lm_weight=0.5, run_seed=0, accuracy=0.7):
+def write_reward_run(root, name, seeds: dict[int, int], alpha=1 / 3, run_seed=0, accuracy=0.7):
     """A reward/train.py run folder whose checkpoint at each step holds a tiny JRM built from seeds[step]."""
     run = root / name
     run.mkdir()
     cfg = TrainConfig(output_dir=str(run), seed=run_seed)
     cfg.model = JRMConfig(**SMALL)
-    cfg.loss.lm_weight = lm_weight
+    cfg.loss.alpha = alpha
     save_config(cfg, run / "config.yaml")
     final = max(seeds)
     for step, seed in seeds.items():
@@ -58,7 +58,7 @@ def test_identical_seeds_agree_exactly_and_drift_is_measured_against_final(tmp_p
     assert cmp.agreement[0, 1] == pytest.approx(1.0)
     assert cmp.same_order[0, 1] == 1.0
     (group,) = cmp.groups
-    assert (group.label, group.runs) == ("lambda=0.5", 2)
+    assert (group.label, group.runs) == ("alpha=0.333", 2)
     assert group.probe_accuracy_std == 0.0  # same final weights: no spread on the probe
     assert group.agreement_within == pytest.approx(1.0)
     assert group.accuracy_mean == pytest.approx(0.72)  # eval_pairwise_accuracy, not the per-batch eval/accuracy
@@ -74,10 +74,10 @@ def test_identical_seeds_agree_exactly_and_drift_is_measured_against_final(tmp_p
 
 def test_runs_that_differ_in_more_than_the_seed_are_refused(tmp_path, probe):
     a = load_reward_run(write_reward_run(tmp_path, "a", {100: 0}))
-    lam0 = write_reward_run(tmp_path, "b", {100: 1}, lm_weight=0.0, run_seed=1)
-    assert load_reward_run(lam0).label == "lambda=0"
-    with pytest.raises(DataError, match=r"loss.lm_weight.*LABEL=RUN_DIR"):
-        compare_reward_runs([a, load_reward_run(lam0, label="lambda=0.5")], probe)
+    alpha0 = write_reward_run(tmp_path, "b", {100: 1}, alpha=0.0, run_seed=1)
+    assert load_reward_run(alpha0).label == "alpha=0"
+    with pytest.raises(DataError, match=r"loss.alpha.*LABEL=RUN_DIR"):
+        compare_reward_runs([a, load_reward_run(alpha0, label="alpha=0.333")], probe)
     with pytest.raises(DataError, match="config.yaml is missing"):
         load_reward_run(tmp_path / "nowhere")
     unfinished = write_reward_run(tmp_path, "c", {100: 0})

@@ -159,6 +159,16 @@ def test_effective_rank_closed_forms():
     assert effective_rank(equal - equal.mean(0)) == pytest.approx(8.0, rel=0.05)
     rank_one = torch.randn(64, 1) @ torch.randn(1, 8)
     assert effective_rank(rank_one) == pytest.approx(1.0, abs=1e-3)
+    assert effective_rank(rank_one, power=2) == pytest.approx(1.0, abs=1e-3)
+    # Singular values (3, 1): p = (3/4, 1/4) with power 1, (9/10, 1/10) with power 2.
+    a = torch.randn(64, 2)
+    u, _ = torch.linalg.qr(a - a.mean(0))  # orthonormal columns that sum to zero: centring keeps them
+    v, _ = torch.linalg.qr(torch.randn(8, 2))
+    two = u @ torch.diag(torch.tensor([3.0, 1.0])) @ v.T
+    entropy = lambda p: -sum(x * np.log(x) for x in p)  # noqa: E731
+    assert effective_rank(two) == pytest.approx(np.exp(entropy([0.75, 0.25])), rel=1e-6)
+    assert effective_rank(two, power=2) == pytest.approx(np.exp(entropy([0.9, 0.1])), rel=1e-6)
+    assert effective_rank(equal - equal.mean(0), power=2) == pytest.approx(8.0, rel=0.05)
 
 
 def test_cli_with_the_oracle_reward_on_shapeedit(tmp_path):
