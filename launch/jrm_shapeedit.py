@@ -108,13 +108,50 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+def pct(value: float | None) -> str:
+    return "–" if value is None or value != value else f"{100 * value:.1f}%"
+
+
+def markdown(report: dict) -> str:
+    """The docs' tables for a report: mean +/- std over seeds per reward model, then by failure mode (test_iid).
+
+    docs/results.md holds exactly this text for the committed JSON (a test checks it).
+    """
+    models = [m for m in ("jrm", "lambda0", "generative") if m in report]
+    lines = ["| reward model | seeds | test_iid | test_heldout | erank (s / s^2) | scoring pairs/s | training time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m in models:
+        s = report[f"{m}_summary"]
+        rows = report[m]
+        erank = f"{s['erank_s']['mean']:.1f} / {s['erank_s2']['mean']:.1f}" if "erank_s" in s else "–"
+        lines.append(
+            f"| {m} | {len(rows)} | {pct(s['test_iid']['mean'])} ± {pct(s['test_iid']['std'])} | {pct(s['test_heldout']['mean'])} ± "
+            f"{pct(s['test_heldout']['std'])} | {erank} | {s['pairs_per_s']['mean']:.0f} | {s['train_seconds']['mean'] / 60:.1f} min |"
+        )
+    modes = list(report[f"{models[0]}_summary"]["by_mode"])
+    lines += ["", "| reward model | " + " | ".join(modes) + " |", "| --- |" + " --- |" * len(modes)]
+    for m in models:
+        by_mode = report[f"{m}_summary"]["by_mode"]
+        lines.append(f"| {m} | " + " | ".join(pct(by_mode[k]) for k in modes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_markdown(report: dict) -> str:
+    """The ablation table (one seed per cell) for docs/results.md."""
+    cells = report["cells"]
+    modes = list(next(iter(cells.values()))["by_mode"])
+    lines = ["| cell | test_iid | test_heldout | " + " | ".join(modes) + " |", "| --- | --- | --- |" + " --- |" * len(modes)]
+    for name, c in cells.items():
+        lines.append(f"| {name} | {pct(c['test_iid'])} | {pct(c['test_heldout'])} | " + " | ".join(pct(c["by_mode"][k]) for k in modes) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (the main table needs >= 3)")
     parser.add_argument("--models", default="jrm,lambda0,generative", help="which reward models to train")
     parser.add_argument("--steps", type=int, default=1600, help="training steps of each reward model")
     parser.add_argument("--generative-steps", type=int, default=1600, help="training steps of the generative judge")
-    parser.add_argument("--pretrain-steps", type=int, default=300, help="steps of the backbone's grounding pretraining")
+    parser.add_argument("--pretrain-steps", type=int, default=1200, help="steps of the backbone's grounding pretraining")
     parser.add_argument("--out", default="runs/jrm_shapeedit", help="folder for the data, the backbone and every run")
     parser.add_argument("--json", default=None, help="report path (default docs/results/jrm_shapeedit.json, or jrm_ablation.json)")
     parser.add_argument("--ablation", action="store_true", help="one seed per ablation cell instead of the seed table")
@@ -146,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation:
         cells = {}
         for name, (label, extra) in ABLATIONS.items():
-            run_dir = out / "ablation" / re.sub(r"\W+", "_", name)[:40]
-            seconds = train(label, seeds[0], run_dir, data, backbone, args.steps, extra)
-            cells[name] = dict(judge(label, run_dir, data), train_seconds=round(seconds, 1), seed=seeds[0])
+            # The unablated models are the seed table's runs of the same seed, when they exist.
+            run_dir = out / f"{label}_seed{seeds[0]}" if not extra else out / "ablation" / re.sub(r"\W+", "_", name)[:40]
+            seconds = None if (run_dir / "final").is_dir() and not extra else round(train(label, seeds[0], run_dir, data, backbone, args.steps, extra), 1)
+            cells[name] = dict(judge(label, run_dir, data), train_seconds=seconds, seed=seeds[0])
             rows.append({"cell": name, **{k: v for k, v in cells[name].items() if k != "by_mode"}, **cells[name]["by_mode"]})
         report["cells"] = cells
     else:
@@ -163,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"model": label, **{k: v for k, v in result.items() if k != "by_mode"}, **result["by_mode"]})
             report[f"{label}_summary"] = summary(report[label])
     print(table(rows, list(rows[0]) if rows else []))
+    print(ablation_markdown(report) if args.ablation else markdown(report))
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {report_path}")
