@@ -12,7 +12,9 @@ JRM's own ([source][second image] text <|score|> answer), so the fine-tuned mode
 pretrained on. Both the JRM and its alpha = 0 ablation start from the same checkpoint.
 
 Writes {output_dir}/ (config.json, model.safetensors, tokenizer and processor files: `load_backbone` and
-`AutoModelForImageTextToText` read it), pretrain.json (the settings and final loss) and metrics.jsonl.
+`AutoModelForImageTextToText` read it), pretrain.json (the settings, final loss, and how well it localises:
+the box error of greedy answers to fresh "where is ...?" questions beside that of a constant answer) and
+metrics.jsonl.
 A second run with the same settings reuses the checkpoint; other settings in the same folder are refused.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -134,6 +137,50 @@ def save_backbone(model: JRM, path: str | Path) -> None:
     model.processor.save_pretrained(str(path))
 
 
+@torch.inference_mode()
+def locate_error(model: JRM, image_size: int, seed: int, num: int = 64) -> dict:
+    """How well the backbone localises: greedy answers to `num` fresh "where is the ...?" questions.
+
+    Returns the mean absolute error of the box coordinates (0-1000 scale), that of always answering the
+    mean true box (what a backbone that does not look at the image can reach), and unparsable answers.
+    """
+    rng = np.random.default_rng([seed, 2**31])  # the training examples use [seed, i] with i < 2**31
+    examples: list[GroundingExample] = []
+    while len(examples) < num:
+        example = sample_example(rng, image_size, "locate")
+        if example is not None:
+            examples.append(example)
+    was_training = model.training
+    model.eval()
+    tokenizer = model.processor.tokenizer
+    batch = model.encode_chats(
+        [model.chat_text(e.question) for e in examples],
+        [Image.fromarray(e.source) for e in examples],
+        [Image.fromarray(e.second) for e in examples],
+        padding_side="left",
+    )
+    device = model.head.weight.device
+    generated = _unwrap(model.backbone).generate(
+        **{k: v.to(device) for k, v in batch.items()}, max_new_tokens=24, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model.train(was_training)
+    answers = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    truth = np.array([[int(v) for v in re.findall(r"\d+", e.answer)] for e in examples], dtype=float)
+    errors, failures = [], 0
+    for answer, box in zip(answers, truth):
+        found = [int(v) for v in re.findall(r"\d+", answer)][:4]
+        if len(found) < 4:
+            failures += 1
+            continue
+        errors.append(np.abs(np.array(found) - box).mean())
+    return {
+        "locate_box_error": float(np.mean(errors)) if errors else None,
+        "constant_box_error": float(np.abs(truth - truth.mean(0)).mean()),
+        "locate_unparsable": failures,
+    }
+
+
 def settings(cfg: PretrainConfig) -> dict:
     """What decides the checkpoint's weights: a run with the same settings reuses it."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "output_dir"}
@@ -173,6 +220,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     save_backbone(model, out)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     record = {"settings": settings(cfg), "final_loss": losses[-1] if losses else None, "seconds": trainer.state.log_history[-1].get("train_runtime")}
+    record.update(locate_error(model, cfg.image_size, cfg.seed))
     with (out / "metrics.jsonl").open("w") as f:
         for log in trainer.state.log_history:
             f.write(json.dumps(log) + "\n")

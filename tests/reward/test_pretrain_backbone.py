@@ -55,6 +55,10 @@ def pretrained(tmp_path_factory):
 def test_pretrained_backbone_loads_like_a_real_checkpoint(pretrained):
     cfg, record = pretrained
     assert record["final_loss"] is not None and np.isfinite(record["final_loss"])
+    # The localisation probe ran on 64 questions: an error exactly when some answer was a box.
+    assert 0 <= record["locate_unparsable"] <= 64
+    assert (record["locate_box_error"] is None) == (record["locate_unparsable"] == 64)
+    assert 0 < record["constant_box_error"] < 500
     saved = AutoModelForImageTextToText.from_pretrained(cfg.output_dir)
     jrm = JRM.build(JRMConfig(backbone=cfg.output_dir))  # reward/train.py model.backbone=DIR takes this path
     assert type(saved) is type(jrm.backbone)

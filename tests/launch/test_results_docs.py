@@ -1,0 +1,38 @@
+"""The figures in docs/results.md are the committed JSON's: each table there is exactly what launch/jrm_shapeedit.py
+prints for its report, so a rerun that changes a number and a hand edit of a table both fail here."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launch.jrm_shapeedit import ablation_markdown, markdown, summary
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "results.md"
+
+
+@pytest.mark.parametrize("name, render", [("jrm_shapeedit", markdown), ("jrm_ablation", ablation_markdown)])
+def test_reward_model_tables_equal_their_json(name, render):
+    path = ROOT / "docs" / "results" / f"{name}.json"
+    if not path.is_file():
+        pytest.skip(f"{path.name} not committed")
+    report = json.loads(path.read_text())
+    assert render(report) in DOC.read_text(), f"docs/results.md's table differs from {path.name}: paste `{render.__name__}` of it"
+    if name == "jrm_shapeedit":
+        for label in ("jrm", "lambda0", "generative"):
+            assert len(report[label]) >= 3, f"{label}: the seed table needs >= 3 seeds"
+            assert report[f"{label}_summary"] == json.loads(json.dumps(summary(report[label]))), label
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    rows = [
+        {"test_iid": 0.6, "test_heldout": 0.5, "pairs_per_s": 10.0, "train_seconds": 60.0, "by_mode": {"blur": 0.5}},
+        {"test_iid": 0.8, "test_heldout": 0.7, "pairs_per_s": 30.0, "train_seconds": 80.0, "by_mode": {"blur": 1.0}},
+    ]
+    s = summary(rows)
+    assert s["test_iid"]["mean"] == pytest.approx(0.7) and s["test_iid"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert s["by_mode"] == {"blur": 0.75} and "erank_s" not in s
+    table = markdown({"jrm": rows, "jrm_summary": s})
+    assert "| jrm | 2 | 70.0% ± 14.1% | 60.0% ± 14.1% | – | 20 | 1.2 min |" in table
+    assert "| jrm | 75.0% |" in table
