@@ -36,33 +36,17 @@ from reward.config import ConfigError, config_from_cli, save_config
 from reward.data import PreferencePair, load_image
 from reward.generative import GenerativeJudge
 from reward.model import JRM, JRMConfig
+from reward.train import DEFAULT_TRAINER as JRM_TRAINER
 from reward.train import DataConfig, MetricsFile, prepare_data, usable_pairs
 
-DEFAULT_TRAINER = {
-    "learning_rate": 3e-4,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 50,
-    "weight_decay": 0.0,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 32,
-    "gradient_accumulation_steps": 1,
-    "max_steps": 1600,
-    "logging_steps": 20,
-    "eval_strategy": "steps",
-    "eval_steps": 400,
-    "save_strategy": "steps",
-    "save_steps": 400,
-    "save_total_limit": 2,
-    "bf16": False,  # SFTConfig turns bf16 autocast on unless told; the tiny preset trains in float32
-    "report_to": ["wandb"],
-    "dataloader_num_workers": 0,
-    "disable_tqdm": False,
-}
 
 # Set by this file: the collator encodes raw candidates (so TRL must not prepare the dataset or drop its
 # columns), and model.gradient_checkpointing is the one switch for checkpointing (SFTConfig would turn the
 # Trainer's on by default).
 FIXED_TRAINER = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True}, "activation_checkpointing": False}
+# reward/train.py's defaults, so that the judge and the JRM train alike; SFTConfig turns bf16 autocast on
+# unless told, and the tiny preset trains in float32.
+DEFAULT_TRAINER = {k: v for k, v in JRM_TRAINER.items() if k not in FIXED_TRAINER} | {"bf16": False}
 # SFTConfig's own fields that still act here; the rest configure TRL's model loading, dataset preparation and
 # collators, which this trainer does not use.
 SFT_FIELDS_USED = {"loss_type", "activation_offloading"}
