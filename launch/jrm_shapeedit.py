@@ -1,7 +1,7 @@
 """Measure the ShapeEdit reward models over seeds: the JRM, its lambda = 0 ablation and the trained generative judge.
 
     python launch/jrm_shapeedit.py                      # 3 seeds each; writes docs/results/jrm_shapeedit.json
-    python launch/jrm_shapeedit.py --ablation           # one seed per cell; writes docs/results/jrm_ablation.json
+    python launch/jrm_shapeedit.py --ablation --seeds 0 --steps 800   # one seed per cell: docs/results/jrm_ablation.json
     python launch/jrm_shapeedit.py --seeds 0 --steps 100 --pretrain-steps 50 --out /tmp/x --json /tmp/x.json   # smoke
 
 One ShapeEdit dataset (10,000 pairs, seed 0) and one pretrained backbone (reward/pretrain_backbone.py) are
@@ -48,7 +48,8 @@ ABLATIONS = {
     "alpha 1/3 instead of 0.7": ("jrm", ["loss.alpha=0.3333"]),
     "lambda = 0 (no critiques)": ("lambda0", []),
 }
-GROUNDING = re.compile(r" ?<\|(?:bbox_\d+|global)\|> ?| ?\[\d+, \d+, \d+, \d+\]|; now at|Regions:[^\n]*\n")
+GROUNDING = re.compile(r"Regions:[^\n]*\n|; now at \[\d+, \d+, \d+, \d+\]|<\|(?:bbox_\d+|global)\|> ")
+"""What the ablation without grounding cuts from a critique: the region list, the boxes and the region tags."""
 
 
 def run(cmd: list[str]) -> float:
@@ -65,7 +66,7 @@ def plain_copy(data: Path) -> Path:
         rows = json.loads((data / f"{split}.json").read_text())
         for row in rows:
             for key in ("rationale1", "rationale2"):
-                row[key] = GROUNDING.sub(" ", row[key]).replace("  ", " ")
+                row[key] = GROUNDING.sub("", row[key])
         (data / f"{split}_plain.json").write_text(json.dumps(rows))
     return data / "train_plain.json"
 
@@ -186,10 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation:
         cells = {}
         for name, (label, extra) in ABLATIONS.items():
-            # The unablated models are the seed table's runs of the same seed, when they exist.
-            run_dir = out / f"{label}_seed{seeds[0]}" if not extra else out / "ablation" / re.sub(r"\W+", "_", name)[:40]
-            seconds = None if (run_dir / "final").is_dir() and not extra else round(train(label, seeds[0], run_dir, data, backbone, args.steps, extra), 1)
-            cells[name] = dict(judge(label, run_dir, data), train_seconds=seconds, seed=seeds[0])
+            run_dir = out / "ablation" / re.sub(r"\W+", "_", name)[:40]
+            seconds = train(label, seeds[0], run_dir, data, backbone, args.steps, extra)
+            cells[name] = dict(judge(label, run_dir, data), train_seconds=round(seconds, 1), seed=seeds[0])
             rows.append({"cell": name, **{k: v for k, v in cells[name].items() if k != "by_mode"}, **cells[name]["by_mode"]})
         report["cells"] = cells
     else:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.jrm_shapeedit import ablation_markdown, markdown, summary
+from launch.jrm_shapeedit import ablation_markdown, markdown, plain_copy, summary
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "results.md"
@@ -36,3 +36,16 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     table = markdown({"jrm": rows, "jrm_summary": s})
     assert "| jrm | 2 | 70.0% ± 14.1% | 60.0% ± 14.1% | – | 20 | 1.2 min |" in table
     assert "| jrm | 75.0% |" in table
+
+
+def test_the_ablation_without_grounding_cuts_every_box_and_tag_and_keeps_the_rest(tmp_path):
+    from reward.shapeedit import GenerateConfig, generate
+
+    generate(GenerateConfig(out=str(tmp_path), pairs=60, seed=0, val_fraction=0.2), progress=False)
+    plain = json.loads(plain_copy(tmp_path).read_text())
+    grounded = json.loads((tmp_path / "train.json").read_text())
+    for before, after in zip(grounded, plain):
+        for key in ("rationale1", "rationale2"):
+            assert "[" not in after[key] and "<|" not in after[key] and "Regions:" not in after[key], after[key]
+            assert after[key].splitlines()[-1] == before[key].splitlines()[-1]  # the verdict
+            assert len(after[key].splitlines()) == len(before[key].splitlines()) - 1  # one line per region, global, verdict
