@@ -111,6 +111,21 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+"""Student's t 97.5% quantiles for 1-10 degrees of freedom (two-sided 95% intervals)."""
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its 95% Welch interval (seeds as independent samples); needs >= 2 of each."""
+    a, b = np.asarray(a), np.asarray(b)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else len(a) + len(b) - 2
+    t = T_975[max(1, min(int(df), len(T_975))) - 1] if df < len(T_975) + 1 else 1.96 + 2.5 / df  # close to t above 10 df
+    half = t * float(np.sqrt(va + vb))
+    mean = float(a.mean() - b.mean())
+    return mean, mean - half, mean + half
+
+
 def pct(value: float | None) -> str:
     return "–" if value is None or value != value else f"{100 * value:.1f}%"
 
@@ -130,6 +145,12 @@ def markdown(report: dict) -> str:
             f"| {m} | {len(rows)} | {pct(s['test_iid']['mean'])} ± {pct(s['test_iid']['std'])} | {pct(s['test_heldout']['mean'])} ± "
             f"{pct(s['test_heldout']['std'])} | {erank} | {s['pairs_per_s']['mean']:.0f} | {s['train_seconds']['mean'] / 60:.1f} min |"
         )
+    if "jrm" in report and "lambda0" in report and min(len(report["jrm"]), len(report["lambda0"])) >= 2:
+        lines.append("")
+        for split in ("test_iid", "test_heldout"):
+            mean, low, high = difference([r[split] for r in report["jrm"]], [r[split] for r in report["lambda0"]])
+            verdict = "resolved" if low > 0 or high < 0 else "not resolved"
+            lines.append(f"jrm - lambda0 on {split}: {100 * mean:+.1f} points, 95% interval [{100 * low:+.1f}, {100 * high:+.1f}] ({verdict}).  ")
     modes = list(report[f"{models[0]}_summary"]["by_mode"])
     lines += ["", "| reward model | " + " | ".join(modes) + " |", "| --- |" + " --- |" * len(modes)]
     for m in models:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.jrm_shapeedit import ablation_markdown, markdown, plain_copy, summary
+from launch.jrm_shapeedit import ablation_markdown, difference, markdown, plain_copy, summary
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "results.md"
@@ -49,3 +49,10 @@ def test_the_ablation_without_grounding_cuts_every_box_and_tag_and_keeps_the_res
             assert "[" not in after[key] and "<|" not in after[key] and "Regions:" not in after[key], after[key]
             assert after[key].splitlines()[-1] == before[key].splitlines()[-1]  # the verdict
             assert len(after[key].splitlines()) == len(before[key].splitlines()) - 1  # one line per region, global, verdict
+
+
+def test_difference_is_welchs_interval():
+    # Equal sizes and variances: Welch's df is 2n - 2 = 4, t = 2.776, half-width t * sqrt(2 var / n).
+    mean, low, high = difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
+    assert mean == pytest.approx(1.0) and high - mean == pytest.approx(2.776 * (2 / 3) ** 0.5, abs=1e-3) and mean - low == pytest.approx(high - mean)
+    assert difference([0.5, 0.5, 0.5], [0.4, 0.4, 0.4]) == pytest.approx((0.1, 0.1, 0.1))  # no spread, no width
