@@ -203,14 +203,17 @@ def load_backbone(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     add_score_token: bool = True,
+    device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, ImageOnlyProcessor]:
-    """A pretrained Qwen-VL backbone and its processor from a local path or hub id, with the score token
-    added (its input and output embeddings start at the mean of the rows before it)."""
+    """A pretrained Qwen-VL backbone and its processor from a local path or hub id, with JRM's tokens added
+    (`ADDED_TOKENS`, unless add_score_token is false; their input and output embeddings start at the mean of
+    the rows before them). `device_map` goes to from_pretrained ("auto" spreads a model larger than one GPU
+    over every visible one as it loads)."""
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if config.model_type not in MODEL_CLASSES:
         raise ValueError(f"{name_or_path} is a {config.model_type!r} model; JRM supports {sorted(MODEL_CLASSES)}")
     model = MODEL_CLASSES[config.model_type].from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        name_or_path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, device_map=device_map
     )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)

@@ -22,9 +22,6 @@ if __package__ in (None, ""):  # run as `python reward/synthesize_critiques.py`:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
-from accelerate import dispatch_model, infer_auto_device_map
-from accelerate.utils import get_balanced_memory
-from transformers import PreTrainedModel
 
 from reward.backbone import load_backbone
 from reward.data import DataError, field, load_image, read_rows
@@ -47,26 +44,15 @@ def enforce_verdict(text: str, following: float, quality: float) -> str:
     return f"{body}\n{verdict(following, quality)}" if body else verdict(following, quality)
 
 
-def spread_over_gpus(model: PreTrainedModel) -> PreTrainedModel:
-    """The model dispatched over every visible GPU, whole decoder and vision blocks on each, in accelerate's
-    balanced map (what from_pretrained's device_map="auto" makes), so a teacher larger than one GPU fits
-    (72B in bf16 is ~145 GB). The model arrives in CPU memory (load_backbone reads it there); weights that fit
-    on no GPU stay there, and generate() moves activations between devices."""
-    no_split = model._no_split_modules
-    memory = get_balanced_memory(model, no_split_module_classes=no_split, dtype=model.dtype)
-    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=model.dtype)
-    return dispatch_model(model, device_map, skip_keys="past_key_values")  # the KV cache stays where each layer writes it
-
-
 class Teacher:
     def __init__(self, path: str, max_new_tokens: int, trust_remote_code: bool = False):
         gpu = torch.cuda.is_available()
+        # device_map="auto": a teacher larger than one GPU (72B in bf16 is ~145 GB) loads straight onto all of them.
         self.model, self.processor = load_backbone(
-            path, dtype=torch.bfloat16 if gpu else torch.float32, trust_remote_code=trust_remote_code, add_score_token=False
-        )
+            path, dtype=torch.bfloat16 if gpu else torch.float32, trust_remote_code=trust_remote_code, add_score_token=False,
+            device_map="auto" if gpu else None,
+        )  # fmt: skip
         self.model.eval()
-        if gpu:
-            self.model = spread_over_gpus(self.model)
         self.max_new_tokens = max_new_tokens
 
     @torch.inference_mode()
