@@ -308,6 +308,15 @@ def usable_pairs(model: JRM, pairs: list[PreferencePair], skip_bad: bool, what: 
     return kept
 
 
+def resume_checkpoint(resume: str, output_dir: str) -> str | None:
+    """The checkpoint a run continues from: `auto` the newest complete one in output_dir (None without one),
+    `none` none, anything else that path."""
+    checkpoint = get_last_checkpoint(output_dir) if resume == "auto" else None if resume == "none" else resume
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
+    return checkpoint
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train, save {output_dir}/final, and return the final evaluation metrics."""
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -348,14 +357,7 @@ def train(cfg: TrainConfig) -> dict:
         callbacks=[MetricsFile(out / "metrics.jsonl")],
         loss_config=cfg.loss,
     )
-    checkpoint = None
-    if cfg.resume == "auto":
-        checkpoint = get_last_checkpoint(cfg.output_dir)
-    elif cfg.resume != "none":
-        checkpoint = cfg.resume
-    if checkpoint:
-        print(f"resuming from {checkpoint}")
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, cfg.output_dir))
     trainer.save_model(str(out / "final"))
     results = trainer.evaluate() if eval_pairs else {}
     if trainer.is_world_process_zero():

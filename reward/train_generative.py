@@ -29,7 +29,6 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_model
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from reward.config import ConfigError, config_from_cli, save_config
@@ -37,7 +36,7 @@ from reward.data import PreferencePair, load_image
 from reward.generative import GenerativeJudge
 from reward.model import JRM, JRMConfig
 from reward.train import DEFAULT_TRAINER as JRM_TRAINER
-from reward.train import DataConfig, MetricsFile, prepare_data, usable_pairs
+from reward.train import DataConfig, MetricsFile, prepare_data, resume_checkpoint, usable_pairs
 
 
 # Set by this file: the collator encodes raw candidates (so TRL must not prepare the dataset or drop its
@@ -238,14 +237,7 @@ def train(cfg: GenerativeConfig) -> dict:
     )
     if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
         raise ValueError("ZeRO-3 partitions the weights that final/ is saved from; use ZeRO-2 (reward/configs/ds_zero2.json)")
-    checkpoint = None
-    if cfg.resume == "auto":
-        checkpoint = get_last_checkpoint(cfg.output_dir)
-    elif cfg.resume != "none":
-        checkpoint = cfg.resume
-    if checkpoint:
-        print(f"resuming from {checkpoint}")
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, cfg.output_dir))
     trainer.save_model(str(out / "final"))
     results = {}
     if trainer.is_world_process_zero():

@@ -1,6 +1,6 @@
 """Bad input, end to end on real files: every image, text and data-file fault a user can hand us either
 converts explicitly (image modes, EXIF rotation, 1x1, non-ASCII) or stops with a message naming the file,
-row or key, or (where the user asked, skip_bad) is skipped and counted. The README's table lists these."""
+row or key, or (where the user asked, skip_bad) is skipped and counted. docs/reliability.md's table lists these."""
 
 import io
 import json

@@ -1,4 +1,4 @@
-"""ShapeEdit: a procedural image-editing world with an exact oracle judge (see README, "ShapeEdit")."""
+"""ShapeEdit: a procedural image-editing world with an exact oracle judge (see docs/shapeedit.md)."""
 
 from reward.shapeedit.edits import Edit, apply_edits, sample_instruction
 from reward.shapeedit.generate import SPLITS, GenerateConfig, Task, generate, sample_task
