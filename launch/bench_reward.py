@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 from launch.benchmarking import comma_list, command_line, random_images, seconds, table, write_report  # noqa: E402
 from reward.backbone import tiny_processor  # noqa: E402
 from reward.generative import GenerativeJudge  # noqa: E402
-from reward.model import JRM, JRMConfig  # noqa: E402
+from reward.model import JRM, JRMArgs  # noqa: E402
 
 # Backbone sizes (language-model width and depth, image side in pixels). `small` is the demo's JRM;
 # `medium` is 4x wider, 2x deeper and sees 4x the image tokens, where matrix multiplies dominate the time.
@@ -45,7 +45,7 @@ INSTRUCTIONS = ("make the red circle blue", "move the square to the left", "remo
 def build_model(size: str, seed: int = 0) -> JRM:
     """A random-weight JRM of `size` (SIZES), its processor set to the size's images, in eval mode."""
     dims = SIZES[size]
-    model = JRM.build(JRMConfig(tiny_hidden=dims["hidden"], tiny_layers=dims["layers"]), seed=seed)
+    model = JRM.build(JRMArgs(tiny_hidden=dims["hidden"], tiny_layers=dims["layers"]), seed=seed)
     model.processor = tiny_processor(model.processor.tokenizer, patch=8, image_size=dims["image"])
     return model.eval()
 

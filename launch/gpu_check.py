@@ -63,7 +63,7 @@ from policies.rollout import Rollout  # noqa: E402
 from reward.backbone import ImageOnlyProcessor, build_tiny_tokenizer  # noqa: E402
 from reward.config import load_config  # noqa: E402
 from reward.generative import GenerativeJudge  # noqa: E402
-from reward.model import DTYPES, JRM, JRMConfig  # noqa: E402
+from reward.model import DTYPES, JRM, JRMArgs  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.learner import Learner  # noqa: E402
 from rl.loop import free_port  # noqa: E402
@@ -189,7 +189,7 @@ def free_memory(device: str) -> None:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> "bfloat16" (the names of JRMConfig.dtype and policy.dtype)."""
+    """torch.bfloat16 -> "bfloat16" (the names of JRMArgs.dtype and policy.dtype)."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -238,7 +238,7 @@ def build_jrm(preset: Preset, device: str | torch.device, attn: str) -> JRM:
         temporal_patch_size=preset.vision["temporal_patch_size"], min_pixels=preset.min_pixels, max_pixels=preset.max_pixels,
     )
     processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
-    jrm = JRM(JRMConfig(family="qwen2_5_vl", dtype=dtype_name(preset.dtype), attn_implementation=attn), backbone, processor)
+    jrm = JRM(JRMArgs(family="qwen2_5_vl", dtype=dtype_name(preset.dtype), attn_implementation=attn), backbone, processor)
     return jrm.to(device).eval()  # the backbone is there already; this moves the float32 reward head
 
 

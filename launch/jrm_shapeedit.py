@@ -29,7 +29,7 @@ import numpy as np
 
 from launch.benchmarking import comma_list, command_line, machine, table
 from reward.evaluate import evaluate
-from reward.model import JRM, JRMConfig
+from reward.model import JRM, JRMArgs
 from reward.pretrain_backbone import locate_error
 from reward.shapeedit import GenerateConfig, generate
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"data": "ShapeEdit, 10,000 pairs, seed 0, 64x64", "steps": args.steps, "generative_steps": args.generative_steps,
                      "pretrain_steps": args.pretrain_steps, "jrm_alpha": JRM_ALPHA, "objectives": OBJECTIVES},  # fmt: skip
         "backbone": {"pretrain_seconds": pretrain_record["seconds"], "final_loss": pretrain_record["final_loss"],
-                     **locate_error(JRM.build(JRMConfig(backbone=str(backbone))), 64, seed=0)},  # fmt: skip
+                     **locate_error(JRM.build(JRMArgs(backbone=str(backbone))), 64, seed=0)},  # fmt: skip
     }
     rows = []
     if args.ablation:

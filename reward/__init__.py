@@ -1,14 +1,14 @@
 """The Joint Reward Model and all of its training and evaluation code.
 
-`from reward import JRM, JRMConfig` loads torch and transformers on first use only, so ShapeEdit's
+`from reward import JRM, JRMArgs` loads torch and transformers on first use only, so ShapeEdit's
 command line (`python -m reward.shapeedit`) starts fast.
 """
 
-__all__ = ["JRM", "JRMConfig", "GenerativeJudge"]
+__all__ = ["JRM", "JRMArgs", "GenerativeJudge"]
 
 
 def __getattr__(name: str):
-    if name in ("JRM", "JRMConfig"):
+    if name in ("JRM", "JRMArgs"):
         from reward import model
 
         return getattr(model, name)

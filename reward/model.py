@@ -30,7 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass
-class JRMConfig:
+class JRMArgs:
     backbone: str = "tiny"
     """"tiny" (random weights, built offline) or a local path / hub id of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model."""
     family: str = "qwen2_vl"
@@ -44,15 +44,13 @@ class JRMConfig:
     uncertainty: bool = False
     """The head also predicts a sigma for the reward and each dimension reward, for the uncertainty-aware
     ranking loss (loss.ranking=uncertainty); `score()` still returns the mean."""
-    lora: bool = False
-    """Train LoRA adapters on the language model instead of every weight."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
+    lora_rank: int = 0
+    """Rank of the LoRA adapters trained on the language model; 0 trains every weight (as in rl/ and policies/)."""
+    lora_alpha: float = 32.0
     """LoRA scaling numerator."""
     lora_dropout: float = 0.05
     """LoRA dropout."""
-    lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    lora_targets: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     """Regex of the modules that get adapters (the vision MLP shares names, hence the language_model prefix)."""
     freeze_vision: bool = False
     """Keep the vision tower's weights fixed."""
@@ -106,7 +104,7 @@ class Critiques:
 class JRM(nn.Module):
     """Joint Reward Model. `score()` for users; `forward()` and `encode()` for training."""
 
-    def __init__(self, config: JRMConfig, backbone: nn.Module, processor: ImageOnlyProcessor):
+    def __init__(self, config: JRMArgs, backbone: nn.Module, processor: ImageOnlyProcessor):
         super().__init__()
         config.validate()
         self.config = config
@@ -115,9 +113,9 @@ class JRM(nn.Module):
         if config.freeze_vision:
             for p in _unwrap(backbone).model.visual.parameters():
                 p.requires_grad_(False)
-        if config.lora:
+        if config.lora_rank > 0:
             lora = LoraConfig(
-                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=config.lora_target
+                r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=config.lora_targets
             )
             backbone = get_peft_model(backbone, lora)
         if config.gradient_checkpointing:
@@ -133,7 +131,7 @@ class JRM(nn.Module):
     # --- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, config: JRMConfig, seed: int = 0) -> JRM:
+    def build(cls, config: JRMArgs, seed: int = 0) -> JRM:
         """A new JRM: the tiny preset (random weights) or a pretrained backbone with a fresh head."""
         config.validate()
         if config.backbone == "tiny":
@@ -169,7 +167,7 @@ class JRM(nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} is not a JRM checkpoint: {config_file} is missing")
         meta = json.loads(config_file.read_text())
-        config = JRMConfig(**meta["jrm"])
+        config = JRMArgs(**meta["jrm"])
         if dtype is not None:
             config.dtype = dtype
         backbone_config = dict(meta["backbone_config"])

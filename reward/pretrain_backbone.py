@@ -40,7 +40,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from reward.config import ConfigError, config_from_cli, save_config
-from reward.model import JRM, JRMConfig, _unwrap
+from reward.model import JRM, JRMArgs, _unwrap
 from reward.shapeedit.grounding import TASKS, GroundingExample, sample_example
 
 DEFAULT_TRAINER = {
@@ -68,7 +68,7 @@ class PretrainConfig:
     """Where the pretrained backbone goes (a Qwen-VL checkpoint folder)."""
     seed: int = 0
     """Seed of the initialisation and of the generated tasks."""
-    model: JRMConfig = field(default_factory=JRMConfig)
+    model: JRMArgs = field(default_factory=JRMArgs)
     """The backbone to pretrain (model.backbone: tiny or a checkpoint; the reward head is not trained)."""
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     """Which grounding tasks to draw from, uniformly."""
@@ -81,8 +81,8 @@ class PretrainConfig:
         unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown or not self.tasks:
             raise ValueError(f"tasks must be a non-empty list of {list(TASKS)}, got {self.tasks}")
-        if self.model.lora:
-            raise ValueError("model.lora: pretraining trains every weight; set it false")
+        if self.model.lora_rank:
+            raise ValueError("model.lora_rank: pretraining trains every weight; set it to 0")
 
 
 class GroundingTasks(Dataset):

@@ -34,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from reward.config import ConfigError, config_from_cli, save_config
 from reward.data import DataError, PreferencePair, load_image, load_pairs
 from reward.losses import pairwise_accuracy, preference_loss, uncertainty_preference_loss
-from reward.model import JRM, JRMConfig
+from reward.model import JRM, JRMArgs
 from reward.shapeedit import GenerateConfig, generate
 
 DEFAULT_TRAINER = {
@@ -108,7 +108,7 @@ class TrainConfig:
     """Seed of the model initialisation and data order."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in output_dir; none; or a checkpoint path."""
-    model: JRMConfig = field(default_factory=JRMConfig)
+    model: JRMArgs = field(default_factory=JRMArgs)
     """The reward model."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and evaluation data."""

@@ -34,7 +34,7 @@ from trl import SFTConfig, SFTTrainer
 from reward.config import ConfigError, config_from_cli, save_config
 from reward.data import PreferencePair, load_image
 from reward.generative import GenerativeJudge
-from reward.model import JRM, JRMConfig
+from reward.model import JRM, JRMArgs
 from reward.train import DEFAULT_TRAINER as JRM_TRAINER
 from reward.train import DataConfig, MetricsFile, prepare_data, resume_checkpoint, usable_pairs
 
@@ -72,7 +72,7 @@ class GenerativeConfig:
     """Seed of the model initialisation and data order."""
     resume: str = "auto"
     """auto: continue from the newest checkpoint in output_dir; none; or a checkpoint path."""
-    model: JRMConfig = field(default_factory=JRMConfig)
+    model: JRMArgs = field(default_factory=JRMArgs)
     """The backbone and input encoding, exactly as the JRM's (its reward head is built but never trained)."""
     data: DataConfig = field(default_factory=lambda: DataConfig(max_eval_pairs=100))
     """Training and evaluation pairs (max_eval_pairs is 100 here: the final evaluation decodes every candidate)."""

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from reward.data import DataError, load_image, load_pairs
-from reward.model import JRM, JRMConfig
+from reward.model import JRM, JRMArgs
 from reward.train import usable_pairs
 from rl.prompts import load_prompts
 
@@ -128,7 +128,7 @@ def test_bad_prompt_files_name_the_file_and_row(tmp_path):
 
 
 def test_text_empty_overlong_and_non_ascii(tmp_path):
-    model = JRM.build(JRMConfig(tiny_hidden=64, tiny_layers=2, max_instruction_tokens=32), seed=0)
+    model = JRM.build(JRMArgs(tiny_hidden=64, tiny_layers=2, max_instruction_tokens=32), seed=0)
     image = Image.new("RGB", (32, 32), "red")
     scores = model.score([image] * 3, ["把圆圈变成红色 🎨", "rendre le cercle bleu, s'il vous plaît", "make it red"], [image] * 3)
     assert np.isfinite(scores.numpy()).all()

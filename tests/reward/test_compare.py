@@ -10,7 +10,7 @@ import pytest
 from reward.compare import Probe, compare_reward_runs, load_reward_run, probe_accuracy, same_order, score_probe, spearman
 from reward.config import save_config
 from reward.data import DataError
-from reward.model import JRM, JRMConfig
+from reward.model import JRM, JRMArgs
 from reward.shapeedit import GenerateConfig, generate
 from reward.train import TrainConfig
 
@@ -29,12 +29,12 @@ def write_reward_run(root, name, seeds: dict[int, int], alpha=1 / 3, run_seed=0,
     run = root / name
     run.mkdir()
     cfg = TrainConfig(output_dir=str(run), seed=run_seed)
-    cfg.model = JRMConfig(**SMALL)
+    cfg.model = JRMArgs(**SMALL)
     cfg.loss.alpha = alpha
     save_config(cfg, run / "config.yaml")
     final = max(seeds)
     for step, seed in seeds.items():
-        JRM.build(JRMConfig(**SMALL), seed=seed).save_pretrained(run / ("final" if step == final else f"checkpoint-{step}"))
+        JRM.build(JRMArgs(**SMALL), seed=seed).save_pretrained(run / ("final" if step == final else f"checkpoint-{step}"))
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in sorted(seeds)))
     (run / "eval.json").write_text(json.dumps({"eval_pairwise_accuracy": accuracy, "eval/accuracy": 0.0}))
     return run

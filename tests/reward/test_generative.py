@@ -10,7 +10,7 @@ from reward.config import ConfigError, load_config
 from reward.data import PreferencePair, load_image, load_pairs
 from reward.evaluate import load_reward
 from reward.generative import GenerativeJudge, parse_verdict
-from reward.model import JRM, JRMConfig
+from reward.model import JRM, JRMArgs
 from reward.shapeedit import GenerateConfig, generate
 from reward.train_generative import CandidateCollator, GenerativeConfig, candidates_of, judge_pairs, sft_config, train
 
@@ -41,7 +41,7 @@ def test_labels_hold_only_the_critique_and_trl_loss_is_the_jrm_critique_loss(sha
     from datasets import Dataset
     from trl import SFTTrainer
 
-    model = JRM.build(JRMConfig(**SMALL), seed=0)
+    model = JRM.build(JRMArgs(**SMALL), seed=0)
     candidates = candidates_of(load_pairs(shapeedit / "train.json")[0][:3])[0]
     rows = [c.__dict__ for c in candidates]
     batch = CandidateCollator(model)(rows)
@@ -119,7 +119,7 @@ def test_sft_learns_the_critique_and_final_loads_as_a_generative_reward(shapeedi
 
 
 def test_jrm_critique_is_the_judges_text_and_the_verdict_is_the_score(shapeedit):
-    model = JRM.build(JRMConfig(**SMALL), seed=0)
+    model = JRM.build(JRMArgs(**SMALL), seed=0)
     candidates = candidates_of(load_pairs(shapeedit / "train.json")[0][:2])[0]
     sources = [load_image(c.source) for c in candidates]
     edited = [load_image(c.edited) for c in candidates]

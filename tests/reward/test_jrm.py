@@ -11,7 +11,7 @@ from PIL import Image
 from reward.backbone import SCORE_TOKEN, build_tiny
 from reward.config import ConfigError, load_config
 from reward.generative import GenerativeJudge, parse_verdict
-from reward.model import JRM, JRMConfig
+from reward.model import JRM, JRMArgs
 from reward.shapeedit import apply_edits, render, sample_instruction, sample_scene
 from reward.train import TrainConfig
 
@@ -20,7 +20,7 @@ SMALL = dict(tiny_hidden=64, tiny_layers=2)
 
 @pytest.fixture(scope="module")
 def jrm():
-    return JRM.build(JRMConfig(**SMALL), seed=0)
+    return JRM.build(JRMArgs(**SMALL), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_save_and_load_round_trip_exactly(jrm, batch, tmp_path):
 
 def test_uncertainty_head_gives_positive_sigmas_and_scores_the_mean(batch, tmp_path):
     sources, instructions, edited, critiques = batch
-    model = JRM.build(JRMConfig(uncertainty=True, dimension_heads=2, **SMALL), seed=0)
+    model = JRM.build(JRMArgs(uncertainty=True, dimension_heads=2, **SMALL), seed=0)
     encoded = model.encode(sources, instructions, edited, critiques)
     out = model(**encoded)
     assert out.reward_std.shape == (6,) and out.dimension_std.shape == (6, 2) and out.dimension_rewards.shape == (6, 2)
@@ -99,14 +99,14 @@ def test_uncertainty_head_gives_positive_sigmas_and_scores_the_mean(batch, tmp_p
     model.save_pretrained(tmp_path / "ck")
     with torch.no_grad():
         assert torch.equal(JRM.from_pretrained(tmp_path / "ck")(**encoded).dimension_std, out.dimension_std.detach())
-        plain = JRM.build(JRMConfig(**SMALL), seed=0)(**encoded)
+        plain = JRM.build(JRMArgs(**SMALL), seed=0)(**encoded)
     assert plain.reward_std is None and plain.dimension_std is None
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_other_backbone_families_score_padding_invariantly(family, batch):
     sources, instructions, edited, critiques = batch
-    model = JRM.build(JRMConfig(family=family, **SMALL), seed=1)
+    model = JRM.build(JRMArgs(family=family, **SMALL), seed=1)
     together = model.score(sources, instructions, edited)
     alone = torch.cat([model.score(sources[i : i + 1], instructions[i : i + 1], edited[i : i + 1]) for i in range(6)])
     assert torch.allclose(together, alone, atol=1e-5)
@@ -116,7 +116,7 @@ def test_other_backbone_families_score_padding_invariantly(family, batch):
 
 def test_lora_trains_only_adapters_and_head_and_round_trips(batch, tmp_path):
     sources, instructions, edited, _ = batch
-    model = JRM.build(JRMConfig(lora=True, lora_r=4, freeze_vision=True, **SMALL), seed=0)
+    model = JRM.build(JRMArgs(lora_rank=4, freeze_vision=True, **SMALL), seed=0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_pretrained_backbone_loads_from_a_local_folder(tmp_path, batch):
     backbone, processor = build_tiny("qwen2_vl", hidden=64, layers=2)
     backbone.save_pretrained(tmp_path / "vlm")
     processor.save_pretrained(tmp_path / "vlm")
-    model = JRM.build(JRMConfig(backbone=str(tmp_path / "vlm")))
+    model = JRM.build(JRMArgs(backbone=str(tmp_path / "vlm")))
     assert model.processor.tokenizer.convert_tokens_to_ids(SCORE_TOKEN) == model.score_token_id
     scores = model.score(sources, instructions, edited)
     assert scores.shape == (6,) and torch.isfinite(scores).all()
@@ -221,7 +221,7 @@ def test_joint_loss_weighs_ranking_and_language_by_alpha(tmp_path):
     generate(GenerateConfig(out=str(tmp_path / "d"), pairs=12, seed=3), progress=False)
     pairs, _ = load_pairs(tmp_path / "d" / "train.json")
     cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "trainer.report_to=[]", "trainer.eval_strategy=no"])
-    model = JRM.build(JRMConfig(dimension_heads=2, uncertainty=True, **SMALL))
+    model = JRM.build(JRMArgs(dimension_heads=2, uncertainty=True, **SMALL))
     collate = PairCollator(model, with_critiques=True)
     trainer = JRMTrainer(
         model=model, args=training_arguments(cfg), train_dataset=PairDataset(pairs), data_collator=collate,
@@ -306,8 +306,8 @@ def test_critique_synthesis_is_label_consistent_and_resumable(tmp_path):
 
 def test_transition_frames_show_the_source_in_the_edits_first_frame(batch):
     sources, instructions, edited, _ = batch
-    plain = JRM.build(JRMConfig(transition_frames=False, **SMALL), seed=0)
-    clip = JRM.build(JRMConfig(transition_frames=True, **SMALL), seed=0)
+    plain = JRM.build(JRMArgs(transition_frames=False, **SMALL), seed=0)
+    clip = JRM.build(JRMArgs(transition_frames=True, **SMALL), seed=0)
     a = plain.encode(sources[:2], instructions[:2], edited[:2])["pixel_values"].view(2, 2, 64, 3, 2, -1)
     b = clip.encode(sources[:2], instructions[:2], edited[:2])["pixel_values"].view(2, 2, 64, 3, 2, -1)
     assert torch.equal(b[:, 0], a[:, 0])  # sources unchanged
@@ -349,7 +349,7 @@ def test_deepspeed_zero2_on_two_cpu_ranks(tmp_path):
 
 def test_head_stays_float32_when_the_backbone_is_bf16(batch):
     sources, instructions, edited, _ = batch
-    model = JRM.build(JRMConfig(**SMALL), seed=0)
+    model = JRM.build(JRMArgs(**SMALL), seed=0)
     model.head.bfloat16()  # what DeepSpeed's bf16 mode does to every parameter
     model.backbone.bfloat16()
     scores = model.score(sources[:2], instructions[:2], edited[:2])
@@ -364,7 +364,7 @@ def test_dimension_heads_learn_from_dimension_scores(tmp_path):
     generate(GenerateConfig(out=str(tmp_path / "d"), pairs=12, seed=3), progress=False)
     pairs, _ = load_pairs(tmp_path / "d" / "train.json")
     cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "trainer.report_to=[]", "trainer.eval_strategy=no"])
-    model = JRM.build(JRMConfig(dimension_heads=2, **SMALL))
+    model = JRM.build(JRMArgs(dimension_heads=2, **SMALL))
     trainer = JRMTrainer(
         model=model, args=training_arguments(cfg), train_dataset=PairDataset(pairs),
         data_collator=PairCollator(model, with_critiques=False), loss_config=LossConfig(dimension_weight=1.0),

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from reward.config import ConfigError
-from reward.model import JRM, JRMConfig
+from reward.model import JRM, JRMArgs
 from reward.pretrain_backbone import PretrainConfig, pretrain
 from reward.shapeedit.critique import box
 from reward.shapeedit.grounding import TASKS, describe, sample_example
@@ -44,7 +44,7 @@ def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("backbone")
     cfg = PretrainConfig(
         output_dir=str(out),
-        model=JRMConfig(tiny_hidden=64, tiny_layers=2),
+        model=JRMArgs(tiny_hidden=64, tiny_layers=2),
         trainer={"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": [], "save_strategy": "no",
                  "remove_unused_columns": False, "disable_tqdm": True, "logging_steps": 1},  # fmt: skip
     )
@@ -60,7 +60,7 @@ def test_pretrained_backbone_loads_like_a_real_checkpoint(pretrained):
     assert (record["locate_box_error"] is None) == (record["locate_unparsable"] == 64)
     assert 0 < record["constant_box_error"] < 500
     saved = AutoModelForImageTextToText.from_pretrained(cfg.output_dir)
-    jrm = JRM.build(JRMConfig(backbone=cfg.output_dir))  # reward/train.py model.backbone=DIR takes this path
+    jrm = JRM.build(JRMArgs(backbone=cfg.output_dir))  # reward/train.py model.backbone=DIR takes this path
     assert type(saved) is type(jrm.backbone)
     for (name, a), (_, b) in zip(saved.state_dict().items(), jrm.backbone.state_dict().items()):
         assert torch.equal(a, b), name

@@ -290,9 +290,9 @@ def test_resume_unpickles_weights_only_and_refuses_code(setup, whole, tmp_path):
 def test_nan_rewards_skip_steps_then_stop_the_run(setup, tmp_path):
     """A reward model with a NaN head (a real corrupted checkpoint): every step is skipped and logged, and after
     max_bad_steps in a row the run stops with a message that names the cause."""
-    from reward.model import JRM, JRMConfig
+    from reward.model import JRM, JRMArgs
 
-    broken = JRM.build(JRMConfig(tiny_hidden=64, tiny_layers=2), seed=0)
+    broken = JRM.build(JRMArgs(tiny_hidden=64, tiny_layers=2), seed=0)
     with torch.no_grad():
         broken.head.weight.fill_(float("nan"))
     broken.save_pretrained(tmp_path / "nan_jrm")
