@@ -224,6 +224,10 @@ class JRMTrainer(Trainer):
             logs[key] = sum(values) / len(values)
         super().log(logs, *args, **kwargs)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # The JRM reads its own checkpoints (full weights, shards, or LoRA adapters and head).
+        (model or self.model).load_checkpoint(resume_from_checkpoint)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # Checkpoints hold a loadable JRM (JRM.from_pretrained works on any checkpoint-*/).
         output_dir = output_dir or self.args.output_dir
