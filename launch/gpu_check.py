@@ -238,7 +238,7 @@ def build_jrm(preset: Preset, device: str | torch.device, attn: str) -> JRM:
         temporal_patch_size=preset.vision["temporal_patch_size"], min_pixels=preset.min_pixels, max_pixels=preset.max_pixels,
     )
     processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
-    jrm = JRM(JRMArgs(family="qwen2_5_vl", dtype=dtype_name(preset.dtype), attn_implementation=attn), backbone, processor)
+    jrm = JRM.from_backbone(JRMArgs(family="qwen2_5_vl", dtype=dtype_name(preset.dtype), attn_implementation=attn), backbone, processor)
     return jrm.to(device).eval()  # the backbone is there already; this moves the float32 reward head
 
 

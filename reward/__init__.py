@@ -1,17 +1,17 @@
 """The Joint Reward Model and all of its training and evaluation code.
 
-`from reward import JRM, JRMArgs` loads torch and transformers on first use only, so ShapeEdit's
-command line (`python -m reward.shapeedit`) starts fast.
+Importing `reward` registers the JRM with transformers, so that after `import reward`,
+`AutoConfig.from_pretrained(DIR)` and `AutoModel.from_pretrained(DIR)` return a `JRMConfig` and a `JRM`
+(no trust_remote_code). It costs the import of torch and transformers (a few seconds), also for
+ShapeEdit's command line; we accept that for the Auto classes working wherever `reward` is imported.
 """
 
-__all__ = ["JRM", "JRMArgs", "GenerativeJudge"]
+from reward.model import JRM, JRMArgs, JRMConfig
+
+__all__ = ["JRM", "JRMArgs", "JRMConfig", "GenerativeJudge"]
 
 
 def __getattr__(name: str):
-    if name in ("JRM", "JRMArgs"):
-        from reward import model
-
-        return getattr(model, name)
     if name == "GenerativeJudge":
         from reward.generative import GenerativeJudge
 

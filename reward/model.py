@@ -10,15 +10,21 @@ read in training equals the reward of a prompt-only forward. Scoring is one pref
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.configuration_utils import SubConfigSpec
 from transformers.initialization import no_init_weights
 
 from reward.backbone import MODEL_CLASSES, SCORE_TOKEN, ImageOnlyProcessor, build_tiny, load_backbone
@@ -27,6 +33,9 @@ from reward.losses import critique_lm_loss, next_token_targets
 
 JUDGE_PROMPT = "Judge how well the second image carries out the instruction on the first image."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_FILE = "adapter_model.safetensors"  # peft's names: PeftModel.from_pretrained(backbone, DIR) reads them
+HEAD_FILE = "head.safetensors"
+LEGACY_CONFIG = "jrm_config.json"
 
 
 @dataclass
@@ -72,17 +81,15 @@ class JRMArgs:
     (an image is a clip of two equal frames), so this costs nothing; the edit is resized to the source's
     size first. On ShapeEdit it is what lets a tiny random-init JRM learn comparisons in minutes."""
 
-    def to_dict(self) -> dict:
-        """Plain data (the Trainer's wandb integration logs the model config through this)."""
-        return asdict(self)
-
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.family not in MODEL_CLASSES:
             raise ValueError(f"family must be one of {sorted(MODEL_CLASSES)}, got {self.family!r}")
         if self.dimension_heads < 0:
             raise ValueError(f"dimension_heads must be >= 0, got {self.dimension_heads}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 trains every weight), got {self.lora_rank}")
 
 
 @dataclass
@@ -101,99 +108,252 @@ class Critiques:
     num_tokens: torch.Tensor  # (B,) tokens generated per candidate, up to and including its end token
 
 
-class JRM(nn.Module):
-    """Joint Reward Model. `score()` for users; `forward()` and `encode()` for training."""
+@strict
+class JRMConfig(PreTrainedConfig):
+    """The transformers config of a JRM checkpoint (`config.json`, model_type "jrm").
 
-    def __init__(self, config: JRMArgs, backbone: nn.Module, processor: ImageOnlyProcessor):
-        super().__init__()
-        config.validate()
-        self.config = config
-        self.processor = processor
-        self.score_token_id = processor.tokenizer.convert_tokens_to_ids(SCORE_TOKEN)
-        if config.freeze_vision:
-            for p in _unwrap(backbone).model.visual.parameters():
-                p.requires_grad_(False)
-        if config.lora_rank > 0:
-            lora = LoraConfig(
-                r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=config.lora_targets
-            )
-            backbone = get_peft_model(backbone, lora)
-        if config.gradient_checkpointing:
-            _unwrap(backbone).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            _unwrap(backbone).enable_input_require_grads()
+    `AutoConfig` / `AutoModel` know it once `reward` is imported (no trust_remote_code). It holds the
+    backbone's own config and what scoring needs; how a model was trained (learning rate, frozen tower,
+    ...) stays in the run's config.yaml.
+    """
+
+    model_type = "jrm"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_vl")}
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    base_model_name_or_path: str = "tiny"
+    """The backbone the JRM was built on: "tiny" (rebuilt from `tiny`), a hub id or a local folder. A LoRA
+    checkpoint stores only its adapters and head, and loads them onto this backbone."""
+    tiny: dict | None = None
+    """{family, hidden, layers, seed} of the tiny preset, which is rebuilt bit for bit from them."""
+    score_token_id: int = 0
+    dimension_heads: int = 0
+    uncertainty: bool = False
+    transition_frames: bool = True
+    max_critique_tokens: int = 384
+    max_instruction_tokens: int = 1024
+    lora: dict | None = None
+    """peft LoraConfig arguments when the backbone carries LoRA adapters (then saved alone), else None."""
+    tie_word_embeddings: bool = False
+
+
+class JRM(PreTrainedModel):
+    """Joint Reward Model. `score()` for users; `forward()` and `encode()` for training.
+
+    A transformers model: `save_pretrained` writes config.json and sharded safetensors (or, with LoRA, the
+    peft adapter and the head only), `from_pretrained` takes a folder or a hub id, `push_to_hub` uploads.
+    Build a new one with `JRM.build(JRMArgs(...))`.
+    """
+
+    config_class = JRMConfig
+    base_model_prefix = "jrm"
+    main_input_name = "input_ids"
+    _keep_in_fp32_modules = ["head"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(self, config: JRMConfig, backbone: PreTrainedModel | None = None, processor: ImageOnlyProcessor | None = None):
+        """`backbone` and `processor` as built by `JRM.build`; without them (from_pretrained) an empty backbone
+        is made from `config.backbone_config` for the checkpoint's weights to fill."""
+        super().__init__(config)
+        if backbone is None:
+            backbone = MODEL_CLASSES[config.backbone_config.model_type]._from_config(config.backbone_config)
+        else:  # its weights are set: keep post_init from drawing them again
+            for module in backbone.modules():
+                module._is_hf_initialized = True
+        if config.lora is not None:
+            backbone = get_peft_model(backbone, LoraConfig(**config.lora))
         self.backbone = backbone
-        hidden = _unwrap(backbone).config.get_text_config().hidden_size
+        self.processor = processor
+        self.score_token_id = config.score_token_id
+        hidden = config.backbone_config.get_text_config().hidden_size
         # Outputs: the reward and each dimension reward, then (under uncertainty) one raw sigma for each.
         self.head = nn.Linear(hidden, (1 + config.dimension_heads) * (2 if config.uncertainty else 1))
-        nn.init.normal_(self.head.weight, std=1.0 / hidden**0.5)
-        nn.init.zeros_(self.head.bias)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is self.head:
+            nn.init.normal_(module.weight, std=1.0 / module.in_features**0.5)
+            nn.init.zeros_(module.bias)
 
     # --- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, config: JRMArgs, seed: int = 0) -> JRM:
+    def build(cls, args: JRMArgs, seed: int = 0) -> JRM:
         """A new JRM: the tiny preset (random weights) or a pretrained backbone with a fresh head."""
-        config.validate()
-        if config.backbone == "tiny":
-            backbone, processor = build_tiny(config.family, seed=seed, hidden=config.tiny_hidden, layers=config.tiny_layers)
-            backbone = backbone.to(DTYPES[config.dtype])
+        if args.backbone == "tiny":
+            backbone, processor = build_tiny(args.family, seed=seed, hidden=args.tiny_hidden, layers=args.tiny_layers)
+            backbone = backbone.to(DTYPES[args.dtype])
         else:
-            backbone, processor = load_backbone(
-                config.backbone, DTYPES[config.dtype], config.attn_implementation, config.trust_remote_code
-            )
+            backbone, processor = load_backbone(args.backbone, DTYPES[args.dtype], args.attn_implementation, args.trust_remote_code)
         torch.manual_seed(seed)
-        return cls(config, backbone, processor)
-
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write jrm_config.json, model.safetensors (backbone, adapters and head) and the processor files.
-
-        `state_dict` is for weights gathered elsewhere (DeepSpeed ZeRO hands the Trainer a full one).
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {"jrm": asdict(self.config), "backbone_config": _unwrap(self.backbone).config.to_dict()}
-        (path / "jrm_config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        if state_dict is None:
-            save_model(self, str(path / "model.safetensors"))
-        else:  # copies, so that tied weights are two tensors, which safetensors accepts
-            save_file({k: v.detach().contiguous().clone().cpu() for k, v in state_dict.items()}, str(path / "model.safetensors"))
-        self.processor.save_pretrained(str(path))
+        return cls.from_backbone(args, backbone, processor, seed)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str | None = None) -> JRM:
-        """Load a JRM written by `save_pretrained`; scores round-trip exactly."""
-        path = Path(path)
-        config_file = path / "jrm_config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path} is not a JRM checkpoint: {config_file} is missing")
-        meta = json.loads(config_file.read_text())
-        config = JRMArgs(**meta["jrm"])
-        if dtype is not None:
-            config.dtype = dtype
-        backbone_config = dict(meta["backbone_config"])
-        model_type = backbone_config["model_type"]
-        config_class = MODEL_CLASSES[model_type].config_class
-        with no_init_weights():  # every weight is overwritten from model.safetensors below: skip random init
-            backbone = MODEL_CLASSES[model_type]._from_config(config_class.from_dict(backbone_config), dtype=DTYPES[config.dtype])
-        processor = ImageOnlyProcessor.from_pretrained(str(path))
+    def from_backbone(cls, args: JRMArgs, backbone: PreTrainedModel, processor: ImageOnlyProcessor, seed: int = 0) -> JRM:
+        """A JRM with a fresh head on a backbone built elsewhere (its tokenizer must hold the score token)."""
+        base = args.backbone
+        if base != "tiny" and Path(base).is_dir():
+            base = str(Path(base).resolve())  # a LoRA checkpoint finds its backbone from any working directory
+        lora = None
+        if args.lora_rank > 0:
+            lora = {"r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "target_modules": args.lora_targets}
+        config = JRMConfig(
+            backbone_config=backbone.config,
+            attn_implementation=backbone.config._attn_implementation,  # else the composite config resets the backbone's
+            base_model_name_or_path=base,
+            tiny={"family": args.family, "hidden": args.tiny_hidden, "layers": args.tiny_layers, "seed": seed} if base == "tiny" else None,
+            score_token_id=processor.tokenizer.convert_tokens_to_ids(SCORE_TOKEN),
+            dimension_heads=args.dimension_heads,
+            uncertainty=args.uncertainty,
+            transition_frames=args.transition_frames,
+            max_critique_tokens=args.max_critique_tokens,
+            max_instruction_tokens=args.max_instruction_tokens,
+            lora=lora,
+        )
+        if args.freeze_vision:
+            for p in backbone.model.visual.parameters():
+                p.requires_grad_(False)
         model = cls(config, backbone, processor)
-        load_model(model, str(path / "model.safetensors"), strict=True)
+        if args.gradient_checkpointing:
+            _unwrap(model.backbone).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _unwrap(model.backbone).enable_input_require_grads()
         return model
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: int | str = "5GB",
+        **kwargs,
+    ) -> None:
+        """Write config.json, the weights and the processor files.
+
+        Weights: sharded safetensors with an index (shards up to `max_shard_size`), or with LoRA the peft
+        adapter (adapter_config.json, adapter_model.safetensors) and head.safetensors only: megabytes where
+        the backbone is gigabytes. `state_dict` is for weights gathered elsewhere (DeepSpeed ZeRO hands the
+        Trainer a full one).
+        """
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError("use JRM.push_to_hub(repo_id): it uploads the processor files too")
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.config.lora is None:
+            # Keys as this module names them (not converted to the backbone's hub layout), so that the
+            # Trainer's resume loads checkpoint-*/ straight into the model.
+            kwargs.setdefault("save_original_format", False)
+            super().save_pretrained(str(path), state_dict=state_dict, max_shard_size=max_shard_size, **kwargs)
+        else:
+            if state_dict is None:
+                adapter = get_peft_model_state_dict(self.backbone)
+                head = {k: v for k, v in self.head.state_dict().items()}
+            else:
+                adapter = get_peft_model_state_dict(self.backbone, {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")})
+                head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
+            self.backbone.peft_config["default"].save_pretrained(str(path))
+            save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(path / ADAPTER_FILE))
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in head.items()}, str(path / HEAD_FILE))
+            self.config.save_pretrained(str(path))
+        self.processor.save_pretrained(str(path))
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str = "Upload JRM") -> str:
+        """Upload what `save_pretrained` writes (weights, config, processor) to a hub model repository;
+        returns the commit URL."""
+        import tempfile
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, dtype: str | torch.dtype | None = None, **kwargs) -> JRM:
+        """Load a JRM from a folder or a hub id (downloaded with huggingface_hub, which honours HF_HUB_OFFLINE);
+        scores round-trip exactly. `dtype` ("bfloat16", torch.bfloat16, ...; default: as saved) applies to
+        the backbone, the head stays float32. Other keyword arguments go to PreTrainedModel.from_pretrained."""
+        path = _local_folder(pretrained_model_name_or_path)
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        if (path / LEGACY_CONFIG).is_file() and not (path / "config.json").is_file():
+            return cls._from_legacy(path, dtype)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{pretrained_model_name_or_path} is not a JRM checkpoint: it has no config.json")
+        config = JRMConfig.from_pretrained(str(path))
+        if config.model_type != "jrm":
+            raise ValueError(f"{pretrained_model_name_or_path} holds a {config.model_type!r} model, not a JRM")
+        processor = ImageOnlyProcessor.from_pretrained(str(path))
+        if config.lora is None:
+            kwargs.pop("config", None)  # AutoModel passes the one it read
+            model = super().from_pretrained(str(path), *args, config=config, dtype=dtype or "auto", **kwargs)
+            model.processor = processor
+            return model.eval()
+        model = cls(config, _base_backbone(config, dtype or config.backbone_config.dtype or torch.float32), processor)
+        model.load_checkpoint(path)
+        return model.eval()
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Load the weights `save_pretrained` wrote into this model, in place (the Trainer's resume): full
+        weights (one file or shards) or, for a LoRA JRM, the adapters and the head."""
+        path = Path(path)
+        if self.config.lora is not None:
+            result = set_peft_model_state_dict(self.backbone, load_file(str(path / ADAPTER_FILE)))
+            missing = [k for k in result.missing_keys if "lora_" in k]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"{path / ADAPTER_FILE} does not fit this JRM: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+            self.head.load_state_dict(load_file(str(path / HEAD_FILE)))
+            return
+        index = path / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        state = {}
+        for name in files:
+            state.update(load_file(str(path / name)))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        tied = set(self.all_tied_weights_keys)
+        if [k for k in missing if k not in tied] or unexpected:
+            raise ValueError(f"{path} does not fit this JRM: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.tie_weights()
+
+    @classmethod
+    def _from_legacy(cls, path: Path, dtype: torch.dtype | None) -> JRM:
+        """A checkpoint of the first format (jrm_config.json + one model.safetensors); `save_pretrained`
+        rewrites it in the current one."""
+        meta = json.loads((path / LEGACY_CONFIG).read_text())
+        old = dict(meta["jrm"])
+        old["lora_rank"] = old.pop("lora_r", 0) if old.pop("lora", False) else 0
+        old["lora_targets"] = old.pop("lora_target", JRMArgs.lora_targets)
+        args = JRMArgs(**{k: v for k, v in old.items() if k in JRMArgs.__dataclass_fields__})
+        if dtype is not None:
+            args.dtype = next(name for name, d in DTYPES.items() if d == dtype)
+        backbone_config = dict(meta["backbone_config"])
+        model_class = MODEL_CLASSES[backbone_config["model_type"]]
+        with no_init_weights():  # every weight is overwritten from model.safetensors below
+            backbone = model_class._from_config(model_class.config_class.from_dict(backbone_config), dtype=DTYPES[args.dtype])
+        model = cls.from_backbone(args, backbone, ImageOnlyProcessor.from_pretrained(str(path)))
+        load_model(model, str(path / "model.safetensors"), strict=True)
+        print(f"note: {path} is in the first JRM format (jrm_config.json); JRM.save_pretrained(DIR) rewrites it as config.json")
+        return model.eval()
 
     # --- encoding ----------------------------------------------------------------------------------
 
-    def prompt_text(self, instruction: str) -> str:
+    def prompt_text(self, instruction: str, num_sources: int = 1) -> str:
         """The chat text for one candidate, ending with the score token."""
-        return self.chat_text(f"Instruction: {instruction}\n{JUDGE_PROMPT}")
+        if num_sources == 1:
+            return self.chat_text(f"Instruction: {instruction}\n{JUDGE_PROMPT}")
+        judge = f"Judge how well the last image carries out the instruction on the first {num_sources} images."
+        return self.chat_text(f"Instruction: {instruction}\n{judge}", num_sources)
 
-    def chat_text(self, text: str) -> str:
-        """The chat text for [source image][second image] `text`, ending with the score token."""
+    def chat_text(self, text: str, num_sources: int = 1) -> str:
+        """The chat text for [source image(s)][second image] `text`, ending with the score token."""
         messages = [
             {
                 "role": "user",
-                # Both images first, side by side: corresponding patches of the source and the edit then
+                # The images first, side by side: corresponding patches of the source and the edit then
                 # sit at the same relative position whatever the instruction's length.
-                "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": text}],
+                "content": [{"type": "image"}] * (num_sources + 1) + [{"type": "text", "text": text}],
             }
         ]
         chat = self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -217,7 +377,7 @@ class JRM(nn.Module):
 
     def encode(
         self,
-        source_images: list[Image.Image],
+        source_images: list[Image.Image | list[Image.Image]],
         instructions: list[str],
         edited_images: list[Image.Image],
         critiques: list[str | None] | None = None,
@@ -225,19 +385,25 @@ class JRM(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Tokenize candidates; with critiques, `labels` holds the critique tokens (-100 elsewhere).
 
+        A candidate's source is one image or a list of them (an edit that combines several images, as in
+        MMRB2 and Qwen-Image-Edit-Plus); the chat then shows every source, then the edit.
+
         Returns:
             input_ids, attention_mask, mm_token_type_ids: (N, L); pixel_values: (patches, C*P*P);
-            image_grid_thw: (2N, 3); labels: (N, L) when critiques are given.
+            image_grid_thw: (images, 3), each candidate's sources then its edit; labels: (N, L) when
+            critiques are given.
         """
         _check_batch(source_images, instructions, edited_images, critiques)
+        sources = [source_list(s, f"source {i}") for i, s in enumerate(source_images)]
         for i, text in enumerate(instructions):
             self.check_instruction(text, f"instruction {i}")
-        return self.encode_chats([self.prompt_text(t) for t in instructions], source_images, edited_images, critiques, padding_side)
+        chats = [self.prompt_text(t, len(s)) for t, s in zip(instructions, sources)]
+        return self.encode_chats(chats, sources, edited_images, critiques, padding_side)
 
     def encode_chats(
         self,
         chats: list[str],
-        source_images: list[Image.Image],
+        source_images: list[Image.Image | list[Image.Image]],
         edited_images: list[Image.Image],
         targets: list[str | None] | None = None,
         padding_side: str = "right",
@@ -249,14 +415,15 @@ class JRM(nn.Module):
         texts = list(chats)
         if targets is not None:
             texts = [t + self._cut(c) + eos if c else t for t, c in zip(texts, targets)]
-        sources = [to_rgb(s) for s in source_images]
+        sources = [[to_rgb(image) for image in source_list(s, f"source {i}")] for i, s in enumerate(source_images)]
         edits = [to_rgb(e) for e in edited_images]
-        if self.config.transition_frames:
-            edits = [e if e.size == s.size else e.resize(s.size, Image.Resampling.BICUBIC) for s, e in zip(sources, edits)]
-        batch = self.processor(text=texts, images=[[s, e] for s, e in zip(sources, edits)], padding=True, padding_side=padding_side, return_tensors="pt")
+        if self.config.transition_frames:  # the edit takes the first source's size
+            edits = [e if e.size == s[0].size else e.resize(s[0].size, Image.Resampling.BICUBIC) for s, e in zip(sources, edits)]
+        images = [[*s, e] for s, e in zip(sources, edits)]
+        batch = self.processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt")
         batch = dict(batch)
         if self.config.transition_frames:
-            batch["pixel_values"] = self._transition(batch["pixel_values"], batch["image_grid_thw"])
+            batch["pixel_values"] = self._transition(batch["pixel_values"], batch["image_grid_thw"], [len(i) for i in images])
         if targets is not None:
             labels = batch["input_ids"].clone()
             score_pos = self._score_positions(batch["input_ids"])
@@ -265,22 +432,26 @@ class JRM(nn.Module):
             batch["labels"] = labels
         return batch
 
-    def _transition(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Replace the first temporal frame of every edited image's patches with the source's.
+    def _transition(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, images_per_candidate: list[int]) -> torch.Tensor:
+        """Replace the first temporal frame of every edited image's patches with its first source's.
 
-        pixel_values rows are patches, each flattened as (channel, temporal frame, pixels); images come
-        in (source, edit) order per candidate, each with grid_thw[i].prod() patches.
+        pixel_values rows are patches, each flattened as (channel, temporal frame, pixels); a candidate's
+        images come as its sources then its edit, image i with grid_thw[i].prod() patches. With several
+        sources the edit is read as a change of the first (the image the instruction edits).
         """
         frames = self.processor.image_processor.temporal_patch_size
         counts = grid_thw.prod(-1).tolist()
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
         out = pixel_values.clone()
-        start = 0
-        for i in range(0, len(counts), 2):
-            n = counts[i]
-            source = out[start : start + n].view(n, 3, frames, -1)
-            edit = out[start + n : start + 2 * n].view(n, 3, frames, -1)
-            edit[:, :, 0] = source[:, :, 0]
-            start += 2 * n
+        image = 0
+        for k in images_per_candidate:
+            first, edit = image, image + k - 1
+            n = counts[first]
+            source = out[starts[first] : starts[first] + n].view(n, 3, frames, -1)
+            out[starts[edit] : starts[edit] + n].view(n, 3, frames, -1)[:, :, 0] = source[:, :, 0]
+            image += k
         return out
 
     def _score_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -339,12 +510,12 @@ class JRM(nn.Module):
 
     @torch.inference_mode()
     def score(
-        self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16
+        self, source_images: list[Image.Image | list[Image.Image]], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16
     ) -> torch.Tensor:
         """Rewards of edited images, one prefill each, no decoding.
 
         Args:
-            source_images: B PIL images of any mode (converted to RGB).
+            source_images: B PIL images of any mode (converted to RGB), or B lists of them (several sources).
             instructions: B non-empty strings.
             edited_images: B PIL images.
             batch_size: sequences per forward pass; results do not depend on it.
@@ -356,7 +527,7 @@ class JRM(nn.Module):
 
     @torch.inference_mode()
     def score_with_features(
-        self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16
+        self, source_images: list[Image.Image | list[Image.Image]], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`score()` plus the (B, H) score-token features of the same pass (for the effective rank)."""
         outputs = list(self._outputs(source_images, instructions, edited_images, batch_size))
@@ -367,7 +538,7 @@ class JRM(nn.Module):
     @torch.inference_mode()
     def critique(
         self,
-        source_images: list[Image.Image],
+        source_images: list[Image.Image | list[Image.Image]],
         instructions: list[str],
         edited_images: list[Image.Image],
         max_new_tokens: int = 256,
@@ -415,6 +586,14 @@ class JRM(nn.Module):
             self.train(was_training)
 
 
+def source_list(source: Image.Image | list[Image.Image], where: str) -> list[Image.Image]:
+    """A candidate's sources as a non-empty list of PIL images."""
+    images = list(source) if isinstance(source, (list, tuple)) else [source]
+    if not images or not all(isinstance(i, Image.Image) for i in images):
+        raise ValueError(f"{where}: a source is a PIL image or a non-empty list of them, got {source!r:.80}")
+    return images
+
+
 def _check_batch(sources: list, instructions: list, edited: list, critiques: list | None = None) -> None:
     lengths = [len(sources), len(instructions), len(edited)] + ([] if critiques is None else [len(critiques)])
     if len(set(lengths)) > 1:
@@ -428,3 +607,31 @@ def _check_batch(sources: list, instructions: list, edited: list, critiques: lis
 def _unwrap(backbone: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
     return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+
+
+def _local_folder(name_or_path: str | Path) -> Path:
+    """A local folder as is; anything else is a hub model id, fetched (or found in the cache) by huggingface_hub."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    try:
+        return Path(snapshot_download(str(name_or_path)))
+    except (HFValidationError, RepositoryNotFoundError) as e:
+        raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a hub model id ({e.__class__.__name__})") from e
+    except LocalEntryNotFoundError as e:
+        offline = " (HF_HUB_OFFLINE is set: only models already in the cache load)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        raise FileNotFoundError(f"{name_or_path} is not a local folder and could not be fetched from the hub{offline}") from e
+
+
+def _base_backbone(config: JRMConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The backbone a LoRA checkpoint's adapters go on, as it was before training."""
+    if config.base_model_name_or_path == "tiny":
+        t = config.tiny
+        backbone, _ = build_tiny(t["family"], seed=t["seed"], hidden=t["hidden"], layers=t["layers"])
+        return backbone.to(dtype)
+    backbone, _ = load_backbone(config.base_model_name_or_path, dtype, config.backbone_config._attn_implementation or "sdpa")
+    return backbone
+
+
+AutoConfig.register("jrm", JRMConfig)
+AutoModel.register(JRMConfig, JRM)

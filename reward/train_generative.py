@@ -27,7 +27,6 @@ if __package__ in (None, ""):  # run as `python reward/train_generative.py`: imp
 
 import torch
 from datasets import Dataset
-from safetensors.torch import load_model
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
@@ -143,7 +142,7 @@ class GenerativeTrainer(SFTTrainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_model(self.jrm, os.path.join(resume_from_checkpoint, "model.safetensors"), strict=True)
+        self.jrm.load_checkpoint(resume_from_checkpoint)
 
 
 def sft_config(cfg: GenerativeConfig) -> SFTConfig:

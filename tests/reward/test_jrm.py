@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoConfig, AutoModel
 
 from reward.backbone import SCORE_TOKEN, build_tiny
 from reward.config import ConfigError, load_config
 from reward.generative import GenerativeJudge, parse_verdict
-from reward.model import JRM, JRMArgs
+from reward.model import JRM, JRMArgs, JRMConfig
 from reward.shapeedit import apply_edits, render, sample_instruction, sample_scene
 from reward.train import TrainConfig
 
@@ -79,11 +80,85 @@ def test_lm_loss_equals_the_models_own_labels_loss(jrm, batch):
 
 
 def test_save_and_load_round_trip_exactly(jrm, batch, tmp_path):
+    """A transformers model: config.json of model_type jrm, sharded safetensors with an index, and
+    AutoConfig / AutoModel load it (after `import reward`, no trust_remote_code) scoring as JRM.from_pretrained."""
     sources, instructions, edited, _ = batch
-    jrm.save_pretrained(tmp_path / "ck")
-    assert (tmp_path / "ck" / "model.safetensors").is_file() and (tmp_path / "ck" / "jrm_config.json").is_file()
+    jrm.save_pretrained(tmp_path / "ck", max_shard_size="300KB")
+    files = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    shards = [f for f in files if f.startswith("model-") and f.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in files and "tokenizer.json" in files
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["model_type"] == "jrm"
     loaded = JRM.from_pretrained(tmp_path / "ck")
+    expected = jrm.score(sources, instructions, edited)
+    assert torch.equal(loaded.score(sources, instructions, edited), expected)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "ck"), JRMConfig)
+    auto = AutoModel.from_pretrained(tmp_path / "ck")
+    assert isinstance(auto, JRM) and torch.equal(auto.score(sources, instructions, edited), expected)
+    assert auto.head.weight.dtype == torch.float32
+    assert JRM.from_pretrained(tmp_path / "ck", dtype="bfloat16").backbone.dtype == torch.bfloat16
+
+
+def test_a_hub_id_loads_through_huggingface_hub(jrm, batch, tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub's cache (offline here: the cache is all there is); an id
+    that is neither a folder nor cached names HF_HUB_OFFLINE."""
+    from huggingface_hub import constants
+
+    sources, instructions, edited, _ = batch
+    snapshot = tmp_path / "hub" / "models--acme--jrm-tiny" / "snapshots" / ("0" * 40)
+    jrm.save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--acme--jrm-tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--jrm-tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert torch.equal(JRM.from_pretrained("acme/jrm-tiny").score(sources, instructions, edited), jrm.score(sources, instructions, edited))
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
+        JRM.from_pretrained("acme/not-cached")
+
+
+def test_a_checkpoint_of_the_first_format_still_loads(jrm, batch, tmp_path, capsys):
+    """jrm_config.json + one model.safetensors (what earlier versions wrote) loads, with a note saying
+    save_pretrained rewrites it."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    sources, instructions, edited, _ = batch
+    old = tmp_path / "old"
+    old.mkdir()
+    args = {k: v for k, v in asdict(JRMArgs(**SMALL)).items() if not k.startswith("lora")}
+    args.update(lora=False, lora_r=16, lora_target=JRMArgs.lora_targets)
+    meta = {"jrm": args, "backbone_config": jrm.backbone.config.to_dict()}
+    (old / "jrm_config.json").write_text(json.dumps(meta))
+    save_file({k: v.clone().contiguous() for k, v in jrm.state_dict().items()}, str(old / "model.safetensors"))
+    jrm.processor.save_pretrained(str(old))
+    loaded = JRM.from_pretrained(old)
+    assert "first JRM format" in capsys.readouterr().out
     assert torch.equal(loaded.score(sources, instructions, edited), jrm.score(sources, instructions, edited))
+
+
+def test_push_to_hub_uploads_weights_config_and_processor(jrm, monkeypatch):
+    from huggingface_hub import HfApi
+
+    seen = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: seen.setdefault("repo", repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, repo_id, folder_path, **kw: seen.setdefault("files", sorted(p.name for p in Path(folder_path).iterdir())) and "url")
+    jrm.push_to_hub("acme/jrm-tiny")
+    assert seen["repo"] == "acme/jrm-tiny"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(seen["files"])
+
+
+def test_several_source_images_per_candidate(jrm, batch):
+    """A candidate's source may be a list of images (MMRB2, Qwen-Image-Edit-Plus): every one counts, a
+    one-image list equals the image, and a neighbour with more sources does not change a row's score."""
+    sources, instructions, edited, _ = batch
+    single = jrm.score(sources[:2], instructions[:2], edited[:2])
+    mixed = jrm.score([[sources[0], sources[2]], [sources[1]]], instructions[:2], edited[:2])
+    other = jrm.score([[sources[0], sources[3]], sources[1]], instructions[:2], edited[:2])
+    assert torch.allclose(mixed[1], single[1], atol=1e-5)
+    assert not torch.allclose(mixed[0], single[0], atol=1e-4) and not torch.allclose(mixed[0], other[0], atol=1e-4)
+    with pytest.raises(ValueError, match="non-empty list"):
+        jrm.score([[], sources[1]], instructions[:2], edited[:2])
 
 
 def test_uncertainty_head_gives_positive_sigmas_and_scores_the_mean(batch, tmp_path):
@@ -124,6 +199,12 @@ def test_lora_trains_only_adapters_and_head_and_round_trips(batch, tmp_path):
             if "lora_B" in n:
                 p.normal_(std=0.1)  # make the adapters matter
     model.save_pretrained(tmp_path / "lora")
+    # Adapters and head only (peft's format): the base backbone is rebuilt, never stored.
+    files = {p.name: p.stat().st_size for p in (tmp_path / "lora").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "config.json"} <= set(files)
+    assert not any(name.startswith("model") for name in files)
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert files["adapter_model.safetensors"] < 0.1 * full
     loaded = JRM.from_pretrained(tmp_path / "lora")
     assert torch.equal(loaded.score(sources, instructions, edited), model.score(sources, instructions, edited))
 
@@ -239,7 +320,9 @@ def test_joint_loss_weighs_ranking_and_language_by_alpha(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("weights", ["full", "lora"])
+def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, weights):
+    """Full fine-tuning and LoRA (whose checkpoints hold adapters and head only) both resume exactly."""
     from reward.train import train
 
     common = [
@@ -255,13 +338,14 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
         "trainer.warmup_steps=0",
         "trainer.report_to=[]",
         "trainer.disable_tqdm=true",
-    ]
+    ] + (["model.lora_rank=4", "trainer.learning_rate=3e-3"] if weights == "lora" else [])
     full = load_config(TrainConfig, None, [f"output_dir={tmp_path / 'full'}"] + common)
     train(full)
     logs = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logs if "loss" in r]
     assert losses[-1] < losses[0]
-    assert (tmp_path / "full" / "final" / "model.safetensors").is_file()
+    weights_file = "model.safetensors" if weights == "full" else "adapter_model.safetensors"
+    assert (tmp_path / "full" / "final" / weights_file).is_file()
     JRM.from_pretrained(tmp_path / "full" / "checkpoint-12")  # checkpoints are loadable JRMs
 
     # Resume: a run that stops at step 12 and is continued with resume=auto ends where the full run ends.
