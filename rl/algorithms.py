@@ -6,6 +6,11 @@ Flow-GRPO (Liu et al. 2025, arXiv 2505.05470):
     KL = mean over latent dims of (mean_theta - mean_ref)^2 / (2 std^2)    (std: the step's transition std)
 PPO for the denoising MDP (DPOK / DDPO-style, terminal reward): advantages R - V(x_t, t, condition) per
 step, the same surrogate, and a clipped value loss.
+DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117), on the forward process of the clean edits x0 only:
+    r = 1/2 + 1/2 clip(A / adv_clip, -1, 1)            (optimality weight from the group advantages)
+    x_t = (1 - t) x0 + t eps,  v = eps - x0           (flow-matching path and target)
+    v+ = (1 - beta) v_old + beta v_theta,  v- = (1 + beta) v_old - beta v_theta
+    L = r ||v+ - v||^2 + (1 - r) ||v- - v||^2         (no likelihoods: any sampler, ODE included)
 """
 
 from __future__ import annotations
@@ -65,21 +70,26 @@ class SurrogateStats:
     ratio_max: float
 
 
-def clipped_surrogate(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, SurrogateStats]:
+def clipped_surrogate(
+    log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_range: float, clip_range_high: float | None = None
+) -> tuple[Tensor, SurrogateStats]:
     """PPO's clipped objective as a loss to minimise.
 
     Args: log_probs (B,) under the current weights (with grad); old_log_probs (B,) from sampling;
-        advantages (B,); clip_range c.
-    Returns: the scalar loss mean(max(-A r, -A clip(r, 1 - c, 1 + c))) and its diagnostics.
+        advantages (B,); clip_range c (the lower side, c_low); clip_range_high c_high, None: c (symmetric).
+        Asymmetric clipping (c_high > c_low, DAPO's "clip higher") lets good rows raise their probability
+        further than bad rows may lower it.
+    Returns: the scalar loss mean(max(-A r, -A clip(r, 1 - c_low, 1 + c_high))) and its diagnostics.
     """
+    high_range = clip_range if clip_range_high is None else clip_range_high
     delta = log_probs - old_log_probs
     ratio = torch.exp(delta)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high_range)
     loss = torch.maximum(unclipped, clipped).mean()
     with torch.no_grad():
         r = ratio.detach()
-        high = (r > 1.0 + clip_range).float().mean().item()
+        high = (r > 1.0 + high_range).float().mean().item()
         low = (r < 1.0 - clip_range).float().mean().item()
         stats = SurrogateStats(
             clipfrac=high + low,
@@ -109,3 +119,51 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip_range: 
     """
     clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2).mean()
+
+
+def nft_optimality(advantages: Tensor, adv_clip: float) -> Tensor:
+    """DiffusionNFT's optimality weight r = 1/2 + 1/2 clip(A / adv_clip, -1, 1) in [0, 1], per row.
+
+    Args: advantages (B,) group-normalised rewards (group_advantages); adv_clip > 0 the advantage that
+        counts as certainly optimal (r = 1) or certainly not (r = 0). A zero-variance group gets r = 1/2.
+    """
+    if adv_clip <= 0:
+        raise ValueError(f"adv_clip must be > 0 for NFT's optimality weight, got {adv_clip}")
+    return 0.5 + 0.5 * (advantages / adv_clip).clamp(-1.0, 1.0)
+
+
+@dataclass
+class NFTStats:
+    positive_error: float  # mean ||v+ - v||^2
+    negative_error: float  # mean ||v- - v||^2
+    drift: float  # mean ||v_theta - v_old||^2: how far training has moved from the sampling policy
+
+
+def nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality: Tensor, beta: float) -> tuple[Tensor, NFTStats]:
+    """DiffusionNFT's negative-aware flow-matching loss, per row, as a loss to minimise.
+
+    Args:
+        v_theta: (B, ...) the trained policy's velocity at the noised clean edit x_t (with grad).
+        v_old: (B, ...) the sampling (old) policy's velocity at the same x_t, t and condition (no grad).
+        target: (B, ...) the flow-matching target eps - x0.
+        optimality: (B,) r in [0, 1] (nft_optimality).
+        beta: > 0, how far the implicit positive and negative policies sit from the old one.
+    Returns:
+        (B,) r ||v+ - v||^2 + (1 - r) ||v- - v||^2 with v+ = (1 - beta) v_old + beta v_theta and
+        v- = (1 + beta) v_old - beta v_theta (squared norms averaged over latent dims), and diagnostics.
+        At v_theta = v_old both terms equal the old policy's flow-matching error, and the gradient with
+        respect to v_theta is 2 beta (2r - 1) (v_old - v) / D (D latent dims): rows with r > 1/2 pull the
+        velocity towards their own edit's target, rows with r < 1/2 push it away.
+    """
+    if beta <= 0:
+        raise ValueError(f"NFT beta must be > 0, got {beta}")
+    dims = tuple(range(1, v_theta.ndim))
+    v_old = v_old.detach()
+    positive = (1 - beta) * v_old + beta * v_theta
+    negative = (1 + beta) * v_old - beta * v_theta
+    pos_err = ((positive - target) ** 2).mean(dim=dims)
+    neg_err = ((negative - target) ** 2).mean(dim=dims)
+    loss = optimality * pos_err + (1 - optimality) * neg_err
+    with torch.no_grad():
+        stats = NFTStats(pos_err.mean().item(), neg_err.mean().item(), ((v_theta - v_old) ** 2).mean().item())
+    return loss, stats

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rl.algorithms import clipped_surrogate, gaussian_kl, group_advantages, value_loss
+from rl.algorithms import clipped_surrogate, gaussian_kl, group_advantages, nft_loss, nft_optimality, value_loss
 
 
 def test_group_advantages_closed_form():
@@ -56,3 +56,44 @@ def test_gaussian_kl_and_value_loss():
     ret = torch.tensor([0.0, 1.0])
     # row 0: V=1, clipped 0.2 -> max(1, 0.04) = 1; row 1: V=0 -> 1
     assert value_loss(v, old, ret, 0.2).item() == pytest.approx(0.5 * (1 + 1) / 2)
+
+
+def test_asymmetric_clipping_bounds_the_ratio_on_each_side():
+    """clip(r, 1 - c_low, 1 + c_high): a good row's gain stops at 1 + c_high, a bad row's at 1 - c_low."""
+    old = torch.zeros(2)
+    new = torch.log(torch.tensor([1.5, 0.5])).requires_grad_()
+    loss, stats = clipped_surrogate(new, old, torch.tensor([1.0, -1.0]), clip_range=0.1, clip_range_high=0.3)
+    # row 0: A = 1, r = 1.5 -> min(1.5, 1.3) = 1.3; row 1: A = -1, r = 0.5 -> max(0.5, 0.9) = 0.9 (as -0.9)
+    assert loss.item() == pytest.approx((-1.3 + 0.9) / 2)
+    assert stats.clipfrac_high == 0.5 and stats.clipfrac_low == 0.5
+    symmetric, _ = clipped_surrogate(new, old, torch.tensor([1.0, -1.0]), clip_range=0.1)
+    assert symmetric.item() == pytest.approx((-1.1 + 0.9) / 2)
+
+
+def test_nft_optimality_and_loss_closed_form():
+    adv = torch.tensor([-3.0, -1.0, 0.0, 1.0, 5.0])
+    assert torch.allclose(nft_optimality(adv, adv_clip=2.0), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    with pytest.raises(ValueError, match="adv_clip"):
+        nft_optimality(adv, 0.0)
+
+    # One row, two dims: v_theta = (1, 0), v_old = (0, 0), target = (1, 1), beta = 0.5, r = 0.75.
+    v_theta = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    v_old, target = torch.zeros(1, 2), torch.ones(1, 2)
+    loss, stats = nft_loss(v_theta, v_old, target, torch.tensor([0.75]), beta=0.5)
+    # v+ = (0.5, 0): error ((0.5)^2 + 1) / 2 = 0.625; v- = (-0.5, 0): error ((1.5)^2 + 1) / 2 = 1.625
+    assert stats.positive_error == pytest.approx(0.625) and stats.negative_error == pytest.approx(1.625)
+    assert loss.item() == pytest.approx(0.75 * 0.625 + 0.25 * 1.625)
+    assert stats.drift == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="beta"):
+        nft_loss(v_theta, v_old, target, torch.tensor([0.75]), beta=0.0)
+
+
+@pytest.mark.parametrize("r", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_nft_gradient_at_the_old_policy_points_along_the_optimality(r):
+    """At v_theta = v_old the gradient is 2 beta (2r - 1)(v_old - v) / D: towards the target for r > 1/2."""
+    torch.manual_seed(0)
+    v_old, target = torch.randn(3, 4), torch.randn(3, 4)
+    v_theta = v_old.clone().requires_grad_()
+    loss, _ = nft_loss(v_theta, v_old, target, torch.full((3,), r), beta=0.2)
+    loss.sum().backward()
+    assert torch.allclose(v_theta.grad, 2 * 0.2 * (2 * r - 1) * (v_old - target) / 4, atol=1e-6)
