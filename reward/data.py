@@ -1,9 +1,10 @@
 """Preference data in the EditReward-Data format (ShapeEdit's export and the real dataset) and safe image loading.
 
 One loader serves both: a json list (or jsonl) of objects with `prompt`, `path_src`, `path1`, `path2`
-(`path1` preferred), optional `tie_case`, `model{1,2}_dim{1,2}_score`, and optional critiques
+(`path1` preferred), optional `tie_case` (true/false), `model{1,2}_dim{1,2}_score`, and optional critiques
 `rationale1` / `rationale2`. Image paths are relative to the json file's folder (or `image_root`).
-Every bad row is reported with its file, row number and key.
+Every row is checked completely before it is used: fields and types, every image decoded, its geometry.
+A bad row is reported with its file, row number and key, or, with skip_bad, skipped and counted by kind.
 """
 
 from __future__ import annotations
@@ -11,23 +12,32 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
+from tqdm import tqdm
 
 T = TypeVar("T")
 
-# Refuse decompression bombs early: 64 megapixels is far beyond any editing benchmark image.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+"""Images declaring more pixels are refused before decoding (decompression bombs): far beyond any editing
+benchmark image. Checked here, per image, so PIL's process-wide Image.MAX_IMAGE_PIXELS is left alone."""
+MAX_ASPECT_RATIO = 200
+"""Qwen-VL image processors (every JRM backbone) refuse an image whose longer side exceeds 200 times its shorter."""
 
 
 class DataError(ValueError):
-    """A data file, row or image that cannot be used; the message names where."""
+    """A data file, row or image that cannot be used; the message names where, `kind` says what went wrong
+    (for counting skipped rows)."""
+
+    def __init__(self, message: str, kind: str = "bad row"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -47,41 +57,58 @@ class PreferencePair:
 
 
 def load_image(path: str | Path, where: str = "") -> Image.Image:
-    """Open an image as RGB, honouring EXIF rotation and refusing bombs, truncation and non-images.
-
-    Any PIL mode is converted explicitly: alpha is composited onto white, 16-bit and float greyscale
-    are rescaled to 8 bits from their own range.
-    """
+    """Open an image as RGB (`to_rgb`), refusing missing files, bombs, truncation and non-images with a
+    DataError that starts with `where`."""
     path = Path(path)
     label = f"{where}: " if where else ""
     if not path.is_file():
-        raise DataError(f"{label}image file {path} does not exist")
+        raise DataError(f"{label}image file {path} does not exist", "missing image")
     return decode_image(path, f"{label}cannot read image {path}")
 
 
 def decode_image(source: Path | io.BytesIO, error: str) -> Image.Image:
-    """Decode a file or in-memory image to RGB (EXIF rotation applied; bombs, truncation and non-images
-    raise DataError starting with `error`)."""
+    """Decode a file or in-memory image to RGB (`to_rgb`); bombs, truncation and non-images raise DataError
+    starting with `error`. The size is read from the header and checked before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns (and past twice its own limit refuses) by a process-wide setting; ours is stricter and local.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"{error}: it declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS}: could be a decompression bomb",
+                        "unreadable image",
+                    )
                 image.load()
-                image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{error}: {e}") from e
-    return to_rgb(image)
+                return to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{error}: {e}", "unreadable image") from e
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Explicit RGB conversion for every PIL mode (1, L, P, RGBA, LA, CMYK, I;16, I, F, ...)."""
+    """Explicit RGB conversion for every PIL mode (1, L, P, RGBA, LA, CMYK, I;16, I, F, ...), EXIF rotation applied.
+
+    A fixed scale, never the image's own range, so that one picture stored at two bit depths gives the
+    same pixels: I;16 (16-bit) is divided by 257 (65535 -> 255); I (32-bit integers) is read as 16-bit,
+    clipped to 0-65535, then divided by 257; F (float) is read as 0-1 when every value lies in [0, 1] and
+    multiplied by 255, otherwise as 0-255 and clipped (NaN becomes 0). Alpha is composited onto white.
+    Orientation comes first, so an image opened with Image.open gives the pixels `load_image` gives.
+    """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(array.min()), float(array.max())
-        scaled = np.zeros_like(array) if hi <= lo else (array - lo) / (hi - lo) * 255.0
-        return Image.fromarray(scaled.round().astype("uint8"), mode="L").convert("RGB")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        if image.mode == "F":
+            array = array * 255.0 if array.size and array.min() >= 0.0 and array.max() <= 1.0 else array
+            levels = np.clip(array, 0.0, 255.0)
+        else:
+            levels = np.clip(array, 0.0, 65535.0) / 257.0
+        return Image.fromarray(levels.round().astype("uint8"), mode="L").convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -89,6 +116,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def check_geometry(image: Image.Image, where: str) -> None:
+    """Refuse an image the reward model's image processor would refuse mid-run (aspect ratio over MAX_ASPECT_RATIO)."""
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DataError(
+            f"{where} is {width}x{height} pixels: an aspect ratio over {MAX_ASPECT_RATIO}, which Qwen-VL image processors refuse",
+            "image geometry",
+        )
+
+
+def check_image_file(path: Path, where: str, checked: dict[str, DataError | None]) -> None:
+    """Decode the image at `path` and check its geometry, once per path (`checked` remembers the outcome,
+    so a source shared by many rows is read once); a fault raises DataError starting with `where`."""
+    key = str(path)
+    if key not in checked:
+        try:
+            check_geometry(load_image(path), f"image {path}")
+            checked[key] = None
+        except DataError as e:
+            checked[key] = e
+    fault = checked[key]
+    if fault is not None:
+        raise DataError(f"{where}: {fault}", fault.kind)
 
 
 def read_rows(path: Path) -> list:
@@ -117,79 +169,109 @@ def read_rows(path: Path) -> list:
 
 
 def field(row: dict, key: str, kind: type, where: str, optional: bool = False):
+    """row[key] checked to be a `kind` (an int is a float); missing or None raises unless `optional`."""
     if key not in row or row[key] is None:
         if optional:
             return None
-        raise DataError(f"{where}: missing field {key!r} (has {sorted(row)})")
+        raise DataError(f"{where}: missing field {key!r} (has {sorted(row)})", "missing field")
     value = row[key]
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, kind):
-        raise DataError(f"{where}: field {key!r} should be {kind.__name__}, got {type(value).__name__} {value!r}")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DataError(f"{where}: field {key!r} should be {kind.__name__}, got {type(value).__name__} {value!r}"[:300], "wrong type")
     return value
 
 
-def load_pairs(path: str | Path, image_root: str | Path | None = None, skip_bad: bool = False) -> tuple[list[PreferencePair], int]:
-    """Read an EditReward-Data json/jsonl file.
+def text_field(row: dict, key: str, where: str) -> str:
+    """A required non-empty string field (instructions, prompts)."""
+    value = field(row, key, str, where)
+    if not value.strip():
+        raise DataError(f"{where}: field {key!r} is empty", "empty instruction")
+    return value
+
+
+def parse_pair(row: dict, where: str, root: Path) -> PreferencePair:
+    """The fields of one EditReward-Data row, checked (not its images: `check_pair_images`). The one rule for
+    this format: reward/benchmarks.py reads ShapeEdit benchmark rows through it too."""
+    instruction = text_field(row, "prompt", where)
+    paths = [str(root / field(row, k, str, where)) for k in ("path_src", "path1", "path2")]
+    dims = []
+    for slot in ("1", "2"):
+        values = [field(row, f"model{slot}_dim{d}_score", float, where, optional=True) for d in (1, 2)]
+        dims.append(None if any(v is None for v in values) else tuple(values))
+    return PreferencePair(
+        source=paths[0],
+        instruction=instruction,
+        chosen=paths[1],
+        rejected=paths[2],
+        tie=bool(field(row, "tie_case", bool, where, optional=True)),  # "false" or "maybe" is refused, not read as a tie
+        chosen_critique=field(row, "rationale1", str, where, optional=True),
+        rejected_critique=field(row, "rationale2", str, where, optional=True),
+        chosen_dims=dims[0],
+        rejected_dims=dims[1],
+        where=where,
+    )
+
+
+def load_pairs(
+    path: str | Path, image_root: str | Path | None = None, skip_bad: bool = False, progress: bool = True
+) -> tuple[list[PreferencePair], Counter]:
+    """Read an EditReward-Data json/jsonl file, checking every row completely (fields, types, every image
+    decoded, image geometry) before returning.
 
     Args:
         path: the json (list of objects) or jsonl file.
         image_root: folder the image paths are relative to; default: the file's folder.
-        skip_bad: skip (and count) rows with missing fields, wrong types or missing images instead of
-            raising `DataError`.
+        skip_bad: skip (and count) bad rows instead of raising `DataError`.
+        progress: show a progress bar while checking (decoding every image takes a while on big files).
 
     Returns:
-        (pairs, number of skipped rows)
+        (pairs, skipped rows counted by kind of fault: {"missing image": 2, ...})
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
+    checked: dict[str, DataError | None] = {}
 
     def parse(row: dict, where: str) -> list[PreferencePair]:
-        instruction = field(row, "prompt", str, where)
-        if not instruction.strip():
-            raise DataError(f"{where}: field 'prompt' is empty")
-        paths = [root / field(row, k, str, where) for k in ("path_src", "path1", "path2")]
-        for key, p in zip(("path_src", "path1", "path2"), paths):
-            if not p.is_file():
-                raise DataError(f"{where}: {key} image {p} does not exist")
-        dims = []
-        for slot in ("1", "2"):
-            values = [field(row, f"model{slot}_dim{d}_score", float, where, optional=True) for d in (1, 2)]
-            dims.append(None if any(v is None for v in values) else tuple(values))
-        return [
-            PreferencePair(
-                source=str(paths[0]),
-                instruction=instruction,
-                chosen=str(paths[1]),
-                rejected=str(paths[2]),
-                tie=bool(field(row, "tie_case", bool, where, optional=True) or False),
-                chosen_critique=field(row, "rationale1", str, where, optional=True),
-                rejected_critique=field(row, "rationale2", str, where, optional=True),
-                chosen_dims=dims[0],
-                rejected_dims=dims[1],
-                where=where,
-            )
-        ]
+        pair = parse_pair(row, where, root)
+        check_pair_images(pair, checked)
+        return [pair]
 
-    return parse_rows(path, read_rows(path), parse, skip_bad)
+    return parse_rows(path, read_rows(path), parse, skip_bad, progress=progress)
 
 
-def parse_rows(path: Path, rows: list, parse: Callable[[dict, str], list[T]], skip_bad: bool) -> tuple[list[T], int]:
-    """Apply `parse(row, "file:row i")` to every row; a DataError stops, or with `skip_bad` is counted.
+def check_pair_images(pair: PreferencePair, checked: dict[str, DataError | None]) -> None:
+    """Decode and check the three images of a pair, naming the row and key of a bad one."""
+    for key, image in (("path_src", pair.source), ("path1", pair.chosen), ("path2", pair.rejected)):
+        check_image_file(Path(image), f"{pair.where}: {key}", checked)
+
+
+def parse_rows(
+    path: Path, rows: list, parse: Callable[[dict, str], list[T]], skip_bad: bool, limit: int = 0, progress: bool = True
+) -> tuple[list[T], Counter]:
+    """Apply `parse(row, "file:row i")` to every row; a DataError stops, or with `skip_bad` is counted by kind.
+
+    Args:
+        limit: stop after this many good rows (0: all).
+        progress: a progress bar over the rows.
 
     Returns:
-        (everything parse returned, concatenated; number of skipped rows)
+        (everything parse returned, concatenated; skipped rows by kind)
     """
     out: list[T] = []
-    skipped = 0
-    for i, row in enumerate(rows):
+    skipped: Counter = Counter()
+    good = 0
+    for i, row in enumerate(tqdm(rows, desc=f"checking {path.name}", unit="row", disable=not progress, leave=False)):
+        if limit and good >= limit:
+            break
         where = f"{path}:row {i}"
         try:
             if not isinstance(row, dict):
-                raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+                raise DataError(f"{where}: expected an object, got {type(row).__name__}", "not an object")
             out.extend(parse(row, where))
-        except DataError:
+            good += 1
+        except DataError as e:
             if not skip_bad:
                 raise
-            skipped += 1
+            skipped[e.kind] += 1
     return out, skipped

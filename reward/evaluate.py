@@ -7,8 +7,10 @@
 
 Rewards: `jrm:PATH` (JRM.from_pretrained), `generative:PATH` (decode a critique with the same checkpoint,
 parse its verdict), `oracle:SHAPEEDIT_DIR` (the exact ShapeEdit judge; ShapeEdit benchmarks only).
-Benchmark formats and metrics: reward/benchmarks.py. A missing or corrupt image stops the run with the
-row and file, unless --skip-bad (then it is skipped and counted).
+Benchmark formats and metrics: reward/benchmarks.py. Every row of every benchmark is checked (fields, labels,
+every image decoded, its geometry, the instruction against the reward model's limits) before any scoring; the
+first bad row stops the run naming its file, row and key (exit 2, nothing written), unless --skip-bad (then
+bad rows are skipped and counted by kind in results.json).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ if __package__ in (None, ""):  # run as `python reward/evaluate.py`: import the 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from reward.benchmarks import BENCHMARKS, Comparison, image_key, load_benchmark, open_image, summarise
+from reward.benchmarks import BENCHMARKS, Comparison, image_key, load_benchmark, open_image, open_source, summarise
 from reward.data import DataError, load_image
 from reward.generative import GenerativeJudge
 from reward.model import JRM
@@ -91,12 +94,23 @@ def load_reward(spec: str, device: str = "cpu"):
     raise ValueError(f"unknown reward {spec!r}; use jrm:PATH, generative:PATH or oracle:SHAPEEDIT_DIR")
 
 
-def score_comparisons(reward, comparisons: list[Comparison], batch_size: int, skip_bad: bool, features: bool = False):
-    """Score every distinct (source, instruction, candidate) once.
+def instruction_check(reward):
+    """The reward's own instruction check (JRM.check_instruction: empty, or over its token limit), or None for
+    rewards that take any text (the oracle)."""
+    if isinstance(reward, JRM):
+        return reward.check_instruction
+    if isinstance(reward, GenerativeJudge):
+        return reward.model.check_instruction
+    return None
+
+
+def score_comparisons(reward, comparisons: list[Comparison], batch_size: int, features: bool = False):
+    """Score every distinct (source, instruction, candidate) once. The comparisons were checked while loading
+    (load_benchmark), so nothing here is expected to fail.
 
     Returns:
-        diffs: (M,) score(a) - score(b) for the comparisons kept; kept: their indices; skipped: count;
-        seconds spent scoring; the score-token features (K, H) when asked.
+        diffs: (N,) score(a) - score(b), one per comparison; seconds spent scoring; the score-token features
+        (K, H) when asked, else None.
     """
     keys: dict[tuple, int] = {}
     jobs: list[tuple[Comparison, object]] = []
@@ -111,38 +125,23 @@ def score_comparisons(reward, comparisons: list[Comparison], batch_size: int, sk
             pair.append(keys[key])
         slots.append(pair)
     scores = np.full(len(jobs), np.nan)
-    bad_jobs: set[int] = set()
     seconds = 0.0
     feats = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(jobs))))
-        sources, edited, instructions, ok = [], [], [], []
-        for j in chunk:
-            c, cand = jobs[j]
-            try:
-                sources.append(open_image(c.source, c.base, c.where))
-                edited.append(open_image(cand, c.base, c.where))
-            except DataError:
-                if not skip_bad:
-                    raise
-                bad_jobs.add(j)
-                sources = sources[: len(edited)]
-                continue
-            instructions.append(c.instruction)
-            ok.append(j)
-        if not ok:
-            continue
+    for start in tqdm(range(0, len(jobs), batch_size), desc="scoring", unit="batch", leave=False):
+        chunk = jobs[start : start + batch_size]
+        sources = [open_source(c.source, c.base, f"{c.where}: {c.keys[1]}") for c, _ in chunk]
+        edited = [open_image(cand, c.base, c.where) for c, cand in chunk]
+        instructions = [c.instruction for c, _ in chunk]
         t = time.perf_counter()
         if features:  # one pass gives both
             chunk_scores, chunk_features = reward.score_with_features(sources, instructions, edited, batch_size=batch_size)
             feats.append(chunk_features)
         else:
             chunk_scores = reward.score(sources, instructions, edited, batch_size=batch_size)
-        scores[ok] = chunk_scores.numpy()
+        scores[start : start + len(chunk)] = chunk_scores.numpy()
         seconds += time.perf_counter() - t
-    kept = [i for i, (a, b) in enumerate(slots) if a not in bad_jobs and b not in bad_jobs]
-    diffs = np.array([scores[slots[i][0]] - scores[slots[i][1]] for i in kept])
-    return diffs, kept, len(comparisons) - len(kept), seconds, (torch.cat(feats) if feats else None)
+    diffs = np.array([scores[a] - scores[b] for a, b in slots], dtype=float)
+    return diffs, seconds, (torch.cat(feats) if feats else None)
 
 
 def evaluate(
@@ -155,27 +154,35 @@ def evaluate(
     limit: int = 0,
     device: str = "cuda" if torch.cuda.is_available() else "cpu",
 ) -> list[dict]:
-    if erank and not reward_spec.startswith("jrm:"):
-        raise ValueError("--erank reads JRM's score-token features; it needs a jrm:PATH reward")
-    reward = load_reward(reward_spec, device)
-    results = []
+    """Check every benchmark completely, then score them all; writes {out}/results.json and results.md only at
+    the end, so a bad row never leaves a half-written or overwritten result behind."""
+    specs = []
     for spec in benchmarks:
         kind, _, path = spec.partition(":")
         if kind not in BENCHMARKS or not path:
             raise ValueError(f"benchmark {spec!r} must look like KIND:PATH with KIND one of {BENCHMARKS}")
-        comparisons, skipped_rows = load_benchmark(kind, path, skip_bad)
+        specs.append((kind, path))
+    if erank and not reward_spec.startswith("jrm:"):
+        raise ValueError("--erank reads JRM's score-token features; it needs a jrm:PATH reward")
+    reward = load_reward(reward_spec, device)
+    loaded = []
+    for kind, path in specs:  # every row of every benchmark checked before any scoring
+        comparisons, skipped = load_benchmark(kind, path, skip_bad, instruction_check(reward), limit)
+        if skipped:
+            print(f"skipped {sum(skipped.values())} bad rows of {path}: {dict(skipped)}", file=sys.stderr)
+        loaded.append((kind, path, comparisons, skipped))
+    results = []
+    for kind, path, comparisons, skipped in loaded:
         before = (reward.parse_failures, reward.generated_tokens) if isinstance(reward, GenerativeJudge) else (0, 0)
-        if limit:
-            comparisons = comparisons[:limit]
-        diffs, kept, skipped_images, seconds, feats = score_comparisons(reward, comparisons, batch_size, skip_bad, features=erank)
-        result = summarise(kind, [comparisons[i] for i in kept], diffs)
+        diffs, seconds, feats = score_comparisons(reward, comparisons, batch_size, features=erank)
+        result = summarise(kind, comparisons, diffs)
         result.update(
             reward=reward_spec,
             path=path,
-            skipped_rows=skipped_rows,
-            skipped_comparisons=skipped_images,
+            skipped_rows=sum(skipped.values()),
+            skipped_rows_by_kind=dict(skipped),
             scoring_seconds=round(seconds, 3),
-            pairs_per_second=round(len(kept) / seconds, 2) if seconds > 0 else None,
+            pairs_per_second=round(len(comparisons) / seconds, 2) if seconds > 0 else None,
         )
         if feats is not None:
             result["effective_rank"] = effective_rank(feats)
@@ -183,13 +190,18 @@ def evaluate(
         if isinstance(reward, GenerativeJudge):
             result["parse_failures"] = reward.parse_failures - before[0]
             result["generated_tokens"] = reward.generated_tokens - before[1]
-        results.append(result)
-        print(json.dumps(result))
+        results.append(no_nan(result))
+        print(json.dumps(results[-1]))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
     (out / "results.md").write_text(markdown(results))
     return results
+
+
+def no_nan(result: dict) -> dict:
+    """NaN (a figure with no usable comparison) as None: null in results.json, never a made-up number."""
+    return {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in result.items()}
 
 
 def markdown(results: list[dict]) -> str:
@@ -199,7 +211,7 @@ def markdown(results: list[dict]) -> str:
         for key, value in r.items():
             if key in skip:
                 continue
-            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            shown = "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
             lines.append(f"| {r['reward']} | {r['benchmark']} | {Path(r['path']).name} | {key} | {shown} |")
     return "\n".join(lines) + "\n"
 
@@ -210,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmark", action="append", required=True, help=f"KIND:PATH, KIND in {BENCHMARKS}; repeatable")
     parser.add_argument("--out", required=True, help="folder for results.json and results.md")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--skip-bad", action="store_true", help="skip and count bad rows and images instead of stopping")
+    parser.add_argument("--skip-bad", action="store_true", help="skip bad rows (any fault: fields, labels, images, instruction) and count them by kind")
     parser.add_argument("--erank", action="store_true", help="effective rank of the score-token features (JRM only)")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N comparisons of each benchmark")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N good rows of each benchmark")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the reward model runs")
     args = parser.parse_args(argv)
     try:

@@ -9,7 +9,9 @@ L_rank is Bradley-Terry or HPSv3's uncertainty-aware ranking (arXiv 2508.03789),
 per-dimension reward; L_LM is next-token cross-entropy on the critique after the score token.
 Built on transformers' Trainer (schedules, accumulation, checkpoints, DeepSpeed ZeRO, wandb); this file
 adds the pair collator, the joint loss and pairwise-accuracy evaluation. Without `data.train`, a ShapeEdit
-dataset is generated into {output_dir}/data. Writes {output_dir}/config.yaml, metrics.jsonl,
+dataset is generated into {output_dir}/data. Every row is checked (fields, images decoded, geometry,
+instruction length) before training; a bad one stops with `error: FILE:row N: KEY: ...` and exit 2, or with
+data.skip_bad=true is skipped and counted by kind. Then writes {output_dir}/config.yaml, metrics.jsonl,
 checkpoint-*/ (resumable: resume=auto), final/ (JRM.save_pretrained) and eval.json.
 """
 
@@ -19,7 +21,7 @@ import json
 import math
 import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -76,6 +78,12 @@ class DataConfig:
     shapeedit_seed: int = 0
     """Seed of the generated ShapeEdit data."""
 
+    def __post_init__(self) -> None:
+        if self.max_eval_pairs < 0:
+            raise ValueError(f"data.max_eval_pairs must be >= 0, got {self.max_eval_pairs}")
+        if self.shapeedit_pairs <= 0:
+            raise ValueError(f"data.shapeedit_pairs must be > 0, got {self.shapeedit_pairs}")
+
 
 @dataclass
 class LossConfig:
@@ -91,7 +99,7 @@ class LossConfig:
     dimension_weight: float = 0.5
     """Weight, inside L_rank, of the per-dimension ranking losses (when model.dimension_heads > 0)."""
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.ties not in ("drop", "model"):
             raise ValueError(f"loss.ties must be 'drop' or 'model', got {self.ties!r}")
         if self.ranking not in ("bt", "uncertainty"):
@@ -117,7 +125,7 @@ class TrainConfig:
     trainer: dict = field(default_factory=lambda: dict(DEFAULT_TRAINER))
     """transformers TrainingArguments (learning_rate, max_steps, deepspeed, bf16, ...)."""
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if (self.loss.ranking == "uncertainty") != self.model.uncertainty:
             raise ValueError(
                 f"loss.ranking={self.loss.ranking} with model.uncertainty={str(self.model.uncertainty).lower()}: the "
@@ -284,31 +292,37 @@ def prepare_data(cfg: TrainConfig) -> tuple[list[PreferencePair], list[Preferenc
     else:
         train_file, eval_file = Path(data.train), Path(data.eval) if data.eval else None
     train, skipped = load_pairs(train_file, root, data.skip_bad)
-    if skipped:
-        print(f"skipped {skipped} bad training rows of {train_file}")
+    report_skipped(skipped, f"training rows of {train_file}")
+    if not train:
+        raise DataError(f"{train_file}: no usable training pair ({sum(skipped.values())} bad rows skipped)")
     evaluation: list[PreferencePair] = []
     if eval_file is not None:
         evaluation, skipped = load_pairs(eval_file, root, data.skip_bad)
-        if skipped:
-            print(f"skipped {skipped} bad evaluation rows of {eval_file}")
+        report_skipped(skipped, f"evaluation rows of {eval_file}")
         evaluation = [p for p in evaluation if not p.tie][: data.max_eval_pairs]
     return train, evaluation
 
 
+def report_skipped(skipped: Counter, what: str) -> None:
+    """One line per file: how many bad rows data.skip_bad dropped, by kind of fault."""
+    if skipped:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in skipped.most_common())
+        print(f"skipped {sum(skipped.values())} bad {what} ({kinds})")
+
+
 def usable_pairs(model: JRM, pairs: list[PreferencePair], skip_bad: bool, what: str) -> list[PreferencePair]:
-    """Pairs whose instruction the model accepts; any other stops with its file and row (or, with
-    data.skip_bad, is dropped and counted)."""
+    """Pairs whose instruction the model accepts (the one check load_pairs cannot make: it needs the model's
+    tokenizer); any other stops with its file, row and key (or, with data.skip_bad, is dropped and counted)."""
     kept = []
     for pair in pairs:
         try:
-            model.check_instruction(pair.instruction, f"{pair.where}: the instruction")
+            model.check_instruction(pair.instruction, f"{pair.where}: prompt: the instruction")
         except ValueError as e:
             if not skip_bad:
-                raise DataError(str(e)) from e
+                raise DataError(str(e), "instruction refused by the model") from e
             continue
         kept.append(pair)
-    if len(kept) < len(pairs):
-        print(f"skipped {len(pairs) - len(kept)} {what} pairs whose instruction the model refuses")
+    report_skipped(Counter({"instruction refused by the model": len(pairs) - len(kept)}) if len(kept) < len(pairs) else Counter(), f"{what} pairs")
     return kept
 
 
@@ -321,24 +335,35 @@ def resume_checkpoint(resume: str, output_dir: str) -> str | None:
     return checkpoint
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train, save {output_dir}/final, and return the final evaluation metrics."""
+@dataclass
+class PreparedRun:
+    """Everything checked and built before the first step: what `fit` trains."""
+
+    args: TrainingArguments
+    model: JRM
+    train_pairs: list[PreferencePair]
+    eval_pairs: list[PreferencePair]
+    with_critiques: bool
+
+
+def prepare(cfg: TrainConfig) -> PreparedRun:
+    """Check the whole configuration and every row of the data (fields, images decoded, geometry, instruction
+    length) and build the model; raises DataError / ConfigError / ValueError naming the file, row and key.
+    Writes {output_dir}/config.yaml only once all of it passed, so a bad input leaves an existing run as it was."""
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_DIR", cfg.output_dir)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     args = training_arguments(cfg)
-    # Under torchrun every rank runs this: rank 0 writes the config and generates the data while the
-    # others wait, then they read what it wrote (concurrent generation into one folder races).
+    if cfg.model.dimension_heads not in (0, 2):
+        raise ValueError(f"model.dimension_heads must be 0 or 2 (EditReward-Data has 2 dimension scores), got {cfg.model.dimension_heads}")
+    out.mkdir(parents=True, exist_ok=True)
+    # Under torchrun every rank runs this: rank 0 generates the data while the others wait, then they read
+    # what it wrote (concurrent generation into one folder races).
     with args.main_process_first(desc="ShapeEdit data"):
-        if args.process_index == 0:
-            save_config(cfg, out / "config.yaml")
         train_pairs, eval_pairs = prepare_data(cfg)
     with_critiques = cfg.loss.alpha > 0
     if with_critiques and not any(p.chosen_critique for p in train_pairs):
         raise ValueError("loss.alpha > 0 needs critiques (rationale1/rationale2) in the training data; loss.alpha=0 trains without")
-    if cfg.model.dimension_heads not in (0, 2):
-        raise ValueError(f"model.dimension_heads must be 0 or 2 (EditReward-Data has 2 dimension scores), got {cfg.model.dimension_heads}")
     if cfg.model.dimension_heads and not any(p.chosen_dims for p in train_pairs):
         raise ValueError("model.dimension_heads > 0 needs model1/2_dim1/2_score fields in the training data")
     if args.deepspeed:
@@ -349,21 +374,31 @@ def train(cfg: TrainConfig) -> dict:
     model = JRM.build(cfg.model, seed=cfg.seed)
     train_pairs = usable_pairs(model, train_pairs, cfg.data.skip_bad, "training")  # before hours of training, not in them
     eval_pairs = usable_pairs(model, eval_pairs, cfg.data.skip_bad, "evaluation")
-    if not eval_pairs:
-        args.eval_strategy = "no"
+    if not train_pairs:
+        raise DataError("no training pair is left once the instructions the model refuses are skipped")
+    if args.process_index == 0:
+        save_config(cfg, out / "config.yaml")
+    return PreparedRun(args, model, train_pairs, eval_pairs, with_critiques)
+
+
+def fit(cfg: TrainConfig, run: PreparedRun) -> dict:
+    """Train a prepared run, save {output_dir}/final, and return the final evaluation metrics."""
+    out = Path(cfg.output_dir)
+    if not run.eval_pairs:
+        run.args.eval_strategy = "no"
     trainer = JRMTrainer(
-        model=model,
-        args=args,
-        train_dataset=PairDataset(train_pairs),
-        eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
-        data_collator=PairCollator(model, with_critiques),
+        model=run.model,
+        args=run.args,
+        train_dataset=PairDataset(run.train_pairs),
+        eval_dataset=PairDataset(run.eval_pairs) if run.eval_pairs else None,
+        data_collator=PairCollator(run.model, run.with_critiques),
         compute_metrics=compute_metrics,
         callbacks=[MetricsFile(out / "metrics.jsonl")],
         loss_config=cfg.loss,
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, cfg.output_dir))
     trainer.save_model(str(out / "final"))
-    results = trainer.evaluate() if eval_pairs else {}
+    results = trainer.evaluate() if run.eval_pairs else {}
     if trainer.is_world_process_zero():
         (out / "eval.json").write_text(json.dumps(results, indent=1))
     if torch.distributed.is_initialized():
@@ -373,9 +408,20 @@ def train(cfg: TrainConfig) -> dict:
     return results
 
 
+def train(cfg: TrainConfig) -> dict:
+    """Check everything (`prepare`), then train (`fit`); returns the final evaluation metrics."""
+    return fit(cfg, prepare(cfg))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Bad config or data: `error: ...` naming the file, row or key, and exit 2, before anything is written."""
     cfg = config_from_cli(TrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
-    print(json.dumps(train(cfg), indent=1))
+    try:
+        run = prepare(cfg)
+    except (DataError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(fit(cfg, run), indent=1))
     return 0
 
 

@@ -1,6 +1,6 @@
-"""evaluate.py on small fixtures of every benchmark format: accuracies equal the ones computed by hand."""
+"""evaluate.py end to end: every row checked before any scoring, bad rows named or skipped and counted by kind,
+nothing written on a bad input, no sentinel figures; and the effective rank's closed forms."""
 
-import io
 import json
 
 import numpy as np
@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from reward.benchmarks import load_benchmark, summarise, tie_calibrated_accuracy
+from reward.benchmarks import load_benchmark
 from reward.data import DataError
 from reward.evaluate import effective_rank, main as evaluate_main, score_comparisons
+from reward.model import JRM, JRMArgs
 from reward.shapeedit import GenerateConfig, generate
 
 
@@ -21,135 +22,108 @@ class Brightness:
         return torch.tensor([float(np.asarray(e).mean()) for e in edited_images])
 
 
-def grey(level: int) -> Image.Image:
-    return Image.new("RGB", (8, 8), (level, level, level))
-
-
-def save(tmp_path, level: int) -> str:
-    name = f"g{level}.png"
-    grey(level).save(tmp_path / name)
+def save(tmp_path, level: int, size=(8, 8)) -> str:
+    name = f"g{level}_{size[0]}x{size[1]}.png"
+    Image.new("RGB", size, (level,) * 3).save(tmp_path / name)
     return name
 
 
-def run(kind, path):
-    comparisons, skipped = load_benchmark(kind, path)
-    diffs, kept, _, _, _ = score_comparisons(Brightness(), comparisons, batch_size=4, skip_bad=False)
-    return summarise(kind, [comparisons[i] for i in kept], diffs)
-
-
-def tiger_rows(ref):
-    row = lambda id_, a, b, ranking, dataset, ctype="AvsB": dict(  # noqa: E731
-        id=id_, instruction="edit", source_image=ref(0), candidate_1=ref(a), candidate_2=ref(b),
-        ranking=ranking, dataset=dataset, comparison_type=ctype,
-    )
-    return [
-        row("g1_0", 200, 100, "A>B", "2pair"),  # right
-        row("g2_0", 100, 200, "A>B", "2pair"),  # wrong
-        row("g3_0", 150, 152, "A=B", "2pair"),  # tie: right once eps >= 2
-        row("h1_0", 200, 100, "A>B", "3pair"),  # right
-        row("h1_1", 200, 50, "A>C", "3pair", "AvsC"),  # right
-        row("h1_2", 100, 50, "C>B", "3pair", "BvsC"),  # wrong: group h1 fails
-        row("h2_0", 10, 20, "B>A", "3pair"),  # right: group h2 passes
-    ]
-
-
-def test_tiger_editreward_bench_json_and_parquet(tmp_path):
-    rows = tiger_rows(lambda level: save(tmp_path, level))
-    (tmp_path / "tiger.json").write_text(json.dumps(rows))
-    expected = {"2pair/accuracy_tie_calibrated": 2 / 3, "2pair/tie_eps": 2.0, "3pair/accuracy": 3 / 4, "3pair/group_accuracy": 1 / 2}
-    result = run("tiger", tmp_path / "tiger.json")
-    for key, value in expected.items():
-        assert result[key] == pytest.approx(value), key
-
-    # The hub layout: parquet with embedded image bytes.
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    def embedded(level):
-        buffer = io.BytesIO()
-        grey(level).save(buffer, format="PNG")
-        return {"bytes": buffer.getvalue(), "path": None}
-
-    pq.write_table(pa.Table.from_pylist(tiger_rows(embedded)), tmp_path / "tiger.parquet")
-    hub = run("tiger", tmp_path / "tiger.parquet")
-    for key, value in expected.items():
-        assert hub[key] == pytest.approx(value), key
-
-
-def test_editscore_bench_macro_average_per_dimension(tmp_path):
+def genai_rows(tmp_path, n=3):
     ref = lambda level: save(tmp_path, level)  # noqa: E731
-    rows = [
-        dict(key="1", instruction="x", input_image=ref(0), output_images=[ref(200), ref(100)], task_type="color", dimension="overall"),
-        dict(key="2", instruction="x", input_image=ref(0), output_images=[ref(100), ref(200)], task_type="color", dimension="overall"),
-        dict(key="3", instruction="x", input_image=ref(0), output_images=[ref(50), ref(40)], task_type="remove", dimension="overall"),
-        dict(key="4", instruction="x", input_image=ref(0), output_images=[ref(10), ref(10)], task_type="color", dimension="consistency"),
-    ]
-    (tmp_path / "es.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    result = run("editscore", tmp_path / "es.jsonl")
-    assert result["overall/macro_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
-    assert result["overall/color"] == pytest.approx(0.5)
-    assert result["consistency/macro_accuracy"] == 0.0  # a score tie is wrong
+    return [dict(instruct_prompt="make it brighter", source_image=ref(0), left_output_image=ref(200), right_output_image=ref(100), vote_type="leftvote") for _ in range(n)]
 
 
-def test_mmrb2_both_orders(tmp_path):
-    ref = lambda level: save(tmp_path, level)  # noqa: E731
-    pair = lambda i, a, b, chosen: {  # noqa: E731
-        "id": str(i),
-        "prompt_source": "x",
-        "prompt_content": [["text", "make it"], ["image", ref(0)], ["text", "brighter"]],
-        "response_a": {"model_name": "m1", "response_content": [["image", ref(a)]]},
-        "response_b": {"model_name": "m2", "response_content": [["image", ref(b)]]},
-        "chosen": chosen,
-    }
-    data = {"pairs": [pair(1, 200, 100, "A"), pair(2, 200, 100, "B"), pair(3, 50, 50, "A")]}
-    (tmp_path / "mmrb2.json").write_text(json.dumps(data))
-    comparisons, _ = load_benchmark("mmrb2", tmp_path / "mmrb2.json")
-    assert comparisons[0].instruction == "make it brighter"
-    assert run("mmrb2", tmp_path / "mmrb2.json")["accuracy"] == pytest.approx(2 / 6)
-
-
-def test_genai_bench_with_and_without_ties(tmp_path):
-    ref = lambda level: save(tmp_path, level)  # noqa: E731
-    row = lambda a, b, vote: dict(instruct_prompt="x", source_image=ref(0), left_output_image=ref(a), right_output_image=ref(b), vote_type=vote)  # noqa: E731
-    rows = [row(200, 100, "leftvote"), row(200, 100, "rightvote"), row(120, 121, "tievote"), row(30, 90, "bothbad_vote")]
-    (tmp_path / "genai.json").write_text(json.dumps(rows))
-    result = run("genai", tmp_path / "genai.json")
-    assert result["accuracy_no_ties"] == pytest.approx(0.5)
-    assert result["accuracy_tie_calibrated"] == pytest.approx(0.75)
-    assert result["tie_eps"] == pytest.approx(60.0)
-
-
-def test_tie_calibration_never_predicts_ties_when_none_help():
-    acc, eps = tie_calibrated_accuracy(np.array([1.0, -2.0, 3.0]), np.array([1, -1, 1]))
-    assert (acc, eps) == (1.0, -1.0)
-
-
-def test_bad_rows_and_images_stop_with_row_and_file_or_are_skipped(tmp_path):
-    rows = tiger_rows(lambda level: save(tmp_path, level))
-    rows[1]["candidate_2"] = "missing.png"
-    del rows[2]["ranking"]
-    (tmp_path / "t.json").write_text(json.dumps(rows))
-    with pytest.raises(DataError, match=r"t.json:row 2: missing field 'ranking'"):
-        load_benchmark("tiger", tmp_path / "t.json")
-    comparisons, skipped_rows = load_benchmark("tiger", tmp_path / "t.json", skip_bad=True)
-    assert skipped_rows == 1 and len(comparisons) == 6
-    with pytest.raises(DataError, match=r"t.json:row 1: image file .*missing.png does not exist"):
-        score_comparisons(Brightness(), comparisons, 4, skip_bad=False)
-    diffs, kept, skipped, _, _ = score_comparisons(Brightness(), comparisons, 4, skip_bad=True)
-    assert skipped == 1 and len(kept) == 5
+def test_bad_rows_stop_with_file_row_and_key_or_are_skipped_by_kind(tmp_path):
+    rows = genai_rows(tmp_path, 7)
+    rows[1]["right_output_image"] = "missing.png"
+    del rows[2]["vote_type"]
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
-    rows[0]["candidate_1"] = "broken.png"
-    (tmp_path / "t2.json").write_text(json.dumps(rows[:1]))
-    rows[0]["comparison_type"] = "AvsBvsC"
-    (tmp_path / "t3.json").write_text(json.dumps(rows[:1]))
-    with pytest.raises(DataError, match=r"t3.json:row 0: comparison_type 'AvsBvsC'"):
-        load_benchmark("tiger", tmp_path / "t3.json")
+    rows[3]["left_output_image"] = "broken.png"
+    rows[4]["source_image"] = save(tmp_path, 9, size=(2000, 4))  # aspect ratio 500: Qwen-VL's processor refuses it
+    rows[5]["instruct_prompt"] = "   "
+    rows[6]["vote_type"] = "maybe"
+    (tmp_path / "g.json").write_text(json.dumps(rows))
+    for n, message in [  # each bad row after a good one: the message names it as row 1
+        (1, r"g.json:row 1: right_output_image: image file .*missing.png does not exist"),
+        (2, r"g.json:row 1: missing field 'vote_type'"),
+        (3, r"g.json:row 1: left_output_image: cannot read image .*broken.png"),
+        (4, r"g.json:row 1: source_image: the image is 2000x4 pixels: an aspect ratio over 200"),
+        (5, r"g.json:row 1: field 'instruct_prompt' is empty"),
+        (6, r"g.json:row 1: vote_type 'maybe' is not one of"),
+    ]:
+        (tmp_path / "g.json").write_text(json.dumps([rows[0], rows[n]]))
+        with pytest.raises(DataError, match=message):
+            load_benchmark("genai", tmp_path / "g.json", progress=False)
+    (tmp_path / "g.json").write_text(json.dumps(rows))
+    comparisons, skipped = load_benchmark("genai", tmp_path / "g.json", skip_bad=True, progress=False)
+    assert len(comparisons) == 1
+    assert skipped == {"missing image": 1, "missing field": 1, "unreadable image": 1, "image geometry": 1, "empty instruction": 1, "bad label": 1}
+    assert len(load_benchmark("genai", tmp_path / "g.json", skip_bad=True, limit=1, progress=False)[0]) == 1
     (tmp_path / "t4.jsonl").write_text('{"a": 1}\n{not json\n')
     with pytest.raises(DataError, match=r"t4.jsonl:line 2: not valid json"):
         load_benchmark("genai", tmp_path / "t4.jsonl")
-    rows[0]["comparison_type"] = "AvsB"
-    with pytest.raises(DataError, match="cannot read image .*broken.png"):
-        score_comparisons(Brightness(), load_benchmark("tiger", tmp_path / "t2.json")[0], 4, skip_bad=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_jrm_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("jrm")
+    JRM.build(JRMArgs(tiny_hidden=64, tiny_layers=2, max_instruction_tokens=32), seed=0).save_pretrained(path)
+    return path
+
+
+def test_an_overlong_instruction_is_found_before_scoring_with_file_and_row(tmp_path, tiny_jrm_path, capsys):
+    rows = genai_rows(tmp_path)
+    rows[1]["instruct_prompt"] = "make the circle red " * 40
+    (tmp_path / "g.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    args = ["--reward", f"jrm:{tiny_jrm_path}", "--benchmark", f"genai:{tmp_path / 'g.json'}", "--out", str(out), "--device", "cpu"]
+    assert evaluate_main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "g.json:row 1: instruct_prompt has" in err and "more than model.max_instruction_tokens (32)" in err
+    assert "Traceback" not in err and not out.exists()
+    assert evaluate_main(args + ["--skip-bad"]) == 0
+    (result,) = json.loads((out / "results.json").read_text())
+    assert result["comparisons"] == 2 and result["skipped_rows_by_kind"] == {"instruction refused by the model": 1}
+
+
+def test_nothing_is_written_when_any_benchmark_is_bad(tmp_path):
+    (tmp_path / "good.json").write_text(json.dumps(genai_rows(tmp_path)))
+    bad = genai_rows(tmp_path)
+    bad[2]["source_image"] = "gone.png"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    data = tmp_path / "data"
+    generate(GenerateConfig(out=str(data), pairs=12, seed=1), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("earlier results")
+    args = ["--reward", f"oracle:{data}", "--benchmark", f"genai:{tmp_path / 'good.json'}", "--benchmark", f"genai:{tmp_path / 'bad.json'}", "--out", str(out)]
+    assert evaluate_main(args) == 2
+    assert (out / "results.json").read_text() == "earlier results"
+
+
+def test_no_usable_comparison_gives_none_and_a_count_never_minus_one(tmp_path):
+    rows = genai_rows(tmp_path, 2)
+    for row in rows:
+        row["vote_type"] = "sideways"
+    (tmp_path / "g.json").write_text(json.dumps(rows))
+    data = tmp_path / "data"
+    generate(GenerateConfig(out=str(data), pairs=12, seed=1), progress=False)
+    out = tmp_path / "out"
+    assert evaluate_main(["--reward", f"oracle:{data}", "--benchmark", f"genai:{tmp_path / 'g.json'}", "--out", str(out), "--skip-bad"]) == 0
+    text = (out / "results.json").read_text()
+    (result,) = json.loads(text)
+    assert result["comparisons"] == 0 and result["skipped_rows"] == 2
+    assert result["accuracy_tie_calibrated"] is None and result["accuracy_no_ties"] is None and result["tie_eps"] is None
+    assert "-1" not in text and "NaN" not in text
+    assert "| accuracy_tie_calibrated | n/a |" in (out / "results.md").read_text()
+
+
+def test_scores_do_not_depend_on_the_batch(tmp_path):
+    (tmp_path / "g.json").write_text(json.dumps(genai_rows(tmp_path, 5)))
+    comparisons, _ = load_benchmark("genai", tmp_path / "g.json", progress=False)
+    one, _, _ = score_comparisons(Brightness(), comparisons, batch_size=1)
+    four, _, _ = score_comparisons(Brightness(), comparisons, batch_size=4)
+    assert np.array_equal(one, four) and (one == 100.0).all()
 
 
 def test_effective_rank_closed_forms():
