@@ -4,16 +4,22 @@ row or key, or (where the user asked, skip_bad) is skipped and counted. docs/rel
 
 import io
 import json
+import re
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from reward.data import DataError, load_image, load_pairs
+from reward.config import load_config
+from reward.data import MAX_IMAGE_PIXELS, DataError, load_image, load_pairs, to_rgb
 from reward.model import JRM, JRMArgs
-from reward.train import usable_pairs
+from reward.train import TrainConfig, main as train_main, prepare, usable_pairs
 from rl.prompts import load_prompts
 
 
@@ -45,6 +51,17 @@ def test_broken_images_are_refused_naming_the_row_and_file(tmp_path):
             load_image(tmp_path / name, "rows.json row 3")
 
 
+def test_bombs_are_refused_by_our_own_limit_and_pils_global_is_left_alone(tmp_path):
+    side = 9000  # 81 megapixels: over our 64, under PIL's own default (about 89): only our check refuses it
+    assert side * side > MAX_IMAGE_PIXELS and side * side < Image.MAX_IMAGE_PIXELS
+    (tmp_path / "bomb.png").write_bytes(png_declaring(side, side))
+    with pytest.raises(DataError, match=r"rows.json row 3: cannot read image .*bomb.png: it declares 9000x9000 pixels.*decompression bomb"):
+        load_image(tmp_path / "bomb.png", "rows.json row 3")
+    # importing the reward package changes no process-wide PIL setting
+    probe = "from PIL import Image; d = Image.MAX_IMAGE_PIXELS; import reward.data, reward.benchmarks; assert Image.MAX_IMAGE_PIXELS == d, Image.MAX_IMAGE_PIXELS"
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
 @pytest.mark.parametrize("mode, fmt", [("1", "PNG"), ("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("F", "TIFF")])
 def test_every_pil_mode_becomes_rgb_of_the_same_size(tmp_path, mode, fmt):
     rng = np.random.default_rng(1)
@@ -58,6 +75,39 @@ def test_every_pil_mode_becomes_rgb_of_the_same_size(tmp_path, mode, fmt):
     loaded = load_image(path)
     assert (loaded.mode, loaded.size) == ("RGB", (20, 12))
     assert np.asarray(loaded).std() > 0  # the content survived the conversion
+
+
+def test_one_picture_at_two_bit_depths_gives_the_same_pixels(tmp_path):
+    rng = np.random.default_rng(2)
+    levels = rng.integers(0, 256, (12, 20)).astype(np.uint8)
+    levels[0, :2] = (40, 90)  # the picture does not span 0-255: a min/max rescale would stretch it
+    levels = np.clip(levels, 40, 90)
+    Image.fromarray(levels, mode="L").save(tmp_path / "8bit.png")
+    Image.fromarray(levels.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    assert Image.open(tmp_path / "16bit.png").mode in ("I;16", "I")
+    eight, sixteen = np.asarray(load_image(tmp_path / "8bit.png")), np.asarray(load_image(tmp_path / "16bit.png"))
+    assert np.array_equal(eight, sixteen) and eight[..., 0].min() == 40  # same pixels, not stretched
+    as_int32 = Image.fromarray(levels.astype(np.int32) * 257)  # mode I: read as 16-bit
+    assert np.array_equal(np.asarray(to_rgb(as_int32)), eight)
+    unit = Image.fromarray(levels.astype(np.float32) / 255)  # mode F in [0, 1]: times 255
+    assert np.array_equal(np.asarray(to_rgb(unit)), eight)
+    byte_range = Image.fromarray(np.where(levels > 60, 300.0, levels).astype(np.float32))  # F beyond 1: 0-255, clipped
+    assert np.array_equal(np.asarray(to_rgb(byte_range))[..., 0], np.where(levels > 60, 255, levels))
+
+
+def test_exif_rotation_is_the_same_through_load_image_and_image_open(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    pixels = np.random.default_rng(3).integers(0, 255, (16, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "rotated.png", exif=exif)  # lossless, so pixels compare exactly
+    loaded = load_image(tmp_path / "rotated.png")
+    assert loaded.size == (16, 48)
+    assert np.array_equal(np.asarray(to_rgb(Image.open(tmp_path / "rotated.png"))), np.asarray(loaded))
+    assert np.array_equal(np.asarray(to_rgb(loaded)), np.asarray(loaded))  # applying it twice changes nothing
+    model = JRM.build(JRMArgs(tiny_hidden=64, tiny_layers=2), seed=0)
+    source = Image.new("RGB", (16, 48), "white")
+    via_open = model.score([source], ["make it red"], [Image.open(tmp_path / "rotated.png")])
+    assert torch.equal(via_open, model.score([source], ["make it red"], [loaded]))
 
 
 def test_a_1x1_image_and_exif_rotation(tmp_path):
@@ -91,17 +141,32 @@ def test_malformed_data_files_name_the_file_row_and_key_or_are_skipped_and_count
     jsonl = write_pairs(tmp_path, [pair(), '{"prompt": oops}', pair()], "rows.jsonl")
     with pytest.raises(DataError, match=r"rows.jsonl:line 2: not valid json"):
         load_pairs(jsonl)
-    bad_rows = [pair(), {k: v for k, v in pair().items() if k != "path2"}, pair(prompt=7), pair(prompt="   "), pair(path1="nowhere.png")]
-    for rows, message in [
-        (bad_rows[:2], r"pairs.json.*1.*missing field 'path2'"),
-        ([bad_rows[0], bad_rows[2]], r"pairs.json.*1.*field 'prompt' should be str, got int 7"),
-        ([bad_rows[0], bad_rows[3]], r"pairs.json.*1.*field 'prompt' is empty"),
-        ([bad_rows[0], bad_rows[4]], r"pairs.json.*1.*nowhere.png does not exist"),
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "g200.png").read_bytes()[:40])
+    Image.new("RGB", (3000, 5)).save(tmp_path / "sliver.png")
+    bad_rows = [
+        pair(),
+        {k: v for k, v in pair().items() if k != "path2"},
+        pair(prompt=7),
+        pair(prompt="   "),
+        pair(path1="nowhere.png"),
+        pair(tie_case="false"),
+        pair(path2="truncated.png"),
+        pair(path_src="sliver.png"),
+    ]
+    for row, message in [
+        (bad_rows[1], r"pairs.json:row 1: missing field 'path2'"),
+        (bad_rows[2], r"pairs.json:row 1: field 'prompt' should be str, got int 7"),
+        (bad_rows[3], r"pairs.json:row 1: field 'prompt' is empty"),
+        (bad_rows[4], r"pairs.json:row 1: path1: image file .*nowhere.png does not exist"),
+        (bad_rows[5], r"pairs.json:row 1: field 'tie_case' should be bool, got str 'false'"),
+        (bad_rows[6], r"pairs.json:row 1: path2: cannot read image .*truncated.png"),
+        (bad_rows[7], r"pairs.json:row 1: path_src: image .*sliver.png is 3000x5 pixels: an aspect ratio over 200"),
     ]:
         with pytest.raises(DataError, match=message):
-            load_pairs(write_pairs(tmp_path, rows))
+            load_pairs(write_pairs(tmp_path, [bad_rows[0], row]))
     kept, skipped = load_pairs(write_pairs(tmp_path, bad_rows, "all.json"), skip_bad=True)
-    assert (len(kept), skipped) == (1, 4)
+    assert len(kept) == 1
+    assert skipped == {"missing field": 1, "wrong type": 2, "empty instruction": 1, "missing image": 1, "unreadable image": 1, "image geometry": 1}
 
 
 def test_bad_prompt_files_name_the_file_and_row(tmp_path):
@@ -142,3 +207,39 @@ def test_text_empty_overlong_and_non_ascii(tmp_path):
     with pytest.raises(DataError, match=r"pairs.json.*1.*: the instruction has \d+ tokens"):
         usable_pairs(model, pairs, skip_bad=False, what="training")
     assert len(usable_pairs(model, pairs, skip_bad=True, what="training")) == 1
+
+
+TINY = ["model.tiny_hidden=64", "model.tiny_layers=2", "loss.alpha=0", "trainer.report_to=[]", "trainer.max_steps=1"]
+
+
+def test_train_checks_every_image_first_and_leaves_an_existing_run_alone(tmp_path, capsys):
+    rows = [pair(), pair(path1="truncated.png"), pair(path_src="sliver.png"), pair()]
+    data = write_pairs(tmp_path, rows)
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "g200.png").read_bytes()[:40])
+    Image.new("RGB", (5, 3000)).save(tmp_path / "sliver.png")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("an earlier run's config")
+    assert train_main([f"output_dir={run_dir}", f"data.train={data}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: .*pairs.json:row 1: path1: cannot read image .*truncated.png", err) and "Traceback" not in err
+    assert (run_dir / "config.yaml").read_text() == "an earlier run's config"
+    # data.skip_bad=true: both bad rows dropped before training (not inside the DataLoader), counted by kind
+    cfg = load_config(TrainConfig, None, [f"output_dir={run_dir}", f"data.train={data}", "data.skip_bad=true", *TINY])
+    run = prepare(cfg)
+    assert len(run.train_pairs) == 2
+    assert "skipped 2 bad training rows" in capsys.readouterr().out
+    assert "skip_bad: true" in (run_dir / "config.yaml").read_text()  # written once everything passed
+
+
+def test_train_config_errors_exit_2_naming_the_key(capsys):
+    from reward.train import DataConfig, LossConfig
+
+    for override, message in [("loss.ties=sometimes", "loss.ties must be"), ("loss.ranking=uncertainty", "model.uncertainty=false"), ("data.max_eval_pairs=-1", "data.max_eval_pairs")]:
+        with pytest.raises(SystemExit) as stop:
+            train_main([override])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="loss.alpha must be in"):  # checked when built, however built
+        LossConfig(alpha=1.0)
+    with pytest.raises(ValueError, match="data.shapeedit_pairs"):
+        DataConfig(shapeedit_pairs=0)
