@@ -243,3 +243,24 @@ def test_train_config_errors_exit_2_naming_the_key(capsys):
         LossConfig(alpha=1.0)
     with pytest.raises(ValueError, match="data.shapeedit_pairs"):
         DataConfig(shapeedit_pairs=0)
+
+
+def test_every_test_the_reliability_tables_cite_exists():
+    root = Path(__file__).resolve().parents[1]
+    defined = set(re.findall(r"^(?:async )?def (test_\w+)", "\n".join(p.read_text() for p in (root / "tests").rglob("test_*.py")), re.M))
+    cited = []
+    for line in (root / "docs" / "reliability.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 3 and cells[2] not in ("test", "---"):
+            cited += re.findall(r"`([^`]+)`", cells[2])
+    assert len(cited) > 20
+    for name in cited:
+        if name.startswith(".."):  # "..[reward-actor]": another case of the test named just above
+            continue
+        test = name.split("[")[0]
+        if "/" in name:
+            assert (root / name).is_file(), f"docs/reliability.md cites {name}, which does not exist"
+        elif test.endswith(".."):  # a shortened name: some test must start with it
+            assert any(d.startswith(test[:-2]) for d in defined), f"docs/reliability.md cites {name}, and no test starts so"
+        else:
+            assert test in defined, f"docs/reliability.md cites {name}, which no test in tests/ defines"
