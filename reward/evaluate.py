@@ -68,6 +68,8 @@ class OracleReward:
     def score(self, source_images, instructions, edited_images, batch_size: int = 0) -> torch.Tensor:
         out = []
         for source, instruction, edited in zip(source_images, instructions, edited_images):
+            if not isinstance(source, Image.Image):
+                raise DataError("the oracle judges ShapeEdit edits of one source image; it cannot score a prompt with several")
             found = self.lookup.get((instruction, _pixels(source)))
             if found is None:
                 raise DataError(

@@ -213,3 +213,31 @@ def test_tie_calibration_thresholds_and_empty_input():
     assert tie_calibrated_accuracy(np.array([0.0, 2.0]), np.array([0, 1])) == (1.0, 0.0)  # a zero gap is a predicted tie
     acc, eps = tie_calibrated_accuracy(np.array([]), np.array([]))
     assert np.isnan(acc) and np.isnan(eps)  # no comparison: no figure (never a -1 sentinel)
+
+
+def test_mmrb2_scores_every_source_image_of_a_multi_image_prompt(tmp_path):
+    from reward.model import JRM, JRMArgs
+
+    rng = np.random.default_rng(0)
+
+    def noise(name: str) -> str:
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / name)
+        return name
+
+    for name in ("first", "edit_a", "edit_b", "second_1", "second_2"):
+        noise(f"{name}.png")
+
+    def bench(second: str) -> list:
+        pair = lambda i, sources: {  # noqa: E731
+            "id": f"p{i}", "chosen": "A", "prompt_content": [*(["image", s] for s in sources), ["text", "put the second image's object in the first"]],
+            "response_a": {"model_name": "m1", "response_content": [["image", "edit_a.png"]]},
+            "response_b": {"model_name": "m2", "response_content": [["image", "edit_b.png"]]},
+        }
+        (tmp_path / "edit.json").write_text(json.dumps({"pairs": [pair(0, ["first.png"]), pair(1, ["first.png", second])]}))
+        return load_benchmark("mmrb2", tmp_path / "edit.json", progress=False)[0]
+
+    model = JRM.build(JRMArgs(tiny_hidden=64, tiny_layers=2), seed=0)
+    one, _, _ = score_comparisons(model, bench("second_1.png"), batch_size=4)
+    two, _, _ = score_comparisons(model, bench("second_2.png"), batch_size=4)
+    assert one[0] == pytest.approx(two[0], abs=1e-6)  # the single-image pair does not see the change
+    assert abs(one[1] - two[1]) > 1e-6  # the multi-image pair does: its second source image is scored
