@@ -21,9 +21,11 @@ Formats and protocols, as implemented:
               accuracy per task type, macro-averaged, per dimension.
 - `mmrb2`     Multimodal RewardBench 2, image editing: {"pairs": [{id, prompt_content, response_a,
               response_b, chosen}]}; prompt_content interleaves ["text", ...] and ["image", ...] items, and every
-              prompt image is a source image (one or several). Each pair judged in both orders, the reverse
-              verdict flipped; accuracy over both trials, overall and for single- and multi-image prompts. A
-              pointwise reward gives the same verdict in both orders, so a score tie is wrong twice.
+              prompt image is a source image (one, or two to three in 178 of the 1,000 pairs), scored together.
+              Each pair judged in both orders, the reverse verdict flipped (the authors' compute_accuracy);
+              accuracy over both trials, overall (the authors' figure) and split by the prompt's image count
+              (single-image / multi-image, with their pair counts). A pointwise reward gives the same verdict in
+              both orders, so a score tie is wrong twice.
 - `genai`     GenAI-Bench image_edition: instruct_prompt, source_image, left_output_image,
               right_output_image, vote_type (leftvote/rightvote/tievote/bothbad_vote). Accuracy on
               left/right votes, and tie-calibrated accuracy with tievote and bothbad_vote as ties.
@@ -90,6 +92,9 @@ def read_table(path: str | Path) -> list[dict]:
         table = datasets.load_dataset("parquet", data_files=files, split="train")
     if isinstance(table, datasets.DatasetDict):
         table = next(iter(table.values()))
+    for name, feature in table.features.items():
+        if isinstance(feature, datasets.Image):  # keep the encoded bytes: decoding every image at once would fill memory
+            table = table.cast_column(name, datasets.Image(decode=False))
     return [dict(row) for row in table]
 
 

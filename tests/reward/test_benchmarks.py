@@ -94,9 +94,13 @@ def test_tiger_hub_parquet_scores_as_its_authors_script(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    import datasets
+
     (tmp_path / "2pair").mkdir()
     rows = tiger_hub_rows(embedded)
-    pq.write_table(pa.Table.from_pylist(rows[:3]), tmp_path / "2pair" / "train-00000-of-00001.parquet")
+    # as the hub stores it: parquet with datasets' Image features (decoded lazily), and a plain struct column
+    hub = datasets.Dataset.from_list(rows[:3]).cast_column("source_image", datasets.Image()).cast_column("candidate_1", datasets.Image())
+    hub.to_parquet(tmp_path / "2pair" / "train-00000-of-00001.parquet")
     pq.write_table(pa.Table.from_pylist(rows[3:]), tmp_path / "3pair.parquet")
     check(run("tiger", tmp_path), HUB_EXPECTED)
     # the same rows as a json list with image paths
