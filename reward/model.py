@@ -28,7 +28,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.initialization import no_init_weights
 
 from reward.backbone import MODEL_CLASSES, SCORE_TOKEN, ImageOnlyProcessor, build_tiny, load_backbone
-from reward.data import to_rgb
+from reward.data import check_geometry, to_rgb
 from reward.losses import critique_lm_loss, next_token_targets
 
 JUDGE_PROMPT = "Judge how well the second image carries out the instruction on the first image."
@@ -417,6 +417,10 @@ class JRM(PreTrainedModel):
             texts = [t + self._cut(c) + eos if c else t for t, c in zip(texts, targets)]
         sources = [[to_rgb(image) for image in source_list(s, f"source {i}")] for i, s in enumerate(source_images)]
         edits = [to_rgb(e) for e in edited_images]
+        for i, (s, e) in enumerate(zip(sources, edits)):  # before the image processor, which fails unnamed
+            for k, image in enumerate(s):
+                check_geometry(image, f"source image {i}" + (f".{k}" if len(s) > 1 else ""))
+            check_geometry(e, f"edited image {i}")
         if self.config.transition_frames:  # the edit takes the first source's size
             edits = [e if e.size == s[0].size else e.resize(s[0].size, Image.Resampling.BICUBIC) for s, e in zip(sources, edits)]
         images = [[*s, e] for s, e in zip(sources, edits)]

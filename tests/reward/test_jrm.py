@@ -159,6 +159,8 @@ def test_several_source_images_per_candidate(jrm, batch):
     assert not torch.allclose(mixed[0], single[0], atol=1e-4) and not torch.allclose(mixed[0], other[0], atol=1e-4)
     with pytest.raises(ValueError, match="non-empty list"):
         jrm.score([[], sources[1]], instructions[:2], edited[:2])
+    with pytest.raises(ValueError, match="source image 1.1 is 3000x5 pixels"):  # named, before the processor
+        jrm.score([sources[0], [sources[1], Image.new("RGB", (3000, 5))]], instructions[:2], edited[:2])
 
 
 def test_uncertainty_head_gives_positive_sigmas_and_scores_the_mean(batch, tmp_path):
