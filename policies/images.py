@@ -4,29 +4,40 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Explicit RGB conversion for every PIL mode (1, L, P, RGBA, LA, CMYK, I;16, I, F, ...).
+    """Explicit RGB conversion for every PIL mode (1, L, P, RGBA, LA, CMYK, I;16, I, F, ...), EXIF rotation applied.
+
+    A fixed scale, never the image's own range, so that one picture stored at two bit depths gives the
+    same pixels: I;16 (16-bit) is divided by 257 (65535 -> 255); I (32-bit integers) is read as 16-bit,
+    clipped to 0-65535, then divided by 257; F (float) is read as 0-1 when every value lies in [0, 1] and
+    multiplied by 255, otherwise as 0-255 and clipped (NaN becomes 0). Alpha is composited onto white.
+    Orientation comes first, so an image opened with Image.open gives the pixels `load_image` gives.
 
     Kept identical to reward/data.py:to_rgb on purpose (policies/ and reward/ are leaves and do not
     import each other); tests/policies/test_images.py checks that the two agree on every mode.
     """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(array.min()), float(array.max())
-        scaled = np.zeros_like(array) if hi <= lo else (array - lo) / (hi - lo) * 255.0
-        return Image.fromarray(scaled.round().astype("uint8"), mode="L").convert("RGB")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        if image.mode == "F":
+            array = array * 255.0 if array.size and array.min() >= 0.0 and array.max() <= 1.0 else array
+            levels = np.clip(array, 0.0, 255.0)
+        else:
+            levels = np.clip(array, 0.0, 65535.0) / 257.0
+        return Image.fromarray(levels.round().astype("uint8"), mode="L").convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 
