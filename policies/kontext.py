@@ -356,6 +356,12 @@ class FluxKontextPolicy:
         retrieve_timesteps(self.pipe.scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
         return self.pipe.scheduler.sigmas.clone()
 
+    def flow_velocity(self, rollout: Rollout, latents: Tensor, sigma: float) -> Tensor:
+        """The sampler's velocity at (latents, sigma) with the rollout's condition (EditingPolicy.flow_velocity)."""
+        if not isinstance(rollout.condition, KontextCondition):
+            raise TypeError(f"rollout.condition is a {type(rollout.condition).__name__}: not sampled by a FluxKontextPolicy")
+        return self._velocity(latents, rollout.sigmas.new_tensor(float(sigma)), rollout.condition, rollout.sampler)
+
     def _velocity(self, latents: Tensor, sigma: Tensor, condition: KontextCondition, sampler: SamplerConfig) -> Tensor:
         """(B, N, C) velocity at x = latents (float32) and sigma (a 0-dim float32 tensor), after true CFG.
 

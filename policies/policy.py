@@ -51,6 +51,11 @@ class EditingPolicy(Protocol):
         is the Euler step's and `std` is 0.
         """
 
+    def flow_velocity(self, rollout: Rollout, latents: Tensor, sigma: float) -> Tensor:
+        """The velocity the sampler uses at (latents, sigma) under the current weights (with grad if enabled):
+        the rollout's condition and guidance, any latents of its shape, any sigma in (0, 1]. DiffusionNFT
+        trains it on forward-noised edits; at a stored step it is the velocity behind log_prob's mean."""
+
     def reference(self) -> contextlib.AbstractContextManager:
         """Within the block, log_prob computes the reference policy (adapters disabled)."""
 

@@ -345,6 +345,12 @@ class QwenImageEditPolicy:
 
     # ---------------------------------------------------------------- internals
 
+    def flow_velocity(self, rollout: Rollout, latents: Tensor, sigma: float) -> Tensor:
+        """The sampler's velocity at (latents, sigma) with the rollout's condition (EditingPolicy.flow_velocity)."""
+        if not isinstance(rollout.condition, QwenEditCondition):
+            raise TypeError(f"rollout.condition is a {type(rollout.condition).__name__}: not sampled by a QwenImageEditPolicy")
+        return self._velocity(latents, rollout.sigmas.new_tensor(float(sigma)), rollout.condition, rollout.sampler.guidance_scale)
+
     def _velocity(self, latents: Tensor, sigma: Tensor, condition: QwenEditCondition, guidance_scale: float) -> Tensor:
         """The transformer's velocity at (latents, sigma), with true CFG when guidance_scale > 1.
 

@@ -306,6 +306,10 @@ class ShapeEditPolicy:
         out.log_probs = torch.where(stochastic, out.log_probs, torch.zeros_like(out.log_probs))
         return out
 
+    def flow_velocity(self, rollout: Rollout, latents: Tensor, sigma: float) -> Tensor:
+        """The sampler's velocity at (latents, sigma) with the rollout's condition (EditingPolicy.flow_velocity)."""
+        return self._guided_velocity(latents, float(sigma), rollout.condition, rollout.sampler.guidance_scale)
+
     # ---- internals --------------------------------------------------------------------------------------------
 
     def _trainable(self) -> Trainable:

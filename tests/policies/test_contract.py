@@ -2,8 +2,8 @@
 
 ShapeEdit, FLUX.1 Kontext, Qwen-Image-Edit and Qwen-Image-Edit-Plus, each with LoRA and as a full fine-tune:
 `.to` moves every component (the frozen reference copy too), the on-policy ratio is exactly 1, deterministic
-steps have log-prob 0, reference() is the untrained network, and save_pretrained / load restores the
-trained weights. A new editing policy joins POLICIES and `build` / `load_saved`.
+steps have log-prob 0, flow_velocity is the velocity behind a step's mean, reference() is the untrained
+network, and save_pretrained / load restores the trained weights. A new editing policy joins POLICIES and `build` / `load_saved`.
 """
 
 from pathlib import Path
@@ -138,6 +138,20 @@ def test_deterministic_steps_have_log_prob_zero(name, rank):
             torch.testing.assert_close(out.log_probs, both.log_probs[:, t], rtol=0, atol=1e-5)
             if ode.all():
                 assert out.std == 0
+
+
+def test_flow_velocity_is_the_velocity_behind_a_step(name, rank):
+    """At a stored ODE step, log_prob's mean is x + (s' - s) v: flow_velocity gives that v, with grad."""
+    policy = build(name, rank)
+    rollout = sample(policy, sampler=SamplerConfig(num_steps=3, noise_level=0.0, guidance=2.5))
+    s, s_next = float(rollout.sigmas[0]), float(rollout.sigmas[1])
+    with torch.no_grad():
+        mean = policy.log_prob(rollout, 0).mean
+    v = policy.flow_velocity(rollout, rollout.latents[:, 0], s)
+    torch.testing.assert_close(rollout.latents[:, 0].float() + (s_next - s) * v.float(), mean.float(), rtol=1e-4, atol=1e-5)
+    assert v.requires_grad
+    noisy = policy.flow_velocity(rollout, torch.randn_like(rollout.latents[:, -1]), 0.5)  # any latents, any sigma
+    assert noisy.shape == v.shape and torch.isfinite(noisy).all()
 
 
 def test_reference_is_the_untrained_network(name, rank):
