@@ -5,13 +5,16 @@ still running, of any lengths. Pure numbers: the figures and the report are draw
 
 Reward hacking, as measured here (on the evaluation rows: fixed held-out prompts, ODE sampling). Let b be
 the evaluation with the best gold score and k a later one; k *hacks* when, since b, both
-    the gold score fell:   G_b - G_k > tol_G      and      the proxy rose:   P_k - P_b > tol_P,
-tol = 3 * sqrt(sem_b^2 + sem_k^2) from the logged standard errors (eval/gold_sem, eval/reward_sem); runs
-without them use --gold-tolerance for gold and 0 for the proxy. Three standard errors, not two, because b is
-the best of many noisy evaluations (simulated flat gold under a rising proxy, sem 0.01: 0.7-2.4% of runs
-of 7-21 evaluations flagged; gold falling 0.06 over the second half: 94-98% flagged). The standard errors
-treat evaluations as independent samples; they are the same prompts, so the true noise of a difference is
-smaller and the test errs on the side of not flagging. Verdicts, in this order:
+    the gold score fell:   G_b - G_k > tol_G      and      the proxy rose:   P_k - P_b > tol_P.
+Every evaluation scores the same prompts with the same noise, so the runs write each prompt's scores
+(eval/scores-step-N.json) and the tolerances are paired: tol = 3 * sd_i(x_k,i - x_b,i) / sqrt(n) over the
+n prompts i, the standard error of the per-prompt change. Runs without those files fall back to
+tol = 3 * sqrt(sem_b^2 + sem_k^2) from the logged standard errors (eval/gold_sem, eval/reward_sem), which
+treat the two evaluations as independent samples (too wide: it errs towards not flagging), and runs
+without those to --gold-tolerance for gold and 0 for the proxy. Three standard errors, not two, because b
+is the best of many noisy evaluations; the false-positive and detection rates of the rule are measured by
+simulation (`hacking_rates`, written to docs/results/hacking_rates.json by launch/hacking_rates.py).
+Verdicts, in this order:
   too short  fewer than 3 evaluations;
   hacking    the last evaluation hacks (onset: first evaluation of the unbroken hacking stretch to the end);
   collapsed  gold and proxy both fell since b beyond tolerance (the policy broke; the reward was not fooled);
@@ -191,25 +194,38 @@ def hacking_signal(
     proxy_sem: np.ndarray | None = None,
     gold_sem: np.ndarray | None = None,
     gold_tolerance: float = 0.02,
+    proxy_rows: np.ndarray | None = None,
+    gold_rows: np.ndarray | None = None,
 ) -> Signal:
     """Classify one run from its evaluations.
 
     Args:
         steps, proxy, gold: (E,) evaluation steps, mean proxy reward and mean gold score, all finite.
         proxy_sem, gold_sem: (E,) their standard errors, or None (then tolerances gold_tolerance and 0).
+        proxy_rows, gold_rows: (E, N) every evaluation's per-prompt scores (the same N prompts each time):
+            tolerances from paired differences, which take precedence over the standard errors.
     """
     if len(gold) == 0:
         return Signal("no gold")
+    paired = proxy_rows is not None and gold_rows is not None and gold_rows.shape[1] > 1
     with_sems = proxy_sem is not None and gold_sem is not None and bool(np.isfinite(proxy_sem).all() and np.isfinite(gold_sem).all())
-    source = f"{TOLERANCE_SEMS:g} standard errors" if with_sems else f"fixed: gold {gold_tolerance:g}, proxy 0"
+    if paired:
+        source = f"{TOLERANCE_SEMS:g} paired standard errors (per prompt)"
+    else:
+        source = f"{TOLERANCE_SEMS:g} standard errors" if with_sems else f"fixed: gold {gold_tolerance:g}, proxy 0"
     if len(gold) < 3:
         return Signal("too short", source)
 
+    def tolerance(rows: np.ndarray | None, sem: np.ndarray | None, fixed: float, i: int, j: int) -> float:
+        if paired:
+            return TOLERANCE_SEMS * paired_sem(rows[i], rows[j])
+        return TOLERANCE_SEMS * math.hypot(sem[i], sem[j]) if with_sems else fixed
+
     def tol_gold(i: int, j: int) -> float:
-        return TOLERANCE_SEMS * math.hypot(gold_sem[i], gold_sem[j]) if with_sems else gold_tolerance
+        return tolerance(gold_rows, gold_sem, gold_tolerance, i, j)
 
     def tol_proxy(i: int, j: int) -> float:
-        return TOLERANCE_SEMS * math.hypot(proxy_sem[i], proxy_sem[j]) if with_sems else 0.0
+        return tolerance(proxy_rows, proxy_sem, 0.0, i, j)
 
     b, last = int(np.argmax(gold)), len(gold) - 1
 
@@ -231,6 +247,61 @@ def hacking_signal(
     return signal
 
 
+def paired_sem(before: np.ndarray, after: np.ndarray) -> float:
+    """Standard error of the mean per-prompt change after - before ((N,) each, N >= 2)."""
+    return float(np.std(after - before, ddof=1) / math.sqrt(len(after)))
+
+
+@dataclass
+class PromptScores:
+    """One evaluation's scores per prompt (eval/scores-step-N.json of launch/grpo_edit.py)."""
+
+    instructions: list[str]
+    proxy: np.ndarray  # (N,) total reward of each prompt's edit
+    gold: np.ndarray | None  # (N,) gold score, when reward.gold is set
+
+
+def scores_file(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "eval" / f"scores-step-{step:06d}.json"
+
+
+def read_prompt_scores(path: Path) -> PromptScores:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CompareError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("instructions"), list) or not isinstance(data.get("proxy"), list):
+        raise CompareError(f"{path}: expected an object with 'instructions' and 'proxy' lists")
+    proxy = np.asarray(data["proxy"], dtype=np.float64)
+    gold = None if data.get("gold") is None else np.asarray(data["gold"], dtype=np.float64)
+    n = len(data["instructions"])
+    if len(proxy) != n or (gold is not None and len(gold) != n):
+        raise CompareError(f"{path}: {n} instructions but {len(proxy)} proxy and {None if gold is None else len(gold)} gold scores")
+    if not np.isfinite(proxy).all() or (gold is not None and not np.isfinite(gold).all()):
+        raise CompareError(f"{path}: per-prompt scores must be finite")
+    return PromptScores(data["instructions"], proxy, gold)
+
+
+def prompt_matrix(run: Run, steps: list[int], key: str) -> np.ndarray | None:
+    """(len(steps), N) per-prompt `key` ("proxy" or "gold") of a run's evaluations, or None when a file is
+    missing (runs of earlier versions). Evaluations of one run must score the same prompts in one order."""
+    rows, instructions = [], None
+    for step in steps:
+        path = scores_file(run.path, step)
+        if not path.is_file():
+            return None
+        scores = read_prompt_scores(path)
+        if instructions is None:
+            instructions = scores.instructions
+        elif scores.instructions != instructions:
+            raise CompareError(f"{path} scores other prompts than the run's first evaluation: per-prompt pairing is impossible")
+        values = getattr(scores, key)
+        if values is None:
+            return None
+        rows.append(values)
+    return np.stack(rows) if rows else None
+
+
 def run_signal(run: Run, gold_tolerance: float = 0.02) -> Signal:
     steps, gold = run.series("eval/gold_score")
     if len(steps) == 0:
@@ -239,7 +310,132 @@ def run_signal(run: Run, gold_tolerance: float = 0.02) -> Signal:
     sems = all("eval/gold_sem" in run.rows[s] and "eval/reward_sem" in run.rows[s] for s in steps)
     gold_sem = np.array([run.rows[s]["eval/gold_sem"] for s in steps]) if sems else None
     proxy_sem = np.array([run.rows[s]["eval/reward_sem"] for s in steps]) if sems else None
-    return hacking_signal(steps, proxy, gold, proxy_sem, gold_sem, gold_tolerance)
+    listed = steps.tolist()
+    return hacking_signal(
+        steps, proxy, gold, proxy_sem, gold_sem, gold_tolerance, prompt_matrix(run, listed, "proxy"), prompt_matrix(run, listed, "gold")
+    )
+
+
+@dataclass
+class Difference:
+    """Final gold of reward model A minus B, with a bootstrap interval over seeds and prompts."""
+
+    labels: tuple[str, str]
+    step: int  # the common evaluation step compared
+    mean: float
+    ci_low: float  # 95% percentile interval
+    ci_high: float
+    seeds: tuple[int, int]
+    prompts: int  # 0 when the runs wrote no per-prompt scores (seeds only)
+    seeds_to_resolve: int | None  # seeds per model at which the interval would exclude 0 at the measured variance;
+    #   0: resolved now; None: more seeds alone would not (the prompt noise is larger than the difference)
+    hacking_rate: tuple[float, float]  # share of each model's runs whose verdict is hacking
+    hacking_diff_ci: tuple[float, float]  # 95% interval of rate A - rate B (bootstrap over seeds)
+
+    @property
+    def resolved(self) -> bool:
+        return self.ci_low > 0 or self.ci_high < 0
+
+    def sentence(self) -> str:
+        a, b = self.labels
+        interval = f"[{self.ci_low:+.3f}, {self.ci_high:+.3f}]"
+        if self.resolved:
+            better, worse = (a, b) if self.mean > 0 else (b, a)
+            return f"{better} > {worse} by {abs(self.mean):.3f} gold at step {self.step} ({a} - {b}: {self.mean:+.3f} {interval}, 95%, {self.seeds[0]}+{self.seeds[1]} seeds)."
+        more = (
+            f"about {self.seeds_to_resolve} seeds per reward model would resolve it at the measured variance"
+            if self.seeds_to_resolve
+            else "more seeds alone would not resolve it (the prompt-to-prompt noise is larger than the difference)"
+        )
+        return f"No difference resolved between {a} and {b} at step {self.step}: {self.mean:+.3f} {interval} (95%, {self.seeds[0]}+{self.seeds[1]} seeds); {more}."
+
+
+def gold_difference(runs_a: list[Run], runs_b: list[Run], signals: dict[Path, Signal] | None = None, resamples: int = 4000, seed: int = 0) -> Difference:
+    """Gold of group A minus group B at their last common evaluation step.
+
+    With per-prompt scores (every run scores the same prompts), a bootstrap resamples the seeds of each
+    group and, paired across both, the prompts; without them, the seeds' mean gold only. The seeds needed
+    to resolve the difference come from splitting the variance into a seed part (shrinks with more seeds)
+    and a prompt part (does not).
+    """
+    runs = runs_a + runs_b
+    if len(runs_a) < 2 or len(runs_b) < 2:
+        raise CompareError(f"a difference with an interval needs >= 2 seeds per reward model; got {len(runs_a)} and {len(runs_b)}")
+    step = common_eval_step(runs)
+    rng = np.random.default_rng(seed)
+    files = [scores_file(r.path, step) for r in runs]
+    scores = [read_prompt_scores(f) for f in files] if all(f.is_file() for f in files) else None
+    if scores is not None and all(s.gold is not None for s in scores):
+        for f, s in zip(files[1:], scores[1:]):
+            if s.instructions != scores[0].instructions:
+                raise CompareError(f"{f} scores other prompts than {files[0]}: reward models compared on different prompts")
+        a = np.stack([s.gold for s in scores[: len(runs_a)]])  # (Sa, N)
+        b = np.stack([s.gold for s in scores[len(runs_a) :]])
+        prompts = a.shape[1]
+    else:
+        a = np.array([[_at(r, "eval/gold_score", step)] for r in runs_a])
+        b = np.array([[_at(r, "eval/gold_score", step)] for r in runs_b])
+        prompts = 0
+    mean = float(a.mean() - b.mean())
+
+    def resample(seeds: bool, prompt: bool) -> np.ndarray:
+        out = np.empty(resamples)
+        for i in range(resamples):
+            ia = rng.integers(len(a), size=len(a)) if seeds else np.arange(len(a))
+            ib = rng.integers(len(b), size=len(b)) if seeds else np.arange(len(b))
+            p = rng.integers(a.shape[1], size=a.shape[1]) if prompt else np.arange(a.shape[1])
+            out[i] = a[np.ix_(ia, p)].mean() - b[np.ix_(ib, p)].mean()
+        return out
+
+    both = resample(seeds=True, prompt=prompts > 1)
+    low, high = (float(x) for x in np.percentile(both, [2.5, 97.5]))
+    seed_var = float(np.var(a.mean(1), ddof=1) + np.var(b.mean(1), ddof=1))
+    prompt_var = float(np.var(resample(seeds=False, prompt=True))) if prompts > 1 else 0.0
+    if low > 0 or high < 0:
+        needed = 0
+    elif abs(mean) <= 1.96 * math.sqrt(prompt_var) or mean == 0:
+        needed = None
+    else:  # 1.96 sqrt(seed_var / n + prompt_var) < |mean|
+        needed = math.ceil(seed_var / ((mean / 1.96) ** 2 - prompt_var))
+    signals = signals or {r.path: run_signal(r) for r in runs}
+    flags_a = np.array([signals[r.path].verdict == "hacking" for r in runs_a], dtype=float)
+    flags_b = np.array([signals[r.path].verdict == "hacking" for r in runs_b], dtype=float)
+    rate_diffs = [flags_a[rng.integers(len(flags_a), size=len(flags_a))].mean() - flags_b[rng.integers(len(flags_b), size=len(flags_b))].mean() for _ in range(resamples)]
+    h_low, h_high = (float(x) for x in np.percentile(rate_diffs, [2.5, 97.5]))
+    return Difference(
+        (runs_a[0].label, runs_b[0].label), step, mean, low, high, (len(runs_a), len(runs_b)), prompts, needed,
+        (float(flags_a.mean()), float(flags_b.mean())), (h_low, h_high),
+    )
+
+
+def hacking_rates(
+    evaluations: int, prompts: int, gold_drop: float, runs: int = 400, jitter: float = 0.05, prompt_spread: float = 0.2, seed: int = 0, paired: bool = True
+) -> float:
+    """Share of simulated runs the hacking rule flags (the false-positive rate at gold_drop = 0).
+
+    Each simulated run: `prompts` prompts with base gold scores spread by `prompt_spread`, fixed for the
+    run; each evaluation adds to every prompt an independent change of sd `jitter` (the policy's weights
+    moved) to gold and proxy alike; the proxy's mean rises steadily by 0.1 over the run; gold is flat, or
+    falls linearly by `gold_drop` over the second half. paired=False applies the unpaired rule (from the
+    evaluations' standard errors) to the same runs.
+    """
+    rng = np.random.default_rng(seed)
+    steps = np.arange(evaluations)
+    half = evaluations // 2
+    trend = np.where(steps > half, (steps - half) / max(evaluations - 1 - half, 1), 0.0) * -gold_drop
+    flagged = 0
+    for _ in range(runs):
+        base_gold = rng.uniform(0.5 - prompt_spread, 0.5 + prompt_spread, prompts)
+        base_proxy = base_gold + rng.normal(0, prompt_spread / 2, prompts)
+        gold_rows = base_gold[None] + trend[:, None] + rng.normal(0, jitter, (evaluations, prompts))
+        proxy_rows = base_proxy[None] + (0.1 * steps / (evaluations - 1))[:, None] + rng.normal(0, jitter, (evaluations, prompts))
+        sem = lambda rows: rows.std(1, ddof=1) / math.sqrt(prompts)  # noqa: E731
+        signal = hacking_signal(
+            steps, proxy_rows.mean(1), gold_rows.mean(1), sem(proxy_rows), sem(gold_rows),
+            proxy_rows=proxy_rows if paired else None, gold_rows=gold_rows if paired else None,
+        )
+        flagged += signal.verdict == "hacking"
+    return flagged / runs
 
 
 @dataclass

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from reward.config import save_config
-from rl.compare import CompareError, band, hacking_signal, load_run, run_signal, summarise
+from rl.compare import CompareError, band, gold_difference, hacking_rates, hacking_signal, load_run, run_signal, scores_file, summarise
 from rl.config import RewardConfig, RewardTerm, RLConfig
 
 
@@ -27,8 +27,13 @@ def write_run(
     gold_spec: str = "oracle:/data/shapeedit",
     noise: float = 0.0,
     log_gold: bool = True,
+    prompts: int = 0,
+    prompt_spread: float = 0.2,
+    jitter: float = 0.01,
 ) -> Path:
-    """A run folder as launch/grpo_edit.py writes it; gold(step) and proxy(step) give the evaluation means."""
+    """A run folder as launch/grpo_edit.py writes it; gold(step) and proxy(step) give the evaluation means.
+    prompts > 0 also writes each evaluation's per-prompt scores: fixed deviations of sd ~prompt_spread per
+    prompt (the same in every run), plus per-evaluation jitter; their mean is the evaluation's mean."""
     run = root / name
     run.mkdir(parents=True)
     cfg = RLConfig(output_dir=str(run), seed=seed, num_steps=steps, eval_every=eval_every,
@@ -48,6 +53,22 @@ def write_run(
             if gold_spec == "" or not log_gold:
                 del row["eval/gold_score"], row["eval/gold_sem"]
             lines.append(row)
+            if prompts:
+                deviation = np.random.default_rng(1234).uniform(-prompt_spread, prompt_spread, prompts)
+                deviation -= deviation.mean()
+                per_prompt = {}
+                for key in ("eval/reward_mean", "eval/gold_score"):
+                    if key in row:
+                        wobble = rng.normal(0, jitter, prompts)
+                        per_prompt[key] = row[key] + deviation + wobble - wobble.mean()
+                if sem is not None:
+                    row.update({"eval/reward_sem": prompt_spread / 2, "eval/gold_sem": prompt_spread / 2})  # what such spread logs
+                (run / "eval").mkdir(exist_ok=True)
+                (run / "eval" / f"scores-step-{step:06d}.json").write_text(json.dumps({
+                    "step": step, "instructions": [f"prompt {i}" for i in range(prompts)],
+                    "proxy": per_prompt["eval/reward_mean"].tolist(),
+                    "gold": per_prompt["eval/gold_score"].tolist() if "eval/gold_score" in per_prompt else None,
+                }))
             (run / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
             (run / "checkpoints" / f"step-{step:06d}" / "state.json").write_text("{}")
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -196,3 +217,46 @@ def test_fresh_runs_and_runs_without_gold(tmp_path):
     (group,), signals = summarise(without)
     assert group.verdicts == {"no gold": 2}
     assert math.isnan(group.gold_at) and group.proxy_at == pytest.approx(4.0)
+
+
+def small_drop(step):  # rises to step 20, then falls by 0.03: inside the prompt spread, far outside the jitter
+    return 0.25 + 0.004 * min(step, 20) - 0.0015 * max(step - 20, 0)
+
+
+def test_paired_tolerances_flag_a_drop_the_standard_errors_miss(tmp_path):
+    """The same prompts at every evaluation: the per-prompt change is far less noisy than two independent
+    means, so a drop the unpaired rule cannot see is flagged, and a stable run still is not."""
+    hacked = load_run(write_run(tmp_path, "hacked", small_drop, rising, prompts=32))
+    paired = run_signal(hacked)
+    assert paired.verdict == "hacking" and "paired" in paired.tolerance and paired.onset is not None
+    for step in hacked.series("eval/gold_score")[0]:
+        scores_file(hacked.path, int(step)).unlink()
+    assert run_signal(hacked).verdict != "hacking"  # the logged standard errors (prompt spread) hide it
+    assert run_signal(load_run(write_run(tmp_path, "stable", rising, rising, prompts=32))).verdict == "improved"
+
+
+def test_the_hacking_rule_rates_by_simulation():
+    """False positives (flat gold, rising proxy) stay rare and a 0.06 fall is mostly caught; the unpaired rule
+    misses it (launch/hacking_rates.py writes the full table)."""
+    assert hacking_rates(14, 32, 0.0, runs=200) <= 0.05
+    assert hacking_rates(14, 32, 0.06, runs=200) >= 0.85
+    assert hacking_rates(14, 32, 0.06, runs=200, paired=False) <= 0.05
+
+
+def test_gold_difference_separates_reward_models_with_an_interval(tmp_path):
+    better = [load_run(write_run(tmp_path, f"a{s}", lambda t: rising(t) + 0.1 * t / 40, rising, seed=s, prompts=32), "A") for s in range(3)]
+    worse = [load_run(write_run(tmp_path, f"b{s}", rising, rising, seed=s, prompts=32), "B") for s in range(3)]
+    diff = gold_difference(better, worse)
+    assert diff.prompts == 32 and diff.step == 40 and diff.seeds == (3, 3)
+    assert diff.mean == pytest.approx(0.1, abs=1e-9) and diff.ci_low > 0.05 and diff.resolved and diff.seeds_to_resolve == 0
+    assert diff.sentence().startswith("A > B by 0.100 gold at step 40")
+    same = gold_difference(worse, [load_run(write_run(tmp_path, f"c{s}", rising, rising, seed=10 + s, prompts=32), "C") for s in range(3)])
+    assert not same.resolved and same.sentence().startswith("No difference resolved between B and C")
+    # seeds that disagree by +-0.02 around a 0.01 difference: unresolved, and more seeds would resolve it
+    noisy = [load_run(write_run(tmp_path, f"n{s}", lambda t, s=s: rising(t) + 0.01 + 0.02 * (s - 1), rising, seed=s, prompts=32), "N") for s in range(3)]
+    unresolved = gold_difference(noisy, worse)
+    assert not unresolved.resolved and unresolved.seeds_to_resolve is not None and unresolved.seeds_to_resolve > 3
+    assert "seeds per reward model would resolve it" in unresolved.sentence()
+    assert diff.hacking_rate == (0.0, 0.0)
+    with pytest.raises(CompareError, match=">= 2 seeds"):
+        gold_difference(better[:1], worse)
