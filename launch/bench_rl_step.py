@@ -38,7 +38,7 @@ from launch.benchmarking import PeakMemory, command_line, median, table, write_r
 from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig  # noqa: E402
 from reward.config import load_config  # noqa: E402
 from reward.shapeedit import GenerateConfig, generate  # noqa: E402
-from rl.algorithms import group_advantages  # noqa: E402
+from rl.algorithms import MicroTargets  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.learner import Learner  # noqa: E402
 from rl.loop import free_port, train  # noqa: E402
@@ -164,9 +164,9 @@ def in_process_run(cfg: RLConfig) -> dict:
             group_ids = torch.arange(P).repeat_interleave(G)
             result = worker.rollout(rows, group_ids, algo.micro_batch_size, step, overlap=False)
             t_rollout = time.perf_counter()
-            rewards = [torch.tensor(s.total, dtype=torch.float32) for s in result.scores]
-            advantages = group_advantages(torch.cat(rewards), group_ids, algo.adv_std, algo.adv_clip).advantages
-            learner.update(result.rollouts, list(advantages.split(algo.micro_batch_size)), rewards)
+            total = torch.cat([torch.tensor(s.total, dtype=torch.float32) for s in result.scores])
+            targets = learner.algorithm.targets(total, group_ids).values.split(algo.micro_batch_size)
+            learner.update(result.rollouts, [MicroTargets(v, cfg.seed * 1_000_003 + step * 1009 + i) for i, v in enumerate(targets)])
             t_update = time.perf_counter()
             worker.set_weights(learner.trainable_state(), step + 1)
             t_sync = time.perf_counter()

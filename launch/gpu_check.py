@@ -64,6 +64,7 @@ from reward.backbone import ImageOnlyProcessor, build_tiny_tokenizer  # noqa: E4
 from reward.config import load_config  # noqa: E402
 from reward.generative import GenerativeJudge  # noqa: E402
 from reward.model import DTYPES, JRM, JRMArgs  # noqa: E402
+from rl.algorithms import MicroTargets  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.learner import Learner  # noqa: E402
 from rl.loop import free_port  # noqa: E402
@@ -419,14 +420,14 @@ def check_learner(policy: FluxKontextPolicy, cfg: RLConfig, rollout: Rollout, de
         for _ in range(2):  # the first step also pays for allocations and DeepSpeed's first-step set-up
             sync(device)
             start = time.perf_counter()
-            stats.append(learner.update([rollout], [torch.ones(1)], [torch.ones(1)]))
+            stats.append(learner.update([rollout], [MicroTargets(torch.ones(1), seed=0)]))
             sync(device)
             times.append(time.perf_counter() - start)
     after = policy.trainable_state()
     return {
         "seconds_per_step": times[1],
         "first_step_s": times[0],
-        "backward_passes_per_step": learner.steps_per_update,
+        "backward_passes_per_step": learner.terms_per_micro_batch,
         "gradient_checkpointing": policy.pipe.transformer.is_gradient_checkpointing,
         "loss": stats[1]["train/loss"],
         "grad_norm": stats[1]["train/grad_norm"],

@@ -1,4 +1,4 @@
-"""The RL math, as pure functions: group-relative advantages, the clipped surrogate, KL, PPO's value loss.
+"""The RL algorithms: their math as pure functions, and GRPO, PPO and NFT behind one seam (bottom of the file).
 
 Flow-GRPO (Liu et al. 2025, arXiv 2505.05470):
     A_i = clip((R_i - mean_group) / (std + eps), -adv_clip, adv_clip), the same for every step of trajectory i
@@ -15,10 +15,13 @@ DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117), on the forward process of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from policies.rollout import Rollout
+from rl.value import ValueModel, value_inputs
 
 
 @dataclass
@@ -167,3 +170,173 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality: Tensor,
     with torch.no_grad():
         stats = NFTStats(pos_err.mean().item(), neg_err.mean().item(), ((v_theta - v_old) ** 2).mean().item())
     return loss, stats
+
+
+# ---- the algorithms behind one seam --------------------------------------------------------------------------
+#
+# The driver (rl/loop.py) turns a step's rewards into per-row targets with `targets()`. Each learner rank calls
+# `prepare()` once on its micro-batches, then `loss()` for every micro-batch and every one of its loss terms
+# (`terms()`: the trained denoising steps of GRPO and PPO, the noise levels NFT draws), with one backward each.
+
+
+@dataclass
+class Targets:
+    """A step's training targets, one per rollout row, from the driver to the learners."""
+
+    values: Tensor  # (B,) GRPO: advantages; PPO: returns (the total rewards); NFT: optimality r in [0, 1]
+    zero_std: Tensor  # (B,) bool: the row's group has rewards that are all equal (no learning signal)
+
+
+@dataclass
+class MicroTargets:
+    """One micro-batch's share of the targets."""
+
+    values: Tensor  # (B,)
+    seed: int  # seeds any randomness of the loss (NFT's noise), so ranks and resumed runs draw the same
+
+
+class GRPO:
+    """Flow-GRPO: group-relative advantages and the clipped surrogate on every trained SDE step, + beta KL."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def modules(self) -> dict[str, tuple[nn.Module, float]]:
+        """Models trained beside the policy, with their learning rates (PPO's value model)."""
+        return {}
+
+    def terms_per_micro_batch(self, sampler) -> int:
+        """Loss terms (backward passes) per micro-batch: the optimizer accumulates over them."""
+        return sampler.sde_window_size or max(sampler.num_steps - 1, 1)
+
+    def targets(self, rewards: Tensor, group_ids: Tensor) -> Targets:
+        adv = group_advantages(rewards, group_ids, self.cfg.adv_std, self.cfg.adv_clip)
+        values, keep = adv.advantages, ~adv.zero_std
+        if self.cfg.drop_zero_std and keep.any():  # mean over the rows that carry signal
+            values = values * keep * (len(values) / keep.sum())
+        return Targets(values, adv.zero_std)
+
+    def prepare(self, policy, rollouts: list[Rollout], targets: list[MicroTargets]) -> list:
+        """What each micro-batch's loss needs beyond the rollout, computed before the optimizer moves."""
+        return [t.values for t in targets]
+
+    def terms(self, rollout: Rollout) -> list[int]:
+        return rollout.stochastic.any(0).nonzero().flatten().tolist()
+
+    def loss(self, policy, rollout: Rollout, prepared, term: int) -> tuple[Tensor, dict]:
+        return self._surrogate(policy, rollout, prepared, term)
+
+    def _surrogate(self, policy, rollout: Rollout, advantages: Tensor, step: int) -> tuple[Tensor, dict]:
+        """Clipped surrogate on step `step` (advantages (B,)), + kl_beta KL to the reference policy."""
+        cfg = self.cfg
+        out = policy.log_prob(rollout, step)
+        loss, stats = clipped_surrogate(out.log_probs, rollout.log_probs[:, step], advantages, cfg.clip_range, cfg.clip_range_high)
+        row = asdict(stats)
+        if cfg.kl_beta > 0:
+            with torch.no_grad(), policy.reference():
+                ref = policy.log_prob(rollout, step)
+            kl = gaussian_kl(out.mean, ref.mean, out.std).mean()
+            loss = loss + cfg.kl_beta * kl
+            row["kl"] = kl.item()
+        return loss, row
+
+
+class PPO(GRPO):
+    """PPO for the denoising MDP: per-step advantages R - V(x_t, t, condition), whitened over the rank's
+    trained steps, the same surrogate, + value_coef x the clipped value loss."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.value = ValueModel()
+
+    def modules(self) -> dict[str, tuple[nn.Module, float]]:
+        return {"value": (self.value, self.cfg.value_lr)}
+
+    def targets(self, rewards: Tensor, group_ids: Tensor) -> Targets:
+        return Targets(rewards.float(), group_advantages(rewards, group_ids, clip=0).zero_std)
+
+    @torch.no_grad()
+    def prepare(self, policy, rollouts: list[Rollout], targets: list[MicroTargets]) -> list:
+        device = next(self.value.parameters()).device
+        old = [torch.stack([self.value(value_inputs(mb, t)) for t in range(mb.num_steps)], 1) for mb in rollouts]
+        returns = [t.values.to(device) for t in targets]
+        raw = [r[:, None] - v for r, v in zip(returns, old)]
+        flat = torch.cat([a[mb.stochastic] for a, mb in zip(raw, rollouts)])  # trained steps only
+        return [((a - flat.mean()) / (flat.std() + 1e-6), v, r) for a, v, r in zip(raw, old, returns)]
+
+    def loss(self, policy, rollout: Rollout, prepared, term: int) -> tuple[Tensor, dict]:
+        advantages, old_values, returns = prepared
+        loss, row = self._surrogate(policy, rollout, advantages[:, term], term)
+        vloss = value_loss(self.value(value_inputs(rollout, term)), old_values[:, term], returns, self.cfg.value_clip)
+        row["value_loss"] = vloss.item()
+        return loss + self.cfg.value_coef * vloss, row
+
+
+class NFT:
+    """DiffusionNFT on the clean edits: for each of nft_terms noise levels sigma (drawn from the rollout's own
+    schedule), x_sigma = (1 - sigma) x0 + sigma eps and the loss sigma^2 nft_loss(v_theta, v_old, eps - x0, r,
+    beta): the clean-image (x0) form of the velocity loss, so that low noise levels do not dominate.
+
+    v_old is the velocity of the weights that sampled the rollout (the last synced version; the paper's
+    soft EMA update of the old policy is not used), computed in `prepare` before the optimizer moves, so
+    nothing of the old weights is kept. The velocity is the one the sampler uses (policy.flow_velocity:
+    the rollout's condition and guidance; NFT's recipe samples without CFG, guidance_scale 1).
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def modules(self) -> dict[str, tuple[nn.Module, float]]:
+        return {}
+
+    def terms_per_micro_batch(self, sampler) -> int:
+        return self.cfg.nft_terms
+
+    def targets(self, rewards: Tensor, group_ids: Tensor) -> Targets:
+        adv = group_advantages(rewards, group_ids, self.cfg.adv_std, self.cfg.adv_clip)
+        return Targets(nft_optimality(adv.advantages, self.cfg.adv_clip), adv.zero_std)
+
+    def terms(self, rollout: Rollout) -> list[int]:
+        return list(range(self.cfg.nft_terms))
+
+    @torch.no_grad()
+    def prepare(self, policy, rollouts: list[Rollout], targets: list[MicroTargets]) -> list:
+        """Per micro-batch and term: (sigma, x_sigma, target eps - x0, v_old), and the optimality (B,)."""
+        prepared = []
+        for mb, t in zip(rollouts, targets):
+            generator = torch.Generator().manual_seed(t.seed)
+            x0 = mb.latents[:, -1].float()
+            noise_levels = mb.sigmas[:-1]  # the schedule's nonzero sigmas
+            draws = []
+            for _ in range(self.cfg.nft_terms):
+                sigma = float(noise_levels[torch.randint(len(noise_levels), (1,), generator=generator)])
+                eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+                x = (1 - sigma) * x0 + sigma * eps
+                draws.append((sigma, x, eps - x0, policy.flow_velocity(mb, x, sigma).float()))
+            prepared.append((draws, t.values.to(x0.device)))
+        return prepared
+
+    def loss(self, policy, rollout: Rollout, prepared, term: int) -> tuple[Tensor, dict]:
+        draws, optimality = prepared
+        sigma, x, target, v_old = draws[term]
+        v_theta = policy.flow_velocity(rollout, x, sigma).float()
+        loss, stats = nft_loss(v_theta, v_old, target, optimality, self.cfg.nft_beta)
+        # sigma^2 turns velocity errors into clean-image errors (v = (x - x0) / sigma on this path): without
+        # it the smallest noise levels of a schedule (0.001) weigh a million times more than sigma = 1
+        loss = sigma**2 * loss.mean()
+        row = {k: sigma**2 * v for k, v in asdict(stats).items()}
+        if self.cfg.kl_beta > 0:  # squared velocity distance to the reference policy (adapters off)
+            with torch.no_grad(), policy.reference():
+                v_ref = policy.flow_velocity(rollout, x, sigma).float()
+            kl = ((v_theta - v_ref) ** 2).mean()
+            loss = loss + self.cfg.kl_beta * kl
+            row["kl"] = kl.item()
+        return loss, row
+
+
+ALGORITHMS = {"grpo": GRPO, "ppo": PPO, "nft": NFT}
+
+
+def build_algorithm(cfg):
+    """The algorithm object of cfg.algo (an AlgoConfig)."""
+    return ALGORITHMS[cfg.algo](cfg)

@@ -80,7 +80,8 @@ class RewardConfig:
 @dataclass
 class AlgoConfig:
     algo: str = "grpo"
-    """'grpo' (group-relative advantages) or 'ppo' (learned value baseline, per-step advantages)."""
+    """'grpo' (Flow-GRPO: group-relative advantages), 'ppo' (learned value baseline, per-step advantages) or
+    'nft' (DiffusionNFT: flow matching on the clean edits, weighted by optimality; no log-probs)."""
     group_size: int = 8
     """Edits sampled per prompt."""
     prompts_per_step: int = 8
@@ -90,7 +91,10 @@ class AlgoConfig:
     updates_per_step: int = 2
     """Optimizer steps per rollout batch (the batch is split into this many minibatches)."""
     clip_range: float = 1e-3
-    """PPO ratio clip c (sde log-probs are means over latent dims, so c is small; cps needs ~1e-5)."""
+    """PPO ratio clip c, the lower side (sde log-probs are means over latent dims, so c is small; cps needs ~1e-5)."""
+    clip_range_high: float | None = None
+    """Upper side of the ratio clip; None: clip_range (symmetric). Larger than clip_range is DAPO's
+    "clip higher" (the JRM paper's RL: 1e-4 below, 5e-4 above)."""
     adv_clip: float = 5.0
     """Advantages are clipped to [-adv_clip, adv_clip]."""
     adv_std: str = "group"
@@ -99,7 +103,13 @@ class AlgoConfig:
     """Leave groups whose rewards are all equal out of the surrogate's mean (their advantages are 0 anyway;
     without this they dilute the other rows' gradient)."""
     kl_beta: float = 0.0
-    """Weight of the KL to the reference policy (adapters off)."""
+    """Weight of the KL to the reference policy (adapters off). Our KL is the exact Gaussian KL of the
+    transition, 1/(-dt) times Flow-GRPO's: carry a Flow-GRPO beta over as beta * (-dt) (docs/algorithms.md).
+    NFT: weight of the squared velocity distance to the reference."""
+    nft_beta: float = 1.0
+    """NFT: how far the implicit positive and negative policies sit from the old one (v+- = v_old +- beta (v - v_old))."""
+    nft_terms: int = 2
+    """NFT: noise levels drawn per micro-batch (from the rollout's schedule), one loss term and backward each."""
     lr: float = 3e-4
     """AdamW learning rate (constant)."""
     weight_decay: float = 1e-4
@@ -114,8 +124,14 @@ class AlgoConfig:
     """PPO: weight of the value loss."""
 
     def __post_init__(self):
-        if self.algo not in ("grpo", "ppo"):
-            raise ValueError(f"algo.algo must be 'grpo' or 'ppo', got {self.algo!r}")
+        if self.algo not in ("grpo", "ppo", "nft"):
+            raise ValueError(f"algo.algo must be 'grpo', 'ppo' or 'nft', got {self.algo!r}")
+        if self.clip_range_high is not None and self.clip_range_high <= 0:
+            raise ValueError(f"algo.clip_range_high must be > 0 (or null for clip_range), got {self.clip_range_high}")
+        if self.nft_beta <= 0 or self.nft_terms < 1:
+            raise ValueError(f"algo.nft_beta must be > 0 and algo.nft_terms >= 1, got {self.nft_beta} and {self.nft_terms}")
+        if self.algo == "nft" and self.adv_clip <= 0:
+            raise ValueError("algo.adv_clip must be > 0 with nft: it is the advantage that counts as certainly optimal")
         if self.group_size < 2:
             raise ValueError(f"algo.group_size must be >= 2 (advantages compare edits of one prompt), got {self.group_size}")
         batch = self.prompts_per_step * self.group_size

@@ -1,27 +1,26 @@
 """The learner: one rank of a DeepSpeed ZeRO data-parallel group that updates the policy's trainable weights.
 
 A plain class; rl/loop.py makes M of them Ray actors and gives each rank the same share of every
-minibatch. Each optimizer step accumulates, over this rank's micro-batches and every trained
-(stochastic) denoising step, the Flow-GRPO loss of rl/algorithms.py:
-    clipped surrogate(logp_theta(x_{t+1} | x_t), logp_old, A) + kl_beta KL(theta || reference) [+ value loss, PPO]
-DeepSpeed averages gradients over accumulation steps and ranks (gloo on CPU, NCCL on GPU).
+minibatch. The algorithm (rl/algorithms.py: GRPO, PPO or NFT) is one object behind one seam: `prepare`
+once on this rank's micro-batches, then for every micro-batch and each of its loss terms (GRPO/PPO: the
+trained denoising steps; NFT: the drawn noise levels) `loss`, one backward each. Each optimizer step
+accumulates over a minibatch's micro-batches and terms; DeepSpeed averages gradients over accumulation
+steps and ranks (gloo on CPU, NCCL on GPU).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from policies.policy import EditingPolicy
 from policies.rollout import Rollout
-from rl.algorithms import clipped_surrogate, gaussian_kl, value_loss
+from rl.algorithms import MicroTargets, build_algorithm
 from rl.config import RLConfig
-from rl.value import ValueModel, value_inputs
 from rl.workers import build_policy
 
 
@@ -49,18 +48,18 @@ class Learner:
                 policy.to(cfg.cluster.device)
         self.policy = policy
         algo = cfg.algo
-        self.value = ValueModel() if algo.algo == "ppo" else None
+        self.algorithm = build_algorithm(algo)
         groups = [{"params": self.policy.trainable_parameters(), "lr": algo.lr}]
         module = nn.ModuleDict({"policy": nn.ParameterList(self.policy.trainable_parameters())})
-        if self.value is not None:
-            module["value"] = self.value
-            groups.append({"params": list(self.value.parameters()), "lr": algo.value_lr})
+        for name, (extra, lr) in self.algorithm.modules().items():  # PPO's value model
+            module[name] = extra.to(cfg.cluster.device)
+            groups.append({"params": list(extra.parameters()), "lr": lr})
         micro_per_rank = cfg.algo.prompts_per_step * cfg.algo.group_size // cfg.algo.micro_batch_size // world_size
         self.micro_per_update = micro_per_rank // algo.updates_per_step
-        steps = cfg.policy.sampler.sde_window_size or max(cfg.policy.sampler.num_steps - 1, 1)
+        self.terms_per_micro_batch = self.algorithm.terms_per_micro_batch(cfg.policy.sampler)
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.algo.micro_batch_size,
-            "gradient_accumulation_steps": self.micro_per_update * steps,
+            "gradient_accumulation_steps": self.micro_per_update * self.terms_per_micro_batch,
             "gradient_clipping": algo.max_grad_norm,
             "zero_optimization": {"stage": cfg.cluster.zero_stage},
             "zero_allow_untested_optimizer": True,
@@ -68,50 +67,29 @@ class Learner:
         }
         optimizer = torch.optim.AdamW(groups, lr=algo.lr, weight_decay=algo.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-        self.steps_per_update = steps
 
     # ---- the update -----------------------------------------------------------------------------------------
 
-    def update(self, rollouts: list[Rollout], advantages: list[Tensor], rewards: list[Tensor]) -> dict:
+    def update(self, rollouts: list[Rollout], targets: list[MicroTargets]) -> dict:
         """Train on this rank's micro-batches (in minibatch order); returns mean diagnostics of this rank.
 
         Args:
             rollouts: micro-batches, micro_per_update per optimizer step, updates_per_step of them in order.
-            advantages: (B,) GRPO advantages per micro-batch (ignored by PPO, which uses R - V).
-            rewards: (B,) total rewards per micro-batch (PPO's returns).
+            targets: each micro-batch's targets (rl/algorithms.py: advantages, returns or optimality) and seed.
         """
-        algo = self.cfg.algo
         device = self.cfg.cluster.device
         rollouts = [r.to(device) for r in rollouts]
-        old_values = self._old_values(rollouts) if self.value is not None else None
-        if old_values is not None:  # PPO: per-step advantages R - V, whitened over this rank's batch
-            raw = [rewards[i].to(device)[:, None] - old_values[i] for i in range(len(rollouts))]
-            flat = torch.cat([a[mb.stochastic] for a, mb in zip(raw, rollouts)])  # trained steps only (this rank's)
-            advantages = [(a - flat.mean()) / (flat.std() + 1e-6) for a in raw]
+        targets = [MicroTargets(t.values.to(device), t.seed) for t in targets]
+        prepared = self.algorithm.prepare(self.policy, rollouts, targets)
         sums: dict[str, float] = {}
-        count = 0
-        nonfinite = 0
+        count = nonfinite = 0
         ratio_min, ratio_max = float("inf"), float("-inf")
         for i, mb in enumerate(rollouts):
-            trained = mb.stochastic.any(0).nonzero().flatten().tolist()
-            if len(trained) != self.steps_per_update:
-                raise ValueError(f"micro-batch {i} has {len(trained)} stochastic steps; the learner was set up for {self.steps_per_update} (policy.sampler: every rollout of a run must use the same num_steps and sde_window_size)")
-            for t in trained:
-                out = self.policy.log_prob(mb, t)
-                adv = advantages[i][:, t] if old_values is not None else advantages[i].to(device)
-                loss, stats = clipped_surrogate(out.log_probs, mb.log_probs[:, t], adv, algo.clip_range)
-                row = asdict(stats)
-                if algo.kl_beta > 0:
-                    with torch.no_grad(), self.policy.reference():
-                        ref = self.policy.log_prob(mb, t)
-                    kl = gaussian_kl(out.mean, ref.mean, out.std).mean()
-                    loss = loss + algo.kl_beta * kl
-                    row["kl"] = kl.item()
-                if self.value is not None:
-                    v = self.value(value_inputs(mb, t))
-                    vloss = value_loss(v, old_values[i][:, t], rewards[i].to(device), algo.value_clip)
-                    loss = loss + algo.value_coef * vloss
-                    row["value_loss"] = vloss.item()
+            terms = self.algorithm.terms(mb)
+            if len(terms) != self.terms_per_micro_batch:
+                raise ValueError(f"micro-batch {i} has {len(terms)} loss terms; the learner was set up for {self.terms_per_micro_batch} (policy.sampler: every rollout of a run must use the same num_steps and sde_window_size)")
+            for term in terms:
+                loss, row = self.algorithm.loss(self.policy, mb, prepared[i], term)
                 if not torch.isfinite(loss):
                     # keep every rank's backward/step sequence intact: a zero loss on the same parameters
                     nonfinite += 1
@@ -119,20 +97,18 @@ class Learner:
                 row["loss"] = loss.item()
                 self.engine.backward(loss)
                 self.engine.step()
-                ratio_min, ratio_max = min(ratio_min, row.pop("ratio_min")), max(ratio_max, row.pop("ratio_max"))
+                if "ratio_min" in row:
+                    ratio_min, ratio_max = min(ratio_min, row.pop("ratio_min")), max(ratio_max, row.pop("ratio_max"))
                 for k, v in row.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         out = {f"train/{k}": v / count for k, v in sums.items()}
-        out["train/ratio_min"], out["train/ratio_max"] = ratio_min, ratio_max
+        if ratio_min <= ratio_max:
+            out["train/ratio_min"], out["train/ratio_max"] = ratio_min, ratio_max
         out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["train/lr"] = self.engine.optimizer.param_groups[0]["lr"]
         out["train/nonfinite_losses"] = nonfinite
         return out
-
-    @torch.no_grad()
-    def _old_values(self, rollouts: list[Rollout]) -> list[Tensor]:
-        return [torch.stack([self.value(value_inputs(mb, t)) for t in range(mb.num_steps)], 1) for mb in rollouts]
 
     # ---- weights and checkpoints -----------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The RL driver: one function, `train(cfg)`, that reads top to bottom.
 
     prompts -> rollout (Ray rollout actors; the colocated reward actor scores each micro-batch)
-            -> advantages -> update (DeepSpeed learner actors) -> weight sync (versioned) -> log / eval / checkpoint
+            -> targets (the algorithm's: advantages, returns or optimality) -> update (DeepSpeed learner actors)
+            -> weight sync (versioned) -> log / eval / checkpoint
 
 Actors (one placement group on one node; see the README's topology picture): N RolloutWorker, one
 RewardWorker batching the scoring requests of every rollout worker, M Learner ranks forming one DeepSpeed
@@ -12,6 +13,7 @@ Entry point: launch/grpo_edit.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import time
 from dataclasses import asdict
@@ -28,7 +30,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from policies.images import images_to_tensor, tensor_to_images
 from reward.config import save_config
 from rl import checkpoint
-from rl.algorithms import group_advantages
+from rl.algorithms import MicroTargets, build_algorithm
+from rl.compare import scores_file
 from rl.config import RLConfig
 from rl.learner import Learner
 from rl.logger import MetricsLogger
@@ -171,6 +174,7 @@ def train(cfg: RLConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     algo, P, G = cfg.algo, cfg.algo.prompts_per_step, cfg.algo.group_size
+    algorithm = build_algorithm(algo)  # the driver only calls its targets(); the learners train with their own
     prompts, skipped = load_prompts(cfg.data.train_prompts, cfg.policy.height, cfg.policy.width, skip_bad=cfg.data.skip_bad)
     eval_prompts, eval_skipped = load_prompts(cfg.data.eval_prompts, cfg.policy.height, cfg.policy.width, cfg.data.num_eval, cfg.data.skip_bad)
     if skipped or eval_skipped:
@@ -221,10 +225,17 @@ def train(cfg: RLConfig) -> dict:
             # the standard errors let rl/compare.py tell a real drop from evaluation noise
             row = {"eval/reward_mean": float(np.mean(total)), "eval/reward_sem": _standard_error(total)}
             row.update({f"eval/reward_{k}": float(np.mean([x for r in results for x in r.terms[k]])) for k in results[0].terms})
+            gold_scores = None
             if gold is not None:
                 gold_scores = gold.score(eval_sources, eval_instructions, edited).numpy()
                 row["eval/gold_score"] = float(gold_scores.mean())
                 row["eval/gold_sem"] = _standard_error(gold_scores)
+            # every evaluation scores the same prompts with the same noise: rl/compare.py pairs them per prompt
+            per_prompt = {"step": at_step, "instructions": eval_instructions, "proxy": [float(x) for x in total],
+                          "gold": None if gold_scores is None else gold_scores.astype(float).tolist()}
+            scores_path = scores_file(run_dir, at_step)
+            scores_path.parent.mkdir(parents=True, exist_ok=True)
+            scores_path.write_text(json.dumps(per_prompt))
             save_grid(run_dir / "eval" / f"step-{at_step:06d}.png", eval_source_tensor, edits)
             row["perf/eval_s"] = time.perf_counter() - start
             logger.log(at_step, row)
@@ -290,8 +301,7 @@ def train(cfg: RLConfig) -> dict:
                 continue
             redos = 0
             scores = [s for res in results for s in res.scores]
-            rewards = [torch.tensor(s.total, dtype=torch.float32) for s in scores]
-            total = torch.cat(rewards)
+            total = torch.cat([torch.tensor(s.total, dtype=torch.float32) for s in scores])
             if not torch.isfinite(total).all():
                 bad_steps += 1
                 step += 1
@@ -300,19 +310,16 @@ def train(cfg: RLConfig) -> dict:
                     raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); see the reward terms, resume=auto continues from the last checkpoint")
                 continue
 
-            # ---- advantages: group-relative (GRPO); PPO's R - V is formed by the learners ----------------------------
-            adv = group_advantages(total, group_ids, algo.adv_std, algo.adv_clip)
-            advantages = adv.advantages
-            if algo.drop_zero_std and (~adv.zero_std).any():  # mean over the rows that carry signal
-                advantages = advantages * (~adv.zero_std) * (len(advantages) / (~adv.zero_std).sum())
-            per_micro = list(advantages.split(algo.micro_batch_size))
+            # ---- targets: per-row advantages (GRPO), returns (PPO, whose R - V the learners form) or optimality (NFT) -----
+            targets = algorithm.targets(total, group_ids)
+            per_micro = [MicroTargets(v, cfg.seed * 1_000_003 + step * 1009 + i) for i, v in enumerate(targets.values.split(algo.micro_batch_size))]
 
             # ---- update: minibatch u = micro-batches [u K, (u + 1) K); rank r takes every M-th of each ----------------
             M = len(learners)
             K = len(micro) // algo.updates_per_step
             order = [[u * K + j for u in range(algo.updates_per_step) for j in range(r, K, M)] for r in range(M)]
             try:
-                stats = ray.get([learner.update.remote([micro[i] for i in idx], [per_micro[i] for i in idx], [rewards[i] for i in idx]) for learner, idx in zip(learners, order)])
+                stats = ray.get([learner.update.remote([micro[i] for i in idx], [per_micro[i] for i in idx]) for learner, idx in zip(learners, order)])
             except RayActorError as e:  # its optimizer state is gone with it: restarting it would silently reset training
                 last = checkpoint.complete_checkpoints(run_dir)
                 raise RuntimeError(
@@ -330,14 +337,15 @@ def train(cfg: RLConfig) -> dict:
 
             # ---- log ---------------------------------------------------------------------------------------------
             row = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
-            row["train/ratio_min"] = min(s["train/ratio_min"] for s in stats)
-            row["train/ratio_max"] = max(s["train/ratio_max"] for s in stats)
+            if "train/ratio_min" in row:  # GRPO and PPO
+                row["train/ratio_min"] = min(s["train/ratio_min"] for s in stats)
+                row["train/ratio_max"] = max(s["train/ratio_max"] for s in stats)
             nonfinite = sum(s["train/nonfinite_losses"] for s in stats)
             row.update(
                 {
                     "rollout/reward_mean": total.mean().item(),
                     "rollout/reward_std": total.std().item(),
-                    "rollout/zero_std_ratio": adv.zero_std.float().mean().item(),
+                    "rollout/zero_std_ratio": targets.zero_std.float().mean().item(),
                     "rollout/policy_version": version - 1,
                     "perf/rollout_s": t_rollout - t0,
                     "perf/sample_s": max(r.sample_s for r in results),
@@ -355,11 +363,12 @@ def train(cfg: RLConfig) -> dict:
                     errors[k] = errors.get(k, 0) + v
             row.update({f"rollout/reward_errors_{k}": v for k, v in errors.items()})
             logger.log(step, row)
-            print(
-                f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} clipfrac {row['train/clipfrac']:.3f} "
-                f"kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}] ({row['perf/step_s']:.1f} s)",
-                flush=True,
+            shown = (
+                f"clipfrac {row['train/clipfrac']:.3f} kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}]"
+                if "train/ratio_min" in row
+                else f"drift {row['train/drift']:.2e}"
             )
+            print(f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} loss {row['train/loss']:.4f} {shown} ({row['perf/step_s']:.1f} s)", flush=True)
             bad_steps = bad_steps + 1 if nonfinite else 0
             if bad_steps >= cfg.max_bad_steps:  # no save: the weights may be damaged; the last checkpoint is not
                 raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto from the last checkpoint")

@@ -57,7 +57,7 @@ def test_bad_configs_are_refused():
 def test_cli_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["algo.algo=dpo"])
-    assert e.value.code == 2 and "algo.algo must be 'grpo' or 'ppo'" in capsys.readouterr().err
+    assert e.value.code == 2 and "algo.algo must be 'grpo', 'ppo' or 'nft'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--config", "/nonexistent.yaml"])
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
