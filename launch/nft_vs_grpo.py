@@ -1,0 +1,157 @@
+"""Flow-GRPO vs DiffusionNFT on ShapeEdit, side by side: gold reached per minute and per step, and the
+hacking verdicts, with the oracle and with a JRM as reward, over several seeds.
+
+    python launch/nft_vs_grpo.py [--seeds 3] [--steps 20] [--data runs/jrm_shapeedit/data] \
+        [--jrm runs/jrm_shapeedit/jrm_seed0/final] [--out runs/nft_vs_grpo] [--json docs/results/nft_vs_grpo.json]
+
+Same pretrained policy (made here by launch/pretrain_policy.py when --policy is not given), same prompts,
+same sampler (the SDE of launch/configs/shapeedit.yaml), same steps; each run is one `rl.loop.train` on a
+local Ray cluster, the runs one after another (NFT and GRPO alternate, so a slower machine hurts both).
+Seconds are the run's own: the sum of its steps' and evaluations' wall-clock (actor start-up excluded).
+Writes the JSON (per run: label, algorithm, reward, seed, steps, seconds, gold, proxy, verdict; and per
+algorithm and reward the mean best gold, time to a gold threshold and verdicts) and a figure next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python launch/nft_vs_grpo.py`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np  # noqa: E402
+
+from launch.benchmarking import command_line, machine, table  # noqa: E402
+from reward.config import load_config  # noqa: E402
+from rl.compare import load_run, run_signal  # noqa: E402
+from rl.config import RLConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGORITHMS = {"grpo": [], "nft": ["algo.algo=nft", "algo.nft_terms=2"]}
+
+
+def run_curve(run_dir: Path) -> dict:
+    """steps, seconds (cumulative step + evaluation wall-clock), gold and proxy at every evaluation."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    elapsed, curve = 0.0, {"steps": [], "seconds": [], "gold": [], "proxy": []}
+    for row in rows:
+        elapsed += row.get("perf/step_s", 0.0) + row.get("perf/eval_s", 0.0)
+        if "eval/gold_score" in row:
+            curve["steps"].append(row["step"])
+            curve["seconds"].append(round(elapsed, 2))
+            curve["gold"].append(row["eval/gold_score"])
+            curve["proxy"].append(row["eval/reward_mean"])
+    return curve
+
+
+def time_to(curve: dict, threshold: float) -> float | None:
+    """Seconds until the gold score first reaches `threshold` (None: never)."""
+    return next((s for s, g in zip(curve["seconds"], curve["gold"]) if g >= threshold), None)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rewards = sorted({r["reward"] for r in runs})
+    fig, axes = plt.subplots(len(rewards), 2, figsize=(10, 3.6 * len(rewards)), squeeze=False)
+    colours = {"grpo": "tab:blue", "nft": "tab:orange"}
+    for row, reward in enumerate(rewards):
+        for r in (r for r in runs if r["reward"] == reward):
+            for col, x in enumerate(("seconds", "steps")):
+                axes[row, col].plot(r[x], r["gold"], color=colours[r["algorithm"]], alpha=0.7, label=r["algorithm"] if r["seed"] == 0 else None)
+        for col, x in enumerate(("wall-clock seconds", "RL steps")):
+            axes[row, col].set_xlabel(x)
+            axes[row, col].set_ylabel("gold (oracle, held-out prompts)")
+            axes[row, col].set_title(f"reward: {reward}", fontsize=10)
+            axes[row, col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="runs per algorithm and reward (default 3)")
+    parser.add_argument("--steps", type=int, default=20, help="RL steps per run (default 20)")
+    parser.add_argument("--data", default="runs/jrm_shapeedit/data", help="ShapeEdit data folder (python -m reward.shapeedit generate)")
+    parser.add_argument("--jrm", default="runs/jrm_shapeedit/jrm_seed0/final", help="the JRM used as reward (reward/train.py's final/)")
+    parser.add_argument("--policy", default="", help="a pretrained ShapeEdit policy; default: pretrain one into OUT/policy")
+    parser.add_argument("--pretrain-minutes", type=float, default=4.0, help="policy pretraining budget when --policy is not given")
+    parser.add_argument("--num-eval", type=int, default=32, help="held-out prompts per evaluation (default 32)")
+    parser.add_argument("--out", default="runs/nft_vs_grpo", help="where the runs go")
+    parser.add_argument("--json", default="docs/results/nft_vs_grpo.json", help="the results JSON (a PNG figure goes next to it)")
+    args = parser.parse_args(argv)
+    out, data = Path(args.out), Path(args.data)
+    policy = Path(args.policy) if args.policy else out / "policy"
+    if not (policy / "policy.json").is_file() and not args.policy:
+        subprocess.run([sys.executable, "launch/pretrain_policy.py", f"output_dir={policy}", f"data_dir={data}", f"max_minutes={args.pretrain_minutes}", "num_eval=64"], cwd=ROOT, check=True)
+    import ray
+
+    from rl.loop import train
+
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
+    rewards = {"oracle": f"oracle:{data}", "jrm": f"jrm:{args.jrm}"}
+    runs = []
+    try:
+        for reward, spec in rewards.items():
+            for seed in range(args.seeds):
+                for algorithm, extra in ALGORITHMS.items():
+                    run_dir = out / f"{reward}-{algorithm}-seed{seed}"
+                    overrides = [
+                        f"output_dir={run_dir}", f"seed={seed}", f"num_steps={args.steps}", "eval_every=5", f"save_every={args.steps}",
+                        f"policy.path={policy}", f"reward.terms=[{{name: {reward}, spec: '{spec}'}}]", f"reward.gold=oracle:{data}",
+                        f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}",
+                        f"data.num_eval={args.num_eval}", "wandb=false", *extra,
+                    ]
+                    if not (run_dir / "checkpoints" / f"step-{args.steps:06d}" / "state.json").is_file():
+                        start = time.perf_counter()
+                        train(load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", overrides + ["resume=auto"]))
+                        print(f"{run_dir}: {time.perf_counter() - start:.0f} s", flush=True)
+                    curve = run_curve(run_dir)
+                    verdict = run_signal(load_run(run_dir, f"{reward}-{algorithm}")).verdict
+                    runs.append({"label": f"{algorithm}/{reward}", "algorithm": algorithm, "reward": reward, "seed": seed, **curve, "verdict": verdict})
+    finally:
+        ray.shutdown()
+
+    summary = []
+    for reward in rewards:
+        best_grpo = float(np.mean([max(r["gold"]) for r in runs if r["reward"] == reward and r["algorithm"] == "grpo"]))
+        for algorithm in ALGORITHMS:
+            group = [r for r in runs if r["reward"] == reward and r["algorithm"] == algorithm]
+            times = [time_to(r, best_grpo) for r in group]
+            summary.append({
+                "algorithm": algorithm, "reward": reward, "runs": len(group),
+                "gold_start": float(np.mean([r["gold"][0] for r in group])),
+                "gold_best": float(np.mean([max(r["gold"]) for r in group])),
+                "gold_best_sd": float(np.std([max(r["gold"]) for r in group], ddof=1)) if len(group) > 1 else float("nan"),
+                "gold_last": float(np.mean([r["gold"][-1] for r in group])),
+                "seconds_total": float(np.mean([r["seconds"][-1] for r in group])),
+                "seconds_per_step": float(np.mean([r["seconds"][-1] / r["steps"][-1] for r in group])),
+                "threshold": best_grpo,
+                "reached_threshold": sum(t is not None for t in times),
+                "seconds_to_threshold": float(np.mean([t for t in times if t is not None])) if any(t is not None for t in times) else None,
+                "verdicts": {v: sum(r["verdict"] == v for r in group) for v in sorted({r["verdict"] for r in group})},
+            })
+    columns = ["algorithm", "reward", "runs", "gold_start", "gold_best", "gold_best_sd", "gold_last", "seconds_total", "seconds_per_step", "reached_threshold", "seconds_to_threshold", "verdicts"]
+    print(table(summary, columns, "Flow-GRPO vs DiffusionNFT on ShapeEdit (threshold: GRPO's mean best gold)"))
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"seeds": args.seeds, "steps": args.steps, "data": str(data), "jrm": args.jrm, "policy": str(policy), "num_eval": args.num_eval,
+                "config": "launch/configs/shapeedit.yaml", "algorithms": ALGORITHMS}
+    path.write_text(json.dumps({"command": command_line(__file__, argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+                                "settings": settings, "summary": summary, "runs": runs}, indent=1))
+    plot(runs, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
