@@ -29,6 +29,7 @@ from PIL import Image  # noqa: E402
 
 from launch.benchmarking import comma_list, command_line, random_images, seconds, table, write_report  # noqa: E402
 from reward.backbone import tiny_processor  # noqa: E402
+from reward.config import HelpFormatter  # noqa: E402
 from reward.generative import GenerativeJudge  # noqa: E402
 from reward.model import JRM, JRMArgs  # noqa: E402
 
@@ -101,14 +102,14 @@ def profile(size: str, batch: int, critique_tokens: int, lines: int = 25) -> Non
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--sizes", default="small,medium", help=f"comma-separated, of {sorted(SIZES)}")
-    parser.add_argument("--batches", default="1,4,16,64")
-    parser.add_argument("--critique-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes (pairs per forward)")
+    parser.add_argument("--critique-tokens", type=int, default=256, help="tokens per generated critique")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per cell (the median is reported)")
     parser.add_argument("--min-pairs", type=int, default=8, help="pairs per timing at least (batch 1 scores this many one by one)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    parser.add_argument("--out", default="runs/bench/reward.json")
+    parser.add_argument("--out", default="runs/bench/reward.json", help="where the JSON report goes (settings, machine, results)")
     parser.add_argument("--profile", action="store_true", help="then profile the largest batch of the first size")
     args = parser.parse_args(argv)
     sizes = comma_list(parser, "--sizes", args.sizes, SIZES)

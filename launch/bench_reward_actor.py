@@ -30,6 +30,7 @@ import ray  # noqa: E402
 
 from launch.bench_reward import SIZES, build_model, candidates  # noqa: E402
 from launch.benchmarking import comma_list, command_line, median, table, write_report  # noqa: E402
+from reward.config import HelpFormatter  # noqa: E402
 from rl.config import RewardTerm  # noqa: E402
 from rl.rewards import RewardWorker  # noqa: E402
 
@@ -86,14 +87,14 @@ def batch_sizes_since(actor, seen: int) -> list[int]:
     return ray.get(actor.__ray_call__.remote(lambda worker: worker.batch_sizes[seen:]))
 
 
-def bench_size(size: str, clients: list[int], num_requests: int, request_size: int, max_batch: int, max_wait_s: float, threads: int) -> list[dict]:
+def bench_size(size: str, clients: list[int], num_requests: int, request_size: int, max_batch: int, micro_batch: int, max_wait_s: float, threads: int) -> list[dict]:
     """Rows for one JRM size: one request at a time, then batched with each number of clients, on one actor."""
     with tempfile.TemporaryDirectory() as tmp:
         build_model(size).save_pretrained(tmp)
         actor = (
             ray.remote(RewardWorker)
             .options(max_concurrency=max(clients) + 1)
-            .remote([RewardTerm(name="jrm", spec=f"jrm:{tmp}")], "cpu", max_batch, max_wait_s, threads)
+            .remote([RewardTerm(name="jrm", spec=f"jrm:{tmp}", micro_batch_size=micro_batch)], "cpu", max_batch, max_wait_s, threads)
         )
         ray.get(actor.__ray_ready__.remote())
     n = num_requests * request_size
@@ -118,25 +119,26 @@ def bench_size(size: str, clients: list[int], num_requests: int, request_size: i
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--sizes", default="small", help=f"comma-separated, of {sorted(SIZES)}")
     parser.add_argument("--clients", default="4,16,64", help="concurrent clients of the batched runs")
     parser.add_argument("--requests", type=int, default=128, help="requests per run")
     parser.add_argument("--request-size", type=int, default=1, help="edits per request")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="the actor's max_batch_size (reward.max_batch_size)")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="edits the actor gathers into one call (reward.max_batch_size)")
+    parser.add_argument("--micro-batch-size", type=int, default=64, help="edits the JRM forwards at once (the term's micro_batch_size)")
     parser.add_argument("--max-wait-s", type=float, default=0.05, help="the actor's max_wait_s (reward.max_wait_s)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the actor (default: all cores)")
-    parser.add_argument("--out", default="runs/bench/reward_actor.json")
+    parser.add_argument("--out", default="runs/bench/reward_actor.json", help="where the JSON report goes (settings, machine, results)")
     args = parser.parse_args(argv)
     sizes = comma_list(parser, "--sizes", args.sizes, SIZES)
     clients = comma_list(parser, "--clients", args.clients)
-    if min(args.requests, args.request_size, args.max_batch_size) < 1 or args.max_wait_s < 0:
-        parser.error("--requests, --request-size and --max-batch-size must be positive, --max-wait-s >= 0")
+    if min(args.requests, args.request_size, args.max_batch_size, args.micro_batch_size) < 1 or args.max_wait_s < 0:
+        parser.error("--requests, --request-size, --max-batch-size and --micro-batch-size must be positive, --max-wait-s >= 0")
     threads = args.threads or os.cpu_count()
     env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}}
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False, runtime_env=env)
     try:
-        rows = [row for size in sizes for row in bench_size(size, clients, args.requests, args.request_size, args.max_batch_size, args.max_wait_s, threads)]
+        rows = [row for size in sizes for row in bench_size(size, clients, args.requests, args.request_size, args.max_batch_size, args.micro_batch_size, args.max_wait_s, threads)]
     finally:
         ray.shutdown()
     columns = ["size", "mode", "clients", "edits_s", "speedup", "mean_batch", "p50_ms", "p90_ms", "p99_ms", "empty_call_ms"]

@@ -36,14 +36,14 @@ import torch  # noqa: E402
 from launch.bench_reward import build_model  # noqa: E402
 from launch.benchmarking import PeakMemory, command_line, median, table, write_report  # noqa: E402
 from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig  # noqa: E402
-from reward.config import load_config  # noqa: E402
+from reward.config import HelpFormatter, load_config  # noqa: E402
 from reward.shapeedit import GenerateConfig, generate  # noqa: E402
 from rl.algorithms import MicroTargets  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.learner import Learner  # noqa: E402
 from rl.loop import free_port, train  # noqa: E402
 from rl.prompts import load_prompts, prompts_for_step  # noqa: E402
-from rl.rewards import RewardWorker  # noqa: E402
+from rl.rewards import RewardWorker, Scores, total_rewards  # noqa: E402
 from rl.workers import RolloutWorker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def rl_config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: st
         RLConfig,
         PRESET,
         [
-            f"output_dir={out}", f"policy.path={paths['policy']}", f"reward.terms=[{{name: jrm, spec: 'jrm:{paths['jrm']}'}}]", "reward.gold=''",
+            f"output_dir={out}", f"policy.path={paths['policy']}", f"reward.terms=[{{name: jrm, spec: 'jrm:{paths['jrm']}', micro_batch_size: 64}}]", "reward.gold=''",
             f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}", "data.num_eval=8",
             f"num_steps={steps}", f"eval_every={steps}", f"save_every={steps}", "wandb=false",
             f"cluster.num_rollout_workers={workers}", f"cluster.num_learners={learners}", f"cluster.async_reward={mode == 'async'}",
@@ -164,7 +164,7 @@ def in_process_run(cfg: RLConfig) -> dict:
             group_ids = torch.arange(P).repeat_interleave(G)
             result = worker.rollout(rows, group_ids, algo.micro_batch_size, step, overlap=False)
             t_rollout = time.perf_counter()
-            total = torch.cat([torch.tensor(s.total, dtype=torch.float32) for s in result.scores])
+            total = total_rewards(Scores.cat(result.scores).terms, {t.name: t.weight for t in cfg.reward.terms}, group_ids).total
             targets = learner.algorithm.targets(total, group_ids).values.split(algo.micro_batch_size)
             learner.update(result.rollouts, [MicroTargets(v, cfg.seed * 1_000_003 + step * 1009 + i) for i, v in enumerate(targets)])
             t_update = time.perf_counter()
@@ -183,13 +183,13 @@ def in_process_run(cfg: RLConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="demo", choices=sorted(SIZES))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--size", default="demo", choices=sorted(SIZES), help="policy and reward model sizes")
     parser.add_argument("--steps", type=int, default=4, help="RL steps per run (the first is a warm-up)")
     parser.add_argument("--configs", default="sync-1x1,async-1x1,async-2x1,async-1x2,async-2x2", help="MODE-RxL, MODE sync or async")
     parser.add_argument("--max-wait-s", type=float, default=None, help="the reward actor's batching wait (default: the preset's)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
-    parser.add_argument("--out", default="runs/bench/rl_step.json")
+    parser.add_argument("--out", default="runs/bench/rl_step.json", help="where the JSON report goes (settings, machine, results)")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is a warm-up)")

@@ -30,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from reward.config import HelpFormatter  # noqa: E402
 from reward.compare import Probe, RewardComparison, compare_reward_runs, load_reward_run  # noqa: E402
 from reward.data import DataError  # noqa: E402
 from rl.compare import CompareError, GroupSummary, Run, Signal, band, load_run, summarise  # noqa: E402
@@ -304,12 +305,12 @@ def compare(run_args: list[str], out: str | Path, reward_args: list[str] = (), p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("runs", nargs="*", help="RL run folders of launch/grpo_edit.py, as DIR or LABEL=DIR")
     parser.add_argument("--out", required=True, help="folder for report.md/.html, the PNGs and summary.json")
     parser.add_argument("--reward-runs", nargs="+", default=[], help="run folders of reward/train.py, as DIR or LABEL=DIR")
-    parser.add_argument("--probe", help="pairs file (EditReward-Data json) the reward models are compared on")
-    parser.add_argument("--probe-pairs", type=int, default=200, help="non-tied probe pairs used (default 200)")
+    parser.add_argument("--probe", help="pairs file (EditReward-Data json) the reward models are compared on (default: none; --reward-runs needs one)")
+    parser.add_argument("--probe-pairs", type=int, default=200, help="non-tied probe pairs used")
     parser.add_argument("--smooth", type=int, default=5, help="moving-average window of the per-step curves (figures only)")
     parser.add_argument("--gold-tolerance", type=float, default=0.02, help="gold drop treated as noise for runs without logged standard errors")
     args = parser.parse_args(argv)

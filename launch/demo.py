@@ -27,6 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/demo.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from reward.config import HelpFormatter
 from reward.shapeedit import SPLITS, GenerateConfig, generate
 from reward.shapeedit.sheet import contact_sheet
 
@@ -82,7 +83,7 @@ class RayCluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="run folder (its data/ is regenerated)")
     parser.add_argument("--quick", action="store_true", help="every stage shortened: a smoke run of the whole path")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the reward models and the policy")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (folder, _) in rewards.items():
             for seed in range(args.seeds):
                 run_dir = out / "grpo" / f"{name}-seed{seed}"
-                overrides = [f"output_dir={run_dir}", f"seed={seed}", f"policy.path={policy}", f"reward.terms=[{{name: {name}, spec: 'jrm:{folder / 'final'}'}}]",
+                overrides = [f"output_dir={run_dir}", f"seed={seed}", f"policy.path={policy}", f"reward.terms=[{{name: {name}, spec: 'jrm:{folder / 'final'}', micro_batch_size: 64}}]",
                              f"reward.gold=oracle:{data_dir}", f"data.train_prompts={data_dir / 'train_prompts.json'}", f"data.eval_prompts={data_dir / 'test_heldout_prompts.json'}"]
                 if args.quick:
                     overrides += ["num_steps=3", "eval_every=1", "save_every=3", "data.num_eval=16"]

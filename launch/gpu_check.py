@@ -61,7 +61,7 @@ from policies.adapters import TrainableConfig  # noqa: E402
 from policies.kontext import FluxKontextPolicy, tiny_tokenizers  # noqa: E402
 from policies.rollout import Rollout  # noqa: E402
 from reward.backbone import ImageOnlyProcessor, build_tiny_tokenizer  # noqa: E402
-from reward.config import load_config  # noqa: E402
+from reward.config import HelpFormatter, load_config  # noqa: E402
 from reward.generative import GenerativeJudge  # noqa: E402
 from reward.model import DTYPES, JRM, JRMArgs  # noqa: E402
 from rl.algorithms import MicroTargets  # noqa: E402
@@ -473,7 +473,9 @@ def run_kontext(preset: Preset, device: str, args: argparse.Namespace) -> dict:
     """Build FLUX.1 Kontext once; the rollout row, then the learner row on that rollout (as --only asks)."""
     cfg = learner_config(preset, device, args.steps)
     start = time.perf_counter()
-    trainable = TrainableConfig(lora_rank=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha, gradient_checkpointing=args.gradient_checkpointing)
+    trainable = TrainableConfig(
+        lora_rank=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha, lora_targets=cfg.policy.lora_targets, gradient_checkpointing=args.gradient_checkpointing
+    )
     policy = build_kontext(preset, device, trainable)
     sync(device)
     results = {"kontext_build": {"seconds": time.perf_counter() - start}}
@@ -535,10 +537,10 @@ def failures(results: dict, names: list[str]) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Preset]:
     """The options with their size-dependent defaults filled in, and the preset; a usage error for bad ones."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, float32, CPU by default: the code path in seconds")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda for real sizes, cpu with --tiny)")
-    parser.add_argument("--out", default="runs/bench/gpu_check.json")
+    parser.add_argument("--out", default="runs/bench/gpu_check.json", help="where the JSON report goes (settings, machine, results)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s for MFU (default: from the card's name)")
     parser.add_argument("--steps", type=int, default=None, help="rollout denoising steps, 6-12 (default 8; 3 with --tiny)")
     parser.add_argument("--batch", type=int, default=None, help="JRM pairs per forward (default 32; 4 with --tiny)")

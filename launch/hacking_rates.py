@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as `python launch/hacking_rates.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from launch.benchmarking import command_line, table, write_report  # noqa: E402
+from reward.config import HelpFormatter  # noqa: E402
 from rl.compare import TOLERANCE_SEMS, hacking_rates  # noqa: E402
 
 EVALUATIONS = (7, 14, 21)
@@ -25,10 +26,10 @@ DROPS = (0.0, 0.02, 0.04, 0.06)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=1000, help="simulated runs per cell (default 1000)")
-    parser.add_argument("--prompts", type=int, default=32, help="evaluation prompts per run (default 32, the demo's)")
-    parser.add_argument("--jitter", type=float, default=0.05, help="sd of a prompt's score change between evaluations (default 0.05)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--runs", type=int, default=1000, help="simulated runs per cell")
+    parser.add_argument("--prompts", type=int, default=32, help="evaluation prompts per run (the demo's number)")
+    parser.add_argument("--jitter", type=float, default=0.05, help="sd of a prompt's score change between evaluations")
     parser.add_argument("--out", default="docs/results/hacking_rates.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     rows = []

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as `python launch/jrm_shapeedit.py`: import
 import numpy as np
 
 from launch.benchmarking import comma_list, command_line, machine, table
+from reward.config import HelpFormatter
 from reward.evaluate import evaluate
 from reward.model import JRM, JRMArgs
 from reward.pretrain_backbone import locate_error
@@ -170,7 +171,7 @@ def ablation_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (the main table needs >= 3)")
     parser.add_argument("--models", default="jrm,lambda0,generative", help="which reward models to train")
     parser.add_argument("--steps", type=int, default=1600, help="training steps of each reward model")

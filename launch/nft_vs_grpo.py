@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as `python launch/nft_vs_grpo.py`
 import numpy as np  # noqa: E402
 
 from launch.benchmarking import command_line, machine, table  # noqa: E402
-from reward.config import load_config  # noqa: E402
+from reward.config import HelpFormatter, load_config  # noqa: E402
 from rl.compare import load_run, run_signal  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 
@@ -77,7 +77,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="runs per algorithm and reward (default 3)")
     parser.add_argument("--steps", type=int, default=20, help="RL steps per run (default 20)")
     parser.add_argument("--data", default="runs/jrm_shapeedit/data", help="ShapeEdit data folder (python -m reward.shapeedit generate)")

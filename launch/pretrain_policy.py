@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 from diffusers.training_utils import EMAModel
+from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from policies.images import tensor_to_images
@@ -70,6 +71,8 @@ class PretrainConfig:
     """Evaluation prompts per split."""
     eval_steps: int = 10
     """ODE steps when sampling for evaluation."""
+    progress: bool = True
+    """A progress bar over the steps, on stderr when it is a terminal (the log lines every 50 steps print either way)."""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_steps < 1:
@@ -127,6 +130,12 @@ def evaluate(policy: ShapeEditPolicy, prompts: list[dict], num_steps: int, batch
     return {k: v / len(prompts) for k, v in totals.items()}
 
 
+def say(line: str) -> None:
+    """A log line on stdout, above the progress bar, flushed (the log may be a file)."""
+    tqdm.write(line)
+    sys.stdout.flush()
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train, evaluate and save; returns the last evaluation."""
     out = Path(cfg.output_dir)
@@ -173,11 +182,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
         policy.transformer.train()
         policy.text_encoder.train()
         log(result)
-        print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+        say(" ".join(f"{k}={v}" for k, v in result.items()))
         return result
 
     trained_s, step, loss_sum = 0.0, 0, 0.0
     result = run_eval(0)
+    bar = tqdm(total=cfg.max_steps, desc="pretraining", unit="step", disable=None if cfg.progress else True)  # None: on a terminal only
     while step < cfg.max_steps and not (cfg.max_minutes and trained_s > cfg.max_minutes * 60):
         start = time.perf_counter()
         source, target, instructions = draw_batch(rng, cfg)
@@ -190,16 +200,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if ema is not None:
             ema.step(params)
         step += 1
+        bar.update(1)
         trained_s += time.perf_counter() - start
         loss_sum += loss.item()
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"the flow-matching loss became {loss.item()} at step {step}; lower lr (now {cfg.lr})")
         if step % 50 == 0:
             log({"step": step, "train/loss": loss_sum / 50, "train/grad_norm": float(grad_norm), "train/lr": schedule.get_last_lr()[0], "perf/trained_s": trained_s})
-            print(f"step {step} loss {loss_sum / 50:.4f} ({trained_s:.0f} s)", flush=True)
+            say(f"step {step} loss {loss_sum / 50:.4f} ({trained_s:.0f} s)")
             loss_sum = 0.0
         if step % cfg.eval_every == 0:
             result = run_eval(step)
+    bar.close()
     if result["step"] != step:
         result = run_eval(step)
     if ema is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,24 +26,32 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: a pipeline's 
 @dataclass
 class TrainableConfig:
     lora_rank: int = 32
-    """LoRA rank; 0 = full fine-tune (every weight trained, a frozen copy kept as the reference)."""
+    """Rank of the LoRA adapters; 0 trains every weight (a frozen copy is kept as the KL reference)."""
     lora_alpha: float = 64.0
-    """LoRA alpha (the update is scaled by alpha / rank)."""
-    lora_targets: list[str] = field(default_factory=list)
-    """Module names to adapt; empty = the policy's own default list."""
+    """LoRA scaling numerator (the update is scaled by alpha / rank)."""
+    lora_targets: str = ""
+    """Regex of the modules that get adapters, matched against whole module names (peft's target_modules as a
+    string, as the reward model's model.lora_targets); '' = the policy's own default. No lora_dropout: the
+    sampler and the learner must compute the same log-probs (the on-policy ratio is exactly 1)."""
     gradient_checkpointing: bool = False
     """Recompute the network's activations in the backward pass instead of keeping them (diffusers'
     enable_gradient_checkpointing): the 12B+ editors need it to train at 512x512 on an 80 GB GPU."""
 
     def __post_init__(self):
         if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
+            raise ValueError(f"lora_rank must be >= 0 (0 trains every weight), got {self.lora_rank}")
+        if not isinstance(self.lora_targets, str):
+            raise ValueError(f"lora_targets must be a regex string ('' = the policy's default), got {self.lora_targets!r}")
+        try:
+            re.compile(self.lora_targets)
+        except re.error as e:
+            raise ValueError(f"lora_targets {self.lora_targets!r} is not a regex: {e}") from None
 
 
 class Trainable:
     """The trained part of one network: which parameters, their state for weight sync, the reference."""
 
-    def __init__(self, net: nn.Module, cfg: TrainableConfig, default_targets: list[str]):
+    def __init__(self, net: nn.Module, cfg: TrainableConfig, default_targets: str):
         self.net = net
         self.cfg = cfg
         net.requires_grad_(False)

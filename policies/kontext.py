@@ -34,21 +34,12 @@ from policies.rollout import Rollout, shared
 from policies.sampling import SamplerConfig, stochastic_steps
 from policies.sde import StepOutput, sde_step_with_logprob
 
-# Attention of both block kinds (single blocks have attn.to_q/k/v too) and the double blocks' feed-forwards.
-LORA_TARGETS = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-]
+# Regex (peft's target_modules, matched against whole module names): attention of both block kinds (single
+# blocks have attn.to_q/k/v too) and the double blocks' feed-forwards.
+LORA_TARGETS = (
+    r".*\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2)"
+)
 DEFAULT_GUIDANCE = 2.5  # FLUX.1 Kontext's recommended guidance embedding
 CONFIG_FILE = "policy.json"
 

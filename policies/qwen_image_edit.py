@@ -42,11 +42,11 @@ PLUS_TEXT_ENCODER_AREA = 384 * 384
 """Pixel area QwenImageEditPlusPipeline resizes the source image to for the text encoder."""
 PLUS_IMAGE_PROMPT = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
 """What QwenImageEditPlusPipeline puts before the instruction for a single input image."""
-DEFAULT_LORA_TARGETS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
-]  # fmt: skip
+DEFAULT_LORA_TARGETS = (
+    r".*\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|img_mlp\.net\.0\.proj|img_mlp\.net\.2|txt_mlp\.net\.0\.proj|txt_mlp\.net\.2)"
+)
+"""Regex (peft's target_modules, matched against whole module names): attention and both streams' MLPs."""
 CONFIG_FILE = "qwen_image_edit_policy.json"
 
 

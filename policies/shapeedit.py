@@ -31,7 +31,8 @@ from policies.sampling import SamplerConfig, stochastic_steps
 from policies.sde import StepOutput, sde_step_with_logprob
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # [EOS] is not id 2: CLIP treats eos id 2 as legacy
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2"]
+# Regex (peft's target_modules, matched against whole module names): attention and the image stream's feed-forward.
+LORA_TARGETS = r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|ff\.net\.0\.proj|ff\.net\.2)"
 
 
 @dataclass

@@ -1,14 +1,20 @@
 """Strict, typed configuration: dataclasses filled from a YAML preset and `a.b=c` command-line overrides.
 
 An unknown key is an error that lists the valid ones; a value of the wrong type is an error that names
-the key. `rl/` and `launch/` reuse `load_config` for their own dataclasses.
+the key; each dataclass checks its values in `__post_init__`. `--help` of an entry point lists every key
+with its default and the docstring under its field (`config_help`). `rl/` and `launch/` reuse `load_config`
+for their own dataclasses, and the flag-driven entry points `HelpFormatter`.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import inspect
 import re
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -162,13 +168,108 @@ def save_config(obj: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False))
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of dataclass `cls`: the string literal under each field, read from the source
+    of the class and of its dataclass bases (a subclass's own docstring wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)
+            ):  # fmt: skip
+                docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return docs
+
+
+@dataclasses.dataclass
+class ConfigKey:
+    """One key of a config as --help lists it."""
+
+    key: str  # dotted, as overrides spell it: model.lora_rank; reward.terms[].name for the fields of list items
+    default: Any  # dataclasses.MISSING when the key is required
+    doc: str  # the field's docstring on one line; '' for the default keys of a dict-valued field
+
+
+def config_keys(cls: type, defaults: Any = None, prefix: str = "") -> list[ConfigKey]:
+    """Every key of dataclass `cls` with its default and doc, depth first: nested dataclasses are expanded,
+    a list of dataclasses by its items' fields (`terms[].name`), and a dict-valued field by its default keys.
+
+    Args:
+        defaults: the instance whose values are the defaults (a nested field's default_factory may differ
+            from its class's defaults); None: `cls()`, or the fields' own defaults when `cls` has required fields.
+    """
+    if defaults is None:
+        try:
+            defaults = cls()
+        except TypeError:  # required fields
+            defaults = None
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if defaults is not None:
+            value = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = dataclasses.MISSING
+        key, kind = prefix + f.name, hints[f.name]
+        keys.append(ConfigKey(key, value, docs.get(f.name, "")))
+        if dataclasses.is_dataclass(kind):
+            keys += config_keys(kind, value, f"{key}.")
+        elif typing.get_origin(kind) is list and dataclasses.is_dataclass(item := typing.get_args(kind)[0]):
+            keys += config_keys(item, None, f"{key}[].")
+        elif isinstance(value, dict):
+            keys += [ConfigKey(f"{key}.{k}", v, "") for k, v in value.items()]
+    return keys
+
+
+def config_help(cls: type, doc: str) -> str:
+    """--help of a config-driven entry point: the summary and usage lines of its docstring `doc` (its first
+    two paragraphs), then every key of `cls` with its default and doc."""
+    usage = "\n\n".join(doc.strip().split("\n\n")[:2])
+    lines = [usage, "", "keys (set them in --config FILE.yaml or as key=value; the list items' fields take YAML mappings):"]
+    for k in config_keys(cls):
+        if dataclasses.is_dataclass(k.default) or (isinstance(k.default, dict) and k.default):  # a section: its keys follow
+            lines.append(f"  {k.key}:")
+        else:
+            lines.append(f"  {k.key} " + ("(required)" if k.default is dataclasses.MISSING else f"= {yaml_value(k.default)}"))
+        if k.doc:
+            lines += textwrap.wrap(k.doc, 110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def yaml_value(value: Any) -> str:
+    """A default as YAML writes it inline (true, null, [a, b], {k: v}): what an override or a preset would say."""
+    plain = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value] if isinstance(value, list) else value
+    return yaml.safe_dump(plain, default_flow_style=True, sort_keys=False, width=10**6).strip().removesuffix("...").strip()
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse help for the entry points that take flags: the docstring as written, and every option's
+    default after its help (unless the help already says it, the option is required, or the default is None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "default" in help or action.required or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return help
+        return f"{help} (default: %(default)s)"
+
+
 def config_from_cli(cls: type[T], argv: list[str], doc: str) -> T:
     """`[--config FILE.yaml] [key.sub=value ...]` -> a config, for the entry points' main().
 
-    -h/--help prints `doc` and exits 0; a bad file, key or value prints the error and exits 2.
+    -h/--help prints `doc`'s usage lines and every key with its default and doc (config_help) and exits 0;
+    a bad file, key or value prints the error and exits 2.
     """
     if argv and argv[0] in ("-h", "--help"):
-        print(doc)
+        print(config_help(cls, doc))
         raise SystemExit(0)
     config_path = None
     if argv and argv[0] == "--config":

@@ -77,7 +77,7 @@ class PretrainConfig:
     trainer: dict = field(default_factory=lambda: dict(DEFAULT_TRAINER))
     """transformers TrainingArguments (learning_rate, max_steps, per_device_train_batch_size, ...)."""
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown or not self.tasks:
             raise ValueError(f"tasks must be a non-empty list of {list(TASKS)}, got {self.tasks}")
@@ -188,7 +188,6 @@ def settings(cfg: PretrainConfig) -> dict:
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Pretrain (or reuse) the backbone in cfg.output_dir; returns what pretrain.json holds."""
-    cfg.validate()
     out = Path(cfg.output_dir)
     done = out / DONE_FILE
     if done.is_file():

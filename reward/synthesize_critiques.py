@@ -22,8 +22,10 @@ if __package__ in (None, ""):  # run as `python reward/synthesize_critiques.py`:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
+from tqdm import tqdm
 
 from reward.backbone import load_backbone
+from reward.config import HelpFormatter
 from reward.data import DataError, field, load_image, read_rows
 
 TEACHER_PROMPT = (
@@ -79,8 +81,12 @@ class Teacher:
         return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def synthesize(data: Path, teacher: Teacher, out: Path, batch_size: int = 4, limit: int = 0) -> int:
-    """Fill rationale1/rationale2 of every row; returns how many rows were written in this call."""
+def synthesize(data: Path, teacher: Teacher, out: Path, batch_size: int = 4, limit: int = 0, progress: bool = True) -> int:
+    """Fill rationale1/rationale2 of every row; returns how many rows were written in this call.
+
+    `progress`: a progress bar over the rows (those written by earlier runs count as done), on stderr when it
+    is a terminal.
+    """
     rows = read_rows(data)
     partial = out.with_suffix(out.suffix + ".partial.jsonl")
     done: dict[int, dict] = {}
@@ -93,6 +99,8 @@ def synthesize(data: Path, teacher: Teacher, out: Path, batch_size: int = 4, lim
     if limit:
         todo = todo[:limit]
     written = 0
+    # rows done in earlier runs count from the start; None: the bar shows on a terminal only
+    bar = tqdm(total=len(done) + len(todo), initial=len(done), desc="critiques", unit="row", disable=None if progress else True)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         jobs = []
@@ -117,6 +125,8 @@ def synthesize(data: Path, teacher: Teacher, out: Path, batch_size: int = 4, lim
                 f.write(json.dumps(record) + "\n")
                 done[i] = record
                 written += 1
+        bar.update(len(chunk))
+    bar.close()
     if len(done) == len(rows):
         for i, row in enumerate(rows):
             row["rationale1"], row["rationale2"] = done[i]["rationale1"], done[i]["rationale2"]
@@ -126,18 +136,19 @@ def synthesize(data: Path, teacher: Teacher, out: Path, batch_size: int = 4, lim
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", required=True, help="EditReward-Data json (paths relative to its folder)")
     parser.add_argument("--teacher", required=True, help="local path (or hub id) of a Qwen-VL instruct model")
     parser.add_argument("--out", required=True, help="output json; write it beside --data so image paths still resolve")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=384)
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per generate() call (two candidates each)")
+    parser.add_argument("--max-new-tokens", type=int, default=384, help="critique tokens the teacher may write")
     parser.add_argument("--limit", type=int, default=0, help="stop after this many rows (resume later)")
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the teacher checkpoint to run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on stderr when that is a terminal)")
     args = parser.parse_args(argv)
     try:
         teacher = Teacher(args.teacher, args.max_new_tokens, args.trust_remote_code)
-        n = synthesize(Path(args.data), teacher, Path(args.out), args.batch_size, args.limit)
+        n = synthesize(Path(args.data), teacher, Path(args.out), args.batch_size, args.limit, progress=not args.no_progress)
     except (DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -58,7 +58,7 @@ class DecodeConfig:
     batch_size: int = 16
     """Candidates per generate() call."""
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.batch_size < 1:
             raise ValueError(f"decode.max_new_tokens ({self.max_new_tokens}) must be >= 0 and decode.batch_size ({self.batch_size}) >= 1")
 

@@ -24,9 +24,12 @@ class PolicyConfig:
     dtype: str = "float32"
     """Weights dtype: float32 or bfloat16 (the SDE math and the adapters are float32 either way)."""
     lora_rank: int = 16
-    """LoRA rank; 0 = full fine-tune."""
+    """Rank of the LoRA adapters on the denoiser; 0 trains every weight (a frozen copy is the KL reference)."""
     lora_alpha: float = 32.0
-    """LoRA alpha."""
+    """LoRA scaling numerator (the update is scaled by alpha / rank)."""
+    lora_targets: str = ""
+    """Regex of the denoiser modules that get adapters, matched against whole module names (peft's
+    target_modules, as the reward model's model.lora_targets); '' = the policy's default (attention and MLPs)."""
     gradient_checkpointing: bool = False
     """Recompute the denoiser's activations in the learner's backward (FLUX.1 Kontext and Qwen-Image-Edit need
     it at 512x512 on an 80 GB GPU: docs/performance.md); rollouts run without gradients and are unaffected."""
@@ -57,7 +60,17 @@ class RewardTerm:
     weight: float = 1.0
     """Weight in the total reward."""
     required: bool = True
-    """A required term that fails stops the run (with a checkpoint); an optional one scores 0 and is counted."""
+    """A required term that fails stops the run (with a checkpoint). An optional one that raises, or returns None
+    for an edit, leaves that edit unscored: its whole GRPO group is then scored without this term (the term's
+    weight dropped for the group), counted in rollout/reward_errors_<name> (edits) and
+    rollout/reward_dropped_groups_<name>."""
+    micro_batch_size: int = 16
+    """Edits this term forwards at once (its memory bound; JRM scores do not depend on it). The reward actor's
+    calls of up to reward.max_batch_size edits are split into these."""
+
+    def __post_init__(self):
+        if not self.name or self.micro_batch_size < 1:
+            raise ValueError(f"reward term {self.name!r}: name must be non-empty and micro_batch_size >= 1, got {self.micro_batch_size}")
 
 
 @dataclass
@@ -67,7 +80,8 @@ class RewardConfig:
     gold: str = ""
     """Held-out judge for evaluation only (oracle:SHAPEEDIT_DIR on ShapeEdit); '' = none."""
     max_batch_size: int = 64
-    """The reward actor scores up to this many edits in one call ..."""
+    """The reward actor gathers up to this many edits from the rollout workers into one call (each term then
+    forwards them in micro-batches of its micro_batch_size); evaluation sends edits in requests of this size ..."""
     max_wait_s: float = 0.05
     """... waiting at most this long for more requests to fill a batch (counted from when the actor is free:
     requests that arrive during a call go into the next one)."""
@@ -75,6 +89,13 @@ class RewardConfig:
     """Per-call timeout of a scoring request."""
     retries: int = 2
     """Retries after a timeout before the run stops."""
+
+    def __post_init__(self):
+        names = [t.name for t in self.terms]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"reward.terms need distinct names and at least one term, got {names}")
+        if self.max_batch_size < 1 or self.max_wait_s < 0:
+            raise ValueError(f"reward.max_batch_size must be >= 1 and reward.max_wait_s >= 0, got {self.max_batch_size} and {self.max_wait_s}")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from rl.config import RLConfig
 from rl.learner import Learner
 from rl.logger import MetricsLogger
 from rl.prompts import load_prompts, prompts_for_step
-from rl.rewards import RewardWorker, Scores, build_reward
+from rl.rewards import RewardWorker, Scores, build_reward, total_rewards
 from rl.workers import RolloutWorker
 
 
@@ -156,6 +156,15 @@ def _release(release, what) -> None:
         print(f"cleanup: {type(e).__name__}: {e}", flush=True)
 
 
+def term_means(prefix: str, scores: Scores) -> dict:
+    """{prefix}/reward_<term>: each term's mean over the edits it scored (nan when it scored none)."""
+    means = {}
+    for name, values in scores.terms.items():
+        scored = [v for v in values if v is not None]
+        means[f"{prefix}/reward_{name}"] = float(np.mean(scored)) if scored else float("nan")
+    return means
+
+
 def save_grid(path: Path, sources: torch.Tensor, edits: torch.Tensor, rows: int = 8) -> None:
     """A PNG with source | edit pairs side by side, `rows` of them."""
     srcs, outs = tensor_to_images(sources[:rows]), tensor_to_images(edits[:rows])
@@ -180,6 +189,7 @@ def train(cfg: RLConfig) -> dict:
     if skipped or eval_skipped:
         print(f"skipped bad prompt rows: {skipped} of {cfg.data.train_prompts}, {eval_skipped} of {cfg.data.eval_prompts}", flush=True)
     gold = build_reward(cfg.reward.gold) if cfg.reward.gold else None
+    weights = {t.name: t.weight for t in cfg.reward.terms}
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
     found = checkpoint.complete_checkpoints(run_dir)
     if found and resume_from != found[-1]:
@@ -220,11 +230,11 @@ def train(cfg: RLConfig) -> dict:
             edited = tensor_to_images(edits)
             n = cfg.reward.max_batch_size  # scored in batches, like rollouts: one timeout per batch
             chunks = [reward_client.submit(eval_sources[i : i + n], eval_instructions[i : i + n], edited[i : i + n]) for i in range(0, len(edited), n)]
-            results = [reward_client.result(c) for c in chunks]
-            total = [x for r in results for x in r.total]
+            scored = Scores.cat([reward_client.result(c) for c in chunks])
+            total = total_rewards(scored.terms, weights, torch.arange(len(edited))).total.tolist()  # each edit its own group
             # the standard errors let rl/compare.py tell a real drop from evaluation noise
             row = {"eval/reward_mean": float(np.mean(total)), "eval/reward_sem": _standard_error(total)}
-            row.update({f"eval/reward_{k}": float(np.mean([x for r in results for x in r.terms[k]])) for k in results[0].terms})
+            row.update(term_means("eval", scored))
             gold_scores = None
             if gold is not None:
                 gold_scores = gold.score(eval_sources, eval_instructions, edited).numpy()
@@ -300,8 +310,9 @@ def train(cfg: RLConfig) -> dict:
                     raise RuntimeError(f"step {step}: a rollout worker is gone for good ({type(e).__name__}); resume=auto continues from the checkpoint") from e
                 continue
             redos = 0
-            scores = [s for res in results for s in res.scores]
-            total = torch.cat([torch.tensor(s.total, dtype=torch.float32) for s in scores])
+            scored = Scores.cat([s for res in results for s in res.scores])  # rows in the order of group_ids
+            reward = total_rewards(scored.terms, weights, group_ids)  # an optional term missing in a group: left out of all of it
+            total = reward.total
             if not torch.isfinite(total).all():
                 bad_steps += 1
                 step += 1
@@ -355,13 +366,9 @@ def train(cfg: RLConfig) -> dict:
                     "perf/step_s": t_sync - t0,
                 }
             )
-            for name in scores[0].terms:
-                row[f"rollout/reward_{name}"] = float(np.mean([x for s in scores for x in s.terms[name]]))
-            errors = {}
-            for s in scores:
-                for k, v in s.errors.items():
-                    errors[k] = errors.get(k, 0) + v
-            row.update({f"rollout/reward_errors_{k}": v for k, v in errors.items()})
+            row.update(term_means("rollout", scored))
+            row.update({f"rollout/reward_errors_{k}": v for k, v in scored.errors.items()})
+            row.update({f"rollout/reward_dropped_groups_{k}": v for k, v in reward.dropped_groups.items() if k in scored.errors})
             logger.log(step, row)
             shown = (
                 f"clipfrac {row['train/clipfrac']:.3f} kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}]"

@@ -1,11 +1,17 @@
-"""The reward side of RL: named reward terms, and the worker that scores edits in batches.
+"""The reward side of RL: named reward terms, the worker that scores edits in batches, and their weighted sum.
 
 A term is anything with reward's `score(source_images, instructions, edited_images, batch_size)`:
 JRM (`jrm:PATH`), the generative judge (`generative:PATH`), the ShapeEdit oracle (`oracle:DIR`) or the
-source-preservation term below. The worker's `score_batched` gathers requests from all rollout workers
-(up to `max_batch_size` edits or `max_wait_s`) and scores them in one call; requests that arrive while a call
-runs wait for it and go together into the next. It is a plain asyncio method, so the same class runs in a
-unit test and as a Ray async actor.
+source-preservation term below; it forwards `batch_size` (the term's `micro_batch_size`) edits at a time.
+The worker's `score_batched` gathers requests from all rollout workers (up to `max_batch_size` edits or
+`max_wait_s`) and scores them in one call; requests that arrive while a call runs wait for it and go together
+into the next. It is a plain asyncio method, so the same class runs in a unit test and as a Ray async actor.
+
+An optional term that cannot score an edit gives None for it (TRL's convention for reward functions: not
+applicable); one that raises gives None for every edit of the call. The worker returns each term's scores;
+the driver sums them with `total_rewards`, which knows the GRPO groups and leaves a term out of every row of
+a group where it is missing for any row (scoring rows of one group with different terms would invent
+advantages).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
 from reward.evaluate import load_reward
 from rl.config import RewardTerm
@@ -46,15 +53,63 @@ def build_reward(spec: str, device: str = "cpu"):
 
 @dataclass
 class Scores:
-    total: list[float]  # the weighted sum, one per edit
-    terms: dict[str, list[float]]  # each term's raw score, by name
-    errors: dict[str, int]  # failures of optional terms in this call (scored 0)
+    terms: dict[str, list[float | None]]  # each term's raw score per edit, by name; None: the (optional) term could not score it
+    errors: dict[str, int]  # per optional term, the edits it could not score (only terms with some)
+
+    @staticmethod
+    def cat(parts: list[Scores]) -> Scores:
+        """The scores of consecutive batches as one (terms concatenated in order, errors added)."""
+        errors: dict[str, int] = {}
+        for p in parts:
+            for name, n in p.errors.items():
+                errors[name] = errors.get(name, 0) + n
+        return Scores({name: [x for p in parts for x in p.terms[name]] for name in parts[0].terms}, errors)
+
+
+@dataclass
+class RewardTotal:
+    total: Tensor  # (B,) float32: the weighted sum of the terms each row's group kept
+    dropped_groups: dict[str, int]  # per term, the groups scored without it (one of their rows lacked its score)
+
+
+def total_rewards(terms: dict[str, list[float | None]], weights: dict[str, float], group_ids: Tensor) -> RewardTotal:
+    """The reward of each row: the weighted sum of its terms, a term left out of a whole group when it is
+    missing (None) for any row of the group.
+
+    GRPO's advantages compare the rows of a group, so every row of a group must be scored by the same terms:
+    a group that lacks a term is scored exactly as if the term were absent (its weight dropped for that
+    group), and the other groups keep it. A NaN score is not "missing": it stays, and the driver skips the step.
+
+    Args:
+        terms: name -> B scores (floats, or None where the term could not score the row).
+        weights: name -> the term's weight.
+        group_ids: (B,) int, rows with one id form a group (edits of one prompt); `torch.arange(B)` scores rows alone.
+    Returns:
+        RewardTotal: the (B,) totals and, per term, how many groups went without it.
+    """
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inverse.max()) + 1 if len(inverse) else 0
+    total = torch.zeros(len(group_ids), dtype=torch.float64)
+    dropped = {}
+    for name, values in terms.items():
+        if len(values) != len(group_ids):
+            raise ValueError(f"reward term {name!r} has {len(values)} scores for {len(group_ids)} rows")
+        missing = torch.tensor([v is None for v in values], dtype=torch.bool)
+        group_lacks = torch.zeros(num_groups, dtype=torch.bool)
+        group_lacks[inverse[missing]] = True
+        kept = ~group_lacks[inverse]
+        scores = torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float64)
+        total += torch.where(kept, weights[name] * scores, 0.0)
+        dropped[name] = int(group_lacks.sum())
+    return RewardTotal(total.float(), dropped)
 
 
 class RewardWorker:
     """Scores edits with every term; batches concurrent requests (see module docstring)."""
 
     def __init__(self, terms: list[RewardTerm], device: str = "cpu", max_batch_size: int = 64, max_wait_s: float = 0.05, threads: int = 0):
+        """`max_batch_size`: edits gathered into one call (reward.max_batch_size); each term then forwards them
+        `term.micro_batch_size` at a time."""
         if threads:
             torch.set_num_threads(threads)
         names = [t.name for t in terms]
@@ -70,23 +125,33 @@ class RewardWorker:
         self.batch_sizes: list[int] = []
 
     def score(self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]) -> Scores:
-        """Every term on this batch, now. A required term that raises propagates; an optional one scores 0."""
-        total = np.zeros(len(edited_images))
+        """Every term on this batch, now. A required term that raises propagates, and one that gives None for an
+        edit raises; an optional term that raises gives None for every edit (printed and counted)."""
+        n = len(edited_images)
         terms, errors = {}, {}
         for term, reward in self.terms:
             try:
-                values = reward.score(source_images, instructions, edited_images, batch_size=self.max_batch_size).float().numpy()
-                if values.shape != (len(edited_images),):
-                    raise ValueError(f"reward term {term.name!r} returned shape {values.shape} for {len(edited_images)} edits")
-            except Exception:
+                values = reward.score(source_images, instructions, edited_images, batch_size=term.micro_batch_size)
+                if isinstance(values, torch.Tensor):
+                    if values.shape != (n,):
+                        raise ValueError(f"reward term {term.name!r} returned shape {tuple(values.shape)} for {n} edits")
+                    values = values.float().tolist()
+                values = [None if v is None else float(v) for v in values]
+                if len(values) != n:
+                    raise ValueError(f"reward term {term.name!r} returned {len(values)} scores for {n} edits")
+            except Exception as e:
                 if term.required:
                     raise
-                values = np.zeros(len(edited_images))
-                errors[term.name] = errors.get(term.name, 0) + len(edited_images)
-            terms[term.name] = values.tolist()
-            total += term.weight * values
-        self.batch_sizes.append(len(edited_images))
-        return Scores(total.tolist(), terms, errors)
+                print(f"optional reward term {term.name!r} failed on {n} edits (left out of their groups): {type(e).__name__}: {e}", flush=True)
+                values = [None] * n
+            missing = sum(v is None for v in values)
+            if missing and term.required:
+                raise ValueError(f"required reward term {term.name!r} could not score {missing} of {n} edits (returned None)")
+            if missing:
+                errors[term.name] = missing
+            terms[term.name] = values
+        self.batch_sizes.append(n)
+        return Scores(terms, errors)
 
     async def score_batched(self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]) -> Scores:
         """Like score(), but requests arriving together are scored in one call.
@@ -142,10 +207,9 @@ class RewardWorker:
         start = 0
         for p in pending:
             n = len(p[0])
-            part = Scores(scores.total[start : start + n], {k: v[start : start + n] for k, v in scores.terms.items()}, {})
-            if start == 0:
-                part.errors = scores.errors  # counted once
+            terms = {k: v[start : start + n] for k, v in scores.terms.items()}
+            errors = {k: missing for k, v in terms.items() if (missing := sum(x is None for x in v))}
             if not p[3].done():
-                p[3].set_result(part)
+                p[3].set_result(Scores(terms, errors))
             start += n
 

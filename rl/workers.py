@@ -26,7 +26,9 @@ from rl.rewards import Scores
 
 def build_policy(cfg: PolicyConfig, seed: int):
     """The policy named by the config, with fresh LoRA adapters drawn from `seed` (identical in every actor)."""
-    trainable = TrainableConfig(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing)
+    trainable = TrainableConfig(
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets, gradient_checkpointing=cfg.gradient_checkpointing
+    )
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     torch.manual_seed(seed)
     if cfg.kind == "shapeedit":

@@ -59,7 +59,7 @@ class GenerateConfig:
     overwrite: bool = False
     """Allow writing into a non-empty --out."""
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.pairs < 1:
             raise ValueError(f"pairs must be at least 1, got {self.pairs}")
         if not 16 <= self.size <= 1024:
@@ -71,11 +71,6 @@ class GenerateConfig:
             raise ValueError(f"split fractions must be >= 0 and leave room for train; got {fractions}")
         if not 0 <= self.compose_probability <= 1:
             raise ValueError(f"compose_probability must lie in [0, 1], got {self.compose_probability}")
-        out = Path(self.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} exists and is not a folder")
-        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
-            raise ValueError(f"--out {out} is not empty; choose another folder or pass --overwrite")
 
 
 def split_sizes(cfg: GenerateConfig) -> dict[str, int]:
@@ -167,9 +162,15 @@ def make_prompt(rng: np.random.Generator, cfg: GenerateConfig) -> Prompt | None:
 
 
 def generate(cfg: GenerateConfig, progress: bool = True) -> dict:
-    """Write the dataset described in the module docstring; returns the counts also written to meta.json."""
-    cfg.validate()
+    """Write the dataset described in the module docstring; returns the counts also written to meta.json.
+
+    `progress`: a progress bar over the prompts, on stderr when it is a terminal.
+    """
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"--out {out} is not empty; choose another folder or pass --overwrite")
     sizes = split_sizes(cfg)
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,7 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> dict:
     filled = dict.fromkeys(SPLITS, 0)
     pairs_left = cfg.pairs
     draws = 0
-    bar = tqdm(total=sum(sizes.values()), desc="shapeedit prompts", unit="prompt", disable=not progress)
+    bar = tqdm(total=sum(sizes.values()), desc="shapeedit prompts", unit="prompt", disable=None if progress else True)  # None: on a terminal only
     while sum(filled.values()) < sum(sizes.values()):
         draws += 1
         prompt = make_prompt(rng, cfg)

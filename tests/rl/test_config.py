@@ -1,13 +1,18 @@
 """RL config: presets load, unknown keys and impossible combinations are refused with the key named."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from launch.grpo_edit import main
+from policies.adapters import TrainableConfig
 from reward.config import ConfigError, load_config
-from rl.config import RLConfig
+from reward.pretrain_backbone import PretrainConfig
+from reward.shapeedit import GenerateConfig
+from reward.train_generative import DecodeConfig
+from rl.config import AlgoConfig, RewardConfig, RewardTerm, RLConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
@@ -52,6 +57,29 @@ def test_bad_configs_are_refused():
         load_config(RLConfig, None, ["cluster.zero_stage=3"])
     with pytest.raises(ValueError, match="ShapeEdit policy is small and does not support it"):
         load_config(RLConfig, None, ["policy.gradient_checkpointing=true"])
+
+
+def test_configs_built_in_code_are_checked_too():
+    """Checks live in __post_init__: a config made directly or with dataclasses.replace is refused like one
+    loaded from YAML."""
+    with pytest.raises(ValueError, match="cannot be shared evenly by 3 learners"):
+        dataclasses.replace(RLConfig(), cluster=dataclasses.replace(RLConfig().cluster, num_learners=3))
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        AlgoConfig(group_size=1)
+    with pytest.raises(ValueError, match="distinct names"):
+        RewardConfig(terms=[RewardTerm("a"), RewardTerm("a")])
+    with pytest.raises(ValueError, match="micro_batch_size >= 1"):
+        RewardTerm(micro_batch_size=0)
+    with pytest.raises(ValueError, match="lora_targets must be a regex string"):
+        TrainableConfig(lora_targets=["to_q"])
+    with pytest.raises(ValueError, match="is not a regex"):
+        TrainableConfig(lora_targets="(to_q")
+    with pytest.raises(ValueError, match="pairs must be at least 1"):
+        GenerateConfig(out="unused", pairs=0)
+    with pytest.raises(ValueError, match="decode.batch_size"):
+        DecodeConfig(batch_size=0)
+    with pytest.raises(ValueError, match="tasks must be a non-empty list"):
+        PretrainConfig(tasks=["juggle"])
 
 
 def test_cli_errors_exit_2(capsys):

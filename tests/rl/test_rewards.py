@@ -1,13 +1,16 @@
-"""rl/rewards.py: named terms, weighted sum, batching of concurrent requests, optional-term failures."""
+"""rl/rewards.py: named terms, weighted sum, batching of concurrent requests, optional-term failures left out
+of whole GRPO groups."""
 
 import asyncio
 import time
 
 import pytest
+import torch
 from PIL import Image
 
+from rl.algorithms import group_advantages
 from rl.config import RewardTerm
-from rl.rewards import RewardWorker, SourcePreservation
+from rl.rewards import RewardWorker, Scores, SourcePreservation, total_rewards
 
 
 def slow(worker: RewardWorker, seconds: float) -> RewardWorker:
@@ -26,6 +29,12 @@ def _images(n, value=0):
     return [Image.new("RGB", (8, 8), (value, value, value)) for _ in range(n)]
 
 
+def total(scores: Scores, worker: RewardWorker) -> list[float]:
+    """The weighted sum with every edit its own group."""
+    weights = {term.name: term.weight for term, _ in worker.terms}
+    return total_rewards(scores.terms, weights, torch.arange(len(next(iter(scores.terms.values()))))).total.tolist()
+
+
 def test_source_preservation():
     s = SourcePreservation().score(_images(2, 0), ["a", "b"], [Image.new("RGB", (8, 8), (255, 255, 255)), Image.new("L", (4, 4), 0)])
     assert s.tolist() == [0.0, 1.0]
@@ -36,20 +45,92 @@ class Broken:
         raise RuntimeError("judge down")
 
 
-def test_weighted_sum_and_optional_failures(monkeypatch):
+def test_weighted_sum_and_optional_failures(capsys):
     worker = RewardWorker([RewardTerm("keep", "preservation", 0.5), RewardTerm("keep2", "preservation", 2.0, required=False)])
     out = worker.score(_images(2), ["a", "b"], _images(2, 255))
-    assert out.total == [0.0, 0.0] and out.terms["keep"] == [0.0, 0.0]
+    assert total(out, worker) == [0.0, 0.0] and out.terms["keep"] == [0.0, 0.0]
     out = worker.score(_images(1), ["a"], _images(1))
-    assert out.total == [2.5]
+    assert total(out, worker) == [2.5]
     worker.terms[1] = (worker.terms[1][0], Broken())
     out = worker.score(_images(3), ["a"] * 3, _images(3))
-    assert out.total == [0.5] * 3 and out.errors == {"keep2": 3} and out.terms["keep2"] == [0.0] * 3
+    assert out.errors == {"keep2": 3} and out.terms["keep2"] == [None] * 3 and total(out, worker) == [0.5] * 3
+    assert "optional reward term 'keep2' failed on 3 edits" in capsys.readouterr().out
+    worker.terms[1] = (worker.terms[1][0], PartlyNone())
+    out = worker.score(_images(2), ["x", "b"], _images(2))
+    assert out.terms["keep2"] == [None, 1.0] and out.errors == {"keep2": 1}
     worker.terms[0] = (worker.terms[0][0], Broken())
     with pytest.raises(RuntimeError, match="judge down"):
         worker.score(_images(1), ["a"], _images(1))
+    worker.terms[0] = (worker.terms[0][0], PartlyNone())
+    with pytest.raises(ValueError, match="required reward term 'keep' could not score 1 of 2 edits"):
+        worker.score(_images(2), ["x", "b"], _images(2))
     with pytest.raises(ValueError, match="distinct names"):
         RewardWorker([RewardTerm("a", "preservation"), RewardTerm("a", "preservation")])
+
+
+class PartlyNone:
+    """A term that cannot score instructions starting with 'x' (TRL's None: not applicable)."""
+
+    def score(self, source_images, instructions, edited_images, batch_size=0):
+        return [None if i.startswith("x") else 1.0 for i in instructions]
+
+
+class Recording:
+    """A term that remembers the batch sizes it was asked to forward."""
+
+    def __init__(self):
+        self.batch_sizes = []
+
+    def score(self, source_images, instructions, edited_images, batch_size=0):
+        self.batch_sizes.append(batch_size)
+        return torch.ones(len(instructions))
+
+
+def test_each_term_forwards_its_own_micro_batch():
+    """reward.max_batch_size is how many edits the actor gathers; each term forwards its micro_batch_size."""
+    worker = RewardWorker([RewardTerm("a", "preservation", micro_batch_size=3), RewardTerm("b", "preservation", micro_batch_size=5)], max_batch_size=8)
+    a, b = Recording(), Recording()
+    worker.terms = [(worker.terms[0][0], a), (worker.terms[1][0], b)]
+    worker.score(_images(8), ["i"] * 8, _images(8))
+    assert a.batch_sizes == [3] and b.batch_sizes == [5] and worker.batch_sizes == [8]
+
+
+def test_a_term_missing_in_part_of_a_group_is_left_out_of_that_whole_group():
+    """Group 1's first two rows lack the optional term: the group's advantages are exactly those of a run
+    without the term, and groups 0 and 2 are unchanged (GRPO's group std; the batch std would couple them)."""
+    group_ids = torch.arange(3).repeat_interleave(4)
+    judge = [0.9, 0.1, 0.5, 0.3, 0.2, 0.8, 0.4, 0.6, 0.7, 0.7, 0.1, 0.0]
+    aux = [0.3, 0.9, 0.2, 0.4, 0.5, 0.1, 0.9, 0.3, 0.6, 0.2, 0.8, 0.1]
+    weights = {"judge": 1.0, "aux": 0.5}
+    gap = aux[:4] + [None, None] + aux[6:]
+    with_gap = total_rewards({"judge": judge, "aux": gap}, weights, group_ids)
+    everywhere = total_rewards({"judge": judge, "aux": aux}, weights, group_ids).total
+    nowhere = total_rewards({"judge": judge}, weights, group_ids).total
+    assert with_gap.dropped_groups == {"judge": 0, "aux": 1}
+    group = group_ids == 1
+    assert torch.equal(with_gap.total[group], nowhere[group]) and torch.equal(with_gap.total[~group], everywhere[~group])
+    adv = group_advantages(with_gap.total, group_ids, "group", clip=5.0).advantages
+    assert torch.equal(adv[group], group_advantages(nowhere, group_ids, "group", clip=5.0).advantages[group])
+    assert torch.equal(adv[~group], group_advantages(everywhere, group_ids, "group", clip=5.0).advantages[~group])
+    # with every row of a group scored alone (evaluation), only the rows that lack the term go without it
+    alone = total_rewards({"judge": judge, "aux": gap}, weights, torch.arange(12)).total
+    assert torch.equal(alone[4:6], nowhere[4:6]) and torch.equal(alone[6:8], everywhere[6:8])
+
+
+def test_a_failing_call_that_splits_a_group_drops_the_term_for_the_group():
+    """The actor's calls split groups (micro-batches of 2, groups of 4): the optional term raising on one call
+    costs its group that term for all 4 rows, through the worker's Scores and the driver's sum."""
+    worker = RewardWorker([RewardTerm("keep", "preservation", 1.0), RewardTerm("flaky", "preservation", 1.0, required=False)])
+    flaky = worker.terms[1]
+    group_ids = torch.arange(2).repeat_interleave(4)
+    parts = []
+    for i in range(0, 8, 2):
+        worker.terms[1] = (flaky[0], Broken()) if i == 2 else flaky  # fails on rows 2-3: half of group 0
+        parts.append(worker.score(_images(2), ["a", "b"], _images(2, 255 * (i // 2 % 2))))
+    scores = Scores.cat(parts)
+    assert scores.errors == {"flaky": 2}
+    result = total_rewards(scores.terms, {"keep": 1.0, "flaky": 1.0}, group_ids)
+    assert result.total.tolist() == [1.0, 1.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0] and result.dropped_groups == {"keep": 0, "flaky": 1}
 
 
 def test_concurrent_requests_are_batched():
@@ -63,8 +144,8 @@ def test_concurrent_requests_are_batched():
 
     first, second = asyncio.run(many())
     assert worker.batch_sizes == [6, 8]
-    assert [r.total for r in first] == [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]  # each caller gets its own rows
-    assert all(r.total == [1.0] * 4 for r in second)
+    assert [r.terms["keep"] for r in first] == [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]  # each caller gets its own rows
+    assert all(r.terms["keep"] == [1.0] * 4 for r in second)
 
 
 def test_requests_arriving_during_a_call_fill_the_next_one():
@@ -80,7 +161,7 @@ def test_requests_arriving_during_a_call_fill_the_next_one():
     results = asyncio.run(staggered())
     # the first is scored alone; the 6 arriving during its call go as full batches (4, then the 2 left)
     assert worker.batch_sizes == [1, 4, 2]
-    assert [r.total for r in results] == [[1.0 - (i % 2)] for i in range(7)]
+    assert [r.terms["keep"] for r in results] == [[1.0 - (i % 2)] for i in range(7)]
 
 
 def test_a_failed_batch_reaches_every_caller():
@@ -95,7 +176,7 @@ def test_a_failed_batch_reaches_every_caller():
 
     failed, later = asyncio.run(two_then_one())
     assert all(isinstance(r, RuntimeError) for r in failed)
-    assert later.total == [1.0]
+    assert later.terms["keep"] == [1.0]
 
 
 def test_a_request_cancelled_during_its_call_leaves_the_others_answered():
@@ -111,5 +192,5 @@ def test_a_request_cancelled_during_its_call_leaves_the_others_answered():
 
     answers, later = asyncio.run(three_cancel_one())
     assert isinstance(answers[1], asyncio.CancelledError)
-    assert answers[0].total == [1.0] and answers[2].total == [1.0]
-    assert later.total == [1.0, 1.0] and worker.batch_sizes == [3, 2]
+    assert answers[0].terms["keep"] == [1.0] and answers[2].terms["keep"] == [1.0]
+    assert later.terms["keep"] == [1.0, 1.0] and worker.batch_sizes == [3, 2]
