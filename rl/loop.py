@@ -189,7 +189,7 @@ def train(cfg: RLConfig) -> dict:
     if skipped or eval_skipped:
         print(f"skipped bad prompt rows: {skipped} of {cfg.data.train_prompts}, {eval_skipped} of {cfg.data.eval_prompts}", flush=True)
     gold = build_reward(cfg.reward.gold) if cfg.reward.gold else None
-    weights = {t.name: t.weight for t in cfg.reward.terms}
+    term_weights = {t.name: t.weight for t in cfg.reward.terms}
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
     found = checkpoint.complete_checkpoints(run_dir)
     if found and resume_from != found[-1]:
@@ -231,7 +231,7 @@ def train(cfg: RLConfig) -> dict:
             n = cfg.reward.max_batch_size  # scored in batches, like rollouts: one timeout per batch
             chunks = [reward_client.submit(eval_sources[i : i + n], eval_instructions[i : i + n], edited[i : i + n]) for i in range(0, len(edited), n)]
             scored = Scores.cat([reward_client.result(c) for c in chunks])
-            total = total_rewards(scored.terms, weights, torch.arange(len(edited))).total.tolist()  # each edit its own group
+            total = total_rewards(scored.terms, term_weights, torch.arange(len(edited))).total.tolist()  # each edit its own group
             # the standard errors let rl/compare.py tell a real drop from evaluation noise
             row = {"eval/reward_mean": float(np.mean(total)), "eval/reward_sem": _standard_error(total)}
             row.update(term_means("eval", scored))
@@ -311,7 +311,7 @@ def train(cfg: RLConfig) -> dict:
                 continue
             redos = 0
             scored = Scores.cat([s for res in results for s in res.scores])  # rows in the order of group_ids
-            reward = total_rewards(scored.terms, weights, group_ids)  # an optional term missing in a group: left out of all of it
+            reward = total_rewards(scored.terms, term_weights, group_ids)  # an optional term missing in a group: left out of all of it
             total = reward.total
             if not torch.isfinite(total).all():
                 bad_steps += 1
