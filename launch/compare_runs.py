@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from reward.config import HelpFormatter  # noqa: E402
 from reward.compare import Probe, RewardComparison, compare_reward_runs, load_reward_run  # noqa: E402
 from reward.data import DataError  # noqa: E402
-from rl.compare import CompareError, GroupSummary, Run, Signal, band, load_run, summarise  # noqa: E402
+from rl.compare import CompareError, Difference, GroupSummary, Run, Signal, band, gold_difference, load_run, summarise  # noqa: E402
 
 PANELS = (  # (metric, title, log scale)
     ("eval/reward_mean", "proxy reward change since the first evaluation (held-out, ODE)", False),
@@ -167,8 +167,8 @@ def rl_blocks(summaries: list[GroupSummary], runs: list[Run], signals: dict[Path
         rows.append([r.label, str(r.path), str(r.seed), f"{r.last_step}/{r.planned_steps}", "-" if r.last_checkpoint is None else str(r.last_checkpoint), gold_text,
                      f"{fmt(proxy[0])} → {fmt(proxy[-1])}", s.verdict, "-" if s.onset is None else str(s.onset), fmt(s.agreement, 2), s.tolerance])
     blocks.append(("table", header, rows))
-    blocks.append(("p", "Verdicts, on the held-out evaluations, with the tolerance of the last column (3 standard errors of the difference "
-                        "from the logged eval/*_sem, or fixed for runs without them): hacking = since the best gold evaluation the gold score "
+    blocks.append(("p", "Verdicts, on the held-out evaluations, with the tolerance of the last column (3 standard errors of the per-prompt "
+                        "change from eval/scores-step-N.json, else of the difference from the logged eval/*_sem, else fixed): hacking = since the best gold evaluation the gold score "
                         "fell beyond tolerance while the proxy rose beyond tolerance; collapsed = both fell; improved / degraded = the last gold "
                         "score is above / below the first; flat = none of these; too short = under 3 evaluations. Agreement = Spearman of proxy "
                         "and gold across evaluations (1: the proxy tracks the gold score; 0 or below: decoupled). Definitions: rl/compare.py."))
@@ -204,6 +204,30 @@ def conclusion(summaries: list[GroupSummary]) -> str:
         steady = min(spreads, key=lambda g: g.gold_curve_std)
         parts.append(f"Smallest seed-to-seed spread of the gold curve: {steady.label} ({fmt(steady.gold_curve_std)}).")
     return " ".join(parts)
+
+
+def reward_model_differences(runs: list[Run], signals: dict[Path, Signal]) -> list[Difference]:
+    """gold_difference for every pair of labels with gold scores and >= 2 seeds each, in first-seen order."""
+    labels = [label for label in dict.fromkeys(r.label for r in runs)]
+    groups = {label: [r for r in runs if r.label == label] for label in labels}
+    usable = [label for label in labels if len(groups[label]) >= 2 and all(len(r.series("eval/gold_score")[0]) for r in groups[label])]
+    return [gold_difference(groups[a], groups[b], signals) for i, a in enumerate(usable) for b in usable[i + 1 :]]
+
+
+def difference_blocks(differences: list[Difference]) -> list:
+    if not differences:
+        return []
+    blocks: list = [("h2", "Reward models compared on gold")]
+    header = ["A - B", "step", "gold difference", "95% interval", "seeds", "prompts", "seeds per model to resolve", "hacking rate A / B", "rate difference 95%"]
+    rows = [[f"{d.labels[0]} - {d.labels[1]}", str(d.step), f"{d.mean:+.4f}", f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]", f"{d.seeds[0]}+{d.seeds[1]}", str(d.prompts),
+             "resolved" if d.seeds_to_resolve == 0 else ("more prompts needed" if d.seeds_to_resolve is None else str(d.seeds_to_resolve)),
+             f"{d.hacking_rate[0]:.2f} / {d.hacking_rate[1]:.2f}", f"[{d.hacking_diff_ci[0]:+.2f}, {d.hacking_diff_ci[1]:+.2f}]"] for d in differences]
+    blocks.append(("table", header, rows))
+    blocks.extend(("p", d.sentence()) for d in differences)
+    blocks.append(("p", "Intervals: bootstrap resampling the seeds of each reward model and, paired across both, the held-out prompts "
+                        "(each run's per-prompt scores of that evaluation; seeds only for runs without them). Seeds to resolve: the seed "
+                        "part of the variance shrinks with more seeds, the prompt part does not (rl/compare.py: gold_difference)."))
+    return blocks
 
 
 def reward_blocks(cmp: RewardComparison, figure: Path, probe_file: str) -> list:
@@ -292,7 +316,10 @@ def compare(run_args: list[str], out: str | Path, reward_args: list[str] = (), p
         runs = [load_run(path, label) for label, path in map(split_label, run_args)]
         summaries, signals = summarise(runs, gold_tolerance)
         blocks += rl_blocks(summaries, runs, signals, plot_runs(runs, signals, window, out))
-        summary["rl"] = {"groups": _plain(summaries), "runs": [{**_plain(r), "seed": r.seed, "signal": _plain(signals[r.path])} for r in runs]}
+        differences = reward_model_differences(runs, signals)
+        blocks += difference_blocks(differences)
+        summary["rl"] = {"groups": _plain(summaries), "runs": [{**_plain(r), "seed": r.seed, "signal": _plain(signals[r.path])} for r in runs],
+                         "differences": [{**_plain(d), "sentence": d.sentence()} for d in differences]}
     if reward_args:
         reward_runs = [load_reward_run(path, label) for label, path in map(split_label, reward_args)]
         cmp = compare_reward_runs(reward_runs, Probe.load(probe, probe_pairs))

@@ -107,12 +107,9 @@ def build(cls: type[T], values: dict, prefix: str = "") -> T:
         raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {[prefix + k for k in valid]}")
     kwargs = {k: _check(v, hints[k], prefix + k) for k, v in values.items()}
     try:
-        obj = cls(**kwargs)
+        return cls(**kwargs)  # each dataclass checks its values in __post_init__
     except TypeError as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
-    if hasattr(obj, "validate"):
-        obj.validate()
-    return obj
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:

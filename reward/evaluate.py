@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from reward.benchmarks import BENCHMARKS, Comparison, image_key, load_benchmark, open_image, open_source, summarise
+from reward.config import HelpFormatter
 from reward.data import DataError, load_image
 from reward.generative import GenerativeJudge
 from reward.model import JRM
@@ -219,11 +220,11 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--reward", required=True, help="jrm:PATH, generative:PATH or oracle:SHAPEEDIT_DIR")
     parser.add_argument("--benchmark", action="append", required=True, help=f"KIND:PATH, KIND in {BENCHMARKS}; repeatable")
     parser.add_argument("--out", required=True, help="folder for results.json and results.md")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="candidates per forward pass (scores do not depend on it)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad rows (any fault: fields, labels, images, instruction) and count them by kind")
     parser.add_argument("--erank", action="store_true", help="effective rank of the score-token features (JRM only)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N good rows of each benchmark")

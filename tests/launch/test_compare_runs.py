@@ -61,3 +61,17 @@ def test_bad_input_exits_2_naming_it(tmp_path, capsys):
     assert split_label(f"JRM={odd}") == ("JRM", str(odd))
     assert split_label(str(odd)) == (None, str(odd))
     assert split_label("JRM=nowhere") == (None, "JRM=nowhere")  # loading then names the missing folder
+
+
+def test_the_report_states_the_gold_difference_with_an_interval(tmp_path):
+    """Two reward models with 3 seeds each and per-prompt scores: one sentence with the difference, its
+    bootstrap interval and what more seeds would do, in the report and summary.json."""
+    runs = [f"A={write_run(tmp_path, f'a{s}', lambda t: rising(t) + 0.1 * t / 40, rising, seed=s, prompts=16)}" for s in range(3)]
+    runs += [f"B={write_run(tmp_path, f'b{s}', rising, rising, seed=s, prompts=16)}" for s in range(3)]
+    out = tmp_path / "report"
+    assert main([*runs, "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    (difference,) = json.loads((out / "summary.json").read_text())["rl"]["differences"]
+    assert difference["labels"] == ["A", "B"] and difference["prompts"] == 16 and difference["ci_low"] > 0
+    assert "## Reward models compared on gold" in md and difference["sentence"] in md
+    assert difference["sentence"].startswith("A > B by 0.100 gold at step 40")

@@ -18,6 +18,7 @@ CONFIG_CLIS = {  # module: its config dataclass (main() reads it with config_fro
     "launch.pretrain_policy": "PretrainConfig",
 }
 FLAG_CLIS = [
+    "reward.evaluate",
     "reward.synthesize_critiques",
     "reward.shapeedit.__main__",
     "launch.bench_reward",
