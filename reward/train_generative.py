@@ -31,7 +31,7 @@ from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from reward.config import ConfigError, config_from_cli, save_config
-from reward.data import PreferencePair, load_image
+from reward.data import DataError, PreferencePair, load_image
 from reward.generative import GenerativeJudge
 from reward.model import JRM, JRMArgs
 from reward.train import DEFAULT_TRAINER as JRM_TRAINER
@@ -211,15 +211,15 @@ def train(cfg: GenerativeConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     args = sft_config(cfg)
     with args.main_process_first(desc="ShapeEdit data"):
-        if args.process_index == 0:
-            save_config(cfg, out / "config.yaml")
-        train_pairs, eval_pairs = prepare_data(cfg)  # reads only cfg.output_dir and cfg.data
+        train_pairs, eval_pairs = prepare_data(cfg)  # reads only cfg.output_dir and cfg.data; checks every row
     model = JRM.build(cfg.model, seed=cfg.seed)
     train_pairs = usable_pairs(model, train_pairs, cfg.data.skip_bad, "training")
     eval_pairs = usable_pairs(model, eval_pairs, cfg.data.skip_bad, "evaluation")
     train_candidates = [c for c in candidates_of(train_pairs)[0] if c.critique]
     if not train_candidates:
         raise ValueError("the generative judge learns from critiques (rationale1/rationale2), and the training data has none: see reward/synthesize_critiques.py")
+    if args.process_index == 0:  # only once every input passed: a bad input leaves an existing run as it was
+        save_config(cfg, out / "config.yaml")
     warn_cut_verdicts(model, train_candidates)
     eval_candidates = [c for c in candidates_of(eval_pairs)[0] if c.critique]  # for the periodic critique loss
     if not eval_candidates:
@@ -254,8 +254,13 @@ def train(cfg: GenerativeConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad data: `error: ...` naming the file, row or key, and exit 2 (as reward/train.py)."""
     cfg = config_from_cli(GenerativeConfig, sys.argv[1:] if argv is None else argv, __doc__)
-    print(json.dumps(train(cfg), indent=1))
+    try:
+        print(json.dumps(train(cfg), indent=1))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

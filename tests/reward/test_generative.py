@@ -182,3 +182,19 @@ def test_config_errors_name_the_key():
     args = sft_config(cfg)
     assert cfg.data.max_eval_pairs == 100 and args.loss_type == "dft" and not args.activation_checkpointing
     assert args.learning_rate == 3e-4 and args.per_device_train_batch_size == 8 and args.max_steps == 1600
+
+
+def test_bad_data_exits_2_and_leaves_an_existing_run_alone(shapeedit, tmp_path, capsys):
+    """As reward/train.py: every row is checked before config.yaml is written; a bad one ends with exit 2."""
+    from reward.train_generative import main
+
+    rows = json.loads((shapeedit / "train.json").read_text())[:2]
+    rows[1]["path1"] = "missing.png"
+    bad = shapeedit / "bad_row.json"
+    bad.write_text(json.dumps(rows))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("an earlier run's config\n")
+    code = main([f"output_dir={out}", f"data.train={bad}", "model.tiny_hidden=64", "model.tiny_layers=2", "trainer.report_to=[]"])
+    assert code == 2 and "bad_row.json:row 1" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == "an earlier run's config\n"
