@@ -54,6 +54,29 @@ def time_to(curve: dict, threshold: float) -> float | None:
     return next((s for s, g in zip(curve["seconds"], curve["gold"]) if g >= threshold), None)
 
 
+def markdown(report: dict) -> str:
+    """The results table docs/results.md and docs/performance.md hold (a test checks they equal this)."""
+    lines = [
+        "| algorithm | reward | runs | gold start | best gold (mean ± sd) | last gold | s per step | s total | reached GRPO's best | s to it | verdicts |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for g in report["summary"]:
+        to = "–" if g["seconds_to_threshold"] is None else f"{g['seconds_to_threshold']:.0f}"
+        verdicts = ", ".join(f"{k} {v}" for k, v in g["verdicts"].items())
+        lines.append(
+            f"| {g['algorithm']} | {g['reward']} | {g['runs']} | {g['gold_start']:.3f} | {g['gold_best']:.3f} ± {g['gold_best_sd']:.3f} | "
+            f"{g['gold_last']:.3f} | {g['seconds_per_step']:.1f} | {g['seconds_total']:.0f} | {g['reached_threshold']}/{g['runs']} | {to} | {verdicts} |"
+        )
+    for reward in dict.fromkeys(g["reward"] for g in report["summary"]):
+        rows = {g["algorithm"]: g for g in report["summary"] if g["reward"] == reward}
+        speed = rows["grpo"]["seconds_per_step"] / rows["nft"]["seconds_per_step"]
+        grpo_t, nft_t = rows["grpo"]["seconds_to_threshold"], rows["nft"]["seconds_to_threshold"]
+        reach = f"{grpo_t / nft_t:.2f}x" if grpo_t and nft_t else "not measurable (a group never reached the threshold)"
+        lines.append("")
+        lines.append(f"{reward} reward: NFT's steps are {speed:.2f}x as fast as GRPO's; time to GRPO's mean best gold ({rows['grpo']['threshold']:.3f}), GRPO / NFT: {reach}.")
+    return "\n".join(lines) + "\n"
+
+
 def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -146,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = {"seeds": args.seeds, "steps": args.steps, "data": str(data), "jrm": args.jrm, "policy": str(policy), "num_eval": args.num_eval,
                 "config": "launch/configs/shapeedit.yaml", "algorithms": ALGORITHMS}
-    path.write_text(json.dumps({"command": command_line(__file__, argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
-                                "settings": settings, "summary": summary, "runs": runs}, indent=1))
+    report = {"command": command_line(__file__, argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+              "settings": settings, "summary": summary, "runs": runs}
+    path.write_text(json.dumps(report, indent=1))
+    print(markdown(report))
     plot(runs, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0

@@ -56,3 +56,17 @@ def test_difference_is_welchs_interval():
     mean, low, high = difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
     assert mean == pytest.approx(1.0) and high - mean == pytest.approx(2.776 * (2 / 3) ** 0.5, abs=1e-3) and mean - low == pytest.approx(high - mean)
     assert difference([0.5, 0.5, 0.5], [0.4, 0.4, 0.4]) == pytest.approx((0.1, 0.1, 0.1))  # no spread, no width
+
+
+def test_nft_vs_grpo_tables_equal_their_json():
+    from launch.nft_vs_grpo import markdown as nft_markdown
+
+    path = ROOT / "docs" / "results" / "nft_vs_grpo.json"
+    if not path.is_file():
+        pytest.skip(f"{path.name} not committed")
+    report = json.loads(path.read_text())
+    table = nft_markdown(report)
+    for doc in (DOC, ROOT / "docs" / "performance.md"):
+        assert table in doc.read_text(), f"{doc.name}'s NFT vs GRPO table differs from {path.name}: paste `markdown` of launch/nft_vs_grpo.py"
+    assert all(g["runs"] >= 3 for g in report["summary"]), "claims over seeds need >= 3 seeds"
+    assert {(r["algorithm"], r["reward"]) for r in report["runs"]} == {(a, w) for a in ("grpo", "nft") for w in ("oracle", "jrm")}
