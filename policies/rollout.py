@@ -82,6 +82,11 @@ class Rollout:
         out.instructions = [self.instructions[i] for i in index.tolist()]
         return out
 
+    def final_only(self) -> Rollout:
+        """The rollout without its intermediate latents (latents (B, 1, *L): the edit's): all that methods
+        training on the clean edits need (DiffusionNFT), a (T + 1)-th of the trajectory to ship."""
+        return dataclasses.replace(self, latents=self.latents[:, -1:].clone())
+
     def to(self, device: torch.device | str) -> Rollout:
         return _map_tensors(self, lambda t: t.to(device), shared_too=True)
 

@@ -305,7 +305,7 @@ class NFT:
         prepared = []
         for mb, t in zip(rollouts, targets):
             generator = torch.Generator().manual_seed(t.seed)
-            x0 = mb.latents[:, -1].float()
+            x0 = mb.latents[:, -1].float()  # the edit: all NFT keeps of a trajectory (Rollout.final_only)
             noise_levels = mb.sigmas[:-1]  # the schedule's nonzero sigmas
             draws = []
             for _ in range(self.cfg.nft_terms):

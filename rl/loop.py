@@ -116,7 +116,7 @@ def start_actors(cfg: RLConfig):
     rollout_workers = [
         ray.remote(RolloutWorker)
         .options(num_cpus=cpu_each, num_gpus=gpu(0.4), scheduling_strategy=place, max_restarts=2, max_task_retries=2)
-        .remote(cfg.policy, cfg.seed, client, c.threads_per_worker, c.device)
+        .remote(cfg.policy, cfg.seed, client, c.threads_per_worker, c.device, final_only=cfg.algo.algo == "nft")
         for _ in range(c.num_rollout_workers)
     ]
     port = free_port()

@@ -56,7 +56,8 @@ class RolloutResult:
 
 
 class RolloutWorker:
-    def __init__(self, cfg: PolicyConfig, seed: int, reward_client, threads: int = 0, device: str = "cpu"):
+    def __init__(self, cfg: PolicyConfig, seed: int, reward_client, threads: int = 0, device: str = "cpu", final_only: bool = False):
+        """`final_only`: hand back rollouts without their intermediate latents (DiffusionNFT needs the edits only)."""
         if threads:
             torch.set_num_threads(threads)
         self.policy = build_policy(cfg, seed)
@@ -66,6 +67,7 @@ class RolloutWorker:
         self.sampler = cfg.sampler
         self.eval_sampler = SamplerConfig(num_steps=cfg.eval_steps, noise_level=0.0, guidance_scale=cfg.sampler.guidance_scale, guidance=cfg.sampler.guidance)
         self.reward = reward_client
+        self.final_only = final_only
 
     def set_weights(self, state: dict[str, np.ndarray], version: int) -> int:
         """Load the learner's trainable weights (numpy arrays by name); returns the version now held."""
@@ -85,6 +87,8 @@ class RolloutWorker:
             sources = [p.source for p in chunk]
             instructions = [p.instruction for p in chunk]
             rollout = self.policy.sample(sources, instructions, self.sampler, generator, group_ids[i : i + micro_batch_size]).to("cpu")
+            if self.final_only:
+                rollout = rollout.final_only()
             handles.append(self.reward.submit(sources, instructions, tensor_to_images(rollout.edited_images)))
             if not overlap:
                 handles[-1] = self.reward.result(handles[-1])

@@ -4,8 +4,14 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
-from rl.algorithms import clipped_surrogate, gaussian_kl, group_advantages, nft_loss, nft_optimality, value_loss
+from policies.adapters import TrainableConfig
+from policies.sampling import SamplerConfig
+from policies.shapeedit import ShapeEditPolicy
+from rl.algorithms import NFT, MicroTargets, clipped_surrogate, gaussian_kl, group_advantages, nft_loss, nft_optimality, value_loss
+from rl.config import AlgoConfig
+from tests.policies.test_shapeedit_policy import INSTRUCTIONS, TINY
 
 
 def test_group_advantages_closed_form():
@@ -97,3 +103,20 @@ def test_nft_gradient_at_the_old_policy_points_along_the_optimality(r):
     loss, _ = nft_loss(v_theta, v_old, target, torch.full((3,), r), beta=0.2)
     loss.sum().backward()
     assert torch.allclose(v_theta.grad, 2 * 0.2 * (2 * r - 1) * (v_old - target) / 4, atol=1e-6)
+
+
+def test_nft_needs_only_the_edits_and_trains_at_the_sampling_weights():
+    """NFT.prepare draws the same noise levels, noise and v_old from a final-only rollout as from the whole
+    trajectory, and its first loss trains at the sampling weights (v_theta = v_old: drift 0)."""
+    policy = ShapeEditPolicy.build(TINY, INSTRUCTIONS, seed=0, trainable=TrainableConfig(lora_rank=4))
+    images = [Image.new("RGB", (TINY.image_size, TINY.image_size), c) for c in ("red", "blue")]
+    rollout = policy.sample(images, INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0))
+    nft = NFT(AlgoConfig(algo="nft", nft_terms=2, group_size=2, prompts_per_step=1, micro_batch_size=2, updates_per_step=1))
+    targets = [MicroTargets(torch.tensor([0.9, 0.2]), seed=7)]
+    full, = nft.prepare(policy, [rollout], targets)
+    slim, = nft.prepare(policy, [rollout.final_only()], targets)
+    assert rollout.final_only().latents.shape[1] == 1
+    for (s1, x1, t1, v1), (s2, x2, t2, v2) in zip(full[0], slim[0]):
+        assert s1 == s2 and torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(v1, v2)
+    loss, row = nft.loss(policy, rollout.final_only(), slim, 0)
+    assert row["drift"] == 0.0 and torch.isfinite(loss) and loss.requires_grad
