@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reward.data import DataError, check_geometry, decode_image, load_image, parse_pair, parse_rows, read_rows, text_field, to_rgb
+from reward.data import DataError, check_geometry, check_once, decode_image, load_image, parse_pair, parse_rows, read_rows, text_field, to_rgb
 
 BENCHMARKS = ("tiger", "editscore", "mmrb2", "genai", "shapeedit")
 TIGER_FILES = {2: "2-Pair", 3: "3-Pair", 4: "4-Pair"}  # the authors' names for the three files
@@ -206,14 +206,7 @@ def _check_comparison(c: Comparison, check_instruction: Callable[[str, str], Non
     refs = [*(c.source if isinstance(c.source, list) else [c.source]), c.a, c.b]
     keys = [image_keys[0]] * (len(refs) - 2) + image_keys[1:]
     for key, ref in zip(keys, refs):
-        cache = f"{c.base}|{image_key(ref)}"
-        if cache not in checked:
-            try:
-                check_geometry(open_image(ref, c.base, ""), "the image")
-                checked[cache] = None
-            except DataError as e:
-                checked[cache] = e
-        fault = checked[cache]
+        fault = check_once(checked, f"{c.base}|{image_key(ref)}", lambda ref=ref: check_geometry(open_image(ref, c.base, ""), "the image"))
         if fault is not None:
             raise DataError(f"{c.where}: {key}: {str(fault).removeprefix(': ')}", fault.kind)
 

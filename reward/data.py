@@ -128,17 +128,22 @@ def check_geometry(image: Image.Image, where: str) -> None:
         )
 
 
-def check_image_file(path: Path, where: str, checked: dict[str, DataError | None]) -> None:
-    """Decode the image at `path` and check its geometry, once per path (`checked` remembers the outcome,
-    so a source shared by many rows is read once); a fault raises DataError starting with `where`."""
-    key = str(path)
+def check_once(checked: dict[str, DataError | None], key: str, check: Callable[[], object]) -> DataError | None:
+    """Run `check` once per key (an image shared by many rows is read once); returns the DataError it
+    raised, or None, and remembers it in `checked`."""
     if key not in checked:
         try:
-            check_geometry(load_image(path), f"image {path}")
+            check()
             checked[key] = None
         except DataError as e:
             checked[key] = e
-    fault = checked[key]
+    return checked[key]
+
+
+def check_image_file(path: Path, where: str, checked: dict[str, DataError | None]) -> None:
+    """Decode the image at `path` and check its geometry, once per path; a fault raises DataError starting
+    with `where`."""
+    fault = check_once(checked, str(path), lambda: check_geometry(load_image(path), f"image {path}"))
     if fault is not None:
         raise DataError(f"{where}: {fault}", fault.kind)
 
