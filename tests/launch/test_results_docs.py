@@ -69,4 +69,4 @@ def test_nft_vs_grpo_tables_equal_their_json():
     for doc in (DOC, ROOT / "docs" / "performance.md"):
         assert table in doc.read_text(), f"{doc.name}'s NFT vs GRPO table differs from {path.name}: paste `markdown` of launch/nft_vs_grpo.py"
     assert all(g["runs"] >= 3 for g in report["summary"]), "claims over seeds need >= 3 seeds"
-    assert {(r["algorithm"], r["reward"]) for r in report["runs"]} == {(a, w) for a in ("grpo", "nft") for w in ("oracle", "jrm")}
+    assert {(r["algorithm"], r["reward"]) for r in report["runs"]} >= {(a, w) for a in ("grpo", "nft") for w in ("oracle", "jrm")}
