@@ -125,9 +125,9 @@ def test_ppo_runs(setup, tmp_path):
 
 
 def test_nft_trains_equal_on_two_ranks_and_resumes_exactly(setup, tmp_path):
-    """DiffusionNFT on the same loop: weights move, 2 learner ranks equal 1 on the same batch, a run stopped
-    after step 1 and continued with resume=auto ends like the uninterrupted one, and each evaluation writes
-    its per-prompt scores."""
+    """DiffusionNFT on the same loop: weights move, 2 learner ranks equal 1 on the same batch, a run killed
+    (SIGKILL) after its first checkpoint and continued with resume=auto ends like the uninterrupted one, and
+    each evaluation writes its per-prompt scores."""
     nft = ("algo.algo=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1", "eval_every=1")
     a = tmp_path / "a"
     train(load_config(RLConfig, None, overrides(setup, a, *nft, "num_steps=2")))
@@ -146,8 +146,20 @@ def test_nft_trains_equal_on_two_ranks_and_resumes_exactly(setup, tmp_path):
     for k in step1:
         torch.testing.assert_close(two[k], step1[k], rtol=0, atol=1e-6)
 
+    # SIGKILL the run once it has a checkpoint, resume with resume=auto: the uninterrupted run's metrics
     c = tmp_path / "c"
-    train(load_config(RLConfig, None, overrides(setup, c, *nft, "num_steps=1")))
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "grpo_edit.py"), *overrides(setup, c, *nft, "num_steps=2", f"cluster.address={address}")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.time() + 300
+    while not (c / "checkpoints" / "step-000001" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run to be killed ended or stalled before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (c / "checkpoints" / "step-000002").exists(), "killed too late: step 2 was already saved"
     train(load_config(RLConfig, None, overrides(setup, c, *nft, "num_steps=2")))
     _same_metrics(c, a)
 
