@@ -80,6 +80,23 @@ def _same_metrics(got_dir, want_dir):
             assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), (g["step"], k)
 
 
+def kill_after_first_checkpoint(out: Path, args: list[str]) -> None:
+    """Run launch/grpo_edit.py with `args` on this Ray cluster and SIGKILL it as soon as its step-1 checkpoint
+    is complete (asserting step 2 was not saved yet, so the resume has work to redo)."""
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "grpo_edit.py"), *args, f"cluster.address={address}"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000001" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run to be killed ended or stalled before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "step-000002").exists(), "killed too late: step 2 was already saved"
+
+
 def test_grpo_on_policy_updates_ranks_and_resume(setup, whole, tmp_path):
     root, a = setup, whole
     rows = [r for r in metrics(a) if "train/ratio_min" in r]
@@ -102,17 +119,7 @@ def test_grpo_on_policy_updates_ranks_and_resume(setup, whole, tmp_path):
 
     # kill a run (SIGKILL) once it has a checkpoint, resume it with resume=auto: the same metrics as run a
     c = tmp_path / "c"
-    address = ray.get_runtime_context().gcs_address
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch" / "grpo_edit.py"), *overrides(root, c, f"cluster.address={address}")],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    deadline = time.time() + 300
-    while not (c / "checkpoints" / "step-000001" / "state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run to be killed ended or stalled before its first checkpoint"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(c, overrides(root, c))
     train(load_config(RLConfig, None, overrides(root, c)))
     _same_metrics(c, a)
 
@@ -148,18 +155,7 @@ def test_nft_trains_equal_on_two_ranks_and_resumes_exactly(setup, tmp_path):
 
     # SIGKILL the run once it has a checkpoint, resume with resume=auto: the uninterrupted run's metrics
     c = tmp_path / "c"
-    address = ray.get_runtime_context().gcs_address
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch" / "grpo_edit.py"), *overrides(setup, c, *nft, "num_steps=2", f"cluster.address={address}")],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    deadline = time.time() + 300
-    while not (c / "checkpoints" / "step-000001" / "state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run to be killed ended or stalled before its first checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (c / "checkpoints" / "step-000002").exists(), "killed too late: step 2 was already saved"
+    kill_after_first_checkpoint(c, overrides(setup, c, *nft, "num_steps=2"))
     train(load_config(RLConfig, None, overrides(setup, c, *nft, "num_steps=2")))
     _same_metrics(c, a)
 
