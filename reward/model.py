@@ -10,12 +10,12 @@ read in training equals the reward of a prompt-only forward. Scoring is one pref
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -247,7 +247,7 @@ class JRM(PreTrainedModel):
         else:
             if state_dict is None:
                 adapter = get_peft_model_state_dict(self.backbone)
-                head = {k: v for k, v in self.head.state_dict().items()}
+                head = self.head.state_dict()
             else:
                 adapter = get_peft_model_state_dict(self.backbone, {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")})
                 head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
@@ -260,8 +260,6 @@ class JRM(PreTrainedModel):
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str = "Upload JRM") -> str:
         """Upload what `save_pretrained` writes (weights, config, processor) to a hub model repository;
         returns the commit URL."""
-        import tempfile
-
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
@@ -282,9 +280,10 @@ class JRM(PreTrainedModel):
             return cls._from_legacy(path, dtype)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{pretrained_model_name_or_path} is not a JRM checkpoint: it has no config.json")
+        saved_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if saved_type != JRMConfig.model_type:
+            raise ValueError(f"{pretrained_model_name_or_path} holds a {saved_type!r} model, not a JRM: load it with transformers' own class")
         config = JRMConfig.from_pretrained(str(path))
-        if config.model_type != "jrm":
-            raise ValueError(f"{pretrained_model_name_or_path} holds a {config.model_type!r} model, not a JRM")
         processor = ImageOnlyProcessor.from_pretrained(str(path))
         if config.lora is None:
             kwargs.pop("config", None)  # AutoModel passes the one it read
@@ -623,7 +622,7 @@ def _local_folder(name_or_path: str | Path) -> Path:
     except (HFValidationError, RepositoryNotFoundError) as e:
         raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a hub model id ({e.__class__.__name__})") from e
     except LocalEntryNotFoundError as e:
-        offline = " (HF_HUB_OFFLINE is set: only models already in the cache load)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        offline = " (HF_HUB_OFFLINE is set: only models already in the cache load)" if constants.HF_HUB_OFFLINE else ""
         raise FileNotFoundError(f"{name_or_path} is not a local folder and could not be fetched from the hub{offline}") from e
 
 

@@ -15,6 +15,7 @@ DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117), on the forward process of th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -245,9 +246,10 @@ class PPO(GRPO):
     """PPO for the denoising MDP: per-step advantages R - V(x_t, t, condition), whitened over the rank's
     trained steps, the same surrogate, + value_coef x the clipped value loss."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.value = ValueModel()
+    @functools.cached_property
+    def value(self) -> ValueModel:
+        """Built on first use, by the learners: the driver only calls targets()."""
+        return ValueModel()
 
     def modules(self) -> dict[str, tuple[nn.Module, float]]:
         return {"value": (self.value, self.cfg.value_lr)}

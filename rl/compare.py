@@ -429,9 +429,9 @@ def hacking_rates(
         base_proxy = base_gold + rng.normal(0, prompt_spread / 2, prompts)
         gold_rows = base_gold[None] + trend[:, None] + rng.normal(0, jitter, (evaluations, prompts))
         proxy_rows = base_proxy[None] + (0.1 * steps / (evaluations - 1))[:, None] + rng.normal(0, jitter, (evaluations, prompts))
-        sem = lambda rows: rows.std(1, ddof=1) / math.sqrt(prompts)  # noqa: E731
+        proxy_sem, gold_sem = (rows.std(1, ddof=1) / math.sqrt(prompts) for rows in (proxy_rows, gold_rows))
         signal = hacking_signal(
-            steps, proxy_rows.mean(1), gold_rows.mean(1), sem(proxy_rows), sem(gold_rows),
+            steps, proxy_rows.mean(1), gold_rows.mean(1), proxy_sem, gold_sem,
             proxy_rows=proxy_rows if paired else None, gold_rows=gold_rows if paired else None,
         )
         flagged += signal.verdict == "hacking"

@@ -217,6 +217,8 @@ def test_pretrained_backbone_loads_from_a_local_folder(tmp_path, batch):
     backbone, processor = build_tiny("qwen2_vl", hidden=64, layers=2)
     backbone.save_pretrained(tmp_path / "vlm")
     processor.save_pretrained(tmp_path / "vlm")
+    with pytest.raises(ValueError, match="holds a 'qwen2_vl' model, not a JRM"):
+        JRM.from_pretrained(tmp_path / "vlm")
     model = JRM.build(JRMArgs(backbone=str(tmp_path / "vlm")))
     assert model.processor.tokenizer.convert_tokens_to_ids(SCORE_TOKEN) == model.score_token_id
     scores = model.score(sources, instructions, edited)
