@@ -63,6 +63,8 @@ class PretrainConfig:
     """Fraction of instructions that compose two edits."""
     vocab_instructions: int = 20000
     """Instructions drawn to learn the word-level vocabulary."""
+    gate_weight: float = 1.0
+    """Weight of the gate's cross-entropy against the pixels each edit changes ('gated' policies; 0 = none)."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of the weights that is evaluated and saved (0 = none)."""
     eval_every: int = 1000
@@ -191,7 +193,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     while step < cfg.max_steps and not (cfg.max_minutes and trained_s > cfg.max_minutes * 60):
         start = time.perf_counter()
         source, target, instructions = draw_batch(rng, cfg)
-        loss = flow_matching_loss(policy, source, target, instructions, generator)
+        loss = flow_matching_loss(policy, source, target, instructions, generator, cfg.gate_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -220,6 +222,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     policy.save_pretrained(out)
     result["trained_s"] = round(trained_s, 1)
     result["steps"] = step
+    result["threads"] = torch.get_num_threads()
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
@@ -32,6 +34,7 @@ from policies.sde import StepOutput, sde_step_with_logprob
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # [EOS] is not id 2: CLIP treats eos id 2 as legacy
 # Regex (peft's target_modules, matched against whole module names): attention and the image stream's feed-forward.
+PARAMETERISATIONS = ("gated", "change")
 LORA_TARGETS = r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|ff\.net\.0\.proj|ff\.net\.2)"
 
 
@@ -53,12 +56,22 @@ class ShapeEditPolicyConfig:
     """Instructions are padded or cut to this many tokens (fixed, so the output never depends on the batch)."""
     vocab_size: int = 512
     """Upper bound on the word-level vocabulary learnt from the training instructions."""
+    parameterisation: str = "gated"
+    """How the network's output becomes the clean-image estimate x0_hat: 'gated' = m * c + (1 - m) * source with a
+    per-pixel gate m and content c from a per-pixel head that also sees the source and noisy pixels; 'change' =
+    source + a change read from the patch tokens alone (policies saved before this option existed)."""
+    head_features: int = 8
+    """'gated' only: features per pixel that the transformer hands to the per-pixel head."""
+    head_hidden: int = 16
+    """'gated' only: width of the per-pixel head's two hidden layers."""
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.hidden_size % 32:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of the head size 32")
+        if self.parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
 
 
 @dataclass
@@ -70,6 +83,69 @@ class ShapeEditCondition:
     pooled_embeds: Tensor  # (B, D_text) CLIP pooled output of the instruction
     negative_text_embeds: Tensor  # (B, L, D_text) of the negative prompt (used when guidance_scale > 1)
     negative_pooled_embeds: Tensor  # (B, D_text)
+
+
+class GatedSD3Transformer(SD3Transformer2DModel):
+    """The MMDiT of the 'gated' parameterisation: its patch tokens hand `out_channels` features to every pixel
+    (the usual linear unpatchify), and a per-pixel head (an MLP over each pixel) reads them beside that pixel's
+    source and noisy values and returns a gate logit and a content colour, (B, 4, H, W).
+
+    Why per pixel: the patch embedding squeezes 6 x 8 x 8 values into one token, so the token cannot say where
+    a shape's edge runs inside its patch; the head sees the source pixel itself, so a rule the token states
+    ("pixels of this colour become blue") lands on exact pixels. The input is (noisy image, source), 6 channels.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 64,
+        patch_size: int = 8,
+        in_channels: int = 6,
+        num_layers: int = 4,
+        attention_head_dim: int = 32,
+        num_attention_heads: int = 4,
+        joint_attention_dim: int = 64,
+        caption_projection_dim: int = 128,
+        pooled_projection_dim: int = 64,
+        out_channels: int = 8,
+        pos_embed_max_size: int = 8,
+        dual_attention_layers: tuple[int, ...] = (),
+        qk_norm: str | None = None,
+        head_hidden: int = 16,
+    ):
+        """SD3Transformer2DModel's arguments (out_channels = the features per pixel handed to the head) and the
+        head's width."""
+        if in_channels != 6:
+            raise ValueError(f"the gated transformer reads (noisy image, source): in_channels must be 6, got {in_channels}")
+        super().__init__(
+            sample_size=sample_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=joint_attention_dim,
+            caption_projection_dim=caption_projection_dim,
+            pooled_projection_dim=pooled_projection_dim,
+            out_channels=out_channels,
+            pos_embed_max_size=pos_embed_max_size,
+            dual_attention_layers=dual_attention_layers,
+            qk_norm=qk_norm,
+        )
+        # Linear layers over channels-last pixels: 2x faster than 1x1 convolutions on a CPU.
+        self.pixel_head = nn.Sequential(
+            nn.Linear(out_channels + 6, head_hidden),
+            nn.SiLU(),
+            nn.Linear(head_hidden, head_hidden),
+            nn.SiLU(),
+            nn.Linear(head_hidden, 4),
+        )
+
+    def forward(self, hidden_states: Tensor, **kwargs) -> Transformer2DModelOutput:
+        """hidden_states (B, 6, H, W) = (noisy image, source); returns sample (B, 4, H, W) = (gate logit, content)."""
+        features = super().forward(hidden_states=hidden_states, **kwargs).sample
+        pixels = torch.cat([features, hidden_states], dim=1).permute(0, 2, 3, 1)  # (B, H, W, C)
+        return Transformer2DModelOutput(sample=self.pixel_head(pixels).permute(0, 3, 1, 2))
 
 
 def build_tokenizer(instructions: list[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
@@ -126,20 +202,21 @@ class ShapeEditPolicy:
                 eos_token_id=tokenizer.eos_token_id,
             )
         )
-        grid = cfg.image_size // cfg.patch_size
-        transformer = SD3Transformer2DModel(
+        shared = dict(
             sample_size=cfg.image_size,
             patch_size=cfg.patch_size,
-            in_channels=6,  # noisy image + source image
-            out_channels=3,
             num_layers=cfg.num_layers,
             attention_head_dim=32,
             num_attention_heads=cfg.hidden_size // 32,
             joint_attention_dim=cfg.text_hidden_size,
             caption_projection_dim=cfg.hidden_size,
             pooled_projection_dim=cfg.text_hidden_size,
-            pos_embed_max_size=grid,
+            pos_embed_max_size=cfg.image_size // cfg.patch_size,
         )
+        if cfg.parameterisation == "gated":
+            transformer = GatedSD3Transformer(**shared, in_channels=6, out_channels=cfg.head_features, head_hidden=cfg.head_hidden)
+        else:  # in: noisy image + source image; out: the change from the source
+            transformer = SD3Transformer2DModel(**shared, in_channels=6, out_channels=3)
         return cls(cfg, transformer, text_encoder, tokenizer, trainable)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -149,7 +226,7 @@ class ShapeEditPolicy:
         path.mkdir(parents=True, exist_ok=True)
         if self.trainable is not None and self.trainable_cfg.lora_rank > 0:
             base = {k.replace(".base_layer.", "."): v for k, v in self.transformer.state_dict().items() if "lora_" not in k}
-            fresh = SD3Transformer2DModel.from_config(self.transformer.config)
+            fresh = type(self.transformer).from_config(self.transformer.config)
             fresh.load_state_dict(base)
             fresh.save_pretrained(path / "transformer")
             save_file({k: v.contiguous() for k, v in self.trainable_state().items()}, str(path / "adapter.safetensors"))
@@ -169,13 +246,14 @@ class ShapeEditPolicy:
             raise FileNotFoundError(f"{path} is not a saved ShapeEdit policy (no policy.json); train one with launch/pretrain_policy.py")
         meta = json.loads((path / "policy.json").read_text())
         known = {f.name for f in fields(ShapeEditPolicyConfig)}
-        cfg = ShapeEditPolicyConfig(**{k: v for k, v in meta["config"].items() if k in known})
+        saved = {"parameterisation": "change", **meta["config"]}  # policies saved before the option were 'change'
+        cfg = ShapeEditPolicyConfig(**{k: v for k, v in saved.items() if k in known})
         adapter = path / "adapter.safetensors"
         if trainable is None and meta["trainable"] is not None:
             trainable = TrainableConfig(**meta["trainable"])
         policy = cls(
             cfg,
-            SD3Transformer2DModel.from_pretrained(path / "transformer"),
+            (GatedSD3Transformer if cfg.parameterisation == "gated" else SD3Transformer2DModel).from_pretrained(path / "transformer"),
             CLIPTextModel.from_pretrained(path / "text_encoder"),
             PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
             trainable,
@@ -223,20 +301,32 @@ class ShapeEditPolicy:
         return out.last_hidden_state, out.pooler_output
 
     def predict_clean(self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
-        """The network's estimate of the clean edit x0, (B, 3, H, W): the source plus a predicted change.
+        """The network's estimate of the clean edit x0, (B, 3, H, W)."""
+        return self.predict(latents, sigma, source, text_embeds, pooled_embeds)[0]
 
-        Predicting x0 (not v) matters in pixel space: a token of 8x8x3 = 192 values cannot carry the noise
-        through a 128-wide transformer, but the flat-coloured change from the source it can.
+    def predict(
+        self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """The clean-edit estimate x0_hat (B, 3, H, W) and, for 'gated', the gate logits (B, 1, H, W) (else None).
+
+        'gated': x0_hat = m * c + (1 - m) * source, m = sigmoid(gate logit): where the gate is shut the source
+        comes through unchanged, so what should stay stays without the network drawing it. 'change':
+        x0_hat = source + change. Either predicts x0, not v: in pixel space a token of 8x8x3 = 192 values
+        cannot carry the noise through a 128-wide transformer, but a flat-coloured change it can.
         """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
         net = self.trainable.net if self.trainable is not None else self.transformer
-        change = net(
+        out = net(
             hidden_states=torch.cat([latents, source], dim=1),
             encoder_hidden_states=text_embeds,
             pooled_projections=pooled_embeds,
             timestep=sigma * 1000.0,
         ).sample.float()
-        return source + change
+        if self.cfg.parameterisation == "change":
+            return source + out, None
+        gate_logits, content = out[:, :1], out[:, 1:]
+        gate = torch.sigmoid(gate_logits)
+        return gate * content + (1 - gate) * source, gate_logits
 
     def velocity(self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
         """The velocity (B, 3, H, W) at x = latents for one sigma (a float) or one per row (B,):
@@ -337,13 +427,23 @@ class ShapeEditPolicy:
         return uncond + guidance_scale * (cond - uncond)
 
 
-def flow_matching_loss(policy: ShapeEditPolicy, source: Tensor, target: Tensor, instructions: list[str], generator: torch.Generator | None = None) -> Tensor:
+def flow_matching_loss(
+    policy: ShapeEditPolicy,
+    source: Tensor,
+    target: Tensor,
+    instructions: list[str],
+    generator: torch.Generator | None = None,
+    gate_weight: float = 0.0,
+) -> Tensor:
     """Supervised (rectified) flow matching on x_s = (1 - s) x0 + s eps, in the x0 parametrisation.
 
     Args:
         source, target: (B, 3, H, W) float32 in [-1, 1]; instructions: B strings ("" for the
             unconditional branch of CFG). The text encoder is trained along (call requires_grad_ on it).
-    Returns: the scalar mean squared error of the predicted clean image; sigmas are logit-normal (SD3).
+        gate_weight: for the 'gated' parameterisation, the weight of a binary cross-entropy that teaches the
+            gate the pixels the edit changes (target != source); 0 = the image loss alone.
+    Returns: the scalar mean squared error of the predicted clean image (plus the gate term); sigmas are
+        logit-normal (SD3).
     """
     b = target.shape[0]
     sigma = torch.sigmoid(torch.randn(b, generator=generator))
@@ -351,4 +451,9 @@ def flow_matching_loss(policy: ShapeEditPolicy, source: Tensor, target: Tensor, 
     s = sigma.view(b, 1, 1, 1)
     x = (1 - s) * target + s * noise
     text, pooled = policy.encode_instructions(instructions)
-    return torch.nn.functional.mse_loss(policy.predict_clean(x, sigma, source, text, pooled), target)
+    x0, gate_logits = policy.predict(x, sigma, source, text, pooled)
+    loss = torch.nn.functional.mse_loss(x0, target)
+    if gate_weight and gate_logits is not None:
+        changed = (target != source).any(dim=1, keepdim=True).float()
+        loss = loss + gate_weight * torch.nn.functional.binary_cross_entropy_with_logits(gate_logits, changed)
+    return loss

@@ -2,6 +2,7 @@
 save/load round trips, bad input refused, and flow matching learns (the shared contract: test_contract.py)."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -144,3 +145,77 @@ def test_flow_matching_learns_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+
+
+def shut_gate(policy, logit):
+    """Every pixel's gate logit set to `logit` (the head's gate output ignores its input), content untouched."""
+    last = policy.transformer.pixel_head[-1]
+    with torch.no_grad():
+        last.weight[0].zero_()
+        last.bias[0] = logit
+
+
+def test_a_shut_gate_returns_the_source_exactly_at_noise_0():
+    policy = ShapeEditPolicy.build(TINY, INSTRUCTIONS, seed=0)
+    assert policy.cfg.parameterisation == "gated"
+    shut_gate(policy, -1e4)
+    srcs = images(3)
+    rollout = policy.sample(srcs, INSTRUCTIONS[:3], SamplerConfig(num_steps=4, noise_level=0.0), torch.Generator().manual_seed(0))
+    assert torch.equal(rollout.edited_images, rollout.source_images)
+    # an open gate writes the content instead: the output is no longer the source
+    shut_gate(policy, 1e4)
+    opened = policy.sample(srcs, INSTRUCTIONS[:3], SamplerConfig(num_steps=4, noise_level=0.0), torch.Generator().manual_seed(0))
+    assert (opened.edited_images != opened.source_images).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("parameterisation", ["gated", "change"])
+def test_the_last_ode_step_lands_on_the_predicted_clean_image(parameterisation):
+    """v = (x - x0_hat) / sigma, so the Euler step to sigma 0 returns x0_hat: the edit is the network's
+    estimate at the last sigma, whichever parameterisation."""
+    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, parameterisation=parameterisation), INSTRUCTIONS, seed=0)
+    rollout = policy.sample(images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.0), torch.Generator().manual_seed(1))
+    c, s = rollout.condition, float(rollout.sigmas[-2])
+    with torch.no_grad():
+        x0 = policy.predict_clean(rollout.latents[:, -2], s, c.source, c.text_embeds, c.pooled_embeds)
+        v = policy.velocity(rollout.latents[:, -2], s, c.source, c.text_embeds, c.pooled_embeds)
+    torch.testing.assert_close(rollout.latents[:, -1], x0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(v, (rollout.latents[:, -2] - x0) / s, rtol=1e-5, atol=1e-5)
+
+
+def test_a_policy_saved_before_the_parameterisation_option_loads_as_change(tmp_path):
+    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, parameterisation="change"), INSTRUCTIONS, seed=0)
+    policy.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "policy.json").read_text())
+    for key in ("parameterisation", "head_features", "head_hidden"):
+        del meta["config"][key]
+    (tmp_path / "policy.json").write_text(json.dumps(meta))
+    loaded = ShapeEditPolicy.from_pretrained(tmp_path)
+    assert loaded.cfg.parameterisation == "change" and type(loaded.transformer) is type(policy.transformer)
+    sampler = SamplerConfig(num_steps=2)
+    a = policy.sample(images(2), INSTRUCTIONS[:2], sampler, torch.Generator().manual_seed(0))
+    b = loaded.sample(images(2), INSTRUCTIONS[:2], sampler, torch.Generator().manual_seed(0))
+    assert torch.equal(a.latents, b.latents)
+    with pytest.raises(ValueError, match="parameterisation must be one of"):
+        ShapeEditPolicyConfig(parameterisation="velocity")
+
+
+def test_the_gate_loss_teaches_the_changed_pixels():
+    """With the gate term, the gate opens on the pixels the edit changes and shuts elsewhere."""
+    policy = ShapeEditPolicy.build(TINY, INSTRUCTIONS, seed=0)
+    policy.text_encoder.requires_grad_(True)
+    params = list(policy.transformer.parameters()) + list(policy.text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    src = torch.full((4, 3, 32, 32), -0.5)
+    tgt = src.clone()
+    tgt[:, :, 8:16, 8:16] = 0.8  # a square drawn on a flat background
+    changed = (tgt != src).any(1, keepdim=True)
+    for step in range(25):
+        loss = flow_matching_loss(policy, src, tgt, INSTRUCTIONS, torch.Generator().manual_seed(step % 3), gate_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    text, pooled = policy.encode_instructions(INSTRUCTIONS)
+    with torch.no_grad():
+        _, logits = policy.predict(0.9 * tgt + 0.1 * torch.randn(tgt.shape, generator=torch.Generator().manual_seed(9)), 0.1, src, text, pooled)
+    gate = torch.sigmoid(logits)
+    assert gate[changed].mean() > 0.6 and gate[~changed].mean() < 0.4, (gate[changed].mean(), gate[~changed].mean())

@@ -1,0 +1,110 @@
+"""Compare ShapeEdit policy pretraining recipes at one step budget and thread count; write the table's JSON.
+
+    OMP_NUM_THREADS=1 python launch/policy_variants.py [out_dir=runs/policy_variants] [only=gated] [threads=1]
+    python launch/policy_variants.py report=true      # only rebuild the JSON and print the markdown table
+
+Each variant is `launch/pretrain_policy.py` with a few overrides (VARIANTS) on the common ones (COMMON), run
+into out_dir/<name>; a variant whose results.json exists is not rerun, so the script resumes and one variant
+can be (re)run with only=<name>. The JSON (docs/results/policy_pretraining.json) holds every finished
+variant's final evaluation, its overrides, its training time and the thread count it ran under;
+`markdown(report)` is the table docs/policies.md holds (tests/policies/test_policy_results_doc.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python launch/policy_variants.py`: import the packages, not sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+from launch.pretrain_policy import PretrainConfig, pretrain
+from reward.config import config_from_cli, load_config
+
+# Shared by every variant: one step budget, evaluation on 128 prompts per split, no wall-clock cut.
+COMMON = ["max_steps=1000", "max_minutes=0", "eval_every=1000", "num_eval=128", "progress=false"]
+# (name, what it changes, overrides); the first is the previous default recipe.
+VARIANTS: list[tuple[str, str, list[str]]] = [
+    ("change", "x0 = source + change from the patch tokens (the previous default)", ["policy.parameterisation=change"]),
+    ("gated", "x0 = m c + (1 - m) source, per-pixel head, gate cross-entropy (weight 1)", []),
+    ("gated_no_gate_loss", "gated, image loss only", ["gate_weight=0"]),
+]
+
+
+@dataclass
+class VariantsConfig:
+    out_dir: str = "runs/policy_variants"
+    """Each variant trains into out_dir/<name>."""
+    data_dir: str = "runs/jrm_shapeedit/data"
+    """The ShapeEdit dataset whose val and test_heldout prompts are evaluated."""
+    only: str = ""
+    """Run this variant alone ('' = every variant not yet finished)."""
+    threads: int = 1
+    """torch threads for training (the JSON records it; compare variants at one count)."""
+    report: bool = False
+    """Only collect the finished variants into the JSON and print the table."""
+    results_path: str = "docs/results/policy_pretraining.json"
+    """Where the comparison is written."""
+
+
+def collect(cfg: VariantsConfig) -> dict:
+    """The finished variants' final evaluations, in VARIANTS order."""
+    rows = []
+    for name, what, overrides in VARIANTS:
+        path = Path(cfg.out_dir) / name / "results.json"
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        rows.append(
+            {
+                "name": name,
+                "what": what,
+                "overrides": overrides,
+                "steps": result["steps"],
+                "trained_s": result["trained_s"],
+                "threads": result["threads"],
+                **{k.removeprefix("eval/"): v for k, v in result.items() if k.startswith("eval/")},
+            }
+        )
+    return {"common": COMMON, "data_dir": cfg.data_dir, "variants": rows}
+
+
+def markdown(report: dict) -> str:
+    """The table docs/policies.md holds."""
+    lines = [
+        "| variant | what changes | steps | trained (s) | threads | val overall | val following | val consistency | val quality | test_heldout overall | test_heldout following |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["variants"]:
+        lines.append(
+            f"| {r['name']} | {r['what']} | {r['steps']:,} | {r['trained_s']:.0f} | {r['threads']} | {r['val/overall']:.3f} | {r['val/following']:.3f} "
+            f"| {r['val/consistency']:.3f} | {r['val/quality']:.3f} | {r['test_heldout/overall']:.3f} | {r['test_heldout/following']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_cli(VariantsConfig, sys.argv[1:] if argv is None else argv, __doc__)
+    names = [name for name, _, _ in VARIANTS]
+    if cfg.only and cfg.only not in names:
+        raise SystemExit(f"error: only={cfg.only!r} is not a variant; variants: {names}")
+    if not cfg.report:
+        torch.set_num_threads(cfg.threads)
+        for name, _, overrides in VARIANTS:
+            out = Path(cfg.out_dir) / name
+            if (cfg.only and name != cfg.only) or (not cfg.only and (out / "results.json").is_file()):
+                continue
+            print(f"== {name}", flush=True)
+            pretrain(load_config(PretrainConfig, None, [*COMMON, *overrides, f"output_dir={out}", f"data_dir={cfg.data_dir}"]))
+    report = collect(cfg)
+    Path(cfg.results_path).write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
