@@ -1,22 +1,27 @@
-"""One RL step, phase by phase, through the Ray pipeline (rl/loop.py) and through an in-process loop doing
-the same work; the gain from overlapping reward with sampling (`cluster.async_reward`); step time vs the
-number of rollout actors and learner ranks; peak memory of each role.
+"""One RL step, phase by phase, through the Ray pipeline and in one process: the same driver (rl/loop.py
+`train(cfg, actors)`) on the Ray topology and on the in-process actor set (rl/actors.py); the gain from
+overlapping reward with sampling (`cluster.async_reward`); step time vs the number of rollout actors, learner
+ranks and simulated nodes; the bytes the driver receives; peak memory of each role.
 
-    python launch/bench_rl_step.py [--size demo] [--steps 4] [--configs sync-1x1,async-1x1,async-2x1,async-1x2,async-2x2]
+    python launch/bench_rl_step.py [--size demo] [--steps 4] [--configs sync-1x1,async-1x1,async-2x1,async-1x2,async-2x2,sync-1x1@2]
                                    [--max-wait-s S] [--out runs/bench/rl_step.json]
 
 Sizes (`--size demo`, the default): the demo's (launch/configs/shapeedit.yaml: 8 prompts x 8 edits per step, micro-batches of 16,
 8 SDE steps, 2 updates per step, LoRA rank 16; the ShapeEdit policy at its default 64x64 size; a `small`
 JRM), with random weights, which cost what trained ones cost. Each actor uses one torch thread, as in the
-demo. A config `MODE-RxL` runs R rollout actors and L learner ranks; `sync` waits for each micro-batch's
-scores before sampling the next. The in-process baseline is the `sync-1x1` work in one process: rollout
-worker, reward worker and learner as plain objects, no Ray. The first step of every run is a warm-up and is
+demo. A config `MODE-RxL[@N]` runs R rollout actors and L learner ranks on each of N simulated nodes (Ray
+nodes on this machine, `ray.cluster_utils.Cluster`; default 1), each node with its own reward actor; `sync`
+waits for each micro-batch's scores before sampling the next. The in-process baseline is the `sync-1x1` work
+in one process: rollout worker, reward worker and learner as plain objects, no Ray. `overhead` = the part of
+the step outside the actors' own work (slowest worker's sampling and reward wait, slowest learner's update):
+dispatch, transfers, weight sync and the driver; comparable across node counts. The first step of every run is a warm-up and is
 left out of the medians. `--size tiny` is a smoke test of this script (tests/launch). Figures and their analysis: docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -31,6 +36,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on 
 
 import psutil  # noqa: E402
 import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 import torch  # noqa: E402
 
 from launch.bench_reward import build_model  # noqa: E402
@@ -38,13 +44,9 @@ from launch.benchmarking import PeakMemory, command_line, median, table, write_r
 from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig  # noqa: E402
 from reward.config import HelpFormatter, load_config  # noqa: E402
 from reward.shapeedit import GenerateConfig, generate  # noqa: E402
-from rl.algorithms import MicroTargets  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
-from rl.learner import Learner  # noqa: E402
-from rl.loop import free_port, train  # noqa: E402
-from rl.prompts import load_prompts, prompts_for_step  # noqa: E402
-from rl.rewards import RewardWorker, Scores, total_rewards  # noqa: E402
-from rl.workers import RolloutWorker  # noqa: E402
+from rl.actors import in_process_actors  # noqa: E402
+from rl.loop import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "launch" / "configs" / "shapeedit.yaml"
@@ -72,7 +74,7 @@ def prepare(root: Path, size: str) -> dict[str, Path]:
     return {"data": root / "data", "policy": root / "policy", "jrm": root / "jrm"}
 
 
-def rl_config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: str, workers: int, learners: int, max_wait_s: float | None) -> RLConfig:
+def rl_config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: str, workers: int, learners: int, max_wait_s: float | None, nodes: int = 1) -> RLConfig:
     """The demo preset (launch/configs/shapeedit.yaml) on the prepared files, resized by `size`, for one run."""
     data = paths["data"]
     return load_config(
@@ -82,7 +84,7 @@ def rl_config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: st
             f"output_dir={out}", f"policy.path={paths['policy']}", f"reward.terms=[{{name: jrm, spec: 'jrm:{paths['jrm']}', micro_batch_size: 64}}]", "reward.gold=''",
             f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}", "data.num_eval=8",
             f"num_steps={steps}", f"eval_every={steps}", f"save_every={steps}", "wandb=false",
-            f"cluster.num_rollout_workers={workers}", f"cluster.num_learners={learners}", f"cluster.async_reward={mode == 'async'}",
+            f"cluster.num_rollout_workers={workers}", f"cluster.num_learners={learners}", f"cluster.async_reward={mode == 'async'}", f"cluster.num_nodes={nodes}",
             *SIZES[size][2],
             *([] if max_wait_s is None else [f"reward.max_wait_s={max_wait_s}"]),
         ],
@@ -120,64 +122,51 @@ class RolePeaks:
         self._thread.join()
 
 
-def ray_run(cfg: RLConfig, name: str) -> dict:
-    """Median per-phase seconds of a Ray run (steps after the first), throughput and peak memory per role."""
-    with RolePeaks() as peaks, PeakMemory() as driver:
-        train(cfg)
+def step_medians(cfg: RLConfig, name: str) -> dict:
+    """Median per-phase seconds of a finished run (steps after the first), throughput, overhead and bytes."""
     rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "perf/step_s" in r][1:]
     for r in steps:
         r["perf/waiting_s"] = r["perf/rollout_s"] - r["perf/sample_s"] - r["perf/reward_wait_s"]
-    result = {"config": name, **{p: median([r[f"perf/{p}"] for r in steps]) for p in PHASES}}
+        r["perf/overhead"] = 1 - (r["perf/sample_s"] + r["perf/reward_wait_s"] + r["perf/learn_s"]) / r["perf/step_s"]
+    result = {"config": name, **{p: median([r[f"perf/{p}"] for r in steps]) for p in (*PHASES, "learn_s", "overhead", "driver_bytes", "rollout_bytes")}}
     result["edits_s"] = cfg.algo.prompts_per_step * cfg.algo.group_size / result["step_s"]
+    batches = [k for k in steps[0] if k.startswith("reward/node_")]
+    result["reward_batch_mean"] = {k.split("/")[1]: median([r[k] for r in steps]) for k in batches}
+    return result
+
+
+def ray_run(cfg: RLConfig, name: str) -> dict:
+    """step_medians of a Ray run, with peak memory per role."""
+    with RolePeaks() as peaks, PeakMemory() as driver:
+        train(cfg)
+    result = step_medians(cfg, name)
     result.update({f"{role}_gib": peak for role, peak in peaks.peaks_gib.items()})
     result["driver_gib"] = driver.peak_gib
     return result
 
 
-class LocalRewardClient:
-    """The rollout worker's reward client without Ray: scores at submit, in this process."""
-
-    def __init__(self, worker: RewardWorker):
-        self.worker = worker
-
-    def submit(self, sources, instructions, edited):
-        return self.worker.score(sources, instructions, edited)
-
-    def result(self, scores):
-        return scores
+@contextlib.contextmanager
+def simulated_nodes(n: int):
+    """A Ray cluster of `n` nodes on this machine, on loopback: a head that holds no actor (0 CPUs: the driver's)
+    and n nodes with this machine's cores each (ray.cluster_utils.Cluster, as Ray's own tests)."""
+    env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    try:
+        for _ in range(n):
+            cluster.add_node(num_cpus=os.cpu_count(), node_ip_address="127.0.0.1")
+        ray.init(address=cluster.address, runtime_env=env, configure_logging=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def in_process_run(cfg: RLConfig) -> dict:
-    """The sync-1x1 step's work with no Ray: the same objects, called in order in this process."""
-    algo, P, G = cfg.algo, cfg.algo.prompts_per_step, cfg.algo.group_size
-    with PeakMemory() as memory:
-        reward = RewardWorker(cfg.reward.terms, "cpu", cfg.reward.max_batch_size, cfg.reward.max_wait_s, threads=1)
-        worker = RolloutWorker(cfg.policy, cfg.seed, LocalRewardClient(reward), threads=1)
-        learner = Learner(cfg, 0, 1, free_port(), threads=1)
-        worker.set_weights(learner.trainable_state(), 0)
-        prompts, _ = load_prompts(cfg.data.train_prompts, cfg.policy.height, cfg.policy.width)
-        times = []
-        for step in range(cfg.num_steps):
-            t0 = time.perf_counter()
-            rows = [prompts[i] for i in prompts_for_step(len(prompts), step, P, cfg.seed) for _ in range(G)]
-            group_ids = torch.arange(P).repeat_interleave(G)
-            result = worker.rollout(rows, group_ids, algo.micro_batch_size, step, overlap=False)
-            t_rollout = time.perf_counter()
-            total = total_rewards(Scores.cat(result.scores).terms, {t.name: t.weight for t in cfg.reward.terms}, group_ids).total
-            targets = learner.algorithm.targets(total, group_ids).values.split(algo.micro_batch_size)
-            learner.update(result.rollouts, [MicroTargets(v, cfg.seed * 1_000_003 + step * 1009 + i) for i, v in enumerate(targets)])
-            t_update = time.perf_counter()
-            worker.set_weights(learner.trainable_state(), step + 1)
-            t_sync = time.perf_counter()
-            times.append(
-                {"step_s": t_sync - t0, "rollout_s": t_rollout - t0, "sample_s": result.sample_s, "reward_wait_s": result.wait_s,
-                 "waiting_s": t_rollout - t0 - result.sample_s - result.wait_s, "update_s": t_update - t_rollout, "sync_s": t_sync - t_update}
-            )
-    torch.distributed.destroy_process_group()
-    steps = times[1:]
-    result = {"config": "in-process-1x1", **{p: median([t[p] for t in steps]) for p in PHASES}}
-    result["edits_s"] = P * G / result["step_s"]
+    """The sync-1x1 work with no Ray: the same driver on the in-process actor set."""
+    with PeakMemory() as memory, in_process_actors(cfg) as actors:
+        train(cfg, actors)
+    result = step_medians(cfg, "in-process-1x1")
     result["driver_gib"] = memory.peak_gib
     return result
 
@@ -186,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--size", default="demo", choices=sorted(SIZES), help="policy and reward model sizes")
     parser.add_argument("--steps", type=int, default=4, help="RL steps per run (the first is a warm-up)")
-    parser.add_argument("--configs", default="sync-1x1,async-1x1,async-2x1,async-1x2,async-2x2", help="MODE-RxL, MODE sync or async")
+    parser.add_argument("--configs", default="sync-1x1,async-1x1,async-2x1,async-1x2,async-2x2,sync-1x1@2", help="MODE-RxL[@N], MODE sync or async, N simulated nodes")
     parser.add_argument("--max-wait-s", type=float, default=None, help="the reward actor's batching wait (default: the preset's)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
     parser.add_argument("--out", default="runs/bench/rl_step.json", help="where the JSON report goes (settings, machine, results)")
@@ -198,10 +187,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = []
     for name in args.configs.split(","):
         mode, _, shape = name.partition("-")
+        shape, _, nodes = shape.partition("@")
         workers, _, learners = shape.partition("x")
-        if mode not in ("sync", "async") or not (workers.isdigit() and learners.isdigit()):
-            parser.error(f"config {name!r} is not MODE-RxL (e.g. async-2x1)")
-        runs.append((name, mode, int(workers), int(learners)))
+        if mode not in ("sync", "async") or not (workers.isdigit() and learners.isdigit() and (nodes or "1").isdigit()):
+            parser.error(f"config {name!r} is not MODE-RxL[@N] (e.g. async-2x1, sync-1x1@2)")
+        runs.append((name, mode, int(workers), int(learners), int(nodes or 1)))
     torch.set_num_threads(1)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,14 +200,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not args.no_in_process:
             results.append(in_process_run(rl_config(paths, args.size, root / "in-process", args.steps, "sync", 1, 1, args.max_wait_s)))
             print(table(results[-1:], list(results[-1])), flush=True)
-        env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}}
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False, runtime_env=env)
-        try:
-            for name, mode, workers, learners in runs:
-                results.append(ray_run(rl_config(paths, args.size, root / name, args.steps, mode, workers, learners, args.max_wait_s), name))
+        with simulated_nodes(max(r[4] for r in runs)):
+            for name, mode, workers, learners, nodes in runs:
+                results.append(ray_run(rl_config(paths, args.size, root / name, args.steps, mode, workers, learners, args.max_wait_s, nodes), name))
                 print(table(results[-1:], list(results[-1])), flush=True)
-        finally:
-            ray.shutdown()
     by_name = {r["config"]: r for r in results}
     base = by_name.get("in-process-1x1")
     for r in results:
@@ -225,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r["vs_in_process"] = r["step_s"] / base["step_s"] - 1
         if "sync-1x1" in by_name:
             r["speedup_vs_sync_1x1"] = by_name["sync-1x1"]["step_s"] / r["step_s"]
-    columns = ["config", *PHASES, "edits_s", "vs_in_process", "speedup_vs_sync_1x1"]
+    columns = ["config", *PHASES, "learn_s", "edits_s", "overhead", "vs_in_process", "speedup_vs_sync_1x1", "driver_bytes", "rollout_bytes"]
     print("\n" + table(results, columns, f"RL step phases (median seconds over steps 2..{args.steps}), {os.cpu_count()} cores, 1 thread per actor"))
     memory = ["config", *(f"{role}_gib" for role in ROLES), "driver_gib"]
     print("\n" + table(results, memory, "Peak resident memory per role (GiB; in-process: the one process)"))

@@ -3,9 +3,12 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python launch/grpo_edit.py --config launch/configs/shapeedit.yaml key=value ...
     python launch/grpo_edit.py [--config FILE.yaml] [key=value ...]     # starts a local Ray on 127.0.0.1
+    python launch/grpo_edit.py --config FILE.yaml [key=value ...] --plan    # placement and GPU memory; nothing starts
 
 Under `ray job submit` the job joins the submitting cluster; alone, it starts a private local cluster
 bound to loopback. The resolved config goes to <output_dir>/config.yaml; see rl/config.py for keys.
+A GPU run (cluster.gpus_per_node > 0) is planned first (launch/plan.py, models on the meta device) and refused,
+with exit status 2, when a GPU would not hold its actors; `--plan` prints the plan and exits (0 if it fits).
 """
 
 from __future__ import annotations
@@ -40,8 +43,31 @@ def runtime_env(environ: Mapping[str, str]) -> dict:
     return {"env_vars": env_vars}
 
 
+def preflight(cfg: RLConfig, only_plan: bool) -> int | None:
+    """The plan of a GPU run: printed with --plan (then the exit status), and a refusal (2) when it does not fit."""
+    if not cfg.cluster.gpus_per_node:
+        if only_plan:
+            print("a CPU run (cluster.gpus_per_node is 0): every actor takes one CPU bundle; there is no GPU memory to plan")
+            return 0
+        return None
+    from launch.plan import format_plan, make_plan
+
+    plan = make_plan(cfg)
+    if only_plan or not plan["fits"]:
+        print(format_plan(plan, cfg), file=sys.stdout if plan["fits"] else sys.stderr)
+    if not plan["fits"]:
+        print("error: the plan does not fit; nothing was started", file=sys.stderr)
+        return 2
+    return 0 if only_plan else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_cli(RLConfig, sys.argv[1:] if argv is None else argv, __doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    only_plan = "--plan" in argv
+    cfg = config_from_cli(RLConfig, [a for a in argv if a != "--plan"], __doc__)
+    status = preflight(cfg, only_plan)
+    if status is not None:
+        return status
     env = runtime_env(os.environ)
     if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.cluster.address or None, runtime_env=env)  # the job's cluster (ray job submit sets RAY_ADDRESS)

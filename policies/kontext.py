@@ -133,6 +133,11 @@ class FluxKontextPolicy:
     def device(self) -> torch.device:
         return self.pipe.transformer.device
 
+    def drop_encoders(self) -> None:
+        """Free the text encoders and the VAE (about 9 GiB at real size): a learner recomputes stored rollouts,
+        whose condition holds the encoders' outputs, and runs only the denoiser. sample() refuses afterwards."""
+        self.pipe.register_modules(vae=None, text_encoder=None, text_encoder_2=None)
+
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
@@ -160,6 +165,8 @@ class FluxKontextPolicy:
             Rollout with latents (B, T + 1, N, C) packed latents (N = (H/16)(W/16) tokens, C = 64 for FLUX),
             log_probs (B, T), stochastic (B, T), edited_images (B, 3, H, W) uint8, condition a KontextCondition.
         """
+        if self.pipe.vae is None:
+            raise RuntimeError("this policy's encoders were dropped (drop_encoders: a learner's copy); it cannot sample")
         check_batch(source_images, instructions, self.height, self.width)
         sampler = dataclasses.replace(sampler) if sampler is not None else SamplerConfig(guidance=DEFAULT_GUIDANCE)
         self._check_sampler(sampler)

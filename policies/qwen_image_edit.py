@@ -236,6 +236,11 @@ class QwenImageEditPolicy:
     def device(self) -> torch.device:
         return self.pipeline.transformer.device
 
+    def drop_encoders(self) -> None:
+        """Free the text encoder (a 7B Qwen2.5-VL at real size) and the VAE: a learner recomputes stored rollouts,
+        whose condition holds their outputs, and runs only the denoiser. sample() refuses afterwards."""
+        self.pipeline.register_modules(vae=None, text_encoder=None)
+
     def reference(self) -> contextlib.AbstractContextManager:
         """Within the block, log_prob computes the reference policy (adapters disabled, or the frozen copy)."""
         return self.trainable.reference()
@@ -275,6 +280,8 @@ class QwenImageEditPolicy:
             Rollout with latents (B, T + 1, N, 4 z) float32, log_probs (B, T), stochastic (B, T),
             edited_images (B, 3, H, W) uint8, sigmas (T + 1,), condition a QwenEditCondition.
         """
+        if self.pipeline.vae is None:
+            raise RuntimeError("this policy's encoders were dropped (drop_encoders: a learner's copy); it cannot sample")
         sampler = sampler or SamplerConfig()
         check_batch(source_images, instructions, self.height, self.width)
         images = [to_rgb(image) for image in source_images]

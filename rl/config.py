@@ -164,32 +164,61 @@ class AlgoConfig:
 
 @dataclass
 class ClusterConfig:
+    num_nodes: int = 1
+    """Ray nodes the job spreads over; each runs the actors below and its own reward actor (rl/actors.py)."""
     num_rollout_workers: int = 2
-    """Rollout actors (each holds a copy of the policy)."""
+    """Rollout actors per node (each holds a copy of the policy)."""
     num_learners: int = 1
-    """Learner actors: one DeepSpeed data-parallel group."""
+    """Learner actors per node; those of all nodes form one DeepSpeed data-parallel group."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage of the learners: 2 (optimizer state and gradients sharded; the LoRA default)."""
+    """DeepSpeed ZeRO stage of the learners: 2 (optimizer state and gradients sharded; the LoRA default) or 3
+    (the weights sharded too: a full fine-tune of a model larger than one GPU's share)."""
     device: str = "cpu"
     """'cpu' (gloo) or 'cuda' (NCCL)."""
     gpus_per_node: int = 0
-    """GPUs of the node; each actor takes a fraction (rollout 0.4, learner 0.4, reward 0.2): size the counts so
-    Ray packs one rollout worker and one learner per GPU."""
+    """GPUs per node (0: a CPU run). One placement-group bundle per GPU: rollout worker i on GPU i mod
+    gpus_per_node, learner j on GPU j mod gpus_per_node, the reward actor on reward_gpu; the actors on one GPU
+    split it in equal shares. `python launch/grpo_edit.py --plan` prints the layout and its memory."""
+    gpu_memory_gib: float = 79.0
+    """Memory of one GPU (an H100 80GB shows 79.1 GiB); the preflight plan (`--plan`) keeps each GPU under 90% of it."""
+    reward_gpu: int = -1
+    """The GPU of each node that holds its reward actor (-1: the last)."""
+    learner_first_gpu: int = 0
+    """Learner j goes on GPU (learner_first_gpu + j) mod gpus_per_node: 0 shares each GPU between a rollout worker
+    and a learner; num_rollout_workers puts them on GPUs of their own (a model too large for both on one GPU)."""
+    gpu_resource: str = "GPU"
+    """The Ray resource that stands for one GPU. Tests on CPU use a custom one (e.g. 'fake_gpu') to check the GPU
+    layout on simulated nodes."""
     threads_per_worker: int = 1
     """torch intra-op threads in each actor (CPU runs)."""
     async_reward: bool = True
     """Score micro-batch k while micro-batch k + 1 is sampled (still on-policy); false = wait for each score."""
     address: str = ""
     """Ray address; '' = the job's cluster under `ray job submit`, else a local one on 127.0.0.1."""
+    placement_timeout_s: float = 300.0
+    """How long to wait for the placement groups before refusing (the nodes lack the resources)."""
 
     def __post_init__(self):
-        if self.zero_stage != 2:
-            raise ValueError(
-                f"cluster.zero_stage {self.zero_stage} is not supported by the learner yet: ZeRO-3 would shard the "
-                "trainable weights, which the rollout-shaped forward of the policy does not gather; use 2"
-            )
+        if self.zero_stage not in (2, 3):
+            raise ValueError(f"cluster.zero_stage must be 2 or 3, got {self.zero_stage}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"cluster.device must be cpu or cuda, got {self.device!r}")
+        if self.num_nodes < 1 or self.num_rollout_workers < 1 or self.num_learners < 1:
+            raise ValueError("cluster.num_nodes, num_rollout_workers and num_learners must be >= 1")
+        if self.gpus_per_node < 0 or (self.gpus_per_node and not -self.gpus_per_node <= self.reward_gpu < self.gpus_per_node):
+            raise ValueError(f"cluster.reward_gpu {self.reward_gpu} is not a GPU of a node with gpus_per_node={self.gpus_per_node}")
+        if self.learner_first_gpu < 0 or (self.gpus_per_node and self.learner_first_gpu >= self.gpus_per_node):
+            raise ValueError(f"cluster.learner_first_gpu {self.learner_first_gpu} is not a GPU of a node with gpus_per_node={self.gpus_per_node}")
+
+    @property
+    def rollout_workers(self) -> int:
+        """Rollout workers of the whole job."""
+        return self.num_nodes * self.num_rollout_workers
+
+    @property
+    def learners(self) -> int:
+        """Learner ranks of the whole job."""
+        return self.num_nodes * self.num_learners
 
 
 @dataclass
@@ -239,20 +268,20 @@ class RLConfig:
 
     def __post_init__(self):
         rows = self.algo.prompts_per_step * self.algo.group_size
-        if rows % (self.cluster.num_rollout_workers * self.algo.micro_batch_size):
+        if rows % (self.cluster.rollout_workers * self.algo.micro_batch_size):
             raise ValueError(
                 f"the rollout batch ({rows} rows) must split into whole micro-batches of {self.algo.micro_batch_size} "
-                f"for each of the {self.cluster.num_rollout_workers} rollout workers"
+                f"for each of the {self.cluster.rollout_workers} rollout workers ({self.cluster.num_nodes} node(s) x cluster.num_rollout_workers)"
             )
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.policy.kind == "shapeedit" and self.cluster.device != "cpu":
             raise ValueError("the ShapeEdit policy runs on CPU; set cluster.device=cpu")
         micro = rows // self.algo.micro_batch_size
-        if micro % self.cluster.num_learners:
-            raise ValueError(f"{micro} micro-batches per step cannot be shared evenly by {self.cluster.num_learners} learners")
-        if (micro // self.algo.updates_per_step) % self.cluster.num_learners:
+        if micro % self.cluster.learners:
+            raise ValueError(f"{micro} micro-batches per step cannot be shared evenly by {self.cluster.learners} learners")
+        if (micro // self.algo.updates_per_step) % self.cluster.learners:
             raise ValueError(
                 f"each of the {self.algo.updates_per_step} minibatches holds {micro // self.algo.updates_per_step} micro-batches, "
-                f"which {self.cluster.num_learners} learners cannot share evenly"
+                f"which {self.cluster.learners} learners cannot share evenly"
             )

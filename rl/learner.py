@@ -1,7 +1,8 @@
 """The learner: one rank of a DeepSpeed ZeRO data-parallel group that updates the policy's trainable weights.
 
-A plain class; rl/loop.py makes M of them Ray actors and gives each rank the same share of every
-minibatch. The algorithm (rl/algorithms.py: GRPO, PPO or NFT) is one object behind one seam: `prepare`
+A plain class; rl/actors.py makes M of them Ray actors (num_learners per node, one group across nodes) and the
+driver gives each rank the same share of every minibatch, as object references: each rank fetches its
+rollouts from the rollout workers' nodes itself (`fetch`). The algorithm (rl/algorithms.py: GRPO, PPO or NFT) is one object behind one seam: `prepare`
 once on this rank's micro-batches, then for every micro-batch and each of its loss terms (GRPO/PPO: the
 trained denoising steps; NFT: the drawn noise levels) `loss`, one backward each. Each optimizer step
 accumulates over a minibatch's micro-batches and terms; DeepSpeed averages gradients over accumulation
@@ -11,10 +12,13 @@ steps and ranks (gloo on CPU, NCCL on GPU).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
+from ray.exceptions import ObjectLostError
 from torch import nn
 
 from policies.policy import EditingPolicy
@@ -25,15 +29,20 @@ from rl.workers import build_policy
 
 
 class Learner:
-    def __init__(self, cfg: RLConfig, rank: int, world_size: int, master_port: int, threads: int = 0, policy: EditingPolicy | None = None):
-        """Join the DeepSpeed group as `rank` of `world_size` and set up the optimizer over the policy's trainable weights.
+    def __init__(
+        self, cfg: RLConfig, rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int = 0, threads: int = 0,
+        policy: EditingPolicy | None = None,
+    ):
+        """Join the DeepSpeed group as `rank` of `world_size`, whose rank 0 listens on master_addr:master_port, and
+        set up the optimizer over the policy's trainable weights. `local_rank`: the device index in this process
+        (0 in a Ray GPU actor, which sees only its own GPU).
 
         `policy`: an editing policy already on cfg.cluster.device to train instead of the one cfg.policy names
         (launch/gpu_check.py passes random weights at real sizes); by default build_policy(cfg.policy, cfg.seed).
         """
         if threads:
             torch.set_num_threads(threads)
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if cfg.cluster.device == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"
         import deepspeed
@@ -44,6 +53,9 @@ class Learner:
         self.world_size = world_size
         if policy is None:
             policy = build_policy(cfg.policy, cfg.seed)
+            drop = getattr(policy, "drop_encoders", None)  # FLUX.1 Kontext, Qwen-Image-Edit: rollouts carry the encoders' outputs
+            if drop is not None:
+                drop()
             if cfg.cluster.device != "cpu":
                 policy.to(cfg.cluster.device)
         self.policy = policy
@@ -70,15 +82,27 @@ class Learner:
 
     # ---- the update -----------------------------------------------------------------------------------------
 
-    def update(self, rollouts: list[Rollout], targets: list[MicroTargets]) -> dict:
+    def update(self, rollouts: list, targets: list[MicroTargets]) -> dict:
         """Train on this rank's micro-batches (in minibatch order); returns mean diagnostics of this rank.
 
         Args:
-            rollouts: micro-batches, micro_per_update per optimizer step, updates_per_step of them in order.
+            rollouts: micro-batches (Rollouts or their ObjectRefs), micro_per_update per optimizer step,
+                updates_per_step of them in order.
             targets: each micro-batch's targets (rl/algorithms.py: advantages, returns or optimality) and seed.
+
+        If any rank cannot fetch its rollouts (a rollout worker died and its objects with it), no rank trains and
+        each returns {"lost": ...}: the driver redoes the step. Ranks agree first, so none waits in a collective.
         """
+        start = time.perf_counter()
+        fetched, lost = self.fetch(rollouts)
+        if self.world_size > 1:
+            flag = torch.tensor([0 if lost else 1])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            lost = lost or ("" if flag.item() else "another rank lost its rollouts")
+        if lost:
+            return {"lost": lost}
         device = self.cfg.cluster.device
-        rollouts = [r.to(device) for r in rollouts]
+        rollouts = [r.to(device) for r in fetched]
         targets = [MicroTargets(t.values.to(device), t.seed) for t in targets]
         prepared = self.algorithm.prepare(self.policy, rollouts, targets)
         sums: dict[str, float] = {}
@@ -108,7 +132,24 @@ class Learner:
         out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["train/lr"] = self.engine.optimizer.param_groups[0]["lr"]
         out["train/nonfinite_losses"] = nonfinite
+        out["perf/learn_s"] = time.perf_counter() - start  # the fetch and the training, inside this rank
         return out
+
+    @staticmethod
+    def fetch(rollouts: list) -> tuple[list[Rollout], str]:
+        """The rollouts, fetched from the object store where they are references (one call for all); and why
+        they could not be ('' when they were)."""
+        refs = [i for i, r in enumerate(rollouts) if isinstance(r, ray.ObjectRef)]
+        if not refs:
+            return rollouts, ""
+        try:
+            values = ray.get([rollouts[i] for i in refs])
+        except ObjectLostError as e:  # the worker that owned them died (OwnerDiedError) or its node did
+            return [], f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        out = list(rollouts)
+        for i, v in zip(refs, values):
+            out[i] = v
+        return out, ""
 
     # ---- weights and checkpoints -----------------------------------------------------------------------------
 

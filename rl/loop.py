@@ -1,159 +1,48 @@
-"""The RL driver: one function, `train(cfg)`, that reads top to bottom.
+"""The RL driver: `train(cfg, actors)`, whose step reads top to bottom.
 
-    prompts -> rollout (Ray rollout actors; the colocated reward actor scores each micro-batch)
-            -> targets (the algorithm's: advantages, returns or optimality) -> update (DeepSpeed learner actors)
+    prompts -> rollout (rollout workers; each node's reward actor scores its workers' micro-batches)
+            -> targets (the algorithm's: advantages, returns or optimality; from rewards only)
+            -> update (DeepSpeed learner ranks, which fetch their rollouts from the workers' object stores)
             -> weight sync (versioned) -> log / eval / checkpoint
 
-Actors (one placement group on one node; see the README's topology picture): N RolloutWorker, one
-RewardWorker batching the scoring requests of every rollout worker, M Learner ranks forming one DeepSpeed
-data-parallel group. Multi-node placement (a reward actor per node) is a later step: docs/performance.md.
-Entry point: launch/grpo_edit.py.
+The actors come from rl/actors.py: the Ray topology over any number of nodes (`ray_actors`, the default) or
+one process (`in_process_actors`). The driver receives rewards and metadata, never rollouts. What goes wrong on
+the way (a worker died, weights out of date, rollouts lost, a learner died, NaN rewards) is handled by the named
+helpers of `Run`, so that `train` shows only the step. Entry point: launch/grpo_edit.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from PIL import Image
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
-from ray.util.placement_group import placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.exceptions import RayActorError
 
 from policies.images import images_to_tensor, tensor_to_images
 from reward.config import save_config
 from rl import checkpoint
+from rl.actors import ActorSet, NodeLost, ray_actors
 from rl.algorithms import MicroTargets, build_algorithm
 from rl.compare import scores_file
 from rl.config import RLConfig
-from rl.learner import Learner
 from rl.logger import MetricsLogger
 from rl.prompts import load_prompts, prompts_for_step
-from rl.rewards import RewardWorker, Scores, build_reward, total_rewards
-from rl.workers import RolloutWorker
+from rl.rewards import Scores, build_reward, total_rewards
+from rl.workers import payload_bytes
 
-
-class RewardUnavailable(RuntimeError):
-    """The reward actor did not answer within timeout and retries."""
-
-
-class RayRewardClient:
-    """Scoring through the reward actor, with a per-call timeout and retries."""
-
-    def __init__(self, handle, timeout_s: float, retries: int):
-        self.handle, self.timeout_s, self.retries = handle, timeout_s, retries
-
-    def submit(self, sources, instructions, edited):
-        return self.handle.score_batched.remote(sources, instructions, edited), (sources, instructions, edited)
-
-    def result(self, submitted) -> Scores:
-        ref, args = submitted
-        for attempt in range(self.retries + 1):
-            try:
-                return ray.get(ref, timeout=self.timeout_s)
-            except (GetTimeoutError, RayActorError) as e:
-                if attempt == self.retries:
-                    raise RewardUnavailable(f"the reward actor failed {self.retries + 1} times ({type(e).__name__}) on a batch of {len(args[0])} edits") from e
-                print(f"reward call failed ({type(e).__name__}); retry {attempt + 1} of {self.retries}", flush=True)
-                ray.cancel(ref)
-                if isinstance(e, RayActorError):  # died: Ray restarts it (max_restarts); calls fail fast until then
-                    self._wait_until_alive()
-                ref = self.handle.score_batched.remote(*args)
-        raise AssertionError("unreachable")
-
-    def _wait_until_alive(self) -> None:
-        """Poll the actor until it answers, for at most timeout_s (then the retry fails and counts)."""
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get(self.handle.__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 0.01))
-                return
-            except ActorDiedError:  # restarts used up: waiting can't help
-                return
-            except (GetTimeoutError, RayActorError):  # still restarting
-                time.sleep(0.2)
-
-
-MAX_REDOS = 3  # consecutive redos of one step (a rollout worker died or came back with old weights) before stopping
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the learners' rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_actors(cfg: RLConfig):
-    """Placement group and actors. CPU runs share the CPUs fractionally; GPU runs put one rollout worker, one
-    learner and (on the first GPU) the reward actor on each GPU, as fractions of it. Returns the placement
-    group, the reward actor, its retrying client (the workers' and the driver's evaluation), the rollout
-    workers and the learners."""
-    c = cfg.cluster
-    n_actors = c.num_rollout_workers + c.num_learners + 1
-    cpus = ray.available_resources().get("CPU", 1.0)
-    cpu_each = min(1.0, cpus / n_actors)
-    bundle = {"CPU": cpu_each * n_actors}
-    if c.gpus_per_node:
-        bundle["GPU"] = float(c.gpus_per_node)
-    pg = placement_group([bundle], strategy="STRICT_PACK")
-    ray.get(pg.ready(), timeout=120)
-    place = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0)
-    gpu = (lambda share: share) if c.gpus_per_node else (lambda share: 0)
-    reward = (
-        ray.remote(RewardWorker)
-        .options(num_cpus=cpu_each, num_gpus=gpu(0.2), scheduling_strategy=place, max_restarts=2, max_task_retries=0, max_concurrency=64)
-        .remote(cfg.reward.terms, c.device, cfg.reward.max_batch_size, cfg.reward.max_wait_s, c.threads_per_worker)
-    )
-    client = RayRewardClient(reward, cfg.reward.timeout_s, cfg.reward.retries)
-    rollout_workers = [
-        ray.remote(RolloutWorker)
-        .options(num_cpus=cpu_each, num_gpus=gpu(0.4), scheduling_strategy=place, max_restarts=2, max_task_retries=2)
-        .remote(cfg.policy, cfg.seed, client, c.threads_per_worker, c.device, final_only=cfg.algo.algo == "nft")
-        for _ in range(c.num_rollout_workers)
-    ]
-    port = free_port()
-    learners = [
-        ray.remote(Learner)
-        .options(num_cpus=cpu_each, num_gpus=gpu(0.4), scheduling_strategy=place)
-        .remote(cfg, rank, c.num_learners, port, c.threads_per_worker)
-        for rank in range(c.num_learners)
-    ]
-    return pg, reward, client, rollout_workers, learners
+MAX_REDOS = 3  # consecutive redos of one step (a rollout worker died, came back with old weights, or its rollouts were lost)
 
 
 def _standard_error(values) -> float:
     """Standard error of the mean of a 1-D sample (nan for a single value: its noise is unknown)."""
     values = np.asarray(values, dtype=np.float64)
     return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
-
-
-@contextlib.contextmanager
-def running_actors(cfg: RLConfig):
-    """start_actors(), and kill them and free their placement group however the run ends (a failed run in a
-    notebook or test must not hold the cluster's CPUs)."""
-    pg, reward, client, rollout_workers, learners = start_actors(cfg)
-    try:
-        yield client, rollout_workers, learners
-    finally:
-        for actor in [reward, *rollout_workers, *learners]:
-            _release(ray.kill, actor)
-        _release(ray.util.remove_placement_group, pg)
-
-
-def _release(release, what) -> None:
-    """One cleanup call; a failure is printed, so it hides neither the run's own error nor the other calls."""
-    try:
-        release(what)
-    except Exception as e:  # noqa: BLE001
-        print(f"cleanup: {type(e).__name__}: {e}", flush=True)
 
 
 def term_means(prefix: str, scores: Scores) -> dict:
@@ -177,19 +66,224 @@ def save_grid(path: Path, sources: torch.Tensor, edits: torch.Tensor, rows: int 
     grid.save(path)
 
 
-def train(cfg: RLConfig) -> dict:
-    """Run (or continue) one RL run; returns the last evaluation metrics."""
+class Redo(Exception):
+    """This step's rollouts cannot be used (a worker died or restarted, or its rollouts were lost): redo it."""
+
+
+class Run:
+    """One run's state and the helpers that keep the step in `train` short: rollout, update, weight sync,
+    evaluation, checkpoints, and the recovery each needs."""
+
+    def __init__(self, cfg: RLConfig, actors: ActorSet, data: dict):
+        self.cfg, self.actors, self.get = cfg, actors, actors.get
+        self.run_dir = Path(cfg.output_dir)
+        self.prompts, self.eval_prompts, self.gold, self.skipped = data["prompts"], data["eval_prompts"], data["gold"], data["skipped"]
+        self.term_weights = {t.name: t.weight for t in cfg.reward.terms}
+        self.version = 0
+        self.redos = 0
+        self.logger: MetricsLogger | None = None
+        self.eval_sources = [p.source for p in self.eval_prompts]  # fixed for the run: prepared once
+        self.eval_instructions = [p.instruction for p in self.eval_prompts]
+        self.eval_source_tensor = images_to_tensor(self.eval_sources)
+
+    # ---- start --------------------------------------------------------------------------------------------------
+
+    def start(self, resume_from: Path | None) -> int:
+        """Load the checkpoint (if any) into the learners, send the weights to the workers, open the logger; returns the step."""
+        step, run_id = 0, None
+        if resume_from is not None:
+            state, _ = checkpoint.load(resume_from)
+            self.get([learner.load.remote(str(resume_from)) for learner in self.actors.learners])
+            step, self.version, run_id = state["step"], state["policy_version"], state["wandb_run_id"]
+            print(f"resumed from {resume_from} (step {step})", flush=True)
+        self.send_weights()
+        self.logger = MetricsLogger(self.run_dir, step if resume_from else None, self.cfg.wandb, self.cfg.wandb_project, run_id, asdict(self.cfg))
+        return step
+
+    def send_weights(self) -> None:
+        """Learner rank 0's trainable weights to every rollout worker, through the object store (one pull per node)."""
+        weights = self.actors.learners[0].trainable_state.remote()
+        self.actors.watch([w.set_weights.remote(weights, self.version) for w in self.actors.rollout_workers])
+
+    # ---- rollout ------------------------------------------------------------------------------------------------
+
+    def rollout(self, step: int, rows: list, group_ids: torch.Tensor) -> list:
+        """Each worker samples its share in micro-batches, scored by its node's reward actor. Raises Redo when a
+        worker died mid-step or sampled with other weights than the current version."""
+        workers, algo = self.actors.rollout_workers, self.cfg.algo
+        shares = np.array_split(np.arange(len(rows)), len(workers))
+        try:
+            results = self.actors.watch([
+                w.rollout.remote([rows[i] for i in s], group_ids[s], algo.micro_batch_size, self.cfg.seed * 1_000_003 + step * 1009 + k, self.cfg.cluster.async_reward)
+                for k, (w, s) in enumerate(zip(workers, shares))
+            ])
+        except RayActorError as e:  # a rollout worker died mid-step; Ray restarts it (max_restarts)
+            raise Redo(f"a rollout worker died ({type(e).__name__})") from e
+        stale = sorted({v for r in results for v in r.versions} - {self.version})
+        if stale:
+            raise Redo(f"rollouts from weight versions {stale} != {self.version}")
+        return results
+
+    def redo(self, step: int, why: Redo) -> None:
+        """Drop every row of the step, resend the weights, and let the loop redo it with the same seeds (no sample
+        lost or counted twice); after MAX_REDOS in a row, stop with a checkpoint."""
+        self.redos += 1
+        if self.redos > MAX_REDOS:
+            self.save_after_failure(step)
+            raise RuntimeError(f"step {step}: {why}, {self.redos} times in a row; giving up (resume=auto continues from the checkpoint)") from why.__cause__
+        print(f"step {step}: {why}; resending weights, redoing the step ({self.redos}/{MAX_REDOS})", flush=True)
+        try:
+            self.send_weights()
+        except RayActorError as e:  # restarts used up: the worker is gone for good
+            self.save_after_failure(step)
+            raise RuntimeError(f"step {step}: a rollout worker is gone for good ({type(e).__name__}); resume=auto continues from the checkpoint") from e
+
+    # ---- update -------------------------------------------------------------------------------------------------
+
+    def update(self, step: int, micro: list, targets: list[MicroTargets]) -> list[dict]:
+        """Minibatch u = micro-batches [u K, (u + 1) K); rank r takes every M-th of each and fetches them itself.
+        Raises Redo when a rank could not fetch its rollouts (no rank trained); a learner that died stops the run."""
+        learners, algo = self.actors.learners, self.cfg.algo
+        M, K = len(learners), len(micro) // algo.updates_per_step
+        order = [[u * K + j for u in range(algo.updates_per_step) for j in range(r, K, M)] for r in range(M)]
+        try:
+            stats = self.actors.watch([learner.update.remote([micro[i] for i in idx], [targets[i] for i in idx]) for learner, idx in zip(learners, order)])
+        except RayActorError as e:  # its optimizer state is gone with it: restarting it would silently reset training
+            last = checkpoint.complete_checkpoints(self.run_dir)
+            raise RuntimeError(
+                f"a learner died during step {step + 1} ({type(e).__name__}); resume=auto continues from "
+                f"{last[-1] if last else 'the start (no checkpoint yet)'}"
+            ) from e
+        lost = [s["lost"] for s in stats if s.get("lost")]
+        if lost:
+            raise Redo(f"rollouts lost before the update ({lost[0]})")
+        return stats
+
+    def reward_batches(self) -> dict:
+        """reward/node_<n>/batch_mean: the mean edits per scoring call of each node's reward actor since the last step."""
+        row = {}
+        for n, actor in enumerate(self.actors.reward_actors):
+            try:
+                sizes = self.get(actor.take_batch_sizes.remote(), timeout=self.cfg.reward.timeout_s)
+            except Exception as e:  # noqa: BLE001 - a metric; the reward client handles a dead actor where it matters
+                print(f"reward actor of node {n}: no batch sizes ({type(e).__name__})", flush=True)
+                continue
+            row[f"reward/node_{n}/batch_mean"] = float(np.mean(sizes)) if sizes else float("nan")
+        return row
+
+    # ---- evaluation and checkpoints ------------------------------------------------------------------------------
+
+    def evaluate(self, at_step: int) -> dict:
+        """ODE edits of the evaluation prompts, scored by the reward terms (and the gold judge); writes each
+        prompt's scores (rl/compare.py pairs them across evaluations), a grid, and the metrics row."""
+        start = time.perf_counter()
+        workers, cfg = self.actors.rollout_workers, self.cfg
+        shares = np.array_split(np.arange(len(self.eval_prompts)), len(workers))
+        for attempt in range(MAX_REDOS + 1):
+            parts = self.actors.watch([w.evaluate.remote([self.eval_prompts[i] for i in s], cfg.seed, cfg.algo.micro_batch_size) for w, s in zip(workers, shares) if len(s)])
+            held = sorted({v for _, v in parts} - {self.version})
+            if not held:
+                break
+            if attempt == MAX_REDOS:  # a worker restarted during evaluation keeps coming back with other weights
+                raise RuntimeError(f"evaluation at step {at_step}: workers held weight versions {held} != {self.version}, {MAX_REDOS + 1} times")
+            print(f"evaluation at step {at_step}: weight versions {held} != {self.version} (a worker restarted); resending weights", flush=True)
+            self.send_weights()
+        edits = torch.cat([e for e, _ in parts])
+        edited = tensor_to_images(edits)
+        n, clients = cfg.reward.max_batch_size, self.actors.reward_clients  # scored in batches, like rollouts, spread over the nodes
+        chunks = [clients[k % len(clients)].submit(self.eval_sources[i : i + n], self.eval_instructions[i : i + n], edited[i : i + n]) for k, i in enumerate(range(0, len(edited), n))]
+        scored = Scores.cat([clients[k % len(clients)].result(c) for k, c in enumerate(chunks)])
+        total = total_rewards(scored.terms, self.term_weights, torch.arange(len(edited))).total.tolist()  # each edit its own group
+        # the standard errors let rl/compare.py tell a real drop from evaluation noise
+        row = {"eval/reward_mean": float(np.mean(total)), "eval/reward_sem": _standard_error(total)}
+        row.update(term_means("eval", scored))
+        gold_scores = None
+        if self.gold is not None:
+            gold_scores = self.gold.score(self.eval_sources, self.eval_instructions, edited).numpy()
+            row["eval/gold_score"] = float(gold_scores.mean())
+            row["eval/gold_sem"] = _standard_error(gold_scores)
+        # every evaluation scores the same prompts with the same noise: rl/compare.py pairs them per prompt
+        per_prompt = {"step": at_step, "instructions": self.eval_instructions, "proxy": [float(x) for x in total],
+                      "gold": None if gold_scores is None else gold_scores.astype(float).tolist()}
+        scores_path = scores_file(self.run_dir, at_step)
+        scores_path.parent.mkdir(parents=True, exist_ok=True)
+        scores_path.write_text(json.dumps(per_prompt))
+        save_grid(self.run_dir / "eval" / f"step-{at_step:06d}.png", self.eval_source_tensor, edits)
+        row["perf/eval_s"] = time.perf_counter() - start
+        self.logger.log(at_step, row)
+        print(f"[eval step {at_step}] " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
+        return row
+
+    def save(self, at_step: int) -> None:
+        learners = self.actors.learners
+        staging = checkpoint.staging_dir(self.run_dir, at_step)
+        self.actors.watch([learner.save.remote(str(staging)) for learner in learners])
+        state = {"step": at_step, "policy_version": self.version, "wandb_run_id": self.logger.run_id,
+                 "data_position": at_step * self.cfg.algo.prompts_per_step, "seed": self.cfg.seed}
+        checkpoint.commit(staging, state, self.get(learners[0].trainable_state.remote()), self.cfg.keep_checkpoints)
+
+    def stopped_by(self, lost: NodeLost) -> RuntimeError:
+        """The error that stops a run whose node died. No checkpoint is attempted: the learners of the surviving
+        nodes would wait in DeepSpeed's collectives for ranks that are gone."""
+        last = checkpoint.complete_checkpoints(self.run_dir)
+        return RuntimeError(
+            f"{lost}; the run stops. Bring the cluster back to {self.cfg.cluster.num_nodes} node(s) and "
+            f"resume=auto continues from {last[-1] if last else 'the start (no checkpoint yet)'}"
+        )
+
+    def save_after_failure(self, at_step: int) -> None:
+        if at_step == 0:
+            return
+        try:
+            self.save(at_step)
+        except Exception as e:  # noqa: BLE001 - the original error matters more
+            print(f"could not write a checkpoint at step {at_step} after the failure: {e}", flush=True)
+
+    def log_step(self, step: int, results: list, stats: list[dict], reward, targets, scored: Scores, times: list[float]) -> None:
+        t0, t_rollout, t_update, t_sync = times
+        total = reward.total
+        row = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+        row["perf/learn_s"] = max(s["perf/learn_s"] for s in stats)  # the slowest rank
+        if "train/ratio_min" in row:  # GRPO and PPO
+            row["train/ratio_min"] = min(s["train/ratio_min"] for s in stats)
+            row["train/ratio_max"] = max(s["train/ratio_max"] for s in stats)
+        row.update(
+            {
+                "rollout/reward_mean": total.mean().item(),
+                "rollout/reward_std": total.std().item(),
+                "rollout/zero_std_ratio": targets.zero_std.float().mean().item(),
+                "rollout/policy_version": self.version - 1,
+                "perf/rollout_s": t_rollout - t0,
+                "perf/sample_s": max(r.sample_s for r in results),
+                "perf/reward_wait_s": max(r.wait_s for r in results),
+                "perf/update_s": t_update - t_rollout,
+                "perf/sync_s": t_sync - t_update,
+                "perf/step_s": t_sync - t0,
+                "perf/driver_bytes": payload_bytes(results) + payload_bytes(stats),
+                "perf/rollout_bytes": sum(r.rollout_bytes for r in results),
+            }
+        )
+        row.update(term_means("rollout", scored))
+        row.update({f"rollout/reward_errors_{k}": v for k, v in scored.errors.items()})
+        row.update({f"rollout/reward_dropped_groups_{k}": v for k, v in reward.dropped_groups.items() if k in scored.errors})
+        row.update(self.reward_batches())
+        self.logger.log(step, row)
+        shown = (
+            f"clipfrac {row['train/clipfrac']:.3f} kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}]"
+            if "train/ratio_min" in row
+            else f"drift {row['train/drift']:.2e}"
+        )
+        print(f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} loss {row['train/loss']:.4f} {shown} ({row['perf/step_s']:.1f} s)", flush=True)
+
+
+def prepare(cfg: RLConfig) -> dict:
+    """Everything checked before an actor starts: the run directory, the prompts, the gold judge, what to resume."""
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    algo, P, G = cfg.algo, cfg.algo.prompts_per_step, cfg.algo.group_size
-    algorithm = build_algorithm(algo)  # the driver only calls its targets(); the learners train with their own
     prompts, skipped = load_prompts(cfg.data.train_prompts, cfg.policy.height, cfg.policy.width, skip_bad=cfg.data.skip_bad)
     eval_prompts, eval_skipped = load_prompts(cfg.data.eval_prompts, cfg.policy.height, cfg.policy.width, cfg.data.num_eval, cfg.data.skip_bad)
     if skipped or eval_skipped:
         print(f"skipped bad prompt rows: {skipped} of {cfg.data.train_prompts}, {eval_skipped} of {cfg.data.eval_prompts}", flush=True)
     gold = build_reward(cfg.reward.gold) if cfg.reward.gold else None
-    term_weights = {t.name: t.weight for t in cfg.reward.terms}
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
     found = checkpoint.complete_checkpoints(run_dir)
     if found and resume_from != found[-1]:
@@ -197,198 +291,88 @@ def train(cfg: RLConfig) -> dict:
             f"{run_dir} already holds checkpoints up to {found[-1].name}; continue it with resume=auto, or use another output_dir "
             "(a new run here would prune or mix with them)"
         )
-    with running_actors(cfg) as (reward_client, rollout_workers, learners):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return {"prompts": prompts, "eval_prompts": eval_prompts, "gold": gold, "resume_from": resume_from, "skipped": (skipped, eval_skipped)}
 
-        # ---- resume ------------------------------------------------------------------------------------------------
-        step, version, run_id = 0, 0, None
-        if resume_from is not None:
-            state, _ = checkpoint.load(resume_from)
-            ray.get([learner.load.remote(str(resume_from)) for learner in learners])
-            step, version, run_id = state["step"], state["policy_version"], state["wandb_run_id"]
-            print(f"resumed from {resume_from} (step {step})", flush=True)
-        weights = learners[0].trainable_state.remote()
-        ray.get([w.set_weights.remote(weights, version) for w in rollout_workers])
-        logger = MetricsLogger(run_dir, step if resume_from else None, cfg.wandb, cfg.wandb_project, run_id, asdict(cfg))
 
-        eval_sources = [p.source for p in eval_prompts]  # fixed for the run: prepared once
-        eval_instructions = [p.instruction for p in eval_prompts]
-        eval_source_tensor = images_to_tensor(eval_sources)
+def train(cfg: RLConfig, actors: ActorSet | None = None) -> dict:
+    """Run (or continue) one RL run on `actors` (default: the Ray topology of cfg.cluster); returns the last
+    evaluation metrics."""
+    data = prepare(cfg)
+    with ray_actors(cfg) if actors is None else contextlib.nullcontext(actors) as actors:
+        run = Run(cfg, actors, data)
+        try:
+            return _steps(cfg, run, run.start(data["resume_from"]))
+        except NodeLost as e:
+            raise run.stopped_by(e) from e
 
-        def evaluate(at_step: int) -> dict:
-            start = time.perf_counter()
-            shares = np.array_split(np.arange(len(eval_prompts)), len(rollout_workers))
-            for attempt in range(MAX_REDOS + 1):
-                parts = ray.get([w.evaluate.remote([eval_prompts[i] for i in s], cfg.seed, algo.micro_batch_size) for w, s in zip(rollout_workers, shares) if len(s)])
-                held = sorted({v for _, v in parts} - {version})
-                if not held:
-                    break
-                if attempt == MAX_REDOS:  # a worker restarted during evaluation keeps coming back with other weights
-                    raise RuntimeError(f"evaluation at step {at_step}: workers held weight versions {held} != {version}, {MAX_REDOS + 1} times")
-                print(f"evaluation at step {at_step}: weight versions {held} != {version} (a worker restarted); resending weights", flush=True)
-                ray.get([w.set_weights.remote(learners[0].trainable_state.remote(), version) for w in rollout_workers])
-            edits = torch.cat([e for e, _ in parts])
-            edited = tensor_to_images(edits)
-            n = cfg.reward.max_batch_size  # scored in batches, like rollouts: one timeout per batch
-            chunks = [reward_client.submit(eval_sources[i : i + n], eval_instructions[i : i + n], edited[i : i + n]) for i in range(0, len(edited), n)]
-            scored = Scores.cat([reward_client.result(c) for c in chunks])
-            total = total_rewards(scored.terms, term_weights, torch.arange(len(edited))).total.tolist()  # each edit its own group
-            # the standard errors let rl/compare.py tell a real drop from evaluation noise
-            row = {"eval/reward_mean": float(np.mean(total)), "eval/reward_sem": _standard_error(total)}
-            row.update(term_means("eval", scored))
-            gold_scores = None
-            if gold is not None:
-                gold_scores = gold.score(eval_sources, eval_instructions, edited).numpy()
-                row["eval/gold_score"] = float(gold_scores.mean())
-                row["eval/gold_sem"] = _standard_error(gold_scores)
-            # every evaluation scores the same prompts with the same noise: rl/compare.py pairs them per prompt
-            per_prompt = {"step": at_step, "instructions": eval_instructions, "proxy": [float(x) for x in total],
-                          "gold": None if gold_scores is None else gold_scores.astype(float).tolist()}
-            scores_path = scores_file(run_dir, at_step)
-            scores_path.parent.mkdir(parents=True, exist_ok=True)
-            scores_path.write_text(json.dumps(per_prompt))
-            save_grid(run_dir / "eval" / f"step-{at_step:06d}.png", eval_source_tensor, edits)
-            row["perf/eval_s"] = time.perf_counter() - start
-            logger.log(at_step, row)
-            print(f"[eval step {at_step}] " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
-            return row
 
-        def save(at_step: int) -> None:
-            staging = checkpoint.staging_dir(run_dir, at_step)
-            ray.get([learner.save.remote(str(staging)) for learner in learners])
-            state = {"step": at_step, "policy_version": version, "wandb_run_id": logger.run_id, "data_position": at_step * P, "seed": cfg.seed}
-            checkpoint.commit(staging, state, ray.get(learners[0].trainable_state.remote()), cfg.keep_checkpoints)
+def _steps(cfg: RLConfig, run: Run, step: int) -> dict:
+    algo, P, G = cfg.algo, cfg.algo.prompts_per_step, cfg.algo.group_size
+    algorithm = build_algorithm(algo)  # the driver only calls its targets(); the learners train with their own
+    last_eval = run.evaluate(0) if step == 0 else {}
+    if step == 0 and any(run.skipped):
+        run.logger.log(0, {"data/skipped_prompts": run.skipped[0], "data/skipped_eval_prompts": run.skipped[1]})
+    bad_steps = 0
+    while step < cfg.num_steps:
+        t0 = time.perf_counter()
+        # ---- prompts: P prompts, each repeated G times; a group = one prompt ------------------------------------------
+        rows = [run.prompts[i] for i in prompts_for_step(len(run.prompts), step, P, cfg.seed) for _ in range(G)]
+        group_ids = torch.arange(P).repeat_interleave(G)
 
-        def save_after_failure(at_step: int) -> None:
-            if at_step == 0:
-                return
-            try:
-                save(at_step)
-            except Exception as e:  # noqa: BLE001 - the original error matters more
-                print(f"could not write a checkpoint at step {at_step} after the failure: {e}", flush=True)
-
-        last_eval = evaluate(0) if step == 0 else {}
-        if step == 0 and (skipped or eval_skipped):
-            logger.log(0, {"data/skipped_prompts": skipped, "data/skipped_eval_prompts": eval_skipped})
-        bad_steps = redos = 0
-        while step < cfg.num_steps:
-            t0 = time.perf_counter()
-            # ---- prompts: P prompts, each repeated G times; a group = one prompt ----------------------------------------
-            rows = [prompts[i] for i in prompts_for_step(len(prompts), step, P, cfg.seed) for _ in range(G)]
-            group_ids = torch.arange(P).repeat_interleave(G)
-
-            # ---- rollout + reward: each worker samples its share in micro-batches, scored by the reward actor -------------
-            shares = np.array_split(np.arange(len(rows)), len(rollout_workers))
-            try:
-                results = ray.get(
-                    [
-                        w.rollout.remote([rows[i] for i in s], group_ids[s], algo.micro_batch_size, cfg.seed * 1_000_003 + step * 1009 + k, cfg.cluster.async_reward)
-                        for k, (w, s) in enumerate(zip(rollout_workers, shares))
-                    ]
-                )
-                micro = [r for res in results for r in res.rollouts]
-                stale = sorted({int(v) for r in micro for v in r.policy_versions.unique() if v != version})
-                lost = None
-            except RayActorError as e:  # a rollout worker died mid-step; Ray restarts it (max_restarts)
-                results, stale, lost = [], [], e
-            except Exception:  # reward actor unavailable, a required term failed: keep what we have
-                save_after_failure(step)
-                raise
-            t_rollout = time.perf_counter()
-            if lost is not None or stale:
-                # A restarted worker has fresh weights (or none of this step's rows): drop every row of the step, resend
-                # the weights and redo it with the same seeds, so no sample is lost or counted twice.
-                redos += 1
-                why = f"a rollout worker died ({type(lost).__name__})" if lost is not None else f"rollouts from weight versions {stale} != {version}"
-                if redos > MAX_REDOS:
-                    save_after_failure(step)
-                    raise RuntimeError(f"step {step}: {why}, {redos} times in a row; giving up (resume=auto continues from the checkpoint)") from lost
-                print(f"step {step}: {why}; resending weights, redoing the step ({redos}/{MAX_REDOS})", flush=True)
-                try:
-                    ray.get([w.set_weights.remote(learners[0].trainable_state.remote(), version) for w in rollout_workers])
-                except RayActorError as e:  # restarts used up: the worker is gone for good
-                    save_after_failure(step)
-                    raise RuntimeError(f"step {step}: a rollout worker is gone for good ({type(e).__name__}); resume=auto continues from the checkpoint") from e
-                continue
-            redos = 0
-            scored = Scores.cat([s for res in results for s in res.scores])  # rows in the order of group_ids
-            reward = total_rewards(scored.terms, term_weights, group_ids)  # an optional term missing in a group: left out of all of it
-            total = reward.total
-            if not torch.isfinite(total).all():
-                bad_steps += 1
-                step += 1
-                logger.log(step, {"train/skipped_nonfinite_reward": 1})
-                if bad_steps >= cfg.max_bad_steps:
-                    raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); see the reward terms, resume=auto continues from the last checkpoint")
-                continue
-
-            # ---- targets: per-row advantages (GRPO), returns (PPO, whose R - V the learners form) or optimality (NFT) -----
-            targets = algorithm.targets(total, group_ids)
-            per_micro = [MicroTargets(v, cfg.seed * 1_000_003 + step * 1009 + i) for i, v in enumerate(targets.values.split(algo.micro_batch_size))]
-
-            # ---- update: minibatch u = micro-batches [u K, (u + 1) K); rank r takes every M-th of each ----------------
-            M = len(learners)
-            K = len(micro) // algo.updates_per_step
-            order = [[u * K + j for u in range(algo.updates_per_step) for j in range(r, K, M)] for r in range(M)]
-            try:
-                stats = ray.get([learner.update.remote([micro[i] for i in idx], [per_micro[i] for i in idx]) for learner, idx in zip(learners, order)])
-            except RayActorError as e:  # its optimizer state is gone with it: restarting it would silently reset training
-                last = checkpoint.complete_checkpoints(run_dir)
-                raise RuntimeError(
-                    f"a learner died during step {step + 1} ({type(e).__name__}); resume=auto continues from "
-                    f"{last[-1] if last else 'the start (no checkpoint yet)'}"
-                ) from e
-            t_update = time.perf_counter()
-
-            # ---- weight sync: learner rank 0 -> every rollout worker, through the object store --------------------------
-            version += 1
-            weights = learners[0].trainable_state.remote()
-            ray.get([w.set_weights.remote(weights, version) for w in rollout_workers])
-            t_sync = time.perf_counter()
+        # ---- rollout + reward: rollouts stay in the workers' object stores; the driver gets their scores ---------------
+        try:
+            results = run.rollout(step, rows, group_ids)
+        except Redo as why:
+            run.redo(step, why)
+            continue
+        except NodeLost:  # no checkpoint: see Run.stopped_by
+            raise
+        except Exception:  # reward actor unavailable, a required term failed: keep what we have
+            run.save_after_failure(step)
+            raise
+        t_rollout = time.perf_counter()
+        scored = Scores.cat([s for res in results for s in res.scores])  # rows in the order of group_ids
+        reward = total_rewards(scored.terms, run.term_weights, group_ids)  # an optional term missing in a group: left out of all of it
+        if not torch.isfinite(reward.total).all():
+            bad_steps += 1
             step += 1
+            run.logger.log(step, {"train/skipped_nonfinite_reward": 1})
+            if bad_steps >= cfg.max_bad_steps:
+                raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); see the reward terms, resume=auto continues from the last checkpoint")
+            continue
 
-            # ---- log ---------------------------------------------------------------------------------------------
-            row = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
-            if "train/ratio_min" in row:  # GRPO and PPO
-                row["train/ratio_min"] = min(s["train/ratio_min"] for s in stats)
-                row["train/ratio_max"] = max(s["train/ratio_max"] for s in stats)
-            nonfinite = sum(s["train/nonfinite_losses"] for s in stats)
-            row.update(
-                {
-                    "rollout/reward_mean": total.mean().item(),
-                    "rollout/reward_std": total.std().item(),
-                    "rollout/zero_std_ratio": targets.zero_std.float().mean().item(),
-                    "rollout/policy_version": version - 1,
-                    "perf/rollout_s": t_rollout - t0,
-                    "perf/sample_s": max(r.sample_s for r in results),
-                    "perf/reward_wait_s": max(r.wait_s for r in results),
-                    "perf/update_s": t_update - t_rollout,
-                    "perf/sync_s": t_sync - t_update,
-                    "perf/step_s": t_sync - t0,
-                }
-            )
-            row.update(term_means("rollout", scored))
-            row.update({f"rollout/reward_errors_{k}": v for k, v in scored.errors.items()})
-            row.update({f"rollout/reward_dropped_groups_{k}": v for k, v in reward.dropped_groups.items() if k in scored.errors})
-            logger.log(step, row)
-            shown = (
-                f"clipfrac {row['train/clipfrac']:.3f} kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}]"
-                if "train/ratio_min" in row
-                else f"drift {row['train/drift']:.2e}"
-            )
-            print(f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} loss {row['train/loss']:.4f} {shown} ({row['perf/step_s']:.1f} s)", flush=True)
-            bad_steps = bad_steps + 1 if nonfinite else 0
-            if bad_steps >= cfg.max_bad_steps:  # no save: the weights may be damaged; the last checkpoint is not
-                raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto from the last checkpoint")
+        # ---- targets: per-row advantages (GRPO), returns (PPO, whose R - V the learners form) or optimality (NFT) -------
+        targets = algorithm.targets(reward.total, group_ids)
+        per_micro = [MicroTargets(v, cfg.seed * 1_000_003 + step * 1009 + i) for i, v in enumerate(targets.values.split(algo.micro_batch_size))]
 
-            # ---- eval and checkpoint -----------------------------------------------------------------------------
-            if step % cfg.eval_every == 0 or step == cfg.num_steps:
-                try:
-                    last_eval = evaluate(step)
-                except Exception:  # keep this step's update: resume=auto continues after it (without this evaluation)
-                    save_after_failure(step)
-                    raise
-            if step % cfg.save_every == 0 or step == cfg.num_steps:
-                save(step)
-        logger.close()
-        return last_eval
+        # ---- update: each learner rank fetches its micro-batches from the workers' nodes --------------------------------
+        try:
+            stats = run.update(step, [r for res in results for r in res.rollouts], per_micro)
+        except Redo as why:
+            run.redo(step, why)
+            continue
+        run.redos = 0
+        t_update = time.perf_counter()
 
+        # ---- weight sync: learner rank 0 -> every rollout worker, through the object store -------------------------------
+        run.version += 1
+        run.send_weights()
+        step += 1
+
+        # ---- log, eval, checkpoint -------------------------------------------------------------------------------------
+        run.log_step(step, results, stats, reward, targets, scored, [t0, t_rollout, t_update, time.perf_counter()])
+        bad_steps = bad_steps + 1 if sum(s["train/nonfinite_losses"] for s in stats) else 0
+        if bad_steps >= cfg.max_bad_steps:  # no save: the weights may be damaged; the last checkpoint is not
+            raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto from the last checkpoint")
+        if step % cfg.eval_every == 0 or step == cfg.num_steps:
+            try:
+                last_eval = run.evaluate(step)
+            except Exception:  # keep this step's update: resume=auto continues after it (without this evaluation)
+                run.save_after_failure(step)
+                raise
+        if step % cfg.save_every == 0 or step == cfg.num_steps:
+            run.save(step)
+    run.logger.close()
+    return last_eval

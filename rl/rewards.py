@@ -107,9 +107,12 @@ def total_rewards(terms: dict[str, list[float | None]], weights: dict[str, float
 class RewardWorker:
     """Scores edits with every term; batches concurrent requests (see module docstring)."""
 
-    def __init__(self, terms: list[RewardTerm], device: str = "cpu", max_batch_size: int = 64, max_wait_s: float = 0.05, threads: int = 0):
+    def __init__(
+        self, terms: list[RewardTerm], device: str = "cpu", max_batch_size: int = 64, max_wait_s: float = 0.05, threads: int = 0, clients: int = 0
+    ):
         """`max_batch_size`: edits gathered into one call (reward.max_batch_size); each term then forwards them
-        `term.micro_batch_size` at a time."""
+        `term.micro_batch_size` at a time. `clients`: the rollout workers this actor serves (its node's), 0 if
+        unknown: once that many requests wait, no more can be coming soon, so the call starts without waiting."""
         if threads:
             torch.set_num_threads(threads)
         names = [t.name for t in terms]
@@ -118,6 +121,7 @@ class RewardWorker:
         self.terms = [(t, build_reward(t.spec, device)) for t in terms]
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.clients = clients
         self._pending: list[tuple[list, list, list, asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None  # the scoring call running, if any (held: the loop keeps weak references)
@@ -153,11 +157,16 @@ class RewardWorker:
         self.batch_sizes.append(n)
         return Scores(terms, errors)
 
+    def take_batch_sizes(self) -> list[int]:
+        """The edits of each scoring call since the last take (the driver logs their mean per node and step)."""
+        sizes, self.batch_sizes = self.batch_sizes, []
+        return sizes
+
     async def score_batched(self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]) -> Scores:
         """Like score(), but requests arriving together are scored in one call.
 
-        While no call runs, a call starts once max_batch_size edits wait, or max_wait_s after the first of them
-        arrived. One call runs at a time: requests arriving meanwhile gather, and when it ends the same rule
+        While no call runs, a call starts once max_batch_size edits wait, or as many requests as the actor has
+        clients (a lone rollout worker never waits), or max_wait_s after the first of them arrived. One call runs at a time: requests arriving meanwhile gather, and when it ends the same rule
         applies with the wait counted from its end (with closed-loop clients, that is what lets the batch
         refill). A request the caller cancelled (Ray's cancel on a timeout) is dropped, not scored.
         """
@@ -169,7 +178,7 @@ class RewardWorker:
     def _schedule(self) -> None:
         if self._task is not None or not self._pending:
             return
-        if sum(len(p[0]) for p in self._pending) >= self.max_batch_size:
+        if sum(len(p[0]) for p in self._pending) >= self.max_batch_size or (self.clients and len(self._pending) >= self.clients):
             self._flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._flush)

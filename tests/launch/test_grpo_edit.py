@@ -1,8 +1,13 @@
-"""launch/grpo_edit.py: what every Ray actor's environment takes from the user's."""
+"""launch/grpo_edit.py: what every Ray actor's environment takes from the user's, and the preflight plan of GPU runs."""
 
 from pathlib import Path
 
-from launch.grpo_edit import runtime_env
+import pytest
+import ray
+
+from launch.grpo_edit import main, runtime_env
+from reward.config import load_config
+from rl.config import RLConfig
 
 
 def test_hub_access_follows_the_users_environment():
@@ -18,3 +23,44 @@ def test_runtime_env_forwards_no_secrets():
     assert sorted(env) == ["PYTHONPATH", "WANDB_MODE"] and env["WANDB_MODE"] == "online"
     assert runtime_env({})["env_vars"]["WANDB_MODE"] == "offline"
     assert (Path(env["PYTHONPATH"]) / "rl" / "loop.py").is_file()  # the actors import this repository's packages
+
+
+# ---- the preflight plan (launch/plan.py) ------------------------------------------------------------------------------
+
+PRESETS = sorted((Path(__file__).resolve().parents[2] / "launch" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if "gpus_per_node: 8" in p.read_text()], ids=lambda p: p.stem)
+def test_every_shipped_gpu_preset_passes_its_plan(preset, capsys):
+    assert main(["--config", str(preset), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "fits: the busiest GPU" in out and "GPU 7:" in out
+
+
+def test_a_config_that_does_not_fit_is_refused_before_anything_starts(capsys, monkeypatch):
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init called for a config that does not fit"))
+    kontext = [p for p in PRESETS if p.stem == "flux_kontext_jrm"][0]
+    # every learner on the rollout workers' GPUs, with 4-image micro-batches: GPU 0 holds too much
+    assert main(["--config", str(kontext), "algo.micro_batch_size=4", "algo.prompts_per_step=28"]) == 2
+    err = capsys.readouterr().err
+    assert "DOES NOT FIT: GPU 0 (rollout 0, learner 0)" in err and "algo.micro_batch_size" in err and "nothing was started" in err
+    # without gradient checkpointing the learner's activations alone exceed a GPU: the plan names the switch
+    assert main(["--config", str(kontext), "--plan", "policy.gradient_checkpointing=false"]) == 2
+    assert "policy.gradient_checkpointing=true" in capsys.readouterr().err
+
+
+def test_the_plan_follows_the_layout_and_zero_stage():
+    from launch.plan import make_plan
+
+    kontext = [p for p in PRESETS if p.stem == "flux_kontext_jrm"][0]
+    cfg = load_config(RLConfig, kontext, [])
+    plan = make_plan(cfg)
+    assert [g["actors"] for g in plan["gpus"]][6:] == [["rollout 6", "learner 6"], ["learner 7", "reward 0"]]
+    roles = plan["roles"]
+    assert roles["rollout"]["weights"] > roles["learner"]["weights"] + 8  # the learner drops T5, CLIP and the VAE
+    full = make_plan(load_config(RLConfig, kontext, ["policy.lora_rank=0", "cluster.zero_stage=2"]))
+    sharded = make_plan(load_config(RLConfig, kontext, ["policy.lora_rank=0", "cluster.zero_stage=3"]))
+    assert not full["fits"]  # a full fine-tune of 12B with AdamW on every rank: far over
+    assert sharded["roles"]["learner"]["weights"] < full["roles"]["learner"]["weights"] / 1.7  # the trained copy sharded, the reference not
+    assert sharded["roles"]["learner"]["trainable"] < full["roles"]["learner"]["trainable"] / 2
+    assert main(["--config", str(PRESETS[0]).replace(PRESETS[0].stem, "shapeedit"), "--plan"]) == 0  # a CPU run: nothing to plan

@@ -53,8 +53,12 @@ def test_bad_configs_are_refused():
         load_config(RLConfig, None, ["keep_checkpoints=0"])
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         load_config(RLConfig, None, ["algo.group_size=1"])
-    with pytest.raises(ValueError, match="zero_stage 3 is not supported"):
-        load_config(RLConfig, None, ["cluster.zero_stage=3"])
+    with pytest.raises(ValueError, match="zero_stage must be 2 or 3"):
+        load_config(RLConfig, None, ["cluster.zero_stage=1"])
+    with pytest.raises(ValueError, match="4 rollout workers \\(2 node"):
+        load_config(RLConfig, None, ["cluster.num_nodes=2", "cluster.num_rollout_workers=2", "algo.prompts_per_step=2", "algo.group_size=4", "algo.micro_batch_size=4"])
+    with pytest.raises(ValueError, match="reward_gpu 8 is not a GPU"):
+        load_config(RLConfig, None, ["cluster.gpus_per_node=8", "cluster.reward_gpu=8"])
     with pytest.raises(ValueError, match="ShapeEdit policy is small and does not support it"):
         load_config(RLConfig, None, ["policy.gradient_checkpointing=true"])
 

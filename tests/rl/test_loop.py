@@ -26,7 +26,8 @@ from reward.config import load_config
 from reward.shapeedit import GenerateConfig, generate
 from rl import checkpoint
 from rl.config import RLConfig
-from rl.loop import RayRewardClient, RewardUnavailable, train
+from rl.actors import RayRewardClient, RewardUnavailable
+from rl.loop import train
 from rl.workers import build_policy
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

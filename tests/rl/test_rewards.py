@@ -148,6 +148,23 @@ def test_concurrent_requests_are_batched():
     assert all(r.terms["keep"] == [1.0] * 4 for r in second)
 
 
+def test_a_request_from_every_client_starts_the_call_without_waiting():
+    worker = RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=64, max_wait_s=5.0, clients=2)
+
+    async def two_clients():
+        start = time.perf_counter()
+        await asyncio.gather(*[worker.score_batched(_images(2), ["a", "b"], _images(2)) for _ in range(2)])
+        both = time.perf_counter() - start
+        taken = worker.take_batch_sizes()
+        one = asyncio.create_task(worker.score_batched(_images(1), ["c"], _images(1)))
+        await asyncio.sleep(0.3)
+        return both, taken, one.done()
+
+    both, taken, one_done = asyncio.run(two_clients())
+    assert both < 2.0 and taken == [4]  # both clients' requests: scored together at once, not after max_wait_s
+    assert not one_done  # one request of two clients: the other may still come, so it waits
+
+
 def test_requests_arriving_during_a_call_fill_the_next_one():
     worker = slow(RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=4, max_wait_s=0.01), 0.3)
 

@@ -1,0 +1,139 @@
+"""The Ray topology on simulated nodes (ray.cluster_utils.Cluster: several raylets on this machine, as Ray's own
+tests do), with a custom resource standing for GPUs: each node's rollout workers call their own node's reward
+actor, a 2-node run equals a 1-node run of the same global batch, the driver's received bytes stay flat when the
+rollouts double, and a node that dies mid-run stops the run with a clear message, after which resume=auto on a
+repaired cluster reproduces the uninterrupted run."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig
+from reward.config import load_config
+from reward.shapeedit import GenerateConfig, generate
+from rl.actors import actor_nodes, ray_actors
+from rl.config import RLConfig
+from rl.loop import train
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+NODE = {"num_cpus": 2, "resources": {"fake_gpu": 2}, "node_ip_address": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head that holds no actor (0 CPUs: the driver's) and 2 nodes of 2 'GPUs' each; tiny data and policy."""
+    root = tmp_path_factory.mktemp("multinode")
+    generate(GenerateConfig(out=str(root / "data"), pairs=300, size=32, seed=0), progress=False)
+    rows = json.loads((root / "data" / "train_prompts.json").read_text())
+    cfg = ShapeEditPolicyConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=24)
+    ShapeEditPolicy.build(cfg, [r["instruction"] for r in rows]).save_pretrained(root / "policy")
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    nodes = [c.add_node(**NODE) for _ in range(2)]
+    ray.init(address=c.address, configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
+    yield root, c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def overrides(root, out, nodes: int, *extra):
+    data = root / "data"
+    return [
+        f"output_dir={out}", f"policy.path={root / 'policy'}", "policy.height=32", "policy.width=32", "policy.sampler.num_steps=3",
+        "policy.sampler.noise_level=0.9", "policy.lora_rank=4", "policy.eval_steps=3",
+        f"reward.terms=[{{name: oracle, spec: 'oracle:{data}'}}]", f"reward.gold=oracle:{data}",
+        f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}", "data.num_eval=4",
+        "algo.prompts_per_step=2", "algo.group_size=4", "algo.micro_batch_size=2", "algo.updates_per_step=1", "algo.lr=0.01",
+        "num_steps=3", "save_every=1", "eval_every=3", "keep_checkpoints=3", "wandb=false",
+        f"cluster.num_nodes={nodes}", f"cluster.num_rollout_workers={2 // nodes}", f"cluster.num_learners={2 // nodes}",
+        "cluster.gpus_per_node=2", "cluster.gpu_resource=fake_gpu", "cluster.reward_gpu=1", *extra,
+    ]
+
+
+def metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def steps(run):
+    return [r for r in metrics(run) if "perf/step_s" in r]
+
+
+def same_metrics(got_dir, want_dir, rel=1e-5):
+    got = [{k: v for k, v in r.items() if not k.startswith(("perf/", "reward/node_"))} for r in metrics(got_dir)]
+    want = [{k: v for k, v in r.items() if not k.startswith(("perf/", "reward/node_"))} for r in metrics(want_dir)]
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in w:
+            assert g[k] == pytest.approx(w[k], rel=rel, abs=1e-7), (g["step"], k)
+
+
+def test_each_node_has_its_reward_actor_and_its_workers_call_it(cluster):
+    root, _, nodes = cluster
+    cfg = load_config(RLConfig, None, overrides(root, root / "unused", 2))
+    with ray_actors(cfg) as actors:
+        where = actor_nodes(actors)
+        assert sorted(set(where["reward"])) == sorted(n.node_id for n in nodes)  # one reward actor on each node
+        assert len(set(where["reward"])) == 2 and set(where["learner"]) == set(where["reward"])
+        for k, (worker, node) in enumerate(zip(actors.rollout_workers, where["rollout"])):
+            n = actors.node_of_worker(k)
+            assert node == where["reward"][n], f"rollout worker {k} is not on node {n}"
+            called = ray.get(worker.__ray_call__.remote(lambda w: w.reward.handle._actor_id.hex()))
+            assert called == actors.reward_actors[n]._actor_id.hex(), f"rollout worker {k} calls another node's reward actor"
+        assert [(p.role, p.node, p.slot, p.share) for p in actors.placements if p.node == 0] == [
+            ("rollout", 0, 0, 0.5), ("learner", 0, 0, 0.5), ("reward", 0, 1, 1.0)
+        ]
+
+
+@pytest.fixture(scope="module")
+def one_node(cluster, tmp_path_factory):
+    root = cluster[0]
+    out = tmp_path_factory.mktemp("one")
+    train(load_config(RLConfig, None, overrides(root, out, 1)))
+    return out
+
+
+def test_two_nodes_equal_one_node_and_batch_per_node(cluster, one_node, tmp_path):
+    root = cluster[0]
+    two = tmp_path / "two"
+    train(load_config(RLConfig, None, overrides(root, two, 2)))
+    same_metrics(two, one_node)
+    for r in steps(two):
+        assert r["reward/node_0/batch_mean"] > 0 and r["reward/node_1/batch_mean"] > 0
+        assert r["perf/driver_bytes"] < 0.05 * r["perf/rollout_bytes"], "rollouts went through the driver"
+    assert "reward/node_1/batch_mean" not in steps(one_node)[0]
+
+    # twice the rollout per row (9 denoising steps instead of 3): the learners fetch twice as much, the driver not more
+    double = tmp_path / "double"
+    train(load_config(RLConfig, None, overrides(root, double, 2, "policy.sampler.num_steps=9", "num_steps=1")))
+    small, big = steps(two)[0], steps(double)[0]
+    assert big["perf/rollout_bytes"] > 1.9 * small["perf/rollout_bytes"]
+    assert big["perf/driver_bytes"] == pytest.approx(small["perf/driver_bytes"], rel=0.1)
+
+
+def test_a_node_that_dies_stops_the_run_and_resume_reproduces_it(cluster, one_node, tmp_path):
+    root, c, nodes = cluster
+    out = tmp_path / "killed"
+    killed = threading.Event()
+
+    def kill_node_after_first_checkpoint():
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "step-000001" / "state.json").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        c.remove_node(nodes[1], allow_graceful=False)
+        killed.set()
+
+    thread = threading.Thread(target=kill_node_after_first_checkpoint, daemon=True)
+    thread.start()
+    with pytest.raises(RuntimeError, match=r"(died|node).*resume=auto continues from .*step-00000[12]"):
+        train(load_config(RLConfig, None, overrides(root, out, 2, "cluster.placement_timeout_s=60")))
+    thread.join()
+    assert killed.is_set()
+    nodes[1] = c.add_node(**NODE)  # the cluster repaired: resume=auto finishes the run as if nothing happened
+    train(load_config(RLConfig, None, overrides(root, out, 2)))
+    same_metrics(out, one_node)
