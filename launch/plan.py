@@ -1,6 +1,7 @@
 """Preflight plan of an RL job, from its config alone: where each actor goes and what each GPU must hold.
 
     python launch/grpo_edit.py --config launch/configs/flux_kontext_jrm.yaml --plan
+    python launch/plan.py [--out docs/bench/plans.json]     # every shipped GPU preset, as a JSON report
 
 Every model is built on PyTorch's `meta` device (shapes, no storage: nothing is loaded or downloaded; a
 12B transformer takes a second). Per GPU it adds up, for the actors rl/actors.py `placement` puts there:
@@ -25,16 +26,23 @@ and otherwise from the published configs of FLUX.1 Kontext [dev], Qwen-Image-Edi
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch import nn
+if __package__ in (None, ""):  # run as `python launch/plan.py`: import the packages, not sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from rl.actors import placement
-from rl.config import RLConfig
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from launch.benchmarking import command_line, write_report  # noqa: E402
+from reward.config import load_config  # noqa: E402
+from rl.actors import placement  # noqa: E402
+from rl.config import RLConfig  # noqa: E402
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = 0.6  # CUDA context, cuBLAS workspace and allocator slack, per process
@@ -281,3 +289,39 @@ def format_plan(plan: dict, cfg: RLConfig) -> str:
     else:
         lines.append(f"DOES NOT FIT: GPU {b['gpu']} ({', '.join(b['actors'])}) plans {b['gib']:.1f} GiB, over {plan['limit_gib']:.1f}. Try: {advice(plan, cfg)}")
     return "\n".join(lines)
+
+
+# ---- every shipped GPU preset: python launch/plan.py ----------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    """The table docs/performance.md holds: per preset, each role's planned GiB and the busiest GPU."""
+    lines = ["| preset | layout per node | rollout worker GiB | learner GiB | reward actor GiB | busiest GPU GiB (limit) |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, plan in report["presets"].items():
+        r = plan["roles"]
+        layout = "; ".join(f"GPU {g['gpu']}: {', '.join(g['actors'])}" for g in plan["gpus"] if g["gpu"] in (0, plan["gpus_per_node"] - 1))
+        lines.append(
+            f"| {name} | {layout} | {r['rollout']['total']:.1f} | {r['learner']['total']:.1f} | {r['reward']['total']:.1f} "
+            f"| {plan['busiest']['gib']:.1f} ({plan['limit_gib']:.1f}) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="The preflight plan of every shipped GPU preset (launch/configs/*.yaml with GPUs), as a JSON report.")
+    parser.add_argument("--out", default="docs/bench/plans.json", help="where the JSON report goes")
+    args = parser.parse_args(argv)
+    presets = {}
+    for path in sorted((Path(__file__).resolve().parent / "configs").glob("*.yaml")):
+        cfg = load_config(RLConfig, path, [])
+        if cfg.cluster.gpus_per_node:
+            presets[path.stem] = make_plan(cfg)
+            print(format_plan(presets[path.stem], cfg) + "\n")
+    report = {"presets": presets}
+    print(markdown(report))
+    print(f"wrote {write_report(args.out, 'plans', command_line(__file__, argv), vars(args), report)}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -248,6 +248,10 @@ class FluxKontextPolicy:
         """Within the block, sample and log_prob use the reference policy (adapters disabled / frozen copy)."""
         return self._trainable.reference()
 
+    def trained_module(self) -> nn.Module:
+        """The network that holds the trainable weights (ZeRO-3 partitions its parameters in the learner)."""
+        return self._trainable.net
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self._trainable.parameters()
 

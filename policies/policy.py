@@ -61,6 +61,9 @@ class EditingPolicy(Protocol):
 
     def trainable_parameters(self) -> list[nn.Parameter]: ...
 
+    def trained_module(self) -> nn.Module:
+        """The network that holds the trainable weights (the denoiser, its LoRA adapters inside)."""
+
     def trainable_state(self) -> dict[str, Tensor]: ...
 
     def load_trainable_state(self, state: dict[str, Tensor], version: int) -> None: ...

@@ -245,6 +245,10 @@ class QwenImageEditPolicy:
         """Within the block, log_prob computes the reference policy (adapters disabled, or the frozen copy)."""
         return self.trainable.reference()
 
+    def trained_module(self) -> nn.Module:
+        """The network that holds the trainable weights (ZeRO-3 partitions its parameters in the learner)."""
+        return self.trainable.net
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.trainable.parameters()
 

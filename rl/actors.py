@@ -136,14 +136,23 @@ class ActorSet:
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
             if pending:
-                alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-                dead = [i for i, node in enumerate(self.nodes) if node not in alive]
-                if dead:
-                    raise NodeLost(f"node(s) {dead} of the job ({', '.join(self.nodes[i][:8] for i in dead)}) died")
+                self.check_nodes()
         return ray.get(refs)
 
-    def node_of_worker(self, k: int) -> int:
-        return k * len(self.reward_actors) // len(self.rollout_workers)
+    def check_nodes(self, grace_s: float = 0.0) -> None:
+        """Raise NodeLost if a node of the job is dead. `grace_s`: after an actor became unreachable for good, how
+        long to give Ray's health checks (about 15 s) to tell whether its node died, polling every second."""
+        if self.get is not ray.get:
+            return
+        deadline = time.monotonic() + grace_s
+        while True:
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            dead = [i for i, node in enumerate(self.nodes) if node not in alive]
+            if dead:
+                raise NodeLost(f"node(s) {dead} of the job ({', '.join(self.nodes[i][:8] for i in dead)}) died")
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(1.0)
 
 
 class _Done:

@@ -11,6 +11,7 @@ steps and ranks (gloo on CPU, NCCL on GPU).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -62,7 +63,16 @@ class Learner:
         algo = cfg.algo
         self.algorithm = build_algorithm(algo)
         groups = [{"params": self.policy.trainable_parameters(), "lr": algo.lr}]
-        module = nn.ModuleDict({"policy": nn.ParameterList(self.policy.trainable_parameters())})
+        self.zero3 = cfg.cluster.zero_stage == 3
+        if self.zero3:
+            # ZeRO-3 partitions the parameters of the engine's modules and gathers a module's own parameters in
+            # its forward (and backward) hooks. The policy's forward runs through the denoiser's modules, not the
+            # engine's forward: so the engine gets the denoiser's modules that own trained parameters, and every
+            # call of them inside the policy gathers what it needs.
+            owners = [m for m in self.policy.trained_module().modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+            module = nn.ModuleDict({"policy": nn.ModuleList(owners)})
+        else:
+            module = nn.ModuleDict({"policy": nn.ParameterList(self.policy.trainable_parameters())})
         for name, (extra, lr) in self.algorithm.modules().items():  # PPO's value model
             module[name] = extra.to(cfg.cluster.device)
             groups.append({"params": list(extra.parameters()), "lr": lr})
@@ -153,9 +163,21 @@ class Learner:
 
     # ---- weights and checkpoints -----------------------------------------------------------------------------
 
-    def trainable_state(self) -> dict[str, np.ndarray]:
-        """The policy's trainable weights as numpy arrays (cheapest through Ray's object store)."""
-        return {k: v.float().cpu().numpy() for k, v in self.policy.trainable_state().items()}
+    def trainable_state(self) -> dict[str, np.ndarray] | None:
+        """The policy's trainable weights as numpy arrays (cheapest through Ray's object store). Under ZeRO-3 every
+        rank must call it (the weights are gathered from all ranks) and only rank 0 returns them (others None)."""
+        with self.gathered():
+            if self.rank and self.zero3:
+                return None
+            return {k: v.float().cpu().numpy() for k, v in self.policy.trainable_state().items()}
+
+    def gathered(self):
+        """Within the block the trainable weights are whole on this rank (ZeRO-3: a collective every rank enters)."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self.policy.trainable_parameters(), modifier_rank=None)
 
     def save(self, path: str) -> None:
         """This rank's part of a checkpoint: trainable weights, value model, optimizer (DeepSpeed format)."""

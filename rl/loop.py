@@ -102,8 +102,13 @@ class Run:
 
     def send_weights(self) -> None:
         """Learner rank 0's trainable weights to every rollout worker, through the object store (one pull per node)."""
-        weights = self.actors.learners[0].trainable_state.remote()
+        weights = self.weights()
         self.actors.watch([w.set_weights.remote(weights, self.version) for w in self.actors.rollout_workers])
+
+    def weights(self):
+        """Learner rank 0's trainable weights (a reference). Every rank is asked: under ZeRO-3 gathering them is a
+        collective; the other ranks answer None."""
+        return [learner.trainable_state.remote() for learner in self.actors.learners][0]
 
     # ---- rollout ------------------------------------------------------------------------------------------------
 
@@ -127,6 +132,7 @@ class Run:
     def redo(self, step: int, why: Redo) -> None:
         """Drop every row of the step, resend the weights, and let the loop redo it with the same seeds (no sample
         lost or counted twice); after MAX_REDOS in a row, stop with a checkpoint."""
+        self.actors.check_nodes()  # a dead node is not redone: the run stops (Run.stopped_by)
         self.redos += 1
         if self.redos > MAX_REDOS:
             self.save_after_failure(step)
@@ -134,9 +140,10 @@ class Run:
         print(f"step {step}: {why}; resending weights, redoing the step ({self.redos}/{MAX_REDOS})", flush=True)
         try:
             self.send_weights()
-        except RayActorError as e:  # restarts used up: the worker is gone for good
+        except RayActorError as e:  # restarts used up: the worker is gone for good (or its node is)
+            self.actors.check_nodes(grace_s=30.0)  # a dead node stops the run without a checkpoint (stopped_by)
             self.save_after_failure(step)
-            raise RuntimeError(f"step {step}: a rollout worker is gone for good ({type(e).__name__}); resume=auto continues from the checkpoint") from e
+            raise RuntimeError(f"step {step}: a rollout worker is gone for good ({type(e).__name__}); resume=auto continues from {self.last_checkpoint()}") from e
 
     # ---- update -------------------------------------------------------------------------------------------------
 
@@ -149,11 +156,7 @@ class Run:
         try:
             stats = self.actors.watch([learner.update.remote([micro[i] for i in idx], [targets[i] for i in idx]) for learner, idx in zip(learners, order)])
         except RayActorError as e:  # its optimizer state is gone with it: restarting it would silently reset training
-            last = checkpoint.complete_checkpoints(self.run_dir)
-            raise RuntimeError(
-                f"a learner died during step {step + 1} ({type(e).__name__}); resume=auto continues from "
-                f"{last[-1] if last else 'the start (no checkpoint yet)'}"
-            ) from e
+            raise RuntimeError(f"a learner died during step {step + 1} ({type(e).__name__}); resume=auto continues from {self.last_checkpoint()}") from e
         lost = [s["lost"] for s in stats if s.get("lost")]
         if lost:
             raise Redo(f"rollouts lost before the update ({lost[0]})")
@@ -220,16 +223,16 @@ class Run:
         self.actors.watch([learner.save.remote(str(staging)) for learner in learners])
         state = {"step": at_step, "policy_version": self.version, "wandb_run_id": self.logger.run_id,
                  "data_position": at_step * self.cfg.algo.prompts_per_step, "seed": self.cfg.seed}
-        checkpoint.commit(staging, state, self.get(learners[0].trainable_state.remote()), self.cfg.keep_checkpoints)
+        checkpoint.commit(staging, state, self.get(self.weights()), self.cfg.keep_checkpoints)
 
     def stopped_by(self, lost: NodeLost) -> RuntimeError:
         """The error that stops a run whose node died. No checkpoint is attempted: the learners of the surviving
         nodes would wait in DeepSpeed's collectives for ranks that are gone."""
+        return RuntimeError(f"{lost}; the run stops. Bring the cluster back to {self.cfg.cluster.num_nodes} node(s) and resume=auto continues from {self.last_checkpoint()}")
+
+    def last_checkpoint(self) -> str:
         last = checkpoint.complete_checkpoints(self.run_dir)
-        return RuntimeError(
-            f"{lost}; the run stops. Bring the cluster back to {self.cfg.cluster.num_nodes} node(s) and "
-            f"resume=auto continues from {last[-1] if last else 'the start (no checkpoint yet)'}"
-        )
+        return str(last[-1]) if last else "the start (no checkpoint yet)"
 
     def save_after_failure(self, at_step: int) -> None:
         if at_step == 0:

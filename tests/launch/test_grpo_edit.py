@@ -1,5 +1,6 @@
 """launch/grpo_edit.py: what every Ray actor's environment takes from the user's, and the preflight plan of GPU runs."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,13 @@ def test_the_plan_follows_the_layout_and_zero_stage():
     assert sharded["roles"]["learner"]["weights"] < full["roles"]["learner"]["weights"] / 1.7  # the trained copy sharded, the reference not
     assert sharded["roles"]["learner"]["trainable"] < full["roles"]["learner"]["trainable"] / 2
     assert main(["--config", str(PRESETS[0]).replace(PRESETS[0].stem, "shapeedit"), "--plan"]) == 0  # a CPU run: nothing to plan
+
+
+def test_the_plan_table_in_the_docs_is_the_committed_json():
+    from launch.plan import markdown
+
+    root = Path(__file__).resolve().parents[2]
+    report = json.loads((root / "docs" / "bench" / "plans.json").read_text())["results"]
+    assert markdown(report) in (root / "docs" / "performance.md").read_text(), "docs/performance.md's plan table differs: rerun python launch/plan.py and paste its table"
+    assert set(report["presets"]) == {p.stem for p in PRESETS if "gpus_per_node: 8" in p.read_text()}
+    assert all(plan["fits"] for plan in report["presets"].values())
