@@ -13,7 +13,8 @@ Under 8 minutes on one H100/H200, bf16 weights (LoRA weights and SDE math float3
   16-channel VAE) edits one 512x512 image in `--steps` steps: seconds per image.
 - kontext_learner: rl/learner.py's DeepSpeed ZeRO-2 learner (one rank) takes one optimizer step on that rollout
   with launch/configs/flux_kontext_jrm.yaml's algorithm (SDE window, KL term): seconds per step.
-peak_gib: the most GPU memory allocated during the row, weights included. A row that fails (out of memory, say)
+peak_gib: the most GPU memory allocated during the row, weights included; planned_gib: what launch/plan.py (the
+`--plan` preflight, meta device) plans for the same work, so the first GPU run checks the plan. A row that fails (out of memory, say)
 is printed as FAILED, the others are still measured and written, and the command then exits with an error.
 
 MFU = FLOPs / (seconds x peak FLOP/s), forward FLOPs of a batch (P = parameters of the named modules):
@@ -72,7 +73,7 @@ from rl.actors import free_port  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 KONTEXT_PRESET = ROOT / "launch" / "configs" / "flux_kontext_jrm.yaml"
 ROWS = ("jrm", "generative", "kontext_rollout", "kontext_learner")
-COLUMNS = ["check", "value", "unit", "mfu", "seconds", "peak_gib", "detail"]
+COLUMNS = ["check", "value", "unit", "mfu", "seconds", "peak_gib", "planned_gib", "detail"]
 # Dense bf16 TFLOP/s from the spec sheets, matched in order against torch.cuda.get_device_name().
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 INSTRUCTION = "make the sky purple and add a small red boat"
@@ -344,7 +345,7 @@ def learner_config(preset: Preset, device: str, steps: int) -> RLConfig:
         RLConfig,
         KONTEXT_PRESET,
         [
-            f"cluster.device={device}", "cluster.num_rollout_workers=1", "cluster.num_learners=1", "cluster.gpus_per_node=1",
+            f"cluster.device={device}", "cluster.num_rollout_workers=1", "cluster.num_learners=1", "cluster.gpus_per_node=1", "cluster.reward_gpu=0",
             f"policy.dtype={dtype_name(preset.dtype)}", f"policy.height={preset.edit_size}", f"policy.width={preset.edit_size}",
             f"policy.sampler.num_steps={steps}",
             f"policy.sampler.sde_window_size={min(3, steps - 1)}",  # the preset's window of 3, fewer if the steps are fewer
@@ -485,7 +486,21 @@ def run_kontext(preset: Preset, device: str, args: argparse.Namespace) -> dict:
     if "kontext_learner" in args.only:
         hint = "a card with more memory" if args.gradient_checkpointing else "the learner step needs less memory with --gradient-checkpointing"
         attempt(results, ("kontext_learner",), device, lambda: {"kontext_learner": check_learner(policy, cfg, rollout, device)}, hint)
+    if preset is REAL:  # the preflight plan's figures for the same work, beside the measured peaks
+        for name, gib in planned_peaks(cfg, args.gradient_checkpointing).items():
+            if name in results and "error" not in results[name]:
+                results[name]["planned_gib"] = gib
     return results
+
+
+def planned_peaks(cfg: RLConfig, gradient_checkpointing: bool) -> dict[str, float]:
+    """launch/plan.py's GiB for the two Kontext rows at real size (no CUDA context: torch's peak does not count
+    it): the rollout row holds every component and samples one image; the learner row's process holds the same
+    components (the policy is shared, nothing dropped) plus the trained state and one image's activations."""
+    from launch.plan import policy_roles
+
+    rollout, learner, _ = policy_roles(replace(cfg, policy=replace(cfg.policy, gradient_checkpointing=gradient_checkpointing)))
+    return {"kontext_rollout": rollout.weights + rollout.activations, "kontext_learner": rollout.weights + learner.trainable + learner.activations}
 
 
 def table_rows(results: dict, names: list[str]) -> list[dict]:
@@ -505,11 +520,11 @@ def table_rows(results: dict, names: list[str]) -> list[dict]:
             rows.append({"check": name, "value": r["tokens_per_s"], "unit": "tokens/s", "seconds": r["seconds"], "peak_gib": r["peak_gib"],
                          "detail": f"batch {r['batch']} x {r['critique_tokens']} tokens, {r['pairs_per_s']:.3g} pairs/s{ratio}"})
         elif name == "kontext_rollout":
-            rows.append({"check": name, "value": r["seconds_per_image"], "unit": "s/image", "seconds": r["seconds_per_image"], "peak_gib": r["peak_gib"],
+            rows.append({"check": name, "value": r["seconds_per_image"], "unit": "s/image", "seconds": r["seconds_per_image"], "peak_gib": r["peak_gib"], "planned_gib": r.get("planned_gib"),
                          "detail": f"{r['steps']} steps, {r['tokens_per_forward']} tokens/forward, {r['transformer_params'] / 1e9:.3g}B params"
                          + ("" if r["finite_log_probs"] else ", NON-FINITE log-probs")})
         else:
-            rows.append({"check": name, "value": r["seconds_per_step"], "unit": "s/step", "seconds": r["seconds_per_step"], "peak_gib": r["peak_gib"],
+            rows.append({"check": name, "value": r["seconds_per_step"], "unit": "s/step", "seconds": r["seconds_per_step"], "peak_gib": r["peak_gib"], "planned_gib": r.get("planned_gib"),
                          "detail": f"ZeRO-2, {r['backward_passes_per_step']} backward passes{', checkpointing' if r['gradient_checkpointing'] else ''}, "
                          f"loss {r['loss']:.3g}, first step {r['first_step_s']:.3g} s"})
     return rows

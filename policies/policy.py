@@ -64,6 +64,10 @@ class EditingPolicy(Protocol):
     def trained_module(self) -> nn.Module:
         """The network that holds the trainable weights (the denoiser, its LoRA adapters inside)."""
 
+    def drop_encoders(self) -> None:
+        """Free what only sampling needs (text encoders, VAE): a learner's copy recomputes stored rollouts, whose
+        condition holds their outputs. sample() refuses afterwards; log_prob and flow_velocity are unchanged."""
+
     def trainable_state(self) -> dict[str, Tensor]: ...
 
     def load_trainable_state(self, state: dict[str, Tensor], version: int) -> None: ...

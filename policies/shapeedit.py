@@ -279,6 +279,13 @@ class ShapeEditPolicy:
     def device(self) -> torch.device:
         return self.transformer.device
 
+    def drop_encoders(self) -> None:
+        """Nothing to free: the text encoder is a few MB and pixels need no VAE (a learner keeps it all)."""
+
+    def trained_module(self) -> nn.Module:
+        """The network that holds the trainable weights (ZeRO-3 partitions its parameters in the learner)."""
+        return self._trainable().net
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self._trainable().parameters()
 

@@ -23,14 +23,16 @@ nodes (rl/learner.py `fetch`). The driver receives rewards and metadata (`payloa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, ObjectLostError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -153,6 +155,9 @@ class ActorSet:
             if time.monotonic() >= deadline:
                 return
             time.sleep(1.0)
+
+    def node_of_worker(self, k: int) -> int:
+        return k * len(self.reward_actors) // len(self.rollout_workers)
 
 
 class _Done:
@@ -312,7 +317,7 @@ def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
             clients.append(RayRewardClient(reward, cfg.reward.timeout_s, cfg.reward.retries))
             for p in (p for p in layout if p.role == "rollout"):
                 worker = ray.remote(RolloutWorker).options(**options(pg, p), max_restarts=2, max_task_retries=2).remote(
-                    cfg.policy, cfg.seed, clients[-1], c.threads_per_worker, c.device, final_only=final_only, put_rollouts=True
+                    cfg.policy, cfg.seed, clients[-1], c.threads_per_worker, c.device, final_only=final_only, store=ray.put
                 )
                 actors.append(worker)
                 workers.append(worker)
@@ -324,7 +329,7 @@ def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
                 # on GPU runs Ray shows each actor only its own GPU (CUDA_VISIBLE_DEVICES), so its device index is 0
                 local_rank = 0 if c.gpus_per_node else p.index
                 learner = ray.remote(Learner).options(**options(pg, p)).remote(
-                    cfg, n * c.num_learners + p.index, world, host, port, local_rank, c.threads_per_worker
+                    cfg, n * c.num_learners + p.index, world, host, port, local_rank, c.threads_per_worker, fetch=fetch_rollouts
                 )
                 actors.append(learner)
                 learners.append(learner)
@@ -351,3 +356,42 @@ def actor_nodes(actors: ActorSet) -> dict[str, list[str]]:
         return actors.get([h.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for h in handles])
 
     return {"rollout": node_ids(actors.rollout_workers), "learner": node_ids(actors.learners), "reward": node_ids(actors.reward_actors)}
+
+
+# ---- what moves where ------------------------------------------------------------------------------------------------
+
+
+def fetch_rollouts(items: list) -> tuple[list, str, int]:
+    """A learner's rollouts, read from the object store where they are references (one call for all): the
+    rollouts, why they could not be read ('' when they could: a worker that died took its objects along), and
+    the bytes read."""
+    refs = [i for i, r in enumerate(items) if isinstance(r, ray.ObjectRef)]
+    try:
+        values = ray.get([items[i] for i in refs])
+    except ObjectLostError as e:  # the worker that owned them died (OwnerDiedError), or its node did
+        return [], f"{type(e).__name__}: {str(e).splitlines()[0]}", 0
+    out = list(items)
+    for i, v in zip(refs, values):
+        out[i] = v
+    return out, "", payload_bytes(values)
+
+
+def payload_bytes(obj) -> int:
+    """Bytes of data in `obj`: tensors and arrays by their buffers, an ObjectRef by its id (28 bytes), strings by
+    length, other scalars 8; containers and dataclasses summed over their members. The driver logs what it
+    receives per step (perf/driver_bytes), the learners what they fetch (perf/rollout_bytes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, ray.ObjectRef):
+        return 28
+    if isinstance(obj, (str, bytes)):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(payload_bytes(k) + payload_bytes(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(payload_bytes(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(payload_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 8

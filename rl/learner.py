@@ -15,11 +15,10 @@ import contextlib
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import ray
 import torch
-from ray.exceptions import ObjectLostError
 from torch import nn
 
 from policies.policy import EditingPolicy
@@ -32,11 +31,13 @@ from rl.workers import build_policy
 class Learner:
     def __init__(
         self, cfg: RLConfig, rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int = 0, threads: int = 0,
-        policy: EditingPolicy | None = None,
+        policy: EditingPolicy | None = None, fetch: Callable[[list], tuple[list[Rollout], str, int]] | None = None,
     ):
         """Join the DeepSpeed group as `rank` of `world_size`, whose rank 0 listens on master_addr:master_port, and
         set up the optimizer over the policy's trainable weights. `local_rank`: the device index in this process
-        (0 in a Ray GPU actor, which sees only its own GPU).
+        (0 in a Ray GPU actor, which sees only its own GPU). `fetch`: turns what update() is given into rollouts,
+        with why it could not ('' when it could) and the bytes it moved (Ray actors get rl/actors.py's
+        fetch_rollouts, which reads object references); by default update() is given the rollouts themselves.
 
         `policy`: an editing policy already on cfg.cluster.device to train instead of the one cfg.policy names
         (launch/gpu_check.py passes random weights at real sizes); by default build_policy(cfg.policy, cfg.seed).
@@ -50,13 +51,12 @@ class Learner:
 
         deepspeed.init_distributed(dist_backend="gloo" if cfg.cluster.device == "cpu" else "nccl")
         self.cfg = cfg
+        self.fetch = fetch or (lambda rollouts: (rollouts, "", 0))
         self.rank = rank
         self.world_size = world_size
         if policy is None:
             policy = build_policy(cfg.policy, cfg.seed)
-            drop = getattr(policy, "drop_encoders", None)  # FLUX.1 Kontext, Qwen-Image-Edit: rollouts carry the encoders' outputs
-            if drop is not None:
-                drop()
+            policy.drop_encoders()  # rollouts carry the encoders' outputs: a learner runs only the denoiser
             if cfg.cluster.device != "cpu":
                 policy.to(cfg.cluster.device)
         self.policy = policy
@@ -96,7 +96,7 @@ class Learner:
         """Train on this rank's micro-batches (in minibatch order); returns mean diagnostics of this rank.
 
         Args:
-            rollouts: micro-batches (Rollouts or their ObjectRefs), micro_per_update per optimizer step,
+            rollouts: micro-batches (Rollouts, or what `fetch` turns into them), micro_per_update per optimizer step,
                 updates_per_step of them in order.
             targets: each micro-batch's targets (rl/algorithms.py: advantages, returns or optimality) and seed.
 
@@ -104,7 +104,7 @@ class Learner:
         each returns {"lost": ...}: the driver redoes the step. Ranks agree first, so none waits in a collective.
         """
         start = time.perf_counter()
-        fetched, lost = self.fetch(rollouts)
+        fetched, lost, fetched_bytes = self.fetch(rollouts)
         if self.world_size > 1:
             flag = torch.tensor([0 if lost else 1])
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
@@ -123,6 +123,9 @@ class Learner:
             if len(terms) != self.terms_per_micro_batch:
                 raise ValueError(f"micro-batch {i} has {len(terms)} loss terms; the learner was set up for {self.terms_per_micro_batch} (policy.sampler: every rollout of a run must use the same num_steps and sde_window_size)")
             for term in terms:
+                # what engine.forward does first (the policy's forward bypasses the engine): ZeRO counts its
+                # accumulation micro-steps here, and without it ZeRO-3 keeps only the last micro-step's gradient
+                self.engine.optimizer.clear_backward_seen_flag()
                 loss, row = self.algorithm.loss(self.policy, mb, prepared[i], term)
                 if not torch.isfinite(loss):
                     # keep every rank's backward/step sequence intact: a zero loss on the same parameters
@@ -143,23 +146,8 @@ class Learner:
         out["train/lr"] = self.engine.optimizer.param_groups[0]["lr"]
         out["train/nonfinite_losses"] = nonfinite
         out["perf/learn_s"] = time.perf_counter() - start  # the fetch and the training, inside this rank
+        out["perf/fetched_bytes"] = fetched_bytes
         return out
-
-    @staticmethod
-    def fetch(rollouts: list) -> tuple[list[Rollout], str]:
-        """The rollouts, fetched from the object store where they are references (one call for all); and why
-        they could not be ('' when they were)."""
-        refs = [i for i, r in enumerate(rollouts) if isinstance(r, ray.ObjectRef)]
-        if not refs:
-            return rollouts, ""
-        try:
-            values = ray.get([rollouts[i] for i in refs])
-        except ObjectLostError as e:  # the worker that owned them died (OwnerDiedError) or its node did
-            return [], f"{type(e).__name__}: {str(e).splitlines()[0]}"
-        out = list(rollouts)
-        for i, v in zip(refs, values):
-            out[i] = v
-        return out, ""
 
     # ---- weights and checkpoints -----------------------------------------------------------------------------
 

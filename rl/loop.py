@@ -27,14 +27,13 @@ from ray.exceptions import RayActorError
 from policies.images import images_to_tensor, tensor_to_images
 from reward.config import save_config
 from rl import checkpoint
-from rl.actors import ActorSet, NodeLost, ray_actors
+from rl.actors import ActorSet, NodeLost, payload_bytes, ray_actors
 from rl.algorithms import MicroTargets, build_algorithm
 from rl.compare import scores_file
 from rl.config import RLConfig
 from rl.logger import MetricsLogger
 from rl.prompts import load_prompts, prompts_for_step
 from rl.rewards import Scores, build_reward, total_rewards
-from rl.workers import payload_bytes
 
 MAX_REDOS = 3  # consecutive redos of one step (a rollout worker died, came back with old weights, or its rollouts were lost)
 
@@ -263,7 +262,7 @@ class Run:
                 "perf/sync_s": t_sync - t_update,
                 "perf/step_s": t_sync - t0,
                 "perf/driver_bytes": payload_bytes(results) + payload_bytes(stats),
-                "perf/rollout_bytes": sum(r.rollout_bytes for r in results),
+                "perf/rollout_bytes": sum(s["perf/fetched_bytes"] for s in stats),
             }
         )
         row.update(term_means("rollout", scored))

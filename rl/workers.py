@@ -2,20 +2,19 @@
 
 A plain class (Ray applies `ray.remote` in rl/actors.py). Its reward client is anything with
 `submit(sources, instructions, edited) -> handle` and `result(handle) -> Scores`: in a run, its node's Ray
-reward actor with timeout and retries (rl/actors.py:RayRewardClient). Under Ray (`put_rollouts`) each
-micro-batch's rollout goes into the object store and only its reference goes back to the driver, which hands it
-to a learner: rollouts never pass through the driver. Micro-batch k's scoring is submitted before
+reward actor with timeout and retries (rl/actors.py:RayRewardClient). Under Ray (`store=ray.put`)
+each micro-batch's rollout goes into the object store and only its reference goes back to the driver, which
+hands it to a learner: rollouts never pass through the driver. Micro-batch k's scoring is submitted before
 micro-batch k + 1 is sampled, so with a remote reward actor the two overlap (`cluster.async_reward`, on by default).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
-import ray
 import torch
 from torch import Tensor
 
@@ -51,41 +50,22 @@ def build_policy(cfg: PolicyConfig, seed: int):
     return QwenImageEditPolicy.from_pretrained(cfg.path, torch_dtype=dtype, trainable=trainable, height=cfg.height, width=cfg.width)
 
 
-def payload_bytes(obj) -> int:
-    """Bytes of data in `obj` as a receiver gets it: tensors and arrays by their buffers, an ObjectRef by its id
-    (28 bytes), strings by length, other scalars 8; containers and dataclasses summed over their members.
-    The driver logs it for what it receives per step (perf/driver_bytes) and for the rollouts (perf/rollout_bytes)."""
-    if isinstance(obj, Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, np.ndarray):
-        return obj.nbytes
-    if isinstance(obj, ray.ObjectRef):
-        return 28
-    if isinstance(obj, (str, bytes)):
-        return len(obj)
-    if isinstance(obj, dict):
-        return sum(payload_bytes(k) + payload_bytes(v) for k, v in obj.items())
-    if isinstance(obj, (list, tuple, set)):
-        return sum(payload_bytes(v) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return sum(payload_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    return 8
-
-
 @dataclass
 class RolloutResult:
-    rollouts: list[Rollout | ray.ObjectRef]  # one per micro-batch, as sampled (the learner recomputes them in these shapes)
+    rollouts: list  # one per micro-batch, as sampled (the learner recomputes them in these shapes), or what `store` made of it
     scores: list[Scores]  # one per micro-batch
     versions: list[int]  # the policy versions that sampled them
-    rollout_bytes: int  # bytes of the rollouts' tensors (what the learners fetch)
     sample_s: float  # seconds sampling
     wait_s: float  # seconds waiting for rewards after the last micro-batch was sampled
 
 
 class RolloutWorker:
-    def __init__(self, cfg: PolicyConfig, seed: int, reward_client, threads: int = 0, device: str = "cpu", final_only: bool = False, put_rollouts: bool = False):
+    def __init__(
+        self, cfg: PolicyConfig, seed: int, reward_client, threads: int = 0, device: str = "cpu", final_only: bool = False, store: Callable[[Rollout], Any] | None = None
+    ):
         """`final_only`: hand back rollouts without their intermediate latents (DiffusionNFT needs the edits only).
-        `put_rollouts` (Ray actors): hand back object references to the rollouts, which stay in this node's store."""
+        `store`: what to hand back for each micro-batch's rollout instead of the rollout itself (Ray actors get
+        `ray.put`: the rollouts stay in this node's object store and the driver receives references)."""
         if threads:
             torch.set_num_threads(threads)
         self.policy = build_policy(cfg, seed)
@@ -96,7 +76,7 @@ class RolloutWorker:
         self.eval_sampler = SamplerConfig(num_steps=cfg.eval_steps, noise_level=0.0, guidance_scale=cfg.sampler.guidance_scale, guidance=cfg.sampler.guidance)
         self.reward = reward_client
         self.final_only = final_only
-        self.put_rollouts = put_rollouts
+        self.store = store
 
     def set_weights(self, state: dict[str, np.ndarray], version: int) -> int:
         """Load the learner's trainable weights (numpy arrays by name); returns the version now held."""
@@ -125,10 +105,9 @@ class RolloutWorker:
         sampled = time.perf_counter()
         scores = [self.reward.result(h) if overlap else h for h in handles]
         versions = sorted({int(v) for r in rollouts for v in r.policy_versions.unique()})
-        size = payload_bytes(rollouts)
-        if self.put_rollouts:
-            rollouts = [ray.put(r) for r in rollouts]
-        return RolloutResult(rollouts, scores, versions, size, sampled - start, time.perf_counter() - sampled)
+        if self.store is not None:
+            rollouts = [self.store(r) for r in rollouts]
+        return RolloutResult(rollouts, scores, versions, sampled - start, time.perf_counter() - sampled)
 
     def evaluate(self, prompts: list[Prompt], seed: int, batch_size: int) -> tuple[Tensor, int]:
         """ODE (noise 0) edits of `prompts`, (N, 3, H, W) uint8, and the weight version that made them."""

@@ -136,3 +136,12 @@ def test_flop_count_of_a_real_sized_pair(real_jrm):
     lengths = torch.as_tensor(cu).diff().long()
     chunks = gpu_check._chunks(18, 4)
     assert (lengths**2).sum() == 16 * sum(c * c for c in chunks) ** 2
+
+
+def test_the_plan_of_the_real_kontext_rows_is_set_beside_their_peaks():
+    """At real size the check writes launch/plan.py's figures next to the measured peaks (planned_gib): the rollout
+    row's components and one image's sampling, and the learner row's on top of them (the same process)."""
+    cfg = gpu_check.learner_config(REAL, "cpu", REAL.steps)
+    plans = gpu_check.planned_peaks(cfg, gradient_checkpointing=True)
+    assert 31 < plans["kontext_rollout"] < plans["kontext_learner"] < 60  # 31.8 GiB of bf16 weights, then activations
+    assert gpu_check.planned_peaks(cfg, gradient_checkpointing=False)["kontext_learner"] > plans["kontext_learner"] + 20

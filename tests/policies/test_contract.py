@@ -182,3 +182,21 @@ def test_save_pretrained_round_trip(name, rank, tmp_path):
     saved, back = policy.trainable_state(), loaded.trainable_state()
     assert back.keys() == saved.keys()
     assert all(torch.equal(back[k], saved[k]) for k in saved)
+
+
+def test_trained_module_holds_every_trainable_weight_and_a_learner_needs_only_it(name, rank):
+    """trained_module() is the network ZeRO-3 partitions: it owns every trainable parameter. A learner's copy
+    drops the encoders where the policy can (drop_encoders): log-probs of stored rollouts are unchanged, and
+    sampling is refused by name."""
+    policy = build(name, rank)
+    perturb(policy, seed=5)
+    owned = {id(p) for p in policy.trained_module().parameters()}
+    assert all(id(p) in owned for p in policy.trainable_parameters())
+    rollout = sample(policy)
+    before = [policy.log_prob(rollout, t).log_probs.detach() for t in range(rollout.num_steps)]
+    policy.drop_encoders()
+    for t in range(rollout.num_steps):
+        assert torch.equal(policy.log_prob(rollout, t).log_probs.detach(), before[t]), f"step {t}"
+    if name != "shapeedit":  # its text encoder is a few MB and it has no VAE: it keeps them and still samples
+        with pytest.raises(RuntimeError, match="encoders were dropped"):
+            sample(policy)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 
 from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig
 from reward.config import load_config
 from reward.shapeedit import GenerateConfig, generate
-from rl.actors import actor_nodes, ray_actors
+from rl.actors import actor_nodes, fetch_rollouts, ray_actors
 from rl.config import RLConfig
 from rl.loop import train
 
@@ -137,3 +138,22 @@ def test_a_node_that_dies_stops_the_run_and_resume_reproduces_it(cluster, one_no
     nodes[1] = c.add_node(**NODE)  # the cluster repaired: resume=auto finishes the run as if nothing happened
     train(load_config(RLConfig, None, overrides(root, out, 2)))
     same_metrics(out, one_node)
+
+
+def test_rollouts_whose_worker_died_are_reported_lost_not_raised(cluster):
+    """A learner fetches its rollouts by reference from the worker that put them; if that worker died, the fetch
+    says why instead of raising, so every rank can agree to skip the update (Learner.update) and the step is redone."""
+
+    @ray.remote(num_cpus=0)
+    class Owner:
+        def put(self):
+            return [ray.put(torch.ones(3))]
+
+    owner = Owner.remote()
+    refs = ray.get(owner.put.remote())
+    fetched, lost, size = fetch_rollouts([refs[0], "in place"])  # references fetched, anything else kept as it is
+    assert lost == "" and torch.equal(fetched[0], torch.ones(3)) and fetched[1] == "in place" and size == 12
+    ray.kill(owner)
+    time.sleep(1)
+    fetched, lost, size = fetch_rollouts(refs)
+    assert fetched == [] and "OwnerDiedError" in lost and size == 0
