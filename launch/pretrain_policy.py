@@ -1,7 +1,7 @@
 """Pretrain the ShapeEdit policy by supervised flow matching on (source, instruction, target) triples.
 
     python launch/pretrain_policy.py [--config FILE.yaml] [key=value ...]
-    python launch/pretrain_policy.py output_dir=runs/policy data_dir=runs/demo/data max_minutes=10
+    python launch/pretrain_policy.py output_dir=runs/policy data_dir=runs/demo/data max_minutes=8
 
 Training tasks are drawn on the fly from the ShapeEdit generator (held-out compositions excluded), so the
 policy never sees the same triple twice. Every `eval_every` steps it samples the evaluation prompts of
@@ -47,9 +47,9 @@ class PretrainConfig:
     """Seeds the initial weights, the task stream and the noise."""
     policy: ShapeEditPolicyConfig = field(default_factory=ShapeEditPolicyConfig)
     """The policy's architecture."""
-    max_steps: int = 2400
+    max_steps: int = 1800
     """Optimizer steps; the cosine schedule ends here (training stops earlier when max_minutes is reached)."""
-    max_minutes: float = 10.0
+    max_minutes: float = 8.0
     """Wall-clock budget for training, evaluation excluded; 0 = no limit."""
     batch_size: int = 32
     """Triples per step."""
@@ -63,8 +63,12 @@ class PretrainConfig:
     """Fraction of instructions that compose two edits."""
     vocab_instructions: int = 20000
     """Instructions drawn to learn the word-level vocabulary."""
-    gate_weight: float = 1.0
+    gate_weight: float = 4.0
     """Weight of the gate's cross-entropy against the pixels each edit changes ('gated' policies; 0 = none)."""
+    edit_weight: float = 1.0
+    """Weight of the squared error averaged over the pixels each edit changes, beside the plain mean (0 = none)."""
+    sigma_location: float = 1.0
+    """Location of the logit-normal noise levels (0 = SD3's; above 0 trains more at high noise)."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of the weights that is evaluated and saved (0 = none)."""
     eval_every: int = 1000
@@ -193,7 +197,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     while step < cfg.max_steps and not (cfg.max_minutes and trained_s > cfg.max_minutes * 60):
         start = time.perf_counter()
         source, target, instructions = draw_batch(rng, cfg)
-        loss = flow_matching_loss(policy, source, target, instructions, generator, cfg.gate_weight)
+        loss = flow_matching_loss(policy, source, target, instructions, generator, cfg.gate_weight, cfg.edit_weight, cfg.sigma_location)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -62,8 +62,10 @@ class ShapeEditPolicyConfig:
     source + a change read from the patch tokens alone (policies saved before this option existed)."""
     head_features: int = 8
     """'gated' only: features per pixel that the transformer hands to the per-pixel head."""
-    head_hidden: int = 16
+    head_hidden: int = 32
     """'gated' only: width of the per-pixel head's two hidden layers."""
+    head_text_features: int = 16
+    """'gated' only: features of the pooled instruction that the head reads at every pixel (0 = none)."""
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -112,9 +114,10 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         dual_attention_layers: tuple[int, ...] = (),
         qk_norm: str | None = None,
         head_hidden: int = 16,
+        head_text_features: int = 0,
     ):
-        """SD3Transformer2DModel's arguments (out_channels = the features per pixel handed to the head) and the
-        head's width."""
+        """SD3Transformer2DModel's arguments (out_channels = the features per pixel handed to the head), the
+        head's width and the features of the pooled instruction it reads at every pixel (0 = none)."""
         if in_channels != 6:
             raise ValueError(f"the gated transformer reads (noisy image, source): in_channels must be 6, got {in_channels}")
         super().__init__(
@@ -133,18 +136,23 @@ class GatedSD3Transformer(SD3Transformer2DModel):
             qk_norm=qk_norm,
         )
         # Linear layers over channels-last pixels: 2x faster than 1x1 convolutions on a CPU.
+        self.text_to_head = nn.Linear(pooled_projection_dim, head_text_features) if head_text_features else None
         self.pixel_head = nn.Sequential(
-            nn.Linear(out_channels + 6, head_hidden),
+            nn.Linear(out_channels + 6 + head_text_features, head_hidden),
             nn.SiLU(),
             nn.Linear(head_hidden, head_hidden),
             nn.SiLU(),
             nn.Linear(head_hidden, 4),
         )
 
-    def forward(self, hidden_states: Tensor, **kwargs) -> Transformer2DModelOutput:
+    def forward(self, hidden_states: Tensor, pooled_projections: Tensor, **kwargs) -> Transformer2DModelOutput:
         """hidden_states (B, 6, H, W) = (noisy image, source); returns sample (B, 4, H, W) = (gate logit, content)."""
-        features = super().forward(hidden_states=hidden_states, **kwargs).sample
+        features = super().forward(hidden_states=hidden_states, pooled_projections=pooled_projections, **kwargs).sample
         pixels = torch.cat([features, hidden_states], dim=1).permute(0, 2, 3, 1)  # (B, H, W, C)
+        if self.text_to_head is not None:
+            # The instruction straight to every pixel: "pixels of the named colour" needs no attention to find.
+            text = self.text_to_head(pooled_projections)[:, None, None, :].expand(*pixels.shape[:3], -1)
+            pixels = torch.cat([pixels, text], dim=-1)
         return Transformer2DModelOutput(sample=self.pixel_head(pixels).permute(0, 3, 1, 2))
 
 
@@ -214,7 +222,9 @@ class ShapeEditPolicy:
             pos_embed_max_size=cfg.image_size // cfg.patch_size,
         )
         if cfg.parameterisation == "gated":
-            transformer = GatedSD3Transformer(**shared, in_channels=6, out_channels=cfg.head_features, head_hidden=cfg.head_hidden)
+            transformer = GatedSD3Transformer(
+                **shared, in_channels=6, out_channels=cfg.head_features, head_hidden=cfg.head_hidden, head_text_features=cfg.head_text_features
+            )
         else:  # in: noisy image + source image; out: the change from the source
             transformer = SD3Transformer2DModel(**shared, in_channels=6, out_channels=3)
         return cls(cfg, transformer, text_encoder, tokenizer, trainable)
@@ -441,6 +451,8 @@ def flow_matching_loss(
     instructions: list[str],
     generator: torch.Generator | None = None,
     gate_weight: float = 0.0,
+    edit_weight: float = 0.0,
+    sigma_location: float = 0.0,
 ) -> Tensor:
     """Supervised (rectified) flow matching on x_s = (1 - s) x0 + s eps, in the x0 parametrisation.
 
@@ -449,18 +461,24 @@ def flow_matching_loss(
             unconditional branch of CFG). The text encoder is trained along (call requires_grad_ on it).
         gate_weight: for the 'gated' parameterisation, the weight of a binary cross-entropy that teaches the
             gate the pixels the edit changes (target != source); 0 = the image loss alone.
-    Returns: the scalar mean squared error of the predicted clean image (plus the gate term); sigmas are
+        edit_weight: the weight of a second squared error averaged over the changed pixels alone: an edit
+            touches a few percent of the image, so in the plain mean its pixels hardly count.
+        sigma_location: mean of the normal whose sigmoid is sigma; above 0 more of the training is at high noise,
+            where the edit must be read from the source and the instruction, not from the noisy image.
+    Returns: the scalar mean squared error of the predicted clean image (plus the two terms); sigmas are
         logit-normal (SD3).
     """
     b = target.shape[0]
-    sigma = torch.sigmoid(torch.randn(b, generator=generator))
+    sigma = torch.sigmoid(torch.randn(b, generator=generator) + sigma_location)
     noise = torch.randn(target.shape, generator=generator)
     s = sigma.view(b, 1, 1, 1)
     x = (1 - s) * target + s * noise
     text, pooled = policy.encode_instructions(instructions)
     x0, gate_logits = policy.predict(x, sigma, source, text, pooled)
     loss = torch.nn.functional.mse_loss(x0, target)
+    changed = (target != source).any(dim=1, keepdim=True).float()  # (B, 1, H, W)
+    if edit_weight:
+        loss = loss + edit_weight * ((x0 - target) ** 2 * changed).sum() / (3 * changed.sum()).clamp_min(1.0)
     if gate_weight and gate_logits is not None:
-        changed = (target != source).any(dim=1, keepdim=True).float()
         loss = loss + gate_weight * torch.nn.functional.binary_cross_entropy_with_logits(gate_logits, changed)
     return loss

@@ -168,11 +168,11 @@ def test_a_shut_gate_returns_the_source_exactly_at_noise_0():
     assert (opened.edited_images != opened.source_images).float().mean() > 0.5
 
 
-@pytest.mark.parametrize("parameterisation", ["gated", "change"])
-def test_the_last_ode_step_lands_on_the_predicted_clean_image(parameterisation):
+@pytest.mark.parametrize("changes", [{}, {"head_text_features": 0}, {"parameterisation": "change"}], ids=["gated", "gated_no_text", "change"])
+def test_the_last_ode_step_lands_on_the_predicted_clean_image(changes):
     """v = (x - x0_hat) / sigma, so the Euler step to sigma 0 returns x0_hat: the edit is the network's
     estimate at the last sigma, whichever parameterisation."""
-    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, parameterisation=parameterisation), INSTRUCTIONS, seed=0)
+    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, **changes), INSTRUCTIONS, seed=0)
     rollout = policy.sample(images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.0), torch.Generator().manual_seed(1))
     c, s = rollout.condition, float(rollout.sigmas[-2])
     with torch.no_grad():
