@@ -40,8 +40,7 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ("gated_text_head", "gated_edit_weight_gate4 + the pooled instruction at every pixel of a width-32 head", [*BEFORE, "edit_weight=1", "gate_weight=4"]),
     ("high_noise", "gated_text_head, noise levels sigmoid(N(1, 1)) (more training at high noise)", ["sigma_location=1"]),
     ("higher_noise", "gated_text_head, noise levels sigmoid(N(2, 1))", ["sigma_location=2"]),
-    ("recipe_8min", "high_noise (the default recipe), 1,800 steps or 8 minutes, 2 threads", ["max_steps=1800", "max_minutes=8", "eval_every=1800"]),
-    ("recipe_8min_shared", "recipe_8min while another job (a Ray benchmark) shared the 2 cores", ["max_steps=1800", "max_minutes=8", "eval_every=1800"]),
+    ("recipe_8min_shared", "high_noise (the default recipe), 1,800 steps or 8 minutes, 2 threads, while a Ray benchmark shared the cores", ["max_steps=1800", "max_minutes=8", "eval_every=1800"]),
 ]
 
 
