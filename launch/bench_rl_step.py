@@ -171,6 +171,29 @@ def in_process_run(cfg: RLConfig) -> dict:
     return result
 
 
+def markdown(report: dict) -> str:
+    """The tables docs/performance.md holds: phases, overhead and bytes per config; peak memory per role."""
+    rows = report["rows"]
+
+    def num(value, digits=3) -> str:
+        return "-" if value is None else f"{value:.{digits}g}"
+
+    def percent(value) -> str:
+        return "-" if value is None else f"{100 * value:+.1f}%"
+
+    lines = ["| config | step s | sampling s | reward wait s | waiting s | update s | weight sync s | overhead | vs in-process | edits/s | driver bytes/step | rollout bytes/step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {num(r['step_s'])} | {num(r['sample_s'])} | {num(r['reward_wait_s'], 2)} | {num(r['waiting_s'], 2)} | {num(r['update_s'])} "
+            f"| {num(r['sync_s'], 2)} | {100 * r['overhead']:.1f}% | {percent(r.get('vs_in_process'))} | {num(r['edits_s'])} | {int(r['driver_bytes']):,} | {int(r['rollout_bytes']):,} |"
+        )
+    lines += ["", "| config | rollout worker GiB | reward actor GiB | learner GiB | driver GiB |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {num(r.get('RolloutWorker_gib'), 2)} | {num(r.get('RewardWorker_gib'), 2)} | {num(r.get('Learner_gib'), 2)} | {num(r['driver_gib'], 2)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--size", default="demo", choices=sorted(SIZES), help="policy and reward model sizes")
@@ -216,6 +239,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     memory = ["config", *(f"{role}_gib" for role in ROLES), "driver_gib"]
     print("\n" + table(results, memory, "Peak resident memory per role (GiB; in-process: the one process)"))
     path = write_report(args.out, "rl_step", command_line(__file__, argv), vars(args), {"rows": results})
+    print("\n" + markdown({"rows": results}))
     print(f"wrote {path}")
     return results
 

@@ -62,3 +62,10 @@ def test_bench_rl_step_tiny(tmp_path):
     assert all(ray_run[f"{role}_gib"] > 0.05 for role in bench_rl_step.ROLES), "a role's process was not found"
     with pytest.raises(SystemExit):
         bench_rl_step.main(["--configs", "fast-1x1"])  # refused before anything starts
+
+
+def test_the_rl_step_tables_in_the_docs_are_the_committed_json():
+    report = json.loads((ROOT / "docs" / "bench" / "rl_step.json").read_text())["results"]
+    assert bench_rl_step.markdown(report) in (ROOT / "docs" / "performance.md").read_text(), "rerun launch/bench_rl_step.py and paste its tables"
+    by_config = {r["config"]: r for r in report["rows"]}
+    assert by_config["sync-1x1@2"]["reward_batch_mean"].keys() == {"node_0", "node_1"}
