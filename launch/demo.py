@@ -82,13 +82,49 @@ class RayCluster:
         subprocess.run([self.ray, "stop"], cwd=ROOT, check=False, env=self.env)
 
 
+def doing_nothing(data_dir: Path, split: str, limit: int) -> dict:
+    """The oracle's scores of returning each source unchanged, on the policy's evaluation prompts of `split`."""
+    from launch.pretrain_policy import load_eval_prompts
+    from reward.shapeedit import judge_image
+
+    prompts = load_eval_prompts(data_dir, split, limit, 64)
+    judged = [judge_image(p["scene"], p["edits"], p["source"]) for p in prompts]
+    return {k: round(sum(getattr(j, k) for j in judged) / len(judged), 4) for k in ("overall", "following", "consistency", "quality")}
+
+
+def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, num_eval: int) -> None:
+    """docs/results/rl_shapeedit.json: doing nothing and the pretrained policy (oracle, val and test_heldout), every
+    GRPO run's held-out gold and proxy curves with its verdict, and the gold difference between the reward models."""
+    pretrained = json.loads((policy / "results.json").read_text())
+    keys = ("overall", "following", "consistency", "quality")
+    runs = []
+    for r in summary["rl"]["runs"]:
+        rows = [json.loads(line) for line in (Path(r["path"]) / "metrics.jsonl").read_text().splitlines()]
+        evals = [row for row in rows if "eval/gold_score" in row]
+        runs.append({"label": r["label"], "seed": r["seed"], "steps": [row["step"] for row in evals], "gold": [row["eval/gold_score"] for row in evals],
+                     "proxy": [row["eval/reward_mean"] for row in evals], "verdict": r["signal"]["verdict"]})
+    differences = summary["rl"]["differences"]
+    result = {
+        "doing_nothing": {split: doing_nothing(data_dir, split, num_eval) for split in ("val", "test_heldout")},
+        "pretrained": {split: {k: pretrained[f"eval/{split}/{k}"] for k in keys} for split in ("val", "test_heldout")},
+        "runs": runs,
+        "difference": {k: differences[0][k] for k in ("labels", "step", "mean", "ci_low", "ci_high", "seeds", "prompts", "seeds_to_resolve", "sentence")} if differences else None,
+        "gains": {r["label"]: [round(run["gold"][-1] - run["gold"][0], 4) for run in runs if run["label"] == r["label"]] for r in summary["rl"]["runs"]},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="run folder (its data/ is regenerated)")
     parser.add_argument("--quick", action="store_true", help="every stage shortened: a smoke run of the whole path")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the reward models and the policy")
-    parser.add_argument("--seeds", type=int, default=2, help="GRPO runs per reward model (seeds 0..N-1)")
+    parser.add_argument("--seeds", type=int, default=None, help="GRPO runs per reward model (seeds 0..N-1; default 3, the fewest for an interval worth reading; 2 with --quick)")
+    parser.add_argument("--results", default=None, help="where the RL results JSON goes (default docs/results/rl_shapeedit.json; with --quick, OUT/rl_shapeedit.json)")
     args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = 2 if args.quick else 3
 
     out = Path(args.out).resolve()
     data_dir = out / "data"
@@ -147,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
          "--probe", str(data_dir / "test_iid.json")])
     timings["report"] = time.perf_counter() - start
     summary = json.loads((report / "summary.json").read_text())
+    results = Path(args.results) if args.results else (out / "rl_shapeedit.json" if args.quick else ROOT / "docs" / "results" / "rl_shapeedit.json")
+    write_rl_results(results, data_dir, policy, summary, 16 if args.quick else 64)
+    print(f"\nRL results: {results}")
     print("\nHeld-out prompts (test_heldout, ODE sampling), mean over seeds:")
     print("  reward model   gold at start   gold at step S   best gold   verdicts")
     for g in summary["rl"]["groups"]:
