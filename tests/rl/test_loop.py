@@ -139,13 +139,15 @@ def test_zero3_on_two_ranks_equals_zero2_and_resumes_exactly(setup, whole, tmp_p
         assert got.keys() == want.keys()
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
-    resumed = tmp_path / "z3-resumed"
-    train(load_config(RLConfig, None, overrides(root, resumed, *z3, "num_steps=1")))
+    resumed = tmp_path / "z3-resumed"  # the run as it stood after step 1: its step-1 checkpoint, no step 2
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000002")
     train(load_config(RLConfig, None, overrides(root, resumed, *z3, "num_steps=2")))
     got = load_file(str(resumed / "checkpoints" / "step-000002" / "policy.safetensors"))
     want = load_file(str(full / "checkpoints" / "step-000002" / "policy.safetensors"))
     for k in want:
         assert torch.equal(got[k], want[k]), k
+    _same_metrics(resumed, full)
 
 
 def test_ppo_runs(setup, tmp_path):
