@@ -265,9 +265,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-@ray.remote(num_cpus=0)
-def rendezvous() -> tuple[str, int]:
-    """Run on learner rank 0's node: that node's address as Ray knows it, and a port free there."""
+def rendezvous(_actor=None) -> tuple[str, int]:
+    """Called in an actor on learner rank 0's node (its reward actor, already running: no new worker process to
+    start): that node's address as Ray knows it, and a port free there."""
     host = ray.util.get_node_ip_address()
     return host, free_port(host)
 
@@ -321,8 +321,7 @@ def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
                 )
                 actors.append(worker)
                 workers.append(worker)
-        rank0 = next(p for p in layout if p.role == "learner")
-        host, port = ray.get(rendezvous.options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=groups[0], placement_group_bundle_index=rank0.slot)).remote())
+        host, port = ray.get(rewards[0].__ray_call__.remote(rendezvous))  # node 0 holds learner rank 0
         world = c.num_learners * len(groups)
         for n, pg in enumerate(groups):
             for p in (p for p in layout if p.role == "learner"):

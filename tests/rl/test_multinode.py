@@ -34,7 +34,9 @@ def cluster(tmp_path_factory):
     rows = json.loads((root / "data" / "train_prompts.json").read_text())
     cfg = ShapeEditPolicyConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=24)
     ShapeEditPolicy.build(cfg, [r["instruction"] for r in rows]).save_pretrained(root / "policy")
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    # health checks every 0.5 s: a killed node is declared dead in about a second (Ray's default takes ~15 s)
+    health = {"health_check_period_ms": 500, "health_check_failure_threshold": 2, "health_check_initial_delay_ms": 0}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "_system_config": health})
     nodes = [c.add_node(**NODE) for _ in range(2)]
     ray.init(address=c.address, configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
     yield root, c, nodes
@@ -74,23 +76,6 @@ def same_metrics(got_dir, want_dir, rel=1e-5):
             assert g[k] == pytest.approx(w[k], rel=rel, abs=1e-7), (g["step"], k)
 
 
-def test_each_node_has_its_reward_actor_and_its_workers_call_it(cluster):
-    root, _, nodes = cluster
-    cfg = load_config(RLConfig, None, overrides(root, root / "unused", 2))
-    with ray_actors(cfg) as actors:
-        where = actor_nodes(actors)
-        assert sorted(set(where["reward"])) == sorted(n.node_id for n in nodes)  # one reward actor on each node
-        assert len(set(where["reward"])) == 2 and set(where["learner"]) == set(where["reward"])
-        for k, (worker, node) in enumerate(zip(actors.rollout_workers, where["rollout"])):
-            n = actors.node_of_worker(k)
-            assert node == where["reward"][n], f"rollout worker {k} is not on node {n}"
-            called = ray.get(worker.__ray_call__.remote(lambda w: w.reward.handle._actor_id.hex()))
-            assert called == actors.reward_actors[n]._actor_id.hex(), f"rollout worker {k} calls another node's reward actor"
-        assert [(p.role, p.node, p.slot, p.share) for p in actors.placements if p.node == 0] == [
-            ("rollout", 0, 0, 0.5), ("learner", 0, 0, 0.5), ("reward", 0, 1, 1.0)
-        ]
-
-
 @pytest.fixture(scope="module")
 def one_node(cluster, tmp_path_factory):
     root = cluster[0]
@@ -99,10 +84,23 @@ def one_node(cluster, tmp_path_factory):
     return out
 
 
-def test_two_nodes_equal_one_node_and_batch_per_node(cluster, one_node, tmp_path):
-    root = cluster[0]
+def test_two_nodes_place_a_reward_actor_on_each_equal_one_node_and_batch_per_node(cluster, one_node, tmp_path):
+    root, _, nodes = cluster
     two = tmp_path / "two"
-    train(load_config(RLConfig, None, overrides(root, two, 2)))
+    cfg = load_config(RLConfig, None, overrides(root, two, 2))
+    with ray_actors(cfg) as actors:
+        where = actor_nodes(actors)
+        assert sorted(where["reward"]) == sorted(n.node_id for n in nodes)  # one reward actor on each node
+        assert set(where["learner"]) == set(where["reward"])
+        for k, (worker, node) in enumerate(zip(actors.rollout_workers, where["rollout"])):
+            n = actors.node_of_worker(k)
+            assert node == where["reward"][n], f"rollout worker {k} is not on node {n}"
+            called = ray.get(worker.__ray_call__.remote(lambda w: w.reward.handle._actor_id.hex()))
+            assert called == actors.reward_actors[n]._actor_id.hex(), f"rollout worker {k} calls another node's reward actor"
+        assert [(p.role, p.node, p.slot, p.share) for p in actors.placements if p.node == 0] == [
+            ("rollout", 0, 0, 0.5), ("learner", 0, 0, 0.5), ("reward", 0, 1, 1.0)
+        ]
+        train(cfg, actors)  # the run itself, on these actors
     same_metrics(two, one_node)
     for r in steps(two):
         assert r["reward/node_0/batch_mean"] > 0 and r["reward/node_1/batch_mean"] > 0
