@@ -34,13 +34,18 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl")
+def tiny_data_and_policy(root: Path) -> Path:
+    """ShapeEdit prompts at 32x32 (root/data) and a random tiny policy for them (root/policy); returns root."""
     generate(GenerateConfig(out=str(root / "data"), pairs=300, size=32, seed=0), progress=False)
     rows = json.loads((root / "data" / "train_prompts.json").read_text())
     cfg = ShapeEditPolicyConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=24)
     ShapeEditPolicy.build(cfg, [r["instruction"] for r in rows]).save_pretrained(root / "policy")
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tiny_data_and_policy(tmp_path_factory.mktemp("rl"))
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
     yield root

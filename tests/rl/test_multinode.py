@@ -14,12 +14,11 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig
 from reward.config import load_config
-from reward.shapeedit import GenerateConfig, generate
 from rl.actors import actor_nodes, fetch_rollouts, ray_actors
 from rl.config import RLConfig
 from rl.loop import train
+from tests.rl.test_loop import tiny_data_and_policy
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,11 +28,7 @@ NODE = {"num_cpus": 2, "resources": {"fake_gpu": 2}, "node_ip_address": "127.0.0
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A head that holds no actor (0 CPUs: the driver's) and 2 nodes of 2 'GPUs' each; tiny data and policy."""
-    root = tmp_path_factory.mktemp("multinode")
-    generate(GenerateConfig(out=str(root / "data"), pairs=300, size=32, seed=0), progress=False)
-    rows = json.loads((root / "data" / "train_prompts.json").read_text())
-    cfg = ShapeEditPolicyConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=24)
-    ShapeEditPolicy.build(cfg, [r["instruction"] for r in rows]).save_pretrained(root / "policy")
+    root = tiny_data_and_policy(tmp_path_factory.mktemp("multinode"))
     # health checks every 0.5 s: a killed node is declared dead in about a second (Ray's default takes ~15 s)
     health = {"health_check_period_ms": 500, "health_check_failure_threshold": 2, "health_check_initial_delay_ms": 0}
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "_system_config": health})
