@@ -18,6 +18,7 @@ from reward.config import load_config
 from rl.actors import actor_nodes, fetch_rollouts, ray_actors
 from rl.config import RLConfig
 from rl.loop import train
+from tests.rl.test_loop import overrides as loop_overrides
 from tests.rl.test_loop import tiny_data_and_policy
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -40,17 +41,12 @@ def cluster(tmp_path_factory):
 
 
 def overrides(root, out, nodes: int, *extra):
-    data = root / "data"
-    return [
-        f"output_dir={out}", f"policy.path={root / 'policy'}", "policy.height=32", "policy.width=32", "policy.sampler.num_steps=3",
-        "policy.sampler.noise_level=0.9", "policy.lora_rank=4", "policy.eval_steps=3",
-        f"reward.terms=[{{name: oracle, spec: 'oracle:{data}'}}]", f"reward.gold=oracle:{data}",
-        f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}", "data.num_eval=4",
-        "algo.prompts_per_step=2", "algo.group_size=4", "algo.micro_batch_size=2", "algo.updates_per_step=1", "algo.lr=0.01",
-        "num_steps=3", "save_every=1", "eval_every=3", "keep_checkpoints=3", "wandb=false",
-        f"cluster.num_nodes={nodes}", f"cluster.num_rollout_workers={2 // nodes}", f"cluster.num_learners={2 // nodes}",
+    """test_loop's tiny run, on `nodes` nodes of 2 'GPUs': 2 rollout workers and 2 learners in all, the reward
+    actor of each node on its GPU 1."""
+    return loop_overrides(
+        root, out, "algo.micro_batch_size=2", f"cluster.num_nodes={nodes}", f"cluster.num_rollout_workers={2 // nodes}", f"cluster.num_learners={2 // nodes}",
         "cluster.gpus_per_node=2", "cluster.gpu_resource=fake_gpu", "cluster.reward_gpu=1", *extra,
-    ]
+    )
 
 
 def metrics(run):
