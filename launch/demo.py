@@ -109,7 +109,7 @@ def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, nu
         "pretrained": {split: {k: pretrained[f"eval/{split}/{k}"] for k in keys} for split in ("val", "test_heldout")},
         "runs": runs,
         "difference": {k: differences[0][k] for k in ("labels", "step", "mean", "ci_low", "ci_high", "seeds", "prompts", "seeds_to_resolve", "sentence")} if differences else None,
-        "gains": {r["label"]: [round(run["gold"][-1] - run["gold"][0], 4) for run in runs if run["label"] == r["label"]] for r in summary["rl"]["runs"]},
+        "gains": {label: [round(run["gold"][-1] - run["gold"][0], 4) for run in runs if run["label"] == label] for label in dict.fromkeys(r["label"] for r in runs)},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")

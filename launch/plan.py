@@ -32,6 +32,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as `python launch/plan.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -94,7 +95,19 @@ def _lora_params(net: nn.Module, targets: str, rank: int) -> int:
 # ---- the policies on meta -------------------------------------------------------------------------------------------
 
 
-def _flux(cfg: RLConfig):
+@dataclass
+class MetaPolicy:
+    """A policy's components built on the meta device, and what the plan needs to know of its denoiser."""
+
+    components: dict  # name -> module (or tokenizer, scheduler: not counted)
+    denoiser: nn.Module  # the trained network
+    forward: Callable[[], object]  # one training forward of a micro-batch through it, on meta tensors
+    source: str  # where the sizes came from
+    lora_targets: str  # the policy's default LoRA target regex
+    blocks: int  # transformer blocks of the denoiser
+
+
+def _flux(cfg: RLConfig) -> MetaPolicy:
     """FLUX.1 Kontext: its components on meta, its denoiser, a forward of one micro-batch, and where sizes came from."""
     from diffusers import FluxTransformer2DModel
 
@@ -126,10 +139,10 @@ def _flux(cfg: RLConfig):
             return_dict=False,
         )
 
-    return components, net, forward, source, LORA_TARGETS, len(net.transformer_blocks) + len(net.single_transformer_blocks)
+    return MetaPolicy(components, net, forward, source, LORA_TARGETS, len(net.transformer_blocks) + len(net.single_transformer_blocks))
 
 
-def _qwen(cfg: RLConfig):
+def _qwen(cfg: RLConfig) -> MetaPolicy:
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -162,7 +175,7 @@ def _qwen(cfg: RLConfig):
             img_shapes=[[(1, cfg.policy.height // 16, cfg.policy.width // 16)] * 2] * B, return_dict=False,
         )
 
-    return components, net, forward, source, DEFAULT_LORA_TARGETS, len(net.transformer_blocks)
+    return MetaPolicy(components, net, forward, source, DEFAULT_LORA_TARGETS, len(net.transformer_blocks))
 
 
 def policy_roles(cfg: RLConfig) -> tuple[Role, Role, str]:
@@ -170,16 +183,17 @@ def policy_roles(cfg: RLConfig) -> tuple[Role, Role, str]:
     build = {"flux_kontext": _flux, "qwen_image_edit": _qwen}.get(cfg.policy.kind)
     if build is None:
         raise ValueError(f"policy.kind {cfg.policy.kind!r} runs on CPU: there is no GPU plan to make")
-    components, net, forward, source, default_targets, blocks = build(cfg)
+    meta = build(cfg)
+    net = meta.denoiser
     bytes_ = DTYPE_BYTES[cfg.policy.dtype]
-    all_weights = sum(_params(m) for m in components.values() if isinstance(m, nn.Module)) * bytes_ / GIB
+    all_weights = sum(_params(m) for m in meta.components.values() if isinstance(m, nn.Module)) * bytes_ / GIB
     denoiser = _params(net) * bytes_ / GIB
     p = cfg.policy
     world = cfg.cluster.learners
     rollout, learner = Role("rollout"), Role("learner")
     rollout.weights, learner.weights = all_weights, denoiser
     if p.lora_rank:
-        trained = _lora_params(net, p.lora_targets or default_targets, p.lora_rank)
+        trained = _lora_params(net, p.lora_targets or meta.lora_targets, p.lora_rank)
         rollout.weights += trained * 4 / GIB
         learner.notes.append(f"LoRA r{p.lora_rank}: {trained / 1e6:.1f}M trained parameters")
     else:
@@ -192,17 +206,17 @@ def policy_roles(cfg: RLConfig) -> tuple[Role, Role, str]:
         learner.weights = denoiser / world + (0.0 if p.lora_rank else denoiser)
     learner.trainable = trained * (4 / (world if zero3 else 1) + 4 / world + 8 / world) / GIB
     net.train()
-    full = _saved_bytes(forward) / GIB
+    full = _saved_bytes(meta.forward) / GIB
     if p.gradient_checkpointing:
         net.enable_gradient_checkpointing()
-        boundary = _saved_bytes(forward) / GIB
-        learner.activations = boundary + full / blocks
+        boundary = _saved_bytes(meta.forward) / GIB
+        learner.activations = boundary + full / meta.blocks
         learner.notes.append(f"gradient checkpointing: activations {learner.activations:.1f} GiB per micro-batch (without: {full:.1f})")
     else:
         learner.activations = full
-        learner.notes.append(f"activations {full:.1f} GiB per micro-batch (gradient checkpointing would make it about {full / blocks * 3:.1f})")
-    rollout.activations = full / blocks
-    return rollout, learner, source
+        learner.notes.append(f"activations {full:.1f} GiB per micro-batch (gradient checkpointing would make it about {full / meta.blocks * 3:.1f})")
+    rollout.activations = full / meta.blocks
+    return rollout, learner, meta.source
 
 
 def reward_role(cfg: RLConfig) -> tuple[Role, str]:

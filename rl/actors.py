@@ -227,27 +227,29 @@ def in_process_actors(cfg: RLConfig) -> Iterator[ActorSet]:
 # ---- the Ray topology -----------------------------------------------------------------------------------------------
 
 
-def placement(c: ClusterConfig) -> list[Placement]:
-    """Where each actor of one node goes, node 0's indices (the same layout on every node).
+def placement(c: ClusterConfig, node: int = 0) -> list[Placement]:
+    """Where each actor of node `node` goes (every node has the same layout), with the job-wide indices: rollout
+    worker node x R + i, learner rank node x L + j, reward actor `node`.
 
     GPU runs: rollout worker i on GPU i mod G, learner j on GPU (learner_first_gpu + j) mod G, the reward actor on
-    GPU `reward_gpu`;
-    the actors on one GPU split it in equal shares (Ray's fractional GPUs: a share reserves a fraction of the
-    bundle, not of the memory; rl/plan.py checks the memory). CPU runs: each actor its own bundle.
+    GPU `reward_gpu`; the actors on one GPU split it in equal shares (Ray's fractional GPUs: a share reserves a
+    fraction of the bundle, not of the memory; launch/plan.py checks the memory). CPU runs: each actor its own bundle.
     """
-    roles = [("rollout", i) for i in range(c.num_rollout_workers)] + [("learner", j) for j in range(c.num_learners)] + [("reward", 0)]
+    R, L = c.num_rollout_workers, c.num_learners
+    roles = [("rollout", i) for i in range(R)] + [("learner", j) for j in range(L)] + [("reward", 0)]
+    first = {"rollout": node * R, "learner": node * L, "reward": node}
     if not c.gpus_per_node:
-        return [Placement(role, index, 0, b, 1.0) for b, (role, index) in enumerate(roles)]
+        return [Placement(role, first[role] + index, node, b, 1.0) for b, (role, index) in enumerate(roles)]
     G = c.gpus_per_node
     slot = {"rollout": lambda i: i % G, "learner": lambda j: (c.learner_first_gpu + j) % G, "reward": lambda _: c.reward_gpu % G}
     slots = [slot[role](index) for role, index in roles]
-    return [Placement(role, index, 0, s, 1.0 / slots.count(s)) for (role, index), s in zip(roles, slots)]
+    return [Placement(role, first[role] + index, node, s, 1.0 / slots.count(s)) for (role, index), s in zip(roles, slots)]
 
 
-def choose_nodes(c: ClusterConfig, actors_per_node: int) -> list[dict]:
+def choose_nodes(c: ClusterConfig) -> list[dict]:
     """`num_nodes` alive Ray nodes that can hold one node's bundles: the driver's node first (a laptop run stays
     where it was started), then the others in Ray's order. Refuses, naming what it found, when too few qualify."""
-    need = {c.gpu_resource: float(c.gpus_per_node)} if c.gpus_per_node else {"CPU": 1.0 if actors_per_node else 0.0}
+    need = {c.gpu_resource: float(c.gpus_per_node)} if c.gpus_per_node else {"CPU": 1.0}
     alive = [n for n in ray.nodes() if n["Alive"]]
     here = ray.get_runtime_context().get_node_id()
     alive.sort(key=lambda n: n["NodeID"] != here)
@@ -277,8 +279,8 @@ def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
     """The Ray topology (module docstring). Actors and placement groups are killed and freed however the run ends
     (a failed run in a notebook or test must not hold the cluster)."""
     c = cfg.cluster
-    layout = placement(c)
-    nodes = choose_nodes(c, len(layout))
+    layout = placement(c)  # node 0's; the bundles are the same on every node
+    nodes = choose_nodes(c)
     groups, actors = [], []
     try:
         for node in nodes:
@@ -303,11 +305,10 @@ def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
                 opts.update({"num_gpus": share} if c.gpu_resource == "GPU" else {"resources": {c.gpu_resource: share}})
             return opts
 
-        rewards, clients, workers, learners, placements = [], [], [], [], []
+        rewards, clients, workers, learners = [], [], [], []
+        placements = [p for n in range(len(groups)) for p in placement(c, n)]
         final_only = cfg.algo.algo == "nft"
         for n, pg in enumerate(groups):
-            for p in layout:
-                placements.append(Placement(p.role, p.index + n * (c.num_rollout_workers if p.role == "rollout" else c.num_learners if p.role == "learner" else 1), n, p.slot, p.share))
             reward_at = next(p for p in layout if p.role == "reward")
             reward = ray.remote(RewardWorker).options(**options(pg, reward_at), max_restarts=2, max_task_retries=0, max_concurrency=64).remote(
                 cfg.reward.terms, c.device, cfg.reward.max_batch_size, cfg.reward.max_wait_s, c.threads_per_worker, c.num_rollout_workers
@@ -324,11 +325,11 @@ def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
         host, port = ray.get(rewards[0].__ray_call__.remote(rendezvous))  # node 0 holds learner rank 0
         world = c.num_learners * len(groups)
         for n, pg in enumerate(groups):
-            for p in (p for p in layout if p.role == "learner"):
+            for p in (p for p in placement(c, n) if p.role == "learner"):
                 # on GPU runs Ray shows each actor only its own GPU (CUDA_VISIBLE_DEVICES), so its device index is 0
-                local_rank = 0 if c.gpus_per_node else p.index
+                local_rank = 0 if c.gpus_per_node else p.index - n * c.num_learners
                 learner = ray.remote(Learner).options(**options(pg, p)).remote(
-                    cfg, n * c.num_learners + p.index, world, host, port, local_rank, c.threads_per_worker, fetch=fetch_rollouts
+                    cfg, p.index, world, host, port, local_rank, c.threads_per_worker, fetch=fetch_rollouts
                 )
                 actors.append(learner)
                 learners.append(learner)

@@ -64,7 +64,7 @@ def test_the_plan_follows_the_layout_and_zero_stage():
     assert not full["fits"]  # a full fine-tune of 12B with AdamW on every rank: far over
     assert sharded["roles"]["learner"]["weights"] < full["roles"]["learner"]["weights"] / 1.7  # the trained copy sharded, the reference not
     assert sharded["roles"]["learner"]["trainable"] < full["roles"]["learner"]["trainable"] / 2
-    assert main(["--config", str(PRESETS[0]).replace(PRESETS[0].stem, "shapeedit"), "--plan"]) == 0  # a CPU run: nothing to plan
+    assert main(["--config", str(kontext.with_name("shapeedit.yaml")), "--plan"]) == 0  # a CPU run: nothing to plan
 
 
 def test_the_plan_table_in_the_docs_is_the_committed_json():
