@@ -115,6 +115,29 @@ def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, nu
     path.write_text(json.dumps(result, indent=1) + "\n")
 
 
+def rl_markdown(results: dict) -> str:
+    """The tables docs/results.md holds for docs/results/rl_shapeedit.json: the policy before RL next to doing
+    nothing, every GRPO run's held-out gold, and the difference between the reward models."""
+    keys = ("overall", "following", "consistency", "quality")
+    lines = [
+        "| policy | split | " + " | ".join(keys) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in keys) + " |",
+    ]
+    for name, label in (("doing_nothing", "doing nothing (the source)"), ("pretrained", "pretrained policy")):
+        for split in ("val", "test_heldout"):
+            lines.append(f"| {label} | {split} | " + " | ".join(f"{results[name][split][k]:.3f}" for k in keys) + " |")
+    lines += ["", "| reward model | seed | gold at step 0 | gold at the end (step) | gain | best gold | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run in results["runs"]:
+        gain = run["gold"][-1] - run["gold"][0]
+        lines.append(
+            f"| {run['label']} | {run['seed']} | {run['gold'][0]:.3f} | {run['gold'][-1]:.3f} ({run['steps'][-1]}) | {gain:+.3f} | {max(run['gold']):.3f} | {run['verdict']} |"
+        )
+    difference = results["difference"]
+    if difference:
+        lines += ["", f"Final held-out gold, bootstrap over seeds and, paired, the {difference['prompts']} prompts: **{difference['sentence']}**"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="run folder (its data/ is regenerated)")
@@ -185,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((report / "summary.json").read_text())
     results = Path(args.results) if args.results else (out / "rl_shapeedit.json" if args.quick else ROOT / "docs" / "results" / "rl_shapeedit.json")
     write_rl_results(results, data_dir, policy, summary, 16 if args.quick else 64)
-    print(f"\nRL results: {results}")
+    print(f"\nRL results: {results}\n")
+    print(rl_markdown(json.loads(results.read_text())))
     print("\nHeld-out prompts (test_heldout, ODE sampling), mean over seeds:")
     print("  reward model   gold at start   gold at step S   best gold   verdicts")
     for g in summary["rl"]["groups"]:

@@ -67,6 +67,8 @@ class PretrainConfig:
     """Weight of the gate's cross-entropy against the pixels each edit changes ('gated' policies; 0 = none)."""
     edit_weight: float = 1.0
     """Weight of the squared error averaged over the pixels each edit changes, beside the plain mean (0 = none)."""
+    edit_average: str = "batch"
+    """How edit_weight's term averages: over the batch's changed pixels ('batch') or per image, then over images ('image')."""
     sigma_location: float = 1.0
     """Location of the logit-normal noise levels (0 = SD3's; above 0 trains more at high noise)."""
     ema_decay: float = 0.999
@@ -83,6 +85,8 @@ class PretrainConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.max_steps < 1:
             raise ValueError("batch_size and max_steps must be >= 1")
+        if self.edit_average not in ("batch", "image"):
+            raise ValueError(f"edit_average must be 'batch' or 'image', got {self.edit_average!r}")
         if not 0 <= self.uncond_probability < 1:
             raise ValueError(f"uncond_probability must be in [0, 1), got {self.uncond_probability}")
 
@@ -146,7 +150,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Train, evaluate and save; returns the last evaluation."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     vocab_rng = np.random.default_rng(cfg.seed + 1)
@@ -156,6 +159,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if task is not None and not task.heldout:
             vocab.append(task.instruction)
     policy = ShapeEditPolicy.build(cfg.policy, vocab, seed=cfg.seed)
+    save_config(cfg, out / "config.yaml")
     data_dir = Path(cfg.data_dir)
     evals = {s: load_eval_prompts(data_dir, s, cfg.num_eval, cfg.policy.image_size) for s in ("val", "test_heldout")}
 
@@ -197,7 +201,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     while step < cfg.max_steps and not (cfg.max_minutes and trained_s > cfg.max_minutes * 60):
         start = time.perf_counter()
         source, target, instructions = draw_batch(rng, cfg)
-        loss = flow_matching_loss(policy, source, target, instructions, generator, cfg.gate_weight, cfg.edit_weight, cfg.sigma_location)
+        loss = flow_matching_loss(policy, source, target, instructions, generator, cfg.gate_weight, cfg.edit_weight, cfg.sigma_location, cfg.edit_average)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -34,7 +35,13 @@ from policies.sde import StepOutput, sde_step_with_logprob
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # [EOS] is not id 2: CLIP treats eos id 2 as legacy
 # Regex (peft's target_modules, matched against whole module names): attention and the image stream's feed-forward.
-PARAMETERISATIONS = ("gated", "change")
+PARAMETERISATIONS = ("palette", "gated", "change")
+# Copied from reward/shapeedit/world.py: SHAPE_COLOURS then BACKGROUND_COLOURS, in order (policies/ and reward/ are
+# leaves and do not import each other); tests/policies/test_shapeedit_policy.py checks that they stay equal.
+SHAPEEDIT_PALETTE = (
+    (220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 210, 40), (140, 50, 170), (245, 130, 20), (250, 140, 200), (40, 200, 220),
+    (245, 245, 245), (20, 20, 20), (130, 130, 130), (110, 70, 40), (20, 40, 110),
+)
 LORA_TARGETS = r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|ff\.net\.0\.proj|ff\.net\.2)"
 
 
@@ -56,24 +63,42 @@ class ShapeEditPolicyConfig:
     """Instructions are padded or cut to this many tokens (fixed, so the output never depends on the batch)."""
     vocab_size: int = 512
     """Upper bound on the word-level vocabulary learnt from the training instructions."""
-    parameterisation: str = "gated"
-    """How the network's output becomes the clean-image estimate x0_hat: 'gated' = m * c + (1 - m) * source with a
-    per-pixel gate m and content c from a per-pixel head that also sees the source and noisy pixels; 'change' =
-    source + a change read from the patch tokens alone (policies saved before this option existed)."""
+    parameterisation: str = "palette"
+    """How the network's output becomes the clean-image estimate x0_hat: 'palette' = a per-pixel classifier's mean
+    over keeping the source pixel and the palette colours (and its most probable category at the last step);
+    'gated' = m * c + (1 - m) * source with a per-pixel gate m and content c; both from a per-pixel head that also
+    sees the source and noisy pixels; 'change' = source + a change read from the patch tokens alone (policies
+    saved before this option existed)."""
     head_features: int = 8
-    """'gated' only: features per pixel that the transformer hands to the per-pixel head."""
+    """'palette' and 'gated': features per pixel that the transformer hands to the per-pixel head."""
     head_hidden: int = 32
-    """'gated' only: width of the per-pixel head's two hidden layers."""
+    """'palette' and 'gated': width of the per-pixel head's two hidden layers."""
     head_text_features: int = 16
-    """'gated' only: features of the pooled instruction that the head reads at every pixel (0 = none)."""
+    """'palette' and 'gated': features of the pooled instruction that the head reads at every pixel (0 = none)."""
+    palette: list[list[int]] = field(default_factory=lambda: [list(c) for c in SHAPEEDIT_PALETTE])
+    """'palette' only: the RGB colours (0-255) the head may write besides keeping the source pixel (default: the
+    13 colours of ShapeEdit renders)."""
+
+    head_source_colours: bool = False
+    """'palette' only: the head also reads each source pixel's palette colour (one-hot) and its products with the
+    head's other features, so an edit can select an object's own pixels inside a patch."""
+    last_step: str = "most_probable"
+    """'palette' only: the last step (an ODE step to sigma 0) gives each pixel its 'most_probable' category, or
+    the categories' 'mean' (the plain Euler step, which ends on blends where the classifier is unsure)."""
 
     def __post_init__(self):
+        if self.last_step not in ("most_probable", "mean"):
+            raise ValueError(f"last_step must be 'most_probable' or 'mean', got {self.last_step!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.hidden_size % 32:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of the head size 32")
         if self.parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
+        if self.head_source_colours and self.parameterisation != "palette":
+            raise ValueError("head_source_colours needs parameterisation 'palette' (the colours are the palette's)")
+        if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in self.palette):
+            raise ValueError(f"policy.palette must hold [r, g, b] triples in 0-255, got {self.palette}")
 
 
 @dataclass
@@ -115,9 +140,13 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         qk_norm: str | None = None,
         head_hidden: int = 16,
         head_text_features: int = 0,
+        head_outputs: int = 4,
+        head_source_colours: int = 0,
     ):
         """SD3Transformer2DModel's arguments (out_channels = the features per pixel handed to the head), the
-        head's width and the features of the pooled instruction it reads at every pixel (0 = none)."""
+        head's width, the features of the pooled instruction it reads at every pixel (0 = none) and its outputs
+        per pixel (4 = gate logit and colour for 'gated'; 1 + palette size = category logits for 'palette'), and
+        the palette size when the head also reads each source pixel's palette colour (0 = it does not)."""
         if in_channels != 6:
             raise ValueError(f"the gated transformer reads (noisy image, source): in_channels must be 6, got {in_channels}")
         super().__init__(
@@ -137,23 +166,36 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         )
         # Linear layers over channels-last pixels: 2x faster than 1x1 convolutions on a CPU.
         self.text_to_head = nn.Linear(pooled_projection_dim, head_text_features) if head_text_features else None
+        context = out_channels + head_text_features
+        colours = head_source_colours + context * head_source_colours  # the colour one-hot and its products
         self.pixel_head = nn.Sequential(
-            nn.Linear(out_channels + 6 + head_text_features, head_hidden),
+            nn.Linear(context + 6 + colours, head_hidden),
             nn.SiLU(),
             nn.Linear(head_hidden, head_hidden),
             nn.SiLU(),
-            nn.Linear(head_hidden, 4),
+            nn.Linear(head_hidden, head_outputs),
         )
 
-    def forward(self, hidden_states: Tensor, pooled_projections: Tensor, **kwargs) -> Transformer2DModelOutput:
-        """hidden_states (B, 6, H, W) = (noisy image, source); returns sample (B, 4, H, W) = (gate logit, content)."""
+    def forward(
+        self, hidden_states: Tensor, pooled_projections: Tensor, source_colours: Tensor | None = None, **kwargs
+    ) -> Transformer2DModelOutput:
+        """hidden_states (B, 6, H, W) = (noisy image, source); source_colours (B, K, H, W), each source pixel's
+        palette colour one-hot (when the head reads them); returns sample (B, head_outputs, H, W)."""
         features = super().forward(hidden_states=hidden_states, pooled_projections=pooled_projections, **kwargs).sample
-        pixels = torch.cat([features, hidden_states], dim=1).permute(0, 2, 3, 1)  # (B, H, W, C)
+        context = features.permute(0, 2, 3, 1)  # (B, H, W, C)
         if self.text_to_head is not None:
             # The instruction straight to every pixel: "pixels of the named colour" needs no attention to find.
-            text = self.text_to_head(pooled_projections)[:, None, None, :].expand(*pixels.shape[:3], -1)
-            pixels = torch.cat([pixels, text], dim=-1)
-        return Transformer2DModelOutput(sample=self.pixel_head(pixels).permute(0, 3, 1, 2))
+            text = self.text_to_head(pooled_projections)[:, None, None, :].expand(*context.shape[:3], -1)
+            context = torch.cat([context, text], dim=-1)
+        pixels = [context, hidden_states.permute(0, 2, 3, 1)]
+        if self.config.head_source_colours:
+            if source_colours is None:
+                raise ValueError("this head reads the source pixels' palette colours: pass source_colours (B, K, H, W)")
+            onehot = source_colours.permute(0, 2, 3, 1)
+            # Each context feature times each colour indicator: "change the pixels of colour k in this patch" is
+            # then linear in the head's input, so an edit lands on the object's own pixels, not on whole patches.
+            pixels += [onehot, (context[..., :, None] * onehot[..., None, :]).flatten(-2)]
+        return Transformer2DModelOutput(sample=self.pixel_head(torch.cat(pixels, dim=-1)).permute(0, 3, 1, 2))
 
 
 def build_tokenizer(instructions: list[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
@@ -189,12 +231,16 @@ class ShapeEditPolicy:
         self.version = 0
         self.trainable_cfg = trainable
         self.trainable = Trainable(transformer, trainable, LORA_TARGETS) if trainable is not None else None
+        # 'palette': the colours the head chooses among, in the model's [-1, 1] pixel units, (K, 3).
+        self.palette = torch.tensor(cfg.palette, dtype=torch.float32).reshape(-1, 3) / 127.5 - 1.0
 
     # ---- construction and persistence ----------------------------------------------------------------
 
     @classmethod
     def build(cls, cfg: ShapeEditPolicyConfig, instructions: list[str], seed: int = 0, trainable: TrainableConfig | None = None) -> ShapeEditPolicy:
         """A freshly initialised policy whose vocabulary is learnt from `instructions`."""
+        if cfg.parameterisation == "palette" and not cfg.palette:
+            raise ValueError("parameterisation 'palette' needs policy.palette: a list of [r, g, b] colours in 0-255")
         torch.manual_seed(seed)
         tokenizer = build_tokenizer(instructions, cfg.vocab_size, cfg.max_instruction_tokens)
         text_encoder = CLIPTextModel(
@@ -221,10 +267,20 @@ class ShapeEditPolicy:
             pooled_projection_dim=cfg.text_hidden_size,
             pos_embed_max_size=cfg.image_size // cfg.patch_size,
         )
-        if cfg.parameterisation == "gated":
+        if cfg.parameterisation in ("gated", "palette"):
+            outputs = 4 if cfg.parameterisation == "gated" else 1 + len(cfg.palette)
             transformer = GatedSD3Transformer(
-                **shared, in_channels=6, out_channels=cfg.head_features, head_hidden=cfg.head_hidden, head_text_features=cfg.head_text_features
+                **shared,
+                in_channels=6,
+                out_channels=cfg.head_features,
+                head_hidden=cfg.head_hidden,
+                head_text_features=cfg.head_text_features,
+                head_outputs=outputs,
+                head_source_colours=len(cfg.palette) if cfg.parameterisation == "palette" and cfg.head_source_colours else 0,
             )
+            if cfg.parameterisation == "palette":
+                with torch.no_grad():  # an untrained policy keeps the source (p_0 ~ 0.98): it starts as doing nothing
+                    transformer.pixel_head[-1].bias[0] = math.log(50 * len(cfg.palette))
         else:  # in: noisy image + source image; out: the change from the source
             transformer = SD3Transformer2DModel(**shared, in_channels=6, out_channels=3)
         return cls(cfg, transformer, text_encoder, tokenizer, trainable)
@@ -263,7 +319,7 @@ class ShapeEditPolicy:
             trainable = TrainableConfig(**meta["trainable"])
         policy = cls(
             cfg,
-            (GatedSD3Transformer if cfg.parameterisation == "gated" else SD3Transformer2DModel).from_pretrained(path / "transformer"),
+            (SD3Transformer2DModel if cfg.parameterisation == "change" else GatedSD3Transformer).from_pretrained(path / "transformer"),
             CLIPTextModel.from_pretrained(path / "text_encoder"),
             PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
             trainable,
@@ -324,7 +380,14 @@ class ShapeEditPolicy:
     def predict(
         self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor
     ) -> tuple[Tensor, Tensor | None]:
-        """The clean-edit estimate x0_hat (B, 3, H, W) and, for 'gated', the gate logits (B, 1, H, W) (else None).
+        """The clean-edit estimate x0_hat (B, 3, H, W) and the head's logits: for 'gated' the gate's (B, 1, H, W),
+        for 'palette' the categories' (B, 1 + K, H, W), for 'change' None.
+
+        'palette': every pixel of the clean edit is either the source pixel (category 0) or one of K palette
+        colours, and x0_hat = p_0 * source + sum_k p_k * colour_k with p = softmax(logits): the posterior mean
+        of a per-pixel classifier, which is the squared-error-optimal x0 estimate when the classifier is
+        calibrated, so cross-entropy trains a flow-matching denoiser. A confident pixel is exactly a palette
+        colour or the source, so sharp flat colours cost the network nothing.
 
         'gated': x0_hat = m * c + (1 - m) * source, m = sigmoid(gate logit): where the gate is shut the source
         comes through unchanged, so what should stay stays without the network drawing it. 'change':
@@ -333,17 +396,28 @@ class ShapeEditPolicy:
         """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
         net = self.trainable.net if self.trainable is not None else self.transformer
+        extra = {"source_colours": self.source_colours(source)} if self.cfg.head_source_colours else {}
         out = net(
             hidden_states=torch.cat([latents, source], dim=1),
             encoder_hidden_states=text_embeds,
             pooled_projections=pooled_embeds,
             timestep=sigma * 1000.0,
+            **extra,
         ).sample.float()
         if self.cfg.parameterisation == "change":
             return source + out, None
+        if self.cfg.parameterisation == "palette":
+            probs = out.softmax(dim=1)
+            colours = torch.einsum("bkhw,kc->bchw", probs[:, 1:], self.palette.to(out.device))
+            return probs[:, :1] * source + colours, out
         gate_logits, content = out[:, :1], out[:, 1:]
         gate = torch.sigmoid(gate_logits)
         return gate * content + (1 - gate) * source, gate_logits
+
+    def source_colours(self, source: Tensor) -> Tensor:
+        """Each source pixel's nearest palette colour, one-hot (B, K, H, W)."""
+        distance = (source[:, None] - self.palette.to(source.device)[None, :, :, None, None]).abs().amax(dim=2)  # (B, K, H, W)
+        return torch.nn.functional.one_hot(distance.argmin(dim=1), len(self.palette)).permute(0, 3, 1, 2).to(source.dtype)
 
     def velocity(self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
         """The velocity (B, 3, H, W) at x = latents for one sigma (a float) or one per row (B,):
@@ -378,6 +452,12 @@ class ShapeEditPolicy:
         x = torch.randn((b, 3, self.height, self.width), generator=generator, dtype=torch.float32, device=device)
         latents, log_probs = [x], []
         for t in range(sampler.num_steps):
+            last = t == sampler.num_steps - 1 and not bool(stochastic[t])
+            if last and self.cfg.parameterisation == "palette" and self.cfg.last_step == "most_probable":
+                x = self._most_probable(x, float(sigmas[t]), condition, sampler.guidance_scale)
+                latents.append(x)
+                log_probs.append(torch.zeros(b, dtype=torch.float32, device=device))
+                continue
             v = self._guided_velocity(x, float(sigmas[t]), condition, sampler.guidance_scale)
             noise = sampler.noise_level if stochastic[t] else 0.0
             step = sde_step_with_logprob(x, v, float(sigmas[t]), float(sigmas[t + 1]), noise, sampler.kind, generator=generator)
@@ -429,6 +509,25 @@ class ShapeEditPolicy:
         self.scheduler.set_timesteps(num_steps)
         return self.scheduler.sigmas.float().clone()  # (T + 1,), the last one 0
 
+    def _most_probable(self, x: Tensor, sigma: float, c: ShapeEditCondition, guidance_scale: float) -> Tensor:
+        """'palette' only, the last step from x at sigma (an ODE step to sigma 0, which would land on x0_hat): each
+        pixel takes its most probable category (the source pixel or a palette colour) instead of the categories'
+        mean. The clean image is a palette image, and the mean of an uncertain classifier is a blend no render
+        has; the step stays deterministic (log-prob 0). Under CFG the logits are guided like the velocity:
+        uncond + w (cond - uncond)."""
+        if guidance_scale == 1.0:
+            logits = self.predict(x, sigma, c.source, c.text_embeds, c.pooled_embeds)[1]
+        else:
+            both = self.predict(
+                torch.cat([x, x]), sigma, torch.cat([c.source, c.source]), torch.cat([c.negative_text_embeds, c.text_embeds]),
+                torch.cat([c.negative_pooled_embeds, c.pooled_embeds]),
+            )[1]
+            uncond, cond = both.chunk(2)
+            logits = uncond + guidance_scale * (cond - uncond)
+        choice = logits.argmax(dim=1, keepdim=True)  # (B, 1, H, W)
+        colours = self.palette.to(x.device)[(choice[:, 0] - 1).clamp_min(0)].permute(0, 3, 1, 2)  # (B, 3, H, W)
+        return torch.where(choice == 0, c.source, colours).to(x.dtype)
+
     def _guided_velocity(self, x: Tensor, sigma: float, c: ShapeEditCondition, guidance_scale: float) -> Tensor:
         """One batched forward; with true CFG the unconditional half rides in the same batch."""
         if guidance_scale == 1.0:
@@ -453,6 +552,7 @@ def flow_matching_loss(
     gate_weight: float = 0.0,
     edit_weight: float = 0.0,
     sigma_location: float = 0.0,
+    edit_average: str = "batch",
 ) -> Tensor:
     """Supervised (rectified) flow matching on x_s = (1 - s) x0 + s eps, in the x0 parametrisation.
 
@@ -463,10 +563,13 @@ def flow_matching_loss(
             gate the pixels the edit changes (target != source); 0 = the image loss alone.
         edit_weight: the weight of a second squared error averaged over the changed pixels alone: an edit
             touches a few percent of the image, so in the plain mean its pixels hardly count.
+        edit_average: 'batch' averages that term over all the batch's changed pixels (a background edit, most
+            of its image, then outweighs a recoloured shape 40 to 1); 'image' over each image's changed pixels,
+            then over the images, so every edit weighs the same whatever its area.
         sigma_location: mean of the normal whose sigmoid is sigma; above 0 more of the training is at high noise,
             where the edit must be read from the source and the instruction, not from the noisy image.
     Returns: the scalar mean squared error of the predicted clean image (plus the two terms); sigmas are
-        logit-normal (SD3).
+        logit-normal (SD3). For the 'palette' parameterisation the cross-entropy of `palette_loss` instead.
     """
     b = target.shape[0]
     sigma = torch.sigmoid(torch.randn(b, generator=generator) + sigma_location)
@@ -474,11 +577,38 @@ def flow_matching_loss(
     s = sigma.view(b, 1, 1, 1)
     x = (1 - s) * target + s * noise
     text, pooled = policy.encode_instructions(instructions)
-    x0, gate_logits = policy.predict(x, sigma, source, text, pooled)
-    loss = torch.nn.functional.mse_loss(x0, target)
+    x0, logits = policy.predict(x, sigma, source, text, pooled)
     changed = (target != source).any(dim=1, keepdim=True).float()  # (B, 1, H, W)
+    if policy.cfg.parameterisation == "palette":
+        return palette_loss(policy.palette, logits, target, changed, edit_weight, edit_average)
+    loss = torch.nn.functional.mse_loss(x0, target)
     if edit_weight:
-        loss = loss + edit_weight * ((x0 - target) ** 2 * changed).sum() / (3 * changed.sum()).clamp_min(1.0)
-    if gate_weight and gate_logits is not None:
-        loss = loss + gate_weight * torch.nn.functional.binary_cross_entropy_with_logits(gate_logits, changed)
+        loss = loss + edit_weight * changed_mean(((x0 - target) ** 2).mean(dim=1, keepdim=True), changed, edit_average)
+    if gate_weight and logits is not None:
+        loss = loss + gate_weight * torch.nn.functional.binary_cross_entropy_with_logits(logits, changed)
+    return loss
+
+
+def changed_mean(per_pixel: Tensor, changed: Tensor, average: str) -> Tensor:
+    """The mean of a (B, 1, H, W) per-pixel loss over the changed pixels: of the whole batch ('batch'), or of each
+    image and then over the images that change any pixel ('image')."""
+    if average == "batch":
+        return (per_pixel * changed).sum() / changed.sum().clamp_min(1.0)
+    if average == "image":
+        count = changed.sum(dim=(1, 2, 3))
+        per_image = (per_pixel * changed).sum(dim=(1, 2, 3)) / count.clamp_min(1.0)
+        return per_image.sum() / (count > 0).sum().clamp_min(1)
+    raise ValueError(f"edit_average must be 'batch' or 'image', got {average!r}")
+
+
+def palette_loss(palette: Tensor, logits: Tensor, target: Tensor, changed: Tensor, edit_weight: float, edit_average: str = "batch") -> Tensor:
+    """Cross-entropy of the 'palette' head against each pixel's category: 0 where the edit keeps the source
+    pixel, else 1 + the index of the target's (nearest) palette colour; `edit_weight` adds the cross-entropy
+    averaged over the changed pixels alone."""
+    distance = (target[:, None] - palette.to(target.device)[None, :, :, None, None]).abs().amax(dim=2)  # (B, K, H, W)
+    category = torch.where(changed[:, 0] > 0, distance.argmin(dim=1) + 1, 0)
+    per_pixel = torch.nn.functional.cross_entropy(logits, category, reduction="none")  # (B, H, W)
+    loss = per_pixel.mean()
+    if edit_weight:
+        loss = loss + edit_weight * changed_mean(per_pixel[:, None], changed, edit_average)
     return loss

@@ -17,6 +17,7 @@ checkpoint-*/ (resumable: resume=auto), final/ (JRM.save_pretrained) and eval.js
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -402,9 +403,14 @@ def fit(cfg: TrainConfig, run: PreparedRun) -> dict:
     if trainer.is_world_process_zero():
         (out / "eval.json").write_text(json.dumps(results, indent=1))
     if torch.distributed.is_initialized():
-        # An orderly shutdown: ranks that exit with the process group alive can abort in its threads.
+        # An orderly shutdown. A gloo group whose last reference (held by the DeepSpeed engine inside the
+        # trainer) dies during interpreter finalisation can abort the process ("terminate called without an
+        # active exception") after all the work is saved, so the trainer goes first, while Python is alive.
         torch.distributed.barrier()
+        del trainer
+        gc.collect()
         torch.distributed.destroy_process_group()
+        gc.collect()
     return results
 
 

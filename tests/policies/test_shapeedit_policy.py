@@ -13,9 +13,10 @@ from PIL import Image
 from policies.adapters import TrainableConfig
 from policies.rollout import Rollout
 from policies.sampling import SamplerConfig
-from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig, flow_matching_loss
+from policies.shapeedit import SHAPEEDIT_PALETTE, ShapeEditPolicy, ShapeEditPolicyConfig, flow_matching_loss
 
 INSTRUCTIONS = ["make the red circle blue", "remove the green square", "move the star to the top left", "turn the background white"]
+PALETTE = [[220, 40, 40], [40, 80, 220], [245, 245, 245], [20, 20, 20]]
 TINY = ShapeEditPolicyConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=12)
 
 
@@ -28,11 +29,12 @@ def images(n, seed=0):
     return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def perturb(policy, seed=1):
+def perturb(policy, seed=1, scale=0.05):
+    """Random changes to a policy's trainable weights, or to a module's weights."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for p in policy.parameters() if isinstance(policy, torch.nn.Module) else policy.trainable_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("batch,guidance_scale,kind", [(2, 1.0, "sde"), (4, 1.0, "sde"), (3, 2.5, "sde"), (2, 1.0, "cps")])
@@ -52,8 +54,11 @@ def test_on_policy_ratio_is_exactly_one(batch, guidance_scale, kind):
     assert diff < 1e-5, f"a selected minibatch (batch {batch} -> 2) drifts by {diff}"
 
 
-def test_ode_sampling_equals_the_diffusers_euler_scheduler():
-    policy = tiny()
+@pytest.mark.parametrize("parameterisation", ["palette", "gated"])
+def test_ode_sampling_equals_the_diffusers_euler_scheduler(parameterisation):
+    """Every step matches diffusers' Euler scheduler, the last one too for 'gated'; for 'palette' the last
+    step takes the most probable category instead (test_the_last_ode_step_lands_on_the_predicted_clean_image)."""
+    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, parameterisation=parameterisation), INSTRUCTIONS, trainable=TrainableConfig(lora_rank=4, lora_alpha=8))
     perturb(policy)
     srcs, texts = images(2), INSTRUCTIONS[:2]
     rollout = policy.sample(srcs, texts, SamplerConfig(num_steps=5, noise_level=0.0), torch.Generator().manual_seed(3))
@@ -62,11 +67,12 @@ def test_ode_sampling_equals_the_diffusers_euler_scheduler():
     scheduler.set_timesteps(5)
     x = torch.randn((2, 3, 32, 32), generator=torch.Generator().manual_seed(3))
     c = rollout.condition
+    last = 5 if parameterisation == "gated" else 4
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for t in scheduler.timesteps[:last]:
             v = policy.velocity(x, float(t) / 1000, c.source, c.text_embeds, c.pooled_embeds)
             x = scheduler.step(v, t, x).prev_sample
-    torch.testing.assert_close(rollout.latents[:, -1], x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rollout.latents[:, last], x, rtol=0, atol=1e-6)
 
 
 def test_seeds_reproduce_and_differ():
@@ -155,9 +161,11 @@ def shut_gate(policy, logit):
         last.bias[0] = logit
 
 
+GATED = dataclasses.replace(TINY, parameterisation="gated")
+
+
 def test_a_shut_gate_returns_the_source_exactly_at_noise_0():
-    policy = ShapeEditPolicy.build(TINY, INSTRUCTIONS, seed=0)
-    assert policy.cfg.parameterisation == "gated"
+    policy = ShapeEditPolicy.build(GATED, INSTRUCTIONS, seed=0)
     shut_gate(policy, -1e4)
     srcs = images(3)
     rollout = policy.sample(srcs, INSTRUCTIONS[:3], SamplerConfig(num_steps=4, noise_level=0.0), torch.Generator().manual_seed(0))
@@ -168,18 +176,29 @@ def test_a_shut_gate_returns_the_source_exactly_at_noise_0():
     assert (opened.edited_images != opened.source_images).float().mean() > 0.5
 
 
-@pytest.mark.parametrize("changes", [{}, {"head_text_features": 0}, {"parameterisation": "change"}], ids=["gated", "gated_no_text", "change"])
+@pytest.mark.parametrize(
+    "changes",
+    [{"parameterisation": "gated"}, {"parameterisation": "gated", "head_text_features": 0}, {"parameterisation": "change"}, {"palette": PALETTE}],
+    ids=["gated", "gated_no_text", "change", "palette"],
+)
 def test_the_last_ode_step_lands_on_the_predicted_clean_image(changes):
     """v = (x - x0_hat) / sigma, so the Euler step to sigma 0 returns x0_hat: the edit is the network's
-    estimate at the last sigma, whichever parameterisation."""
+    estimate at the last sigma, whichever parameterisation; 'palette' takes each pixel's most probable
+    category there (the source pixel or a palette colour), which is x0_hat once the classifier is certain."""
     policy = ShapeEditPolicy.build(dataclasses.replace(TINY, **changes), INSTRUCTIONS, seed=0)
+    if policy.cfg.parameterisation == "palette":
+        perturb(policy.transformer.pixel_head, scale=20.0)  # an opinionated classifier: categories other than 'keep' win
     rollout = policy.sample(images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.0), torch.Generator().manual_seed(1))
     c, s = rollout.condition, float(rollout.sigmas[-2])
     with torch.no_grad():
-        x0 = policy.predict_clean(rollout.latents[:, -2], s, c.source, c.text_embeds, c.pooled_embeds)
+        x0, logits = policy.predict(rollout.latents[:, -2], s, c.source, c.text_embeds, c.pooled_embeds)
         v = policy.velocity(rollout.latents[:, -2], s, c.source, c.text_embeds, c.pooled_embeds)
-    torch.testing.assert_close(rollout.latents[:, -1], x0, rtol=0, atol=1e-5)
     torch.testing.assert_close(v, (rollout.latents[:, -2] - x0) / s, rtol=1e-5, atol=1e-5)
+    if policy.cfg.parameterisation == "palette":
+        choice = logits.argmax(1, keepdim=True)
+        assert (choice > 0).float().mean() > 0.1 and choice.unique().numel() > 2  # not the source, not one colour
+        x0 = torch.where(choice == 0, c.source, policy.palette[(choice[:, 0] - 1).clamp_min(0)].permute(0, 3, 1, 2))
+    torch.testing.assert_close(rollout.latents[:, -1], x0, rtol=0, atol=1e-5)
 
 
 def test_a_policy_saved_before_the_parameterisation_option_loads_as_change(tmp_path):
@@ -201,7 +220,7 @@ def test_a_policy_saved_before_the_parameterisation_option_loads_as_change(tmp_p
 
 def test_the_gate_loss_teaches_the_changed_pixels():
     """With the gate term, the gate opens on the pixels the edit changes and shuts elsewhere."""
-    policy = ShapeEditPolicy.build(TINY, INSTRUCTIONS, seed=0)
+    policy = ShapeEditPolicy.build(GATED, INSTRUCTIONS, seed=0)
     policy.text_encoder.requires_grad_(True)
     params = list(policy.transformer.parameters()) + list(policy.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=3e-3)
@@ -219,3 +238,95 @@ def test_the_gate_loss_teaches_the_changed_pixels():
         _, logits = policy.predict(0.9 * tgt + 0.1 * torch.randn(tgt.shape, generator=torch.Generator().manual_seed(9)), 0.1, src, text, pooled)
     gate = torch.sigmoid(logits)
     assert gate[changed].mean() > 0.6 and gate[~changed].mean() < 0.4, (gate[changed].mean(), gate[~changed].mean())
+
+
+
+def palette_policy():
+    return ShapeEditPolicy.build(dataclasses.replace(TINY, palette=PALETTE), INSTRUCTIONS, seed=0)
+
+
+def test_the_default_palette_is_the_shapeedit_worlds():
+    """policies/shapeedit.py:SHAPEEDIT_PALETTE is a tagged copy of the world's colours, in order."""
+    from reward.shapeedit.world import BACKGROUND_COLOURS, SHAPE_COLOURS
+
+    assert list(SHAPEEDIT_PALETTE) == [*SHAPE_COLOURS.values(), *BACKGROUND_COLOURS.values()]
+    assert ShapeEditPolicyConfig().palette == [list(c) for c in SHAPEEDIT_PALETTE] and ShapeEditPolicyConfig().parameterisation == "palette"
+
+
+def test_an_untrained_palette_policy_keeps_the_source_and_a_confident_one_writes_palette_colours_exactly():
+    policy = palette_policy()
+    src = images(2)
+    sampler = SamplerConfig(num_steps=4, noise_level=0.0)
+    rollout = policy.sample(src, INSTRUCTIONS[:2], sampler, torch.Generator().manual_seed(0))
+    # p_0 ~ 0.98 at initialisation: the mean stays within a few levels of the source, and the last step keeps it
+    assert (rollout.latents[:, -2] - rollout.condition.source).abs().max() < 1
+    assert torch.equal(rollout.edited_images, rollout.source_images)
+    last = policy.transformer.pixel_head[-1]
+    with torch.no_grad():  # every pixel certain of category 2 (the second palette colour)
+        last.weight.zero_()
+        last.bias.fill_(-1e4)
+        last.bias[2] = 1e4
+    rollout = policy.sample(src, INSTRUCTIONS[:2], sampler, torch.Generator().manual_seed(0))
+    assert (rollout.edited_images == torch.tensor(PALETTE[1], dtype=torch.uint8).view(1, 3, 1, 1)).all()
+
+
+def test_the_palette_loss_teaches_each_pixel_its_category_and_round_trips(tmp_path):
+    """Cross-entropy against 0 = keep the source, 1 + k = palette colour k: a red square drawn on a white
+    background is learnt where it is drawn, the rest kept; the palette survives save/load."""
+    policy = palette_policy()
+    policy.text_encoder.requires_grad_(True)
+    params = list(policy.transformer.parameters()) + list(policy.text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    src = torch.full((4, 3, 32, 32), 245 / 127.5 - 1)
+    tgt = src.clone()
+    tgt[:, :, 8:16, 8:16] = torch.tensor([220.0, 40.0, 40.0]).view(1, 3, 1, 1) / 127.5 - 1
+    changed = (tgt != src).any(1)
+    for step in range(25):
+        loss = flow_matching_loss(policy, src, tgt, INSTRUCTIONS, torch.Generator().manual_seed(step % 3), edit_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    text, pooled = policy.encode_instructions(INSTRUCTIONS)
+    noisy = 0.9 * tgt + 0.1 * torch.randn(tgt.shape, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        _, logits = policy.predict(noisy, 0.1, src, text, pooled)
+    category = logits.argmax(1)
+    assert (category[changed] == 1).float().mean() > 0.9 and (category[~changed] == 0).float().mean() > 0.9
+    policy.save_pretrained(tmp_path)
+    loaded = ShapeEditPolicy.from_pretrained(tmp_path)
+    assert loaded.cfg.palette == PALETTE and torch.equal(loaded.palette, policy.palette)
+    with pytest.raises(ValueError, match="needs policy.palette"):
+        ShapeEditPolicy.build(dataclasses.replace(TINY, palette=[]), INSTRUCTIONS)
+    with pytest.raises(ValueError, match="triples in 0-255"):
+        ShapeEditPolicyConfig(parameterisation="palette", palette=[[0, 300, 0]])
+
+
+def test_a_head_that_reads_source_colours_keeps_ratio_one_and_refuses_other_parameterisations():
+    policy = ShapeEditPolicy.build(
+        dataclasses.replace(TINY, palette=PALETTE, head_source_colours=True), INSTRUCTIONS, seed=0, trainable=TrainableConfig(lora_rank=4, lora_alpha=8)
+    )
+    perturb(policy)
+    rollout = policy.sample(images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0))
+    for t in range(2):
+        assert torch.equal(policy.log_prob(rollout, t).log_probs, rollout.log_probs[:, t])
+    onehot = policy.source_colours(policy.palette.view(1, 4, 3, 1).permute(0, 2, 1, 3))  # the palette itself, as a 4x1 image
+    assert torch.equal(onehot[0, :, :, 0], torch.eye(4))
+    with pytest.raises(ValueError, match="needs parameterisation 'palette'"):
+        ShapeEditPolicyConfig(parameterisation="gated", head_source_colours=True)
+
+
+def test_the_image_average_weighs_every_edit_alike():
+    """'batch' pools the changed pixels of the batch (a big edit outweighs a small one); 'image' averages each
+    image's first, so each image with an edit counts once; an image without one is left out."""
+    from policies.shapeedit import changed_mean
+
+    loss = torch.zeros(3, 1, 4, 4)
+    changed = torch.zeros(3, 1, 4, 4)
+    changed[0, :, :, :] = 1  # a big edit with loss 1 per pixel
+    loss[0] = 1.0
+    changed[1, :, 0, 0] = 1  # a one-pixel edit with loss 3
+    loss[1, :, 0, 0] = 3.0
+    assert changed_mean(loss, changed, "batch").item() == pytest.approx((16 + 3) / 17)
+    assert changed_mean(loss, changed, "image").item() == pytest.approx((1 + 3) / 2)
+    with pytest.raises(ValueError, match="'batch' or 'image'"):
+        changed_mean(loss, changed, "pixel")

@@ -163,9 +163,9 @@ def test_ppo_runs(setup, tmp_path):
 
 
 def test_nft_trains_equal_on_two_ranks_and_resumes_exactly(setup, tmp_path):
-    """DiffusionNFT on the same loop: weights move, 2 learner ranks equal 1 on the same batch, a run killed
-    (SIGKILL) after its first checkpoint and continued with resume=auto ends like the uninterrupted one, and
-    each evaluation writes its per-prompt scores."""
+    """DiffusionNFT on the same loop: weights move, 2 learner ranks equal 1 on the same batch, a run stopped
+    after its first checkpoint and continued with resume=auto ends like the uninterrupted one, and each
+    evaluation writes its per-prompt scores."""
     nft = ("algo.algo=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1", "eval_every=1")
     a = tmp_path / "a"
     train(load_config(RLConfig, None, overrides(setup, a, *nft, "num_steps=2")))
@@ -184,10 +184,14 @@ def test_nft_trains_equal_on_two_ranks_and_resumes_exactly(setup, tmp_path):
     for k in step1:
         torch.testing.assert_close(two[k], step1[k], rtol=0, atol=1e-6)
 
-    # SIGKILL the run once it has a checkpoint, resume with resume=auto: the uninterrupted run's metrics
+    # the run as it stood after step 1 (its step-1 checkpoint, no step 2), resumed with resume=auto: the
+    # uninterrupted run's weights and metrics (a real SIGKILL mid-run: the GRPO test above)
     c = tmp_path / "c"
-    kill_after_first_checkpoint(c, overrides(setup, c, *nft, "num_steps=2"))
+    shutil.copytree(a, c)
+    shutil.rmtree(c / "checkpoints" / "step-000002")
     train(load_config(RLConfig, None, overrides(setup, c, *nft, "num_steps=2")))
+    got, want = (load_file(str(run / "checkpoints" / "step-000002" / "policy.safetensors")) for run in (c, a))
+    assert all(torch.equal(got[k], want[k]) for k in want)
     _same_metrics(c, a)
 
 
