@@ -107,6 +107,7 @@ def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, nu
     result = {
         "doing_nothing": {split: doing_nothing(data_dir, split, num_eval) for split in ("val", "test_heldout")},
         "pretrained": {split: {k: pretrained[f"eval/{split}/{k}"] for k in keys} for split in ("val", "test_heldout")},
+        "pretraining": {k: pretrained[k] for k in ("steps", "trained_s", "threads")},
         "runs": runs,
         "difference": {k: differences[0][k] for k in ("labels", "step", "mean", "ci_low", "ci_high", "seeds", "prompts", "seeds_to_resolve", "sentence")} if differences else None,
         "gains": {label: [round(run["gold"][-1] - run["gold"][0], 4) for run in runs if run["label"] == label] for label in dict.fromkeys(r["label"] for r in runs)},
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     policy = out / "policy"
     minutes = 1.5 if args.quick else 8
-    run([py, "launch/pretrain_policy.py", f"output_dir={policy}", f"data_dir={data_dir}", f"seed={args.seed}", f"max_minutes={minutes}", f"max_steps={300 if args.quick else 1800}", "num_eval=64"])
+    run([py, "launch/pretrain_policy.py", f"output_dir={policy}", f"data_dir={data_dir}", f"seed={args.seed}", f"max_minutes={minutes}", f"max_steps={300 if args.quick else 1500}", "num_eval=64"])
     timings["policy"] = time.perf_counter() - start
 
     # ---- 4. GRPO as Ray jobs: each reward model x each seed ------------------------------------------------

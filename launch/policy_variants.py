@@ -27,13 +27,16 @@ from reward.config import config_from_cli, load_config
 
 # Shared by every variant: one step budget, evaluation on 128 prompts per split, no wall-clock cut.
 COMMON = ["max_steps=1000", "max_minutes=0", "eval_every=1000", "num_eval=128", "progress=false"]
+# Every variant spells out where it differs from today's defaults (palette_source_colours' recipe).
+GATED = ["policy.parameterisation=gated", "edit_average=batch"]
 # The gated policy with the losses and noise levels it started with, and with the recipe it ended with (high_noise's).
-GATED = ["policy.parameterisation=gated"]
 BEFORE = [*GATED, "gate_weight=1", "edit_weight=0", "sigma_location=0"]
 GATED_RECIPE = [*GATED, "gate_weight=4", "edit_weight=1", "sigma_location=1"]
 # The first gated variants' head: no instruction features, width 16.
 PIXELS_ONLY = ["policy.head_hidden=16", "policy.head_text_features=0"]
-# (name, what it changes, overrides); the first is the previous default recipe.
+# The palette classifier without the source colours, its changed-pixel term averaged over the batch.
+PALETTE = ["policy.parameterisation=palette", "policy.head_source_colours=false", "edit_average=batch"]
+# (name, what it changes, overrides); the first is the first policy.
 VARIANTS: list[tuple[str, str, list[str]]] = [
     ("change", "x0 = source + change from the patch tokens (the first policy)", [*BEFORE, "policy.parameterisation=change"]),
     ("gated", "x0 = m c + (1 - m) source, per-pixel head (width 16), gate cross-entropy (weight 1)", [*BEFORE, *PIXELS_ONLY]),
@@ -42,16 +45,16 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ("gated_text_head", "gated_edit_weight_gate4 + the pooled instruction at every pixel of a width-32 head", [*BEFORE, "edit_weight=1", "gate_weight=4"]),
     ("high_noise", "gated_text_head, noise levels sigmoid(N(1, 1)) (more training at high noise)", GATED_RECIPE),
     ("higher_noise", "gated_text_head, noise levels sigmoid(N(2, 1))", [*GATED_RECIPE, "sigma_location=2"]),
-    ("palette", "x0 = p_0 source + sum_k p_k colour_k: a per-pixel classifier over the source and the 13 palette colours, cross-entropy", ["policy.parameterisation=palette", "edit_weight=0"]),
-    ("palette_mean_last_step", "palette, but the last step lands on the categories' mean (the plain Euler step)", ["policy.parameterisation=palette", "edit_weight=0", "policy.last_step=mean"]),
-    ("palette_edit_weight", "palette + the cross-entropy averaged over the changed pixels (weight 1)", ["policy.parameterisation=palette"]),
-    ("palette_edit_weight_0.3", "palette + the cross-entropy averaged over the changed pixels (weight 0.3)", ["policy.parameterisation=palette", "edit_weight=0.3"]),
-    ("palette_edit_weight_0.3_sd3_noise", "palette_edit_weight_0.3, SD3's noise levels sigmoid(N(0, 1))", ["policy.parameterisation=palette", "edit_weight=0.3", "sigma_location=0"]),
-    ("palette_image_average", "palette + the cross-entropy averaged over each image's changed pixels, then over images (weight 1)", ["policy.parameterisation=palette", "edit_weight=1", "edit_average=image"]),
-    ("palette_image_average_0.3", "palette_image_average, weight 0.3", ["policy.parameterisation=palette", "edit_weight=0.3", "edit_average=image"]),
-    ("palette_source_colours", "palette_image_average + the source pixel's palette colour (one-hot) and its products with the head's features", ["policy.parameterisation=palette", "edit_weight=1", "edit_average=image", "policy.head_source_colours=true"]),
-    ("palette_source_colours_0.3", "palette_source_colours, edit weight 0.3", ["policy.parameterisation=palette", "edit_weight=0.3", "edit_average=image", "policy.head_source_colours=true"]),
     ("recipe_8min_shared", "high_noise (the gated recipe), 1,800 steps or 8 minutes, 2 threads, while a Ray benchmark shared the cores", [*GATED_RECIPE, "max_steps=1800", "max_minutes=8", "eval_every=1800"]),
+    ("palette", "x0 = p_0 source + sum_k p_k colour_k: a per-pixel classifier over the source and the 13 palette colours, cross-entropy; the last step takes the most probable category", [*PALETTE, "edit_weight=0"]),
+    ("palette_mean_last_step", "palette, but the last step lands on the categories' mean (the plain Euler step)", [*PALETTE, "edit_weight=0", "policy.last_step=mean"]),
+    ("palette_edit_weight", "palette + the cross-entropy averaged over the batch's changed pixels (weight 1)", [*PALETTE, "edit_weight=1"]),
+    ("palette_edit_weight_0.3", "palette_edit_weight, weight 0.3", [*PALETTE, "edit_weight=0.3"]),
+    ("palette_edit_weight_0.3_sd3_noise", "palette_edit_weight_0.3, SD3's noise levels sigmoid(N(0, 1))", [*PALETTE, "edit_weight=0.3", "sigma_location=0"]),
+    ("palette_image_average", "palette + the cross-entropy averaged over each image's changed pixels, then over images (weight 1)", [*PALETTE, "edit_weight=1", "edit_average=image"]),
+    ("palette_image_average_0.3", "palette_image_average, weight 0.3", [*PALETTE, "edit_weight=0.3", "edit_average=image"]),
+    ("palette_source_colours", "palette_image_average + the source pixel's palette colour (one-hot) and 4 colour queries read at it (today's defaults)", ["policy.head_source_colours=true", "edit_weight=1", "edit_average=image"]),
+    ("palette_source_colours_0.3", "palette_source_colours, weight 0.3", ["policy.head_source_colours=true", "edit_weight=0.3", "edit_average=image"]),
 ]
 
 

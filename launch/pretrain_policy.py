@@ -47,7 +47,7 @@ class PretrainConfig:
     """Seeds the initial weights, the task stream and the noise."""
     policy: ShapeEditPolicyConfig = field(default_factory=ShapeEditPolicyConfig)
     """The policy's architecture."""
-    max_steps: int = 1800
+    max_steps: int = 1500
     """Optimizer steps; the cosine schedule ends here (training stops earlier when max_minutes is reached)."""
     max_minutes: float = 8.0
     """Wall-clock budget for training, evaluation excluded; 0 = no limit."""
@@ -67,7 +67,7 @@ class PretrainConfig:
     """Weight of the gate's cross-entropy against the pixels each edit changes ('gated' policies; 0 = none)."""
     edit_weight: float = 1.0
     """Weight of the squared error averaged over the pixels each edit changes, beside the plain mean (0 = none)."""
-    edit_average: str = "batch"
+    edit_average: str = "image"
     """How edit_weight's term averages: over the batch's changed pixels ('batch') or per image, then over images ('image')."""
     sigma_location: float = 1.0
     """Location of the logit-normal noise levels (0 = SD3's; above 0 trains more at high noise)."""

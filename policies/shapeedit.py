@@ -36,6 +36,7 @@ from policies.sde import StepOutput, sde_step_with_logprob
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # [EOS] is not id 2: CLIP treats eos id 2 as legacy
 # Regex (peft's target_modules, matched against whole module names): attention and the image stream's feed-forward.
 PARAMETERISATIONS = ("palette", "gated", "change")
+QUERIES = 2  # colour queries per pixel of a head that reads source colours, from the tokens and the instruction each
 # Copied from reward/shapeedit/world.py: SHAPE_COLOURS then BACKGROUND_COLOURS, in order (policies/ and reward/ are
 # leaves and do not import each other); tests/policies/test_shapeedit_policy.py checks that they stay equal.
 SHAPEEDIT_PALETTE = (
@@ -79,9 +80,10 @@ class ShapeEditPolicyConfig:
     """'palette' only: the RGB colours (0-255) the head may write besides keeping the source pixel (default: the
     13 colours of ShapeEdit renders)."""
 
-    head_source_colours: bool = False
-    """'palette' only: the head also reads each source pixel's palette colour (one-hot) and its products with the
-    head's other features, so an edit can select an object's own pixels inside a patch."""
+    head_source_colours: bool = True
+    """'palette' only (ignored otherwise): the head also reads each source pixel's palette colour (one-hot) and
+    colour queries from the tokens and the instruction read at that colour, so an edit can take an object's own
+    pixels inside a patch (policies saved before the option load without it)."""
     last_step: str = "most_probable"
     """'palette' only: the last step (an ODE step to sigma 0) gives each pixel its 'most_probable' category, or
     the categories' 'mean' (the plain Euler step, which ends on blends where the classifier is unsure)."""
@@ -95,8 +97,6 @@ class ShapeEditPolicyConfig:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of the head size 32")
         if self.parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
-        if self.head_source_colours and self.parameterisation != "palette":
-            raise ValueError("head_source_colours needs parameterisation 'palette' (the colours are the palette's)")
         if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in self.palette):
             raise ValueError(f"policy.palette must hold [r, g, b] triples in 0-255, got {self.palette}")
 
@@ -166,10 +166,13 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         )
         # Linear layers over channels-last pixels: 2x faster than 1x1 convolutions on a CPU.
         self.text_to_head = nn.Linear(pooled_projection_dim, head_text_features) if head_text_features else None
-        context = out_channels + head_text_features
-        colours = head_source_colours + context * head_source_colours  # the colour one-hot and its products
+        # With source colours: QUERIES maps of one score per palette colour from the patch tokens and from the
+        # instruction ("change the pixels of colour k here"; "the instruction names colour k"), each read at the
+        # pixel's own source colour; the head gets those scores and the colour one-hot.
+        k = head_source_colours
+        self.colour_queries = nn.Linear(out_channels + head_text_features, 2 * QUERIES * k) if k else None
         self.pixel_head = nn.Sequential(
-            nn.Linear(context + 6 + colours, head_hidden),
+            nn.Linear(out_channels + head_text_features + 6 + k + 2 * QUERIES * bool(k), head_hidden),
             nn.SiLU(),
             nn.Linear(head_hidden, head_hidden),
             nn.SiLU(),
@@ -182,19 +185,19 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         """hidden_states (B, 6, H, W) = (noisy image, source); source_colours (B, K, H, W), each source pixel's
         palette colour one-hot (when the head reads them); returns sample (B, head_outputs, H, W)."""
         features = super().forward(hidden_states=hidden_states, pooled_projections=pooled_projections, **kwargs).sample
-        context = features.permute(0, 2, 3, 1)  # (B, H, W, C)
+        pixels = [features.permute(0, 2, 3, 1), hidden_states.permute(0, 2, 3, 1)]  # (B, H, W, C) each
         if self.text_to_head is not None:
             # The instruction straight to every pixel: "pixels of the named colour" needs no attention to find.
-            text = self.text_to_head(pooled_projections)[:, None, None, :].expand(*context.shape[:3], -1)
-            context = torch.cat([context, text], dim=-1)
-        pixels = [context, hidden_states.permute(0, 2, 3, 1)]
-        if self.config.head_source_colours:
+            pixels.append(self.text_to_head(pooled_projections)[:, None, None, :].expand(*pixels[0].shape[:3], -1))
+        if self.colour_queries is not None:
             if source_colours is None:
                 raise ValueError("this head reads the source pixels' palette colours: pass source_colours (B, K, H, W)")
-            onehot = source_colours.permute(0, 2, 3, 1)
-            # Each context feature times each colour indicator: "change the pixels of colour k in this patch" is
-            # then linear in the head's input, so an edit lands on the object's own pixels, not on whole patches.
-            pixels += [onehot, (context[..., :, None] * onehot[..., None, :]).flatten(-2)]
+            onehot = source_colours.permute(0, 2, 3, 1)  # (B, H, W, K)
+            context = torch.cat([pixels[0], *pixels[2:]], dim=-1)  # the token's features and the instruction's
+            queries = self.colour_queries(context).unflatten(-1, (2 * QUERIES, onehot.shape[-1]))  # (B, H, W, 2Q, K)
+            # Each query read at the pixel's own source colour: an edit can then take an object's own pixels
+            # inside a patch, where the patch token alone paints the whole 8x8 block.
+            pixels += [onehot, (queries * onehot[..., None, :]).sum(-1)]
         return Transformer2DModelOutput(sample=self.pixel_head(torch.cat(pixels, dim=-1)).permute(0, 3, 1, 2))
 
 
@@ -312,7 +315,8 @@ class ShapeEditPolicy:
             raise FileNotFoundError(f"{path} is not a saved ShapeEdit policy (no policy.json); train one with launch/pretrain_policy.py")
         meta = json.loads((path / "policy.json").read_text())
         known = {f.name for f in fields(ShapeEditPolicyConfig)}
-        saved = {"parameterisation": "change", **meta["config"]}  # policies saved before the option were 'change'
+        # policies saved before these options: 'change', and no source colours
+        saved = {"parameterisation": "change", "head_source_colours": False, **meta["config"]}
         cfg = ShapeEditPolicyConfig(**{k: v for k, v in saved.items() if k in known})
         adapter = path / "adapter.safetensors"
         if trainable is None and meta["trainable"] is not None:
@@ -396,7 +400,7 @@ class ShapeEditPolicy:
         """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
         net = self.trainable.net if self.trainable is not None else self.transformer
-        extra = {"source_colours": self.source_colours(source)} if self.cfg.head_source_colours else {}
+        extra = {"source_colours": self.source_colours(source)} if self.transformer.config.get("head_source_colours") else {}
         out = net(
             hidden_states=torch.cat([latents, source], dim=1),
             encoder_hidden_states=text_embeds,

@@ -301,9 +301,9 @@ def test_the_palette_loss_teaches_each_pixel_its_category_and_round_trips(tmp_pa
         ShapeEditPolicyConfig(parameterisation="palette", palette=[[0, 300, 0]])
 
 
-def test_a_head_that_reads_source_colours_keeps_ratio_one_and_refuses_other_parameterisations():
+def test_a_head_that_reads_source_colours_keeps_ratio_one():
     policy = ShapeEditPolicy.build(
-        dataclasses.replace(TINY, palette=PALETTE, head_source_colours=True), INSTRUCTIONS, seed=0, trainable=TrainableConfig(lora_rank=4, lora_alpha=8)
+        dataclasses.replace(TINY, palette=PALETTE), INSTRUCTIONS, seed=0, trainable=TrainableConfig(lora_rank=4, lora_alpha=8)
     )
     perturb(policy)
     rollout = policy.sample(images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0))
@@ -311,8 +311,8 @@ def test_a_head_that_reads_source_colours_keeps_ratio_one_and_refuses_other_para
         assert torch.equal(policy.log_prob(rollout, t).log_probs, rollout.log_probs[:, t])
     onehot = policy.source_colours(policy.palette.view(1, 4, 3, 1).permute(0, 2, 1, 3))  # the palette itself, as a 4x1 image
     assert torch.equal(onehot[0, :, :, 0], torch.eye(4))
-    with pytest.raises(ValueError, match="needs parameterisation 'palette'"):
-        ShapeEditPolicyConfig(parameterisation="gated", head_source_colours=True)
+    gated = ShapeEditPolicy.build(dataclasses.replace(TINY, parameterisation="gated", head_source_colours=True), INSTRUCTIONS)
+    assert gated.transformer.colour_queries is None  # 'palette' only: ignored by the gated head
 
 
 def test_the_image_average_weighs_every_edit_alike():
