@@ -101,8 +101,10 @@ def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, nu
     for r in summary["rl"]["runs"]:
         rows = [json.loads(line) for line in (Path(r["path"]) / "metrics.jsonl").read_text().splitlines()]
         evals = [row for row in rows if "eval/gold_score" in row]
+        flat = [row["rollout/zero_std_ratio"] for row in rows if "rollout/zero_std_ratio" in row]  # groups GRPO cannot learn from
         runs.append({"label": r["label"], "seed": r["seed"], "steps": [row["step"] for row in evals], "gold": [row["eval/gold_score"] for row in evals],
-                     "proxy": [row["eval/reward_mean"] for row in evals], "verdict": r["signal"]["verdict"]})
+                     "proxy": [row["eval/reward_mean"] for row in evals], "verdict": r["signal"]["verdict"],
+                     "zero_std_ratio": round(sum(flat) / len(flat), 4) if flat else None})
     differences = summary["rl"]["differences"]
     result = {
         "doing_nothing": {split: doing_nothing(data_dir, split, num_eval) for split in ("val", "test_heldout")},
@@ -127,11 +129,16 @@ def rl_markdown(results: dict) -> str:
     for name, label in (("doing_nothing", "doing nothing (the source)"), ("pretrained", "pretrained policy")):
         for split in ("val", "test_heldout"):
             lines.append(f"| {label} | {split} | " + " | ".join(f"{results[name][split][k]:.3f}" for k in keys) + " |")
-    lines += ["", "| reward model | seed | gold at step 0 | gold at the end (step) | gain | best gold | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| reward model | seed | gold at step 0 | gold at the end (step) | gain | best gold | verdict | groups without reward spread |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for run in results["runs"]:
         gain = run["gold"][-1] - run["gold"][0]
+        flat = "–" if run.get("zero_std_ratio") is None else f"{run['zero_std_ratio']:.0%}"
         lines.append(
-            f"| {run['label']} | {run['seed']} | {run['gold'][0]:.3f} | {run['gold'][-1]:.3f} ({run['steps'][-1]}) | {gain:+.3f} | {max(run['gold']):.3f} | {run['verdict']} |"
+            f"| {run['label']} | {run['seed']} | {run['gold'][0]:.3f} | {run['gold'][-1]:.3f} ({run['steps'][-1]}) | {gain:+.3f} | {max(run['gold']):.3f} | {run['verdict']} | {flat} |"
         )
     difference = results["difference"]
     if difference:

@@ -218,27 +218,32 @@ def test_a_policy_saved_before_the_parameterisation_option_loads_as_change(tmp_p
         ShapeEditPolicyConfig(parameterisation="velocity")
 
 
-def test_the_gate_loss_teaches_the_changed_pixels():
-    """With the gate term, the gate opens on the pixels the edit changes and shuts elsewhere."""
-    policy = ShapeEditPolicy.build(GATED, INSTRUCTIONS, seed=0)
+def fit(policy, src, tgt, **loss_terms):
+    """25 AdamW steps of flow matching on one (source, target) batch, text encoder included; returns the head's
+    logits near the target (sigma 0.1)."""
     policy.text_encoder.requires_grad_(True)
     params = list(policy.transformer.parameters()) + list(policy.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=3e-3)
-    src = torch.full((4, 3, 32, 32), -0.5)
-    tgt = src.clone()
-    tgt[:, :, 8:16, 8:16] = 0.8  # a square drawn on a flat background
-    changed = (tgt != src).any(1, keepdim=True)
     for step in range(25):
-        loss = flow_matching_loss(policy, src, tgt, INSTRUCTIONS, torch.Generator().manual_seed(step % 3), gate_weight=1.0)
+        loss = flow_matching_loss(policy, src, tgt, INSTRUCTIONS, torch.Generator().manual_seed(step % 3), **loss_terms)
         opt.zero_grad()
         loss.backward()
         opt.step()
     text, pooled = policy.encode_instructions(INSTRUCTIONS)
+    noisy = 0.9 * tgt + 0.1 * torch.randn(tgt.shape, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        _, logits = policy.predict(0.9 * tgt + 0.1 * torch.randn(tgt.shape, generator=torch.Generator().manual_seed(9)), 0.1, src, text, pooled)
-    gate = torch.sigmoid(logits)
-    assert gate[changed].mean() > 0.6 and gate[~changed].mean() < 0.4, (gate[changed].mean(), gate[~changed].mean())
+        return policy.predict(noisy, 0.1, src, text, pooled)[1]
 
+
+def test_the_gate_loss_teaches_the_changed_pixels():
+    """With the gate term, the gate opens on the pixels the edit changes and shuts elsewhere."""
+    policy = ShapeEditPolicy.build(GATED, INSTRUCTIONS, seed=0)
+    src = torch.full((4, 3, 32, 32), -0.5)
+    tgt = src.clone()
+    tgt[:, :, 8:16, 8:16] = 0.8  # a square drawn on a flat background
+    changed = (tgt != src).any(1, keepdim=True)
+    gate = torch.sigmoid(fit(policy, src, tgt, gate_weight=1.0))
+    assert gate[changed].mean() > 0.6 and gate[~changed].mean() < 0.4, (gate[changed].mean(), gate[~changed].mean())
 
 
 def palette_policy():
@@ -274,23 +279,11 @@ def test_the_palette_loss_teaches_each_pixel_its_category_and_round_trips(tmp_pa
     """Cross-entropy against 0 = keep the source, 1 + k = palette colour k: a red square drawn on a white
     background is learnt where it is drawn, the rest kept; the palette survives save/load."""
     policy = palette_policy()
-    policy.text_encoder.requires_grad_(True)
-    params = list(policy.transformer.parameters()) + list(policy.text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-3)
     src = torch.full((4, 3, 32, 32), 245 / 127.5 - 1)
     tgt = src.clone()
     tgt[:, :, 8:16, 8:16] = torch.tensor([220.0, 40.0, 40.0]).view(1, 3, 1, 1) / 127.5 - 1
     changed = (tgt != src).any(1)
-    for step in range(25):
-        loss = flow_matching_loss(policy, src, tgt, INSTRUCTIONS, torch.Generator().manual_seed(step % 3), edit_weight=1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    text, pooled = policy.encode_instructions(INSTRUCTIONS)
-    noisy = 0.9 * tgt + 0.1 * torch.randn(tgt.shape, generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        _, logits = policy.predict(noisy, 0.1, src, text, pooled)
-    category = logits.argmax(1)
+    category = fit(policy, src, tgt, edit_weight=1.0).argmax(1)
     assert (category[changed] == 1).float().mean() > 0.9 and (category[~changed] == 0).float().mean() > 0.9
     policy.save_pretrained(tmp_path)
     loaded = ShapeEditPolicy.from_pretrained(tmp_path)
