@@ -2,8 +2,8 @@
 
 An SD3-style MMDiT (diffusers' SD3Transformer2DModel, joint text-image attention) over 8x8-pixel patches
 of the 64x64 image, with the source image concatenated on the channel axis and a small CLIP text encoder
-(transformers' CLIPTextModel) over a word-level tokenizer; it predicts the clean edit as a change of the
-source, from which the velocity follows. Pixel space, not a VAE latent space: ShapeEdit
+(transformers' CLIPTextModel) over a word-level tokenizer; a per-pixel head predicts the clean edit (by default
+as a classifier over keeping the source pixel and the palette colours), from which the velocity follows. Pixel space, not a VAE latent space: ShapeEdit
 images are flat colours with hard edges, 8x8 patches already give only 64 tokens, and the oracle judges
 exactly the pixels the policy writes. Pretrain it with `python launch/pretrain_policy.py`; RL adapts it
 with LoRA on the transformer (the text encoder stays frozen, so rollouts store its outputs).
