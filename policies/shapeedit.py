@@ -2,9 +2,9 @@
 
 An SD3-style MMDiT (diffusers' SD3Transformer2DModel, joint text-image attention) over 8x8-pixel patches
 of the 64x64 image, with the source image concatenated on the channel axis and a small CLIP text encoder
-(transformers' CLIPTextModel) over a word-level tokenizer; a per-pixel head predicts the clean edit (by default
-as a classifier over keeping the source pixel and the palette colours), from which the velocity follows. Pixel space, not a VAE latent space: ShapeEdit
-images are flat colours with hard edges, 8x8 patches already give only 64 tokens, and the oracle judges
+(transformers' CLIPTextModel) over a word-level tokenizer; a per-pixel head predicts the clean edit (by
+default as a classifier over keeping the source pixel and the palette colours), from which the velocity
+follows. Pixel space, not a VAE latent space: ShapeEdit images are flat colours with hard edges, 8x8 patches already give only 64 tokens, and the oracle judges
 exactly the pixels the policy writes. Pretrain it with `python launch/pretrain_policy.py`; RL adapts it
 with LoRA on the transformer (the text encoder stays frozen, so rollouts store its outputs).
 """
@@ -36,7 +36,7 @@ from policies.sde import StepOutput, sde_step_with_logprob
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # [EOS] is not id 2: CLIP treats eos id 2 as legacy
 # Regex (peft's target_modules, matched against whole module names): attention and the image stream's feed-forward.
 PARAMETERISATIONS = ("palette", "gated", "change")
-QUERIES = 2  # colour queries per pixel of a head that reads source colours, from the tokens and the instruction each
+QUERIES = 2  # a head that reads source colours gets 2 x QUERIES colour-query maps, from its token and instruction features
 # Copied from reward/shapeedit/world.py: SHAPE_COLOURS then BACKGROUND_COLOURS, in order (policies/ and reward/ are
 # leaves and do not import each other); tests/policies/test_shapeedit_policy.py checks that they stay equal.
 SHAPEEDIT_PALETTE = (
@@ -79,7 +79,6 @@ class ShapeEditPolicyConfig:
     palette: list[list[int]] = field(default_factory=lambda: [list(c) for c in SHAPEEDIT_PALETTE])
     """'palette' only: the RGB colours (0-255) the head may write besides keeping the source pixel (default: the
     13 colours of ShapeEdit renders)."""
-
     head_source_colours: bool = True
     """'palette' only (ignored otherwise): the head also reads each source pixel's palette colour (one-hot) and
     colour queries from the tokens and the instruction read at that colour, so an edit can take an object's own
@@ -420,8 +419,7 @@ class ShapeEditPolicy:
 
     def source_colours(self, source: Tensor) -> Tensor:
         """Each source pixel's nearest palette colour, one-hot (B, K, H, W)."""
-        distance = (source[:, None] - self.palette.to(source.device)[None, :, :, None, None]).abs().amax(dim=2)  # (B, K, H, W)
-        return torch.nn.functional.one_hot(distance.argmin(dim=1), len(self.palette)).permute(0, 3, 1, 2).to(source.dtype)
+        return torch.nn.functional.one_hot(nearest_colour(source, self.palette), len(self.palette)).permute(0, 3, 1, 2).to(source.dtype)
 
     def velocity(self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
         """The velocity (B, 3, H, W) at x = latents for one sigma (a float) or one per row (B,):
@@ -593,6 +591,12 @@ def flow_matching_loss(
     return loss
 
 
+def nearest_colour(images: Tensor, palette: Tensor) -> Tensor:
+    """The index of each pixel's nearest palette colour (max-channel distance), (B, H, W); images (B, 3, H, W)
+    and palette (K, 3) in the same units."""
+    return (images[:, None] - palette.to(images.device)[None, :, :, None, None]).abs().amax(dim=2).argmin(dim=1)
+
+
 def changed_mean(per_pixel: Tensor, changed: Tensor, average: str) -> Tensor:
     """The mean of a (B, 1, H, W) per-pixel loss over the changed pixels: of the whole batch ('batch'), or of each
     image and then over the images that change any pixel ('image')."""
@@ -609,8 +613,7 @@ def palette_loss(palette: Tensor, logits: Tensor, target: Tensor, changed: Tenso
     """Cross-entropy of the 'palette' head against each pixel's category: 0 where the edit keeps the source
     pixel, else 1 + the index of the target's (nearest) palette colour; `edit_weight` adds the cross-entropy
     averaged over the changed pixels alone."""
-    distance = (target[:, None] - palette.to(target.device)[None, :, :, None, None]).abs().amax(dim=2)  # (B, K, H, W)
-    category = torch.where(changed[:, 0] > 0, distance.argmin(dim=1) + 1, 0)
+    category = torch.where(changed[:, 0] > 0, nearest_colour(target, palette) + 1, 0)
     per_pixel = torch.nn.functional.cross_entropy(logits, category, reduction="none")  # (B, H, W)
     loss = per_pixel.mean()
     if edit_weight:
