@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     policy = out / "policy"
     minutes = 1.5 if args.quick else 8
-    run([py, "launch/pretrain_policy.py", f"output_dir={policy}", f"data_dir={data_dir}", f"seed={args.seed}", f"max_minutes={minutes}", f"max_steps={300 if args.quick else 1500}", "num_eval=64"])
+    run([py, "launch/pretrain_policy.py", f"output_dir={policy}", f"data_dir={data_dir}", f"seed={args.seed}", f"max_minutes={minutes}", "num_eval=64", *(["max_steps=300"] if args.quick else [])])
     timings["policy"] = time.perf_counter() - start
 
     # ---- 4. GRPO as Ray jobs: each reward model x each seed ------------------------------------------------

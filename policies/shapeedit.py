@@ -517,24 +517,20 @@ class ShapeEditPolicy:
         mean. The clean image is a palette image, and the mean of an uncertain classifier is a blend no render
         has; the step stays deterministic (log-prob 0). Under CFG the logits are guided like the velocity:
         uncond + w (cond - uncond)."""
-        if guidance_scale == 1.0:
-            logits = self.predict(x, sigma, c.source, c.text_embeds, c.pooled_embeds)[1]
-        else:
-            both = self.predict(
-                torch.cat([x, x]), sigma, torch.cat([c.source, c.source]), torch.cat([c.negative_text_embeds, c.text_embeds]),
-                torch.cat([c.negative_pooled_embeds, c.pooled_embeds]),
-            )[1]
-            uncond, cond = both.chunk(2)
-            logits = uncond + guidance_scale * (cond - uncond)
+        logits = self._guided(lambda *inputs: self.predict(*inputs)[1], x, sigma, c, guidance_scale)
         choice = logits.argmax(dim=1, keepdim=True)  # (B, 1, H, W)
         colours = self.palette.to(x.device)[(choice[:, 0] - 1).clamp_min(0)].permute(0, 3, 1, 2)  # (B, 3, H, W)
         return torch.where(choice == 0, c.source, colours).to(x.dtype)
 
     def _guided_velocity(self, x: Tensor, sigma: float, c: ShapeEditCondition, guidance_scale: float) -> Tensor:
-        """One batched forward; with true CFG the unconditional half rides in the same batch."""
+        return self._guided(self.velocity, x, sigma, c, guidance_scale)
+
+    def _guided(self, output, x: Tensor, sigma: float, c: ShapeEditCondition, guidance_scale: float) -> Tensor:
+        """output(latents, sigma, source, text_embeds, pooled_embeds) in one batched forward; with true CFG the
+        unconditional half rides in the same batch and the result is uncond + w (cond - uncond)."""
         if guidance_scale == 1.0:
-            return self.velocity(x, sigma, c.source, c.text_embeds, c.pooled_embeds)
-        both = self.velocity(
+            return output(x, sigma, c.source, c.text_embeds, c.pooled_embeds)
+        both = output(
             torch.cat([x, x]),
             sigma,
             torch.cat([c.source, c.source]),

@@ -410,7 +410,6 @@ def fit(cfg: TrainConfig, run: PreparedRun) -> dict:
         del trainer
         gc.collect()
         torch.distributed.destroy_process_group()
-        gc.collect()
     return results
 
 
