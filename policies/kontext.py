@@ -31,7 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 from policies.adapters import Trainable, TrainableConfig
 from policies.images import check_batch, images_to_tensor, to_rgb, to_uint8
 from policies.rollout import Rollout, shared
-from policies.sampling import SamplerConfig, stochastic_steps
+from policies.sampling import SamplerConfig, refuse_categorical, stochastic_steps
 from policies.sde import StepOutput, sde_step_with_logprob
 
 # Regex (peft's target_modules, matched against whole module names): attention of both block kinds (single
@@ -168,6 +168,7 @@ class FluxKontextPolicy:
         if self.pipe.vae is None:
             raise RuntimeError("this policy's encoders were dropped (drop_encoders: a learner's copy); it cannot sample")
         check_batch(source_images, instructions, self.height, self.width)
+        refuse_categorical(sampler, "FLUX.1 Kontext")
         sampler = dataclasses.replace(sampler) if sampler is not None else SamplerConfig(guidance=DEFAULT_GUIDANCE)
         self._check_sampler(sampler)
         batch, device = len(instructions), self.device

@@ -33,7 +33,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 from policies.adapters import Trainable, TrainableConfig
 from policies.images import check_batch, images_to_tensor, to_rgb, to_uint8
 from policies.rollout import Rollout
-from policies.sampling import SamplerConfig, stochastic_steps
+from policies.sampling import SamplerConfig, refuse_categorical, stochastic_steps
 from policies.sde import StepOutput, sde_step_with_logprob
 
 CONDITION_AREA = 1024 * 1024
@@ -288,6 +288,7 @@ class QwenImageEditPolicy:
             raise RuntimeError("this policy's encoders were dropped (drop_encoders: a learner's copy); it cannot sample")
         sampler = sampler or SamplerConfig()
         check_batch(source_images, instructions, self.height, self.width)
+        refuse_categorical(sampler, "Qwen-Image-Edit")
         images = [to_rgb(image) for image in source_images]
         batch = len(images)
         group_ids = torch.arange(batch) if group_ids is None else torch.as_tensor(group_ids)

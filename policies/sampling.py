@@ -32,6 +32,17 @@ class SamplerConfig:
     """Guidance embedding of guidance-distilled models (FLUX.1 Kontext: 2.5); ignored by models without one."""
     negative_prompt: str = " "
     """The unconditional prompt used by true CFG."""
+    gaussian_steps: bool = True
+    """False: with sample_last_step, the Gaussian steps run as ODE steps and only the categorical last step is
+    stochastic and trained, so its gradient is not diluted by steps whose noise barely changes the edit."""
+    temperature: float = 1.0
+    """The categorical last step's temperature (sample_last_step): pixels are drawn from softmax(logits /
+    temperature). Below 1 the draws stay nearer the most probable category, which evaluation takes."""
+    sample_last_step: bool = False
+    """Draw the last step (to sigma 0) from a per-pixel categorical distribution and train it like the SDE steps,
+    when noise_level > 0. Only for a policy whose clean-image estimate is a classifier (the ShapeEdit palette
+    policy); the Gaussian policies refuse it. Such a policy is otherwise nearly deterministic: its last step
+    takes each pixel's most probable category, whatever noise came before, so a group's edits coincide."""
 
     def __post_init__(self):
         if self.num_steps < 1:
@@ -41,7 +52,11 @@ class SamplerConfig:
         if self.noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if not 0 <= self.sde_window_size <= max(self.num_steps - 1, 1):
-            raise ValueError(f"sde_window_size must be in [0, num_steps - 1 = {self.num_steps - 1}] (the last step is never stochastic), got {self.sde_window_size}")
+            raise ValueError(f"sde_window_size must be in [0, num_steps - 1 = {self.num_steps - 1}] (the window never holds the last step), got {self.sde_window_size}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.gaussian_steps and not self.sample_last_step:
+            raise ValueError("gaussian_steps=false leaves no stochastic step unless sample_last_step is true")
         if self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
 
@@ -49,13 +64,17 @@ class SamplerConfig:
 def stochastic_steps(cfg: SamplerConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Which steps are sampled with noise (and trained): a (T,) bool mask.
 
-    All False at noise_level 0. The last step (to sigma 0) is always an ODE step: its transition std is
-    ~0, so its log-prob ratio explodes at the smallest weight change (Flow-GRPO leaves it out too).
-    Without a window every other step is stochastic; with one, `sde_window_size` consecutive steps
-    starting at a step drawn uniformly from [0, last start], with the given generator.
+    All False at noise_level 0. The last step (to sigma 0) is an ODE step: its Gaussian transition std is
+    ~0, so its log-prob ratio explodes at the smallest weight change (Flow-GRPO leaves it out too); with
+    `sample_last_step` it is a categorical draw instead, and stochastic. Without a window every other step
+    is stochastic; with one, `sde_window_size` consecutive steps starting at a step drawn uniformly from
+    [0, last start], with the given generator.
     """
     mask = torch.zeros(cfg.num_steps, dtype=torch.bool)
     if cfg.noise_level == 0:
+        return mask
+    mask[-1] = cfg.sample_last_step
+    if not cfg.gaussian_steps:
         return mask
     if cfg.sde_window_size == 0:
         mask[: max(cfg.num_steps - 1, 1)] = True
@@ -67,3 +86,19 @@ def stochastic_steps(cfg: SamplerConfig, generator: torch.Generator | None = Non
     start = int(torch.randint(0, last + 1, (1,), generator=generator, device=device))
     mask[start : start + cfg.sde_window_size] = True
     return mask
+
+
+def refuse_categorical(cfg: SamplerConfig, model: str) -> None:
+    """For a policy whose every step is Gaussian: refuse sample_last_step before anything is sampled."""
+    if cfg.sample_last_step:
+        raise ValueError(f"sampler.sample_last_step: {model}'s last step is Gaussian, with no categorical draw; set it false")
+
+
+def num_stochastic_steps(cfg: SamplerConfig) -> int:
+    """How many steps stochastic_steps marks: the loss terms of one rollout for the likelihood-based learners."""
+    if cfg.noise_level == 0:
+        return 0
+    if not cfg.gaussian_steps:
+        return int(cfg.sample_last_step)
+    steps = cfg.sde_window_size or max(cfg.num_steps - 1, 1)
+    return steps + int(cfg.sample_last_step and cfg.num_steps > 1)  # with one step, that step is the last

@@ -34,6 +34,9 @@ class StepOutput:
     log_probs: Tensor  # (B,) log-density of prev_latents, mean over latent dims (0 for a deterministic step)
     mean: Tensor  # (B, ...) the transition mean (what the KL to the reference compares)
     std: Tensor  # () the transition standard deviation (0 for a deterministic step)
+    log_categories: Tensor | None = None
+    """A categorical step's (sample_last_step) log-probabilities of each pixel's categories, (B, K, H, W): what
+    its KL to the reference compares (mean and std are then unused). None for a Gaussian step."""
 
 
 def sde_step_with_logprob(

@@ -84,8 +84,9 @@ class ShapeEditPolicyConfig:
     colour queries from the tokens and the instruction read at that colour, so an edit can take an object's own
     pixels inside a patch (policies saved before the option load without it)."""
     last_step: str = "most_probable"
-    """'palette' only: the last step (an ODE step to sigma 0) gives each pixel its 'most_probable' category, or
-    the categories' 'mean' (the plain Euler step, which ends on blends where the classifier is unsure)."""
+    """'palette' only: the deterministic last step (to sigma 0) gives each pixel its 'most_probable' category, or
+    the categories' 'mean' (the plain Euler step, which ends on blends where the classifier is unsure). A sampler
+    with sample_last_step draws each pixel's category instead (RL rollouts)."""
 
     def __post_init__(self):
         if self.last_step not in ("most_probable", "mean"):
@@ -444,6 +445,8 @@ class ShapeEditPolicy:
         """
         sampler = sampler or SamplerConfig()
         check_batch(source_images, instructions, self.height, self.width)
+        if sampler.sample_last_step and self.cfg.parameterisation != "palette":
+            raise ValueError(f"sampler.sample_last_step needs the 'palette' parameterisation (a per-pixel classifier); this policy is {self.cfg.parameterisation!r}")
         b, device = len(instructions), self.device
         sources = images_to_tensor(source_images).to(device)
         text, pooled = self.encode_instructions(list(instructions))
@@ -454,15 +457,12 @@ class ShapeEditPolicy:
         x = torch.randn((b, 3, self.height, self.width), generator=generator, dtype=torch.float32, device=device)
         latents, log_probs = [x], []
         for t in range(sampler.num_steps):
-            last = t == sampler.num_steps - 1 and not bool(stochastic[t])
-            if last and self.cfg.parameterisation == "palette" and self.cfg.last_step == "most_probable":
-                x = self._most_probable(x, float(sigmas[t]), condition, sampler.guidance_scale)
-                latents.append(x)
-                log_probs.append(torch.zeros(b, dtype=torch.float32, device=device))
-                continue
-            v = self._guided_velocity(x, float(sigmas[t]), condition, sampler.guidance_scale)
-            noise = sampler.noise_level if stochastic[t] else 0.0
-            step = sde_step_with_logprob(x, v, float(sigmas[t]), float(sigmas[t + 1]), noise, sampler.kind, generator=generator)
+            if self._categorical(sampler, t):
+                step = self._palette_step(x, float(sigmas[t]), condition, sampler, draw=bool(stochastic[t]), generator=generator)
+            else:
+                v = self._guided_velocity(x, float(sigmas[t]), condition, sampler.guidance_scale)
+                noise = sampler.noise_level if stochastic[t] else 0.0
+                step = sde_step_with_logprob(x, v, float(sigmas[t]), float(sigmas[t + 1]), noise, sampler.kind, generator=generator)
             x = step.prev_latents
             latents.append(x)
             log_probs.append(step.log_probs)
@@ -488,11 +488,13 @@ class ShapeEditPolicy:
         sampler = rollout.sampler
         stochastic = rollout.stochastic[:, step]
         s, s_next = float(rollout.sigmas[step]), float(rollout.sigmas[step + 1])
-        v = self._guided_velocity(rollout.latents[:, step], s, rollout.condition, sampler.guidance_scale)
-        out = sde_step_with_logprob(
-            rollout.latents[:, step], v, s, s_next, sampler.noise_level if bool(stochastic.any()) else 0.0, sampler.kind,
-            prev_latents=rollout.latents[:, step + 1],
-        )
+        x, chosen = rollout.latents[:, step], rollout.latents[:, step + 1]
+        if self._categorical(sampler, step):
+            out = self._palette_step(x, s, rollout.condition, sampler, draw=bool(stochastic.any()), chosen=chosen)
+        else:
+            v = self._guided_velocity(x, s, rollout.condition, sampler.guidance_scale)
+            noise = sampler.noise_level if bool(stochastic.any()) else 0.0
+            out = sde_step_with_logprob(x, v, s, s_next, noise, sampler.kind, prev_latents=chosen)
         out.log_probs = torch.where(stochastic, out.log_probs, torch.zeros_like(out.log_probs))
         return out
 
@@ -511,16 +513,48 @@ class ShapeEditPolicy:
         self.scheduler.set_timesteps(num_steps)
         return self.scheduler.sigmas.float().clone()  # (T + 1,), the last one 0
 
-    def _most_probable(self, x: Tensor, sigma: float, c: ShapeEditCondition, guidance_scale: float) -> Tensor:
-        """'palette' only, the last step from x at sigma (an ODE step to sigma 0, which would land on x0_hat): each
-        pixel takes its most probable category (the source pixel or a palette colour) instead of the categories'
-        mean. The clean image is a palette image, and the mean of an uncertain classifier is a blend no render
-        has; the step stays deterministic (log-prob 0). Under CFG the logits are guided like the velocity:
-        uncond + w (cond - uncond)."""
-        logits = self._guided(lambda *inputs: self.predict(*inputs)[1], x, sigma, c, guidance_scale)
-        choice = logits.argmax(dim=1, keepdim=True)  # (B, 1, H, W)
-        colours = self.palette.to(x.device)[(choice[:, 0] - 1).clamp_min(0)].permute(0, 3, 1, 2)  # (B, 3, H, W)
-        return torch.where(choice == 0, c.source, colours).to(x.dtype)
+    def _categorical(self, sampler: SamplerConfig, step: int) -> bool:
+        """Whether `step` is the palette's last step, a choice of one category per pixel: always when the
+        sampler draws it (sample_last_step), else when the policy takes the most probable category."""
+        if step != sampler.num_steps - 1:
+            return False
+        return self.cfg.parameterisation == "palette" and (sampler.sample_last_step or self.cfg.last_step == "most_probable")
+
+    def _palette_step(
+        self, x: Tensor, sigma: float, c: ShapeEditCondition, sampler: SamplerConfig, draw: bool, chosen: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> StepOutput:
+        """'palette' only, the last step from x at sigma (to sigma 0, where an ODE step would land on x0_hat): each
+        pixel becomes one category, the source pixel or a palette colour, instead of the categories' mean (a
+        blend no render has, where the classifier is unsure). Under CFG the logits are guided like the velocity:
+        uncond + w (cond - uncond).
+
+        draw=False: the most probable category, log-prob 0 (deterministic; evaluation). draw=True (the sampler's
+        sample_last_step, noise_level > 0): each pixel's category drawn from softmax(logits / sampler.temperature)
+        (Gumbel-max, with `generator`); its log-prob is the image's categorical log-likelihood averaged over pixels (a pixel's
+        probability sums the categories that give its colour: keeping a red source pixel and painting it red
+        are one outcome), so a stored edit (`chosen`) is scored without knowing which category drew it.
+        """
+        logits = self._guided(lambda *inputs: self.predict(*inputs)[1], x, sigma, c, sampler.guidance_scale).float()
+        log_p = (logits / sampler.temperature).log_softmax(dim=1)  # (B, 1 + K, H, W)
+        palette = self.palette.to(x.device)
+        if chosen is None:
+            scores = log_p
+            if draw:
+                u = torch.rand(log_p.shape, generator=generator, dtype=torch.float32, device=x.device)
+                scores = log_p - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))  # Gumbel-max: a draw from softmax
+            choice = scores.argmax(dim=1, keepdim=True)  # (B, 1, H, W)
+            colours = palette[(choice[:, 0] - 1).clamp_min(0)].permute(0, 3, 1, 2)  # (B, 3, H, W)
+            chosen = torch.where(choice == 0, c.source, colours).to(x.dtype)
+        zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        if not draw:
+            return StepOutput(chosen, torch.zeros(x.shape[0], dtype=torch.float32, device=x.device), chosen, zero)
+        same = torch.cat(
+            [(chosen - c.source).abs().amax(dim=1, keepdim=True), (chosen[:, None] - palette[None, :, :, None, None]).abs().amax(dim=2)], dim=1
+        ) < 1e-3  # (B, 1 + K, H, W): the categories that give each pixel its colour
+        if not same.any(dim=1).all():
+            raise ValueError("the stored edit has pixels that are neither the source's nor a palette colour: not drawn by this policy's last step")
+        pixel = torch.logsumexp(log_p.masked_fill(~same, float("-inf")), dim=1)  # (B, H, W)
+        return StepOutput(chosen, pixel.flatten(1).mean(dim=1), chosen, zero, log_categories=log_p)
 
     def _guided_velocity(self, x: Tensor, sigma: float, c: ShapeEditCondition, guidance_scale: float) -> Tensor:
         return self._guided(self.velocity, x, sigma, c, guidance_scale)

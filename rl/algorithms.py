@@ -4,6 +4,7 @@ Flow-GRPO (Liu et al. 2025, arXiv 2505.05470):
     A_i = clip((R_i - mean_group) / (std + eps), -adv_clip, adv_clip), the same for every step of trajectory i
     r = exp(logp_new - logp_old),  L = mean(max(-A r, -A clip(r, 1 - c, 1 + c))) + beta KL
     KL = mean over latent dims of (mean_theta - mean_ref)^2 / (2 std^2)    (std: the step's transition std)
+    (a categorical last step, SamplerConfig.sample_last_step: the categorical KL, mean over pixels)
 PPO for the denoising MDP (DPOK / DDPO-style, terminal reward): advantages R - V(x_t, t, condition) per
 step, the same surrogate, and a clipped value loss.
 DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117), on the forward process of the clean edits x0 only:
@@ -22,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from policies.rollout import Rollout
+from policies.sampling import num_stochastic_steps
+from policies.sde import StepOutput
 from rl.value import ValueModel, value_inputs
 
 
@@ -116,6 +119,22 @@ def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
     return ((mean - ref_mean) ** 2).mean(dim=dims) / (2 * std**2)
 
 
+def categorical_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) of per-pixel categorical steps, averaged over pixels like the log-probs: (B,) per row.
+
+    Args: log_p, log_q (B, K, ...) log-probabilities of the K categories (the policy's, the reference's).
+    """
+    per_pixel = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return per_pixel.flatten(1).mean(dim=1)
+
+
+def step_kl(out: StepOutput, ref: StepOutput) -> Tensor:
+    """KL of one trained step to the reference's: categorical for a categorical draw, Gaussian otherwise. (B,)"""
+    if out.log_categories is not None:
+        return categorical_kl(out.log_categories, ref.log_categories)
+    return gaussian_kl(out.mean, ref.mean, out.std)
+
+
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip_range: float) -> Tensor:
     """PPO's clipped value loss 0.5 mean(max((V - R)^2, (V_clip - R)^2)), V_clip = old + clip(V - old, +-c).
 
@@ -208,7 +227,7 @@ class GRPO:
 
     def terms_per_micro_batch(self, sampler) -> int:
         """Loss terms (backward passes) per micro-batch: the optimizer accumulates over them."""
-        return sampler.sde_window_size or max(sampler.num_steps - 1, 1)
+        return num_stochastic_steps(sampler)
 
     def targets(self, rewards: Tensor, group_ids: Tensor) -> Targets:
         adv = group_advantages(rewards, group_ids, self.cfg.adv_std, self.cfg.adv_clip)
@@ -236,7 +255,7 @@ class GRPO:
         if cfg.kl_beta > 0:
             with torch.no_grad(), policy.reference():
                 ref = policy.log_prob(rollout, step)
-            kl = gaussian_kl(out.mean, ref.mean, out.std).mean()
+            kl = step_kl(out, ref).mean()
             loss = loss + cfg.kl_beta * kl
             row["kl"] = kl.item()
         return loss, row

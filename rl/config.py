@@ -49,6 +49,8 @@ class PolicyConfig:
             raise ValueError("policy.gradient_checkpointing: the ShapeEdit policy is small and does not support it; set it false")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"policy.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.sampler.sample_last_step and self.kind != "shapeedit":
+            raise ValueError(f"policy.sampler.sample_last_step: {self.kind} ends in a Gaussian step, which has no categorical draw; set it false")
 
 
 @dataclass

@@ -121,7 +121,7 @@ class Learner:
         for i, mb in enumerate(rollouts):
             terms = self.algorithm.terms(mb)
             if len(terms) != self.terms_per_micro_batch:
-                raise ValueError(f"micro-batch {i} has {len(terms)} loss terms; the learner was set up for {self.terms_per_micro_batch} (policy.sampler: every rollout of a run must use the same num_steps and sde_window_size)")
+                raise ValueError(f"micro-batch {i} has {len(terms)} loss terms; the learner was set up for {self.terms_per_micro_batch} (policy.sampler: every rollout of a run must use the same num_steps, sde_window_size and sample_last_step)")
             for term in terms:
                 # what engine.forward does first (the policy's forward bypasses the engine): ZeRO counts its
                 # accumulation micro-steps here, and without it ZeRO-3 keeps only the last micro-step's gradient

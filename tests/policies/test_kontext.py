@@ -252,6 +252,8 @@ def test_bad_input_is_refused_with_a_clear_message(policy):
         policy.sample(images(2), INSTRUCTIONS[:3], sampler())
     with pytest.raises(ValueError, match="guidance-distilled"):
         policy.sample(images(1), INSTRUCTIONS[:1], sampler(guidance=0.0))
+    with pytest.raises(ValueError, match="FLUX.1 Kontext's last step is Gaussian"):
+        policy.sample(images(1), INSTRUCTIONS[:1], sampler(sample_last_step=True))
     with pytest.raises(ValueError, match="group_ids"):
         policy.sample(images(2), INSTRUCTIONS[:2], sampler(), group_ids=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="multiples of 4"):

@@ -371,6 +371,8 @@ def test_bad_input_is_refused_with_a_clear_message(policy):
         policy.sample(two, ["add a hat", "  "])
     with pytest.raises(ValueError, match="2 source images but 3 instructions"):
         policy.sample(two, INSTRUCTIONS[:3])
+    with pytest.raises(ValueError, match="Qwen-Image-Edit's last step is Gaussian"):
+        policy.sample(two, INSTRUCTIONS[:2], sampler(sample_last_step=True))
     with pytest.raises(ValueError, match="group_ids must have shape"):
         policy.sample(two, INSTRUCTIONS[:2], sampler(num_steps=2), group_ids=torch.arange(3))
     r = sample(policy, 1, sampler(num_steps=2))

@@ -323,3 +323,40 @@ def test_the_image_average_weighs_every_edit_alike():
     assert changed_mean(loss, changed, "image").item() == pytest.approx((1 + 3) / 2)
     with pytest.raises(ValueError, match="'batch' or 'image'"):
         changed_mean(loss, changed, "pixel")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_a_drawn_last_step_is_the_classifiers_categorical_draw(temperature):
+    """sample_last_step: every pixel's category is drawn from softmax(logits / temperature); the stored log-prob
+    is the image's categorical log-likelihood averaged over pixels (categories of one colour pooled), the same
+    when the learner recomputes it (ratio 1), with grad; at temperature -> 0 the draw is the most probable."""
+    policy = palette_policy()
+    perturb(policy.transformer, scale=0.5)  # an unsure classifier: draws differ
+    sampler = SamplerConfig(num_steps=3, noise_level=0.7, sample_last_step=True, temperature=temperature)
+    src = images(64, seed=3)
+    rollout = policy.sample(src, (INSTRUCTIONS * 16)[:64], sampler, torch.Generator().manual_seed(0))
+    assert rollout.stochastic.all()
+    for t in range(3):
+        out = policy.log_prob(rollout, t)
+        assert torch.equal(out.log_probs, rollout.log_probs[:, t]), f"step {t}"
+    c, x, chosen = rollout.condition, rollout.latents[:, 2], rollout.latents[:, 3]
+    with torch.no_grad():
+        logits = policy.predict(x, float(rollout.sigmas[2]), c.source, c.text_embeds, c.pooled_embeds)[1]
+    probs = (logits / temperature).softmax(dim=1)
+    colours = torch.cat([c.source[:, None], policy.palette.view(1, -1, 3, 1, 1).expand(64, -1, -1, 32, 32)], dim=1)  # (B, 1 + K, 3, H, W)
+    pooled = (probs * (colours - chosen[:, None]).abs().amax(dim=2).lt(1e-3)).sum(dim=1)  # each pixel's colour's probability
+    torch.testing.assert_close(rollout.log_probs[:, 2], pooled.log().flatten(1).mean(dim=1), rtol=0, atol=1e-5)
+    # the draws follow the probabilities: how often a pixel keeps its source colour, against its probability
+    kept = (chosen - c.source).abs().amax(dim=1).lt(1e-3).float()
+    p_kept = (probs * (colours - c.source[:, None]).abs().amax(dim=2).lt(1e-3)).sum(dim=1)
+    assert 0.05 < p_kept.mean() < 0.95 and abs(kept.mean() - p_kept.mean()) < 0.01
+    cold = dataclasses.replace(sampler, temperature=1e-4, gaussian_steps=False)  # the ODE path evaluation takes
+    cold = policy.sample(src[:4], INSTRUCTIONS, cold, torch.Generator().manual_seed(0))
+    most_probable = policy.sample(src[:4], INSTRUCTIONS, SamplerConfig(num_steps=3, noise_level=0.0), torch.Generator().manual_seed(0))
+    assert (cold.latents[:, -1] != most_probable.latents[:, -1]).any(dim=1).float().mean() < 0.01
+
+
+def test_a_drawn_last_step_is_refused_where_there_is_no_classifier():
+    gated = ShapeEditPolicy.build(dataclasses.replace(TINY, parameterisation="gated"), INSTRUCTIONS)
+    with pytest.raises(ValueError, match="sample_last_step needs the 'palette' parameterisation"):
+        gated.sample(images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, sample_last_step=True))

@@ -9,7 +9,7 @@ from PIL import Image
 from policies.adapters import TrainableConfig
 from policies.sampling import SamplerConfig
 from policies.shapeedit import ShapeEditPolicy
-from rl.algorithms import NFT, MicroTargets, clipped_surrogate, gaussian_kl, group_advantages, nft_loss, nft_optimality, value_loss
+from rl.algorithms import NFT, MicroTargets, categorical_kl, clipped_surrogate, gaussian_kl, group_advantages, nft_loss, nft_optimality, value_loss
 from rl.config import AlgoConfig
 from tests.policies.test_shapeedit_policy import INSTRUCTIONS, TINY
 
@@ -62,6 +62,15 @@ def test_gaussian_kl_and_value_loss():
     ret = torch.tensor([0.0, 1.0])
     # row 0: V=1, clipped 0.2 -> max(1, 0.04) = 1; row 1: V=0 -> 1
     assert value_loss(v, old, ret, 0.2).item() == pytest.approx(0.5 * (1 + 1) / 2)
+
+
+def test_categorical_kl_closed_form():
+    """KL(p || q) per pixel, averaged over pixels: 0 for equal distributions, the textbook sum otherwise."""
+    p = torch.tensor([0.5, 0.25, 0.25]).log().view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    q = torch.tensor([0.25, 0.5, 0.25]).log().view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    expected = 0.5 * math.log(2) + 0.25 * math.log(0.5)
+    torch.testing.assert_close(categorical_kl(p, q), torch.full((2,), expected))
+    torch.testing.assert_close(categorical_kl(p, p), torch.zeros(2))
 
 
 def test_asymmetric_clipping_bounds_the_ratio_on_each_side():

@@ -47,6 +47,8 @@ def test_bad_configs_are_refused():
         load_config(RLConfig, None, ["algo.micro_batch_size=7"])
     with pytest.raises(ValueError, match="cannot be shared evenly by 3 learners"):
         load_config(RLConfig, None, ["cluster.num_learners=3"])
+    with pytest.raises(ValueError, match="flux_kontext ends in a Gaussian step"):
+        load_config(RLConfig, None, ["policy.kind=flux_kontext", "policy.sampler.sample_last_step=true"])
     with pytest.raises(ValueError, match="whole micro-batches of 16 for each of the 3 rollout workers"):
         load_config(RLConfig, None, ["cluster.num_rollout_workers=3"])
     with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
