@@ -85,6 +85,7 @@ def rl_config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: st
             f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}", "data.num_eval=8",
             f"num_steps={steps}", f"eval_every={steps}", f"save_every={steps}", "wandb=false",
             f"cluster.num_rollout_workers={workers}", f"cluster.num_learners={learners}", f"cluster.async_reward={mode == 'async'}", f"cluster.num_nodes={nodes}",
+            "policy.sampler.sample_last_step=false", "policy.sampler.gaussian_steps=true",  # the 8 Gaussian steps a GPU policy trains
             *SIZES[size][2],
             *([] if max_wait_s is None else [f"reward.max_wait_s={max_wait_s}"]),
         ],

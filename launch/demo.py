@@ -3,12 +3,15 @@
     make demo            # or: python launch/demo.py [--quick] [--out runs/demo] [--seeds 2]
 
 1. generate a ShapeEdit dataset, print its summary, draw a contact sheet;
-2. train two tiny reward models on it with reward/train.py: the JRM (alpha = 1/3) and its discriminative-only
-   ablation (alpha = 0), same data, steps and seed;
+2. pretrain the tiny backbone on ShapeEdit grounding (reward/pretrain_backbone.py), then train two reward models
+   from it with reward/train.py: the grounded JRM (alpha 0.7, uncertainty ranking) and its discriminative-only
+   ablation (lambda = 0), same data, steps and seed (the recipe of launch/jrm_shapeedit.py);
 3. pretrain the ShapeEdit policy by flow matching (launch/pretrain_policy.py);
-4. start a local Ray cluster on 127.0.0.1 and submit one GRPO job per reward model and seed with `ray job submit`
+4. measure how well each reward model ranks the policy's own edits: within groups of drawn edits of one
+   prompt, against the oracle (what GRPO's advantages rest on);
+5. start a local Ray cluster on 127.0.0.1 and submit one GRPO job per reward model and seed with `ray job submit`
    (launch/grpo_edit.py, preset launch/configs/shapeedit.yaml, gold = the oracle); stop the cluster;
-5. compare the runs and the two reward models (launch/compare_runs.py) and print the report's path.
+6. compare the runs and the two reward models (launch/compare_runs.py) and print the report's path.
 `--quick` shortens every stage (a smoke run of the whole path, a few minutes).
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/demo.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from launch.jrm_shapeedit import OBJECTIVES
 from reward.config import HelpFormatter
 from reward.shapeedit import SPLITS, GenerateConfig, generate
 from reward.shapeedit.sheet import contact_sheet
@@ -92,7 +96,56 @@ def doing_nothing(data_dir: Path, split: str, limit: int) -> dict:
     return {k: round(sum(getattr(j, k) for j in judged) / len(judged), 4) for k in ("overall", "following", "consistency", "quality")}
 
 
-def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, num_eval: int) -> None:
+def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str], prompts: int, group_size: int, sampler_overrides: list[str]) -> dict:
+    """How well each reward model ranks the policy's own edits, the only thing GRPO's advantages use.
+
+    The pretrained policy draws `group_size` edits for each of `prompts` val prompts with the GRPO preset's
+    sampler; within each group, each reward model's scores are compared with the oracle's: the mean Spearman
+    correlation over groups whose edits the oracle tells apart, and the oracle gain of keeping the edit the
+    reward model ranks first over the group's mean (the oracle's own best: `oracle_best_gain`).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from launch.pretrain_policy import load_eval_prompts
+    from policies.shapeedit import ShapeEditPolicy
+    from reward.config import load_config
+    from reward.shapeedit import judge_image
+    from rl.config import RLConfig
+    from rl.rewards import build_reward
+
+    sampler = load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", sampler_overrides).policy.sampler
+    policy = ShapeEditPolicy.from_pretrained(policy_dir)
+    rows = load_eval_prompts(data_dir, "val", prompts, policy.height)
+    sources = [r["source"] for r in rows for _ in range(group_size)]
+    instructions = [r["instruction"] for r in rows for _ in range(group_size)]
+    edits = []
+    for i in range(0, len(sources), 64):
+        rollout = policy.sample(sources[i : i + 64], instructions[i : i + 64], sampler, torch.Generator().manual_seed(i))
+        edits += [Image.fromarray(e.permute(1, 2, 0).numpy()) for e in rollout.edited_images]
+    gold = np.array([judge_image(rows[k // group_size]["scene"], rows[k // group_size]["edits"], e).overall for k, e in enumerate(edits)])
+    gold = gold.reshape(len(rows), group_size)
+
+    def ranks(x):
+        return np.argsort(np.argsort(x, axis=1), axis=1).astype(float)
+
+    result = {"prompts": len(rows), "group_size": group_size, "gold_spread": round(float(gold.std(axis=1).mean()), 4),
+              "oracle_best_gain": round(float((gold.max(axis=1) - gold.mean(axis=1)).mean()), 4), "models": {}}
+    for label, spec in rewards.items():
+        model = build_reward(spec)
+        scores = torch.cat([model.score(sources[i : i + 64], instructions[i : i + 64], edits[i : i + 64]) for i in range(0, len(edits), 64)])
+        scores = scores.float().numpy().reshape(len(rows), group_size)
+        usable = (gold.std(axis=1) > 1e-4) & (scores.std(axis=1) > 0)
+        rg, rs = ranks(gold[usable]), ranks(scores[usable])
+        rho = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(rg, rs)]
+        picked = gold[np.arange(len(rows)), scores.argmax(axis=1)]
+        result["models"][label] = {"spearman": round(float(np.mean(rho)), 4) if rho else None, "groups": int(usable.sum()),
+                                   "best_gain": round(float((picked - gold.mean(axis=1)).mean()), 4)}
+    return result
+
+
+def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, num_eval: int, agreement: dict) -> None:
     """docs/results/rl_shapeedit.json: doing nothing and the pretrained policy (oracle, val and test_heldout), every
     GRPO run's held-out gold and proxy curves with its verdict, and the gold difference between the reward models."""
     pretrained = json.loads((policy / "results.json").read_text())
@@ -113,6 +166,7 @@ def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, nu
         "runs": runs,
         "difference": {k: differences[0][k] for k in ("labels", "step", "mean", "ci_low", "ci_high", "seeds", "prompts", "seeds_to_resolve", "sentence")} if differences else None,
         "gains": {label: [round(run["gold"][-1] - run["gold"][0], 4) for run in runs if run["label"] == label] for label in dict.fromkeys(r["label"] for r in runs)},
+        "agreement": agreement,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -140,6 +194,19 @@ def rl_markdown(results: dict) -> str:
         lines.append(
             f"| {run['label']} | {run['seed']} | {run['gold'][0]:.3f} | {run['gold'][-1]:.3f} ({run['steps'][-1]}) | {gain:+.3f} | {max(run['gold']):.3f} | {run['verdict']} | {flat} |"
         )
+    agreement = results.get("agreement")
+    if agreement:
+        lines += [
+            "",
+            f"How each reward model ranks the pretrained policy's own edits ({agreement['prompts']} val prompts x {agreement['group_size']} drawn edits, "
+            f"oracle spread within a group {agreement['gold_spread']:.3f}; keeping the oracle's best edit of each group gains {agreement['oracle_best_gain']:+.3f}):",
+            "",
+            "| reward model | Spearman with the oracle within a group | groups | oracle gain of its top-ranked edit |",
+            "| --- | --- | --- | --- |",
+        ]
+        for label, m in agreement["models"].items():
+            rho = "–" if m["spearman"] is None else f"{m['spearman']:+.3f}"
+            lines.append(f"| {label} | {rho} | {m['groups']} | {m['best_gain']:+.3f} |")
     difference = results["difference"]
     if difference:
         lines += ["", f"Final held-out gold, bootstrap over seeds and, paired, the {difference['prompts']} prompts: **{difference['sentence']}**"]
@@ -171,16 +238,23 @@ def main(argv: list[str] | None = None) -> int:
     print(summarise(data_dir))
     sheet = contact_sheet(data_dir, "train", rows=8, out=out / "contact_sheet.png")
 
-    # ---- 2. the reward models: JRM and its alpha = 0 ablation -----------------------------------------------
-    # Same data, steps and seed; every checkpoint is kept for the drift analysis of the report.
-    rewards = {"JRM": (out / "jrm", 1 / 3), "alpha0": (out / "alpha0", 0.0)}
+    # ---- 2. the reward models: the grounded JRM and its lambda = 0 ablation, from one pretrained backbone ---------
+    # Same backbone, data, steps and seed; every checkpoint is kept for the drift analysis of the report.
+    rewards = {"JRM": out / "jrm", "lambda0": out / "lambda0"}
+    backbone = out / "backbone"
+    start = time.perf_counter()
+    if backbone.exists():  # every stage starts from scratch (a backbone of other settings would be refused)
+        shutil.rmtree(backbone)
+    run([py, "-m", "reward.pretrain_backbone", f"output_dir={backbone}", f"seed={args.seed}", f"trainer.max_steps={100 if args.quick else 1200}", "trainer.disable_tqdm=true"])
+    timings["backbone"] = time.perf_counter() - start
     steps = 100 if args.quick else 1000
-    for name, (folder, alpha) in rewards.items():
+    for name, folder in rewards.items():
         start = time.perf_counter()
         if folder.exists():  # checkpoints of an earlier demo would mix into the drift analysis
             shutil.rmtree(folder)
-        run([py, "reward/train.py", f"output_dir={folder}", "resume=none", f"seed={args.seed}", f"loss.alpha={alpha!r}", f"data.train={data_dir / 'train.json'}",
-             f"data.eval={data_dir / 'val.json'}", f"trainer.max_steps={steps}", f"trainer.eval_steps={steps // 4}", f"trainer.save_steps={steps // 5}", "trainer.save_total_limit=12"])
+        run([py, "reward/train.py", f"output_dir={folder}", "resume=none", f"seed={args.seed}", f"model.backbone={backbone}", *OBJECTIVES[name.lower()],
+             f"data.train={data_dir / 'train.json'}", f"data.eval={data_dir / 'val.json'}", f"trainer.max_steps={steps}", f"trainer.eval_steps={steps // 4}",
+             f"trainer.save_steps={steps // 5}", "trainer.save_total_limit=12"])
         timings[f"reward model {name}"] = time.perf_counter() - start
 
     # ---- 3. the policy: supervised flow matching ---------------------------------------------------------
@@ -190,13 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     run([py, "launch/pretrain_policy.py", f"output_dir={policy}", f"data_dir={data_dir}", f"seed={args.seed}", f"max_minutes={minutes}", "num_eval=64", *(["max_steps=300"] if args.quick else [])])
     timings["policy"] = time.perf_counter() - start
 
-    # ---- 4. GRPO as Ray jobs: each reward model x each seed ------------------------------------------------
+    # ---- 4. how each reward model ranks the policy's own edits -------------------------------------------------
+    start = time.perf_counter()
+    agreement = ranking_agreement(policy, data_dir, {"oracle": f"oracle:{data_dir}", **{n: f"jrm:{f / 'final'}" for n, f in rewards.items()}},
+                                  8 if args.quick else 32, 8, [])
+    timings["agreement"] = time.perf_counter() - start
+
+    # ---- 5. GRPO as Ray jobs: each reward model x each seed ------------------------------------------------
     start = time.perf_counter()
     grpo_runs = []
     if (out / "grpo").exists():
         shutil.rmtree(out / "grpo")
     with RayCluster() as cluster:
-        for name, (folder, _) in rewards.items():
+        for name, folder in rewards.items():
             for seed in range(args.seeds):
                 run_dir = out / "grpo" / f"{name}-seed{seed}"
                 overrides = [f"output_dir={run_dir}", f"seed={seed}", f"policy.path={policy}", f"reward.terms=[{{name: {name}, spec: 'jrm:{folder / 'final'}', micro_batch_size: 64}}]",
@@ -207,15 +287,15 @@ def main(argv: list[str] | None = None) -> int:
                 grpo_runs.append(f"{name}={run_dir}")
     timings["grpo"] = time.perf_counter() - start
 
-    # ---- 5. the comparison report ------------------------------------------------------------------------------
+    # ---- 6. the comparison report ------------------------------------------------------------------------------
     start = time.perf_counter()
     report = out / "report"
-    run([py, "launch/compare_runs.py", *grpo_runs, "--out", str(report), "--reward-runs", *(f"{name}={folder}" for name, (folder, _) in rewards.items()),
+    run([py, "launch/compare_runs.py", *grpo_runs, "--out", str(report), "--reward-runs", *(f"{name}={folder}" for name, folder in rewards.items()),
          "--probe", str(data_dir / "test_iid.json")])
     timings["report"] = time.perf_counter() - start
     summary = json.loads((report / "summary.json").read_text())
     results = Path(args.results) if args.results else (out / "rl_shapeedit.json" if args.quick else ROOT / "docs" / "results" / "rl_shapeedit.json")
-    write_rl_results(results, data_dir, policy, summary, 16 if args.quick else 64)
+    write_rl_results(results, data_dir, policy, summary, 16 if args.quick else 64, agreement)
     print(f"\nRL results: {results}\n")
     print(rl_markdown(json.loads(results.read_text())))
     print("\nHeld-out prompts (test_heldout, ODE sampling), mean over seeds:")
@@ -226,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nOutputs:")
     print(f"  data          {data_dir}/  (train/val/test_iid/test_heldout .json, *_triples.json, *_prompts.json)")
     print(f"  contact sheet {sheet}")
-    for name, (folder, _) in rewards.items():
+    print(f"  backbone      {backbone}  (pretrain.json)")
+    for name, folder in rewards.items():
         print(f"  {name:<13} {folder / 'final'}  (metrics: {folder / 'metrics.jsonl'})")
     print(f"  policy        {policy}  (results.json)")
     print(f"  GRPO runs     {out / 'grpo'}/*  (metrics.jsonl, eval/*.png, checkpoints/)")

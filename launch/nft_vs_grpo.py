@@ -33,6 +33,9 @@ from rl.config import RLConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # NFT needs no log-probs, so it may sample with a cheaper ODE (nft-ode4: 4 deterministic steps instead of 8 SDE steps).
+GAUSSIAN_SAMPLER = ["policy.sampler.sample_last_step=false", "policy.sampler.gaussian_steps=true"]
+"""Both algorithms on the Gaussian SDE steps, with the most probable category last (the preset's sampler when
+docs/results/nft_vs_grpo.json was measured; GRPO needs them, NFT's ODE variant ignores them)."""
 ALGORITHMS = {
     "grpo": [],
     "nft": ["algo.algo=nft", "algo.nft_terms=2"],
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"output_dir={run_dir}", f"seed={seed}", f"num_steps={args.steps}", "eval_every=5", f"save_every={args.steps}",
                         f"policy.path={policy}", f"reward.terms=[{{name: {reward}, spec: '{spec}'}}]", f"reward.gold=oracle:{data}",
                         f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}",
-                        f"data.num_eval={args.num_eval}", "wandb=false", *extra,
+                        f"data.num_eval={args.num_eval}", "wandb=false", *GAUSSIAN_SAMPLER, *extra,
                     ]
                     if not (run_dir / "checkpoints" / f"step-{args.steps:06d}" / "state.json").is_file():
                         start = time.perf_counter()
