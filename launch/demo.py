@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -100,7 +101,8 @@ def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str],
     """How well each reward model ranks the policy's own edits, the only thing GRPO's advantages use.
 
     The pretrained policy draws `group_size` edits for each of `prompts` val prompts with the GRPO preset's
-    sampler; within each group, each reward model's scores are compared with the oracle's: the mean Spearman
+    sampler (and, for the share of groups whose edits are all identical, with Gaussian steps and the most
+    probable category last, the sampler before the drawn last step); within each group, each reward model's scores are compared with the oracle's: the mean Spearman
     correlation over groups whose edits the oracle tells apart, and the oracle gain of keeping the edit the
     reward model ranks first over the group's mean (the oracle's own best: `oracle_best_gain`).
     """
@@ -120,17 +122,24 @@ def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str],
     rows = load_eval_prompts(data_dir, "val", prompts, policy.height)
     sources = [r["source"] for r in rows for _ in range(group_size)]
     instructions = [r["instruction"] for r in rows for _ in range(group_size)]
-    edits = []
-    for i in range(0, len(sources), 64):
-        rollout = policy.sample(sources[i : i + 64], instructions[i : i + 64], sampler, torch.Generator().manual_seed(i))
-        edits += [Image.fromarray(e.permute(1, 2, 0).numpy()) for e in rollout.edited_images]
+
+    def draw(sampler) -> tuple[list, float]:
+        """The edits, and the share of groups whose edits are all identical (no reward spread for GRPO)."""
+        edited = torch.cat([policy.sample(sources[i : i + 64], instructions[i : i + 64], sampler, torch.Generator().manual_seed(i)).edited_images
+                            for i in range(0, len(sources), 64)]).reshape(len(rows), group_size, -1)
+        identical = (edited == edited[:, :1]).all(dim=2).all(dim=1).float().mean().item()
+        return [Image.fromarray(e.reshape(3, policy.height, policy.width).permute(1, 2, 0).numpy()) for e in edited.flatten(0, 1)], identical
+
+    edits, identical = draw(sampler)
+    _, identical_gaussian = draw(dataclasses.replace(sampler, sample_last_step=False, gaussian_steps=True))
     gold = np.array([judge_image(rows[k // group_size]["scene"], rows[k // group_size]["edits"], e).overall for k, e in enumerate(edits)])
     gold = gold.reshape(len(rows), group_size)
 
     def ranks(x):
         return np.argsort(np.argsort(x, axis=1), axis=1).astype(float)
 
-    result = {"prompts": len(rows), "group_size": group_size, "gold_spread": round(float(gold.std(axis=1).mean()), 4),
+    result = {"prompts": len(rows), "group_size": group_size, "identical_groups": round(identical, 4), "identical_groups_gaussian": round(identical_gaussian, 4),
+              "gold_spread": round(float(gold.std(axis=1).mean()), 4),
               "oracle_best_gain": round(float((gold.max(axis=1) - gold.mean(axis=1)).mean()), 4), "models": {}}
     for label, spec in rewards.items():
         model = build_reward(spec)
@@ -155,9 +164,10 @@ def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, nu
         rows = [json.loads(line) for line in (Path(r["path"]) / "metrics.jsonl").read_text().splitlines()]
         evals = [row for row in rows if "eval/gold_score" in row]
         flat = [row["rollout/zero_std_ratio"] for row in rows if "rollout/zero_std_ratio" in row]  # groups GRPO cannot learn from
+        step_s = [row["perf/step_s"] for row in rows if "perf/step_s" in row]
         runs.append({"label": r["label"], "seed": r["seed"], "steps": [row["step"] for row in evals], "gold": [row["eval/gold_score"] for row in evals],
                      "proxy": [row["eval/reward_mean"] for row in evals], "verdict": r["signal"]["verdict"],
-                     "zero_std_ratio": round(sum(flat) / len(flat), 4) if flat else None})
+                     "zero_std_ratio": round(sum(flat) / len(flat), 4) if flat else None, "step_s": round(sum(step_s) / len(step_s), 2) if step_s else None})
     differences = summary["rl"]["differences"]
     result = {
         "doing_nothing": {split: doing_nothing(data_dir, split, num_eval) for split in ("val", "test_heldout")},
@@ -185,21 +195,24 @@ def rl_markdown(results: dict) -> str:
             lines.append(f"| {label} | {split} | " + " | ".join(f"{results[name][split][k]:.3f}" for k in keys) + " |")
     lines += [
         "",
-        "| reward model | seed | gold at step 0 | gold at the end (step) | gain | best gold | verdict | groups without reward spread |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| reward model | seed | gold at step 0 | gold at the end (step) | gain | best gold | verdict | groups without reward spread | s per step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in results["runs"]:
         gain = run["gold"][-1] - run["gold"][0]
         flat = "–" if run.get("zero_std_ratio") is None else f"{run['zero_std_ratio']:.0%}"
+        step_s = "–" if run.get("step_s") is None else f"{run['step_s']:.1f}"
         lines.append(
-            f"| {run['label']} | {run['seed']} | {run['gold'][0]:.3f} | {run['gold'][-1]:.3f} ({run['steps'][-1]}) | {gain:+.3f} | {max(run['gold']):.3f} | {run['verdict']} | {flat} |"
+            f"| {run['label']} | {run['seed']} | {run['gold'][0]:.3f} | {run['gold'][-1]:.3f} ({run['steps'][-1]}) | {gain:+.3f} | {max(run['gold']):.3f} | {run['verdict']} | {flat} | {step_s} |"
         )
     agreement = results.get("agreement")
     if agreement:
         lines += [
             "",
-            f"How each reward model ranks the pretrained policy's own edits ({agreement['prompts']} val prompts x {agreement['group_size']} drawn edits, "
-            f"oracle spread within a group {agreement['gold_spread']:.3f}; keeping the oracle's best edit of each group gains {agreement['oracle_best_gain']:+.3f}):",
+            f"How each reward model ranks the pretrained policy's own edits ({agreement['prompts']} val prompts x {agreement['group_size']} drawn edits; "
+            f"groups whose edits are all identical: {agreement['identical_groups']:.0%}, against {agreement['identical_groups_gaussian']:.0%} with Gaussian steps and "
+            f"the most probable category last; oracle spread within a group {agreement['gold_spread']:.3f}; keeping the oracle's best edit of each group gains "
+            f"{agreement['oracle_best_gain']:+.3f}):",
             "",
             "| reward model | Spearman with the oracle within a group | groups | oracle gain of its top-ranked edit |",
             "| --- | --- | --- | --- |",
