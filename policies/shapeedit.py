@@ -489,8 +489,8 @@ class ShapeEditPolicy:
         stochastic = rollout.stochastic[:, step]
         s, s_next = float(rollout.sigmas[step]), float(rollout.sigmas[step + 1])
         x, chosen = rollout.latents[:, step], rollout.latents[:, step + 1]
-        if self._categorical(sampler, step):
-            out = self._palette_step(x, s, rollout.condition, sampler, draw=bool(stochastic.any()), chosen=chosen)
+        if self._categorical(sampler, step) and bool(stochastic.any()):  # a drawn last step; undrawn, the Euler step's mean
+            out = self._palette_step(x, s, rollout.condition, sampler, draw=True, chosen=chosen)
         else:
             v = self._guided_velocity(x, s, rollout.condition, sampler.guidance_scale)
             noise = sampler.noise_level if bool(stochastic.any()) else 0.0
@@ -529,10 +529,11 @@ class ShapeEditPolicy:
         uncond + w (cond - uncond).
 
         draw=False: the most probable category, log-prob 0 (deterministic; evaluation). draw=True (the sampler's
-        sample_last_step, noise_level > 0): each pixel's category drawn from softmax(logits / sampler.temperature)
-        (Gumbel-max, with `generator`); its log-prob is the image's categorical log-likelihood averaged over pixels (a pixel's
-        probability sums the categories that give its colour: keeping a red source pixel and painting it red
-        are one outcome), so a stored edit (`chosen`) is scored without knowing which category drew it.
+        sample_last_step, noise_level > 0): each pixel's category drawn from softmax(logits / temperature)
+        (Gumbel-max, with `generator`); its log-prob is the image's categorical log-likelihood averaged over
+        pixels (a pixel's probability sums the categories that give its colour: keeping a red source pixel and
+        painting it red are one outcome), so a stored edit (`chosen`) is scored without knowing which category
+        drew it.
         """
         logits = self._guided(lambda *inputs: self.predict(*inputs)[1], x, sigma, c, sampler.guidance_scale).float()
         log_p = (logits / sampler.temperature).log_softmax(dim=1)  # (B, 1 + K, H, W)

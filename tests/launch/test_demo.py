@@ -1,0 +1,27 @@
+"""launch/demo.py's ranking-agreement stage on a tiny policy and a tiny ShapeEdit set: the oracle ranks its own
+judgements perfectly, and the drawn last step gives every group spread where an unsure policy's most probable
+category gives none."""
+
+import dataclasses
+
+import pytest
+
+from launch.demo import ranking_agreement
+from policies.shapeedit import ShapeEditPolicy
+from reward.shapeedit import GenerateConfig, generate
+from tests.policies.test_shapeedit_policy import TINY, perturb
+
+
+def test_the_oracle_agrees_with_itself_and_draws_spread_the_groups(tmp_path):
+    data = tmp_path / "data"
+    generate(GenerateConfig(out=str(data), pairs=80, seed=0, val_fraction=0.2), progress=False)
+    instructions = [row["instruction"] for row in __import__("json").loads((data / "val_prompts.json").read_text())]
+    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, image_size=32), instructions, seed=0)
+    perturb(policy.transformer, scale=0.5)  # an unsure classifier
+    policy.save_pretrained(tmp_path / "policy")
+    result = ranking_agreement(tmp_path / "policy", data, {"oracle": f"oracle:{data}", "preservation": "preservation"}, prompts=4, group_size=4, sampler_overrides=[])
+    assert result["prompts"] == 4 and result["group_size"] == 4 and set(result["models"]) == {"oracle", "preservation"}
+    assert result["identical_groups"] == 0.0 and 0.0 <= result["identical_groups_gaussian"] <= 1.0
+    oracle = result["models"]["oracle"]
+    assert oracle["groups"] >= 1 and oracle["spearman"] == pytest.approx(1.0, abs=0.05)
+    assert oracle["best_gain"] == result["oracle_best_gain"] >= 0  # ranking by the oracle keeps each group's best edit
