@@ -3,9 +3,11 @@ hacking verdicts, with the oracle and with a JRM as reward, over several seeds.
 
     python launch/nft_vs_grpo.py [--seeds 3] [--steps 20] [--data runs/jrm_shapeedit/data] \
         [--jrm runs/jrm_shapeedit/jrm_seed0/final] [--out runs/nft_vs_grpo] [--json docs/results/nft_vs_grpo.json]
+    python launch/nft_vs_grpo.py --data runs/demo/data --policy runs/demo/policy --rewards oracle \
+        --algorithms grpo,nft --sampler preset --out runs/oracle_control --json docs/results/oracle_control.json
 
 Same pretrained policy (made here by launch/pretrain_policy.py when --policy is not given), same prompts,
-same sampler (the SDE of launch/configs/shapeedit.yaml), same steps; each run is one `rl.loop.train` on a
+same sampler (`--sampler`: the Gaussian SDE steps, or the preset's drawn last step), same steps; each run is one `rl.loop.train` on a
 local Ray cluster, the runs one after another (NFT and GRPO alternate, so a slower machine hurts both).
 Seconds are the run's own: the sum of its steps' and evaluations' wall-clock (actor start-up excluded).
 Writes the JSON (per run: label, algorithm, reward, seed, steps, seconds, gold, proxy, verdict; and per
@@ -26,7 +28,7 @@ if __package__ in (None, ""):  # run as `python launch/nft_vs_grpo.py`
 
 import numpy as np  # noqa: E402
 
-from launch.benchmarking import command_line, machine, table  # noqa: E402
+from launch.benchmarking import comma_list, command_line, machine, table  # noqa: E402
 from reward.config import HelpFormatter, load_config  # noqa: E402
 from rl.compare import load_run, run_signal  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
@@ -121,7 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-eval", type=int, default=32, help="held-out prompts per evaluation (default 32)")
     parser.add_argument("--out", default="runs/nft_vs_grpo", help="where the runs go")
     parser.add_argument("--json", default="docs/results/nft_vs_grpo.json", help="the results JSON (a PNG figure goes next to it)")
+    parser.add_argument("--rewards", default="oracle,jrm", help="which rewards, comma-separated: oracle, jrm")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help=f"which algorithms, comma-separated, grpo among them: {', '.join(ALGORITHMS)}")
+    parser.add_argument("--sampler", default="gaussian", choices=("gaussian", "preset"),
+                        help="gaussian: 8 Gaussian SDE steps and the most probable category last (what docs/results/nft_vs_grpo.json was measured with); "
+                             "preset: launch/configs/shapeedit.yaml's own (the palette's drawn last step)")
     args = parser.parse_args(argv)
+    chosen_rewards = comma_list(parser, "--rewards", args.rewards, ("oracle", "jrm"))
+    algorithms = {name: ALGORITHMS[name] for name in comma_list(parser, "--algorithms", args.algorithms, ALGORITHMS)}
+    if "grpo" not in algorithms:
+        parser.error("--algorithms: grpo is the baseline the others are compared with; keep it in the list")
     out, data = Path(args.out), Path(args.data)
     policy = Path(args.policy) if args.policy else out / "policy"
     if not (policy / "policy.json").is_file() and not args.policy:
@@ -132,18 +143,19 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
-    rewards = {"oracle": f"oracle:{data}", "jrm": f"jrm:{args.jrm}"}
+    rewards = {name: spec for name, spec in {"oracle": f"oracle:{data}", "jrm": f"jrm:{args.jrm}"}.items() if name in chosen_rewards}
+    sampler = GAUSSIAN_SAMPLER if args.sampler == "gaussian" else []
     runs = []
     try:
         for reward, spec in rewards.items():
             for seed in range(args.seeds):
-                for algorithm, extra in ALGORITHMS.items():
+                for algorithm, extra in algorithms.items():
                     run_dir = out / f"{reward}-{algorithm}-seed{seed}"
                     overrides = [
                         f"output_dir={run_dir}", f"seed={seed}", f"num_steps={args.steps}", "eval_every=5", f"save_every={args.steps}",
                         f"policy.path={policy}", f"reward.terms=[{{name: {reward}, spec: '{spec}'}}]", f"reward.gold=oracle:{data}",
                         f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}",
-                        f"data.num_eval={args.num_eval}", "wandb=false", *GAUSSIAN_SAMPLER, *extra,
+                        f"data.num_eval={args.num_eval}", "wandb=false", *sampler, *extra,
                     ]
                     if not (run_dir / "checkpoints" / f"step-{args.steps:06d}" / "state.json").is_file():
                         start = time.perf_counter()
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     for reward in rewards:
         best_grpo = float(np.mean([max(r["gold"]) for r in runs if r["reward"] == reward and r["algorithm"] == "grpo"]))
-        for algorithm in ALGORITHMS:
+        for algorithm in algorithms:
             group = [r for r in runs if r["reward"] == reward and r["algorithm"] == algorithm]
             times = [time_to(r, best_grpo) for r in group]
             summary.append({
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = {"seeds": args.seeds, "steps": args.steps, "data": str(data), "jrm": args.jrm, "policy": str(policy), "num_eval": args.num_eval,
-                "config": "launch/configs/shapeedit.yaml", "algorithms": ALGORITHMS}
+                "config": "launch/configs/shapeedit.yaml", "algorithms": algorithms, "sampler": args.sampler}
     report = {"command": command_line(__file__, argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
               "settings": settings, "summary": summary, "runs": runs}
     path.write_text(json.dumps(report, indent=1))

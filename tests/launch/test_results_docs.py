@@ -72,6 +72,19 @@ def test_nft_vs_grpo_tables_equal_their_json():
     assert {(r["algorithm"], r["reward"]) for r in report["runs"]} >= {(a, w) for a in ("grpo", "nft") for w in ("oracle", "jrm")}
 
 
+def test_the_oracle_control_table_equals_its_json():
+    """docs/results.md's oracle-reward control of the demo's policy is launch/nft_vs_grpo.py's `markdown` of
+    docs/results/oracle_control.json, run with the preset's sampler, 3 seeds per algorithm."""
+    from launch.nft_vs_grpo import markdown as nft_markdown
+
+    path = ROOT / "docs" / "results" / "oracle_control.json"
+    if not path.is_file():
+        pytest.skip(f"{path.name} not committed")
+    report = json.loads(path.read_text())
+    assert nft_markdown(report) in DOC.read_text(), f"docs/results.md's oracle control table differs from {path.name}"
+    assert report["settings"]["sampler"] == "preset" and all(g["reward"] == "oracle" and g["runs"] >= 3 for g in report["summary"])
+
+
 def test_the_rl_tables_equal_the_demos_json():
     """docs/results.md's RL tables are launch/demo.py's rl_markdown of docs/results/rl_shapeedit.json, which holds
     what the issue asked for: doing nothing and the pretrained policy per split, >= 3 seeds per reward model."""
