@@ -155,12 +155,11 @@ def test_zero3_on_two_ranks_equals_zero2_and_resumes_exactly(setup, whole, tmp_p
     _same_metrics(resumed, full)
 
 
-@pytest.mark.parametrize("gaussian_steps", [True, False])
-def test_grpo_trains_a_drawn_last_step(setup, tmp_path, gaussian_steps):
-    """sample_last_step: the learner trains the categorical last step (with the Gaussian ones, or alone), its KL
-    to the reference is the categorical one, and groups get reward spread from the draws."""
+def test_grpo_trains_a_drawn_last_step(setup, tmp_path):
+    """sample_last_step with the Gaussian steps: the learner trains them and the categorical last step (one more
+    loss term per micro-batch), its KL to the reference is the categorical one, and groups get reward spread."""
     out = tmp_path / "categorical"
-    extra = ["policy.sampler.sample_last_step=true", f"policy.sampler.gaussian_steps={str(gaussian_steps).lower()}"]
+    extra = ["policy.sampler.sample_last_step=true", "policy.sampler.gaussian_steps=true"]
     train(load_config(RLConfig, None, overrides(setup, out, *extra, "num_steps=1", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1")))
     row = next(r for r in metrics(out) if "train/kl" in r)
     assert np.isfinite(row["train/kl"]) and row["train/kl"] >= 0 and row["rollout/zero_std_ratio"] < 1
