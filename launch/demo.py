@@ -97,14 +97,16 @@ def doing_nothing(data_dir: Path, split: str, limit: int) -> dict:
     return {k: round(sum(getattr(j, k) for j in judged) / len(judged), 4) for k in ("overall", "following", "consistency", "quality")}
 
 
-def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str], prompts: int, group_size: int, sampler_overrides: list[str]) -> dict:
+def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str], prompts: int, group_size: int) -> dict:
     """How well each reward model ranks the policy's own edits, the only thing GRPO's advantages use.
 
     The pretrained policy draws `group_size` edits for each of `prompts` val prompts with the GRPO preset's
     sampler (and, for the share of groups whose edits are all identical, with Gaussian steps and the most
-    probable category last, the sampler before the drawn last step); within each group, each reward model's scores are compared with the oracle's: the mean Spearman
-    correlation over groups whose edits the oracle tells apart, and the oracle gain of keeping the edit the
-    reward model ranks first over the group's mean (the oracle's own best: `oracle_best_gain`).
+    probable category last, the sampler before the drawn last step). Within each group, each reward model's
+    scores are compared with the oracle's: the mean Spearman correlation over groups whose edits the oracle
+    tells apart, and the oracle gain of keeping the edit the reward model ranks first over the group's mean
+    (the oracle's own best: `oracle_best_gain`). The oracle knows the data's renders only: the policy must
+    edit at the data's size.
     """
     import numpy as np
     import torch
@@ -117,7 +119,7 @@ def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str],
     from rl.config import RLConfig
     from rl.rewards import build_reward
 
-    sampler = load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", sampler_overrides).policy.sampler
+    sampler = load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", []).policy.sampler
     policy = ShapeEditPolicy.from_pretrained(policy_dir)
     rows = load_eval_prompts(data_dir, "val", prompts, policy.height)
     sources = [r["source"] for r in rows for _ in range(group_size)]
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 4. how each reward model ranks the policy's own edits -------------------------------------------------
     start = time.perf_counter()
     agreement = ranking_agreement(policy, data_dir, {"oracle": f"oracle:{data_dir}", **{n: f"jrm:{f / 'final'}" for n, f in rewards.items()}},
-                                  8 if args.quick else 32, 8, [])
+                                  8 if args.quick else 32, 8)
     timings["agreement"] = time.perf_counter() - start
 
     # ---- 5. GRPO as Ray jobs: each reward model x each seed ------------------------------------------------

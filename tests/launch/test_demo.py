@@ -19,7 +19,7 @@ def test_the_oracle_agrees_with_itself_and_draws_spread_the_groups(tmp_path):
     policy = ShapeEditPolicy.build(dataclasses.replace(TINY, image_size=64), instructions, seed=0)  # the data's size: the oracle knows its renders
     perturb(policy.transformer, scale=0.5)  # an unsure classifier
     policy.save_pretrained(tmp_path / "policy")
-    result = ranking_agreement(tmp_path / "policy", data, {"oracle": f"oracle:{data}", "preservation": "preservation"}, prompts=4, group_size=4, sampler_overrides=[])
+    result = ranking_agreement(tmp_path / "policy", data, {"oracle": f"oracle:{data}", "preservation": "preservation"}, prompts=4, group_size=4)
     assert result["prompts"] == 4 and result["group_size"] == 4 and set(result["models"]) == {"oracle", "preservation"}
     assert result["identical_groups"] == 0.0 and 0.0 <= result["identical_groups_gaussian"] <= 1.0
     oracle = result["models"]["oracle"]
