@@ -7,8 +7,8 @@ hacking verdicts, with the oracle and with a JRM as reward, over several seeds.
         --algorithms grpo,nft --sampler preset --out runs/oracle_control --json docs/results/oracle_control.json
 
 Same pretrained policy (made here by launch/pretrain_policy.py when --policy is not given), same prompts,
-same sampler (`--sampler`: the Gaussian SDE steps, or the preset's drawn last step), same steps; each run is one `rl.loop.train` on a
-local Ray cluster, the runs one after another (NFT and GRPO alternate, so a slower machine hurts both).
+same sampler (`--sampler`: the Gaussian SDE steps, or the preset's drawn last step), same steps; each run
+is one `rl.loop.train` on a local Ray cluster, the runs one after another (NFT and GRPO alternate, so a slower machine hurts both).
 Seconds are the run's own: the sum of its steps' and evaluations' wall-clock (actor start-up excluded).
 Writes the JSON (per run: label, algorithm, reward, seed, steps, seconds, gold, proxy, verdict; and per
 algorithm and reward the mean best gold, time to a gold threshold and verdicts) and a figure next to it.

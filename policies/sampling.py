@@ -56,7 +56,7 @@ class SamplerConfig:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not self.gaussian_steps and not self.sample_last_step:
-            raise ValueError("gaussian_steps=false leaves no stochastic step unless sample_last_step is true")
+            raise ValueError("gaussian_steps=false leaves no stochastic step to train: set sample_last_step=true (a palette policy) or gaussian_steps=true")
         if self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
 
@@ -95,10 +95,6 @@ def refuse_categorical(cfg: SamplerConfig, model: str) -> None:
 
 
 def num_stochastic_steps(cfg: SamplerConfig) -> int:
-    """How many steps stochastic_steps marks: the loss terms of one rollout for the likelihood-based learners."""
-    if cfg.noise_level == 0:
-        return 0
-    if not cfg.gaussian_steps:
-        return int(cfg.sample_last_step)
-    steps = cfg.sde_window_size or max(cfg.num_steps - 1, 1)
-    return steps + int(cfg.sample_last_step and cfg.num_steps > 1)  # with one step, that step is the last
+    """How many steps stochastic_steps marks (the same for every window start): the loss terms of one rollout
+    for the likelihood-based learners. A private generator leaves the global RNG alone."""
+    return int(stochastic_steps(cfg, torch.Generator().manual_seed(0)).sum())

@@ -3,6 +3,7 @@ judgements perfectly, and the drawn last step gives every group spread where an 
 category gives none."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.policies.test_shapeedit_policy import TINY, perturb
 def test_the_oracle_agrees_with_itself_and_draws_spread_the_groups(tmp_path):
     data = tmp_path / "data"
     generate(GenerateConfig(out=str(data), pairs=160, seed=0, val_fraction=0.2), progress=False)
-    instructions = [row["instruction"] for row in __import__("json").loads((data / "val_prompts.json").read_text())]
+    instructions = [row["instruction"] for row in json.loads((data / "val_prompts.json").read_text())]
     policy = ShapeEditPolicy.build(dataclasses.replace(TINY, image_size=64), instructions, seed=0)  # the data's size: the oracle knows its renders
     perturb(policy.transformer, scale=0.5)  # an unsure classifier
     policy.save_pretrained(tmp_path / "policy")

@@ -101,5 +101,5 @@ def test_a_sampled_last_step_is_stochastic_and_counted():
                     assert int(mask.sum()) == num_stochastic_steps(cfg), cfg
     with pytest.raises(ValueError, match="temperature must be > 0"):
         SamplerConfig(temperature=0.0)
-    with pytest.raises(ValueError, match="gaussian_steps=false leaves no stochastic step"):
+    with pytest.raises(ValueError, match="gaussian_steps=false leaves no stochastic step to train"):
         SamplerConfig(gaussian_steps=False)
