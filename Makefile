@@ -1,20 +1,22 @@
-# Two commands do all the set-up: `make demo` and `make test`. Both create .venv when it is missing.
+# Two commands do all the set-up: `make demo` and `make test`. Both create .venv when it is missing, with the
+# exact versions in constraints.txt (the ones the suite passed with); `make test-latest` tries the newest releases.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LATEST := .venv-latest
 # CPU build of torch first, so that nothing pulls the multi-GB CUDA build. GPU users: see README.
 TORCH_SPEC ?= torch==2.13.0
 
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: demo test install clean
+.PHONY: demo test install test-latest lock clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -25,5 +27,19 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
+# A maintainer's check before refreshing the lock: the newest releases pyproject.toml admits, in their own venv.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/python -m pytest -q tests $(ARGS)
+
+# Rewrite constraints.txt from .venv-latest (after test-latest passed); then `make test` installs the new lock.
+lock:
+	head -n 3 constraints.txt > constraints.new
+	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' >> constraints.new
+	mv constraints.new constraints.txt
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST) runs
