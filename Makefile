@@ -32,7 +32,7 @@ test-latest:
 	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH_SPEC)" -e ".[dev]"
 	$(LATEST)/bin/python -m pytest -q tests $(ARGS)
 
 # Rewrite constraints.txt from .venv-latest (after test-latest passed); then `make test` installs the new lock.

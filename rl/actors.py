@@ -220,8 +220,7 @@ def in_process_actors(cfg: RLConfig) -> Iterator[ActorSet]:
     try:
         yield ActorSet([LocalHandle(worker)], [LocalHandle(learner)], [LocalHandle(reward)], [client], placements, local_get, [""])
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        learner.close()
 
 
 # ---- the Ray topology -----------------------------------------------------------------------------------------------

@@ -192,6 +192,16 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality: Tensor,
     return loss, stats
 
 
+def nft_kl(v_theta: Tensor, v_ref: Tensor, sigma: float) -> Tensor:
+    """NFT's penalty for leaving the reference policy: sigma^2 mean ||v_theta - v_ref||^2, the mean squared
+    distance of the two clean-edit estimates x0 = x - sigma v at the same x_sigma. Scaled by sigma^2 like
+    NFT's main term, so a low noise level (0.001) does not weigh a million times more than sigma = 1.
+
+    Args: v_theta (B, ...) with grad; v_ref (B, ...) the reference's velocity at the same input. Returns a scalar.
+    """
+    return sigma**2 * ((v_theta - v_ref) ** 2).mean()
+
+
 # ---- the algorithms behind one seam --------------------------------------------------------------------------
 #
 # The driver (rl/loop.py) turns a step's rewards into per-row targets with `targets()`. Each learner rank calls
@@ -346,10 +356,10 @@ class NFT:
         # it the smallest noise levels of a schedule (0.001) weigh a million times more than sigma = 1
         loss = sigma**2 * loss.mean()
         row = {k: sigma**2 * v for k, v in asdict(stats).items()}
-        if self.cfg.kl_beta > 0:  # squared velocity distance to the reference policy (adapters off)
+        if self.cfg.kl_beta > 0:  # distance to the reference policy (adapters off), on the loss's clean-image scale
             with torch.no_grad(), policy.reference():
                 v_ref = policy.flow_velocity(rollout, x, sigma).float()
-            kl = ((v_theta - v_ref) ** 2).mean()
+            kl = nft_kl(v_theta, v_ref, sigma)
             loss = loss + self.cfg.kl_beta * kl
             row["kl"] = kl.item()
         return loss, row

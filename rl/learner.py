@@ -12,6 +12,7 @@ steps and ranks (gloo on CPU, NCCL on GPU).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 from pathlib import Path
@@ -116,7 +117,8 @@ class Learner:
         targets = [MicroTargets(t.values.to(device), t.seed) for t in targets]
         prepared = self.algorithm.prepare(self.policy, rollouts, targets)
         sums: dict[str, float] = {}
-        count = nonfinite = 0
+        count = nonfinite = skipped = 0
+        grad_norms = []
         ratio_min, ratio_max = float("inf"), float("-inf")
         for i, mb in enumerate(rollouts):
             terms = self.algorithm.terms(mb)
@@ -127,13 +129,22 @@ class Learner:
                 # accumulation micro-steps here, and without it ZeRO-3 keeps only the last micro-step's gradient
                 self.engine.optimizer.clear_backward_seen_flag()
                 loss, row = self.algorithm.loss(self.policy, mb, prepared[i], term)
-                if not torch.isfinite(loss):
-                    # keep every rank's backward/step sequence intact: a zero loss on the same parameters
-                    nonfinite += 1
-                    loss = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
-                row["loss"] = loss.item()
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                # The NaN guard: a non-finite loss goes through backward like any other, so every rank makes the
+                # same collectives (ZeRO-3 reduces gradients inside backward); its gradient makes the global
+                # gradient norm, reduced over the ranks, non-finite, and DeepSpeed then skips this optimizer step
+                # on every rank and clears the accumulated gradients. The next minibatch starts clean.
                 self.engine.backward(loss)
                 self.engine.step()
+                if boundary:
+                    if self.engine.was_step_applied():
+                        grad_norms.append(float(self.engine.get_global_grad_norm()))
+                    else:
+                        skipped += 1
+                if not torch.isfinite(loss):
+                    nonfinite += 1
+                    continue
+                row["loss"] = loss.item()
                 if "ratio_min" in row:
                     ratio_min, ratio_max = min(ratio_min, row.pop("ratio_min")), max(ratio_max, row.pop("ratio_max"))
                 for k, v in row.items():
@@ -142,9 +153,10 @@ class Learner:
         out = {f"train/{k}": v / count for k, v in sums.items()}
         if ratio_min <= ratio_max:
             out["train/ratio_min"], out["train/ratio_max"] = ratio_min, ratio_max
-        out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0  # over the optimizer steps taken
         out["train/lr"] = self.engine.optimizer.param_groups[0]["lr"]
         out["train/nonfinite_losses"] = nonfinite
+        out["train/skipped_updates"] = skipped
         out["perf/learn_s"] = time.perf_counter() - start  # the fetch and the training, inside this rank
         out["perf/fetched_bytes"] = fetched_bytes
         return out
@@ -188,3 +200,12 @@ class Learner:
     def barrier(self) -> int:
         torch.distributed.barrier()
         return self.rank
+
+    def close(self) -> None:
+        """Free the engine and leave the process group, through DeepSpeed, which also drops the groups it cached
+        (a learner made later in this process, as in a test, then starts a fresh group)."""
+        import deepspeed
+
+        del self.engine
+        gc.collect()
+        deepspeed.comm.destroy_process_group()

@@ -244,11 +244,12 @@ class Run:
     def log_step(self, step: int, results: list, stats: list[dict], reward, targets, scored: Scores, times: list[float]) -> None:
         t0, t_rollout, t_update, t_sync = times
         total = reward.total
-        row = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+        keys = dict.fromkeys(k for s in stats for k in s)  # a rank whose every loss was non-finite has no loss stats
+        row = {k: float(np.mean([s[k] for s in stats if k in s])) for k in keys}
         row["perf/learn_s"] = max(s["perf/learn_s"] for s in stats)  # the slowest rank
         if "train/ratio_min" in row:  # GRPO and PPO
-            row["train/ratio_min"] = min(s["train/ratio_min"] for s in stats)
-            row["train/ratio_max"] = max(s["train/ratio_max"] for s in stats)
+            row["train/ratio_min"] = min(s["train/ratio_min"] for s in stats if "train/ratio_min" in s)
+            row["train/ratio_max"] = max(s["train/ratio_max"] for s in stats if "train/ratio_max" in s)
         row.update(
             {
                 "rollout/reward_mean": total.mean().item(),
@@ -270,12 +271,13 @@ class Run:
         row.update({f"rollout/reward_dropped_groups_{k}": v for k, v in reward.dropped_groups.items() if k in scored.errors})
         row.update(self.reward_batches())
         self.logger.log(step, row)
-        shown = (
-            f"clipfrac {row['train/clipfrac']:.3f} kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}]"
-            if "train/ratio_min" in row
-            else f"drift {row['train/drift']:.2e}"
-        )
-        print(f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} loss {row['train/loss']:.4f} {shown} ({row['perf/step_s']:.1f} s)", flush=True)
+        if "train/loss" not in row:
+            shown = f"every loss non-finite, update skipped ({row['train/nonfinite_losses']:.0f} per rank)"
+        elif "train/ratio_min" in row:
+            shown = f"loss {row['train/loss']:.4f} clipfrac {row['train/clipfrac']:.3f} kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}]"
+        else:
+            shown = f"loss {row['train/loss']:.4f} drift {row['train/drift']:.2e}"
+        print(f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} {shown} ({row['perf/step_s']:.1f} s)", flush=True)
 
 
 def prepare(cfg: RLConfig) -> dict:

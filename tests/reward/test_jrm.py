@@ -79,6 +79,20 @@ def test_lm_loss_equals_the_models_own_labels_loss(jrm, batch):
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
 
 
+def assert_same_state(loaded, model):
+    """A round trip keeps every weight and buffer bit for bit: that much the maths promises."""
+    got, want = loaded.state_dict(), model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def assert_same_scores(got, want):
+    """Equal weights give equal scores up to float32 rounding, not bit for bit: a loader that memory-maps the
+    safetensors file (transformers 5.25) leaves the weights at other alignments, and BLAS then sums in another
+    order (1.2e-7 measured). Bit-for-bit equality holds on the locked versions (constraints.txt) but is not
+    promised by the maths, so it is not asserted."""
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 def test_save_and_load_round_trip_exactly(jrm, batch, tmp_path):
     """A transformers model: config.json of model_type jrm, sharded safetensors with an index, and
     AutoConfig / AutoModel load it (after `import reward`, no trust_remote_code) scoring as JRM.from_pretrained."""
@@ -89,11 +103,14 @@ def test_save_and_load_round_trip_exactly(jrm, batch, tmp_path):
     assert len(shards) > 1 and "model.safetensors.index.json" in files and "tokenizer.json" in files
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["model_type"] == "jrm"
     loaded = JRM.from_pretrained(tmp_path / "ck")
+    assert_same_state(loaded, jrm)
     expected = jrm.score(sources, instructions, edited)
-    assert torch.equal(loaded.score(sources, instructions, edited), expected)
+    assert_same_scores(loaded.score(sources, instructions, edited), expected)
     assert isinstance(AutoConfig.from_pretrained(tmp_path / "ck"), JRMConfig)
     auto = AutoModel.from_pretrained(tmp_path / "ck")
-    assert isinstance(auto, JRM) and torch.equal(auto.score(sources, instructions, edited), expected)
+    assert isinstance(auto, JRM)
+    assert_same_state(auto, jrm)
+    assert_same_scores(auto.score(sources, instructions, edited), expected)
     assert auto.head.weight.dtype == torch.float32
     assert JRM.from_pretrained(tmp_path / "ck", dtype="bfloat16").backbone.dtype == torch.bfloat16
 
@@ -111,7 +128,9 @@ def test_a_hub_id_loads_through_huggingface_hub(jrm, batch, tmp_path, monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert torch.equal(JRM.from_pretrained("acme/jrm-tiny").score(sources, instructions, edited), jrm.score(sources, instructions, edited))
+    loaded = JRM.from_pretrained("acme/jrm-tiny")
+    assert_same_state(loaded, jrm)
+    assert_same_scores(loaded.score(sources, instructions, edited), jrm.score(sources, instructions, edited))
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
         JRM.from_pretrained("acme/not-cached")
 

@@ -9,7 +9,7 @@ from PIL import Image
 from policies.adapters import TrainableConfig
 from policies.sampling import SamplerConfig
 from policies.shapeedit import ShapeEditPolicy
-from rl.algorithms import NFT, MicroTargets, categorical_kl, clipped_surrogate, gaussian_kl, group_advantages, nft_loss, nft_optimality, value_loss
+from rl.algorithms import NFT, MicroTargets, categorical_kl, clipped_surrogate, gaussian_kl, group_advantages, nft_kl, nft_loss, nft_optimality, value_loss
 from rl.config import AlgoConfig
 from tests.policies.test_shapeedit_policy import INSTRUCTIONS, TINY
 
@@ -129,3 +129,33 @@ def test_nft_needs_only_the_edits_and_trains_at_the_sampling_weights():
         assert s1 == s2 and torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(v1, v2)
     loss, row = nft.loss(policy, rollout.final_only(), slim, 0)
     assert row["drift"] == 0.0 and torch.isfinite(loss) and loss.requires_grad
+
+
+def test_nft_kl_is_the_clean_edit_distance_on_the_loss_scale():
+    """sigma^2 ||v_theta - v_ref||^2 = ||x0_theta - x0_ref||^2 (x0 = x - sigma v): at sigma 0.001 a velocity gap
+    costs what the same clean-edit gap costs at sigma 1, and NFT.loss adds exactly kl_beta times it."""
+    v_ref = torch.zeros(2, 3)
+    for sigma in (1.0, 0.001):
+        v_theta = torch.full((2, 3), 0.5 / sigma)  # the clean-edit estimates differ by 0.5 everywhere
+        assert nft_kl(v_theta, v_ref, sigma).item() == pytest.approx(0.25)
+
+    policy = ShapeEditPolicy.build(TINY, INSTRUCTIONS, seed=0, trainable=TrainableConfig(lora_rank=4))
+    with torch.no_grad():  # move the adapters off the reference
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = [Image.new("RGB", (TINY.image_size, TINY.image_size), c) for c in ("red", "blue")]
+    rollout = policy.sample(images, INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0))
+    targets = [MicroTargets(torch.tensor([0.9, 0.2]), seed=7)]
+    cfg = dict(algo="nft", nft_terms=2, group_size=2, prompts_per_step=1, micro_batch_size=2, updates_per_step=1)
+    plain, penalised = NFT(AlgoConfig(**cfg)), NFT(AlgoConfig(**cfg, kl_beta=0.5))
+    prepared = plain.prepare(policy, [rollout], targets)[0]
+    sigma, x, _, _ = prepared[0][0]
+    with torch.no_grad():
+        x0_theta = x - sigma * policy.flow_velocity(rollout, x, sigma)
+        with policy.reference():
+            x0_ref = x - sigma * policy.flow_velocity(rollout, x, sigma)
+    want = ((x0_theta - x0_ref) ** 2).mean().item()
+    loss, _ = plain.loss(policy, rollout, prepared, 0)
+    loss_kl, row = penalised.loss(policy, rollout, prepared, 0)
+    assert want > 0 and row["kl"] == pytest.approx(want, rel=1e-4)
+    assert (loss_kl - loss).item() == pytest.approx(0.5 * want, rel=1e-4)

@@ -1,7 +1,8 @@
 """The whole Ray path on a tiny ShapeEdit setup: on-policy ratio 1, weights move, ZeRO-2 with 2 ranks equals
 1 rank, PPO runs, a reward actor that times out is retried and then stops the run, the local cluster
 listens on loopback only, and real faults (SIGKILL of a rollout worker, the reward actor, a learner, or the
-driver mid-checkpoint) leave the run's metrics equal to the uninterrupted run's."""
+driver mid-checkpoint) leave the run's metrics and weights equal to the uninterrupted run's. Every run compared
+is first checked to have learned (tests/rl/runs.py: a gradient at every step, reward spread, weights moved)."""
 
 import asyncio
 import json
@@ -19,28 +20,18 @@ import psutil
 import pytest
 import ray
 import torch
-from safetensors.torch import load_file
 
-from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig
 from reward.config import load_config
-from reward.shapeedit import GenerateConfig, generate
 from rl import checkpoint
 from rl.config import RLConfig
 from rl.actors import RayRewardClient, RewardUnavailable
-from rl.loop import train
+from rl.algorithms import MicroTargets
+from rl.loop import Run, train
 from rl.workers import build_policy
+from tests.rl.runs import assert_learned, assert_same_metrics, assert_same_weights, metrics, overrides, tiny_data_and_policy, weights
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def tiny_data_and_policy(root: Path) -> Path:
-    """ShapeEdit prompts at 32x32 (root/data) and a random tiny policy for them (root/policy); returns root."""
-    generate(GenerateConfig(out=str(root / "data"), pairs=300, size=32, seed=0), progress=False)
-    rows = json.loads((root / "data" / "train_prompts.json").read_text())
-    cfg = ShapeEditPolicyConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=24)
-    ShapeEditPolicy.build(cfg, [r["instruction"] for r in rows]).save_pretrained(root / "policy")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -52,38 +43,13 @@ def setup(tmp_path_factory):
     ray.shutdown()
 
 
-def overrides(root, out, *extra):
-    data = root / "data"
-    return [
-        f"output_dir={out}", f"policy.path={root / 'policy'}", "policy.height=32", "policy.width=32", "policy.sampler.num_steps=3",
-        "policy.sampler.noise_level=0.9", "policy.lora_rank=4", "policy.eval_steps=3",
-        f"reward.terms=[{{name: oracle, spec: 'oracle:{data}'}}]", f"reward.gold=oracle:{data}",
-        f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}", "data.num_eval=4",
-        "algo.prompts_per_step=2", "algo.group_size=4", "algo.micro_batch_size=4", "algo.updates_per_step=1", "algo.lr=0.01",
-        "num_steps=3", "save_every=1", "eval_every=3", "keep_checkpoints=3", "wandb=false", "cluster.num_rollout_workers=2", *extra,
-    ]
-
-
 @pytest.fixture(scope="module")
 def whole(setup, tmp_path_factory):
     """The uninterrupted 3-step run every fault test must reproduce."""
     out = tmp_path_factory.mktemp("whole")
     train(load_config(RLConfig, None, overrides(setup, out)))
+    assert_learned(out)
     return out
-
-
-def metrics(run):
-    rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(("perf/", "reward/node_"))} for r in rows]  # timings and batching: not reproducible
-
-
-def _same_metrics(got_dir, want_dir):
-    got, want = metrics(got_dir), metrics(want_dir)
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        for k in w:
-            assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), (g["step"], k)
 
 
 def kill_after_first_checkpoint(out: Path, args: list[str]) -> None:
@@ -103,73 +69,114 @@ def kill_after_first_checkpoint(out: Path, args: list[str]) -> None:
     assert not (out / "checkpoints" / "step-000002").exists(), "killed too late: step 2 was already saved"
 
 
-def test_grpo_on_policy_updates_ranks_and_resume(setup, whole, tmp_path):
+def skip_shard_of_rank_1():
+    """The plant for the 2-rank comparison: Run.update as it is, but the micro-batches learner rank 1 takes
+    (every 2nd: Run.update's order) carry zero targets, so with GRPO and kl_beta 0 rank 1 contributes no gradient."""
+    update = Run.update
+
+    def skipping(self, step, micro, targets):
+        return update(self, step, micro, [MicroTargets(t.values * 0, t.seed) if i % 2 else t for i, t in enumerate(targets)])
+
+    return skipping
+
+
+def test_grpo_on_policy_updates_ranks_and_resume(setup, whole, tmp_path, monkeypatch):
     root, a = setup, whole
     rows = [r for r in metrics(a) if "train/ratio_min" in r]
     assert len(rows) == 3
     for r in rows:  # one update per batch: every ratio is computed before the optimizer moves
         assert r["train/ratio_min"] == 1.0 and r["train/ratio_max"] == 1.0, r
     assert [r["rollout/policy_version"] for r in rows] == [0, 1, 2]
-    fresh = build_policy(load_config(RLConfig, None, overrides(root, a)).policy, seed=0).trainable_state()
-    step1 = load_file(str(a / "checkpoints" / "step-000001" / "policy.safetensors"))
-    assert set(step1) == set(fresh)
-    assert any(not torch.equal(step1[k], fresh[k]) for k in fresh), "one RL step changed no trainable weight"
     assert (a / "eval" / "step-000003.png").is_file()
 
-    # 2 learner ranks under ZeRO-2 on the same global batch (same rollout workers, so the same samples): the same update
+    # 2 learner ranks under ZeRO-2 on the same global batch (same rollout workers, so the same samples): the same
+    # update; and with rank 1's shard skipped, not the same (the comparison bites)
     b = tmp_path / "b"
     train(load_config(RLConfig, None, overrides(root, b, "cluster.num_learners=2", "num_steps=1")))
-    two = load_file(str(b / "checkpoints" / "step-000001" / "policy.safetensors"))
-    for k in step1:
-        torch.testing.assert_close(two[k], step1[k], rtol=0, atol=1e-6)
+    assert_learned(b)
+    assert_same_weights(weights(b, 1), weights(a, 1), atol=1e-6)
+    with monkeypatch.context() as m:
+        m.setattr(Run, "update", skip_shard_of_rank_1())
+        planted = tmp_path / "planted"
+        train(load_config(RLConfig, None, overrides(root, planted, "cluster.num_learners=2", "num_steps=1")))
+    assert_learned(planted)
+    with pytest.raises(AssertionError):
+        assert_same_weights(weights(planted, 1), weights(a, 1), atol=1e-6)
 
     # kill a run (SIGKILL) once it has a checkpoint, resume it with resume=auto: the same metrics as run a
     c = tmp_path / "c"
     kill_after_first_checkpoint(c, overrides(root, c))
     train(load_config(RLConfig, None, overrides(root, c)))
-    _same_metrics(c, a)
+    assert_learned(c)
+    assert_same_metrics(c, a)
+    assert_same_weights(weights(c, 3), weights(a, 3), atol=1e-6)
+
+
+def nan_targets_on_rank_1_at_step_1():
+    """The plant for the NaN guard: at step 1 the micro-batches learner rank 1 takes (every 2nd) get NaN targets,
+    so only that rank's loss is NaN; every other step is left as it is."""
+    update = Run.update
+
+    def poisoned(self, step, micro, targets):
+        if step == 0:
+            targets = [MicroTargets(t.values * float("nan"), t.seed) if i % 2 else t for i, t in enumerate(targets)]
+        return update(self, step, micro, targets)
+
+    return poisoned
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_nan_loss_on_one_rank_skips_the_update_on_every_rank(setup, tmp_path, monkeypatch, stage):
+    """2 learner ranks, a NaN loss on rank 1 only (step 1): no crash, no hang; both ranks skip that optimizer step
+    (the weights stay the initial ones), log it, and step 2 trains as usual."""
+    out = tmp_path / f"z{stage}"
+    monkeypatch.setattr(Run, "update", nan_targets_on_rank_1_at_step_1())
+    train(load_config(RLConfig, None, overrides(setup, out, f"cluster.zero_stage={stage}", "cluster.num_learners=2", "num_steps=2")))
+    first, second = [r for r in metrics(out) if "train/skipped_updates" in r]
+    assert first["train/skipped_updates"] == 1 and first["train/nonfinite_losses"] > 0, first
+    assert second["train/skipped_updates"] == 0 and second["train/nonfinite_losses"] == 0 and second["train/grad_norm"] > 0
+    fresh = build_policy(load_config(RLConfig, out / "config.yaml", []).policy, seed=0).trainable_state()
+    assert_same_weights(weights(out, 1), fresh, atol=0)
+    assert any(not torch.equal(weights(out, 2)[k], fresh[k]) for k in fresh)
 
 
 def test_zero3_on_two_ranks_equals_zero2_and_resumes_exactly(setup, whole, tmp_path):
     """ZeRO-3 partitions the trained weights over the ranks and gathers them in the policy's forward: the same
     weights as ZeRO-2 (1 rank: the uninterrupted run) step by step, and a run stopped after step 1 and resumed
-    from its ZeRO-3 checkpoint ends where the uninterrupted ZeRO-3 run does."""
+    from its ZeRO-3 checkpoint ends where the uninterrupted ZeRO-3 run does. (That this tolerance catches a
+    dropped micro-batch gradient: tests/rl/test_comparisons_bite.py.)"""
     root = setup
     z3 = ("cluster.zero_stage=3", "cluster.num_learners=2")
     full = tmp_path / "z3"
     train(load_config(RLConfig, None, overrides(root, full, *z3, "num_steps=2")))
+    assert_learned(full)
     for step in (1, 2):
-        got = load_file(str(full / "checkpoints" / f"step-{step:06d}" / "policy.safetensors"))
-        want = load_file(str(whole / "checkpoints" / f"step-{step:06d}" / "policy.safetensors"))
-        assert got.keys() == want.keys()
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
+        assert_same_weights(weights(full, step), weights(whole, step), atol=1e-5)
     resumed = tmp_path / "z3-resumed"  # the run as it stood after step 1: its step-1 checkpoint, no step 2
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000002")
     train(load_config(RLConfig, None, overrides(root, resumed, *z3, "num_steps=2")))
-    got = load_file(str(resumed / "checkpoints" / "step-000002" / "policy.safetensors"))
-    want = load_file(str(full / "checkpoints" / "step-000002" / "policy.safetensors"))
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
-    _same_metrics(resumed, full)
+    assert_learned(resumed)
+    assert_same_weights(weights(resumed, 2), weights(full, 2), atol=0)
+    assert_same_metrics(resumed, full)
 
 
-def test_grpo_trains_a_drawn_last_step(setup, tmp_path):
-    """sample_last_step with the Gaussian steps: the learner trains them and the categorical last step (one more
-    loss term per micro-batch), its KL to the reference is the categorical one, and groups get reward spread."""
+def test_grpo_keeps_the_drawn_last_step_near_its_reference(setup, tmp_path):
+    """The fixture's sampler draws the palette's last step beside the Gaussian steps: with kl_beta the learner
+    adds the categorical KL to the reference, 0 while the weights are the reference's (step 1) and > 0 after."""
     out = tmp_path / "categorical"
-    extra = ["policy.sampler.sample_last_step=true", "policy.sampler.gaussian_steps=true"]
-    train(load_config(RLConfig, None, overrides(setup, out, *extra, "num_steps=1", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1")))
-    row = next(r for r in metrics(out) if "train/kl" in r)
-    assert np.isfinite(row["train/kl"]) and row["train/kl"] >= 0 and row["rollout/zero_std_ratio"] < 1
+    train(load_config(RLConfig, None, overrides(setup, out, "num_steps=2", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1")))
+    assert_learned(out)
+    kl = [r["train/kl"] for r in metrics(out) if "train/kl" in r]
+    assert kl[0] == 0.0 and kl[1] > 0, kl
 
 
-def test_ppo_runs(setup, tmp_path):
+def test_ppo_learns_a_value_model(setup, tmp_path):
     out = tmp_path / "ppo"
-    train(load_config(RLConfig, None, overrides(setup, out, "algo.algo=ppo", "num_steps=1", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1")))
+    train(load_config(RLConfig, None, overrides(setup, out, "algo.algo=ppo", "num_steps=2", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1")))
+    assert_learned(out)
     rows = [r for r in metrics(out) if "train/value_loss" in r]
-    assert len(rows) == 1 and all(np.isfinite(r["train/value_loss"]) and np.isfinite(r["train/kl"]) for r in rows)
+    assert len(rows) == 2 and all(np.isfinite(r["train/value_loss"]) and r["train/value_loss"] > 0 for r in rows)
 
 
 def test_nft_trains_equal_on_two_ranks_and_resumes_exactly(setup, tmp_path):
@@ -179,20 +186,17 @@ def test_nft_trains_equal_on_two_ranks_and_resumes_exactly(setup, tmp_path):
     nft = ("algo.algo=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1", "eval_every=1")
     a = tmp_path / "a"
     train(load_config(RLConfig, None, overrides(setup, a, *nft, "num_steps=2")))
+    assert_learned(a)
     rows = [r for r in metrics(a) if "train/drift" in r]
     assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) and np.isfinite(r["train/kl"]) for r in rows)
     assert rows[0]["train/drift"] == 0.0  # the first minibatch trains at the sampling weights: v_theta = v_old
-    fresh = build_policy(load_config(RLConfig, None, overrides(setup, a)).policy, seed=0).trainable_state()
-    step1 = load_file(str(a / "checkpoints" / "step-000001" / "policy.safetensors"))
-    assert any(not torch.equal(step1[k], fresh[k]) for k in fresh), "an NFT step changed no trainable weight"
     scores = json.loads((a / "eval" / "scores-step-000002.json").read_text())
     assert len(scores["instructions"]) == len(scores["proxy"]) == len(scores["gold"]) >= 2
 
     b = tmp_path / "b"
     train(load_config(RLConfig, None, overrides(setup, b, *nft, "num_steps=1", "cluster.num_learners=2")))
-    two = load_file(str(b / "checkpoints" / "step-000001" / "policy.safetensors"))
-    for k in step1:
-        torch.testing.assert_close(two[k], step1[k], rtol=0, atol=1e-6)
+    assert_learned(b)
+    assert_same_weights(weights(b, 1), weights(a, 1), atol=1e-6)
 
     # the run as it stood after step 1 (its step-1 checkpoint, no step 2), resumed with resume=auto: the
     # uninterrupted run's weights and metrics (a real SIGKILL mid-run: the GRPO test above)
@@ -200,9 +204,9 @@ def test_nft_trains_equal_on_two_ranks_and_resumes_exactly(setup, tmp_path):
     shutil.copytree(a, c)
     shutil.rmtree(c / "checkpoints" / "step-000002")
     train(load_config(RLConfig, None, overrides(setup, c, *nft, "num_steps=2")))
-    got, want = (load_file(str(run / "checkpoints" / "step-000002" / "policy.safetensors")) for run in (c, a))
-    assert all(torch.equal(got[k], want[k]) for k in want)
-    _same_metrics(c, a)
+    assert_learned(c)
+    assert_same_weights(weights(c, 2), weights(a, 2), atol=0)
+    assert_same_metrics(c, a)
 
 
 class SlowReward:
@@ -305,7 +309,9 @@ def test_an_actor_killed_mid_step_is_restarted_and_the_run_unchanged(setup, whol
     killer.join()
     assert killed, f"no {process} process was caught: the fault was not injected"
     assert recovery in capfd.readouterr().out
-    _same_metrics(got_dir, want_dir)
+    assert_learned(got_dir)
+    assert_same_metrics(got_dir, want_dir)
+    assert_same_weights(weights(got_dir, 3), weights(want_dir, 3), atol=1e-6)
 
 
 def test_a_learner_killed_mid_step_stops_the_run_and_resume_reproduces_it(setup, whole, tmp_path):
@@ -318,7 +324,9 @@ def test_a_learner_killed_mid_step_stops_the_run_and_resume_reproduces_it(setup,
     killer.join()
     assert killed
     train(load_config(RLConfig, None, overrides(setup, got_dir)))  # resume=auto is the default
-    _same_metrics(got_dir, want_dir)
+    assert_learned(got_dir)
+    assert_same_metrics(got_dir, want_dir)
+    assert_same_weights(weights(got_dir, 3), weights(want_dir, 3), atol=1e-6)
 
 
 def test_a_driver_killed_while_writing_a_checkpoint_never_loads_it(setup, whole, tmp_path):
@@ -341,7 +349,9 @@ def test_a_driver_killed_while_writing_a_checkpoint_never_loads_it(setup, whole,
     assert checkpoint.find_resume(got_dir, "auto").name == "step-000001"
     train(load_config(RLConfig, None, overrides(setup, got_dir)))
     assert not staging.exists()
-    _same_metrics(got_dir, want_dir)
+    assert_learned(got_dir)
+    assert_same_metrics(got_dir, want_dir)
+    assert_same_weights(weights(got_dir, 3), weights(want_dir, 3), atol=1e-6)
 
 
 
@@ -418,4 +428,6 @@ def test_a_reward_actor_that_stays_dead_stops_the_run_resumably(setup, whole, tm
         killer.join()
     assert checkpoint.find_resume(run, "auto") is not None
     train(load_config(RLConfig, None, overrides(setup, run)))
-    _same_metrics(run, whole)
+    assert_learned(run)
+    assert_same_metrics(run, whole)
+    assert_same_weights(weights(run, 3), weights(whole, 3), atol=1e-6)

@@ -18,8 +18,8 @@ from reward.config import load_config
 from rl.actors import actor_nodes, fetch_rollouts, ray_actors
 from rl.config import RLConfig
 from rl.loop import train
-from tests.rl.test_loop import overrides as loop_overrides
-from tests.rl.test_loop import tiny_data_and_policy
+from tests.rl.runs import assert_learned, assert_same_weights, tiny_data_and_policy, weights
+from tests.rl.runs import overrides as loop_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +72,7 @@ def one_node(cluster, tmp_path_factory):
     root = cluster[0]
     out = tmp_path_factory.mktemp("one")
     train(load_config(RLConfig, None, overrides(root, out, 1)))
+    assert_learned(out)
     return out
 
 
@@ -92,7 +93,9 @@ def test_two_nodes_place_a_reward_actor_on_each_equal_one_node_and_batch_per_nod
             ("rollout", 0, 0, 0.5), ("learner", 0, 0, 0.5), ("reward", 0, 1, 1.0)
         ]
         train(cfg, actors)  # the run itself, on these actors
+    assert_learned(two)
     same_metrics(two, one_node)
+    assert_same_weights(weights(two, 3), weights(one_node, 3), atol=1e-5)
     for r in steps(two):
         assert r["reward/node_0/batch_mean"] > 0 and r["reward/node_1/batch_mean"] > 0
         assert r["perf/driver_bytes"] < 0.05 * r["perf/rollout_bytes"], "rollouts went through the driver"
@@ -126,7 +129,9 @@ def test_a_node_that_dies_stops_the_run_and_resume_reproduces_it(cluster, one_no
     assert killed.is_set()
     nodes[1] = c.add_node(**NODE)  # the cluster repaired: resume=auto finishes the run as if nothing happened
     train(load_config(RLConfig, None, overrides(root, out, 2)))
+    assert_learned(out)
     same_metrics(out, one_node)
+    assert_same_weights(weights(out, 3), weights(one_node, 3), atol=1e-5)
 
 
 def test_rollouts_whose_worker_died_are_reported_lost_not_raised(cluster):

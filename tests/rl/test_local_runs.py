@@ -1,0 +1,125 @@
+"""Runs in process (rl/actors.py `in_process_actors`, seconds a run) on the tiny fixture that learns
+(tests/rl/runs.py): the run comparisons of the loop tests catch what they guard against, and the NaN guard
+holds on one rank under ZeRO-2 and ZeRO-3.
+
+Each comparison passes on a faithful run and fails on a run with one fault planted:
+- a micro-batch whose gradient is dropped (what a ZeRO-3 accumulation bug, a lost shard or a skipped
+  micro-step would do) fails the weight comparison at the tolerance the 2-rank and ZeRO-3 tests use;
+- a resume that restores the weights but not the optimizer state fails the resume comparison.
+The Ray tests (tests/rl/test_loop.py) plant the 2-rank faults in real 2-rank runs: one rank's shard skipped,
+a NaN loss on one rank.
+"""
+
+import shutil
+
+import pytest
+
+import torch
+
+from reward.config import load_config
+from rl.actors import in_process_actors
+from rl.algorithms import MicroTargets
+from rl.config import RLConfig
+from rl.loop import Run, train
+from rl.workers import build_policy
+from tests.rl.runs import (
+    assert_learned,
+    assert_same_metrics,
+    assert_same_weights,
+    metrics,
+    overrides,
+    tiny_data_and_policy,
+    weights,
+)
+
+LOCAL = ("cluster.num_rollout_workers=1",)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tiny_data_and_policy(tmp_path_factory.mktemp("bite"))
+
+
+def run_in_process(root, out, *extra):
+    cfg = load_config(RLConfig, None, overrides(root, out, *LOCAL, *extra))
+    with in_process_actors(cfg) as actors:
+        train(cfg, actors)
+    return out
+
+
+@pytest.fixture(scope="module")
+def whole(root, tmp_path_factory):
+    """3 uninterrupted steps in process: the run every comparison below is made against."""
+    out = run_in_process(root, tmp_path_factory.mktemp("whole"))
+    assert_learned(out)
+    return out
+
+
+def drop_gradient_of(indices):
+    """Run.update with the targets of the micro-batches at `indices` zeroed: with GRPO and kl_beta 0 their loss,
+    and so their gradient, is 0, while every other micro-batch trains as before."""
+    update = Run.update
+
+    def dropping(self, step, micro, targets):
+        targets = [MicroTargets(t.values * 0, t.seed) if i in indices else t for i, t in enumerate(targets)]
+        return update(self, step, micro, targets)
+
+    return dropping
+
+
+def test_a_dropped_micro_batch_gradient_fails_the_weight_comparison(root, whole, tmp_path, monkeypatch):
+    same = run_in_process(root, tmp_path / "same", "num_steps=1")
+    assert_same_weights(weights(same, 1), weights(whole, 1), atol=0)  # in process, the same seed: bitwise
+    monkeypatch.setattr(Run, "update", drop_gradient_of({0}))
+    planted = run_in_process(root, tmp_path / "planted", "num_steps=1")
+    assert_learned(planted)  # the other micro-batch still trains: the fault is only the lost gradient
+    with pytest.raises(AssertionError):
+        assert_same_weights(weights(planted, 1), weights(whole, 1), atol=1e-5)  # the ZeRO-3 test's tolerance
+
+
+def resume_after_step_1(whole, out):
+    """The run as it stood after step 1 (its step-1 checkpoint, nothing later), continued with resume=auto."""
+    shutil.copytree(whole, out)
+    for step in (2, 3):
+        shutil.rmtree(out / "checkpoints" / f"step-{step:06d}")
+
+
+def test_resume_equals_the_uninterrupted_run_and_a_lost_optimizer_state_fails_it(root, whole, tmp_path, monkeypatch):
+    resumed = tmp_path / "resumed"
+    resume_after_step_1(whole, resumed)
+    run_in_process(root, resumed)
+    assert_learned(resumed)
+    assert_same_metrics(resumed, whole)
+    assert_same_weights(weights(resumed, 3), weights(whole, 3), atol=0)
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    load = DeepSpeedEngine.load_checkpoint  # the plant: the weights come back, AdamW's moments start again from zero
+    monkeypatch.setattr(DeepSpeedEngine, "load_checkpoint", lambda self, *a, **k: load(self, *a, **{**k, "load_optimizer_states": False}))
+    planted = tmp_path / "planted"
+    resume_after_step_1(whole, planted)
+    run_in_process(root, planted)
+    assert_learned(planted)
+    assert [r["step"] for r in metrics(planted)] == [r["step"] for r in metrics(whole)]
+    with pytest.raises(AssertionError):
+        assert_same_weights(weights(planted, 3), weights(whole, 3), atol=1e-6)
+    with pytest.raises(AssertionError):
+        assert_same_metrics(planted, whole)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_nan_loss_skips_the_update_on_one_rank(root, tmp_path, monkeypatch, stage):
+    """Step 1's targets are all NaN: the update is skipped (weights as built), step 2 trains as usual."""
+    update = Run.update
+
+    def poisoned(self, step, micro, targets):
+        return update(self, step, micro, [MicroTargets(t.values * float("nan"), t.seed) for t in targets] if step == 0 else targets)
+
+    monkeypatch.setattr(Run, "update", poisoned)
+    out = run_in_process(root, tmp_path / "run", f"cluster.zero_stage={stage}", "num_steps=2")
+    first, second = [r for r in metrics(out) if "train/skipped_updates" in r]
+    assert first["train/skipped_updates"] == 1 and first["train/nonfinite_losses"] > 0 and "train/loss" not in first
+    assert second["train/skipped_updates"] == 0 and second["train/grad_norm"] > 0
+    fresh = build_policy(load_config(RLConfig, out / "config.yaml", []).policy, seed=0).trainable_state()
+    assert_same_weights(weights(out, 1), fresh, atol=0)
+    assert any(not torch.equal(weights(out, 2)[k], fresh[k]) for k in fresh)
