@@ -9,7 +9,9 @@ Every model is built on PyTorch's `meta` device (shapes, no storage: nothing is 
   denoiser, which is all it runs on stored rollouts: `EditingPolicy.drop_encoders`); a full fine-tune adds
   the frozen reference copy; the JRM at the reward actor;
 - trainable state: the trained weights in float32, their gradients and AdamW's two moments, with ZeRO-2
-  sharding gradients and moments over the learner ranks and ZeRO-3 the weights too (frozen ones included);
+  sharding gradients and moments over the learner ranks and ZeRO-3 the trained weights too. ZeRO-3 partitions
+  what the learner hands it (rl/learner.py `zero3_modules`): a full fine-tune's denoiser, a LoRA run's adapters;
+  the frozen base of a LoRA run and a full fine-tune's reference copy stay whole on every rank;
 - activations: the learner's, measured by running the denoiser forward on `meta` tensors of the real token
   counts and adding up what autograd saves for the backward (with gradient checkpointing: the checkpointed
   inputs plus one block's own), for one micro-batch; a rollout worker's no-grad forward keeps about one block's;
@@ -202,8 +204,8 @@ def policy_roles(cfg: RLConfig) -> tuple[Role, Role, str]:
         learner.weights += denoiser
         learner.notes.append(f"full fine-tune: {trained / 1e9:.2f}B trained parameters and a frozen reference copy")
     zero3 = cfg.cluster.zero_stage == 3
-    if zero3:  # the denoiser partitioned over the ranks (gathered block by block in the forward); a full fine-tune's reference copy is not
-        learner.weights = denoiser / world + (0.0 if p.lora_rank else denoiser)
+    if zero3 and not p.lora_rank:  # the trained denoiser partitioned over the ranks (gathered block by block in the forward); its reference copy not
+        learner.weights = denoiser / world + denoiser
     learner.trainable = trained * (4 / (world if zero3 else 1) + 4 / world + 8 / world) / GIB
     net.train()
     full = _saved_bytes(meta.forward) / GIB

@@ -58,7 +58,8 @@ def test_bench_rl_step_tiny(tmp_path):
     for r in (local, ray_run):
         assert r["step_s"] >= r["rollout_s"] + r["update_s"] > 0
         assert r["rollout_s"] >= r["sample_s"] > 0
-    assert local["waiting_s"] == pytest.approx(0, abs=0.05)  # nothing to wait for without Ray
+    for r in (local, ray_run):  # the driver's rollout interval holds the worker's sampling and reward wait
+        assert 0 <= r["waiting_s"] <= r["rollout_s"]
     assert all(ray_run[f"{role}_gib"] > 0.05 for role in bench_rl_step.ROLES), "a role's process was not found"
     with pytest.raises(SystemExit):
         bench_rl_step.main(["--configs", "fast-1x1"])  # refused before anything starts

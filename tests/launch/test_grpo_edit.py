@@ -67,6 +67,29 @@ def test_the_plan_follows_the_layout_and_zero_stage():
     assert main(["--config", str(kontext.with_name("shapeedit.yaml")), "--plan"]) == 0  # a CPU run: nothing to plan
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("lora_rank", [32, 0], ids=["lora", "full"])
+def test_the_plan_holds_what_the_learner_partitions(lora_rank, stage):
+    """The learner's weights in the plan are the denoiser as the learner holds it: its trained modules under
+    ZeRO-3 partitioned over the ranks (rl/learner.py zero3_modules, applied here to the real-size denoiser on
+    the meta device with the run's adapters), everything else whole, plus a full fine-tune's reference copy."""
+    from launch.plan import DTYPE_BYTES, GIB, _flux, make_plan
+    from policies.adapters import Trainable, TrainableConfig
+    from policies.kontext import LORA_TARGETS
+    from rl.learner import zero3_modules
+
+    kontext = [p for p in PRESETS if p.stem == "flux_kontext_jrm"][0]
+    cfg = load_config(RLConfig, kontext, [f"policy.lora_rank={lora_rank}", f"cluster.zero_stage={stage}"])
+    net = _flux(cfg).denoiser
+    trainable = Trainable(net, TrainableConfig(lora_rank=lora_rank, lora_targets=cfg.policy.lora_targets), LORA_TARGETS)
+    partitioned = {id(p) for m in zero3_modules(net) for p in m.parameters(recurse=False)} if stage == 3 else set()
+    world = cfg.cluster.learners
+    held = sum(p.numel() / (world if id(p) in partitioned else 1) for n, p in net.named_parameters() if "lora_" not in n)
+    held += sum(p.numel() for p in trainable.frozen.parameters()) if trainable.frozen is not None else 0
+    planned = make_plan(cfg)["roles"]["learner"]["weights"]
+    assert planned == pytest.approx(held * DTYPE_BYTES[cfg.policy.dtype] / GIB, abs=0.01)
+
+
 def test_the_plan_table_in_the_docs_is_the_committed_json():
     from launch.plan import markdown
 

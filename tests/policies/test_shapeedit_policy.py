@@ -356,6 +356,31 @@ def test_a_drawn_last_step_is_the_classifiers_categorical_draw(temperature):
     assert (cold.latents[:, -1] != most_probable.latents[:, -1]).any(dim=1).float().mean() < 0.01
 
 
+def test_a_drawn_last_step_pools_keeping_a_palette_pixel_with_painting_its_colour():
+    """Sources drawn in the palette's own colours: a pixel kept and the same pixel painted its own colour are one
+    outcome, so its probability is p_keep + p_colour. Checked by palette index, pixel by pixel, against the
+    stored log-prob (and the unpooled p_keep would differ)."""
+    policy = palette_policy()
+    perturb(policy.transformer, scale=0.5)
+    rng = np.random.default_rng(5)
+    which = rng.integers(0, len(PALETTE), (8, 32, 32))  # each source pixel's palette colour
+    src = [Image.fromarray(np.asarray(PALETTE, dtype=np.uint8)[w]) for w in which]
+    sampler = SamplerConfig(num_steps=3, noise_level=0.7, sample_last_step=True)
+    rollout = policy.sample(src, (INSTRUCTIONS * 2)[:8], sampler, torch.Generator().manual_seed(0))
+    c, x, chosen = rollout.condition, rollout.latents[:, 2], rollout.latents[:, 3]
+    with torch.no_grad():
+        probs = policy.predict(x, float(rollout.sigmas[2]), c.source, c.text_embeds, c.pooled_embeds)[1].softmax(dim=1)  # (B, 1 + K, H, W)
+    drawn = (chosen[:, None] - policy.palette.view(1, -1, 3, 1, 1)).abs().amax(dim=2).argmin(dim=1)  # each pixel's palette colour now
+    kept = torch.from_numpy(which) == drawn  # (B, H, W): the pixel has its source colour
+    p_colour = probs[:, 1:].gather(1, drawn[:, None])[:, 0]
+    pooled = torch.where(kept, probs[:, 0] + p_colour, p_colour)
+    assert kept.float().mean() > 0.5 and (~kept).any()
+    torch.testing.assert_close(rollout.log_probs[:, 2], pooled.log().flatten(1).mean(dim=1), rtol=0, atol=1e-5)
+    unpooled = torch.where(kept, probs[:, 0], p_colour).log().flatten(1).mean(dim=1)
+    assert (rollout.log_probs[:, 2] - unpooled).min() > 1e-3
+    assert torch.equal(policy.log_prob(rollout, 2).log_probs, rollout.log_probs[:, 2])  # the learner's recomputation
+
+
 def test_a_drawn_last_step_is_refused_where_there_is_no_classifier():
     gated = ShapeEditPolicy.build(dataclasses.replace(TINY, parameterisation="gated"), INSTRUCTIONS)
     with pytest.raises(ValueError, match="sample_last_step needs the 'palette' parameterisation"):

@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig
 from reward.config import load_config
 from reward.shapeedit import GenerateConfig, generate
+from rl.actors import in_process_actors
 from rl.config import RLConfig
+from rl.loop import train
 from rl.workers import build_policy
 
 # The built policy keeps each source pixel with probability ~0.98 (log(50 K)); at 3.0 an untrained one paints
@@ -53,6 +55,14 @@ def overrides(root, out, *extra):
         "algo.prompts_per_step=2", "algo.group_size=4", "algo.micro_batch_size=4", "algo.updates_per_step=1", "algo.lr=0.01",
         "num_steps=3", "save_every=1", "eval_every=3", "keep_checkpoints=3", "wandb=false", "cluster.num_rollout_workers=2", *extra,
     ]
+
+
+def run_in_process(root, out, *extra):
+    """The run of `overrides(root, out, *extra)` with one rollout worker, in this process (no Ray); returns out."""
+    cfg = load_config(RLConfig, None, overrides(root, out, "cluster.num_rollout_workers=1", *extra))
+    with in_process_actors(cfg) as actors:
+        train(cfg, actors)
+    return out
 
 
 def metrics(run) -> list[dict]:

@@ -1,6 +1,6 @@
 """Runs in process (rl/actors.py `in_process_actors`, seconds a run) on the tiny fixture that learns
-(tests/rl/runs.py): the run comparisons of the loop tests catch what they guard against, and the NaN guard
-holds on one rank under ZeRO-2 and ZeRO-3.
+(tests/rl/runs.py): the run comparisons of the loop tests catch what they guard against, the NaN guard holds on
+one rank under ZeRO-2 and ZeRO-3, NaN rewards stop a run, PPO and the drawn step's KL train, NFT resumes exactly.
 
 Each comparison passes on a faithful run and fails on a run with one fault planted:
 - a micro-batch whose gradient is dropped (what a ZeRO-3 accumulation bug, a lost shard or a skipped
@@ -10,41 +10,24 @@ The Ray tests (tests/rl/test_loop.py) plant the 2-rank faults in real 2-rank run
 a NaN loss on one rank.
 """
 
+import json
 import shutil
 
+import numpy as np
 import pytest
-
 import torch
 
 from reward.config import load_config
-from rl.actors import in_process_actors
 from rl.algorithms import MicroTargets
 from rl.config import RLConfig
-from rl.loop import Run, train
+from rl.loop import Run
 from rl.workers import build_policy
-from tests.rl.runs import (
-    assert_learned,
-    assert_same_metrics,
-    assert_same_weights,
-    metrics,
-    overrides,
-    tiny_data_and_policy,
-    weights,
-)
-
-LOCAL = ("cluster.num_rollout_workers=1",)
+from tests.rl.runs import assert_learned, assert_same_metrics, assert_same_weights, metrics, run_in_process, tiny_data_and_policy, weights
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tiny_data_and_policy(tmp_path_factory.mktemp("bite"))
-
-
-def run_in_process(root, out, *extra):
-    cfg = load_config(RLConfig, None, overrides(root, out, *LOCAL, *extra))
-    with in_process_actors(cfg) as actors:
-        train(cfg, actors)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +106,58 @@ def test_a_nan_loss_skips_the_update_on_one_rank(root, tmp_path, monkeypatch, st
     fresh = build_policy(load_config(RLConfig, out / "config.yaml", []).policy, seed=0).trainable_state()
     assert_same_weights(weights(out, 1), fresh, atol=0)
     assert any(not torch.equal(weights(out, 2)[k], fresh[k]) for k in fresh)
+
+
+def test_grpo_keeps_the_drawn_last_step_near_its_reference(root, tmp_path):
+    """The fixture's sampler draws the palette's last step beside the Gaussian steps: with kl_beta the learner
+    adds the categorical KL to the reference, 0 while the weights are the reference's (step 1) and > 0 after."""
+    out = run_in_process(root, tmp_path / "categorical", "num_steps=2", "algo.kl_beta=0.01")
+    assert_learned(out)
+    kl = [r["train/kl"] for r in metrics(out) if "train/kl" in r]
+    assert kl[0] == 0.0 and kl[1] > 0, kl
+
+
+def test_ppo_learns_a_value_model(root, tmp_path):
+    out = run_in_process(root, tmp_path / "ppo", "algo.algo=ppo", "num_steps=2", "algo.kl_beta=0.01")
+    assert_learned(out)
+    rows = [r for r in metrics(out) if "train/value_loss" in r]
+    assert len(rows) == 2 and all(np.isfinite(r["train/value_loss"]) and r["train/value_loss"] > 0 for r in rows)
+
+
+def test_nan_rewards_skip_steps_then_stop_the_run(root, tmp_path):
+    """A reward model with a NaN head (a real corrupted checkpoint): every step is skipped and logged, and after
+    max_bad_steps in a row the run stops with a message that names the cause."""
+    from reward.model import JRM, JRMArgs
+
+    broken = JRM.build(JRMArgs(tiny_hidden=64, tiny_layers=2), seed=0)
+    with torch.no_grad():
+        broken.head.weight.fill_(float("nan"))
+    broken.save_pretrained(tmp_path / "nan_jrm")
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="2 consecutive steps had NaN/Inf rewards"):
+        run_in_process(root, run, f"reward.terms=[{{name: broken, spec: 'jrm:{tmp_path / 'nan_jrm'}'}}]", "max_bad_steps=2")
+    skipped = [r for r in metrics(run) if r.get("train/skipped_nonfinite_reward") == 1]
+    assert [r["step"] for r in skipped] == [1, 2]
+    assert not any("train/loss" in r for r in metrics(run))  # no update ever used them
+
+
+def test_nft_resumes_exactly_and_writes_per_prompt_scores(root, tmp_path):
+    """DiffusionNFT: it learns, its first minibatch trains at the sampling weights (drift 0), each evaluation
+    writes its per-prompt scores, and the run as it stood after step 1 (its step-1 checkpoint, no step 2),
+    resumed with resume=auto, ends with the uninterrupted run's weights and metrics."""
+    nft = ("algo.algo=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "eval_every=1", "num_steps=2")
+    a = run_in_process(root, tmp_path / "a", *nft)
+    assert_learned(a)
+    rows = [r for r in metrics(a) if "train/drift" in r]
+    assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) and r["train/kl"] >= 0 for r in rows)
+    assert rows[0]["train/drift"] == 0.0 and rows[1]["train/kl"] > 0
+    scores = json.loads((a / "eval" / "scores-step-000002.json").read_text())
+    assert len(scores["instructions"]) == len(scores["proxy"]) == len(scores["gold"]) >= 2
+
+    c = tmp_path / "c"
+    shutil.copytree(a, c)
+    shutil.rmtree(c / "checkpoints" / "step-000002")
+    run_in_process(root, c, *nft)
+    assert_learned(c)
+    assert_same_weights(weights(c, 2), weights(a, 2), atol=0)
+    assert_same_metrics(c, a)

@@ -1,5 +1,5 @@
 """The whole Ray path on a tiny ShapeEdit setup: on-policy ratio 1, weights move, ZeRO-2 with 2 ranks equals
-1 rank, PPO runs, a reward actor that times out is retried and then stops the run, the local cluster
+1 rank (and 1 rank in process), a reward actor that times out is retried and then stops the run, the local cluster
 listens on loopback only, and real faults (SIGKILL of a rollout worker, the reward actor, a learner, or the
 driver mid-checkpoint) leave the run's metrics and weights equal to the uninterrupted run's. Every run compared
 is first checked to have learned (tests/rl/runs.py: a gradient at every step, reward spread, weights moved)."""
@@ -28,7 +28,16 @@ from rl.actors import RayRewardClient, RewardUnavailable
 from rl.algorithms import MicroTargets
 from rl.loop import Run, train
 from rl.workers import build_policy
-from tests.rl.runs import assert_learned, assert_same_metrics, assert_same_weights, metrics, overrides, tiny_data_and_policy, weights
+from tests.rl.runs import (
+    assert_learned,
+    assert_same_metrics,
+    assert_same_weights,
+    metrics,
+    overrides,
+    run_in_process,
+    tiny_data_and_policy,
+    weights,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,52 +170,18 @@ def test_zero3_on_two_ranks_equals_zero2_and_resumes_exactly(setup, whole, tmp_p
     assert_same_metrics(resumed, full)
 
 
-def test_grpo_keeps_the_drawn_last_step_near_its_reference(setup, tmp_path):
-    """The fixture's sampler draws the palette's last step beside the Gaussian steps: with kl_beta the learner
-    adds the categorical KL to the reference, 0 while the weights are the reference's (step 1) and > 0 after."""
-    out = tmp_path / "categorical"
-    train(load_config(RLConfig, None, overrides(setup, out, "num_steps=2", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1")))
-    assert_learned(out)
-    kl = [r["train/kl"] for r in metrics(out) if "train/kl" in r]
-    assert kl[0] == 0.0 and kl[1] > 0, kl
-
-
-def test_ppo_learns_a_value_model(setup, tmp_path):
-    out = tmp_path / "ppo"
-    train(load_config(RLConfig, None, overrides(setup, out, "algo.algo=ppo", "num_steps=2", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1")))
-    assert_learned(out)
-    rows = [r for r in metrics(out) if "train/value_loss" in r]
-    assert len(rows) == 2 and all(np.isfinite(r["train/value_loss"]) and r["train/value_loss"] > 0 for r in rows)
-
-
-def test_nft_trains_equal_on_two_ranks_and_resumes_exactly(setup, tmp_path):
-    """DiffusionNFT on the same loop: weights move, 2 learner ranks equal 1 on the same batch, a run stopped
-    after its first checkpoint and continued with resume=auto ends like the uninterrupted one, and each
-    evaluation writes its per-prompt scores."""
-    nft = ("algo.algo=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1", "eval_every=1")
-    a = tmp_path / "a"
-    train(load_config(RLConfig, None, overrides(setup, a, *nft, "num_steps=2")))
-    assert_learned(a)
-    rows = [r for r in metrics(a) if "train/drift" in r]
-    assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) and np.isfinite(r["train/kl"]) for r in rows)
-    assert rows[0]["train/drift"] == 0.0  # the first minibatch trains at the sampling weights: v_theta = v_old
-    scores = json.loads((a / "eval" / "scores-step-000002.json").read_text())
-    assert len(scores["instructions"]) == len(scores["proxy"]) == len(scores["gold"]) >= 2
-
+def test_nft_on_two_ray_ranks_equals_one_rank_in_process(setup, tmp_path):
+    """DiffusionNFT on the same loop: 2 learner ranks on Ray equal 1 rank in process (rl/actors.py
+    in_process_actors) on the same batch: the same rollout seeds, so the same samples and the same update.
+    (NFT's resume and per-prompt scores: tests/rl/test_local_runs.py.)"""
+    nft = ("algo.algo=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1", "num_steps=1")
+    local = run_in_process(setup, tmp_path / "local", *nft)
+    assert_learned(local)
     b = tmp_path / "b"
-    train(load_config(RLConfig, None, overrides(setup, b, *nft, "num_steps=1", "cluster.num_learners=2")))
+    train(load_config(RLConfig, None, overrides(setup, b, *nft, "cluster.num_learners=2")))
     assert_learned(b)
-    assert_same_weights(weights(b, 1), weights(a, 1), atol=1e-6)
-
-    # the run as it stood after step 1 (its step-1 checkpoint, no step 2), resumed with resume=auto: the
-    # uninterrupted run's weights and metrics (a real SIGKILL mid-run: the GRPO test above)
-    c = tmp_path / "c"
-    shutil.copytree(a, c)
-    shutil.rmtree(c / "checkpoints" / "step-000002")
-    train(load_config(RLConfig, None, overrides(setup, c, *nft, "num_steps=2")))
-    assert_learned(c)
-    assert_same_weights(weights(c, 2), weights(a, 2), atol=0)
-    assert_same_metrics(c, a)
+    assert_same_weights(weights(b, 1), weights(local, 1), atol=1e-6)
+    assert_same_metrics(b, local, rel=1e-5, abs=1e-7)
 
 
 class SlowReward:
@@ -228,7 +203,7 @@ def test_reward_timeouts_are_retried_then_raise(setup):
     start = time.perf_counter()
     with pytest.raises(RewardUnavailable, match="failed 3 times"):
         client.result(client.submit([1], ["x"], [1]))
-    assert 1.5 <= time.perf_counter() - start < 10
+    assert time.perf_counter() - start >= 1.5  # 3 calls, each given up after its full 0.5 s
     assert ray.get(actor.count.remote()) == 3  # the first call and two retries reached the actor
     ray.kill(actor)
 
@@ -376,24 +351,6 @@ def test_resume_unpickles_weights_only_and_refuses_code(setup, whole, tmp_path):
     with pytest.raises(Exception, match="Weights only load failed"):
         train(load_config(RLConfig, None, overrides(setup, run, "num_steps=4")))
     assert not marker.exists()
-
-
-def test_nan_rewards_skip_steps_then_stop_the_run(setup, tmp_path):
-    """A reward model with a NaN head (a real corrupted checkpoint): every step is skipped and logged, and after
-    max_bad_steps in a row the run stops with a message that names the cause."""
-    from reward.model import JRM, JRMArgs
-
-    broken = JRM.build(JRMArgs(tiny_hidden=64, tiny_layers=2), seed=0)
-    with torch.no_grad():
-        broken.head.weight.fill_(float("nan"))
-    broken.save_pretrained(tmp_path / "nan_jrm")
-    run = tmp_path / "run"
-    cfg = load_config(RLConfig, None, overrides(setup, run, f"reward.terms=[{{name: broken, spec: 'jrm:{tmp_path / 'nan_jrm'}'}}]", "max_bad_steps=2"))
-    with pytest.raises(RuntimeError, match="2 consecutive steps had NaN/Inf rewards"):
-        train(cfg)
-    skipped = [r for r in metrics(run) if r.get("train/skipped_nonfinite_reward") == 1]
-    assert [r["step"] for r in skipped] == [1, 2]
-    assert not any("train/loss" in r for r in metrics(run))  # no update ever used them
 
 
 def test_no_secret_reaches_the_run_directory(setup, tmp_path, monkeypatch):

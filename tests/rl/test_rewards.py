@@ -2,7 +2,7 @@
 of whole GRPO groups."""
 
 import asyncio
-import time
+import threading
 
 import pytest
 import torch
@@ -11,18 +11,6 @@ from PIL import Image
 from rl.algorithms import group_advantages
 from rl.config import RewardTerm
 from rl.rewards import RewardWorker, Scores, SourcePreservation, total_rewards
-
-
-def slow(worker: RewardWorker, seconds: float) -> RewardWorker:
-    """The worker, each of its scoring calls taking `seconds` longer (so that requests arrive during a call)."""
-    score = worker.score
-
-    def slow_score(*args):
-        time.sleep(seconds)
-        return score(*args)
-
-    worker.score = slow_score
-    return worker
 
 
 def _images(n, value=0):
@@ -149,34 +137,56 @@ def test_concurrent_requests_are_batched():
 
 
 def test_a_request_from_every_client_starts_the_call_without_waiting():
-    worker = RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=64, max_wait_s=5.0, clients=2)
+    """max_wait_s is an hour: the call can only have started because every client's request was in."""
+    worker = RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=64, max_wait_s=3600.0, clients=2)
 
     async def two_clients():
-        start = time.perf_counter()
-        await asyncio.gather(*[worker.score_batched(_images(2), ["a", "b"], _images(2)) for _ in range(2)])
-        both = time.perf_counter() - start
+        both = [worker.score_batched(_images(2), ["a", "b"], _images(2)) for _ in range(2)]
+        await asyncio.wait_for(asyncio.gather(*both), timeout=60)  # a hang guard, not a timing
         taken = worker.take_batch_sizes()
         one = asyncio.create_task(worker.score_batched(_images(1), ["c"], _images(1)))
-        await asyncio.sleep(0.3)
-        return both, taken, one.done()
+        for _ in range(20):  # let the loop run whatever it has to run
+            await asyncio.sleep(0)
+        done = one.done()
+        one.cancel()
+        return taken, done
 
-    both, taken, one_done = asyncio.run(two_clients())
-    assert both < 2.0 and taken == [4]  # both clients' requests: scored together at once, not after max_wait_s
+    taken, one_done = asyncio.run(two_clients())
+    assert taken == [4]  # both clients' requests: scored together at once
     assert not one_done  # one request of two clients: the other may still come, so it waits
 
 
+def gated(worker: RewardWorker) -> tuple[RewardWorker, threading.Semaphore]:
+    """The worker, each of its scoring calls waiting for a permit of the returned semaphore (so the test decides
+    which requests arrive during a call)."""
+    gate = threading.Semaphore(0)
+    score = worker.score
+
+    def gated_score(*args):
+        assert gate.acquire(timeout=60), "the test never opened the gate"
+        return score(*args)
+
+    worker.score = gated_score
+    return worker, gate
+
+
 def test_requests_arriving_during_a_call_fill_the_next_one():
-    worker = slow(RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=4, max_wait_s=0.01), 0.3)
+    worker, gate = gated(RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=4, max_wait_s=3600.0, clients=1))
 
-    async def staggered():
-        async def request(i):
-            await asyncio.sleep(0.04 * i)  # 6 arrive one by one, each more than max_wait_s after the last
-            return await worker.score_batched(_images(1), [f"{i}"], _images(1, 255 * (i % 2)))
+    async def during_a_call():
+        def request(i):
+            return asyncio.ensure_future(worker.score_batched(_images(1), [f"{i}"], _images(1, 255 * (i % 2))))
 
-        return await asyncio.gather(*[request(i) for i in range(7)])
+        first = request(0)
+        while worker._task is None:  # the first call has started (a lone request of a lone client never waits)
+            await asyncio.sleep(0)
+        rest = [request(i) for i in range(1, 7)]  # 6 arrive while it runs
+        for _ in range(3):
+            gate.release()
+        return await asyncio.wait_for(asyncio.gather(first, *rest), timeout=60)
 
-    results = asyncio.run(staggered())
-    # the first is scored alone; the 6 arriving during its call go as full batches (4, then the 2 left)
+    results = asyncio.run(during_a_call())
+    # the first is scored alone; the 6 that arrived during its call go as full batches (4, then the 2 left)
     assert worker.batch_sizes == [1, 4, 2]
     assert [r.terms["keep"] for r in results] == [[1.0 - (i % 2)] for i in range(7)]
 
@@ -198,14 +208,18 @@ def test_a_failed_batch_reaches_every_caller():
 
 def test_a_request_cancelled_during_its_call_leaves_the_others_answered():
     """Ray cancels a request whose caller timed out; the rest of its batch still get their scores."""
-    worker = slow(RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=8, max_wait_s=0.01), 0.2)
+    worker, gate = gated(RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=8, max_wait_s=3600.0, clients=3))
 
     async def three_cancel_one():
         tasks = [asyncio.ensure_future(worker.score_batched(_images(1), [f"{i}"], _images(1))) for i in range(3)]
-        await asyncio.sleep(0.1)  # the call of three is running
+        while worker._task is None:  # the call of three is running (held at the gate)
+            await asyncio.sleep(0)
         tasks[1].cancel()
-        answers = await asyncio.gather(*tasks, return_exceptions=True)
-        return answers, await worker.score_batched(_images(2), ["a", "b"], _images(2))
+        gate.release()
+        answers = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=60)
+        gate.release()
+        worker.clients = 1  # the later request comes alone
+        return answers, await asyncio.wait_for(worker.score_batched(_images(2), ["a", "b"], _images(2)), timeout=60)
 
     answers, later = asyncio.run(three_cancel_one())
     assert isinstance(answers[1], asyncio.CancelledError)
