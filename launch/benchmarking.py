@@ -170,3 +170,28 @@ def write_report(path: str | Path, name: str, command: str, settings: dict, resu
     report = {"benchmark": name, "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "settings": settings, "results": results}
     path.write_text(json.dumps(report, indent=1))
     return path
+
+
+# An untrained ShapeEdit palette policy keeps each source pixel with probability ~0.98 (log(50 K)); at 3.0 it
+# paints a few pixels in ten with random palette colours, so the drawn edits of one prompt differ.
+KEEP_LOGIT = 3.0
+
+
+def tiny_learning_run(root: Path, size: int = 32, hidden_size: int = 64) -> dict[str, Path]:
+    """ShapeEdit prompts at size x size (root/data) and a random tiny palette policy for them (root/policy) that
+    RL can move from its first step: its 'keep the source pixel' logit lowered to KEEP_LOGIT, so that with the
+    palette's last step drawn (sampler.sample_last_step) every sample of a group is a different edit with a
+    different oracle reward. The RL tests (tests/rl/runs.py) and the soak benchmark run on it."""
+    from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig
+    from reward.shapeedit import GenerateConfig, generate
+
+    generate(GenerateConfig(out=str(root / "data"), pairs=300, size=size, seed=0), progress=False)
+    rows = json.loads((root / "data" / "train_prompts.json").read_text())
+    cfg = ShapeEditPolicyConfig(
+        image_size=size, patch_size=8, hidden_size=hidden_size, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=24
+    )
+    policy = ShapeEditPolicy.build(cfg, [r["instruction"] for r in rows])
+    with torch.no_grad():
+        policy.transformer.pixel_head[-1].bias[0] = KEEP_LOGIT
+    policy.save_pretrained(root / "policy")
+    return {"data": root / "data", "policy": root / "policy"}

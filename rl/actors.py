@@ -55,11 +55,13 @@ class RayRewardClient:
     def __init__(self, handle, timeout_s: float, retries: int):
         self.handle, self.timeout_s, self.retries = handle, timeout_s, retries
 
-    def submit(self, sources, instructions, edited):
-        return self.handle.score_batched.remote(sources, instructions, edited), (sources, instructions, edited)
+    def submit(self, sources, instructions, edited, method: str = "score_batched"):
+        """Start `method` of the reward actor on the edits: score_batched (a rollout's rewards, batched with
+        other workers' requests) or judge (an evaluation's scores and gold)."""
+        return getattr(self.handle, method).remote(sources, instructions, edited), (method, sources, instructions, edited)
 
-    def result(self, submitted) -> Scores:
-        ref, args = submitted
+    def result(self, submitted):
+        ref, (method, *args) = submitted
         for attempt in range(self.retries + 1):
             try:
                 return ray.get(ref, timeout=self.timeout_s)
@@ -70,7 +72,7 @@ class RayRewardClient:
                 ray.cancel(ref)
                 if isinstance(e, RayActorError):  # died: Ray restarts it (max_restarts); calls fail fast until then
                     self._wait_until_alive()
-                ref = self.handle.score_batched.remote(*args)
+                ref = getattr(self.handle, method).remote(*args)
         raise AssertionError("unreachable")
 
     def _wait_until_alive(self) -> None:
@@ -96,11 +98,11 @@ class LocalRewardClient:
     def __init__(self, worker: RewardWorker):
         self.worker = worker
 
-    def submit(self, sources, instructions, edited):
-        return self.worker.score(sources, instructions, edited)
+    def submit(self, sources, instructions, edited, method: str = "score_batched"):
+        return (self.worker.score if method == "score_batched" else getattr(self.worker, method))(sources, instructions, edited)
 
-    def result(self, scores: Scores) -> Scores:
-        return scores
+    def result(self, done):
+        return done
 
 
 # ---- the actor set --------------------------------------------------------------------------------------------------
@@ -122,7 +124,7 @@ class ActorSet:
     rollout_workers: list
     learners: list  # in rank order
     reward_actors: list  # one per node
-    reward_clients: list  # one per node (the driver's evaluation spreads its batches over them)
+    reward_clients: list  # one per node
     placements: list[Placement]
     get: Callable[..., Any] = ray.get  # resolves what handle.method.remote(...) returned
     nodes: list[str] = field(default_factory=list)  # Ray node ids, one per node ("" in process)
@@ -212,7 +214,7 @@ def in_process_actors(cfg: RLConfig) -> Iterator[ActorSet]:
     c = cfg.cluster
     if c.num_nodes != 1 or c.num_rollout_workers != 1 or c.num_learners != 1:
         raise ValueError("in_process_actors runs one node with one rollout worker and one learner: set cluster.num_nodes, num_rollout_workers and num_learners to 1")
-    reward = RewardWorker(cfg.reward.terms, c.device, cfg.reward.max_batch_size, cfg.reward.max_wait_s, c.threads_per_worker)
+    reward = RewardWorker(cfg.reward.terms, c.device, cfg.reward.max_batch_size, cfg.reward.max_wait_s, c.threads_per_worker, gold=cfg.reward.gold)
     client = LocalRewardClient(reward)
     worker = RolloutWorker(cfg.policy, cfg.seed, client, c.threads_per_worker, c.device, final_only=cfg.algo.algo == "nft")
     learner = Learner(cfg, 0, 1, "127.0.0.1", free_port("127.0.0.1"), threads=c.threads_per_worker)
@@ -310,7 +312,7 @@ def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
         for n, pg in enumerate(groups):
             reward_at = next(p for p in layout if p.role == "reward")
             reward = ray.remote(RewardWorker).options(**options(pg, reward_at), max_restarts=2, max_task_retries=0, max_concurrency=64).remote(
-                cfg.reward.terms, c.device, cfg.reward.max_batch_size, cfg.reward.max_wait_s, c.threads_per_worker, c.num_rollout_workers
+                cfg.reward.terms, c.device, cfg.reward.max_batch_size, cfg.reward.max_wait_s, c.threads_per_worker, c.num_rollout_workers, cfg.reward.gold
             )
             actors.append(reward)
             rewards.append(reward)

@@ -24,6 +24,7 @@ from torch import nn
 
 from policies.policy import EditingPolicy
 from policies.rollout import Rollout
+from rl import checkpoint
 from rl.algorithms import MicroTargets, build_algorithm
 from rl.config import RLConfig
 from rl.workers import build_policy
@@ -189,8 +190,12 @@ class Learner:
         return deepspeed.zero.GatheredParameters(self.policy.trainable_parameters(), modifier_rank=None)
 
     def save(self, path: str) -> None:
-        """This rank's part of a checkpoint: trainable weights, value model, optimizer (DeepSpeed format)."""
+        """This rank's part of a checkpoint: its DeepSpeed state (trainable weights, value model, optimizer), and on
+        rank 0 the trainable weights as policy.safetensors (under ZeRO-3 gathered from every rank, which all call this)."""
         self.engine.save_checkpoint(str(Path(path) / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        with self.gathered():
+            if self.rank == 0:
+                checkpoint.write_weights(Path(path), self.policy.trainable_state())
 
     def load(self, path: str) -> None:
         """Resume this rank from a checkpoint. DeepSpeed's own loader unpickles with weights_only=False; ours

@@ -24,7 +24,6 @@ import torch
 from PIL import Image
 from ray.exceptions import RayActorError
 
-from policies.images import images_to_tensor, tensor_to_images
 from reward.config import save_config
 from rl import checkpoint
 from rl.actors import ActorSet, NodeLost, payload_bytes, ray_actors
@@ -33,8 +32,9 @@ from rl.compare import scores_file
 from rl.config import RLConfig
 from rl.logger import MetricsLogger
 from rl.prompts import load_prompts, prompts_for_step
-from rl.rewards import Scores, build_reward, total_rewards
+from rl.rewards import Scores, check_spec, total_rewards
 
+GRID_ROWS = 8  # evaluation prompts shown in each evaluation's grid
 MAX_REDOS = 3  # consecutive redos of one step (a rollout worker died, came back with old weights, or its rollouts were lost)
 
 
@@ -53,16 +53,10 @@ def term_means(prefix: str, scores: Scores) -> dict:
     return means
 
 
-def save_grid(path: Path, sources: torch.Tensor, edits: torch.Tensor, rows: int = 8) -> None:
-    """A PNG with source | edit pairs side by side, `rows` of them."""
-    srcs, outs = tensor_to_images(sources[:rows]), tensor_to_images(edits[:rows])
-    w, h = srcs[0].size
-    grid = Image.new("RGB", (2 * w, h * len(srcs)), "white")
-    for i, (s, e) in enumerate(zip(srcs, outs)):
-        grid.paste(s, (0, i * h))
-        grid.paste(e, (w, i * h))
+def save_grid(path: Path, pairs: torch.Tensor) -> None:
+    """A PNG of source | edit thumbnails (rl/workers.py pair_thumbnail), (n, 3, h, 2 w) uint8, one pair a row."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    Image.fromarray(torch.cat(list(pairs), dim=1).permute(1, 2, 0).numpy()).save(path)
 
 
 class Redo(Exception):
@@ -76,14 +70,11 @@ class Run:
     def __init__(self, cfg: RLConfig, actors: ActorSet, data: dict):
         self.cfg, self.actors, self.get = cfg, actors, actors.get
         self.run_dir = Path(cfg.output_dir)
-        self.prompts, self.eval_prompts, self.gold, self.skipped = data["prompts"], data["eval_prompts"], data["gold"], data["skipped"]
+        self.prompts, self.eval_prompts, self.skipped = data["prompts"], data["eval_prompts"], data["skipped"]
         self.term_weights = {t.name: t.weight for t in cfg.reward.terms}
         self.version = 0
         self.redos = 0
         self.logger: MetricsLogger | None = None
-        self.eval_sources = [p.source for p in self.eval_prompts]  # fixed for the run: prepared once
-        self.eval_instructions = [p.instruction for p in self.eval_prompts]
-        self.eval_source_tensor = images_to_tensor(self.eval_sources)
 
     # ---- start --------------------------------------------------------------------------------------------------
 
@@ -176,53 +167,54 @@ class Run:
     # ---- evaluation and checkpoints ------------------------------------------------------------------------------
 
     def evaluate(self, at_step: int) -> dict:
-        """ODE edits of the evaluation prompts, scored by the reward terms (and the gold judge); writes each
-        prompt's scores (rl/compare.py pairs them across evaluations), a grid, and the metrics row."""
+        """ODE edits of the evaluation prompts, judged on the workers' nodes (reward terms and gold judge): the
+        driver receives their scores and thumbnails, never the edits. Writes each prompt's scores (rl/compare.py
+        pairs them across evaluations), a grid, and the metrics row."""
         start = time.perf_counter()
         workers, cfg = self.actors.rollout_workers, self.cfg
         shares = np.array_split(np.arange(len(self.eval_prompts)), len(workers))
         for attempt in range(MAX_REDOS + 1):
-            parts = self.actors.watch([w.evaluate.remote([self.eval_prompts[i] for i in s], cfg.seed, cfg.algo.micro_batch_size) for w, s in zip(workers, shares) if len(s)])
-            held = sorted({v for _, v in parts} - {self.version})
+            parts = self.actors.watch([w.evaluate.remote([self.eval_prompts[i] for i in s], cfg.seed, cfg.algo.micro_batch_size, GRID_ROWS)
+                                       for w, s in zip(workers, shares) if len(s)])
+            held = sorted({p.version for p in parts} - {self.version})
             if not held:
                 break
             if attempt == MAX_REDOS:  # a worker restarted during evaluation keeps coming back with other weights
                 raise RuntimeError(f"evaluation at step {at_step}: workers held weight versions {held} != {self.version}, {MAX_REDOS + 1} times")
             print(f"evaluation at step {at_step}: weight versions {held} != {self.version} (a worker restarted); resending weights", flush=True)
             self.send_weights()
-        edits = torch.cat([e for e, _ in parts])
-        edited = tensor_to_images(edits)
-        n, clients = cfg.reward.max_batch_size, self.actors.reward_clients  # scored in batches, like rollouts, spread over the nodes
-        chunks = [clients[k % len(clients)].submit(self.eval_sources[i : i + n], self.eval_instructions[i : i + n], edited[i : i + n]) for k, i in enumerate(range(0, len(edited), n))]
-        scored = Scores.cat([clients[k % len(clients)].result(c) for k, c in enumerate(chunks)])
-        total = total_rewards(scored.terms, self.term_weights, torch.arange(len(edited))).total.tolist()  # each edit its own group
+        scored = Scores.cat([p.scores for p in parts])
+        total = total_rewards(scored.terms, self.term_weights, torch.arange(len(self.eval_prompts))).total.tolist()  # each edit its own group
         # the standard errors let rl/compare.py tell a real drop from evaluation noise
         row = {"eval/reward_mean": float(np.mean(total)), "eval/reward_sem": _standard_error(total)}
         row.update(term_means("eval", scored))
-        gold_scores = None
-        if self.gold is not None:
-            gold_scores = self.gold.score(self.eval_sources, self.eval_instructions, edited).numpy()
-            row["eval/gold_score"] = float(gold_scores.mean())
-            row["eval/gold_sem"] = _standard_error(gold_scores)
+        gold = None if parts[0].gold is None else [g for p in parts for g in p.gold]
+        if gold is not None:
+            row["eval/gold_score"] = float(np.mean(gold))
+            row["eval/gold_sem"] = _standard_error(gold)
         # every evaluation scores the same prompts with the same noise: rl/compare.py pairs them per prompt
-        per_prompt = {"step": at_step, "instructions": self.eval_instructions, "proxy": [float(x) for x in total],
-                      "gold": None if gold_scores is None else gold_scores.astype(float).tolist()}
+        per_prompt = {"step": at_step, "instructions": [p.instruction for p in self.eval_prompts], "proxy": [float(x) for x in total], "gold": gold}
         scores_path = scores_file(self.run_dir, at_step)
         scores_path.parent.mkdir(parents=True, exist_ok=True)
         scores_path.write_text(json.dumps(per_prompt))
-        save_grid(self.run_dir / "eval" / f"step-{at_step:06d}.png", self.eval_source_tensor, edits)
+        save_grid(self.run_dir / "eval" / f"step-{at_step:06d}.png", torch.cat([p.grid for p in parts])[:GRID_ROWS])
         row["perf/eval_s"] = time.perf_counter() - start
+        row["perf/eval_driver_bytes"] = payload_bytes(parts)
         self.logger.log(at_step, row)
         print(f"[eval step {at_step}] " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
         return row
 
     def save(self, at_step: int) -> None:
-        learners = self.actors.learners
+        """The learners write the checkpoint (rank 0 the trainable weights, every rank its DeepSpeed state) into
+        a staging folder; the driver logs what it received, then commits the folder with the run's state."""
+        start = time.perf_counter()
         staging = checkpoint.staging_dir(self.run_dir, at_step)
-        self.actors.watch([learner.save.remote(str(staging)) for learner in learners])
+        done = self.actors.watch([learner.save.remote(str(staging)) for learner in self.actors.learners])
+        # logged before the commit: a resume from an earlier checkpoint drops this row with the step's others
+        self.logger.log(at_step, {"perf/save_s": time.perf_counter() - start, "perf/checkpoint_driver_bytes": payload_bytes(done)})
         state = {"step": at_step, "policy_version": self.version, "wandb_run_id": self.logger.run_id,
                  "data_position": at_step * self.cfg.algo.prompts_per_step, "seed": self.cfg.seed}
-        checkpoint.commit(staging, state, self.get(self.weights()), self.cfg.keep_checkpoints)
+        checkpoint.commit(staging, state, self.cfg.keep_checkpoints)
 
     def stopped_by(self, lost: NodeLost) -> RuntimeError:
         """The error that stops a run whose node died. No checkpoint is attempted: the learners of the surviving
@@ -281,13 +273,16 @@ class Run:
 
 
 def prepare(cfg: RLConfig) -> dict:
-    """Everything checked before an actor starts: the run directory, the prompts, the gold judge, what to resume."""
+    """Everything checked before an actor starts: the run directory, the prompts, the reward specs, what to resume."""
     run_dir = Path(cfg.output_dir)
     prompts, skipped = load_prompts(cfg.data.train_prompts, cfg.policy.height, cfg.policy.width, skip_bad=cfg.data.skip_bad)
     eval_prompts, eval_skipped = load_prompts(cfg.data.eval_prompts, cfg.policy.height, cfg.policy.width, cfg.data.num_eval, cfg.data.skip_bad)
     if skipped or eval_skipped:
         print(f"skipped bad prompt rows: {skipped} of {cfg.data.train_prompts}, {eval_skipped} of {cfg.data.eval_prompts}", flush=True)
-    gold = build_reward(cfg.reward.gold) if cfg.reward.gold else None
+    for term in cfg.reward.terms:
+        check_spec(term.spec, f"reward.terms {term.name!r}")
+    if cfg.reward.gold:
+        check_spec(cfg.reward.gold, "reward.gold")
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
     found = checkpoint.complete_checkpoints(run_dir)
     if found and resume_from != found[-1]:
@@ -297,7 +292,7 @@ def prepare(cfg: RLConfig) -> dict:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    return {"prompts": prompts, "eval_prompts": eval_prompts, "gold": gold, "resume_from": resume_from, "skipped": (skipped, eval_skipped)}
+    return {"prompts": prompts, "eval_prompts": eval_prompts, "resume_from": resume_from, "skipped": (skipped, eval_skipped)}
 
 
 def train(cfg: RLConfig, actors: ActorSet | None = None) -> dict:

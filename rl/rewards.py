@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +45,21 @@ class SourcePreservation:
         return torch.tensor(out, dtype=torch.float32)
 
 
+REWARD_KINDS = ("jrm", "generative", "oracle")
+
+
+def check_spec(spec: str, where: str) -> None:
+    """Refuse a reward spec that cannot be built, before any actor starts: an unknown kind or a missing ShapeEdit
+    folder (a model path may be a hub id, which only its loading can check)."""
+    if spec == "preservation":
+        return
+    kind, _, path = spec.partition(":")
+    if kind not in REWARD_KINDS or not path:
+        raise ValueError(f"{where}: {spec!r} is not a reward spec; use preservation, " + ", ".join(f"{k}:PATH" for k in REWARD_KINDS))
+    if kind == "oracle" and not Path(path).is_dir():
+        raise FileNotFoundError(f"{where}: {spec!r}: no ShapeEdit data folder at {path}")
+
+
 def build_reward(spec: str, device: str = "cpu"):
     """`preservation`, or a reward/ spec (jrm:PATH, generative:PATH, oracle:DIR)."""
     if spec == "preservation":
@@ -64,6 +80,14 @@ class Scores:
             for name, n in p.errors.items():
                 errors[name] = errors.get(name, 0) + n
         return Scores({name: [x for p in parts for x in p.terms[name]] for name in parts[0].terms}, errors)
+
+
+@dataclass
+class Judged:
+    """What an evaluation's edits got from a reward actor: every term's scores and the gold judge's."""
+
+    scores: Scores
+    gold: list[float] | None  # one per edit; None: the run has no gold judge
 
 
 @dataclass
@@ -108,17 +132,20 @@ class RewardWorker:
     """Scores edits with every term; batches concurrent requests (see module docstring)."""
 
     def __init__(
-        self, terms: list[RewardTerm], device: str = "cpu", max_batch_size: int = 64, max_wait_s: float = 0.05, threads: int = 0, clients: int = 0
+        self, terms: list[RewardTerm], device: str = "cpu", max_batch_size: int = 64, max_wait_s: float = 0.05, threads: int = 0, clients: int = 0,
+        gold: str = "",
     ):
         """`max_batch_size`: edits gathered into one call (reward.max_batch_size); each term then forwards them
         `term.micro_batch_size` at a time. `clients`: the rollout workers this actor serves (its node's), 0 if
-        unknown: once that many requests wait, no more can be coming soon, so the call starts without waiting."""
+        unknown: once that many requests wait, no more can be coming soon, so the call starts without waiting.
+        `gold`: the held-out judge of evaluations (a reward spec, '' = none), which only `judge` calls."""
         if threads:
             torch.set_num_threads(threads)
         names = [t.name for t in terms]
         if not terms or len(set(names)) != len(names):
             raise ValueError(f"reward terms need distinct names and at least one term, got {names}")
         self.terms = [(t, build_reward(t.spec, device)) for t in terms]
+        self.gold = build_reward(gold, device) if gold else None
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.clients = clients
@@ -156,6 +183,14 @@ class RewardWorker:
             terms[term.name] = values
         self.batch_sizes.append(n)
         return Scores(terms, errors)
+
+    def judge(self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]) -> Judged:
+        """An evaluation's edits: every term's scores and the gold judge's, in one unbatched call (evaluations are
+        rare; their edits never leave the node that made them)."""
+        gold = None
+        if self.gold is not None:
+            gold = [float(v) for v in self.gold.score(source_images, instructions, edited_images, batch_size=self.max_batch_size)]
+        return Judged(self.score(source_images, instructions, edited_images), gold)
 
     def take_batch_sizes(self) -> list[int]:
         """The edits of each scoring call since the last take (the driver logs their mean per node and step)."""

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from policies.adapters import TrainableConfig
@@ -57,6 +58,29 @@ class RolloutResult:
     versions: list[int]  # the policy versions that sampled them
     sample_s: float  # seconds sampling
     wait_s: float  # seconds waiting for rewards after the last micro-batch was sampled
+
+
+@dataclass
+class EvalResult:
+    """One rollout worker's share of an evaluation, as the driver receives it: scores and a few thumbnails."""
+
+    scores: Scores  # every reward term, one per prompt
+    gold: list[float] | None  # the gold judge's score per prompt; None: no gold judge
+    version: int  # the policy version that made the edits
+    grid: Tensor  # (n, 3, THUMBNAIL, 2 THUMBNAIL) uint8: source | edit of the first prompts, at a fixed size
+
+
+THUMBNAIL = 128  # pixels a side of each image in an evaluation grid, whatever the policy's size
+
+
+def pair_thumbnail(source: Image.Image, edited: Image.Image) -> Tensor:
+    """Source | edit side by side at THUMBNAIL pixels each, (3, THUMBNAIL, 2 THUMBNAIL) uint8."""
+    pair = Image.new("RGB", (2 * THUMBNAIL, THUMBNAIL))
+    for k, image in enumerate((source, edited)):
+        image = image.convert("RGB")
+        # pixel art stays sharp when enlarged (ShapeEdit's 64 px); photographs are averaged when reduced
+        pair.paste(image.resize((THUMBNAIL, THUMBNAIL), Image.NEAREST if image.width <= THUMBNAIL else Image.BILINEAR), (k * THUMBNAIL, 0))
+    return torch.from_numpy(np.asarray(pair).copy()).permute(2, 0, 1)
 
 
 class RolloutWorker:
@@ -109,12 +133,18 @@ class RolloutWorker:
             rollouts = [self.store(r) for r in rollouts]
         return RolloutResult(rollouts, scores, versions, sampled - start, time.perf_counter() - sampled)
 
-    def evaluate(self, prompts: list[Prompt], seed: int, batch_size: int) -> tuple[Tensor, int]:
-        """ODE (noise 0) edits of `prompts`, (N, 3, H, W) uint8, and the weight version that made them."""
+    def evaluate(self, prompts: list[Prompt], seed: int, batch_size: int, grid_rows: int) -> EvalResult:
+        """ODE (noise 0) edits of `prompts`, judged by this node's reward actor (every term and the gold judge):
+        the edits stay on this node, and what leaves it does not grow with the images (EvalResult)."""
         generator = torch.Generator(self.device).manual_seed(seed)
-        out = []
+        handles, grid = [], []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
-            rollout = self.policy.sample([p.source for p in chunk], [p.instruction for p in chunk], self.eval_sampler, generator)
-            out.append(rollout.edited_images.cpu())
-        return torch.cat(out), self.policy.version
+            sources = [p.source for p in chunk]
+            edits = self.policy.sample(sources, [p.instruction for p in chunk], self.eval_sampler, generator).edited_images.cpu()
+            edited = tensor_to_images(edits)
+            handles.append(self.reward.submit(sources, [p.instruction for p in chunk], edited, method="judge"))
+            grid += [pair_thumbnail(s, e) for s, e in zip(sources, edited)][: grid_rows - len(grid)]
+        judged = [self.reward.result(h) for h in handles]
+        gold = None if judged[0].gold is None else [g for j in judged for g in j.gold]
+        return EvalResult(Scores.cat([j.scores for j in judged]), gold, self.policy.version, torch.stack(grid))

@@ -1,8 +1,9 @@
 """The tiny RL run every loop test builds on, and the checks that compare two runs.
 
 The fixture learns: its policy is an untrained ShapeEdit palette policy whose 'keep the source pixel' logit is
-lowered (KEEP_LOGIT), and its sampler draws the palette's last step, so every sample of a group is a different
-edit with a different oracle reward, advantages are non-zero and every step has a gradient. `assert_learned`
+lowered (launch/benchmarking.py tiny_learning_run), and its sampler draws the palette's last step, so every
+sample of a group is a different edit with a different oracle reward, advantages are non-zero and every step
+has a gradient. `assert_learned`
 checks that before any two runs are compared: a comparison of runs in which nothing is learned passes whatever
 is lost (a gradient, a micro-batch, the optimizer state).
 """
@@ -16,30 +17,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig
+from launch.benchmarking import tiny_learning_run
 from reward.config import load_config
-from reward.shapeedit import GenerateConfig, generate
 from rl.actors import in_process_actors
 from rl.config import RLConfig
 from rl.loop import train
 from rl.workers import build_policy
 
-# The built policy keeps each source pixel with probability ~0.98 (log(50 K)); at 3.0 an untrained one paints
-# a few pixels in ten with random palette colours, so the drawn edits of one prompt differ.
-KEEP_LOGIT = 3.0
-
-
-def tiny_data_and_policy(root: Path) -> Path:
-    """ShapeEdit prompts at 32x32 (root/data) and a random tiny policy for them (root/policy); returns root."""
-    generate(GenerateConfig(out=str(root / "data"), pairs=300, size=32, seed=0), progress=False)
-    rows = json.loads((root / "data" / "train_prompts.json").read_text())
-    cfg = ShapeEditPolicyConfig(
-        image_size=32, patch_size=8, hidden_size=64, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=24
-    )
-    policy = ShapeEditPolicy.build(cfg, [r["instruction"] for r in rows])
-    with torch.no_grad():
-        policy.transformer.pixel_head[-1].bias[0] = KEEP_LOGIT
-    policy.save_pretrained(root / "policy")
+def tiny_data_and_policy(root: Path, size: int = 32, hidden_size: int = 64) -> Path:
+    """launch/benchmarking.py's tiny_learning_run under root; returns root."""
+    tiny_learning_run(root, size, hidden_size)
     return root
 
 
@@ -66,9 +53,11 @@ def run_in_process(root, out, *extra):
 
 
 def metrics(run) -> list[dict]:
-    """metrics.jsonl without timings and batching (not reproducible)."""
+    """metrics.jsonl without timings and batching (not reproducible), and without the rows that hold nothing
+    else (a checkpoint's timing row: a run stopped by a failure saves once more than an uninterrupted one)."""
     rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(("perf/", "reward/node_"))} for r in rows]
+    kept = [{k: v for k, v in r.items() if not k.startswith(("perf/", "reward/node_"))} for r in rows]
+    return [r for r in kept if len(r) > 1]
 
 
 def weights(run, step: int) -> dict[str, torch.Tensor]:

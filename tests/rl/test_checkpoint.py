@@ -1,15 +1,17 @@
 """rl/checkpoint.py: atomic writes, newest complete checkpoint found, pruning, half-written ones ignored."""
 
-import numpy as np
 import pytest
+import torch
 
 from rl import checkpoint
 
 
-def _write(run, step, keep=2):
+def _write(run, step, keep=2, state=None, value=None):
+    """What a save does: the learners write into the staging folder, the driver commits it."""
     staging = checkpoint.staging_dir(run, step)
     (staging / "deepspeed").mkdir()
-    return checkpoint.commit(staging, {"step": step}, {"w": np.full(3, step, dtype=np.float32)}, keep)
+    checkpoint.write_weights(staging, {"w": torch.full((3,), float(step if value is None else value))})
+    return checkpoint.commit(staging, state or {"step": step}, keep)
 
 
 def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
@@ -29,7 +31,13 @@ def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
         checkpoint.find_resume(tmp_path, str(half))
     _write(tmp_path, 11)  # the staging folder of step 3 is gone once rewritten; stale ones never count
     assert checkpoint.find_resume(tmp_path, "auto").name == "step-000011"
-    staging = checkpoint.staging_dir(tmp_path, 11)  # re-saving a step replaces it whole
-    again = checkpoint.commit(staging, {"step": 11, "again": True}, {"w": np.zeros(3, dtype=np.float32)}, 2)
+    again = _write(tmp_path, 11, state={"step": 11, "again": True}, value=0)  # re-saving a step replaces it whole
     assert checkpoint.load(again)[0] == {"step": 11, "again": True}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".tmp-step-000003", "step-000010", "step-000011"]
+
+
+def test_a_checkpoint_without_its_weights_is_never_committed(tmp_path):
+    staging = checkpoint.staging_dir(tmp_path, 1)
+    with pytest.raises(FileNotFoundError, match="did not write the checkpoint's weights"):
+        checkpoint.commit(staging, {"step": 1}, 2)
+    assert checkpoint.find_resume(tmp_path, "auto") is None

@@ -12,6 +12,7 @@ a NaN loss on one rank.
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,45 @@ def test_nft_resumes_exactly_and_writes_per_prompt_scores(root, tmp_path):
     assert_learned(c)
     assert_same_weights(weights(c, 2), weights(a, 2), atol=0)
     assert_same_metrics(c, a)
+
+
+def test_what_the_driver_receives_does_not_grow_with_images_or_weights(root, tmp_path_factory):
+    """Evaluations are judged where their edits are and checkpoints written by the learners: the driver's bytes
+    for an evaluation and for a checkpoint are the same for 4x the pixels and twice the trained weights."""
+    big_root = tiny_data_and_policy(tmp_path_factory.mktemp("big"), size=64, hidden_size=128)
+    small = run_in_process(root, tmp_path_factory.mktemp("small") / "run", "num_steps=1", "eval_every=1")
+    big = run_in_process(big_root, tmp_path_factory.mktemp("large") / "run", "num_steps=1", "eval_every=1", "policy.height=64", "policy.width=64")
+    grew = (big / "checkpoints" / "step-000001" / "policy.safetensors").stat().st_size / (small / "checkpoints" / "step-000001" / "policy.safetensors").stat().st_size
+    assert grew > 1.9
+    for key in ("perf/eval_driver_bytes", "perf/checkpoint_driver_bytes"):
+        got = [r[key] for r in read_rows(big) if key in r]
+        want = [r[key] for r in read_rows(small) if key in r]
+        assert len(got) == len(want) >= 1 and all(g == pytest.approx(w, rel=0.1) for g, w in zip(got, want)), (key, got, want)
+    assert max(r["perf/eval_driver_bytes"] for r in read_rows(big) if "perf/eval_driver_bytes" in r) < 2e6
+
+
+def read_rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+class Payload:
+    """A pickle that runs code when unpickled without weights_only (it would create the file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_unpickles_weights_only_and_refuses_code(root, whole, tmp_path):
+    """DeepSpeed's optimizer files are pickles; resume reads them with weights_only=True (every resume
+    goes through the same path), so a planted payload is refused and never runs."""
+    run = tmp_path / "run"
+    shutil.copytree(whole, run)
+    marker = tmp_path / "code-ran"
+    optim = next((run / "checkpoints" / "step-000003" / "deepspeed" / "state").glob("*optim_states.pt"))
+    torch.save({"optimizer_state_dict": Payload(marker)}, optim)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        run_in_process(root, run, "num_steps=4")
+    assert not marker.exists()

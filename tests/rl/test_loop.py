@@ -330,29 +330,6 @@ def test_a_driver_killed_while_writing_a_checkpoint_never_loads_it(setup, whole,
 
 
 
-class Payload:
-    """A pickle that runs code when unpickled without weights_only (it would create the file)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
-def test_resume_unpickles_weights_only_and_refuses_code(setup, whole, tmp_path):
-    """DeepSpeed's optimizer files are pickles; resume reads them with weights_only=True (the uninterrupted
-    run's resumes above go through the same path), so a planted payload is refused and never runs."""
-    run = tmp_path / "run"
-    shutil.copytree(whole, run)
-    marker = tmp_path / "code-ran"
-    optim = next((run / "checkpoints" / "step-000003" / "deepspeed" / "state").glob("*optim_states.pt"))
-    torch.save({"optimizer_state_dict": Payload(marker)}, optim)
-    with pytest.raises(Exception, match="Weights only load failed"):
-        train(load_config(RLConfig, None, overrides(setup, run, "num_steps=4")))
-    assert not marker.exists()
-
-
 def test_no_secret_reaches_the_run_directory(setup, tmp_path, monkeypatch):
     """Tokens in the environment (wandb, Hugging Face, Ray) appear in no file of a run, wandb's offline files
     included; wandb stays offline."""

@@ -18,7 +18,7 @@ from reward.config import load_config
 from rl.actors import actor_nodes, fetch_rollouts, ray_actors
 from rl.config import RLConfig
 from rl.loop import train
-from tests.rl.runs import assert_learned, assert_same_weights, tiny_data_and_policy, weights
+from tests.rl.runs import assert_learned, assert_same_metrics, assert_same_weights, tiny_data_and_policy, weights
 from tests.rl.runs import overrides as loop_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -57,14 +57,8 @@ def steps(run):
     return [r for r in metrics(run) if "perf/step_s" in r]
 
 
-def same_metrics(got_dir, want_dir, rel=1e-5):
-    got = [{k: v for k, v in r.items() if not k.startswith(("perf/", "reward/node_"))} for r in metrics(got_dir)]
-    want = [{k: v for k, v in r.items() if not k.startswith(("perf/", "reward/node_"))} for r in metrics(want_dir)]
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        for k in w:
-            assert g[k] == pytest.approx(w[k], rel=rel, abs=1e-7), (g["step"], k)
+def same_metrics(got_dir, want_dir):
+    assert_same_metrics(got_dir, want_dir, rel=1e-5, abs=1e-7)
 
 
 @pytest.fixture(scope="module")
