@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import random
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python launch/bench_soak.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on loopback only (see launch/grpo_edit.py)
 
 import psutil  # noqa: E402
 import ray  # noqa: E402
@@ -180,6 +182,31 @@ def differences(got: Path, want: Path) -> dict:
     return {"same_rows": True, "max_metric_abs": metric, "max_weight_abs": weight}
 
 
+RECOVERY = {"rollout-worker": "Ray restarts it, the step is redone", "reward-actor": "Ray restarts it, the call is retried",
+            "learner": "the run stops, resume=auto", "node": "the run stops, a node is added, resume=auto"}
+
+
+def markdown(report: dict) -> str:
+    """The table docs/reliability.md holds, from the JSON report."""
+    r = report
+    kinds = sorted({f["kind"] for f in r["faults"]})
+    lines = ["| fault | injected | at steps | recovered by |", "| --- | --- | --- | --- |"]
+    for kind in kinds:
+        at = [f["at_step"] for f in r["faults"] if f["kind"] == kind]
+        injected = sum(f["injected"] for f in r["faults"] if f["kind"] == kind)
+        lines.append(f"| {kind} | {injected} of {len(at)} | {', '.join(map(str, at))} | {RECOVERY[kind]} |")
+    s, noise = r["soaked"], r["noise"]
+    lines += [
+        "",
+        f"{r['faults_injected']} faults in a {r['steps']}-step run: {len(r['resumes'])} resumes, {r['redos_in_run']} steps redone in the run, "
+        f"{r['reward_retries']} reward calls retried, {r['steps_redone']} steps computed twice in all; "
+        f"{r['seconds']['faulted']:.0f} s against {r['seconds']['uninterrupted']:.0f} s uninterrupted (overhead {r['overhead']:+.0%}). "
+        f"Largest difference from the uninterrupted run: metrics {s['max_metric_abs']:.3g}, weights {s['max_weight_abs']:.3g} "
+        f"(two uninterrupted runs: {noise['max_metric_abs']:.3g} and {noise['max_weight_abs']:.3g}).",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="RL steps of each run")
@@ -234,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"resumes {len(result['resumes'])}, redos in the run {in_run}, reward retries {result['reward_retries']}, steps redone {result['steps_redone']}, "
           f"wall-clock {result['seconds']} (overhead {result['overhead']:+.1%})")
     print(f"largest differences: faulted vs uninterrupted {soaked}; two uninterrupted runs {noise}; recovered: {result['recovered']}")
+    print(markdown(result))
     print(f"wrote {write_report(args.out, 'soak', command_line(__file__, argv), vars(args), result)}")
     return result
 

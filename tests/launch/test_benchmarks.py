@@ -70,3 +70,26 @@ def test_the_rl_step_tables_in_the_docs_are_the_committed_json():
     assert bench_rl_step.markdown(report) in (ROOT / "docs" / "performance.md").read_text(), "rerun launch/bench_rl_step.py and paste its tables"
     by_config = {r["config"]: r for r in report["rows"]}
     assert by_config["sync-1x1@2"]["reward_batch_mean"].keys() == {"node_0", "node_1"}
+
+
+def test_the_soak_table_in_the_docs_is_the_committed_json():
+    """docs/bench/soak.json (launch/bench_soak.py): at least 8 faults of every kind, all injected, the faulted run
+    equal to the uninterrupted one within two uninterrupted runs' noise; docs/reliability.md shows its table."""
+    from launch import bench_soak
+
+    report = json.loads((ROOT / "docs" / "bench" / "soak.json").read_text())["results"]
+    assert report["faults_injected"] == len(report["faults"]) >= 8 and report["steps"] >= 100
+    assert {f["kind"] for f in report["faults"]} == set(bench_soak.KINDS) and report["recovered"]
+    assert bench_soak.markdown(report) in (ROOT / "docs" / "reliability.md").read_text(), "rerun launch/bench_soak.py and paste its table"
+
+
+def test_the_soak_schedule_spreads_every_kind_and_bad_arguments_are_refused():
+    from launch import bench_soak
+
+    plan = bench_soak.schedule(100, 9, seed=3)
+    steps = [f["step"] for f in plan]
+    assert steps == sorted(set(steps)) and 3 <= steps[0] and steps[-1] <= 97
+    assert all(sum(f["kind"] == k for f in plan) >= 2 for k in bench_soak.KINDS)
+    for bad in (["--steps", "5"], ["--faults", "0"], ["--steps", "20", "--faults", "15"]):
+        with pytest.raises(SystemExit):
+            bench_soak.main(bad)  # refused before a cluster starts
