@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: demo test install test-latest lock clean
+.PHONY: demo test lint install test-latest lock clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests $(ARGS)
+
+# ruff, configured in pyproject.toml (line length 120); `.venv/bin/ruff format .` and `ruff check --fix .` mend most of it.
+lint: $(BIN)/.installed
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # A maintainer's check before refreshing the lock: the newest releases pyproject.toml admits, in their own venv.
 test-latest:

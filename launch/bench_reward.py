@@ -40,7 +40,12 @@ SIZES = {
     "small": dict(hidden=128, layers=4, image=64),
     "medium": dict(hidden=512, layers=8, image=128),
 }
-INSTRUCTIONS = ("make the red circle blue", "move the square to the left", "remove the small triangle", "enlarge the green star")
+INSTRUCTIONS = (
+    "make the red circle blue",
+    "move the square to the left",
+    "remove the small triangle",
+    "enlarge the green star",
+)
 
 
 def build_model(size: str, seed: int = 0) -> JRM:
@@ -71,7 +76,9 @@ def bench_size(size: str, batches: list[int], critique_tokens: int, repeats: int
         judge.generated_tokens = 0
         gen_s = seconds(lambda: judge.score(**batch), "cpu", repeats)
         tokens_per_run = judge.generated_tokens / (repeats + 1)
-        assert tokens_per_run == n * critique_tokens, f"judge wrote {tokens_per_run} tokens per run, expected {n * critique_tokens}"
+        assert tokens_per_run == n * critique_tokens, (
+            f"judge wrote {tokens_per_run} tokens per run, expected {n * critique_tokens}"
+        )
         rows.append(
             {
                 "size": size,
@@ -107,9 +114,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes (pairs per forward)")
     parser.add_argument("--critique-tokens", type=int, default=256, help="tokens per generated critique")
     parser.add_argument("--repeats", type=int, default=3, help="timings per cell (the median is reported)")
-    parser.add_argument("--min-pairs", type=int, default=8, help="pairs per timing at least (batch 1 scores this many one by one)")
+    parser.add_argument(
+        "--min-pairs", type=int, default=8, help="pairs per timing at least (batch 1 scores this many one by one)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    parser.add_argument("--out", default="runs/bench/reward.json", help="where the JSON report goes (settings, machine, results)")
+    parser.add_argument(
+        "--out", default="runs/bench/reward.json", help="where the JSON report goes (settings, machine, results)"
+    )
     parser.add_argument("--profile", action="store_true", help="then profile the largest batch of the first size")
     args = parser.parse_args(argv)
     sizes = comma_list(parser, "--sizes", args.sizes, SIZES)
@@ -118,9 +129,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--critique-tokens, --repeats and --min-pairs must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [row for size in sizes for row in bench_size(size, batches, args.critique_tokens, args.repeats, args.min_pairs)]
+    rows = [
+        row for size in sizes for row in bench_size(size, batches, args.critique_tokens, args.repeats, args.min_pairs)
+    ]
     columns = ["size", "batch", "prompt_tokens", "jrm_pairs_s", "gen_pairs_s", "ratio", "gen_tokens_s"]
-    print("\n" + table(rows, columns, f"JRM vs generative judge ({args.critique_tokens}-token critiques), {torch.get_num_threads()} threads"))
+    print(
+        "\n"
+        + table(
+            rows,
+            columns,
+            f"JRM vs generative judge ({args.critique_tokens}-token critiques), {torch.get_num_threads()} threads",
+        )
+    )
     path = write_report(args.out, "reward", command_line(__file__, argv), vars(args), {"rows": rows})
     print(f"wrote {path}")
     if args.profile:

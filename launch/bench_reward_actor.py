@@ -87,19 +87,37 @@ def batch_sizes_since(actor, seen: int) -> list[int]:
     return ray.get(actor.__ray_call__.remote(lambda worker: worker.batch_sizes[seen:]))
 
 
-def bench_size(size: str, clients: list[int], num_requests: int, request_size: int, max_batch: int, micro_batch: int, max_wait_s: float, threads: int) -> list[dict]:
+def bench_size(
+    size: str,
+    clients: list[int],
+    num_requests: int,
+    request_size: int,
+    max_batch: int,
+    micro_batch: int,
+    max_wait_s: float,
+    threads: int,
+) -> list[dict]:
     """Rows for one JRM size: one request at a time, then batched with each number of clients, on one actor."""
     with tempfile.TemporaryDirectory() as tmp:
         build_model(size).save_pretrained(tmp)
         actor = (
             ray.remote(RewardWorker)
             .options(max_concurrency=max(clients) + 1)
-            .remote([RewardTerm(name="jrm", spec=f"jrm:{tmp}", micro_batch_size=micro_batch)], "cpu", max_batch, max_wait_s, threads)
+            .remote(
+                [RewardTerm(name="jrm", spec=f"jrm:{tmp}", micro_batch_size=micro_batch)],
+                "cpu",
+                max_batch,
+                max_wait_s,
+                threads,
+            )
         )
         ray.get(actor.__ray_ready__.remote())
     n = num_requests * request_size
     sources, instructions, edits = candidates(n, SIZES[size]["image"])
-    requests = [(sources[i : i + request_size], instructions[i : i + request_size], edits[i : i + request_size]) for i in range(0, n, request_size)]
+    requests = [
+        (sources[i : i + request_size], instructions[i : i + request_size], edits[i : i + request_size])
+        for i in range(0, n, request_size)
+    ]
     one_at_a_time(actor, requests[:4])  # warm-up: first calls pay for lazy initialisation
     with_clients(actor, requests[: 2 * max(clients)], max(clients))
     seen = len(batch_sizes_since(actor, 0))
@@ -108,12 +126,33 @@ def bench_size(size: str, clients: list[int], num_requests: int, request_size: i
     seen += len(requests)
     base = n / seconds
     empty_ms = round_trip_ms(actor)
-    rows = [{"size": size, "mode": "one at a time", "clients": 1, "edits_s": base, "speedup": 1.0, "mean_batch": float(request_size), **percentiles(latencies), "empty_call_ms": empty_ms}]
+    rows = [
+        {
+            "size": size,
+            "mode": "one at a time",
+            "clients": 1,
+            "edits_s": base,
+            "speedup": 1.0,
+            "mean_batch": float(request_size),
+            **percentiles(latencies),
+            "empty_call_ms": empty_ms,
+        }
+    ]
     for c in clients:
         seconds, latencies = with_clients(actor, requests, c)
         sizes = batch_sizes_since(actor, seen)
         seen += len(sizes)
-        rows.append({"size": size, "mode": "batched", "clients": c, "edits_s": n / seconds, "speedup": n / seconds / base, "mean_batch": float(np.mean(sizes)), **percentiles(latencies)})
+        rows.append(
+            {
+                "size": size,
+                "mode": "batched",
+                "clients": c,
+                "edits_s": n / seconds,
+                "speedup": n / seconds / base,
+                "mean_batch": float(np.mean(sizes)),
+                **percentiles(latencies),
+            }
+        )
     ray.kill(actor)
     return rows
 
@@ -124,24 +163,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--clients", default="4,16,64", help="concurrent clients of the batched runs")
     parser.add_argument("--requests", type=int, default=128, help="requests per run")
     parser.add_argument("--request-size", type=int, default=1, help="edits per request")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="edits the actor gathers into one call (reward.max_batch_size)")
-    parser.add_argument("--micro-batch-size", type=int, default=64, help="edits the JRM forwards at once (the term's micro_batch_size)")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=64, help="edits the actor gathers into one call (reward.max_batch_size)"
+    )
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=64, help="edits the JRM forwards at once (the term's micro_batch_size)"
+    )
     parser.add_argument("--max-wait-s", type=float, default=0.05, help="the actor's max_wait_s (reward.max_wait_s)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the actor (default: all cores)")
-    parser.add_argument("--out", default="runs/bench/reward_actor.json", help="where the JSON report goes (settings, machine, results)")
+    parser.add_argument(
+        "--out", default="runs/bench/reward_actor.json", help="where the JSON report goes (settings, machine, results)"
+    )
     args = parser.parse_args(argv)
     sizes = comma_list(parser, "--sizes", args.sizes, SIZES)
     clients = comma_list(parser, "--clients", args.clients)
     if min(args.requests, args.request_size, args.max_batch_size, args.micro_batch_size) < 1 or args.max_wait_s < 0:
-        parser.error("--requests, --request-size, --max-batch-size and --micro-batch-size must be positive, --max-wait-s >= 0")
+        parser.error(
+            "--requests, --request-size, --max-batch-size and --micro-batch-size must be positive, --max-wait-s >= 0"
+        )
     threads = args.threads or os.cpu_count()
     env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}}
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False, runtime_env=env)
     try:
-        rows = [row for size in sizes for row in bench_size(size, clients, args.requests, args.request_size, args.max_batch_size, args.micro_batch_size, args.max_wait_s, threads)]
+        rows = [
+            row
+            for size in sizes
+            for row in bench_size(
+                size,
+                clients,
+                args.requests,
+                args.request_size,
+                args.max_batch_size,
+                args.micro_batch_size,
+                args.max_wait_s,
+                threads,
+            )
+        ]
     finally:
         ray.shutdown()
-    columns = ["size", "mode", "clients", "edits_s", "speedup", "mean_batch", "p50_ms", "p90_ms", "p99_ms", "empty_call_ms"]
+    columns = [
+        "size",
+        "mode",
+        "clients",
+        "edits_s",
+        "speedup",
+        "mean_batch",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "empty_call_ms",
+    ]
     title = f"Ray reward actor: {args.requests} requests of {args.request_size} edit(s), max_wait_s {args.max_wait_s}, {threads} threads"
     print("\n" + table(rows, columns, title))
     path = write_report(args.out, "reward_actor", command_line(__file__, argv), vars(args), {"rows": rows})

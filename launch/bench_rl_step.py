@@ -36,16 +36,16 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on 
 
 import psutil  # noqa: E402
 import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 import torch  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 
 from launch.bench_reward import build_model  # noqa: E402
 from launch.benchmarking import PeakMemory, command_line, median, table, write_report  # noqa: E402
 from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig  # noqa: E402
 from reward.config import HelpFormatter, load_config  # noqa: E402
 from reward.shapeedit import GenerateConfig, generate  # noqa: E402
-from rl.config import RLConfig  # noqa: E402
 from rl.actors import in_process_actors  # noqa: E402
+from rl.config import RLConfig  # noqa: E402
 from rl.loop import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +56,21 @@ PHASES = ("step_s", "rollout_s", "sample_s", "reward_wait_s", "waiting_s", "upda
 SIZES = {
     "demo": (ShapeEditPolicyConfig(), "small", []),
     "tiny": (
-        ShapeEditPolicyConfig(image_size=32, hidden_size=64, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=24),
+        ShapeEditPolicyConfig(
+            image_size=32, hidden_size=64, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=24
+        ),
         "tiny",
-        ["policy.height=32", "policy.width=32", "policy.sampler.num_steps=3", "policy.lora_rank=4", "policy.eval_steps=3",
-         "algo.prompts_per_step=2", "algo.group_size=4", "algo.micro_batch_size=4", "algo.updates_per_step=1"],
+        [
+            "policy.height=32",
+            "policy.width=32",
+            "policy.sampler.num_steps=3",
+            "policy.lora_rank=4",
+            "policy.eval_steps=3",
+            "algo.prompts_per_step=2",
+            "algo.group_size=4",
+            "algo.micro_batch_size=4",
+            "algo.updates_per_step=1",
+        ],
     ),
 }
 
@@ -74,18 +85,40 @@ def prepare(root: Path, size: str) -> dict[str, Path]:
     return {"data": root / "data", "policy": root / "policy", "jrm": root / "jrm"}
 
 
-def rl_config(paths: dict[str, Path], size: str, out: Path, steps: int, mode: str, workers: int, learners: int, max_wait_s: float | None, nodes: int = 1) -> RLConfig:
+def rl_config(
+    paths: dict[str, Path],
+    size: str,
+    out: Path,
+    steps: int,
+    mode: str,
+    workers: int,
+    learners: int,
+    max_wait_s: float | None,
+    nodes: int = 1,
+) -> RLConfig:
     """The demo preset (launch/configs/shapeedit.yaml) on the prepared files, resized by `size`, for one run."""
     data = paths["data"]
     return load_config(
         RLConfig,
         PRESET,
         [
-            f"output_dir={out}", f"policy.path={paths['policy']}", f"reward.terms=[{{name: jrm, spec: 'jrm:{paths['jrm']}', micro_batch_size: 64}}]", "reward.gold=''",
-            f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}", "data.num_eval=8",
-            f"num_steps={steps}", f"eval_every={steps}", f"save_every={steps}", "wandb=false",
-            f"cluster.num_rollout_workers={workers}", f"cluster.num_learners={learners}", f"cluster.async_reward={mode == 'async'}", f"cluster.num_nodes={nodes}",
-            "policy.sampler.sample_last_step=false", "policy.sampler.gaussian_steps=true",  # the 8 Gaussian steps a GPU policy trains
+            f"output_dir={out}",
+            f"policy.path={paths['policy']}",
+            f"reward.terms=[{{name: jrm, spec: 'jrm:{paths['jrm']}', micro_batch_size: 64}}]",
+            "reward.gold=''",
+            f"data.train_prompts={data / 'train_prompts.json'}",
+            f"data.eval_prompts={data / 'test_heldout_prompts.json'}",
+            "data.num_eval=8",
+            f"num_steps={steps}",
+            f"eval_every={steps}",
+            f"save_every={steps}",
+            "wandb=false",
+            f"cluster.num_rollout_workers={workers}",
+            f"cluster.num_learners={learners}",
+            f"cluster.async_reward={mode == 'async'}",
+            f"cluster.num_nodes={nodes}",
+            "policy.sampler.sample_last_step=false",
+            "policy.sampler.gaussian_steps=true",  # the 8 Gaussian steps a GPU policy trains
             *SIZES[size][2],
             *([] if max_wait_s is None else [f"reward.max_wait_s={max_wait_s}"]),
         ],
@@ -130,7 +163,13 @@ def step_medians(cfg: RLConfig, name: str) -> dict:
     for r in steps:
         r["perf/waiting_s"] = r["perf/rollout_s"] - r["perf/sample_s"] - r["perf/reward_wait_s"]
         r["perf/overhead"] = 1 - (r["perf/sample_s"] + r["perf/reward_wait_s"] + r["perf/learn_s"]) / r["perf/step_s"]
-    result = {"config": name, **{p: median([r[f"perf/{p}"] for r in steps]) for p in (*PHASES, "learn_s", "overhead", "driver_bytes", "rollout_bytes")}}
+    result = {
+        "config": name,
+        **{
+            p: median([r[f"perf/{p}"] for r in steps])
+            for p in (*PHASES, "learn_s", "overhead", "driver_bytes", "rollout_bytes")
+        },
+    }
     result["edits_s"] = cfg.algo.prompts_per_step * cfg.algo.group_size / result["step_s"]
     batches = [k for k in steps[0] if k.startswith("reward/node_")]
     result["reward_batch_mean"] = {k.split("/")[1]: median([r[k] for r in steps]) for k in batches}
@@ -152,7 +191,9 @@ def simulated_nodes(n: int):
     """A Ray cluster of `n` nodes on this machine, on loopback: a head that holds no actor (0 CPUs: the driver's)
     and n nodes with this machine's cores each (ray.cluster_utils.Cluster, as Ray's own tests)."""
     env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    )
     try:
         for _ in range(n):
             cluster.add_node(num_cpus=os.cpu_count(), node_ip_address="127.0.0.1")
@@ -182,16 +223,24 @@ def markdown(report: dict) -> str:
     def percent(value) -> str:
         return "-" if value is None else f"{100 * value:+.1f}%"
 
-    lines = ["| config | step s | sampling s | reward wait s | waiting s | update s | weight sync s | overhead | vs in-process | edits/s | driver bytes/step | rollout bytes/step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| config | step s | sampling s | reward wait s | waiting s | update s | weight sync s | overhead | vs in-process | edits/s | driver bytes/step | rollout bytes/step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         lines.append(
             f"| {r['config']} | {num(r['step_s'])} | {num(r['sample_s'])} | {num(r['reward_wait_s'], 2)} | {num(r['waiting_s'], 2)} | {num(r['update_s'])} "
             f"| {num(r['sync_s'], 2)} | {100 * r['overhead']:.1f}% | {percent(r.get('vs_in_process'))} | {num(r['edits_s'])} | {int(r['driver_bytes']):,} | {int(r['rollout_bytes']):,} |"
         )
-    lines += ["", "| config | rollout worker GiB | reward actor GiB | learner GiB | driver GiB |", "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| config | rollout worker GiB | reward actor GiB | learner GiB | driver GiB |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['config']} | {num(r.get('RolloutWorker_gib'), 2)} | {num(r.get('RewardWorker_gib'), 2)} | {num(r.get('Learner_gib'), 2)} | {num(r['driver_gib'], 2)} |")
+        lines.append(
+            f"| {r['config']} | {num(r.get('RolloutWorker_gib'), 2)} | {num(r.get('RewardWorker_gib'), 2)} | {num(r.get('Learner_gib'), 2)} | {num(r['driver_gib'], 2)} |"
+        )
     return "\n".join(lines)
 
 
@@ -199,10 +248,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--size", default="demo", choices=sorted(SIZES), help="policy and reward model sizes")
     parser.add_argument("--steps", type=int, default=4, help="RL steps per run (the first is a warm-up)")
-    parser.add_argument("--configs", default="sync-1x1,async-1x1,async-2x1,async-1x2,async-2x2,sync-1x1@2", help="MODE-RxL[@N], MODE sync or async, N simulated nodes")
-    parser.add_argument("--max-wait-s", type=float, default=None, help="the reward actor's batching wait (default: the preset's)")
+    parser.add_argument(
+        "--configs",
+        default="sync-1x1,async-1x1,async-2x1,async-1x2,async-2x2,sync-1x1@2",
+        help="MODE-RxL[@N], MODE sync or async, N simulated nodes",
+    )
+    parser.add_argument(
+        "--max-wait-s", type=float, default=None, help="the reward actor's batching wait (default: the preset's)"
+    )
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
-    parser.add_argument("--out", default="runs/bench/rl_step.json", help="where the JSON report goes (settings, machine, results)")
+    parser.add_argument(
+        "--out", default="runs/bench/rl_step.json", help="where the JSON report goes (settings, machine, results)"
+    )
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is a warm-up)")
@@ -222,11 +279,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         root = Path(tmp)
         paths = prepare(root, args.size)
         if not args.no_in_process:
-            results.append(in_process_run(rl_config(paths, args.size, root / "in-process", args.steps, "sync", 1, 1, args.max_wait_s)))
+            results.append(
+                in_process_run(
+                    rl_config(paths, args.size, root / "in-process", args.steps, "sync", 1, 1, args.max_wait_s)
+                )
+            )
             print(table(results[-1:], list(results[-1])), flush=True)
         with simulated_nodes(max(r[4] for r in runs)):
             for name, mode, workers, learners, nodes in runs:
-                results.append(ray_run(rl_config(paths, args.size, root / name, args.steps, mode, workers, learners, args.max_wait_s, nodes), name))
+                results.append(
+                    ray_run(
+                        rl_config(
+                            paths, args.size, root / name, args.steps, mode, workers, learners, args.max_wait_s, nodes
+                        ),
+                        name,
+                    )
+                )
                 print(table(results[-1:], list(results[-1])), flush=True)
     by_name = {r["config"]: r for r in results}
     base = by_name.get("in-process-1x1")
@@ -235,8 +303,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r["vs_in_process"] = r["step_s"] / base["step_s"] - 1
         if "sync-1x1" in by_name:
             r["speedup_vs_sync_1x1"] = by_name["sync-1x1"]["step_s"] / r["step_s"]
-    columns = ["config", *PHASES, "learn_s", "edits_s", "overhead", "vs_in_process", "speedup_vs_sync_1x1", "driver_bytes", "rollout_bytes"]
-    print("\n" + table(results, columns, f"RL step phases (median seconds over steps 2..{args.steps}), {os.cpu_count()} cores, 1 thread per actor"))
+    columns = [
+        "config",
+        *PHASES,
+        "learn_s",
+        "edits_s",
+        "overhead",
+        "vs_in_process",
+        "speedup_vs_sync_1x1",
+        "driver_bytes",
+        "rollout_bytes",
+    ]
+    print(
+        "\n"
+        + table(
+            results,
+            columns,
+            f"RL step phases (median seconds over steps 2..{args.steps}), {os.cpu_count()} cores, 1 thread per actor",
+        )
+    )
     memory = ["config", *(f"{role}_gib" for role in ROLES), "driver_gib"]
     print("\n" + table(results, memory, "Peak resident memory per role (GiB; in-process: the one process)"))
     path = write_report(args.out, "rl_step", command_line(__file__, argv), vars(args), {"rows": results})

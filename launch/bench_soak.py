@@ -51,14 +51,38 @@ KINDS = ["rollout-worker", "reward-actor", "learner", "node"]
 def overrides(paths: dict[str, Path], out: Path, steps: int) -> list[str]:
     data = paths["data"]
     return [
-        f"output_dir={out}", f"policy.path={paths['policy']}", "policy.height=32", "policy.width=32", "policy.sampler.num_steps=3",
-        "policy.sampler.noise_level=0.9", "policy.sampler.sample_last_step=true", "policy.lora_rank=4", "policy.eval_steps=3",
-        f"reward.terms=[{{name: oracle, spec: 'oracle:{data}'}}]", f"reward.gold=oracle:{data}", "reward.timeout_s=30",
-        f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}", "data.num_eval=4",
-        "algo.prompts_per_step=2", "algo.group_size=4", "algo.micro_batch_size=2", "algo.updates_per_step=1", "algo.lr=0.01",
-        f"num_steps={steps}", "save_every=5", f"eval_every={max(steps // 4, 1)}", "keep_checkpoints=2", "wandb=false",
-        "cluster.num_nodes=2", "cluster.num_rollout_workers=1", "cluster.num_learners=1", "cluster.gpus_per_node=2",
-        "cluster.gpu_resource=fake_gpu", "cluster.reward_gpu=1", "cluster.placement_timeout_s=120",
+        f"output_dir={out}",
+        f"policy.path={paths['policy']}",
+        "policy.height=32",
+        "policy.width=32",
+        "policy.sampler.num_steps=3",
+        "policy.sampler.noise_level=0.9",
+        "policy.sampler.sample_last_step=true",
+        "policy.lora_rank=4",
+        "policy.eval_steps=3",
+        f"reward.terms=[{{name: oracle, spec: 'oracle:{data}'}}]",
+        f"reward.gold=oracle:{data}",
+        "reward.timeout_s=30",
+        f"data.train_prompts={data / 'train_prompts.json'}",
+        f"data.eval_prompts={data / 'test_heldout_prompts.json'}",
+        "data.num_eval=4",
+        "algo.prompts_per_step=2",
+        "algo.group_size=4",
+        "algo.micro_batch_size=2",
+        "algo.updates_per_step=1",
+        "algo.lr=0.01",
+        f"num_steps={steps}",
+        "save_every=5",
+        f"eval_every={max(steps // 4, 1)}",
+        "keep_checkpoints=2",
+        "wandb=false",
+        "cluster.num_nodes=2",
+        "cluster.num_rollout_workers=1",
+        "cluster.num_learners=1",
+        "cluster.gpus_per_node=2",
+        "cluster.gpu_resource=fake_gpu",
+        "cluster.reward_gpu=1",
+        "cluster.placement_timeout_s=120",
     ]
 
 
@@ -105,7 +129,10 @@ class Injector:
                 return
             fault = {**fault, "at_step": last_step(self.run), "injected": self._inject(fault["kind"])}
             self.done.append(fault)
-            print(f"[soak] fault {len(self.done)}: {fault['kind']} at step {fault['at_step']} ({'injected' if fault['injected'] else 'missed'})", flush=True)
+            print(
+                f"[soak] fault {len(self.done)}: {fault['kind']} at step {fault['at_step']} ({'injected' if fault['injected'] else 'missed'})",
+                flush=True,
+            )
 
     def _inject(self, kind: str) -> bool:
         if kind == "node":
@@ -161,16 +188,25 @@ def run_to_the_end(cfg: RLConfig, injector: Injector | None) -> dict:
             found = checkpoint.find_resume(cfg.output_dir, "auto")
             resumed_at = int(json.loads((found / "state.json").read_text())["step"]) if found else 0
             redone += reached - resumed_at
-            resumes.append({"error": f"{type(e).__name__}: {str(e)[:200]}", "reached": reached, "resumed_from": resumed_at})
-            print(f"[soak] the run stopped at step {reached} ({type(e).__name__}); resume=auto from step {resumed_at}", flush=True)
+            resumes.append(
+                {"error": f"{type(e).__name__}: {str(e)[:200]}", "reached": reached, "resumed_from": resumed_at}
+            )
+            print(
+                f"[soak] the run stopped at step {reached} ({type(e).__name__}); resume=auto from step {resumed_at}",
+                flush=True,
+            )
             injector.repair()
     return {"seconds": time.perf_counter() - start, "resumes": resumes, "steps_redone_after_resume": redone}
 
 
 def differences(got: Path, want: Path) -> dict:
     """Largest differences of two runs: every non-timing metric of every row, and the final trainable weights."""
+
     def rows(run):
-        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("perf/", "reward/node_"))} for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if not k.startswith(("perf/", "reward/node_"))}
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
 
     a, b = rows(got), rows(want)
     if [r["step"] for r in a] != [r["step"] for r in b] or any(x.keys() != y.keys() for x, y in zip(a, b)):
@@ -182,8 +218,12 @@ def differences(got: Path, want: Path) -> dict:
     return {"same_rows": True, "max_metric_abs": metric, "max_weight_abs": weight}
 
 
-RECOVERY = {"rollout-worker": "Ray restarts it, the step is redone", "reward-actor": "Ray restarts it, the call is retried",
-            "learner": "the run stops, resume=auto", "node": "the run stops, a node is added, resume=auto"}
+RECOVERY = {
+    "rollout-worker": "Ray restarts it, the step is redone",
+    "reward-actor": "Ray restarts it, the call is retried",
+    "learner": "the run stops, resume=auto",
+    "node": "the run stops, a node is added, resume=auto",
+}
 
 
 def markdown(report: dict) -> str:
@@ -210,7 +250,9 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="RL steps of each run")
-    parser.add_argument("--faults", type=int, default=9, help="faults injected into the soaked run (>= 8: every kind twice)")
+    parser.add_argument(
+        "--faults", type=int, default=9, help="faults injected into the soaked run (>= 8: every kind twice)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
     parser.add_argument("--out", default="docs/bench/soak.json", help="where the JSON report goes")
     args = parser.parse_args(argv)
@@ -220,18 +262,38 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         root = Path(tmp)
         paths = tiny_learning_run(root)
-        health = {"health_check_period_ms": 500, "health_check_failure_threshold": 2, "health_check_initial_delay_ms": 0}
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "_system_config": health})
+        health = {
+            "health_check_period_ms": 500,
+            "health_check_failure_threshold": 2,
+            "health_check_initial_delay_ms": 0,
+        }
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "node_ip_address": "127.0.0.1",
+                "include_dashboard": False,
+                "_system_config": health,
+            },
+        )
         nodes = [cluster.add_node(**NODE) for _ in range(2)]
-        ray.init(address=cluster.address, configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
+        ray.init(
+            address=cluster.address,
+            configure_logging=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
+        )
         try:
             runs = {}
             for name in ("uninterrupted", "uninterrupted-again"):
-                runs[name] = run_to_the_end(load_config(RLConfig, None, overrides(paths, root / name, args.steps)), None)
+                runs[name] = run_to_the_end(
+                    load_config(RLConfig, None, overrides(paths, root / name, args.steps)), None
+                )
             faulted = root / "faulted"
             tee = Tee(sys.stdout)
             with Injector(faulted, plan, cluster, nodes) as injector, contextlib.redirect_stdout(tee):
-                runs["faulted"] = run_to_the_end(load_config(RLConfig, None, overrides(paths, faulted, args.steps)), injector)
+                runs["faulted"] = run_to_the_end(
+                    load_config(RLConfig, None, overrides(paths, faulted, args.steps)), injector
+                )
             printed = "".join(tee.text)
         finally:
             ray.shutdown()
@@ -253,14 +315,27 @@ def main(argv: list[str] | None = None) -> dict:
         "overhead": round(runs["faulted"]["seconds"] / runs["uninterrupted"]["seconds"] - 1, 3),
         "noise": noise,
         "soaked": soaked,
-        "recovered": soaked["same_rows"] and soaked["max_metric_abs"] <= max(noise["max_metric_abs"], 1e-6) * 10
-                     and soaked["max_weight_abs"] <= max(noise["max_weight_abs"], 1e-6) * 10,
+        "recovered": soaked["same_rows"]
+        and soaked["max_metric_abs"] <= max(noise["max_metric_abs"], 1e-6) * 10
+        and soaked["max_weight_abs"] <= max(noise["max_weight_abs"], 1e-6) * 10,
     }
-    print(table([{"fault": f["kind"], "planned step": f["step"], "at step": f["at_step"], "injected": f["injected"]} for f in faults],
-                ["fault", "planned step", "at step", "injected"], f"{len(faults)} faults in a {args.steps}-step run on 2 simulated nodes"))
-    print(f"resumes {len(result['resumes'])}, redos in the run {in_run}, reward retries {result['reward_retries']}, steps redone {result['steps_redone']}, "
-          f"wall-clock {result['seconds']} (overhead {result['overhead']:+.1%})")
-    print(f"largest differences: faulted vs uninterrupted {soaked}; two uninterrupted runs {noise}; recovered: {result['recovered']}")
+    print(
+        table(
+            [
+                {"fault": f["kind"], "planned step": f["step"], "at step": f["at_step"], "injected": f["injected"]}
+                for f in faults
+            ],
+            ["fault", "planned step", "at step", "injected"],
+            f"{len(faults)} faults in a {args.steps}-step run on 2 simulated nodes",
+        )
+    )
+    print(
+        f"resumes {len(result['resumes'])}, redos in the run {in_run}, reward retries {result['reward_retries']}, steps redone {result['steps_redone']}, "
+        f"wall-clock {result['seconds']} (overhead {result['overhead']:+.1%})"
+    )
+    print(
+        f"largest differences: faulted vs uninterrupted {soaked}; two uninterrupted runs {noise}; recovered: {result['recovered']}"
+    )
     print(markdown(result))
     print(f"wrote {write_report(args.out, 'soak', command_line(__file__, argv), vars(args), result)}")
     return result

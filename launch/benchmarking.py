@@ -98,6 +98,7 @@ class PeakMemory:
         """Peak in GiB: GPU memory allocated, or the process's resident set on CPU."""
         return self.peak_bytes / 2**30
 
+
 def random_images(n: int, size: int, seed: int) -> list[Image.Image]:
     """n random RGB images of size x size pixels (speed does not depend on what they show)."""
     rng = np.random.default_rng(seed)
@@ -167,7 +168,14 @@ def write_report(path: str | Path, name: str, command: str, settings: dict, resu
     """The JSON a benchmark leaves behind: what ran, where, with which settings, and what it measured."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": name, "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "settings": settings, "results": results}
+    report = {
+        "benchmark": name,
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
+        "settings": settings,
+        "results": results,
+    }
     path.write_text(json.dumps(report, indent=1))
     return path
 
@@ -188,7 +196,13 @@ def tiny_learning_run(root: Path, size: int = 32, hidden_size: int = 64) -> dict
     generate(GenerateConfig(out=str(root / "data"), pairs=300, size=size, seed=0), progress=False)
     rows = json.loads((root / "data" / "train_prompts.json").read_text())
     cfg = ShapeEditPolicyConfig(
-        image_size=size, patch_size=8, hidden_size=hidden_size, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=24
+        image_size=size,
+        patch_size=8,
+        hidden_size=hidden_size,
+        num_layers=2,
+        text_hidden_size=32,
+        text_layers=1,
+        max_instruction_tokens=24,
     )
     policy = ShapeEditPolicy.build(cfg, [r["instruction"] for r in rows])
     with torch.no_grad():

@@ -30,8 +30,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from reward.config import HelpFormatter  # noqa: E402
 from reward.compare import Probe, RewardComparison, compare_reward_runs, load_reward_run  # noqa: E402
+from reward.config import HelpFormatter  # noqa: E402
 from reward.data import DataError  # noqa: E402
 from rl.compare import CompareError, Difference, GroupSummary, Run, Signal, band, gold_difference, load_run, summarise  # noqa: E402
 
@@ -77,9 +77,18 @@ def plot_runs(runs: list[Run], signals: dict[Path, Signal], window: int, out: Pa
             if not any(len(r.series(key)[0]) for r in group):
                 continue
             b = band(group, key, 1 if key.startswith("eval/") else window, relative=key == "eval/reward_mean")
-            ax.plot(b.steps, b.mean, color=colors[label], label=f"{label} (n={len(group)})", marker="o" if key.startswith("eval/") else None, ms=3)
+            ax.plot(
+                b.steps,
+                b.mean,
+                color=colors[label],
+                label=f"{label} (n={len(group)})",
+                marker="o" if key.startswith("eval/") else None,
+                ms=3,
+            )
             ax.fill_between(b.steps, b.low, b.high, color=colors[label], alpha=0.2, lw=0)
-        ax.set_title(title + ("" if key.startswith("eval/") or window <= 1 else f", smoothed over {window} steps"), fontsize=10)
+        ax.set_title(
+            title + ("" if key.startswith("eval/") or window <= 1 else f", smoothed over {window} steps"), fontsize=10
+        )
         ax.set_xlabel("RL step")
         if log:
             ax.set_yscale("log")
@@ -93,7 +102,12 @@ def plot_runs(runs: list[Run], signals: dict[Path, Signal], window: int, out: Pa
         proxy = proxy - proxy[0]  # each reward model has its own scale
         ax.plot(gold, proxy, color=colors[run.label], marker="o", ms=3, alpha=0.8)
         if len(steps) > 1:  # an arrow head on the last segment shows the direction of time
-            ax.annotate("", xy=(gold[-1], proxy[-1]), xytext=(gold[-2], proxy[-2]), arrowprops={"arrowstyle": "->", "color": colors[run.label]})
+            ax.annotate(
+                "",
+                xy=(gold[-1], proxy[-1]),
+                xytext=(gold[-2], proxy[-2]),
+                arrowprops={"arrowstyle": "->", "color": colors[run.label]},
+            )
         onset = signals[run.path].onset
         if onset is not None:
             i = list(steps).index(onset)
@@ -120,14 +134,35 @@ def plot_reward_models(cmp: RewardComparison, out: Path) -> Path:
     for i in range(len(names)):
         for j in range(len(names)):
             value = cmp.agreement[i, j]
-            left.text(j, i, fmt(value, 2), ha="center", va="center", fontsize=9, color="white" if abs(value) > 0.6 else "black")
+            left.text(
+                j,
+                i,
+                fmt(value, 2),
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if abs(value) > 0.6 else "black",
+            )
     fig.colorbar(image, ax=left, fraction=0.046)
     left.set_title("Spearman of final scores on the probe set", fontsize=10)
     for i, (run, drift) in enumerate(zip(cmp.runs, cmp.drift)):
         color = plt.cm.tab10(i % 10)
         steps = [d.step for d in drift]
-        right.plot(steps, [d.spearman_final for d in drift], "o-", color=color, label=f"{run.label} {run.path.name}: Spearman with final")
-        right.plot(steps, [d.probe_accuracy for d in drift], "s--", color=color, alpha=0.6, label=f"{run.label} {run.path.name}: probe accuracy")
+        right.plot(
+            steps,
+            [d.spearman_final for d in drift],
+            "o-",
+            color=color,
+            label=f"{run.label} {run.path.name}: Spearman with final",
+        )
+        right.plot(
+            steps,
+            [d.probe_accuracy for d in drift],
+            "s--",
+            color=color,
+            alpha=0.6,
+            label=f"{run.label} {run.path.name}: probe accuracy",
+        )
     right.set_xlabel("reward-model training step")
     lowest = min(min(d.spearman_final for d in drift) for drift in cmp.drift)
     right.set_ylim(min(0.0, lowest) - 0.05, 1.05)
@@ -145,33 +180,99 @@ def plot_reward_models(cmp: RewardComparison, out: Path) -> Path:
 def rl_blocks(summaries: list[GroupSummary], runs: list[Run], signals: dict[Path, Signal], figure: Path) -> list:
     at = summaries[0].at_step
     blocks: list = [("h2", "RL runs")]
-    header = ["reward model", "runs", "steps done/planned", "gold at start", f"gold at step {at}", f"best gold ≤ {at}", f"proxy start → step {at}",
-              "verdicts (whole runs)", "hacking onsets", "proxy–gold agreement (whole runs)", "gold seed spread (curve)", "approx KL", "clipfrac", "reward std", "zero_std_ratio"]
+    header = [
+        "reward model",
+        "runs",
+        "steps done/planned",
+        "gold at start",
+        f"gold at step {at}",
+        f"best gold ≤ {at}",
+        f"proxy start → step {at}",
+        "verdicts (whole runs)",
+        "hacking onsets",
+        "proxy–gold agreement (whole runs)",
+        "gold seed spread (curve)",
+        "approx KL",
+        "clipfrac",
+        "reward std",
+        "zero_std_ratio",
+    ]
     rows = []
     for g in summaries:
-        rows.append([g.label, str(g.runs), g.steps, fmt(g.gold_start), pm(g.gold_at, g.gold_at_std), fmt(g.gold_best), f"{fmt(g.proxy_start)} → {pm(g.proxy_at, g.proxy_at_std)}",
-                     ", ".join(f"{k} {v}/{g.runs}" for k, v in sorted(g.verdicts.items())), ", ".join(map(str, g.onsets)) or "-", fmt(g.agreement, 2),
-                     fmt(g.gold_curve_std), fmt(g.kl, 2, "e"), fmt(g.clipfrac), fmt(g.reward_std), fmt(g.zero_std_ratio)])
+        rows.append(
+            [
+                g.label,
+                str(g.runs),
+                g.steps,
+                fmt(g.gold_start),
+                pm(g.gold_at, g.gold_at_std),
+                fmt(g.gold_best),
+                f"{fmt(g.proxy_start)} → {pm(g.proxy_at, g.proxy_at_std)}",
+                ", ".join(f"{k} {v}/{g.runs}" for k, v in sorted(g.verdicts.items())),
+                ", ".join(map(str, g.onsets)) or "-",
+                fmt(g.agreement, 2),
+                fmt(g.gold_curve_std),
+                fmt(g.kl, 2, "e"),
+                fmt(g.clipfrac),
+                fmt(g.reward_std),
+                fmt(g.zero_std_ratio),
+            ]
+        )
     blocks.append(("table", header, rows))
-    blocks.append(("p", f"Step {at} is the last evaluation every run reached; the gold, proxy and per-step columns (KL to zero_std_ratio, means over steps and seeds) stop there; "
-                        f"verdicts and agreement judge each run as far as it went. ± is the standard deviation across seeds."))
+    blocks.append(
+        (
+            "p",
+            f"Step {at} is the last evaluation every run reached; the gold, proxy and per-step columns (KL to zero_std_ratio, means over steps and seeds) stop there; "
+            f"verdicts and agreement judge each run as far as it went. ± is the standard deviation across seeds.",
+        )
+    )
     blocks.append(("p", conclusion(summaries)))
     blocks.append(("img", figure.name, "RL curves"))
-    header = ["reward model", "run", "seed", "steps", "last checkpoint", "gold start → best (step) → last", "proxy start → last", "verdict", "onset", "agreement", "tolerance"]
+    header = [
+        "reward model",
+        "run",
+        "seed",
+        "steps",
+        "last checkpoint",
+        "gold start → best (step) → last",
+        "proxy start → last",
+        "verdict",
+        "onset",
+        "agreement",
+        "tolerance",
+    ]
     rows = []
     for r in runs:
         s = signals[r.path]
         steps, gold = r.series("eval/gold_score")
         _, proxy = r.series("eval/reward_mean")
         gold_text = f"{fmt(gold[0])} → {fmt(gold.max())} ({s.best_step}) → {fmt(gold[-1])}" if len(gold) else "n/a"
-        rows.append([r.label, str(r.path), str(r.seed), f"{r.last_step}/{r.planned_steps}", "-" if r.last_checkpoint is None else str(r.last_checkpoint), gold_text,
-                     f"{fmt(proxy[0])} → {fmt(proxy[-1])}", s.verdict, "-" if s.onset is None else str(s.onset), fmt(s.agreement, 2), s.tolerance])
+        rows.append(
+            [
+                r.label,
+                str(r.path),
+                str(r.seed),
+                f"{r.last_step}/{r.planned_steps}",
+                "-" if r.last_checkpoint is None else str(r.last_checkpoint),
+                gold_text,
+                f"{fmt(proxy[0])} → {fmt(proxy[-1])}",
+                s.verdict,
+                "-" if s.onset is None else str(s.onset),
+                fmt(s.agreement, 2),
+                s.tolerance,
+            ]
+        )
     blocks.append(("table", header, rows))
-    blocks.append(("p", "Verdicts, on the held-out evaluations, with the tolerance of the last column (3 standard errors of the per-prompt "
-                        "change from eval/scores-step-N.json, else of the difference from the logged eval/*_sem, else fixed): hacking = since the best gold evaluation the gold score "
-                        "fell beyond tolerance while the proxy rose beyond tolerance; collapsed = both fell; improved / degraded = the last gold "
-                        "score is above / below the first; flat = none of these; too short = under 3 evaluations. Agreement = Spearman of proxy "
-                        "and gold across evaluations (1: the proxy tracks the gold score; 0 or below: decoupled). Definitions: rl/compare.py."))
+    blocks.append(
+        (
+            "p",
+            "Verdicts, on the held-out evaluations, with the tolerance of the last column (3 standard errors of the per-prompt "
+            "change from eval/scores-step-N.json, else of the difference from the logged eval/*_sem, else fixed): hacking = since the best gold evaluation the gold score "
+            "fell beyond tolerance while the proxy rose beyond tolerance; collapsed = both fell; improved / degraded = the last gold "
+            "score is above / below the first; flat = none of these; too short = under 3 evaluations. Agreement = Spearman of proxy "
+            "and gold across evaluations (1: the proxy tracks the gold score; 0 or below: decoupled). Definitions: rl/compare.py.",
+        )
+    )
     return blocks
 
 
@@ -182,21 +283,35 @@ def conclusion(summaries: list[GroupSummary]) -> str:
         return "No run logged a gold score, so the table can't say which reward model drives real improvement."
     ranked = sorted(with_gold, key=lambda g: -g.gold_at)
     best = ranked[0]
-    parts = [f"Highest gold score at step {best.at_step}: {best.label} ({pm(best.gold_at, best.gold_at_std)}, from {fmt(best.gold_start)})."]
+    parts = [
+        f"Highest gold score at step {best.at_step}: {best.label} ({pm(best.gold_at, best.gold_at_std)}, from {fmt(best.gold_start)})."
+    ]
     if len(ranked) > 1:
         second = ranked[1]
-        spread = max(best.gold_at_std, second.gold_at_std) if not (math.isnan(best.gold_at_std) or math.isnan(second.gold_at_std)) else math.nan
+        spread = (
+            max(best.gold_at_std, second.gold_at_std)
+            if not (math.isnan(best.gold_at_std) or math.isnan(second.gold_at_std))
+            else math.nan
+        )
         if math.isnan(spread):
-            parts.append(f"Next: {second.label} ({fmt(second.gold_at)}); with one seed per reward model the gap can't be told from seed noise.")
+            parts.append(
+                f"Next: {second.label} ({fmt(second.gold_at)}); with one seed per reward model the gap can't be told from seed noise."
+            )
         elif best.gold_at - second.gold_at <= spread:
-            parts.append(f"Next: {second.label} ({pm(second.gold_at, second.gold_at_std)}): the gap ({fmt(best.gold_at - second.gold_at)}) is within the seed spread, so these seeds do not separate them.")
+            parts.append(
+                f"Next: {second.label} ({pm(second.gold_at, second.gold_at_std)}): the gap ({fmt(best.gold_at - second.gold_at)}) is within the seed spread, so these seeds do not separate them."
+            )
         else:
-            parts.append(f"Next: {second.label} ({pm(second.gold_at, second.gold_at_std)}): the gap ({fmt(best.gold_at - second.gold_at)}) exceeds the seed spread.")
+            parts.append(
+                f"Next: {second.label} ({pm(second.gold_at, second.gold_at_std)}): the gap ({fmt(best.gold_at - second.gold_at)}) exceeds the seed spread."
+            )
     for g in with_gold:
         hacked = g.verdicts.get("hacking", 0)
         collapsed = g.verdicts.get("collapsed", 0)
         if hacked:
-            parts.append(f"{g.label}: the policy hacked it in {hacked} of {g.runs} runs (onset at steps {', '.join(map(str, g.onsets))}).")
+            parts.append(
+                f"{g.label}: the policy hacked it in {hacked} of {g.runs} runs (onset at steps {', '.join(map(str, g.onsets))})."
+            )
         if collapsed:
             parts.append(f"{g.label}: {collapsed} of {g.runs} runs collapsed (gold and proxy fell together).")
     spreads = [g for g in with_gold if not math.isnan(g.gold_curve_std)]
@@ -210,7 +325,11 @@ def reward_model_differences(runs: list[Run], signals: dict[Path, Signal]) -> li
     """gold_difference for every pair of labels with gold scores and >= 2 seeds each, in first-seen order."""
     labels = [label for label in dict.fromkeys(r.label for r in runs)]
     groups = {label: [r for r in runs if r.label == label] for label in labels}
-    usable = [label for label in labels if len(groups[label]) >= 2 and all(len(r.series("eval/gold_score")[0]) for r in groups[label])]
+    usable = [
+        label
+        for label in labels
+        if len(groups[label]) >= 2 and all(len(r.series("eval/gold_score")[0]) for r in groups[label])
+    ]
     return [gold_difference(groups[a], groups[b], signals) for i, a in enumerate(usable) for b in usable[i + 1 :]]
 
 
@@ -218,32 +337,94 @@ def difference_blocks(differences: list[Difference]) -> list:
     if not differences:
         return []
     blocks: list = [("h2", "Reward models compared on gold")]
-    header = ["A - B", "step", "gold difference", "95% interval", "seeds", "prompts", "seeds per model to resolve", "hacking rate A / B", "rate difference 95%"]
-    rows = [[f"{d.labels[0]} - {d.labels[1]}", str(d.step), f"{d.mean:+.4f}", f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]", f"{d.seeds[0]}+{d.seeds[1]}", str(d.prompts),
-             "resolved" if d.seeds_to_resolve == 0 else ("more prompts needed" if d.seeds_to_resolve is None else str(d.seeds_to_resolve)),
-             f"{d.hacking_rate[0]:.2f} / {d.hacking_rate[1]:.2f}", f"[{d.hacking_diff_ci[0]:+.2f}, {d.hacking_diff_ci[1]:+.2f}]"] for d in differences]
+    header = [
+        "A - B",
+        "step",
+        "gold difference",
+        "95% interval",
+        "seeds",
+        "prompts",
+        "seeds per model to resolve",
+        "hacking rate A / B",
+        "rate difference 95%",
+    ]
+    rows = [
+        [
+            f"{d.labels[0]} - {d.labels[1]}",
+            str(d.step),
+            f"{d.mean:+.4f}",
+            f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]",
+            f"{d.seeds[0]}+{d.seeds[1]}",
+            str(d.prompts),
+            "resolved"
+            if d.seeds_to_resolve == 0
+            else ("more prompts needed" if d.seeds_to_resolve is None else str(d.seeds_to_resolve)),
+            f"{d.hacking_rate[0]:.2f} / {d.hacking_rate[1]:.2f}",
+            f"[{d.hacking_diff_ci[0]:+.2f}, {d.hacking_diff_ci[1]:+.2f}]",
+        ]
+        for d in differences
+    ]
     blocks.append(("table", header, rows))
     blocks.extend(("p", d.sentence()) for d in differences)
-    blocks.append(("p", "Intervals: bootstrap resampling the seeds of each reward model and, paired across both, the held-out prompts "
-                        "(each run's per-prompt scores of that evaluation; seeds only for runs without them). Seeds to resolve: the seed "
-                        "part of the variance shrinks with more seeds, the prompt part does not (rl/compare.py: gold_difference)."))
+    blocks.append(
+        (
+            "p",
+            "Intervals: bootstrap resampling the seeds of each reward model and, paired across both, the held-out prompts "
+            "(each run's per-prompt scores of that evaluation; seeds only for runs without them). Seeds to resolve: the seed "
+            "part of the variance shrinks with more seeds, the prompt part does not (rl/compare.py: gold_difference).",
+        )
+    )
     return blocks
 
 
 def reward_blocks(cmp: RewardComparison, figure: Path, probe_file: str) -> list:
-    blocks: list = [("h2", "Reward models"), ("p", f"Probe set: {cmp.probe_pairs} non-tied pairs of {probe_file}; every checkpoint of every run scores the same candidates.")]
-    header = ["reward model", "runs", "eval accuracy (mean ± std)", "eval accuracy range", "probe accuracy (mean ± std)", "Spearman within group"]
-    rows = [[g.label, str(g.runs), pm(g.accuracy_mean, g.accuracy_std), fmt(g.accuracy_range), pm(g.probe_accuracy_mean, g.probe_accuracy_std), fmt(g.agreement_within)]
-            for g in cmp.groups]
+    blocks: list = [
+        ("h2", "Reward models"),
+        (
+            "p",
+            f"Probe set: {cmp.probe_pairs} non-tied pairs of {probe_file}; every checkpoint of every run scores the same candidates.",
+        ),
+    ]
+    header = [
+        "reward model",
+        "runs",
+        "eval accuracy (mean ± std)",
+        "eval accuracy range",
+        "probe accuracy (mean ± std)",
+        "Spearman within group",
+    ]
+    rows = [
+        [
+            g.label,
+            str(g.runs),
+            pm(g.accuracy_mean, g.accuracy_std),
+            fmt(g.accuracy_range),
+            pm(g.probe_accuracy_mean, g.probe_accuracy_std),
+            fmt(g.agreement_within),
+        ]
+        for g in cmp.groups
+    ]
     blocks.append(("table", header, rows))
     if all(g.runs == 1 for g in cmp.groups):
-        blocks.append(("p", "One run per setting: the seed-to-seed spread of accuracy and scores needs two or more runs under one label."))
+        blocks.append(
+            (
+                "p",
+                "One run per setting: the seed-to-seed spread of accuracy and scores needs two or more runs under one label.",
+            )
+        )
     names = [f"{r.label} ({r.path.name})" for r in cmp.runs]
     header = ["Spearman / same order"] + names
-    rows = [[names[i]] + [f"{fmt(cmp.agreement[i, j], 3)} / {fmt(cmp.same_order[i, j], 3)}" for j in range(len(names))] for i in range(len(names))]
+    rows = [
+        [names[i]] + [f"{fmt(cmp.agreement[i, j], 3)} / {fmt(cmp.same_order[i, j], 3)}" for j in range(len(names))]
+        for i in range(len(names))
+    ]
     blocks.append(("table", header, rows))
     header = ["run", "checkpoint step", "probe accuracy", "Spearman with final", "same order as final"]
-    rows = [[names[i], str(d.step), fmt(d.probe_accuracy), fmt(d.spearman_final), fmt(d.same_order_final)] for i, drift in enumerate(cmp.drift) for d in drift]
+    rows = [
+        [names[i], str(d.step), fmt(d.probe_accuracy), fmt(d.spearman_final), fmt(d.same_order_final)]
+        for i, drift in enumerate(cmp.drift)
+        for d in drift
+    ]
     blocks.append(("table", header, rows))
     blocks.append(("img", figure.name, "reward-model agreement and drift"))
     return blocks
@@ -259,16 +440,23 @@ def markdown(blocks: list) -> str:
             out.append(block[1])
         elif kind == "table":
             _, header, rows = block
-            out.append("\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]))
+            out.append(
+                "\n".join(
+                    ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                    + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+                )
+            )
         elif kind == "img":
             out.append(f"![{block[2]}]({block[1]})")
     return "\n\n".join(out) + "\n"
 
 
 def to_html(blocks: list) -> str:
-    out = ["<!doctype html><meta charset='utf-8'><title>jrm-edit run comparison</title>",
-           "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}table{border-collapse:collapse;font-size:13px}"
-           "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style>"]
+    out = [
+        "<!doctype html><meta charset='utf-8'><title>jrm-edit run comparison</title>",
+        "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style>",
+    ]
     for block in blocks:
         kind = block[0]
         if kind in ("h1", "h2"):
@@ -277,8 +465,13 @@ def to_html(blocks: list) -> str:
             out.append(f"<p>{html.escape(block[1])}</p>")
         elif kind == "table":
             _, header, rows = block
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+                + "</table>"
+            )
         elif kind == "img":
             out.append(f"<img src='{html.escape(block[1])}' alt='{html.escape(block[2])}'>")
     return "\n".join(out) + "\n"
@@ -287,7 +480,11 @@ def to_html(blocks: list) -> str:
 def _plain(value):
     """JSON-ready copies of the summaries (paths as text, nan as null)."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in ("rows", "config")}
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.name not in ("rows", "config")
+        }
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -301,8 +498,16 @@ def _plain(value):
     return value
 
 
-def compare(run_args: list[str], out: str | Path, reward_args: list[str] = (), probe: str | None = None, probe_pairs: int = 200,
-            window: int = 5, gold_tolerance: float = 0.02, command: str = "") -> Path:
+def compare(
+    run_args: list[str],
+    out: str | Path,
+    reward_args: list[str] = (),
+    probe: str | None = None,
+    probe_pairs: int = 200,
+    window: int = 5,
+    gold_tolerance: float = 0.02,
+    command: str = "",
+) -> Path:
     """Write the report; returns the path of report.md."""
     if not run_args and not reward_args:
         raise CompareError("nothing to compare: give RL run folders and/or --reward-runs")
@@ -310,7 +515,10 @@ def compare(run_args: list[str], out: str | Path, reward_args: list[str] = (), p
         raise CompareError("--reward-runs needs --probe PAIRS_FILE (e.g. the ShapeEdit data's test_iid.json)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    blocks: list = [("h1", "jrm-edit run comparison"), ("p", f"Written {time.strftime('%Y-%m-%d %H:%M')}" + (f" by: {command}" if command else ""))]
+    blocks: list = [
+        ("h1", "jrm-edit run comparison"),
+        ("p", f"Written {time.strftime('%Y-%m-%d %H:%M')}" + (f" by: {command}" if command else "")),
+    ]
     summary: dict = {}
     if run_args:
         runs = [load_run(path, label) for label, path in map(split_label, run_args)]
@@ -318,8 +526,11 @@ def compare(run_args: list[str], out: str | Path, reward_args: list[str] = (), p
         blocks += rl_blocks(summaries, runs, signals, plot_runs(runs, signals, window, out))
         differences = reward_model_differences(runs, signals)
         blocks += difference_blocks(differences)
-        summary["rl"] = {"groups": _plain(summaries), "runs": [{**_plain(r), "seed": r.seed, "signal": _plain(signals[r.path])} for r in runs],
-                         "differences": [{**_plain(d), "sentence": d.sentence()} for d in differences]}
+        summary["rl"] = {
+            "groups": _plain(summaries),
+            "runs": [{**_plain(r), "seed": r.seed, "signal": _plain(signals[r.path])} for r in runs],
+            "differences": [{**_plain(d), "sentence": d.sentence()} for d in differences],
+        }
     if reward_args:
         reward_runs = [load_reward_run(path, label) for label, path in map(split_label, reward_args)]
         cmp = compare_reward_runs(reward_runs, Probe.load(probe, probe_pairs))
@@ -335,15 +546,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("runs", nargs="*", help="RL run folders of launch/grpo_edit.py, as DIR or LABEL=DIR")
     parser.add_argument("--out", required=True, help="folder for report.md/.html, the PNGs and summary.json")
-    parser.add_argument("--reward-runs", nargs="+", default=[], help="run folders of reward/train.py, as DIR or LABEL=DIR")
-    parser.add_argument("--probe", help="pairs file (EditReward-Data json) the reward models are compared on (default: none; --reward-runs needs one)")
+    parser.add_argument(
+        "--reward-runs", nargs="+", default=[], help="run folders of reward/train.py, as DIR or LABEL=DIR"
+    )
+    parser.add_argument(
+        "--probe",
+        help="pairs file (EditReward-Data json) the reward models are compared on (default: none; --reward-runs needs one)",
+    )
     parser.add_argument("--probe-pairs", type=int, default=200, help="non-tied probe pairs used")
-    parser.add_argument("--smooth", type=int, default=5, help="moving-average window of the per-step curves (figures only)")
-    parser.add_argument("--gold-tolerance", type=float, default=0.02, help="gold drop treated as noise for runs without logged standard errors")
+    parser.add_argument(
+        "--smooth", type=int, default=5, help="moving-average window of the per-step curves (figures only)"
+    )
+    parser.add_argument(
+        "--gold-tolerance",
+        type=float,
+        default=0.02,
+        help="gold drop treated as noise for runs without logged standard errors",
+    )
     args = parser.parse_args(argv)
     try:
         command = "python launch/compare_runs.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        report = compare(args.runs, args.out, args.reward_runs, args.probe, args.probe_pairs, args.smooth, args.gold_tolerance, command)
+        report = compare(
+            args.runs,
+            args.out,
+            args.reward_runs,
+            args.probe,
+            args.probe_pairs,
+            args.smooth,
+            args.gold_tolerance,
+            command,
+        )
     except (CompareError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -75,12 +75,39 @@ class RayCluster:
         self.env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **os.environ, "RAY_AUTH_MODE": "token"}
 
     def __enter__(self) -> RayCluster:
-        run([self.ray, "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--port=6389"], env=self.env)
+        run(
+            [
+                self.ray,
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=2",
+                "--disable-usage-stats",
+                "--dashboard-host=127.0.0.1",
+                "--dashboard-port=8265",
+                "--port=6389",
+            ],
+            env=self.env,
+        )
         return self
 
     def submit(self, overrides: list[str]) -> None:
         """One GRPO job, waited for; its logs stream to this terminal."""
-        cmd = [self.ray, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--", sys.executable, "launch/grpo_edit.py", "--config", "launch/configs/shapeedit.yaml", *overrides]
+        cmd = [
+            self.ray,
+            "job",
+            "submit",
+            "--address",
+            "http://127.0.0.1:8265",
+            "--working-dir",
+            ".",
+            "--",
+            sys.executable,
+            "launch/grpo_edit.py",
+            "--config",
+            "launch/configs/shapeedit.yaml",
+            *overrides,
+        ]
         run(cmd, env=self.env)
 
     def __exit__(self, *exc) -> None:
@@ -94,7 +121,10 @@ def doing_nothing(data_dir: Path, split: str, limit: int) -> dict:
 
     prompts = load_eval_prompts(data_dir, split, limit, 64)
     judged = [judge_image(p["scene"], p["edits"], p["source"]) for p in prompts]
-    return {k: round(sum(getattr(j, k) for j in judged) / len(judged), 4) for k in ("overall", "following", "consistency", "quality")}
+    return {
+        k: round(sum(getattr(j, k) for j in judged) / len(judged), 4)
+        for k in ("overall", "following", "consistency", "quality")
+    }
 
 
 def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str], prompts: int, group_size: int) -> dict:
@@ -127,32 +157,60 @@ def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str],
 
     def draw(sampler) -> tuple[list, float]:
         """The edits, and the share of groups whose edits are all identical (no reward spread for GRPO)."""
-        edited = torch.cat([policy.sample(sources[i : i + 64], instructions[i : i + 64], sampler, torch.Generator().manual_seed(i)).edited_images
-                            for i in range(0, len(sources), 64)]).reshape(len(rows), group_size, -1)
+        edited = torch.cat(
+            [
+                policy.sample(
+                    sources[i : i + 64], instructions[i : i + 64], sampler, torch.Generator().manual_seed(i)
+                ).edited_images
+                for i in range(0, len(sources), 64)
+            ]
+        ).reshape(len(rows), group_size, -1)
         identical = (edited == edited[:, :1]).all(dim=2).all(dim=1).float().mean().item()
-        return [Image.fromarray(e.reshape(3, policy.height, policy.width).permute(1, 2, 0).numpy()) for e in edited.flatten(0, 1)], identical
+        return [
+            Image.fromarray(e.reshape(3, policy.height, policy.width).permute(1, 2, 0).numpy())
+            for e in edited.flatten(0, 1)
+        ], identical
 
     edits, identical = draw(sampler)
     _, identical_gaussian = draw(dataclasses.replace(sampler, sample_last_step=False, gaussian_steps=True))
-    gold = np.array([judge_image(rows[k // group_size]["scene"], rows[k // group_size]["edits"], e).overall for k, e in enumerate(edits)])
+    gold = np.array(
+        [
+            judge_image(rows[k // group_size]["scene"], rows[k // group_size]["edits"], e).overall
+            for k, e in enumerate(edits)
+        ]
+    )
     gold = gold.reshape(len(rows), group_size)
 
     def ranks(x):
         return np.argsort(np.argsort(x, axis=1), axis=1).astype(float)
 
-    result = {"prompts": len(rows), "group_size": group_size, "identical_groups": round(identical, 4), "identical_groups_gaussian": round(identical_gaussian, 4),
-              "gold_spread": round(float(gold.std(axis=1).mean()), 4),
-              "oracle_best_gain": round(float((gold.max(axis=1) - gold.mean(axis=1)).mean()), 4), "models": {}}
+    result = {
+        "prompts": len(rows),
+        "group_size": group_size,
+        "identical_groups": round(identical, 4),
+        "identical_groups_gaussian": round(identical_gaussian, 4),
+        "gold_spread": round(float(gold.std(axis=1).mean()), 4),
+        "oracle_best_gain": round(float((gold.max(axis=1) - gold.mean(axis=1)).mean()), 4),
+        "models": {},
+    }
     for label, spec in rewards.items():
         model = build_reward(spec)
-        scores = torch.cat([model.score(sources[i : i + 64], instructions[i : i + 64], edits[i : i + 64]) for i in range(0, len(edits), 64)])
+        scores = torch.cat(
+            [
+                model.score(sources[i : i + 64], instructions[i : i + 64], edits[i : i + 64])
+                for i in range(0, len(edits), 64)
+            ]
+        )
         scores = scores.float().numpy().reshape(len(rows), group_size)
         usable = (gold.std(axis=1) > 1e-4) & (scores.std(axis=1) > 0)
         rg, rs = ranks(gold[usable]), ranks(scores[usable])
         rho = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(rg, rs)]
         picked = gold[np.arange(len(rows)), scores.argmax(axis=1)]
-        result["models"][label] = {"spearman": round(float(np.mean(rho)), 4) if rho else None, "groups": int(usable.sum()),
-                                   "best_gain": round(float((picked - gold.mean(axis=1)).mean()), 4)}
+        result["models"][label] = {
+            "spearman": round(float(np.mean(rho)), 4) if rho else None,
+            "groups": int(usable.sum()),
+            "best_gain": round(float((picked - gold.mean(axis=1)).mean()), 4),
+        }
     return result
 
 
@@ -165,19 +223,38 @@ def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, nu
     for r in summary["rl"]["runs"]:
         rows = [json.loads(line) for line in (Path(r["path"]) / "metrics.jsonl").read_text().splitlines()]
         evals = [row for row in rows if "eval/gold_score" in row]
-        flat = [row["rollout/zero_std_ratio"] for row in rows if "rollout/zero_std_ratio" in row]  # groups GRPO cannot learn from
+        flat = [
+            row["rollout/zero_std_ratio"] for row in rows if "rollout/zero_std_ratio" in row
+        ]  # groups GRPO cannot learn from
         step_s = [row["perf/step_s"] for row in rows if "perf/step_s" in row]
-        runs.append({"label": r["label"], "seed": r["seed"], "steps": [row["step"] for row in evals], "gold": [row["eval/gold_score"] for row in evals],
-                     "proxy": [row["eval/reward_mean"] for row in evals], "verdict": r["signal"]["verdict"],
-                     "zero_std_ratio": round(sum(flat) / len(flat), 4) if flat else None, "step_s": round(sum(step_s) / len(step_s), 2) if step_s else None})
+        runs.append(
+            {
+                "label": r["label"],
+                "seed": r["seed"],
+                "steps": [row["step"] for row in evals],
+                "gold": [row["eval/gold_score"] for row in evals],
+                "proxy": [row["eval/reward_mean"] for row in evals],
+                "verdict": r["signal"]["verdict"],
+                "zero_std_ratio": round(sum(flat) / len(flat), 4) if flat else None,
+                "step_s": round(sum(step_s) / len(step_s), 2) if step_s else None,
+            }
+        )
     differences = summary["rl"]["differences"]
     result = {
         "doing_nothing": {split: doing_nothing(data_dir, split, num_eval) for split in ("val", "test_heldout")},
         "pretrained": {split: {k: pretrained[f"eval/{split}/{k}"] for k in keys} for split in ("val", "test_heldout")},
         "pretraining": {k: pretrained[k] for k in ("steps", "trained_s", "threads")},
         "runs": runs,
-        "difference": {k: differences[0][k] for k in ("labels", "step", "mean", "ci_low", "ci_high", "seeds", "prompts", "seeds_to_resolve", "sentence")} if differences else None,
-        "gains": {label: [round(run["gold"][-1] - run["gold"][0], 4) for run in runs if run["label"] == label] for label in dict.fromkeys(r["label"] for r in runs)},
+        "difference": {
+            k: differences[0][k]
+            for k in ("labels", "step", "mean", "ci_low", "ci_high", "seeds", "prompts", "seeds_to_resolve", "sentence")
+        }
+        if differences
+        else None,
+        "gains": {
+            label: [round(run["gold"][-1] - run["gold"][0], 4) for run in runs if run["label"] == label]
+            for label in dict.fromkeys(r["label"] for r in runs)
+        },
         "agreement": agreement,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +301,10 @@ def rl_markdown(results: dict) -> str:
             lines.append(f"| {label} | {rho} | {m['groups']} | {m['best_gain']:+.3f} |")
     difference = results["difference"]
     if difference:
-        lines += ["", f"Final held-out gold, bootstrap over seeds and, paired, the {difference['prompts']} prompts: **{difference['sentence']}**"]
+        lines += [
+            "",
+            f"Final held-out gold, bootstrap over seeds and, paired, the {difference['prompts']} prompts: **{difference['sentence']}**",
+        ]
     return "\n".join(lines)
 
 
@@ -233,8 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="run folder (its data/ is regenerated)")
     parser.add_argument("--quick", action="store_true", help="every stage shortened: a smoke run of the whole path")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the reward models and the policy")
-    parser.add_argument("--seeds", type=int, default=None, help="GRPO runs per reward model (seeds 0..N-1; default 3, the fewest for an interval worth reading; 2 with --quick)")
-    parser.add_argument("--results", default=None, help="where the RL results JSON goes (default docs/results/rl_shapeedit.json; with --quick, OUT/rl_shapeedit.json)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="GRPO runs per reward model (seeds 0..N-1; default 3, the fewest for an interval worth reading; 2 with --quick)",
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="where the RL results JSON goes (default docs/results/rl_shapeedit.json; with --quick, OUT/rl_shapeedit.json)",
+    )
     args = parser.parse_args(argv)
     if args.seeds is None:
         args.seeds = 2 if args.quick else 3
@@ -260,29 +349,69 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if backbone.exists():  # every stage starts from scratch (a backbone of other settings would be refused)
         shutil.rmtree(backbone)
-    run([py, "-m", "reward.pretrain_backbone", f"output_dir={backbone}", f"seed={args.seed}", f"trainer.max_steps={100 if args.quick else 1200}", "trainer.disable_tqdm=true"])
+    run(
+        [
+            py,
+            "-m",
+            "reward.pretrain_backbone",
+            f"output_dir={backbone}",
+            f"seed={args.seed}",
+            f"trainer.max_steps={100 if args.quick else 1200}",
+            "trainer.disable_tqdm=true",
+        ]
+    )
     timings["backbone"] = time.perf_counter() - start
     steps = 100 if args.quick else 1000
     for name, folder in rewards.items():
         start = time.perf_counter()
         if folder.exists():  # checkpoints of an earlier demo would mix into the drift analysis
             shutil.rmtree(folder)
-        run([py, "reward/train.py", f"output_dir={folder}", "resume=none", f"seed={args.seed}", f"model.backbone={backbone}", *OBJECTIVES[name.lower()],
-             f"data.train={data_dir / 'train.json'}", f"data.eval={data_dir / 'val.json'}", f"trainer.max_steps={steps}", f"trainer.eval_steps={steps // 4}",
-             f"trainer.save_steps={steps // 5}", "trainer.save_total_limit=12"])
+        run(
+            [
+                py,
+                "reward/train.py",
+                f"output_dir={folder}",
+                "resume=none",
+                f"seed={args.seed}",
+                f"model.backbone={backbone}",
+                *OBJECTIVES[name.lower()],
+                f"data.train={data_dir / 'train.json'}",
+                f"data.eval={data_dir / 'val.json'}",
+                f"trainer.max_steps={steps}",
+                f"trainer.eval_steps={steps // 4}",
+                f"trainer.save_steps={steps // 5}",
+                "trainer.save_total_limit=12",
+            ]
+        )
         timings[f"reward model {name}"] = time.perf_counter() - start
 
     # ---- 3. the policy: supervised flow matching ---------------------------------------------------------
     start = time.perf_counter()
     policy = out / "policy"
     minutes = 1.5 if args.quick else 8
-    run([py, "launch/pretrain_policy.py", f"output_dir={policy}", f"data_dir={data_dir}", f"seed={args.seed}", f"max_minutes={minutes}", "num_eval=64", *(["max_steps=300"] if args.quick else [])])
+    run(
+        [
+            py,
+            "launch/pretrain_policy.py",
+            f"output_dir={policy}",
+            f"data_dir={data_dir}",
+            f"seed={args.seed}",
+            f"max_minutes={minutes}",
+            "num_eval=64",
+            *(["max_steps=300"] if args.quick else []),
+        ]
+    )
     timings["policy"] = time.perf_counter() - start
 
     # ---- 4. how each reward model ranks the policy's own edits -------------------------------------------------
     start = time.perf_counter()
-    agreement = ranking_agreement(policy, data_dir, {"oracle": f"oracle:{data_dir}", **{n: f"jrm:{f / 'final'}" for n, f in rewards.items()}},
-                                  8 if args.quick else 32, 8)
+    agreement = ranking_agreement(
+        policy,
+        data_dir,
+        {"oracle": f"oracle:{data_dir}", **{n: f"jrm:{f / 'final'}" for n, f in rewards.items()}},
+        8 if args.quick else 32,
+        8,
+    )
     timings["agreement"] = time.perf_counter() - start
 
     # ---- 5. GRPO as Ray jobs: each reward model x each seed ------------------------------------------------
@@ -294,8 +423,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, folder in rewards.items():
             for seed in range(args.seeds):
                 run_dir = out / "grpo" / f"{name}-seed{seed}"
-                overrides = [f"output_dir={run_dir}", f"seed={seed}", f"policy.path={policy}", f"reward.terms=[{{name: {name}, spec: 'jrm:{folder / 'final'}', micro_batch_size: 64}}]",
-                             f"reward.gold=oracle:{data_dir}", f"data.train_prompts={data_dir / 'train_prompts.json'}", f"data.eval_prompts={data_dir / 'test_heldout_prompts.json'}"]
+                overrides = [
+                    f"output_dir={run_dir}",
+                    f"seed={seed}",
+                    f"policy.path={policy}",
+                    f"reward.terms=[{{name: {name}, spec: 'jrm:{folder / 'final'}', micro_batch_size: 64}}]",
+                    f"reward.gold=oracle:{data_dir}",
+                    f"data.train_prompts={data_dir / 'train_prompts.json'}",
+                    f"data.eval_prompts={data_dir / 'test_heldout_prompts.json'}",
+                ]
                 if args.quick:
                     overrides += ["num_steps=3", "eval_every=1", "save_every=3", "data.num_eval=16"]
                 cluster.submit(overrides)
@@ -305,19 +441,40 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 6. the comparison report ------------------------------------------------------------------------------
     start = time.perf_counter()
     report = out / "report"
-    run([py, "launch/compare_runs.py", *grpo_runs, "--out", str(report), "--reward-runs", *(f"{name}={folder}" for name, folder in rewards.items()),
-         "--probe", str(data_dir / "test_iid.json")])
+    run(
+        [
+            py,
+            "launch/compare_runs.py",
+            *grpo_runs,
+            "--out",
+            str(report),
+            "--reward-runs",
+            *(f"{name}={folder}" for name, folder in rewards.items()),
+            "--probe",
+            str(data_dir / "test_iid.json"),
+        ]
+    )
     timings["report"] = time.perf_counter() - start
     summary = json.loads((report / "summary.json").read_text())
-    results = Path(args.results) if args.results else (out / "rl_shapeedit.json" if args.quick else ROOT / "docs" / "results" / "rl_shapeedit.json")
+    results = (
+        Path(args.results)
+        if args.results
+        else (out / "rl_shapeedit.json" if args.quick else ROOT / "docs" / "results" / "rl_shapeedit.json")
+    )
     write_rl_results(results, data_dir, policy, summary, 16 if args.quick else 64, agreement)
     print(f"\nRL results: {results}\n")
     print(rl_markdown(json.loads(results.read_text())))
     print("\nHeld-out prompts (test_heldout, ODE sampling), mean over seeds:")
     print("  reward model   gold at start   gold at step S   best gold   verdicts")
     for g in summary["rl"]["groups"]:
-        print(f"  {g['label']:<14} {g['gold_start']:>13.4f}   {g['gold_at']:>14.4f}   {g['gold_best']:>9.4f}   {g['verdicts']}   (S = {g['at_step']})")
-    print("\nStage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + f"; total {sum(timings.values()) / 60:.1f} min")
+        print(
+            f"  {g['label']:<14} {g['gold_start']:>13.4f}   {g['gold_at']:>14.4f}   {g['gold_best']:>9.4f}   {g['verdicts']}   (S = {g['at_step']})"
+        )
+    print(
+        "\nStage times: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+        + f"; total {sum(timings.values()) / 60:.1f} min"
+    )
     print("\nOutputs:")
     print(f"  data          {data_dir}/  (train/val/test_iid/test_heldout .json, *_triples.json, *_prompts.json)")
     print(f"  contact sheet {sheet}")

@@ -65,10 +65,10 @@ from reward.backbone import ImageOnlyProcessor, build_tiny_tokenizer  # noqa: E4
 from reward.config import HelpFormatter, load_config  # noqa: E402
 from reward.generative import GenerativeJudge  # noqa: E402
 from reward.model import DTYPES, JRM, JRMArgs  # noqa: E402
+from rl.actors import free_port  # noqa: E402
 from rl.algorithms import MicroTargets  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.learner import Learner  # noqa: E402
-from rl.actors import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KONTEXT_PRESET = ROOT / "launch" / "configs" / "flux_kontext_jrm.yaml"
@@ -104,13 +104,27 @@ class Preset:
 
 REAL = Preset(  # Qwen2.5-VL-7B-Instruct and FLUX.1-Kontext-dev, from their config.json files
     text=dict(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]),
     ),
     vision=dict(
-        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=3584,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
     ),
     min_pixels=3136,
     max_pixels=12845056,
@@ -120,54 +134,122 @@ REAL = Preset(  # Qwen2.5-VL-7B-Instruct and FLUX.1-Kontext-dev, from their conf
     critique_tokens=256,
     repeats=3,
     flux=dict(
-        in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-        joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56),
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        axes_dims_rope=(16, 56, 56),
     ),
     vae=dict(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
-        sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=1024,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     ),
-    clip=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768),
-    t5=dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32),
+    clip=dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        projection_dim=768,
+    ),
+    t5=dict(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        relative_attention_num_buckets=32,
+    ),
     max_sequence_length=512,
     edit_size=512,
     steps=8,
     dtype=torch.bfloat16,
 )
 
-TINY = Preset(  # the shapes of the tests' tiny models; vocabularies larger than the tiny tokenizers, as the real ones are
-    text=dict(
-        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
-        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]),
-    ),
-    vision=dict(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1],
-    ),
-    min_pixels=256,
-    max_pixels=4096,
-    image_size=64,
-    batch=4,
-    generative_batch=4,
-    critique_tokens=8,
-    repeats=2,
-    flux=dict(
-        in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4),
-    ),
-    vae=dict(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False,
-    ),
-    clip=dict(vocab_size=1024, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
-    t5=dict(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
-    max_sequence_length=32,
-    edit_size=32,
-    steps=3,
-    dtype=torch.float32,
+TINY = (
+    Preset(  # the shapes of the tests' tiny models; vocabularies larger than the tiny tokenizers, as the real ones are
+        text=dict(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-6,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]),
+        ),
+        vision=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=32,
+            fullatt_block_indexes=[1],
+        ),
+        min_pixels=256,
+        max_pixels=4096,
+        image_size=64,
+        batch=4,
+        generative_batch=4,
+        critique_tokens=8,
+        repeats=2,
+        flux=dict(
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=(2, 2, 4),
+        ),
+        vae=dict(
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=32,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        clip=dict(
+            vocab_size=1024,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+        ),
+        t5=dict(
+            vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8
+        ),
+        max_sequence_length=32,
+        edit_size=32,
+        steps=3,
+        dtype=torch.float32,
+    )
 )
 
 
@@ -228,23 +310,45 @@ def build_jrm(preset: Preset, device: str | torch.device, attn: str) -> JRM:
     tokenizer = build_tiny_tokenizer()
     if preset.text["vocab_size"] < len(tokenizer):
         raise ValueError(f"vocab_size {preset.text['vocab_size']} is below the tokenizer's {len(tokenizer)} tokens")
-    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{token}|>") for name, token in
-           (("image_token_id", "image_pad"), ("video_token_id", "video_pad"), ("vision_start_token_id", "vision_start"), ("vision_end_token_id", "vision_end"))}
-    text = dict(preset.text, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(f"<|{token}|>")
+        for name, token in (
+            ("image_token_id", "image_pad"),
+            ("video_token_id", "video_pad"),
+            ("vision_start_token_id", "vision_start"),
+            ("vision_end_token_id", "vision_end"),
+        )
+    }
+    text = dict(
+        preset.text,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     config = Qwen2_5_VLConfig(text_config=text, vision_config=preset.vision, tie_word_embeddings=False, **ids)
     with building_on(device, preset.dtype):
         torch.manual_seed(0)
         backbone = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=preset.dtype, attn_implementation=attn)
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=preset.vision["patch_size"], merge_size=preset.vision["spatial_merge_size"],
-        temporal_patch_size=preset.vision["temporal_patch_size"], min_pixels=preset.min_pixels, max_pixels=preset.max_pixels,
+        patch_size=preset.vision["patch_size"],
+        merge_size=preset.vision["spatial_merge_size"],
+        temporal_patch_size=preset.vision["temporal_patch_size"],
+        min_pixels=preset.min_pixels,
+        max_pixels=preset.max_pixels,
     )
-    processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
-    jrm = JRM.from_backbone(JRMArgs(family="qwen2_5_vl", dtype=dtype_name(preset.dtype), attn_implementation=attn), backbone, processor)
+    processor = ImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
+    jrm = JRM.from_backbone(
+        JRMArgs(family="qwen2_5_vl", dtype=dtype_name(preset.dtype), attn_implementation=attn), backbone, processor
+    )
     return jrm.to(device).eval()  # the backbone is there already; this moves the float32 reward head
 
 
-def jrm_flops(backbone: Qwen2_5_VLForConditionalGeneration, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[float, float]:
+def jrm_flops(
+    backbone: Qwen2_5_VLForConditionalGeneration, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor
+) -> tuple[float, float]:
     """(vision, language) FLOPs of one JRM forward over a batch (formula: module docstring).
 
     Args:
@@ -257,7 +361,9 @@ def jrm_flops(backbone: Qwen2_5_VLForConditionalGeneration, attention_mask: torc
     side = vision_cfg.window_size // merge // vision_cfg.patch_size  # merged tokens along a window's side
     full_layers = len(vision_cfg.fullatt_block_indexes)
     window_layers = vision_cfg.depth - full_layers
-    per_patch = 2 * (num_params(visual.blocks) + num_params(visual.patch_embed)) + 2 * num_params(visual.merger) / merge**2
+    per_patch = (
+        2 * (num_params(visual.blocks) + num_params(visual.patch_embed)) + 2 * num_params(visual.merger) / merge**2
+    )
     vision = 0.0
     for frames, h, w in image_grid_thw.tolist():
         patches = frames * h * w
@@ -287,7 +393,9 @@ def check_jrm(jrm: JRM, preset: Preset, device: str, batch: int, peak: float | N
         with torch.inference_mode():
             forward_s = seconds(lambda: jrm(**inputs), device, preset.repeats)
             pixels = inputs["pixel_values"].to(backbone.model.visual.dtype)
-            vision_s = seconds(lambda: backbone.model.visual(pixels, grid_thw=inputs["image_grid_thw"]), device, preset.repeats)
+            vision_s = seconds(
+                lambda: backbone.model.visual(pixels, grid_thw=inputs["image_grid_thw"]), device, preset.repeats
+            )
     vision_flops, language_flops = jrm_flops(backbone, inputs["attention_mask"], inputs["image_grid_thw"])
     tokens = inputs["attention_mask"].sum(1).float().mean().item()
     image_tokens = (inputs["image_grid_thw"].prod(-1) // backbone.config.vision_config.spatial_merge_size**2).tolist()
@@ -315,7 +423,9 @@ def check_generative(jrm: JRM, preset: Preset, device: str, batch: int, critique
     """tokens/s and pairs/s of the generative judge writing critiques of exactly `critique_tokens` tokens."""
     sources, edits = random_images(batch, preset.image_size, 2), random_images(batch, preset.image_size, 3)
     instructions = [INSTRUCTION] * batch
-    GenerativeJudge(jrm, max_new_tokens=2, min_new_tokens=2).score(sources, instructions, edits, batch_size=batch)  # warm-up
+    GenerativeJudge(jrm, max_new_tokens=2, min_new_tokens=2).score(
+        sources, instructions, edits, batch_size=batch
+    )  # warm-up
     judge = GenerativeJudge(jrm, max_new_tokens=critique_tokens, min_new_tokens=critique_tokens)
     with PeakMemory(device) as memory:
         sync(device)
@@ -345,12 +455,21 @@ def learner_config(preset: Preset, device: str, steps: int) -> RLConfig:
         RLConfig,
         KONTEXT_PRESET,
         [
-            f"cluster.device={device}", "cluster.num_rollout_workers=1", "cluster.num_learners=1", "cluster.gpus_per_node=1", "cluster.reward_gpu=0",
-            f"policy.dtype={dtype_name(preset.dtype)}", f"policy.height={preset.edit_size}", f"policy.width={preset.edit_size}",
+            f"cluster.device={device}",
+            "cluster.num_rollout_workers=1",
+            "cluster.num_learners=1",
+            "cluster.gpus_per_node=1",
+            "cluster.reward_gpu=0",
+            f"policy.dtype={dtype_name(preset.dtype)}",
+            f"policy.height={preset.edit_size}",
+            f"policy.width={preset.edit_size}",
             f"policy.sampler.num_steps={steps}",
             f"policy.sampler.sde_window_size={min(3, steps - 1)}",  # the preset's window of 3, fewer if the steps are fewer
             # 1 prompt x 2 edits in micro-batches of 1 and 2 updates: each optimizer step is one 1-image micro-batch
-            "algo.prompts_per_step=1", "algo.group_size=2", "algo.micro_batch_size=1", "algo.updates_per_step=2",
+            "algo.prompts_per_step=1",
+            "algo.group_size=2",
+            "algo.micro_batch_size=1",
+            "algo.updates_per_step=2",
             "wandb=false",
         ],
     )
@@ -362,8 +481,13 @@ def kontext_components(preset: Preset, device: str | torch.device) -> dict:
     tokenizer, tokenizer_2 = tiny_tokenizers()
     # FLUX.1 Kontext [dev]'s scheduler settings (as policies/kontext.py's tiny_components)
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
     with building_on(device, preset.dtype):
         torch.manual_seed(0)
@@ -382,7 +506,14 @@ def kontext_components(preset: Preset, device: str | torch.device) -> dict:
 
 def build_kontext(preset: Preset, device: str | torch.device, trainable: TrainableConfig) -> FluxKontextPolicy:
     """The FLUX.1 Kontext policy on kontext_components(preset, device), with fresh LoRA adapters."""
-    return FluxKontextPolicy(kontext_components(preset, device), trainable, preset.edit_size, preset.edit_size, preset.max_sequence_length, seed=0)
+    return FluxKontextPolicy(
+        kontext_components(preset, device),
+        trainable,
+        preset.edit_size,
+        preset.edit_size,
+        preset.max_sequence_length,
+        seed=0,
+    )
 
 
 def check_rollout(policy: FluxKontextPolicy, cfg: RLConfig, device: str) -> tuple[dict, Rollout]:
@@ -403,7 +534,9 @@ def check_rollout(policy: FluxKontextPolicy, cfg: RLConfig, device: str) -> tupl
         "steps": sampler.num_steps,
         "trained_steps": int(rollout.stochastic.sum()),
         "finite_log_probs": bool(torch.isfinite(rollout.log_probs).all()),
-        "tokens_per_forward": rollout.latents.shape[2] + condition.image_latents.shape[1] + condition.prompt_embeds.shape[1],
+        "tokens_per_forward": rollout.latents.shape[2]
+        + condition.image_latents.shape[1]
+        + condition.prompt_embeds.shape[1],
         "transformer_params": num_params(policy.pipe.transformer),
         "trainable_params": sum(p.numel() for p in policy.trainable_parameters()),
         "peak_gib": memory.peak_gib,
@@ -463,10 +596,21 @@ def run_reward(preset: Preset, device: str, args: argparse.Namespace, peak: floa
     sync(device)
     results = {"jrm_build": {"seconds": time.perf_counter() - start, "backbone_params": num_params(jrm.backbone)}}
     if "jrm" in args.only:
-        attempt(results, ("jrm",), device, lambda: {"jrm": check_jrm(jrm, preset, device, args.batch, peak)}, "try a smaller --batch")
+        attempt(
+            results,
+            ("jrm",),
+            device,
+            lambda: {"jrm": check_jrm(jrm, preset, device, args.batch, peak)},
+            "try a smaller --batch",
+        )
     if "generative" in args.only:
-        attempt(results, ("generative",), device, lambda: {"generative": check_generative(jrm, preset, device, args.generative_batch, args.critique_tokens)},
-                "try a smaller --generative-batch")
+        attempt(
+            results,
+            ("generative",),
+            device,
+            lambda: {"generative": check_generative(jrm, preset, device, args.generative_batch, args.critique_tokens)},
+            "try a smaller --generative-batch",
+        )
     return results
 
 
@@ -475,7 +619,10 @@ def run_kontext(preset: Preset, device: str, args: argparse.Namespace) -> dict:
     cfg = learner_config(preset, device, args.steps)
     start = time.perf_counter()
     trainable = TrainableConfig(
-        lora_rank=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha, lora_targets=cfg.policy.lora_targets, gradient_checkpointing=args.gradient_checkpointing
+        lora_rank=cfg.policy.lora_rank,
+        lora_alpha=cfg.policy.lora_alpha,
+        lora_targets=cfg.policy.lora_targets,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     policy = build_kontext(preset, device, trainable)
     sync(device)
@@ -484,8 +631,18 @@ def run_kontext(preset: Preset, device: str, args: argparse.Namespace) -> dict:
     if "kontext_rollout" in args.only:
         results["kontext_rollout"] = row
     if "kontext_learner" in args.only:
-        hint = "a card with more memory" if args.gradient_checkpointing else "the learner step needs less memory with --gradient-checkpointing"
-        attempt(results, ("kontext_learner",), device, lambda: {"kontext_learner": check_learner(policy, cfg, rollout, device)}, hint)
+        hint = (
+            "a card with more memory"
+            if args.gradient_checkpointing
+            else "the learner step needs less memory with --gradient-checkpointing"
+        )
+        attempt(
+            results,
+            ("kontext_learner",),
+            device,
+            lambda: {"kontext_learner": check_learner(policy, cfg, rollout, device)},
+            hint,
+        )
     if preset is REAL:  # the preflight plan's figures for the same work, beside the measured peaks
         for name, gib in planned_peaks(cfg, args.gradient_checkpointing).items():
             if name in results and "error" not in results[name]:
@@ -499,8 +656,13 @@ def planned_peaks(cfg: RLConfig, gradient_checkpointing: bool) -> dict[str, floa
     components (the policy is shared, nothing dropped) plus the trained state and one image's activations."""
     from launch.plan import policy_roles
 
-    rollout, learner, _ = policy_roles(replace(cfg, policy=replace(cfg.policy, gradient_checkpointing=gradient_checkpointing)))
-    return {"kontext_rollout": rollout.weights + rollout.activations, "kontext_learner": rollout.weights + learner.trainable + learner.activations}
+    rollout, learner, _ = policy_roles(
+        replace(cfg, policy=replace(cfg.policy, gradient_checkpointing=gradient_checkpointing))
+    )
+    return {
+        "kontext_rollout": rollout.weights + rollout.activations,
+        "kontext_learner": rollout.weights + learner.trainable + learner.activations,
+    }
 
 
 def table_rows(results: dict, names: list[str]) -> list[dict]:
@@ -511,22 +673,61 @@ def table_rows(results: dict, names: list[str]) -> list[dict]:
         if "error" in r:
             rows.append({"check": name, "detail": f"FAILED {r['error']}"})
         elif name == "jrm":
-            rows.append({"check": name, "value": r["pairs_per_s"], "unit": "pairs/s", "mfu": r["mfu"], "seconds": r["score_s"], "peak_gib": r["peak_gib"],
-                         "detail": f"batch {r['batch']}, {r['tokens_per_sequence']:.0f} tokens/seq; forward {r['forward_s']:.3g} s, "
-                         f"MFU vision {_percent(r['mfu_vision'])} language {_percent(r['mfu_language'])}"})
+            rows.append(
+                {
+                    "check": name,
+                    "value": r["pairs_per_s"],
+                    "unit": "pairs/s",
+                    "mfu": r["mfu"],
+                    "seconds": r["score_s"],
+                    "peak_gib": r["peak_gib"],
+                    "detail": f"batch {r['batch']}, {r['tokens_per_sequence']:.0f} tokens/seq; forward {r['forward_s']:.3g} s, "
+                    f"MFU vision {_percent(r['mfu_vision'])} language {_percent(r['mfu_language'])}",
+                }
+            )
         elif name == "generative":
             jrm = results.get("jrm", {})
-            ratio = f"; JRM at batch {jrm['batch']}: {jrm['pairs_per_s'] / r['pairs_per_s']:.3g}x the pairs/s" if "pairs_per_s" in jrm else ""
-            rows.append({"check": name, "value": r["tokens_per_s"], "unit": "tokens/s", "seconds": r["seconds"], "peak_gib": r["peak_gib"],
-                         "detail": f"batch {r['batch']} x {r['critique_tokens']} tokens, {r['pairs_per_s']:.3g} pairs/s{ratio}"})
+            ratio = (
+                f"; JRM at batch {jrm['batch']}: {jrm['pairs_per_s'] / r['pairs_per_s']:.3g}x the pairs/s"
+                if "pairs_per_s" in jrm
+                else ""
+            )
+            rows.append(
+                {
+                    "check": name,
+                    "value": r["tokens_per_s"],
+                    "unit": "tokens/s",
+                    "seconds": r["seconds"],
+                    "peak_gib": r["peak_gib"],
+                    "detail": f"batch {r['batch']} x {r['critique_tokens']} tokens, {r['pairs_per_s']:.3g} pairs/s{ratio}",
+                }
+            )
         elif name == "kontext_rollout":
-            rows.append({"check": name, "value": r["seconds_per_image"], "unit": "s/image", "seconds": r["seconds_per_image"], "peak_gib": r["peak_gib"], "planned_gib": r.get("planned_gib"),
-                         "detail": f"{r['steps']} steps, {r['tokens_per_forward']} tokens/forward, {r['transformer_params'] / 1e9:.3g}B params"
-                         + ("" if r["finite_log_probs"] else ", NON-FINITE log-probs")})
+            rows.append(
+                {
+                    "check": name,
+                    "value": r["seconds_per_image"],
+                    "unit": "s/image",
+                    "seconds": r["seconds_per_image"],
+                    "peak_gib": r["peak_gib"],
+                    "planned_gib": r.get("planned_gib"),
+                    "detail": f"{r['steps']} steps, {r['tokens_per_forward']} tokens/forward, {r['transformer_params'] / 1e9:.3g}B params"
+                    + ("" if r["finite_log_probs"] else ", NON-FINITE log-probs"),
+                }
+            )
         else:
-            rows.append({"check": name, "value": r["seconds_per_step"], "unit": "s/step", "seconds": r["seconds_per_step"], "peak_gib": r["peak_gib"], "planned_gib": r.get("planned_gib"),
-                         "detail": f"ZeRO-2, {r['backward_passes_per_step']} backward passes{', checkpointing' if r['gradient_checkpointing'] else ''}, "
-                         f"loss {r['loss']:.3g}, first step {r['first_step_s']:.3g} s"})
+            rows.append(
+                {
+                    "check": name,
+                    "value": r["seconds_per_step"],
+                    "unit": "s/step",
+                    "seconds": r["seconds_per_step"],
+                    "peak_gib": r["peak_gib"],
+                    "planned_gib": r.get("planned_gib"),
+                    "detail": f"ZeRO-2, {r['backward_passes_per_step']} backward passes{', checkpointing' if r['gradient_checkpointing'] else ''}, "
+                    f"loss {r['loss']:.3g}, first step {r['first_step_s']:.3g} s",
+                }
+            )
     return rows
 
 
@@ -553,19 +754,48 @@ def failures(results: dict, names: list[str]) -> list[str]:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Preset]:
     """The options with their size-dependent defaults filled in, and the preset; a usage error for bad ones."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes, float32, CPU by default: the code path in seconds")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny sizes, float32, CPU by default: the code path in seconds"
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda for real sizes, cpu with --tiny)")
-    parser.add_argument("--out", default="runs/bench/gpu_check.json", help="where the JSON report goes (settings, machine, results)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s for MFU (default: from the card's name)")
-    parser.add_argument("--steps", type=int, default=None, help="rollout denoising steps, 6-12 (default 8; 3 with --tiny)")
+    parser.add_argument(
+        "--out", default="runs/bench/gpu_check.json", help="where the JSON report goes (settings, machine, results)"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak dense bf16 TFLOP/s for MFU (default: from the card's name)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="rollout denoising steps, 6-12 (default 8; 3 with --tiny)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="JRM pairs per forward (default 32; 4 with --tiny)")
-    parser.add_argument("--generative-batch", type=int, default=None, help="pairs per generative call (default 8; 4 with --tiny)")
-    parser.add_argument("--critique-tokens", type=int, default=None, help="tokens per generated critique (default 256; 8 with --tiny)")
-    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="weights (default: bfloat16; float32 with --tiny)")
+    parser.add_argument(
+        "--generative-batch", type=int, default=None, help="pairs per generative call (default 8; 4 with --tiny)"
+    )
+    parser.add_argument(
+        "--critique-tokens", type=int, default=None, help="tokens per generated critique (default 256; 8 with --tiny)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float32"),
+        help="weights (default: bfloat16; float32 with --tiny)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "flash_attention_2", "eager"), help="the JRM backbone's attention kernel")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                        help="the learner step recomputes the transformer's activations (default: on at real sizes, as the RL presets; off with --tiny)")
+    parser.add_argument(
+        "--attn",
+        default="sdpa",
+        choices=("sdpa", "flash_attention_2", "eager"),
+        help="the JRM backbone's attention kernel",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the learner step recomputes the transformer's activations (default: on at real sizes, as the RL presets; off with --tiny)",
+    )
     parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows, of {','.join(ROWS)}")
     args = parser.parse_args(argv)
     preset = TINY if args.tiny else REAL
@@ -587,7 +817,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Preset]:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU (a CPU build of torch, or no driver); run with --tiny on a CPU")
     if not args.tiny and args.device == "cpu":
-        parser.error("real sizes (an 8.3B JRM, a 12B FLUX transformer and 4.8B T5, in bf16) need a GPU; on a CPU run with --tiny")
+        parser.error(
+            "real sizes (an 8.3B JRM, a 12B FLUX transformer and 4.8B T5, in bf16) need a GPU; on a CPU run with --tiny"
+        )
     if not args.tiny and not 6 <= args.steps <= 12:
         parser.error(f"--steps must be in 6..12 at real sizes, got {args.steps}")
     if args.steps < 2 or min(args.batch, args.generative_batch, args.critique_tokens) < 1:
@@ -608,14 +840,32 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     results: dict = {}
     if {"jrm", "generative"} & set(names):
-        attempt(results, tuple(n for n in names if n in ("jrm", "generative")), device, lambda: run_reward(preset, device, args, peak), "building the 8.3B JRM needs about 17 GB")
+        attempt(
+            results,
+            tuple(n for n in names if n in ("jrm", "generative")),
+            device,
+            lambda: run_reward(preset, device, args, peak),
+            "building the 8.3B JRM needs about 17 GB",
+        )
     if {"kontext_rollout", "kontext_learner"} & set(names):
-        attempt(results, tuple(n for n in names if n.startswith("kontext")), device, lambda: run_kontext(preset, device, args), "FLUX.1 Kontext's weights need about 34 GB")
+        attempt(
+            results,
+            tuple(n for n in names if n.startswith("kontext")),
+            device,
+            lambda: run_kontext(preset, device, args),
+            "FLUX.1 Kontext's weights need about 34 GB",
+        )
     results["total_s"] = time.perf_counter() - start
     results["rows"] = table_rows(results, names)
     title = f"gpu_check ({'tiny' if args.tiny else 'real'} sizes, {dtype_name(preset.dtype)}, {device}; MFU: {peak_source}), {results['total_s']:.0f} s"
     print("\n" + table(results["rows"], COLUMNS, title))
-    settings = dict(vars(args), preset="tiny" if args.tiny else "real", dtype=dtype_name(preset.dtype), peak_flops=peak, peak_source=peak_source)
+    settings = dict(
+        vars(args),
+        preset="tiny" if args.tiny else "real",
+        dtype=dtype_name(preset.dtype),
+        peak_flops=peak,
+        peak_source=peak_source,
+    )
     path = write_report(args.out, "gpu_check", command_line(__file__, argv), settings, results)
     print(f"wrote {path}")
     problems = failures(results, names)

@@ -37,7 +37,10 @@ def runtime_env(environ: Mapping[str, str]) -> dict:
     """Ray's runtime_env for every actor: this repository on PYTHONPATH, wandb offline unless the user chose a
     mode, and HF_HUB_OFFLINE only when the user set it, so hub access (hub ids in policy.path) follows the
     user's environment. Nothing else is forwarded here (no tokens)."""
-    env_vars = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "WANDB_MODE": environ.get("WANDB_MODE", "offline")}
+    env_vars = {
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "WANDB_MODE": environ.get("WANDB_MODE", "offline"),
+    }
     if "HF_HUB_OFFLINE" in environ:
         env_vars["HF_HUB_OFFLINE"] = environ["HF_HUB_OFFLINE"]
     return {"env_vars": env_vars}
@@ -47,7 +50,9 @@ def preflight(cfg: RLConfig, only_plan: bool) -> int | None:
     """The plan of a GPU run: printed with --plan (then the exit status), and a refusal (2) when it does not fit."""
     if not cfg.cluster.gpus_per_node:
         if only_plan:
-            print("a CPU run (cluster.gpus_per_node is 0): every actor takes one CPU bundle; there is no GPU memory to plan")
+            print(
+                "a CPU run (cluster.gpus_per_node is 0): every actor takes one CPU bundle; there is no GPU memory to plan"
+            )
             return 0
         return None
     from launch.plan import format_plan, make_plan
@@ -70,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return status
     env = runtime_env(os.environ)
     if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.cluster.address or None, runtime_env=env)  # the job's cluster (ray job submit sets RAY_ADDRESS)
+        ray.init(
+            address=cfg.cluster.address or None, runtime_env=env
+        )  # the job's cluster (ray job submit sets RAY_ADDRESS)
     else:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=env, configure_logging=False)
     try:

@@ -40,10 +40,18 @@ def main(argv: list[str] | None = None) -> int:
                     "evaluations": evaluations,
                     "gold_drop": drop,
                     "paired": hacking_rates(evaluations, args.prompts, drop, args.runs, args.jitter, seed=evaluations),
-                    "unpaired": hacking_rates(evaluations, args.prompts, drop, args.runs, args.jitter, seed=evaluations, paired=False),
+                    "unpaired": hacking_rates(
+                        evaluations, args.prompts, drop, args.runs, args.jitter, seed=evaluations, paired=False
+                    ),
                 }
             )
-    print(table(rows, ["evaluations", "gold_drop", "paired", "unpaired"], f"share of runs flagged as hacking ({TOLERANCE_SEMS:g} standard errors; gold_drop 0: false positives)"))
+    print(
+        table(
+            rows,
+            ["evaluations", "gold_drop", "paired", "unpaired"],
+            f"share of runs flagged as hacking ({TOLERANCE_SEMS:g} standard errors; gold_drop 0: false positives)",
+        )
+    )
     settings = {"runs": args.runs, "prompts": args.prompts, "jitter": args.jitter, "tolerance_sems": TOLERANCE_SEMS}
     path = write_report(args.out, "hacking_rates", command_line(__file__, argv), settings, {"rows": rows})
     print(f"wrote {path}")

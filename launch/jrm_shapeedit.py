@@ -76,8 +76,12 @@ def judge(label: str, run_dir: Path, data: Path) -> dict:
     """Accuracies, by-mode accuracies, effective ranks and speed of one trained reward model."""
     kind = "generative" if label == "generative" else "jrm"
     benchmarks = [f"shapeedit:{data / 'test_iid.json'}", f"shapeedit:{data / 'test_heldout.json'}"]
-    iid, heldout = evaluate(f"{kind}:{run_dir / 'final'}", benchmarks, run_dir / "eval", batch_size=32, erank=kind == "jrm", device="cpu")
-    modes = {key.removeprefix("vs_").removesuffix("/accuracy"): value for key, value in iid.items() if key.startswith("vs_")}
+    iid, heldout = evaluate(
+        f"{kind}:{run_dir / 'final'}", benchmarks, run_dir / "eval", batch_size=32, erank=kind == "jrm", device="cpu"
+    )
+    modes = {
+        key.removeprefix("vs_").removesuffix("/accuracy"): value for key, value in iid.items() if key.startswith("vs_")
+    }
     seconds = iid["scoring_seconds"] + heldout["scoring_seconds"]
     return {
         "test_iid": iid["accuracy"],
@@ -106,7 +110,10 @@ def summary(rows: list[dict]) -> dict:
     for key in ("test_iid", "test_heldout", "erank_s", "erank_s2", "pairs_per_s", "train_seconds"):
         values = [r[key] for r in rows if r.get(key) is not None]
         if values:
-            out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")}
+            out[key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else float("nan"),
+            }
     modes = rows[0]["by_mode"].keys()
     out["by_mode"] = {m: float(np.mean([r["by_mode"][m] for r in rows])) for m in modes}
     return out
@@ -121,7 +128,9 @@ def difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
     a, b = np.asarray(a), np.asarray(b)
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else len(a) + len(b) - 2
-    t = T_975[max(1, min(int(df), len(T_975))) - 1] if df < len(T_975) + 1 else 1.96 + 2.5 / df  # close to t above 10 df
+    t = (
+        T_975[max(1, min(int(df), len(T_975))) - 1] if df < len(T_975) + 1 else 1.96 + 2.5 / df
+    )  # close to t above 10 df
     half = t * float(np.sqrt(va + vb))
     mean = float(a.mean() - b.mean())
     return mean, mean - half, mean + half
@@ -137,7 +146,10 @@ def markdown(report: dict) -> str:
     docs/results.md holds exactly this text for the committed JSON (a test checks it).
     """
     models = [m for m in ("jrm", "lambda0", "generative") if m in report]
-    lines = ["| reward model | seeds | test_iid | test_heldout | erank (s / s^2) | scoring pairs/s | training time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| reward model | seeds | test_iid | test_heldout | erank (s / s^2) | scoring pairs/s | training time |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for m in models:
         s = report[f"{m}_summary"]
         rows = report[m]
@@ -151,7 +163,9 @@ def markdown(report: dict) -> str:
         for split in ("test_iid", "test_heldout"):
             mean, low, high = difference([r[split] for r in report["jrm"]], [r[split] for r in report["lambda0"]])
             verdict = "resolved" if low > 0 or high < 0 else "not resolved"
-            lines.append(f"jrm - lambda0 on {split}: {100 * mean:+.1f} points, 95% interval [{100 * low:+.1f}, {100 * high:+.1f}] ({verdict}).  ")
+            lines.append(
+                f"jrm - lambda0 on {split}: {100 * mean:+.1f} points, 95% interval [{100 * low:+.1f}, {100 * high:+.1f}] ({verdict}).  "
+            )
     modes = list(report[f"{models[0]}_summary"]["by_mode"])
     lines += ["", "| reward model | " + " | ".join(modes) + " |", "| --- |" + " --- |" * len(modes)]
     for m in models:
@@ -164,9 +178,16 @@ def ablation_markdown(report: dict) -> str:
     """The ablation table (one seed per cell) for docs/results.md."""
     cells = report["cells"]
     modes = list(next(iter(cells.values()))["by_mode"])
-    lines = ["| cell | test_iid | test_heldout | " + " | ".join(modes) + " |", "| --- | --- | --- |" + " --- |" * len(modes)]
+    lines = [
+        "| cell | test_iid | test_heldout | " + " | ".join(modes) + " |",
+        "| --- | --- | --- |" + " --- |" * len(modes),
+    ]
     for name, c in cells.items():
-        lines.append(f"| {name} | {pct(c['test_iid'])} | {pct(c['test_heldout'])} | " + " | ".join(pct(c["by_mode"][k]) for k in modes) + " |")
+        lines.append(
+            f"| {name} | {pct(c['test_iid'])} | {pct(c['test_heldout'])} | "
+            + " | ".join(pct(c["by_mode"][k]) for k in modes)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -176,9 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="jrm,lambda0,generative", help="which reward models to train")
     parser.add_argument("--steps", type=int, default=1600, help="training steps of each reward model")
     parser.add_argument("--generative-steps", type=int, default=1600, help="training steps of the generative judge")
-    parser.add_argument("--pretrain-steps", type=int, default=1200, help="steps of the backbone's grounding pretraining")
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=1200, help="steps of the backbone's grounding pretraining"
+    )
     parser.add_argument("--out", default="runs/jrm_shapeedit", help="folder for the data, the backbone and every run")
-    parser.add_argument("--json", default=None, help="report path (default docs/results/jrm_shapeedit.json, or jrm_ablation.json)")
+    parser.add_argument(
+        "--json", default=None, help="report path (default docs/results/jrm_shapeedit.json, or jrm_ablation.json)"
+    )
     parser.add_argument("--ablation", action="store_true", help="one seed per ablation cell instead of the seed table")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"\d+(,\d+)*", args.seeds):
@@ -192,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "meta.json").is_file():
         generate(GenerateConfig(out=str(data), pairs=10000, seed=0, overwrite=True))
     backbone = out / "backbone"
-    pretrain_seconds = run([sys.executable, "-m", "reward.pretrain_backbone", f"output_dir={backbone}",
+    run([sys.executable, "-m", "reward.pretrain_backbone", f"output_dir={backbone}",
                             f"trainer.max_steps={args.pretrain_steps}", "trainer.disable_tqdm=true"])  # fmt: skip
     pretrain_record = json.loads((backbone / "pretrain.json").read_text())
 
@@ -200,10 +225,19 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line(__file__, argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine(),
-        "settings": {"data": "ShapeEdit, 10,000 pairs, seed 0, 64x64", "steps": args.steps, "generative_steps": args.generative_steps,
-                     "pretrain_steps": args.pretrain_steps, "jrm_alpha": JRM_ALPHA, "objectives": OBJECTIVES},  # fmt: skip
-        "backbone": {"pretrain_seconds": pretrain_record["seconds"], "final_loss": pretrain_record["final_loss"],
-                     **locate_error(JRM.build(JRMArgs(backbone=str(backbone))), 64, seed=0)},  # fmt: skip
+        "settings": {
+            "data": "ShapeEdit, 10,000 pairs, seed 0, 64x64",
+            "steps": args.steps,
+            "generative_steps": args.generative_steps,
+            "pretrain_steps": args.pretrain_steps,
+            "jrm_alpha": JRM_ALPHA,
+            "objectives": OBJECTIVES,
+        },  # fmt: skip
+        "backbone": {
+            "pretrain_seconds": pretrain_record["seconds"],
+            "final_loss": pretrain_record["final_loss"],
+            **locate_error(JRM.build(JRMArgs(backbone=str(backbone))), 64, seed=0),
+        },  # fmt: skip
     }
     rows = []
     if args.ablation:
@@ -212,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / "ablation" / re.sub(r"\W+", "_", name)[:40]
             seconds = train(label, seeds[0], run_dir, data, backbone, args.steps, extra)
             cells[name] = dict(judge(label, run_dir, data), train_seconds=round(seconds, 1), seed=seeds[0])
-            rows.append({"cell": name, **{k: v for k, v in cells[name].items() if k != "by_mode"}, **cells[name]["by_mode"]})
+            rows.append(
+                {"cell": name, **{k: v for k, v in cells[name].items() if k != "by_mode"}, **cells[name]["by_mode"]}
+            )
         report["cells"] = cells
     else:
         for label in models:
@@ -223,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = train(label, seed, run_dir, data, backbone, steps, [])
                 result = dict(seed=seed, **judge(label, run_dir, data), train_seconds=round(seconds, 1))
                 report[label].append(result)
-                rows.append({"model": label, **{k: v for k, v in result.items() if k != "by_mode"}, **result["by_mode"]})
+                rows.append(
+                    {"model": label, **{k: v for k, v in result.items() if k != "by_mode"}, **result["by_mode"]}
+                )
             report[f"{label}_summary"] = summary(report[label])
     print(table(rows, list(rows[0]) if rows else []))
     print(ablation_markdown(report) if args.ablation else markdown(report))

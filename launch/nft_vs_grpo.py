@@ -83,8 +83,14 @@ def markdown(report: dict) -> str:
         parts = []
         for name, g in rows.items():
             speed = grpo["seconds_per_step"] / g["seconds_per_step"]
-            reach = f"{grpo['seconds_to_threshold'] / g['seconds_to_threshold']:.2f}x" if grpo["seconds_to_threshold"] and g["seconds_to_threshold"] else "not measurable (a group never reached it)"
-            parts.append(f"{name}'s steps are {speed:.2f}x as fast as GRPO's, time to GRPO's mean best gold ({grpo['threshold']:.3f}) GRPO / {name} {reach}")
+            reach = (
+                f"{grpo['seconds_to_threshold'] / g['seconds_to_threshold']:.2f}x"
+                if grpo["seconds_to_threshold"] and g["seconds_to_threshold"]
+                else "not measurable (a group never reached it)"
+            )
+            parts.append(
+                f"{name}'s steps are {speed:.2f}x as fast as GRPO's, time to GRPO's mean best gold ({grpo['threshold']:.3f}) GRPO / {name} {reach}"
+            )
         lines.append("")
         lines.append(f"{reward} reward: " + "; ".join(parts) + ".")
     return "\n".join(lines) + "\n"
@@ -102,7 +108,13 @@ def plot(runs: list[dict], path: Path) -> None:
     for row, reward in enumerate(rewards):
         for r in (r for r in runs if r["reward"] == reward):
             for col, x in enumerate(("seconds", "steps")):
-                axes[row, col].plot(r[x], r["gold"], color=colours[r["algorithm"]], alpha=0.7, label=r["algorithm"] if r["seed"] == 0 else None)
+                axes[row, col].plot(
+                    r[x],
+                    r["gold"],
+                    color=colours[r["algorithm"]],
+                    alpha=0.7,
+                    label=r["algorithm"] if r["seed"] == 0 else None,
+                )
         for col, x in enumerate(("wall-clock seconds", "RL steps")):
             axes[row, col].set_xlabel(x)
             axes[row, col].set_ylabel("gold (oracle, held-out prompts)")
@@ -116,18 +128,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="runs per algorithm and reward (default 3)")
     parser.add_argument("--steps", type=int, default=20, help="RL steps per run (default 20)")
-    parser.add_argument("--data", default="runs/jrm_shapeedit/data", help="ShapeEdit data folder (python -m reward.shapeedit generate)")
-    parser.add_argument("--jrm", default="runs/jrm_shapeedit/jrm_seed0/final", help="the JRM used as reward (reward/train.py's final/)")
-    parser.add_argument("--policy", default="", help="a pretrained ShapeEdit policy; default: pretrain one into OUT/policy")
-    parser.add_argument("--pretrain-minutes", type=float, default=4.0, help="policy pretraining budget when --policy is not given")
+    parser.add_argument(
+        "--data", default="runs/jrm_shapeedit/data", help="ShapeEdit data folder (python -m reward.shapeedit generate)"
+    )
+    parser.add_argument(
+        "--jrm", default="runs/jrm_shapeedit/jrm_seed0/final", help="the JRM used as reward (reward/train.py's final/)"
+    )
+    parser.add_argument(
+        "--policy", default="", help="a pretrained ShapeEdit policy; default: pretrain one into OUT/policy"
+    )
+    parser.add_argument(
+        "--pretrain-minutes", type=float, default=4.0, help="policy pretraining budget when --policy is not given"
+    )
     parser.add_argument("--num-eval", type=int, default=32, help="held-out prompts per evaluation (default 32)")
     parser.add_argument("--out", default="runs/nft_vs_grpo", help="where the runs go")
-    parser.add_argument("--json", default="docs/results/nft_vs_grpo.json", help="the results JSON (a PNG figure goes next to it)")
+    parser.add_argument(
+        "--json", default="docs/results/nft_vs_grpo.json", help="the results JSON (a PNG figure goes next to it)"
+    )
     parser.add_argument("--rewards", default="oracle,jrm", help="which rewards, comma-separated: oracle, jrm")
-    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help=f"which algorithms, comma-separated, grpo among them: {', '.join(ALGORITHMS)}")
-    parser.add_argument("--sampler", default="gaussian", choices=("gaussian", "preset"),
-                        help="gaussian: 8 Gaussian SDE steps and the most probable category last (what docs/results/nft_vs_grpo.json was measured with); "
-                             "preset: launch/configs/shapeedit.yaml's own (the palette's drawn last step)")
+    parser.add_argument(
+        "--algorithms",
+        default=",".join(ALGORITHMS),
+        help=f"which algorithms, comma-separated, grpo among them: {', '.join(ALGORITHMS)}",
+    )
+    parser.add_argument(
+        "--sampler",
+        default="gaussian",
+        choices=("gaussian", "preset"),
+        help="gaussian: 8 Gaussian SDE steps and the most probable category last (what docs/results/nft_vs_grpo.json was measured with); "
+        "preset: launch/configs/shapeedit.yaml's own (the palette's drawn last step)",
+    )
     args = parser.parse_args(argv)
     chosen_rewards = comma_list(parser, "--rewards", args.rewards, ("oracle", "jrm"))
     algorithms = {name: ALGORITHMS[name] for name in comma_list(parser, "--algorithms", args.algorithms, ALGORITHMS)}
@@ -136,14 +166,34 @@ def main(argv: list[str] | None = None) -> int:
     out, data = Path(args.out), Path(args.data)
     policy = Path(args.policy) if args.policy else out / "policy"
     if not (policy / "policy.json").is_file() and not args.policy:
-        subprocess.run([sys.executable, "launch/pretrain_policy.py", f"output_dir={policy}", f"data_dir={data}", f"max_minutes={args.pretrain_minutes}", "num_eval=64"], cwd=ROOT, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "launch/pretrain_policy.py",
+                f"output_dir={policy}",
+                f"data_dir={data}",
+                f"max_minutes={args.pretrain_minutes}",
+                "num_eval=64",
+            ],
+            cwd=ROOT,
+            check=True,
+        )
     import ray
 
     from rl.loop import train
 
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
-    rewards = {name: spec for name, spec in {"oracle": f"oracle:{data}", "jrm": f"jrm:{args.jrm}"}.items() if name in chosen_rewards}
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        num_cpus=2,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
+    )
+    rewards = {
+        name: spec
+        for name, spec in {"oracle": f"oracle:{data}", "jrm": f"jrm:{args.jrm}"}.items()
+        if name in chosen_rewards
+    }
     sampler = GAUSSIAN_SAMPLER if args.sampler == "gaussian" else []
     runs = []
     try:
@@ -152,18 +202,41 @@ def main(argv: list[str] | None = None) -> int:
                 for algorithm, extra in algorithms.items():
                     run_dir = out / f"{reward}-{algorithm}-seed{seed}"
                     overrides = [
-                        f"output_dir={run_dir}", f"seed={seed}", f"num_steps={args.steps}", "eval_every=5", f"save_every={args.steps}",
-                        f"policy.path={policy}", f"reward.terms=[{{name: {reward}, spec: '{spec}'}}]", f"reward.gold=oracle:{data}",
-                        f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}",
-                        f"data.num_eval={args.num_eval}", "wandb=false", *sampler, *extra,
+                        f"output_dir={run_dir}",
+                        f"seed={seed}",
+                        f"num_steps={args.steps}",
+                        "eval_every=5",
+                        f"save_every={args.steps}",
+                        f"policy.path={policy}",
+                        f"reward.terms=[{{name: {reward}, spec: '{spec}'}}]",
+                        f"reward.gold=oracle:{data}",
+                        f"data.train_prompts={data / 'train_prompts.json'}",
+                        f"data.eval_prompts={data / 'test_heldout_prompts.json'}",
+                        f"data.num_eval={args.num_eval}",
+                        "wandb=false",
+                        *sampler,
+                        *extra,
                     ]
                     if not (run_dir / "checkpoints" / f"step-{args.steps:06d}" / "state.json").is_file():
                         start = time.perf_counter()
-                        train(load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", overrides + ["resume=auto"]))
+                        train(
+                            load_config(
+                                RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", overrides + ["resume=auto"]
+                            )
+                        )
                         print(f"{run_dir}: {time.perf_counter() - start:.0f} s", flush=True)
                     curve = run_curve(run_dir)
                     verdict = run_signal(load_run(run_dir, f"{reward}-{algorithm}")).verdict
-                    runs.append({"label": f"{algorithm}/{reward}", "algorithm": algorithm, "reward": reward, "seed": seed, **curve, "verdict": verdict})
+                    runs.append(
+                        {
+                            "label": f"{algorithm}/{reward}",
+                            "algorithm": algorithm,
+                            "reward": reward,
+                            "seed": seed,
+                            **curve,
+                            "verdict": verdict,
+                        }
+                    )
     finally:
         ray.shutdown()
 
@@ -173,27 +246,65 @@ def main(argv: list[str] | None = None) -> int:
         for algorithm in algorithms:
             group = [r for r in runs if r["reward"] == reward and r["algorithm"] == algorithm]
             times = [time_to(r, best_grpo) for r in group]
-            summary.append({
-                "algorithm": algorithm, "reward": reward, "runs": len(group),
-                "gold_start": float(np.mean([r["gold"][0] for r in group])),
-                "gold_best": float(np.mean([max(r["gold"]) for r in group])),
-                "gold_best_sd": float(np.std([max(r["gold"]) for r in group], ddof=1)) if len(group) > 1 else float("nan"),
-                "gold_last": float(np.mean([r["gold"][-1] for r in group])),
-                "seconds_total": float(np.mean([r["seconds"][-1] for r in group])),
-                "seconds_per_step": float(np.mean([r["seconds"][-1] / r["steps"][-1] for r in group])),
-                "threshold": best_grpo,
-                "reached_threshold": sum(t is not None for t in times),
-                "seconds_to_threshold": float(np.mean([t for t in times if t is not None])) if any(t is not None for t in times) else None,
-                "verdicts": {v: sum(r["verdict"] == v for r in group) for v in sorted({r["verdict"] for r in group})},
-            })
-    columns = ["algorithm", "reward", "runs", "gold_start", "gold_best", "gold_best_sd", "gold_last", "seconds_total", "seconds_per_step", "reached_threshold", "seconds_to_threshold", "verdicts"]
+            summary.append(
+                {
+                    "algorithm": algorithm,
+                    "reward": reward,
+                    "runs": len(group),
+                    "gold_start": float(np.mean([r["gold"][0] for r in group])),
+                    "gold_best": float(np.mean([max(r["gold"]) for r in group])),
+                    "gold_best_sd": float(np.std([max(r["gold"]) for r in group], ddof=1))
+                    if len(group) > 1
+                    else float("nan"),
+                    "gold_last": float(np.mean([r["gold"][-1] for r in group])),
+                    "seconds_total": float(np.mean([r["seconds"][-1] for r in group])),
+                    "seconds_per_step": float(np.mean([r["seconds"][-1] / r["steps"][-1] for r in group])),
+                    "threshold": best_grpo,
+                    "reached_threshold": sum(t is not None for t in times),
+                    "seconds_to_threshold": float(np.mean([t for t in times if t is not None]))
+                    if any(t is not None for t in times)
+                    else None,
+                    "verdicts": {
+                        v: sum(r["verdict"] == v for r in group) for v in sorted({r["verdict"] for r in group})
+                    },
+                }
+            )
+    columns = [
+        "algorithm",
+        "reward",
+        "runs",
+        "gold_start",
+        "gold_best",
+        "gold_best_sd",
+        "gold_last",
+        "seconds_total",
+        "seconds_per_step",
+        "reached_threshold",
+        "seconds_to_threshold",
+        "verdicts",
+    ]
     print(table(summary, columns, "Flow-GRPO vs DiffusionNFT on ShapeEdit (threshold: GRPO's mean best gold)"))
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"seeds": args.seeds, "steps": args.steps, "data": str(data), "jrm": args.jrm, "policy": str(policy), "num_eval": args.num_eval,
-                "config": "launch/configs/shapeedit.yaml", "algorithms": algorithms, "sampler": args.sampler}
-    report = {"command": command_line(__file__, argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
-              "settings": settings, "summary": summary, "runs": runs}
+    settings = {
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "data": str(data),
+        "jrm": args.jrm,
+        "policy": str(policy),
+        "num_eval": args.num_eval,
+        "config": "launch/configs/shapeedit.yaml",
+        "algorithms": algorithms,
+        "sampler": args.sampler,
+    }
+    report = {
+        "command": command_line(__file__, argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
+        "settings": settings,
+        "summary": summary,
+        "runs": runs,
+    }
     path.write_text(json.dumps(report, indent=1))
     print(markdown(report))
     plot(runs, path.with_suffix(".png"))

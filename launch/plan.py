@@ -91,7 +91,11 @@ def _saved_bytes(fn) -> int:
 
 
 def _lora_params(net: nn.Module, targets: str, rank: int) -> int:
-    return sum(rank * (m.in_features + m.out_features) for name, m in net.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(targets, name))
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in net.named_modules()
+        if isinstance(m, nn.Linear) and re.fullmatch(targets, name)
+    )
 
 
 # ---- the policies on meta -------------------------------------------------------------------------------------------
@@ -135,13 +139,19 @@ def _flux(cfg: RLConfig) -> MetaPolicy:
     def forward():
         x = torch.zeros(B, n, c.in_channels, device="meta", dtype=dtype)
         return net(
-            hidden_states=x.repeat(1, 2, 1), encoder_hidden_states=torch.zeros(B, L, c.joint_attention_dim, device="meta", dtype=dtype),
-            pooled_projections=torch.zeros(B, c.pooled_projection_dim, device="meta", dtype=dtype), timestep=torch.ones(B, device="meta", dtype=dtype),
-            img_ids=torch.zeros(2 * n, 3, device="meta"), txt_ids=torch.zeros(L, 3, device="meta"), guidance=torch.ones(B, device="meta", dtype=dtype),
+            hidden_states=x.repeat(1, 2, 1),
+            encoder_hidden_states=torch.zeros(B, L, c.joint_attention_dim, device="meta", dtype=dtype),
+            pooled_projections=torch.zeros(B, c.pooled_projection_dim, device="meta", dtype=dtype),
+            timestep=torch.ones(B, device="meta", dtype=dtype),
+            img_ids=torch.zeros(2 * n, 3, device="meta"),
+            txt_ids=torch.zeros(L, 3, device="meta"),
+            guidance=torch.ones(B, device="meta", dtype=dtype),
             return_dict=False,
         )
 
-    return MetaPolicy(components, net, forward, source, LORA_TARGETS, len(net.transformer_blocks) + len(net.single_transformer_blocks))
+    return MetaPolicy(
+        components, net, forward, source, LORA_TARGETS, len(net.transformer_blocks) + len(net.single_transformer_blocks)
+    )
 
 
 def _qwen(cfg: RLConfig) -> MetaPolicy:
@@ -160,7 +170,9 @@ def _qwen(cfg: RLConfig) -> MetaPolicy:
         else:
             net = QwenImageTransformer2DModel()  # diffusers' defaults are Qwen-Image's published sizes
             source = "Qwen-Image-Edit's published config"
-        text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=REAL.text, vision_config=REAL.vision, tie_word_embeddings=False))
+        text = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(text_config=REAL.text, vision_config=REAL.vision, tie_word_embeddings=False)
+        )
         vae = AutoencoderKLQwenImage()
     components = {"transformer": net, "text_encoder": text, "vae": vae}
     c = net.config
@@ -172,9 +184,12 @@ def _qwen(cfg: RLConfig) -> MetaPolicy:
     def forward():
         x = torch.zeros(B, 2 * n, c.in_channels, device="meta", dtype=dtype)
         return net(
-            hidden_states=x, encoder_hidden_states=torch.zeros(B, L, c.joint_attention_dim, device="meta", dtype=dtype),
-            encoder_hidden_states_mask=torch.ones(B, L, device="meta", dtype=torch.long), timestep=torch.ones(B, device="meta", dtype=dtype),
-            img_shapes=[[(1, cfg.policy.height // 16, cfg.policy.width // 16)] * 2] * B, return_dict=False,
+            hidden_states=x,
+            encoder_hidden_states=torch.zeros(B, L, c.joint_attention_dim, device="meta", dtype=dtype),
+            encoder_hidden_states_mask=torch.ones(B, L, device="meta", dtype=torch.long),
+            timestep=torch.ones(B, device="meta", dtype=dtype),
+            img_shapes=[[(1, cfg.policy.height // 16, cfg.policy.width // 16)] * 2] * B,
+            return_dict=False,
         )
 
     return MetaPolicy(components, net, forward, source, DEFAULT_LORA_TARGETS, len(net.transformer_blocks))
@@ -204,7 +219,9 @@ def policy_roles(cfg: RLConfig) -> tuple[Role, Role, str]:
         learner.weights += denoiser
         learner.notes.append(f"full fine-tune: {trained / 1e9:.2f}B trained parameters and a frozen reference copy")
     zero3 = cfg.cluster.zero_stage == 3
-    if zero3 and not p.lora_rank:  # the trained denoiser partitioned over the ranks (gathered block by block in the forward); its reference copy not
+    if (
+        zero3 and not p.lora_rank
+    ):  # the trained denoiser partitioned over the ranks (gathered block by block in the forward); its reference copy not
         learner.weights = denoiser / world + denoiser
     learner.trainable = trained * (4 / (world if zero3 else 1) + 4 / world + 8 / world) / GIB
     net.train()
@@ -213,10 +230,14 @@ def policy_roles(cfg: RLConfig) -> tuple[Role, Role, str]:
         net.enable_gradient_checkpointing()
         boundary = _saved_bytes(meta.forward) / GIB
         learner.activations = boundary + full / meta.blocks
-        learner.notes.append(f"gradient checkpointing: activations {learner.activations:.1f} GiB per micro-batch (without: {full:.1f})")
+        learner.notes.append(
+            f"gradient checkpointing: activations {learner.activations:.1f} GiB per micro-batch (without: {full:.1f})"
+        )
     else:
         learner.activations = full
-        learner.notes.append(f"activations {full:.1f} GiB per micro-batch (gradient checkpointing would make it about {full / meta.blocks * 3:.1f})")
+        learner.notes.append(
+            f"activations {full:.1f} GiB per micro-batch (gradient checkpointing would make it about {full / meta.blocks * 3:.1f})"
+        )
     rollout.activations = full / meta.blocks
     return rollout, learner, meta.source
 
@@ -238,10 +259,22 @@ def reward_role(cfg: RLConfig) -> tuple[Role, str]:
             text = backbone.get("text_config", text)
             vision = backbone.get("vision_config", vision)
             source = str(config)
-        h, inter, layers, vocab = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"], text["vocab_size"]
-        params = vocab * h * 2 + layers * (4 * h * h + 3 * h * inter) + vision["depth"] * (4 * vision["hidden_size"] ** 2 + 3 * vision["hidden_size"] * vision["intermediate_size"])
+        h, inter, layers, vocab = (
+            text["hidden_size"],
+            text["intermediate_size"],
+            text["num_hidden_layers"],
+            text["vocab_size"],
+        )
+        params = (
+            vocab * h * 2
+            + layers * (4 * h * h + 3 * h * inter)
+            + vision["depth"]
+            * (4 * vision["hidden_size"] ** 2 + 3 * vision["hidden_size"] * vision["intermediate_size"])
+        )
         role.weights = max(role.weights, params * 2 / GIB)
-        tokens = 722 * (cfg.policy.height * cfg.policy.width) / 512**2  # two images and the instruction, per pair (gpu_check)
+        tokens = (
+            722 * (cfg.policy.height * cfg.policy.width) / 512**2
+        )  # two images and the instruction, per pair (gpu_check)
         widest = term.micro_batch_size * tokens * (2 * inter + 4 * h) * 2 / GIB  # MLP gate and up, plus residual copies
         role.activations = max(role.activations, widest)
         role.notes.append(f"{term.name}: {params / 1e9:.2f}B parameters, {term.micro_batch_size} pairs per forward")
@@ -267,10 +300,25 @@ def make_plan(cfg: RLConfig) -> dict:
     busiest = max(gpus, key=lambda g: g["gib"])
     limit = c.gpu_memory_gib * HEADROOM
     return {
-        "nodes": c.num_nodes, "gpus_per_node": c.gpus_per_node, "gpu_memory_gib": c.gpu_memory_gib, "limit_gib": round(limit, 2),
-        "roles": {k: {"weights": round(r.weights, 2), "trainable": round(r.trainable, 2), "activations": round(r.activations, 2),
-                      "context": CUDA_CONTEXT_GIB, "total": round(r.total, 2), "notes": r.notes} for k, r in roles.items()},
-        "gpus": gpus, "busiest": busiest, "fits": busiest["gib"] <= limit, "sources": {"policy": policy_source, "reward": reward_source},
+        "nodes": c.num_nodes,
+        "gpus_per_node": c.gpus_per_node,
+        "gpu_memory_gib": c.gpu_memory_gib,
+        "limit_gib": round(limit, 2),
+        "roles": {
+            k: {
+                "weights": round(r.weights, 2),
+                "trainable": round(r.trainable, 2),
+                "activations": round(r.activations, 2),
+                "context": CUDA_CONTEXT_GIB,
+                "total": round(r.total, 2),
+                "notes": r.notes,
+            }
+            for k, r in roles.items()
+        },
+        "gpus": gpus,
+        "busiest": busiest,
+        "fits": busiest["gib"] <= limit,
+        "sources": {"policy": policy_source, "reward": reward_source},
     }
 
 
@@ -283,7 +331,9 @@ def advice(plan: dict, cfg: RLConfig) -> str:
     if r["learner"]["activations"] > 4:
         tips.append(f"a smaller algo.micro_batch_size (now {cfg.algo.micro_batch_size}: activations scale with it)")
     if any("reward" in a for a in plan["busiest"]["actors"]):
-        tips.append("cluster.reward_gpu on a GPU with fewer actors, or fewer rollout workers / learners per node so the reward actor has a GPU of its own")
+        tips.append(
+            "cluster.reward_gpu on a GPU with fewer actors, or fewer rollout workers / learners per node so the reward actor has a GPU of its own"
+        )
     if not cfg.policy.lora_rank and cfg.cluster.zero_stage == 2:
         tips.append("cluster.zero_stage=3 (a full fine-tune's weights sharded over the learners)")
     tips.append("fewer actors per GPU (cluster.num_rollout_workers / num_learners below gpus_per_node)")
@@ -291,11 +341,16 @@ def advice(plan: dict, cfg: RLConfig) -> str:
 
 
 def format_plan(plan: dict, cfg: RLConfig) -> str:
-    lines = [f"plan: {plan['nodes']} node(s) x {plan['gpus_per_node']} GPUs of {plan['gpu_memory_gib']:.0f} GiB (planned up to {plan['limit_gib']:.1f} GiB each); "
-             f"sizes from {plan['sources']['policy']} and {plan['sources']['reward']}"]
+    lines = [
+        f"plan: {plan['nodes']} node(s) x {plan['gpus_per_node']} GPUs of {plan['gpu_memory_gib']:.0f} GiB (planned up to {plan['limit_gib']:.1f} GiB each); "
+        f"sizes from {plan['sources']['policy']} and {plan['sources']['reward']}"
+    ]
     lines.append(f"{'actor':<10}{'weights':>10}{'trainable':>11}{'activations':>13}{'context':>9}{'total GiB':>11}")
     for name, r in plan["roles"].items():
-        lines.append(f"{name:<10}{r['weights']:>10.2f}{r['trainable']:>11.2f}{r['activations']:>13.2f}{r['context']:>9.2f}{r['total']:>11.2f}  " + "; ".join(r["notes"]))
+        lines.append(
+            f"{name:<10}{r['weights']:>10.2f}{r['trainable']:>11.2f}{r['activations']:>13.2f}{r['context']:>9.2f}{r['total']:>11.2f}  "
+            + "; ".join(r["notes"])
+        )
     lines.append("per GPU of each node:")
     for g in plan["gpus"]:
         lines.append(f"  GPU {g['gpu']}: {g['gib']:>6.1f} GiB  {', '.join(g['actors']) or '(idle)'}")
@@ -303,7 +358,9 @@ def format_plan(plan: dict, cfg: RLConfig) -> str:
     if plan["fits"]:
         lines.append(f"fits: the busiest GPU ({b['gpu']}) plans {b['gib']:.1f} GiB of {plan['limit_gib']:.1f}")
     else:
-        lines.append(f"DOES NOT FIT: GPU {b['gpu']} ({', '.join(b['actors'])}) plans {b['gib']:.1f} GiB, over {plan['limit_gib']:.1f}. Try: {advice(plan, cfg)}")
+        lines.append(
+            f"DOES NOT FIT: GPU {b['gpu']} ({', '.join(b['actors'])}) plans {b['gib']:.1f} GiB, over {plan['limit_gib']:.1f}. Try: {advice(plan, cfg)}"
+        )
     return "\n".join(lines)
 
 
@@ -312,10 +369,17 @@ def format_plan(plan: dict, cfg: RLConfig) -> str:
 
 def markdown(report: dict) -> str:
     """The table docs/performance.md holds: per preset, each role's planned GiB and the busiest GPU."""
-    lines = ["| preset | layout per node | rollout worker GiB | learner GiB | reward actor GiB | busiest GPU GiB (limit) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| preset | layout per node | rollout worker GiB | learner GiB | reward actor GiB | busiest GPU GiB (limit) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, plan in report["presets"].items():
         r = plan["roles"]
-        layout = "; ".join(f"GPU {g['gpu']}: {', '.join(g['actors'])}" for g in plan["gpus"] if g["gpu"] in (0, plan["gpus_per_node"] - 1))
+        layout = "; ".join(
+            f"GPU {g['gpu']}: {', '.join(g['actors'])}"
+            for g in plan["gpus"]
+            if g["gpu"] in (0, plan["gpus_per_node"] - 1)
+        )
         lines.append(
             f"| {name} | {layout} | {r['rollout']['total']:.1f} | {r['learner']['total']:.1f} | {r['reward']['total']:.1f} "
             f"| {plan['busiest']['gib']:.1f} ({plan['limit_gib']:.1f}) |"
@@ -324,7 +388,9 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="The preflight plan of every shipped GPU preset (launch/configs/*.yaml with GPUs), as a JSON report.")
+    parser = argparse.ArgumentParser(
+        description="The preflight plan of every shipped GPU preset (launch/configs/*.yaml with GPUs), as a JSON report."
+    )
     parser.add_argument("--out", default="docs/bench/plans.json", help="where the JSON report goes")
     args = parser.parse_args(argv)
     presets = {}

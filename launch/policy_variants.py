@@ -38,21 +38,73 @@ PIXELS_ONLY = ["policy.head_hidden=16", "policy.head_text_features=0"]
 PALETTE = ["policy.parameterisation=palette", "policy.head_source_colours=false", "edit_average=batch"]
 # (name, what it changes, overrides); the first is the first policy.
 VARIANTS: list[tuple[str, str, list[str]]] = [
-    ("change", "x0 = source + change from the patch tokens (the first policy)", [*BEFORE, "policy.parameterisation=change"]),
-    ("gated", "x0 = m c + (1 - m) source, per-pixel head (width 16), gate cross-entropy (weight 1)", [*BEFORE, *PIXELS_ONLY]),
-    ("gated_edit_weight", "gated + squared error over the changed pixels (weight 1)", [*BEFORE, *PIXELS_ONLY, "edit_weight=1"]),
-    ("gated_edit_weight_gate4", "gated_edit_weight, gate cross-entropy weight 4", [*BEFORE, *PIXELS_ONLY, "edit_weight=1", "gate_weight=4"]),
-    ("gated_text_head", "gated_edit_weight_gate4 + the pooled instruction at every pixel of a width-32 head", [*BEFORE, "edit_weight=1", "gate_weight=4"]),
+    (
+        "change",
+        "x0 = source + change from the patch tokens (the first policy)",
+        [*BEFORE, "policy.parameterisation=change"],
+    ),
+    (
+        "gated",
+        "x0 = m c + (1 - m) source, per-pixel head (width 16), gate cross-entropy (weight 1)",
+        [*BEFORE, *PIXELS_ONLY],
+    ),
+    (
+        "gated_edit_weight",
+        "gated + squared error over the changed pixels (weight 1)",
+        [*BEFORE, *PIXELS_ONLY, "edit_weight=1"],
+    ),
+    (
+        "gated_edit_weight_gate4",
+        "gated_edit_weight, gate cross-entropy weight 4",
+        [*BEFORE, *PIXELS_ONLY, "edit_weight=1", "gate_weight=4"],
+    ),
+    (
+        "gated_text_head",
+        "gated_edit_weight_gate4 + the pooled instruction at every pixel of a width-32 head",
+        [*BEFORE, "edit_weight=1", "gate_weight=4"],
+    ),
     ("high_noise", "gated_text_head, noise levels sigmoid(N(1, 1)) (more training at high noise)", GATED_RECIPE),
     ("higher_noise", "gated_text_head, noise levels sigmoid(N(2, 1))", [*GATED_RECIPE, "sigma_location=2"]),
-    ("recipe_8min_shared", "high_noise (the gated recipe), 1,800 steps or 8 minutes, 2 threads, while a Ray benchmark shared the cores", [*GATED_RECIPE, "max_steps=1800", "max_minutes=8", "eval_every=1800"]),
-    ("palette_mean_last_step", "x0 = p_0 source + sum_k p_k colour_k: a per-pixel classifier over keeping the source and the 13 palette colours, cross-entropy; the last step lands on the categories' mean (the plain Euler step)", [*PALETTE, "edit_weight=0", "policy.last_step=mean"]),
-    ("palette_edit_weight_0.3", "the classifier, its most probable category at the last step, + the cross-entropy averaged over the batch's changed pixels (weight 0.3)", [*PALETTE, "edit_weight=0.3"]),
-    ("palette_edit_weight_0.3_sd3_noise", "palette_edit_weight_0.3, SD3's noise levels sigmoid(N(0, 1))", [*PALETTE, "edit_weight=0.3", "sigma_location=0"]),
-    ("palette_image_average", "the classifier + the cross-entropy averaged over each image's changed pixels, then over images (weight 1)", [*PALETTE, "edit_weight=1", "edit_average=image"]),
-    ("palette_image_average_0.3", "palette_image_average, weight 0.3", [*PALETTE, "edit_weight=0.3", "edit_average=image"]),
-    ("palette_source_colours", "palette_image_average + the source pixel's palette colour (one-hot) and 4 colour queries read at it (today's defaults)", ["policy.head_source_colours=true", "edit_weight=1", "edit_average=image"]),
-    ("palette_source_colours_0.3", "palette_source_colours, weight 0.3", ["policy.head_source_colours=true", "edit_weight=0.3", "edit_average=image"]),
+    (
+        "recipe_8min_shared",
+        "high_noise (the gated recipe), 1,800 steps or 8 minutes, 2 threads, while a Ray benchmark shared the cores",
+        [*GATED_RECIPE, "max_steps=1800", "max_minutes=8", "eval_every=1800"],
+    ),
+    (
+        "palette_mean_last_step",
+        "x0 = p_0 source + sum_k p_k colour_k: a per-pixel classifier over keeping the source and the 13 palette colours, cross-entropy; the last step lands on the categories' mean (the plain Euler step)",
+        [*PALETTE, "edit_weight=0", "policy.last_step=mean"],
+    ),
+    (
+        "palette_edit_weight_0.3",
+        "the classifier, its most probable category at the last step, + the cross-entropy averaged over the batch's changed pixels (weight 0.3)",
+        [*PALETTE, "edit_weight=0.3"],
+    ),
+    (
+        "palette_edit_weight_0.3_sd3_noise",
+        "palette_edit_weight_0.3, SD3's noise levels sigmoid(N(0, 1))",
+        [*PALETTE, "edit_weight=0.3", "sigma_location=0"],
+    ),
+    (
+        "palette_image_average",
+        "the classifier + the cross-entropy averaged over each image's changed pixels, then over images (weight 1)",
+        [*PALETTE, "edit_weight=1", "edit_average=image"],
+    ),
+    (
+        "palette_image_average_0.3",
+        "palette_image_average, weight 0.3",
+        [*PALETTE, "edit_weight=0.3", "edit_average=image"],
+    ),
+    (
+        "palette_source_colours",
+        "palette_image_average + the source pixel's palette colour (one-hot) and 4 colour queries read at it (today's defaults)",
+        ["policy.head_source_colours=true", "edit_weight=1", "edit_average=image"],
+    ),
+    (
+        "palette_source_colours_0.3",
+        "palette_source_colours, weight 0.3",
+        ["policy.head_source_colours=true", "edit_weight=0.3", "edit_average=image"],
+    ),
 ]
 
 
@@ -126,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             if (cfg.only and name != cfg.only) or (not cfg.only and (out / "results.json").is_file()):
                 continue
             print(f"== {name}", flush=True)
-            pretrain(load_config(PretrainConfig, None, [*COMMON, *overrides, f"output_dir={out}", f"data_dir={cfg.data_dir}"]))
+            pretrain(
+                load_config(
+                    PretrainConfig, None, [*COMMON, *overrides, f"output_dir={out}", f"data_dir={cfg.data_dir}"]
+                )
+            )
     report = collect(cfg)
     Path(cfg.results_path).write_text(json.dumps(report, indent=1) + "\n")
     print(markdown(report))

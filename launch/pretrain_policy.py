@@ -24,8 +24,8 @@ if __package__ in (None, ""):  # run as `python launch/pretrain_policy.py`: impo
 
 import numpy as np
 import torch
-from PIL import Image
 from diffusers.training_utils import EMAModel
+from PIL import Image
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -112,14 +112,25 @@ def draw_batch(rng: np.random.Generator, cfg: PretrainConfig) -> tuple[torch.Ten
 def load_eval_prompts(data_dir: Path, split: str, limit: int, size: int) -> list[dict]:
     path = data_dir / f"{split}_prompts.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: generate the data first (python -m reward.shapeedit generate --out {data_dir})")
+        raise FileNotFoundError(
+            f"{path} not found: generate the data first (python -m reward.shapeedit generate --out {data_dir})"
+        )
     rows = json.loads(path.read_text())[:limit]
     prompts = []
     for i, row in enumerate(rows):
         source = load_image(data_dir / row["path_src"], f"{path} row {i}")
         if source.size != (size, size):
-            source = Image.fromarray(render(Scene.from_dict(row["scene"]), size))  # the scene re-rendered at the policy's size
-        prompts.append({"source": source, "instruction": row["instruction"], "scene": Scene.from_dict(row["scene"]), "edits": tuple(Edit.from_dict(e) for e in row["edits"])})
+            source = Image.fromarray(
+                render(Scene.from_dict(row["scene"]), size)
+            )  # the scene re-rendered at the policy's size
+        prompts.append(
+            {
+                "source": source,
+                "instruction": row["instruction"],
+                "scene": Scene.from_dict(row["scene"]),
+                "edits": tuple(Edit.from_dict(e) for e in row["edits"]),
+            }
+        )
     return prompts
 
 
@@ -170,7 +181,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.ema_decay else None
     metrics = (out / "metrics.jsonl").open("w")
-    print(f"ShapeEdit policy: {sum(p.numel() for p in params) / 1e6:.2f} M parameters, vocabulary {len(policy.tokenizer)}")
+    print(
+        f"ShapeEdit policy: {sum(p.numel() for p in params) / 1e6:.2f} M parameters, vocabulary {len(policy.tokenizer)}"
+    )
 
     def log(row: dict) -> None:
         metrics.write(json.dumps(row) + "\n")
@@ -197,11 +210,23 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     trained_s, step, loss_sum = 0.0, 0, 0.0
     result = run_eval(0)
-    bar = tqdm(total=cfg.max_steps, desc="pretraining", unit="step", disable=None if cfg.progress else True)  # None: on a terminal only
+    bar = tqdm(
+        total=cfg.max_steps, desc="pretraining", unit="step", disable=None if cfg.progress else True
+    )  # None: on a terminal only
     while step < cfg.max_steps and not (cfg.max_minutes and trained_s > cfg.max_minutes * 60):
         start = time.perf_counter()
         source, target, instructions = draw_batch(rng, cfg)
-        loss = flow_matching_loss(policy, source, target, instructions, generator, cfg.gate_weight, cfg.edit_weight, cfg.sigma_location, cfg.edit_average)
+        loss = flow_matching_loss(
+            policy,
+            source,
+            target,
+            instructions,
+            generator,
+            cfg.gate_weight,
+            cfg.edit_weight,
+            cfg.sigma_location,
+            cfg.edit_average,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -216,7 +241,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"the flow-matching loss became {loss.item()} at step {step}; lower lr (now {cfg.lr})")
         if step % 50 == 0:
-            log({"step": step, "train/loss": loss_sum / 50, "train/grad_norm": float(grad_norm), "train/lr": schedule.get_last_lr()[0], "perf/trained_s": trained_s})
+            log(
+                {
+                    "step": step,
+                    "train/loss": loss_sum / 50,
+                    "train/grad_norm": float(grad_norm),
+                    "train/lr": schedule.get_last_lr()[0],
+                    "perf/trained_s": trained_s,
+                }
+            )
             say(f"step {step} loss {loss_sum / 50:.4f} ({trained_s:.0f} s)")
             loss_sum = 0.0
         if step % cfg.eval_every == 0:

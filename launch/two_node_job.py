@@ -42,7 +42,12 @@ def summarize(run_dir: Path, nodes: int) -> dict:
     steps = [r for r in rows if "perf/step_s" in r]
     later = steps[1:] or steps
     out = {"steps": len(steps), "final_eval": [r for r in rows if "eval/reward_mean" in r][-1]}
-    for key in ("perf/step_s", "perf/driver_bytes", "perf/rollout_bytes", *(f"reward/node_{n}/batch_mean" for n in range(nodes))):
+    for key in (
+        "perf/step_s",
+        "perf/driver_bytes",
+        "perf/rollout_bytes",
+        *(f"reward/node_{n}/batch_mean" for n in range(nodes)),
+    ):
         values = [r[key] for r in later if key in r]
         out[key] = statistics.median(values) if values else None
     return out
@@ -68,28 +73,60 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp) / "run"
         overrides = [
-            f"output_dir={out_dir}", f"policy.path={policy}", f"reward.terms=[{{name: jrm, spec: 'jrm:{jrm}', micro_batch_size: 64}}]",
-            f"reward.gold=oracle:{data}", f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}",
-            f"num_steps={args.steps}", f"eval_every={args.steps}", f"save_every={args.steps}", "wandb=false",
-            f"cluster.num_nodes={args.nodes}", "cluster.num_rollout_workers=1", "cluster.num_learners=1", *extra,
+            f"output_dir={out_dir}",
+            f"policy.path={policy}",
+            f"reward.terms=[{{name: jrm, spec: 'jrm:{jrm}', micro_batch_size: 64}}]",
+            f"reward.gold=oracle:{data}",
+            f"data.train_prompts={data / 'train_prompts.json'}",
+            f"data.eval_prompts={data / 'test_heldout_prompts.json'}",
+            f"num_steps={args.steps}",
+            f"eval_every={args.steps}",
+            f"save_every={args.steps}",
+            "wandb=false",
+            f"cluster.num_nodes={args.nodes}",
+            "cluster.num_rollout_workers=1",
+            "cluster.num_learners=1",
+            *extra,
         ]
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": DASHBOARD_PORT,
-        })
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "node_ip_address": "127.0.0.1",
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": DASHBOARD_PORT,
+            },
+        )
         try:
             for _ in range(args.nodes):
                 cluster.add_node(num_cpus=os.cpu_count(), node_ip_address="127.0.0.1")
             cluster.wait_for_nodes()
             ray = str(Path(sys.executable).parent / "ray")
-            command = [ray, "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "--working-dir", ".", "--",
-                       sys.executable, "launch/grpo_edit.py", "--config", "launch/configs/shapeedit.yaml", *overrides]
+            command = [
+                ray,
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{DASHBOARD_PORT}",
+                "--working-dir",
+                ".",
+                "--",
+                sys.executable,
+                "launch/grpo_edit.py",
+                "--config",
+                "launch/configs/shapeedit.yaml",
+                *overrides,
+            ]
             print("$ " + " ".join(command), flush=True)
             subprocess.run(command, cwd=ROOT, env=env, check=True)
         finally:
             cluster.shutdown()
         result = {"nodes": args.nodes, **summarize(out_dir, args.nodes)}
     print(json.dumps(result, indent=1))
-    print(f"wrote {write_report(args.out, 'two_node_job', command_line(__file__, argv), {**vars(args), 'overrides': extra}, result)}")
+    print(
+        f"wrote {write_report(args.out, 'two_node_job', command_line(__file__, argv), {**vars(args), 'overrides': extra}, result)}"
+    )
     return result
 
 

@@ -19,7 +19,6 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: a pipeline's load_lora_weights(dir) reads it
 
 
@@ -41,7 +40,9 @@ class TrainableConfig:
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 trains every weight), got {self.lora_rank}")
         if not isinstance(self.lora_targets, str):
-            raise ValueError(f"lora_targets must be a regex string ('' = the policy's default), got {self.lora_targets!r}")
+            raise ValueError(
+                f"lora_targets must be a regex string ('' = the policy's default), got {self.lora_targets!r}"
+            )
         try:
             re.compile(self.lora_targets)
         except re.error as e:
@@ -57,11 +58,17 @@ class Trainable:
         net.requires_grad_(False)
         if cfg.gradient_checkpointing:
             if not hasattr(net, "enable_gradient_checkpointing"):
-                raise ValueError(f"{type(net).__name__} cannot recompute activations; set TrainableConfig.gradient_checkpointing (policy.gradient_checkpointing in RL) false")
+                raise ValueError(
+                    f"{type(net).__name__} cannot recompute activations; set TrainableConfig.gradient_checkpointing (policy.gradient_checkpointing in RL) false"
+                )
             net.enable_gradient_checkpointing()
         if cfg.lora_rank > 0:
             targets = cfg.lora_targets or default_targets
-            net.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, init_lora_weights="gaussian"))
+            net.add_adapter(
+                LoraConfig(
+                    r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, init_lora_weights="gaussian"
+                )
+            )
             cast_training_params(net, dtype=torch.float32)  # adapters train in fp32 over a bf16 base
             self.frozen = None
         else:
@@ -86,7 +93,9 @@ class Trainable:
         params = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
-            raise KeyError(f"trainable state does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise KeyError(
+                f"trainable state does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         with torch.no_grad():
             for name, p in params.items():
                 if state[name].shape != p.shape:

@@ -86,7 +86,9 @@ class FluxKontextPolicy:
         self.version = 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self._trainable = Trainable(self.pipe.transformer, trainable or TrainableConfig(), default_targets=LORA_TARGETS)
+            self._trainable = Trainable(
+                self.pipe.transformer, trainable or TrainableConfig(), default_targets=LORA_TARGETS
+            )
 
     # ------------------------------------------------------------------ construction
 
@@ -166,7 +168,9 @@ class FluxKontextPolicy:
             log_probs (B, T), stochastic (B, T), edited_images (B, 3, H, W) uint8, condition a KontextCondition.
         """
         if self.pipe.vae is None:
-            raise RuntimeError("this policy's encoders were dropped (drop_encoders: a learner's copy); it cannot sample")
+            raise RuntimeError(
+                "this policy's encoders were dropped (drop_encoders: a learner's copy); it cannot sample"
+            )
         check_batch(source_images, instructions, self.height, self.width)
         refuse_categorical(sampler, "FLUX.1 Kontext")
         sampler = dataclasses.replace(sampler) if sampler is not None else SamplerConfig(guidance=DEFAULT_GUIDANCE)
@@ -229,7 +233,9 @@ class FluxKontextPolicy:
         if not 0 <= step < rollout.num_steps:
             raise ValueError(f"step must be in [0, {rollout.num_steps}), got {step}")
         if not isinstance(rollout.condition, KontextCondition):
-            raise TypeError(f"rollout.condition is a {type(rollout.condition).__name__}: not sampled by a FluxKontextPolicy")
+            raise TypeError(
+                f"rollout.condition is a {type(rollout.condition).__name__}: not sampled by a FluxKontextPolicy"
+            )
         sampler, sigmas = rollout.sampler, rollout.sigmas
         x = rollout.latents[:, step]
         stochastic = rollout.stochastic[:, step]
@@ -362,7 +368,9 @@ class FluxKontextPolicy:
     def flow_velocity(self, rollout: Rollout, latents: Tensor, sigma: float) -> Tensor:
         """The sampler's velocity at (latents, sigma) with the rollout's condition (EditingPolicy.flow_velocity)."""
         if not isinstance(rollout.condition, KontextCondition):
-            raise TypeError(f"rollout.condition is a {type(rollout.condition).__name__}: not sampled by a FluxKontextPolicy")
+            raise TypeError(
+                f"rollout.condition is a {type(rollout.condition).__name__}: not sampled by a FluxKontextPolicy"
+            )
         return self._velocity(latents, rollout.sigmas.new_tensor(float(sigma)), rollout.condition, rollout.sampler)
 
     def _velocity(self, latents: Tensor, sigma: Tensor, condition: KontextCondition, sampler: SamplerConfig) -> Tensor:
@@ -397,7 +405,9 @@ class FluxKontextPolicy:
         velocity = forward(condition.prompt_embeds, condition.pooled_prompt_embeds)
         if sampler.guidance_scale > 1:
             if condition.negative_prompt_embeds is None:
-                raise ValueError("sampler.guidance_scale > 1 but the rollout was sampled without negative prompt embeddings")
+                raise ValueError(
+                    "sampler.guidance_scale > 1 but the rollout was sampled without negative prompt embeddings"
+                )
             negative = forward(condition.negative_prompt_embeds, condition.negative_pooled_prompt_embeds)
             velocity = negative + sampler.guidance_scale * (velocity - negative)
         return velocity
@@ -433,29 +443,66 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32,
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+                projection_dim=32,
             )
         )
         text_encoder_2 = T5EncoderModel(
             T5Config(
-                vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                vocab_size=len(tokenizer_2),
+                d_model=32,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=0,
+                eos_token_id=1,
             )
         )
         vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-            layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
-            use_quant_conv=False, use_post_quant_conv=False,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=32,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
         )
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),
         )
     # FLUX.1 Kontext [dev]'s scheduler settings
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
     return {
         "scheduler": scheduler,

@@ -24,11 +24,21 @@ from diffusers import (
     QwenImageEditPlusPipeline,
     QwenImageTransformer2DModel,
 )
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions, calculate_shift, retrieve_timesteps
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import (
+    calculate_dimensions,
+    calculate_shift,
+    retrieve_timesteps,
+)
 from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch import Tensor, nn
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+)
 
 from policies.adapters import Trainable, TrainableConfig
 from policies.images import check_batch, images_to_tensor, to_rgb, to_uint8
@@ -204,8 +214,8 @@ class QwenImageEditPolicy:
     def load_pretrained(self, path: str | Path) -> None:
         """Load what save_pretrained wrote onto this policy, built from the same base with the same settings:
 
-            policy = QwenImageEditPolicy.from_pretrained(base, trainable=TrainableConfig(...), height=..., width=...)
-            policy.load_pretrained(saved_dir)
+        policy = QwenImageEditPolicy.from_pretrained(base, trainable=TrainableConfig(...), height=..., width=...)
+        policy.load_pretrained(saved_dir)
         """
         path = Path(path)
         saved = json.loads((path / CONFIG_FILE).read_text())
@@ -285,7 +295,9 @@ class QwenImageEditPolicy:
             edited_images (B, 3, H, W) uint8, sigmas (T + 1,), condition a QwenEditCondition.
         """
         if self.pipeline.vae is None:
-            raise RuntimeError("this policy's encoders were dropped (drop_encoders: a learner's copy); it cannot sample")
+            raise RuntimeError(
+                "this policy's encoders were dropped (drop_encoders: a learner's copy); it cannot sample"
+            )
         sampler = sampler or SamplerConfig()
         check_batch(source_images, instructions, self.height, self.width)
         refuse_categorical(sampler, "Qwen-Image-Edit")
@@ -360,8 +372,12 @@ class QwenImageEditPolicy:
     def flow_velocity(self, rollout: Rollout, latents: Tensor, sigma: float) -> Tensor:
         """The sampler's velocity at (latents, sigma) with the rollout's condition (EditingPolicy.flow_velocity)."""
         if not isinstance(rollout.condition, QwenEditCondition):
-            raise TypeError(f"rollout.condition is a {type(rollout.condition).__name__}: not sampled by a QwenImageEditPolicy")
-        return self._velocity(latents, rollout.sigmas.new_tensor(float(sigma)), rollout.condition, rollout.sampler.guidance_scale)
+            raise TypeError(
+                f"rollout.condition is a {type(rollout.condition).__name__}: not sampled by a QwenImageEditPolicy"
+            )
+        return self._velocity(
+            latents, rollout.sigmas.new_tensor(float(sigma)), rollout.condition, rollout.sampler.guidance_scale
+        )
 
     def _velocity(self, latents: Tensor, sigma: Tensor, condition: QwenEditCondition, guidance_scale: float) -> Tensor:
         """The transformer's velocity at (latents, sigma), with true CFG when guidance_scale > 1.
@@ -404,7 +420,9 @@ class QwenImageEditPolicy:
             negative = forward(condition.negative_embeds, condition.negative_mask)
             combined = negative + guidance_scale * (velocity - negative)
             # Qwen-Image rescales the guided velocity to the conditional one's norm, token by token
-            velocity = combined * (torch.norm(velocity, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+            velocity = combined * (
+                torch.norm(velocity, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True)
+            )
         return velocity
 
     def _sigmas(self, num_steps: int, image_tokens: int) -> Tensor:
@@ -422,7 +440,9 @@ class QwenImageEditPolicy:
             retrieve_timesteps(self.pipeline.scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
         sigmas = self.pipeline.scheduler.sigmas.to(device=self.device, dtype=torch.float32).clone()
         if not torch.isfinite(sigmas).all():  # shift_terminal's stretch divides by zero for a single step
-            raise ValueError(f"the scheduler gives non-finite sigmas for num_steps={num_steps}: {sigmas.tolist()}; use more steps")
+            raise ValueError(
+                f"the scheduler gives non-finite sigmas for num_steps={num_steps}: {sigmas.tolist()}; use more steps"
+            )
         return sigmas
 
     def _condition_sizes(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -432,7 +452,9 @@ class QwenImageEditPolicy:
         text = calculate_dimensions(PLUS_TEXT_ENCODER_AREA, ratio)[:2] if self.plus else vae
         return text, vae
 
-    def _encode_condition(self, images: list[Image.Image], instructions: list[str], sampler: SamplerConfig) -> QwenEditCondition:
+    def _encode_condition(
+        self, images: list[Image.Image], instructions: list[str], sampler: SamplerConfig
+    ) -> QwenEditCondition:
         """Text embeddings (and negative ones under CFG) and packed VAE latents of the source images."""
         pipe = self.pipeline
         (text_w, text_h), (vae_w, vae_h) = self._condition_sizes()
@@ -447,7 +469,9 @@ class QwenImageEditPolicy:
         negative_embeds = negative_mask = None
         if sampler.guidance_scale > 1:
             negative_embeds, negative_mask = self._encode_text([sampler.negative_prompt] * len(images), text_images)
-        image_latents = pipe._encode_vae_image(vae_input.unsqueeze(2).to(self.device, prompt_embeds.dtype), generator=None)
+        image_latents = pipe._encode_vae_image(
+            vae_input.unsqueeze(2).to(self.device, prompt_embeds.dtype), generator=None
+        )
         channels = pipe.transformer.config.in_channels // 4
         image_latents = pipe._pack_latents(image_latents, len(images), channels, *image_latents.shape[3:])
         scale = pipe.vae_scale_factor * 2
@@ -526,7 +550,15 @@ class ImageOnlyProcessor(Qwen2VLProcessor):
 
 # Qwen2's pre-tokenisation, so the tiny tokenizer cuts words where the real one does.
 _PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 _WORDS = (
     "make add remove replace turn change put the a an of in on with to into and sky cat dog car tree house hat "
     "red blue green yellow black white big small bright dark background color style photo painting sign text"
@@ -550,11 +582,17 @@ def tiny_tokenizer() -> Qwen2Tokenizer:
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=1024,
+        special_tokens=_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(corpus, trainer)
     merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
@@ -607,4 +645,11 @@ def tiny_components(seed: int = 0) -> dict:
         patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=(2 * patch) ** 2, max_pixels=(8 * patch) ** 2
     )
     processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    return dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, processor=processor, transformer=transformer)
+    return dict(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        processor=processor,
+        transformer=transformer,
+    )

@@ -36,12 +36,25 @@ from policies.sde import StepOutput, sde_step_with_logprob
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # [EOS] is not id 2: CLIP treats eos id 2 as legacy
 # Regex (peft's target_modules, matched against whole module names): attention and the image stream's feed-forward.
 PARAMETERISATIONS = ("palette", "gated", "change")
-QUERIES = 2  # a head that reads source colours gets 2 x QUERIES colour-query maps, from its token and instruction features
+QUERIES = (
+    2  # a head that reads source colours gets 2 x QUERIES colour-query maps, from its token and instruction features
+)
 # Copied from reward/shapeedit/world.py: SHAPE_COLOURS then BACKGROUND_COLOURS, in order (policies/ and reward/ are
 # leaves and do not import each other); tests/policies/test_shapeedit_policy.py checks that they stay equal.
 SHAPEEDIT_PALETTE = (
-    (220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 210, 40), (140, 50, 170), (245, 130, 20), (250, 140, 200), (40, 200, 220),
-    (245, 245, 245), (20, 20, 20), (130, 130, 130), (110, 70, 40), (20, 40, 110),
+    (220, 40, 40),
+    (40, 170, 60),
+    (40, 80, 220),
+    (240, 210, 40),
+    (140, 50, 170),
+    (245, 130, 20),
+    (250, 140, 200),
+    (40, 200, 220),
+    (245, 245, 245),
+    (20, 20, 20),
+    (130, 130, 130),
+    (110, 70, 40),
+    (20, 40, 110),
 )
 LORA_TARGETS = r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|ff\.net\.0\.proj|ff\.net\.2)"
 
@@ -148,7 +161,9 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         per pixel (4 = gate logit and colour for 'gated'; 1 + palette size = category logits for 'palette'), and
         the palette size when the head also reads each source pixel's palette colour (0 = it does not)."""
         if in_channels != 6:
-            raise ValueError(f"the gated transformer reads (noisy image, source): in_channels must be 6, got {in_channels}")
+            raise ValueError(
+                f"the gated transformer reads (noisy image, source): in_channels must be 6, got {in_channels}"
+            )
         super().__init__(
             sample_size=sample_size,
             patch_size=patch_size,
@@ -206,11 +221,18 @@ def build_tokenizer(instructions: list[str], vocab_size: int, max_length: int) -
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    tok.train_from_iterator(instructions, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    tok.train_from_iterator(
+        instructions, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    )
     eos = tok.token_to_id("[EOS]")
     tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", eos)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]", model_max_length=max_length
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        model_max_length=max_length,
     )
 
 
@@ -240,7 +262,13 @@ class ShapeEditPolicy:
     # ---- construction and persistence ----------------------------------------------------------------
 
     @classmethod
-    def build(cls, cfg: ShapeEditPolicyConfig, instructions: list[str], seed: int = 0, trainable: TrainableConfig | None = None) -> ShapeEditPolicy:
+    def build(
+        cls,
+        cfg: ShapeEditPolicyConfig,
+        instructions: list[str],
+        seed: int = 0,
+        trainable: TrainableConfig | None = None,
+    ) -> ShapeEditPolicy:
         """A freshly initialised policy whose vocabulary is learnt from `instructions`."""
         if cfg.parameterisation == "palette" and not cfg.palette:
             raise ValueError("parameterisation 'palette' needs policy.palette: a list of [r, g, b] colours in 0-255")
@@ -279,7 +307,9 @@ class ShapeEditPolicy:
                 head_hidden=cfg.head_hidden,
                 head_text_features=cfg.head_text_features,
                 head_outputs=outputs,
-                head_source_colours=len(cfg.palette) if cfg.parameterisation == "palette" and cfg.head_source_colours else 0,
+                head_source_colours=len(cfg.palette)
+                if cfg.parameterisation == "palette" and cfg.head_source_colours
+                else 0,
             )
             if cfg.parameterisation == "palette":
                 with torch.no_grad():  # an untrained policy keeps the source (p_0 ~ 0.98): it starts as doing nothing
@@ -294,7 +324,9 @@ class ShapeEditPolicy:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.trainable is not None and self.trainable_cfg.lora_rank > 0:
-            base = {k.replace(".base_layer.", "."): v for k, v in self.transformer.state_dict().items() if "lora_" not in k}
+            base = {
+                k.replace(".base_layer.", "."): v for k, v in self.transformer.state_dict().items() if "lora_" not in k
+            }
             fresh = type(self.transformer).from_config(self.transformer.config)
             fresh.load_state_dict(base)
             fresh.save_pretrained(path / "transformer")
@@ -303,7 +335,11 @@ class ShapeEditPolicy:
             self.transformer.save_pretrained(path / "transformer")
         self.text_encoder.save_pretrained(path / "text_encoder")
         self.tokenizer.save_pretrained(path / "tokenizer")
-        meta = {"config": asdict(self.cfg), "trainable": asdict(self.trainable_cfg) if self.trainable_cfg else None, "version": self.version}
+        meta = {
+            "config": asdict(self.cfg),
+            "trainable": asdict(self.trainable_cfg) if self.trainable_cfg else None,
+            "version": self.version,
+        }
         (path / "policy.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     @classmethod
@@ -312,7 +348,9 @@ class ShapeEditPolicy:
         when `trainable` is None (then its saved settings apply) or has the same shape."""
         path = Path(path)
         if not (path / "policy.json").is_file():
-            raise FileNotFoundError(f"{path} is not a saved ShapeEdit policy (no policy.json); train one with launch/pretrain_policy.py")
+            raise FileNotFoundError(
+                f"{path} is not a saved ShapeEdit policy (no policy.json); train one with launch/pretrain_policy.py"
+            )
         meta = json.loads((path / "policy.json").read_text())
         known = {f.name for f in fields(ShapeEditPolicyConfig)}
         # policies saved before these options: 'change', and no source colours
@@ -323,7 +361,9 @@ class ShapeEditPolicy:
             trainable = TrainableConfig(**meta["trainable"])
         policy = cls(
             cfg,
-            (SD3Transformer2DModel if cfg.parameterisation == "change" else GatedSD3Transformer).from_pretrained(path / "transformer"),
+            (SD3Transformer2DModel if cfg.parameterisation == "change" else GatedSD3Transformer).from_pretrained(
+                path / "transformer"
+            ),
             CLIPTextModel.from_pretrained(path / "text_encoder"),
             PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
             trainable,
@@ -372,12 +412,18 @@ class ShapeEditPolicy:
     def encode_instructions(self, instructions: list[str]) -> tuple[Tensor, Tensor]:
         """(B, L, D) hidden states and (B, D) pooled output of the text encoder, padded to a fixed length."""
         batch = self.tokenizer(
-            instructions, padding="max_length", truncation=True, max_length=self.cfg.max_instruction_tokens, return_tensors="pt"
+            instructions,
+            padding="max_length",
+            truncation=True,
+            max_length=self.cfg.max_instruction_tokens,
+            return_tensors="pt",
         ).to(self.device)
         out = self.text_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         return out.last_hidden_state, out.pooler_output
 
-    def predict_clean(self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
+    def predict_clean(
+        self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor
+    ) -> Tensor:
         """The network's estimate of the clean edit x0, (B, 3, H, W)."""
         return self.predict(latents, sigma, source, text_embeds, pooled_embeds)[0]
 
@@ -400,7 +446,11 @@ class ShapeEditPolicy:
         """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
         net = self.trainable.net if self.trainable is not None else self.transformer
-        extra = {"source_colours": self.source_colours(source)} if self.transformer.config.get("head_source_colours") else {}
+        extra = (
+            {"source_colours": self.source_colours(source)}
+            if self.transformer.config.get("head_source_colours")
+            else {}
+        )
         out = net(
             hidden_states=torch.cat([latents, source], dim=1),
             encoder_hidden_states=text_embeds,
@@ -420,13 +470,21 @@ class ShapeEditPolicy:
 
     def source_colours(self, source: Tensor) -> Tensor:
         """Each source pixel's nearest palette colour, one-hot (B, K, H, W)."""
-        return torch.nn.functional.one_hot(nearest_colour(source, self.palette), len(self.palette)).permute(0, 3, 1, 2).to(source.dtype)
+        return (
+            torch.nn.functional.one_hot(nearest_colour(source, self.palette), len(self.palette))
+            .permute(0, 3, 1, 2)
+            .to(source.dtype)
+        )
 
-    def velocity(self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor) -> Tensor:
+    def velocity(
+        self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor
+    ) -> Tensor:
         """The velocity (B, 3, H, W) at x = latents for one sigma (a float) or one per row (B,):
         v = (x - x0_hat) / sigma on the path x = (1 - sigma) x0 + sigma eps."""
         x0 = self.predict_clean(latents, sigma, source, text_embeds, pooled_embeds)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0]).clamp_min(1e-3)
+        sigma = (
+            torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0]).clamp_min(1e-3)
+        )
         return (latents.float() - x0) / sigma.view(-1, 1, 1, 1)
 
     @torch.no_grad()
@@ -446,7 +504,9 @@ class ShapeEditPolicy:
         sampler = sampler or SamplerConfig()
         check_batch(source_images, instructions, self.height, self.width)
         if sampler.sample_last_step and self.cfg.parameterisation != "palette":
-            raise ValueError(f"sampler.sample_last_step needs the 'palette' parameterisation (a per-pixel classifier); this policy is {self.cfg.parameterisation!r}")
+            raise ValueError(
+                f"sampler.sample_last_step needs the 'palette' parameterisation (a per-pixel classifier); this policy is {self.cfg.parameterisation!r}"
+            )
         b, device = len(instructions), self.device
         sources = images_to_tensor(source_images).to(device)
         text, pooled = self.encode_instructions(list(instructions))
@@ -458,11 +518,15 @@ class ShapeEditPolicy:
         latents, log_probs = [x], []
         for t in range(sampler.num_steps):
             if self._categorical(sampler, t):
-                step = self._palette_step(x, float(sigmas[t]), condition, sampler, draw=bool(stochastic[t]), generator=generator)
+                step = self._palette_step(
+                    x, float(sigmas[t]), condition, sampler, draw=bool(stochastic[t]), generator=generator
+                )
             else:
                 v = self._guided_velocity(x, float(sigmas[t]), condition, sampler.guidance_scale)
                 noise = sampler.noise_level if stochastic[t] else 0.0
-                step = sde_step_with_logprob(x, v, float(sigmas[t]), float(sigmas[t + 1]), noise, sampler.kind, generator=generator)
+                step = sde_step_with_logprob(
+                    x, v, float(sigmas[t]), float(sigmas[t + 1]), noise, sampler.kind, generator=generator
+                )
             x = step.prev_latents
             latents.append(x)
             log_probs.append(step.log_probs)
@@ -489,7 +553,9 @@ class ShapeEditPolicy:
         stochastic = rollout.stochastic[:, step]
         s, s_next = float(rollout.sigmas[step]), float(rollout.sigmas[step + 1])
         x, chosen = rollout.latents[:, step], rollout.latents[:, step + 1]
-        if self._categorical(sampler, step) and bool(stochastic.any()):  # a drawn last step; undrawn, the Euler step's mean
+        if self._categorical(sampler, step) and bool(
+            stochastic.any()
+        ):  # a drawn last step; undrawn, the Euler step's mean
             out = self._palette_step(x, s, rollout.condition, sampler, draw=True, chosen=chosen)
         else:
             v = self._guided_velocity(x, s, rollout.condition, sampler.guidance_scale)
@@ -506,7 +572,9 @@ class ShapeEditPolicy:
 
     def _trainable(self) -> Trainable:
         if self.trainable is None:
-            raise RuntimeError("this policy was loaded without a TrainableConfig; pass trainable=TrainableConfig(...) to train it")
+            raise RuntimeError(
+                "this policy was loaded without a TrainableConfig; pass trainable=TrainableConfig(...) to train it"
+            )
         return self.trainable
 
     def _sigmas(self, num_steps: int) -> Tensor:
@@ -518,10 +586,19 @@ class ShapeEditPolicy:
         sampler draws it (sample_last_step), else when the policy takes the most probable category."""
         if step != sampler.num_steps - 1:
             return False
-        return self.cfg.parameterisation == "palette" and (sampler.sample_last_step or self.cfg.last_step == "most_probable")
+        return self.cfg.parameterisation == "palette" and (
+            sampler.sample_last_step or self.cfg.last_step == "most_probable"
+        )
 
     def _palette_step(
-        self, x: Tensor, sigma: float, c: ShapeEditCondition, sampler: SamplerConfig, draw: bool, chosen: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        sigma: float,
+        c: ShapeEditCondition,
+        sampler: SamplerConfig,
+        draw: bool,
+        chosen: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> StepOutput:
         """'palette' only, the last step from x at sigma (to sigma 0, where an ODE step would land on x0_hat): each
         pixel becomes one category, the source pixel or a palette colour, instead of the categories' mean (a
@@ -549,11 +626,20 @@ class ShapeEditPolicy:
         zero = torch.zeros((), dtype=torch.float32, device=x.device)
         if not draw:
             return StepOutput(chosen, torch.zeros(x.shape[0], dtype=torch.float32, device=x.device), chosen, zero)
-        same = torch.cat(
-            [(chosen - c.source).abs().amax(dim=1, keepdim=True), (chosen[:, None] - palette[None, :, :, None, None]).abs().amax(dim=2)], dim=1
-        ) < 1e-3  # (B, 1 + K, H, W): the categories that give each pixel its colour
+        same = (
+            torch.cat(
+                [
+                    (chosen - c.source).abs().amax(dim=1, keepdim=True),
+                    (chosen[:, None] - palette[None, :, :, None, None]).abs().amax(dim=2),
+                ],
+                dim=1,
+            )
+            < 1e-3
+        )  # (B, 1 + K, H, W): the categories that give each pixel its colour
         if not same.any(dim=1).all():
-            raise ValueError("the stored edit has pixels that are neither the source's nor a palette colour: not drawn by this policy's last step")
+            raise ValueError(
+                "the stored edit has pixels that are neither the source's nor a palette colour: not drawn by this policy's last step"
+            )
         pixel = torch.logsumexp(log_p.masked_fill(~same, float("-inf")), dim=1)  # (B, H, W)
         return StepOutput(chosen, pixel.flatten(1).mean(dim=1), chosen, zero, log_categories=log_p)
 
@@ -640,7 +726,9 @@ def changed_mean(per_pixel: Tensor, changed: Tensor, average: str) -> Tensor:
     raise ValueError(f"edit_average must be 'batch' or 'image', got {average!r}")
 
 
-def palette_loss(palette: Tensor, logits: Tensor, target: Tensor, changed: Tensor, edit_weight: float, edit_average: str = "batch") -> Tensor:
+def palette_loss(
+    palette: Tensor, logits: Tensor, target: Tensor, changed: Tensor, edit_weight: float, edit_average: str = "batch"
+) -> Tensor:
     """Cross-entropy of the 'palette' head against each pixel's category: 0 where the edit keeps the source
     pixel, else 1 + the index of the target's (nearest) palette colour; `edit_weight` adds the cross-entropy
     averaged over the changed pixels alone."""

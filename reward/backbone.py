@@ -43,7 +43,15 @@ MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
 }
 # Qwen2's pre-tokenisation, so the tiny tokenizer splits text the way the real one does.
 _PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 # Qwen-VL chat format without a default system prompt; images become vision_start/image_pad/vision_end.
 _CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -88,7 +96,10 @@ def build_tiny_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -111,7 +122,9 @@ def build_tiny_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
     return tokenizer
 
 
-def tiny_config(family: str, tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, vision_depth: int = 2, patch: int = 8):
+def tiny_config(
+    family: str, tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, vision_depth: int = 2, patch: int = 8
+):
     """A small random-weight config of `family` whose special-token ids match `tokenizer`."""
     if family not in MODEL_CLASSES:
         raise ValueError(f"unknown backbone family {family!r}; expected one of {sorted(MODEL_CLASSES)}")
@@ -140,7 +153,9 @@ def tiny_config(family: str, tokenizer, hidden: int = 128, layers: int = 4, head
     section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
     vision_width = hidden // 2
-    common_vision = dict(depth=vision_depth, num_heads=max(1, heads // 2), patch_size=patch, spatial_merge_size=2, temporal_patch_size=2)
+    common_vision = dict(
+        depth=vision_depth, num_heads=max(1, heads // 2), patch_size=patch, spatial_merge_size=2, temporal_patch_size=2
+    )
     if family == "qwen2_vl":
         return Qwen2VLConfig(
             text_config=dict(text, rope_parameters=rope),
@@ -183,9 +198,15 @@ def tiny_config(family: str, tokenizer, hidden: int = 128, layers: int = 4, head
 def tiny_processor(tokenizer, patch: int = 8, image_size: int = 64) -> ImageOnlyProcessor:
     factor = patch * 2
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=factor * factor, max_pixels=image_size * image_size
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=factor * factor,
+        max_pixels=image_size * image_size,
     )
-    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    return ImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
 
 
 def build_tiny(family: str = "qwen2_vl", seed: int = 0, **sizes) -> tuple[PreTrainedModel, ImageOnlyProcessor]:
@@ -213,7 +234,11 @@ def load_backbone(
     if config.model_type not in MODEL_CLASSES:
         raise ValueError(f"{name_or_path} is a {config.model_type!r} model; JRM supports {sorted(MODEL_CLASSES)}")
     model = MODEL_CLASSES[config.model_type].from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, device_map=device_map
+        name_or_path,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        device_map=device_map,
     )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)

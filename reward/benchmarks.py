@@ -51,7 +51,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reward.data import DataError, check_geometry, check_once, decode_image, load_image, parse_pair, parse_rows, read_rows, text_field, to_rgb
+from reward.data import (
+    DataError,
+    check_geometry,
+    check_once,
+    decode_image,
+    load_image,
+    parse_pair,
+    parse_rows,
+    read_rows,
+    text_field,
+    to_rgb,
+)
 
 BENCHMARKS = ("tiger", "editscore", "mmrb2", "genai", "shapeedit")
 TIGER_FILES = {2: "2-Pair", 3: "3-Pair", 4: "4-Pair"}  # the authors' names for the three files
@@ -93,7 +104,9 @@ def read_table(path: str | Path) -> list[dict]:
     if isinstance(table, datasets.DatasetDict):
         table = next(iter(table.values()))
     for name, feature in table.features.items():
-        if isinstance(feature, datasets.Image):  # keep the encoded bytes: decoding every image at once would fill memory
+        if isinstance(
+            feature, datasets.Image
+        ):  # keep the encoded bytes: decoding every image at once would fill memory
             table = table.cast_column(name, datasets.Image(decode=False))
     return [dict(row) for row in table]
 
@@ -145,7 +158,9 @@ def parse_ranking(text: object, letters: str, where: str, key: str = "ranking") 
     points one way ("C>A>B", "A<C"). The ranking must name exactly `letters` (the candidates compared).
     """
     if not isinstance(text, str):
-        raise DataError(f"{where}: {key} should be a string like 'A>B', got {type(text).__name__} {text!r}", "bad label")
+        raise DataError(
+            f"{where}: {key} should be a string like 'A>B', got {type(text).__name__} {text!r}", "bad label"
+        )
     label = text.replace(" ", "")
     tie = re.fullmatch(r"([A-Z])=([A-Z])(?:=(?:Good|Bad))?", label)
     if tie:
@@ -155,7 +170,10 @@ def parse_ranking(text: object, letters: str, where: str, key: str = "ranking") 
     parts = re.split(r"([<>])", label)
     order, ops = parts[0::2], set(parts[1::2])
     if len(ops) != 1 or not all(re.fullmatch(r"[A-Z]", p) for p in order) or sorted(order) != sorted(letters):
-        raise DataError(f"{where}: {key} {text!r} does not rank {', '.join(letters)} (expected e.g. '{'>'.join(letters)}')", "bad label")
+        raise DataError(
+            f"{where}: {key} {text!r} does not rank {', '.join(letters)} (expected e.g. '{'>'.join(letters)}')",
+            "bad label",
+        )
     return order if ops == {">"} else order[::-1]
 
 
@@ -193,7 +211,9 @@ def load_benchmark(
     return parse_rows(path, read_table(path), parse, skip_bad, limit=limit, progress=progress)
 
 
-def _check_comparison(c: Comparison, check_instruction: Callable[[str, str], None] | None, checked: dict[str, DataError | None]) -> None:
+def _check_comparison(
+    c: Comparison, check_instruction: Callable[[str, str], None] | None, checked: dict[str, DataError | None]
+) -> None:
     """Everything that would otherwise fail once scoring started, named by row and key."""
     instruction_key, *image_keys = c.keys
     if not c.instruction.strip():
@@ -206,7 +226,11 @@ def _check_comparison(c: Comparison, check_instruction: Callable[[str, str], Non
     refs = [*(c.source if isinstance(c.source, list) else [c.source]), c.a, c.b]
     keys = [image_keys[0]] * (len(refs) - 2) + image_keys[1:]
     for key, ref in zip(keys, refs):
-        fault = check_once(checked, f"{c.base}|{image_key(ref)}", lambda ref=ref: check_geometry(open_image(ref, c.base, ""), "the image"))
+        fault = check_once(
+            checked,
+            f"{c.base}|{image_key(ref)}",
+            lambda ref=ref: check_geometry(open_image(ref, c.base, ""), "the image"),
+        )
         if fault is not None:
             raise DataError(f"{c.where}: {key}: {str(fault).removeprefix(': ')}", fault.kind)
 
@@ -222,7 +246,9 @@ def _parse_row(kind: str, row: dict, where: str, base: Path) -> list[Comparison]
                 raise DataError(f"{where}: paths_generated must list 2 to 4 images, got {paths!r}"[:300], "wrong type")
             vote = _need(row, "human_vote", where)
             if not isinstance(vote, dict):
-                raise DataError(f"{where}: human_vote should be an object with a 'ranking', got {vote!r}"[:300], "wrong type")
+                raise DataError(
+                    f"{where}: human_vote should be an object with a 'ranking', got {vote!r}"[:300], "wrong type"
+                )
             letters = "ABCD"[: len(paths)]
             order = parse_ranking(_need(vote, "ranking", where), letters, where, "human_vote.ranking")
             rank = {letter: order.index(letter) for letter in letters} if order else None
@@ -285,7 +311,10 @@ def _parse_row(kind: str, row: dict, where: str, base: Path) -> list[Comparison]
         texts, images = [], []
         for item in _need(row, "prompt_content", where):
             if not (isinstance(item, (list, tuple)) and len(item) == 2 and item[0] in ("text", "image")):
-                raise DataError(f"{where}: prompt_content items must be ['text' or 'image', value], got {item!r}"[:300], "wrong type")
+                raise DataError(
+                    f"{where}: prompt_content items must be ['text' or 'image', value], got {item!r}"[:300],
+                    "wrong type",
+                )
             (texts if item[0] == "text" else images).append(item[1])
         if not images:
             raise DataError(f"{where}: the prompt has no source image (not an editing pair)", "missing image")
@@ -430,7 +459,9 @@ def summarise(kind: str, comparisons: list[Comparison], diffs: np.ndarray) -> di
     return result
 
 
-def _tiger(comparisons: list[Comparison], diffs: np.ndarray, labels: np.ndarray, by_subset: dict[str, list[int]]) -> dict:
+def _tiger(
+    comparisons: list[Comparison], diffs: np.ndarray, labels: np.ndarray, by_subset: dict[str, list[int]]
+) -> dict:
     """EditReward-Bench's figures per file and overall, under its authors' names."""
     result: dict = {}
     correct_total = items_total = 0

@@ -27,8 +27,19 @@ from reward.data import DataError, load_image, load_pairs
 from reward.model import JRM
 
 # Settings that may differ between runs of one group; any other difference makes a different group.
-SEED_SETTINGS = ("seed", "output_dir", "resume", "data.shapeedit_seed", "trainer.save_steps", "trainer.save_total_limit", "trainer.eval_steps",
-                 "trainer.logging_steps", "trainer.report_to", "trainer.disable_tqdm", "trainer.dataloader_num_workers")
+SEED_SETTINGS = (
+    "seed",
+    "output_dir",
+    "resume",
+    "data.shapeedit_seed",
+    "trainer.save_steps",
+    "trainer.save_total_limit",
+    "trainer.eval_steps",
+    "trainer.logging_steps",
+    "trainer.report_to",
+    "trainer.disable_tqdm",
+    "trainer.dataloader_num_workers",
+)
 
 
 def spearman(x, y) -> float:
@@ -55,7 +66,9 @@ def setting_value(value) -> str:
 def differing_settings(a: dict, b: dict, may_differ) -> list[str]:
     """Keys of two flattened configs whose values differ, except those for which may_differ(key) is true.
     Shared by this module's and rl/compare.py's checks that runs of one group differ only in their seed."""
-    return [k for k in sorted(set(a) | set(b)) if not may_differ(k) and setting_value(a.get(k)) != setting_value(b.get(k))]
+    return [
+        k for k in sorted(set(a) | set(b)) if not may_differ(k) and setting_value(a.get(k)) != setting_value(b.get(k))
+    ]
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -99,7 +112,11 @@ def load_reward_run(path: str | Path, label: str | None = None) -> RewardRun:
     if results and "eval_pairwise_accuracy" not in results:
         raise DataError(f"{path / 'eval.json'} has no eval_pairwise_accuracy")
     accuracy = float(results["eval_pairwise_accuracy"]) if results else math.nan  # {}: trained without evaluation pairs
-    found = sorted((int(p.name.removeprefix("checkpoint-")), p) for p in path.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit())
+    found = sorted(
+        (int(p.name.removeprefix("checkpoint-")), p)
+        for p in path.glob("checkpoint-*")
+        if p.name.removeprefix("checkpoint-").isdigit()
+    )
     final_step = max(steps)
     checkpoints = [(s, p) for s, p in found if s < final_step] + [(final_step, path / "final")]
     return RewardRun(path, label or f"alpha={config['loss.alpha']:.3g}", config, accuracy, checkpoints)
@@ -128,7 +145,9 @@ class Probe:
 
 def score_probe(model: JRM, probe: Probe, batch_size: int = 32) -> np.ndarray:
     """(2M,) scores of the probe candidates."""
-    return model.score(probe.sources, probe.instructions, probe.edited, batch_size=batch_size).numpy().astype(np.float64)
+    return (
+        model.score(probe.sources, probe.instructions, probe.edited, batch_size=batch_size).numpy().astype(np.float64)
+    )
 
 
 def probe_accuracy(scores: np.ndarray, pairs: int) -> float:
@@ -188,7 +207,9 @@ def check_groups(runs: list[RewardRun]) -> None:
                 )
 
 
-def compare_reward_runs(runs: list[RewardRun], probe: Probe, batch_size: int = 32, device: str = "cpu") -> RewardComparison:
+def compare_reward_runs(
+    runs: list[RewardRun], probe: Probe, batch_size: int = 32, device: str = "cpu"
+) -> RewardComparison:
     if not runs:
         raise DataError("no reward runs to compare")
     check_groups(runs)
@@ -197,7 +218,15 @@ def compare_reward_runs(runs: list[RewardRun], probe: Probe, batch_size: int = 3
         scores = [score_probe(JRM.from_pretrained(path).to(device), probe, batch_size) for _, path in run.checkpoints]
         finals.append(scores[-1])
         drift.append(
-            [Drift(step, probe_accuracy(s, probe.pairs), spearman(s, scores[-1]), same_order(s, scores[-1], probe.pairs)) for (step, _), s in zip(run.checkpoints, scores)]
+            [
+                Drift(
+                    step,
+                    probe_accuracy(s, probe.pairs),
+                    spearman(s, scores[-1]),
+                    same_order(s, scores[-1], probe.pairs),
+                )
+                for (step, _), s in zip(run.checkpoints, scores)
+            ]
         )
     n = len(runs)
     agreement = np.array([[spearman(finals[i], finals[j]) for j in range(n)] for i in range(n)])
@@ -217,7 +246,9 @@ def compare_reward_runs(runs: list[RewardRun], probe: Probe, batch_size: int = 3
                 accuracy_range=float(np.max(acc) - np.min(acc)),
                 probe_accuracy_mean=float(np.mean(probe_acc)),
                 probe_accuracy_std=float(np.std(probe_acc, ddof=1)) if len(idx) > 1 else math.nan,
-                agreement_within=float(np.mean([agreement[i, j] for i in idx for j in idx if i < j])) if len(idx) > 1 else math.nan,
+                agreement_within=float(np.mean([agreement[i, j] for i in idx for j in idx if i < j]))
+                if len(idx) > 1
+                else math.nan,
             )
         )
     return RewardComparison(runs, probe.pairs, accuracy, agreement, order, drift, groups)

@@ -34,7 +34,9 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 _Loader.add_implicit_resolver(
@@ -104,7 +106,9 @@ def build(cls: type[T], values: dict, prefix: str = "") -> T:
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(valid))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {[prefix + k for k in valid]}")
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {[prefix + k for k in valid]}"
+        )
     kwargs = {k: _check(v, hints[k], prefix + k) for k, v in values.items()}
     try:
         return cls(**kwargs)  # each dataclass checks its values in __post_init__
@@ -231,12 +235,20 @@ def config_help(cls: type, doc: str) -> str:
     """--help of a config-driven entry point: the summary and usage lines of its docstring `doc` (its first
     two paragraphs), then every key of `cls` with its default and doc."""
     usage = "\n\n".join(doc.strip().split("\n\n")[:2])
-    lines = [usage, "", "keys (set them in --config FILE.yaml or as key=value; the list items' fields take YAML mappings):"]
+    lines = [
+        usage,
+        "",
+        "keys (set them in --config FILE.yaml or as key=value; the list items' fields take YAML mappings):",
+    ]
     for k in config_keys(cls):
-        if dataclasses.is_dataclass(k.default) or (isinstance(k.default, dict) and k.default):  # a section: its keys follow
+        if dataclasses.is_dataclass(k.default) or (
+            isinstance(k.default, dict) and k.default
+        ):  # a section: its keys follow
             lines.append(f"  {k.key}:")
         else:
-            lines.append(f"  {k.key} " + ("(required)" if k.default is dataclasses.MISSING else f"= {yaml_value(k.default)}"))
+            lines.append(
+                f"  {k.key} " + ("(required)" if k.default is dataclasses.MISSING else f"= {yaml_value(k.default)}")
+            )
         if k.doc:
             lines += textwrap.wrap(k.doc, 110, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
@@ -244,8 +256,14 @@ def config_help(cls: type, doc: str) -> str:
 
 def yaml_value(value: Any) -> str:
     """A default as YAML writes it inline (true, null, [a, b], {k: v}): what an override or a preset would say."""
-    plain = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value] if isinstance(value, list) else value
-    return yaml.safe_dump(plain, default_flow_style=True, sort_keys=False, width=10**6).strip().removesuffix("...").strip()
+    plain = (
+        [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+        if isinstance(value, list)
+        else value
+    )
+    return (
+        yaml.safe_dump(plain, default_flow_style=True, sort_keys=False, width=10**6).strip().removesuffix("...").strip()
+    )
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -254,7 +272,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""
-        if "default" in help or action.required or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+        if (
+            "default" in help
+            or action.required
+            or action.default in (None, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
             return help
         return f"{help} (default: %(default)s)"
 

@@ -183,7 +183,10 @@ def field(row: dict, key: str, kind: type, where: str, optional: bool = False):
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise DataError(f"{where}: field {key!r} should be {kind.__name__}, got {type(value).__name__} {value!r}"[:300], "wrong type")
+        raise DataError(
+            f"{where}: field {key!r} should be {kind.__name__}, got {type(value).__name__} {value!r}"[:300],
+            "wrong type",
+        )
     return value
 
 
@@ -209,7 +212,9 @@ def parse_pair(row: dict, where: str, root: Path) -> PreferencePair:
         instruction=instruction,
         chosen=paths[1],
         rejected=paths[2],
-        tie=bool(field(row, "tie_case", bool, where, optional=True)),  # "false" or "maybe" is refused, not read as a tie
+        tie=bool(
+            field(row, "tie_case", bool, where, optional=True)
+        ),  # "false" or "maybe" is refused, not read as a tie
         chosen_critique=field(row, "rationale1", str, where, optional=True),
         rejected_critique=field(row, "rationale2", str, where, optional=True),
         chosen_dims=dims[0],

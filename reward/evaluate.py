@@ -70,7 +70,9 @@ class OracleReward:
         out = []
         for source, instruction, edited in zip(source_images, instructions, edited_images):
             if not isinstance(source, Image.Image):
-                raise DataError("the oracle judges ShapeEdit edits of one source image; it cannot score a prompt with several")
+                raise DataError(
+                    "the oracle judges ShapeEdit edits of one source image; it cannot score a prompt with several"
+                )
             found = self.lookup.get((instruction, _pixels(source)))
             if found is None:
                 raise DataError(
@@ -137,7 +139,9 @@ def score_comparisons(reward, comparisons: list[Comparison], batch_size: int, fe
         instructions = [c.instruction for c, _ in chunk]
         t = time.perf_counter()
         if features:  # one pass gives both
-            chunk_scores, chunk_features = reward.score_with_features(sources, instructions, edited, batch_size=batch_size)
+            chunk_scores, chunk_features = reward.score_with_features(
+                sources, instructions, edited, batch_size=batch_size
+            )
             feats.append(chunk_features)
         else:
             chunk_scores = reward.score(sources, instructions, edited, batch_size=batch_size)
@@ -222,16 +226,28 @@ def markdown(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--reward", required=True, help="jrm:PATH, generative:PATH or oracle:SHAPEEDIT_DIR")
-    parser.add_argument("--benchmark", action="append", required=True, help=f"KIND:PATH, KIND in {BENCHMARKS}; repeatable")
+    parser.add_argument(
+        "--benchmark", action="append", required=True, help=f"KIND:PATH, KIND in {BENCHMARKS}; repeatable"
+    )
     parser.add_argument("--out", required=True, help="folder for results.json and results.md")
-    parser.add_argument("--batch-size", type=int, default=16, help="candidates per forward pass (scores do not depend on it)")
-    parser.add_argument("--skip-bad", action="store_true", help="skip bad rows (any fault: fields, labels, images, instruction) and count them by kind")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="candidates per forward pass (scores do not depend on it)"
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad rows (any fault: fields, labels, images, instruction) and count them by kind",
+    )
     parser.add_argument("--erank", action="store_true", help="effective rank of the score-token features (JRM only)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N good rows of each benchmark")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the reward model runs")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the reward model runs"
+    )
     args = parser.parse_args(argv)
     try:
-        evaluate(args.reward, args.benchmark, args.out, args.batch_size, args.skip_bad, args.erank, args.limit, args.device)
+        evaluate(
+            args.reward, args.benchmark, args.out, args.batch_size, args.skip_bad, args.erank, args.limit, args.device
+        )
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,19 +49,30 @@ class GenerativeJudge:
         self.parse_failures = 0
         self.generated_tokens = 0
 
-    def critique(self, source_images: list[Image.Image | list[Image.Image]], instructions: list[str], edited_images: list[Image.Image]) -> list[str]:
+    def critique(
+        self,
+        source_images: list[Image.Image | list[Image.Image]],
+        instructions: list[str],
+        edited_images: list[Image.Image],
+    ) -> list[str]:
         """Greedy critiques, one per candidate (JRM.critique)."""
         out = self.model.critique(source_images, instructions, edited_images, self.max_new_tokens, self.min_new_tokens)
         self.generated_tokens += int(out.num_tokens.sum())
         return out.texts
 
     def score(
-        self, source_images: list[Image.Image | list[Image.Image]], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16
+        self,
+        source_images: list[Image.Image | list[Image.Image]],
+        instructions: list[str],
+        edited_images: list[Image.Image],
+        batch_size: int = 16,
     ) -> torch.Tensor:
         """(B,) parsed overall scores in [0, 1]."""
         scores: list[float] = []
         for i in range(0, len(source_images), batch_size):
-            texts = self.critique(source_images[i : i + batch_size], instructions[i : i + batch_size], edited_images[i : i + batch_size])
+            texts = self.critique(
+                source_images[i : i + batch_size], instructions[i : i + batch_size], edited_images[i : i + batch_size]
+            )
             for text in texts:
                 value = parse_verdict(text)
                 if value is None:

@@ -153,7 +153,9 @@ class JRM(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
 
-    def __init__(self, config: JRMConfig, backbone: PreTrainedModel | None = None, processor: ImageOnlyProcessor | None = None):
+    def __init__(
+        self, config: JRMConfig, backbone: PreTrainedModel | None = None, processor: ImageOnlyProcessor | None = None
+    ):
         """`backbone` and `processor` as built by `JRM.build`; without them (from_pretrained) an empty backbone
         is made from `config.backbone_config` for the checkpoint's weights to fill."""
         super().__init__(config)
@@ -186,24 +188,35 @@ class JRM(PreTrainedModel):
             backbone, processor = build_tiny(args.family, seed=seed, hidden=args.tiny_hidden, layers=args.tiny_layers)
             backbone = backbone.to(DTYPES[args.dtype])
         else:
-            backbone, processor = load_backbone(args.backbone, DTYPES[args.dtype], args.attn_implementation, args.trust_remote_code)
+            backbone, processor = load_backbone(
+                args.backbone, DTYPES[args.dtype], args.attn_implementation, args.trust_remote_code
+            )
         torch.manual_seed(seed)
         return cls.from_backbone(args, backbone, processor, seed)
 
     @classmethod
-    def from_backbone(cls, args: JRMArgs, backbone: PreTrainedModel, processor: ImageOnlyProcessor, seed: int = 0) -> JRM:
+    def from_backbone(
+        cls, args: JRMArgs, backbone: PreTrainedModel, processor: ImageOnlyProcessor, seed: int = 0
+    ) -> JRM:
         """A JRM with a fresh head on a backbone built elsewhere (its tokenizer must hold the score token)."""
         base = args.backbone
         if base != "tiny" and Path(base).is_dir():
             base = str(Path(base).resolve())  # a LoRA checkpoint finds its backbone from any working directory
         lora = None
         if args.lora_rank > 0:
-            lora = {"r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "target_modules": args.lora_targets}
+            lora = {
+                "r": args.lora_rank,
+                "lora_alpha": args.lora_alpha,
+                "lora_dropout": args.lora_dropout,
+                "target_modules": args.lora_targets,
+            }
         config = JRMConfig(
             backbone_config=backbone.config,
             attn_implementation=backbone.config._attn_implementation,  # else the composite config resets the backbone's
             base_model_name_or_path=base,
-            tiny={"family": args.family, "hidden": args.tiny_hidden, "layers": args.tiny_layers, "seed": seed} if base == "tiny" else None,
+            tiny={"family": args.family, "hidden": args.tiny_hidden, "layers": args.tiny_layers, "seed": seed}
+            if base == "tiny"
+            else None,
             score_token_id=processor.tokenizer.convert_tokens_to_ids(SCORE_TOKEN),
             dimension_heads=args.dimension_heads,
             uncertainty=args.uncertainty,
@@ -217,7 +230,9 @@ class JRM(PreTrainedModel):
                 p.requires_grad_(False)
         model = cls(config, backbone, processor)
         if args.gradient_checkpointing:
-            _unwrap(model.backbone).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _unwrap(model.backbone).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             _unwrap(model.backbone).enable_input_require_grads()
         return model
 
@@ -249,7 +264,10 @@ class JRM(PreTrainedModel):
                 adapter = get_peft_model_state_dict(self.backbone)
                 head = self.head.state_dict()
             else:
-                adapter = get_peft_model_state_dict(self.backbone, {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")})
+                adapter = get_peft_model_state_dict(
+                    self.backbone,
+                    {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")},
+                )
                 head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
             self.backbone.peft_config["default"].save_pretrained(str(path))
             save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(path / ADAPTER_FILE))
@@ -257,7 +275,9 @@ class JRM(PreTrainedModel):
             self.config.save_pretrained(str(path))
         self.processor.save_pretrained(str(path))
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str = "Upload JRM") -> str:
+    def push_to_hub(
+        self, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str = "Upload JRM"
+    ) -> str:
         """Upload what `save_pretrained` writes (weights, config, processor) to a hub model repository;
         returns the commit URL."""
         api = HfApi(token=token)
@@ -267,7 +287,9 @@ class JRM(PreTrainedModel):
             return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, dtype: str | torch.dtype | None = None, **kwargs) -> JRM:
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, *args, dtype: str | torch.dtype | None = None, **kwargs
+    ) -> JRM:
         """Load a JRM from a folder or a hub id (downloaded with huggingface_hub, which honours HF_HUB_OFFLINE);
         scores round-trip exactly. `dtype` ("bfloat16", torch.bfloat16, ...; default: as saved) applies to
         the backbone, the head stays float32. Other keyword arguments go to PreTrainedModel.from_pretrained."""
@@ -282,7 +304,9 @@ class JRM(PreTrainedModel):
             raise FileNotFoundError(f"{pretrained_model_name_or_path} is not a JRM checkpoint: it has no config.json")
         saved_type = json.loads((path / "config.json").read_text()).get("model_type")
         if saved_type != JRMConfig.model_type:
-            raise ValueError(f"{pretrained_model_name_or_path} holds a {saved_type!r} model, not a JRM: load it with transformers' own class")
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {saved_type!r} model, not a JRM: load it with transformers' own class"
+            )
         config = JRMConfig.from_pretrained(str(path))
         processor = ImageOnlyProcessor.from_pretrained(str(path))
         if config.lora is None:
@@ -302,11 +326,17 @@ class JRM(PreTrainedModel):
             result = set_peft_model_state_dict(self.backbone, load_file(str(path / ADAPTER_FILE)))
             missing = [k for k in result.missing_keys if "lora_" in k]
             if missing or result.unexpected_keys:
-                raise ValueError(f"{path / ADAPTER_FILE} does not fit this JRM: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+                raise ValueError(
+                    f"{path / ADAPTER_FILE} does not fit this JRM: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+                )
             self.head.load_state_dict(load_file(str(path / HEAD_FILE)))
             return
         index = path / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.is_file()
+            else ["model.safetensors"]
+        )
         state = {}
         for name in files:
             state.update(load_file(str(path / name)))
@@ -330,10 +360,14 @@ class JRM(PreTrainedModel):
         backbone_config = dict(meta["backbone_config"])
         model_class = MODEL_CLASSES[backbone_config["model_type"]]
         with no_init_weights():  # every weight is overwritten from model.safetensors below
-            backbone = model_class._from_config(model_class.config_class.from_dict(backbone_config), dtype=DTYPES[args.dtype])
+            backbone = model_class._from_config(
+                model_class.config_class.from_dict(backbone_config), dtype=DTYPES[args.dtype]
+            )
         model = cls.from_backbone(args, backbone, ImageOnlyProcessor.from_pretrained(str(path)))
         load_model(model, str(path / "model.safetensors"), strict=True)
-        print(f"note: {path} is in the first JRM format (jrm_config.json); JRM.save_pretrained(DIR) rewrites it as config.json")
+        print(
+            f"note: {path} is in the first JRM format (jrm_config.json); JRM.save_pretrained(DIR) rewrites it as config.json"
+        )
         return model.eval()
 
     # --- encoding ----------------------------------------------------------------------------------
@@ -372,7 +406,9 @@ class JRM(PreTrainedModel):
         if len(text) > self.config.max_instruction_tokens:  # a token is at least one character: count only then
             tokens = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
             if tokens > self.config.max_instruction_tokens:
-                raise ValueError(f"{where} has {tokens} tokens, more than model.max_instruction_tokens ({self.config.max_instruction_tokens})")
+                raise ValueError(
+                    f"{where} has {tokens} tokens, more than model.max_instruction_tokens ({self.config.max_instruction_tokens})"
+                )
 
     def encode(
         self,
@@ -421,12 +457,17 @@ class JRM(PreTrainedModel):
                 check_geometry(image, f"source image {i}" + (f".{k}" if len(s) > 1 else ""))
             check_geometry(e, f"edited image {i}")
         if self.config.transition_frames:  # the edit takes the first source's size
-            edits = [e if e.size == s[0].size else e.resize(s[0].size, Image.Resampling.BICUBIC) for s, e in zip(sources, edits)]
+            edits = [
+                e if e.size == s[0].size else e.resize(s[0].size, Image.Resampling.BICUBIC)
+                for s, e in zip(sources, edits)
+            ]
         images = [[*s, e] for s, e in zip(sources, edits)]
         batch = self.processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt")
         batch = dict(batch)
         if self.config.transition_frames:
-            batch["pixel_values"] = self._transition(batch["pixel_values"], batch["image_grid_thw"], [len(i) for i in images])
+            batch["pixel_values"] = self._transition(
+                batch["pixel_values"], batch["image_grid_thw"], [len(i) for i in images]
+            )
         if targets is not None:
             labels = batch["input_ids"].clone()
             score_pos = self._score_positions(batch["input_ids"])
@@ -435,7 +476,9 @@ class JRM(PreTrainedModel):
             batch["labels"] = labels
         return batch
 
-    def _transition(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, images_per_candidate: list[int]) -> torch.Tensor:
+    def _transition(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, images_per_candidate: list[int]
+    ) -> torch.Tensor:
         """Replace the first temporal frame of every edited image's patches with its first source's.
 
         pixel_values rows are patches, each flattened as (channel, temporal frame, pixels); a candidate's
@@ -513,7 +556,11 @@ class JRM(PreTrainedModel):
 
     @torch.inference_mode()
     def score(
-        self, source_images: list[Image.Image | list[Image.Image]], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16
+        self,
+        source_images: list[Image.Image | list[Image.Image]],
+        instructions: list[str],
+        edited_images: list[Image.Image],
+        batch_size: int = 16,
     ) -> torch.Tensor:
         """Rewards of edited images, one prefill each, no decoding.
 
@@ -530,7 +577,11 @@ class JRM(PreTrainedModel):
 
     @torch.inference_mode()
     def score_with_features(
-        self, source_images: list[Image.Image | list[Image.Image]], instructions: list[str], edited_images: list[Image.Image], batch_size: int = 16
+        self,
+        source_images: list[Image.Image | list[Image.Image]],
+        instructions: list[str],
+        edited_images: list[Image.Image],
+        batch_size: int = 16,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`score()` plus the (B, H) score-token features of the same pass (for the effective rank)."""
         outputs = list(self._outputs(source_images, instructions, edited_images, batch_size))
@@ -583,7 +634,9 @@ class JRM(PreTrainedModel):
         device = self.head.weight.device
         try:
             for i in range(0, len(sources), batch_size):
-                batch = self.encode(sources[i : i + batch_size], instructions[i : i + batch_size], edited[i : i + batch_size])
+                batch = self.encode(
+                    sources[i : i + batch_size], instructions[i : i + batch_size], edited[i : i + batch_size]
+                )
                 yield self(**{k: v.to(device) for k, v in batch.items()})
         finally:
             self.train(was_training)
@@ -620,10 +673,14 @@ def _local_folder(name_or_path: str | Path) -> Path:
     try:
         return Path(snapshot_download(str(name_or_path)))
     except (HFValidationError, RepositoryNotFoundError) as e:
-        raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a hub model id ({e.__class__.__name__})") from e
+        raise FileNotFoundError(
+            f"{name_or_path} is neither a local folder nor a hub model id ({e.__class__.__name__})"
+        ) from e
     except LocalEntryNotFoundError as e:
         offline = " (HF_HUB_OFFLINE is set: only models already in the cache load)" if constants.HF_HUB_OFFLINE else ""
-        raise FileNotFoundError(f"{name_or_path} is not a local folder and could not be fetched from the hub{offline}") from e
+        raise FileNotFoundError(
+            f"{name_or_path} is not a local folder and could not be fetched from the hub{offline}"
+        ) from e
 
 
 def _base_backbone(config: JRMConfig, dtype: torch.dtype) -> PreTrainedModel:
@@ -632,7 +689,9 @@ def _base_backbone(config: JRMConfig, dtype: torch.dtype) -> PreTrainedModel:
         t = config.tiny
         backbone, _ = build_tiny(t["family"], seed=t["seed"], hidden=t["hidden"], layers=t["layers"])
         return backbone.to(dtype)
-    backbone, _ = load_backbone(config.base_model_name_or_path, dtype, config.backbone_config._attn_implementation or "sdpa")
+    backbone, _ = load_backbone(
+        config.base_model_name_or_path, dtype, config.backbone_config._attn_implementation or "sdpa"
+    )
     return backbone
 
 

@@ -212,13 +212,22 @@ def pretrain(cfg: PretrainConfig) -> dict:
     trainer = GroundingTrainer(
         model=model,
         args=args,
-        train_dataset=GroundingTasks(cfg.tasks, cfg.image_size, cfg.seed, args.max_steps * args.train_batch_size * args.gradient_accumulation_steps),
+        train_dataset=GroundingTasks(
+            cfg.tasks,
+            cfg.image_size,
+            cfg.seed,
+            args.max_steps * args.train_batch_size * args.gradient_accumulation_steps,
+        ),
         data_collator=GroundingCollator(model),
     )
     trainer.train(resume_from_checkpoint=get_last_checkpoint(str(out)))
     save_backbone(model, out)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    record = {"settings": settings(cfg), "final_loss": losses[-1] if losses else None, "seconds": trainer.state.log_history[-1].get("train_runtime")}
+    record = {
+        "settings": settings(cfg),
+        "final_loss": losses[-1] if losses else None,
+        "seconds": trainer.state.log_history[-1].get("train_runtime"),
+    }
     record.update(locate_error(model, cfg.image_size, cfg.seed))
     with (out / "metrics.jsonl").open("w") as f:
         for log in trainer.state.log_history:

@@ -68,20 +68,31 @@ class Teacher:
                     "content": [
                         {"type": "image"},
                         {"type": "image"},
-                        {"type": "text", "text": TEACHER_PROMPT.format(instruction=instruction, following=f"{following:g}", quality=f"{quality:g}")},
+                        {
+                            "type": "text",
+                            "text": TEACHER_PROMPT.format(
+                                instruction=instruction, following=f"{following:g}", quality=f"{quality:g}"
+                            ),
+                        },
                     ],
                 }
             ]
-            texts.append(self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            texts.append(
+                self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            )
             images.append([source, edited])
         batch = self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         tokenizer = self.processor.tokenizer
-        out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = self.model.generate(
+            **batch, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
         return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def synthesize(data: Path, teacher: Teacher, out: Path, batch_size: int = 4, limit: int = 0, progress: bool = True) -> int:
+def synthesize(
+    data: Path, teacher: Teacher, out: Path, batch_size: int = 4, limit: int = 0, progress: bool = True
+) -> int:
     """Fill rationale1/rationale2 of every row; returns how many rows were written in this call.
 
     `progress`: a progress bar over the rows (those written by earlier runs count as done), on stderr when it
@@ -100,7 +111,9 @@ def synthesize(data: Path, teacher: Teacher, out: Path, batch_size: int = 4, lim
         todo = todo[:limit]
     written = 0
     # rows done in earlier runs count from the start; None: the bar shows on a terminal only
-    bar = tqdm(total=len(done) + len(todo), initial=len(done), desc="critiques", unit="row", disable=None if progress else True)
+    bar = tqdm(
+        total=len(done) + len(todo), initial=len(done), desc="critiques", unit="row", disable=None if progress else True
+    )
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         jobs = []
@@ -143,12 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="rows per generate() call (two candidates each)")
     parser.add_argument("--max-new-tokens", type=int, default=384, help="critique tokens the teacher may write")
     parser.add_argument("--limit", type=int, default=0, help="stop after this many rows (resume later)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the teacher checkpoint to run")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on stderr when that is a terminal)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow code shipped with the teacher checkpoint to run"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (it shows on stderr when that is a terminal)"
+    )
     args = parser.parse_args(argv)
     try:
         teacher = Teacher(args.teacher, args.max_new_tokens, args.trust_remote_code)
-        n = synthesize(Path(args.data), teacher, Path(args.out), args.batch_size, args.limit, progress=not args.no_progress)
+        n = synthesize(
+            Path(args.data), teacher, Path(args.out), args.batch_size, args.limit, progress=not args.no_progress
+        )
     except (DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

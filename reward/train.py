@@ -164,8 +164,12 @@ class PairCollator:
             dims = [(p.chosen_dims, p.rejected_dims) for p in pairs]
             batch["dims_known"] = torch.tensor([c is not None and r is not None for c, r in dims])
             width = self.model.config.dimension_heads
-            batch["chosen_dims"] = torch.tensor([c if c is not None else (0.0,) * width for c, _ in dims], dtype=torch.float32)
-            batch["rejected_dims"] = torch.tensor([r if r is not None else (0.0,) * width for _, r in dims], dtype=torch.float32)
+            batch["chosen_dims"] = torch.tensor(
+                [c if c is not None else (0.0,) * width for c, _ in dims], dtype=torch.float32
+            )
+            batch["rejected_dims"] = torch.tensor(
+                [r if r is not None else (0.0,) * width for _, r in dims], dtype=torch.float32
+            )
         return batch
 
 
@@ -282,7 +286,9 @@ def prepare_data(cfg: TrainConfig) -> tuple[list[PreferencePair], list[Preferenc
     if not data.train:
         data_dir = Path(cfg.output_dir) / "data"
         if not (data_dir / "meta.json").is_file():
-            generate(GenerateConfig(out=str(data_dir), pairs=data.shapeedit_pairs, seed=data.shapeedit_seed, overwrite=True))
+            generate(
+                GenerateConfig(out=str(data_dir), pairs=data.shapeedit_pairs, seed=data.shapeedit_seed, overwrite=True)
+            )
         made = json.loads((data_dir / "meta.json").read_text())["config"]
         if (made["pairs"], made["seed"]) != (data.shapeedit_pairs, data.shapeedit_seed):
             raise ValueError(
@@ -323,7 +329,10 @@ def usable_pairs(model: JRM, pairs: list[PreferencePair], skip_bad: bool, what: 
                 raise DataError(str(e), "instruction refused by the model") from e
             continue
         kept.append(pair)
-    report_skipped(Counter({"instruction refused by the model": len(pairs) - len(kept)}) if len(kept) < len(pairs) else Counter(), f"{what} pairs")
+    report_skipped(
+        Counter({"instruction refused by the model": len(pairs) - len(kept)}) if len(kept) < len(pairs) else Counter(),
+        f"{what} pairs",
+    )
     return kept
 
 
@@ -356,7 +365,9 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     out = Path(cfg.output_dir)
     args = training_arguments(cfg)
     if cfg.model.dimension_heads not in (0, 2):
-        raise ValueError(f"model.dimension_heads must be 0 or 2 (EditReward-Data has 2 dimension scores), got {cfg.model.dimension_heads}")
+        raise ValueError(
+            f"model.dimension_heads must be 0 or 2 (EditReward-Data has 2 dimension scores), got {cfg.model.dimension_heads}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     # Under torchrun every rank runs this: rank 0 generates the data while the others wait, then they read
     # what it wrote (concurrent generation into one folder races).
@@ -364,7 +375,9 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         train_pairs, eval_pairs = prepare_data(cfg)
     with_critiques = cfg.loss.alpha > 0
     if with_critiques and not any(p.chosen_critique for p in train_pairs):
-        raise ValueError("loss.alpha > 0 needs critiques (rationale1/rationale2) in the training data; loss.alpha=0 trains without")
+        raise ValueError(
+            "loss.alpha > 0 needs critiques (rationale1/rationale2) in the training data; loss.alpha=0 trains without"
+        )
     if cfg.model.dimension_heads and not any(p.chosen_dims for p in train_pairs):
         raise ValueError("model.dimension_heads > 0 needs model1/2_dim1/2_score fields in the training data")
     if args.deepspeed:
@@ -373,7 +386,9 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         # ZeRO-3 partitions weights while the model is built: DeepSpeed must see every rank by then.
         deepspeed.init_distributed(dist_backend=args.ddp_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
     model = JRM.build(cfg.model, seed=cfg.seed)
-    train_pairs = usable_pairs(model, train_pairs, cfg.data.skip_bad, "training")  # before hours of training, not in them
+    train_pairs = usable_pairs(
+        model, train_pairs, cfg.data.skip_bad, "training"
+    )  # before hours of training, not in them
     eval_pairs = usable_pairs(model, eval_pairs, cfg.data.skip_bad, "evaluation")
     if not train_pairs:
         raise DataError("no training pair is left once the instructions the model refuses are skipped")

@@ -37,11 +37,14 @@ from reward.model import JRM, JRMArgs
 from reward.train import DEFAULT_TRAINER as JRM_TRAINER
 from reward.train import DataConfig, MetricsFile, prepare_data, resume_checkpoint, usable_pairs
 
-
 # Set by this file: the collator encodes raw candidates (so TRL must not prepare the dataset or drop its
 # columns), and model.gradient_checkpointing is the one switch for checkpointing (SFTConfig would turn the
 # Trainer's on by default).
-FIXED_TRAINER = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True}, "activation_checkpointing": False}
+FIXED_TRAINER = {
+    "remove_unused_columns": False,
+    "dataset_kwargs": {"skip_prepare_dataset": True},
+    "activation_checkpointing": False,
+}
 # reward/train.py's defaults, so that the judge and the JRM train alike; SFTConfig turns bf16 autocast on
 # unless told, and the tiny preset trains in float32.
 DEFAULT_TRAINER = {k: v for k, v in JRM_TRAINER.items() if k not in FIXED_TRAINER} | {"bf16": False}
@@ -60,7 +63,9 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.batch_size < 1:
-            raise ValueError(f"decode.max_new_tokens ({self.max_new_tokens}) must be >= 0 and decode.batch_size ({self.batch_size}) >= 1")
+            raise ValueError(
+                f"decode.max_new_tokens ({self.max_new_tokens}) must be >= 0 and decode.batch_size ({self.batch_size}) >= 1"
+            )
 
 
 @dataclass
@@ -154,7 +159,9 @@ def sft_config(cfg: GenerativeConfig) -> SFTConfig:
         raise ConfigError("set output_dir and seed at the top level of the config, not under trainer")
     fixed = sorted(k for k in cfg.trainer if k in FIXED_TRAINER or "checkpointing" in k)
     if fixed:
-        raise ConfigError(f"trainer key(s) {fixed} are set by this trainer (gradient checkpointing: model.gradient_checkpointing)")
+        raise ConfigError(
+            f"trainer key(s) {fixed} are set by this trainer (gradient checkpointing: model.gradient_checkpointing)"
+        )
     unused = sorted(set(cfg.trainer) & (valid - {f.name for f in fields(TrainingArguments)} - SFT_FIELDS_USED))
     if unused:
         raise ConfigError(
@@ -162,7 +169,9 @@ def sft_config(cfg: GenerativeConfig) -> SFTConfig:
             f"use: `model` builds the model and JRM.encode every batch (model.max_critique_tokens cuts critiques)"
         )
     if cfg.trainer.get("load_best_model_at_end"):
-        raise ConfigError("trainer.load_best_model_at_end: Trainer cannot reload a JRM checkpoint as its model; compare checkpoints with reward/evaluate.py")
+        raise ConfigError(
+            "trainer.load_best_model_at_end: Trainer cannot reload a JRM checkpoint as its model; compare checkpoints with reward/evaluate.py"
+        )
     kwargs = {**cfg.trainer, **FIXED_TRAINER}
     if not torch.cuda.is_available():
         kwargs.setdefault("use_cpu", True)
@@ -197,10 +206,15 @@ def judge_pairs(judge: GenerativeJudge, pairs: list[PreferencePair], batch_size:
 
 def warn_cut_verdicts(model: JRM, candidates: list[Candidate]) -> None:
     """Critiques over model.max_critique_tokens are cut before their verdict: the judge would never learn to end one."""
-    lengths = [len(ids) for ids in model.processor.tokenizer([c.critique for c in candidates], add_special_tokens=False)["input_ids"]]
+    lengths = [
+        len(ids)
+        for ids in model.processor.tokenizer([c.critique for c in candidates], add_special_tokens=False)["input_ids"]
+    ]
     cut = sum(n > model.config.max_critique_tokens for n in lengths)
     if cut:
-        print(f"warning: {cut} of {len(candidates)} training critiques exceed model.max_critique_tokens ({model.config.max_critique_tokens}) and lose their verdict")
+        print(
+            f"warning: {cut} of {len(candidates)} training critiques exceed model.max_critique_tokens ({model.config.max_critique_tokens}) and lose their verdict"
+        )
 
 
 def train(cfg: GenerativeConfig) -> dict:
@@ -217,7 +231,9 @@ def train(cfg: GenerativeConfig) -> dict:
     eval_pairs = usable_pairs(model, eval_pairs, cfg.data.skip_bad, "evaluation")
     train_candidates = [c for c in candidates_of(train_pairs)[0] if c.critique]
     if not train_candidates:
-        raise ValueError("the generative judge learns from critiques (rationale1/rationale2), and the training data has none: see reward/synthesize_critiques.py")
+        raise ValueError(
+            "the generative judge learns from critiques (rationale1/rationale2), and the training data has none: see reward/synthesize_critiques.py"
+        )
     if args.process_index == 0:  # only once every input passed: a bad input leaves an existing run as it was
         save_config(cfg, out / "config.yaml")
     warn_cut_verdicts(model, train_candidates)
@@ -235,7 +251,9 @@ def train(cfg: GenerativeConfig) -> dict:
         jrm=model,
     )
     if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise ValueError("ZeRO-3 partitions the weights that final/ is saved from; use ZeRO-2 (reward/configs/ds_zero2.json)")
+        raise ValueError(
+            "ZeRO-3 partitions the weights that final/ is saved from; use ZeRO-2 (reward/configs/ds_zero2.json)"
+        )
     trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume, cfg.output_dir))
     trainer.save_model(str(out / "final"))
     results = {}
@@ -243,7 +261,9 @@ def train(cfg: GenerativeConfig) -> dict:
         if eval_pairs:
             # Judged as evaluate.py judges `generative:PATH`: the saved checkpoint, reloaded, decoding.
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            judge = GenerativeJudge(JRM.from_pretrained(out / "final").to(device), max_new_tokens=cfg.decode.max_new_tokens or None)
+            judge = GenerativeJudge(
+                JRM.from_pretrained(out / "final").to(device), max_new_tokens=cfg.decode.max_new_tokens or None
+            )
             results = judge_pairs(judge, eval_pairs, cfg.decode.batch_size)
         (out / "eval.json").write_text(json.dumps(results, indent=1))
     if torch.distributed.is_initialized():

@@ -38,9 +38,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rl.config import ClusterConfig, RLConfig
 from rl.learner import Learner
-from rl.rewards import RewardWorker, Scores
+from rl.rewards import RewardWorker
 from rl.workers import RolloutWorker
-
 
 # ---- reward clients: how a rollout worker (and the driver's evaluation) reaches a reward actor ----------------------
 
@@ -58,7 +57,12 @@ class RayRewardClient:
     def submit(self, sources, instructions, edited, method: str = "score_batched"):
         """Start `method` of the reward actor on the edits: score_batched (a rollout's rewards, batched with
         other workers' requests) or judge (an evaluation's scores and gold)."""
-        return getattr(self.handle, method).remote(sources, instructions, edited), (method, sources, instructions, edited)
+        return getattr(self.handle, method).remote(sources, instructions, edited), (
+            method,
+            sources,
+            instructions,
+            edited,
+        )
 
     def result(self, submitted):
         ref, (method, *args) = submitted
@@ -67,7 +71,9 @@ class RayRewardClient:
                 return ray.get(ref, timeout=self.timeout_s)
             except (GetTimeoutError, RayActorError) as e:
                 if attempt == self.retries:
-                    raise RewardUnavailable(f"the reward actor failed {self.retries + 1} times ({type(e).__name__}) on a batch of {len(args[0])} edits") from e
+                    raise RewardUnavailable(
+                        f"the reward actor failed {self.retries + 1} times ({type(e).__name__}) on a batch of {len(args[0])} edits"
+                    ) from e
                 print(f"reward call failed ({type(e).__name__}); retry {attempt + 1} of {self.retries}", flush=True)
                 ray.cancel(ref)
                 if isinstance(e, RayActorError):  # died: Ray restarts it (max_restarts); calls fail fast until then
@@ -99,7 +105,9 @@ class LocalRewardClient:
         self.worker = worker
 
     def submit(self, sources, instructions, edited, method: str = "score_batched"):
-        return (self.worker.score if method == "score_batched" else getattr(self.worker, method))(sources, instructions, edited)
+        return (self.worker.score if method == "score_batched" else getattr(self.worker, method))(
+            sources, instructions, edited
+        )
 
     def result(self, done):
         return done
@@ -213,14 +221,31 @@ def in_process_actors(cfg: RLConfig) -> Iterator[ActorSet]:
     objects in this process. The reward is scored when submitted (no overlap with sampling)."""
     c = cfg.cluster
     if c.num_nodes != 1 or c.num_rollout_workers != 1 or c.num_learners != 1:
-        raise ValueError("in_process_actors runs one node with one rollout worker and one learner: set cluster.num_nodes, num_rollout_workers and num_learners to 1")
-    reward = RewardWorker(cfg.reward.terms, c.device, cfg.reward.max_batch_size, cfg.reward.max_wait_s, c.threads_per_worker, gold=cfg.reward.gold)
+        raise ValueError(
+            "in_process_actors runs one node with one rollout worker and one learner: set cluster.num_nodes, num_rollout_workers and num_learners to 1"
+        )
+    reward = RewardWorker(
+        cfg.reward.terms,
+        c.device,
+        cfg.reward.max_batch_size,
+        cfg.reward.max_wait_s,
+        c.threads_per_worker,
+        gold=cfg.reward.gold,
+    )
     client = LocalRewardClient(reward)
-    worker = RolloutWorker(cfg.policy, cfg.seed, client, c.threads_per_worker, c.device, final_only=cfg.algo.algo == "nft")
+    worker = RolloutWorker(
+        cfg.policy, cfg.seed, client, c.threads_per_worker, c.device, final_only=cfg.algo.algo == "nft"
+    )
     learner = Learner(cfg, 0, 1, "127.0.0.1", free_port("127.0.0.1"), threads=c.threads_per_worker)
-    placements = [Placement("rollout", 0, 0, 0, 1.0), Placement("learner", 0, 0, 0, 1.0), Placement("reward", 0, 0, 0, 1.0)]
+    placements = [
+        Placement("rollout", 0, 0, 0, 1.0),
+        Placement("learner", 0, 0, 0, 1.0),
+        Placement("reward", 0, 0, 0, 1.0),
+    ]
     try:
-        yield ActorSet([LocalHandle(worker)], [LocalHandle(learner)], [LocalHandle(reward)], [client], placements, local_get, [""])
+        yield ActorSet(
+            [LocalHandle(worker)], [LocalHandle(learner)], [LocalHandle(reward)], [client], placements, local_get, [""]
+        )
     finally:
         learner.close()
 
@@ -242,9 +267,15 @@ def placement(c: ClusterConfig, node: int = 0) -> list[Placement]:
     if not c.gpus_per_node:
         return [Placement(role, first[role] + index, node, b, 1.0) for b, (role, index) in enumerate(roles)]
     G = c.gpus_per_node
-    slot = {"rollout": lambda i: i % G, "learner": lambda j: (c.learner_first_gpu + j) % G, "reward": lambda _: c.reward_gpu % G}
+    slot = {
+        "rollout": lambda i: i % G,
+        "learner": lambda j: (c.learner_first_gpu + j) % G,
+        "reward": lambda _: c.reward_gpu % G,
+    }
     slots = [slot[role](index) for role, index in roles]
-    return [Placement(role, first[role] + index, node, s, 1.0 / slots.count(s)) for (role, index), s in zip(roles, slots)]
+    return [
+        Placement(role, first[role] + index, node, s, 1.0 / slots.count(s)) for (role, index), s in zip(roles, slots)
+    ]
 
 
 def choose_nodes(c: ClusterConfig) -> list[dict]:
@@ -256,8 +287,10 @@ def choose_nodes(c: ClusterConfig) -> list[dict]:
     alive.sort(key=lambda n: n["NodeID"] != here)
     fit = [n for n in alive if all(n["Resources"].get(k, 0.0) >= v for k, v in need.items())]
     if len(fit) < c.num_nodes:
-        found = ", ".join(f"{n['NodeID'][:8]} {({k: n['Resources'].get(k, 0) for k in need})}" for n in alive)
-        raise RuntimeError(f"cluster.num_nodes={c.num_nodes} needs that many nodes with {need}; the Ray cluster has {len(fit)}: {found}")
+        found = ", ".join(f"{n['NodeID'][:8]} { ({k: n['Resources'].get(k, 0) for k in need}) }" for n in alive)
+        raise RuntimeError(
+            f"cluster.num_nodes={c.num_nodes} needs that many nodes with {need}; the Ray cluster has {len(fit)}: {found}"
+        )
     return fit[: c.num_nodes]
 
 
@@ -291,17 +324,28 @@ def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
                 bundles = [{c.gpu_resource: 1.0, "CPU": min(float(n), cpus / c.gpus_per_node)} for n in per_gpu]
             else:
                 bundles = [{"CPU": min(1.0, cpus / len(layout))} for _ in layout]
-            pg = placement_group(bundles, strategy="STRICT_PACK", bundle_label_selector=[{"ray.io/node-id": node["NodeID"]}] * len(bundles))
+            pg = placement_group(
+                bundles,
+                strategy="STRICT_PACK",
+                bundle_label_selector=[{"ray.io/node-id": node["NodeID"]}] * len(bundles),
+            )
             groups.append(pg)
         try:
             ray.get([pg.ready() for pg in groups], timeout=c.placement_timeout_s)
         except GetTimeoutError as e:
-            raise RuntimeError(f"the placement groups of {len(nodes)} node(s) were not placed within {c.placement_timeout_s} s: the nodes lack the resources of {layout} (see `ray status`)") from e
+            raise RuntimeError(
+                f"the placement groups of {len(nodes)} node(s) were not placed within {c.placement_timeout_s} s: the nodes lack the resources of {layout} (see `ray status`)"
+            ) from e
 
         def options(pg, p: Placement) -> dict:
             bundle = pg.bundle_specs[p.slot]
             share = p.share * bundle.get(c.gpu_resource, 0.0) if c.gpus_per_node else 0.0
-            opts = {"num_cpus": bundle["CPU"] * p.share, "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=p.slot)}
+            opts = {
+                "num_cpus": bundle["CPU"] * p.share,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=p.slot
+                ),
+            }
             if share:
                 opts.update({"num_gpus": share} if c.gpu_resource == "GPU" else {"resources": {c.gpu_resource: share}})
             return opts
@@ -311,15 +355,35 @@ def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
         final_only = cfg.algo.algo == "nft"
         for n, pg in enumerate(groups):
             reward_at = next(p for p in layout if p.role == "reward")
-            reward = ray.remote(RewardWorker).options(**options(pg, reward_at), max_restarts=2, max_task_retries=0, max_concurrency=64).remote(
-                cfg.reward.terms, c.device, cfg.reward.max_batch_size, cfg.reward.max_wait_s, c.threads_per_worker, c.num_rollout_workers, cfg.reward.gold
+            reward = (
+                ray.remote(RewardWorker)
+                .options(**options(pg, reward_at), max_restarts=2, max_task_retries=0, max_concurrency=64)
+                .remote(
+                    cfg.reward.terms,
+                    c.device,
+                    cfg.reward.max_batch_size,
+                    cfg.reward.max_wait_s,
+                    c.threads_per_worker,
+                    c.num_rollout_workers,
+                    cfg.reward.gold,
+                )
             )
             actors.append(reward)
             rewards.append(reward)
             clients.append(RayRewardClient(reward, cfg.reward.timeout_s, cfg.reward.retries))
             for p in (p for p in layout if p.role == "rollout"):
-                worker = ray.remote(RolloutWorker).options(**options(pg, p), max_restarts=2, max_task_retries=2).remote(
-                    cfg.policy, cfg.seed, clients[-1], c.threads_per_worker, c.device, final_only=final_only, store=ray.put
+                worker = (
+                    ray.remote(RolloutWorker)
+                    .options(**options(pg, p), max_restarts=2, max_task_retries=2)
+                    .remote(
+                        cfg.policy,
+                        cfg.seed,
+                        clients[-1],
+                        c.threads_per_worker,
+                        c.device,
+                        final_only=final_only,
+                        store=ray.put,
+                    )
                 )
                 actors.append(worker)
                 workers.append(worker)
@@ -329,8 +393,10 @@ def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
             for p in (p for p in placement(c, n) if p.role == "learner"):
                 # on GPU runs Ray shows each actor only its own GPU (CUDA_VISIBLE_DEVICES), so its device index is 0
                 local_rank = 0 if c.gpus_per_node else p.index - n * c.num_learners
-                learner = ray.remote(Learner).options(**options(pg, p)).remote(
-                    cfg, p.index, world, host, port, local_rank, c.threads_per_worker, fetch=fetch_rollouts
+                learner = (
+                    ray.remote(Learner)
+                    .options(**options(pg, p))
+                    .remote(cfg, p.index, world, host, port, local_rank, c.threads_per_worker, fetch=fetch_rollouts)
                 )
                 actors.append(learner)
                 learners.append(learner)
@@ -356,7 +422,11 @@ def actor_nodes(actors: ActorSet) -> dict[str, list[str]]:
     def node_ids(handles):
         return actors.get([h.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for h in handles])
 
-    return {"rollout": node_ids(actors.rollout_workers), "learner": node_ids(actors.learners), "reward": node_ids(actors.reward_actors)}
+    return {
+        "rollout": node_ids(actors.rollout_workers),
+        "learner": node_ids(actors.learners),
+        "reward": node_ids(actors.reward_actors),
+    }
 
 
 # ---- what moves where ------------------------------------------------------------------------------------------------

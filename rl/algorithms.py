@@ -34,7 +34,9 @@ class Advantages:
     zero_std: Tensor  # (B,) bool: the row's group has rewards that are all equal (no learning signal)
 
 
-def group_advantages(rewards: Tensor, group_ids: Tensor, std: str = "group", clip: float = 5.0, eps: float = 1e-4) -> Advantages:
+def group_advantages(
+    rewards: Tensor, group_ids: Tensor, std: str = "group", clip: float = 5.0, eps: float = 1e-4
+) -> Advantages:
     """Rewards normalised within their group (GRPO).
 
     Args:
@@ -78,7 +80,11 @@ class SurrogateStats:
 
 
 def clipped_surrogate(
-    log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_range: float, clip_range_high: float | None = None
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    clip_range: float,
+    clip_range_high: float | None = None,
 ) -> tuple[Tensor, SurrogateStats]:
     """PPO's clipped objective as a loss to minimise.
 
@@ -162,7 +168,9 @@ class NFTStats:
     drift: float  # mean ||v_theta - v_old||^2: how far training has moved from the sampling policy
 
 
-def nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality: Tensor, beta: float) -> tuple[Tensor, NFTStats]:
+def nft_loss(
+    v_theta: Tensor, v_old: Tensor, target: Tensor, optimality: Tensor, beta: float
+) -> tuple[Tensor, NFTStats]:
     """DiffusionNFT's negative-aware flow-matching loss, per row, as a loss to minimise.
 
     Args:
@@ -260,7 +268,9 @@ class GRPO:
         """Clipped surrogate on step `step` (advantages (B,)), + kl_beta KL to the reference policy."""
         cfg = self.cfg
         out = policy.log_prob(rollout, step)
-        loss, stats = clipped_surrogate(out.log_probs, rollout.log_probs[:, step], advantages, cfg.clip_range, cfg.clip_range_high)
+        loss, stats = clipped_surrogate(
+            out.log_probs, rollout.log_probs[:, step], advantages, cfg.clip_range, cfg.clip_range_high
+        )
         row = asdict(stats)
         if cfg.kl_beta > 0:
             with torch.no_grad(), policy.reference():

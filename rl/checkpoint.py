@@ -31,13 +31,17 @@ def staging_dir(run_dir: str | Path, step: int) -> Path:
 
 def write_weights(staging: Path, trainable: dict[str, torch.Tensor]) -> None:
     """The trainable weights into a staged checkpoint, as float32 safetensors (learner rank 0 writes them)."""
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in trainable.items()}, str(staging / "policy.safetensors"))
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in trainable.items()}, str(staging / "policy.safetensors")
+    )
 
 
 def commit(staging: Path, state: dict, keep: int) -> Path:
     """Finish a staged checkpoint whose weights are written: write state, fsync, rename into place, prune old ones."""
     if not (staging / "policy.safetensors").is_file():
-        raise FileNotFoundError(f"{staging} has no policy.safetensors: the learners did not write the checkpoint's weights")
+        raise FileNotFoundError(
+            f"{staging} has no policy.safetensors: the learners did not write the checkpoint's weights"
+        )
     (staging / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     for f in staging.rglob("*"):
         if f.is_file():

@@ -41,9 +41,26 @@ from rl import checkpoint
 STEP_KEYS = ("rollout/reward_mean", "rollout/reward_std", "rollout/zero_std_ratio", "train/approx_kl", "train/clipfrac")
 EVAL_KEYS = ("eval/reward_mean", "eval/gold_score")  # must be finite (their standard errors may be nan: one prompt)
 # Settings that define what the evaluation numbers mean: runs compared side by side must share them.
-EVAL_SETTINGS = ("reward.gold", "data.eval_prompts", "data.num_eval", "policy.eval_steps", "policy.height", "policy.width")
+EVAL_SETTINGS = (
+    "reward.gold",
+    "data.eval_prompts",
+    "data.num_eval",
+    "policy.eval_steps",
+    "policy.height",
+    "policy.width",
+)
 # Settings that may differ between seeds of one group (everything else must match within a group).
-SEED_SETTINGS = ("seed", "output_dir", "resume", "num_steps", "save_every", "keep_checkpoints", "wandb", "wandb_project", "max_bad_steps")
+SEED_SETTINGS = (
+    "seed",
+    "output_dir",
+    "resume",
+    "num_steps",
+    "save_every",
+    "keep_checkpoints",
+    "wandb",
+    "wandb_project",
+    "max_bad_steps",
+)
 TOLERANCE_SEMS = 3.0  # see the module docstring
 
 
@@ -114,9 +131,13 @@ def read_metrics(path: Path) -> dict[int, dict]:
             if key == "step":
                 continue
             if key in merged:
-                raise CompareError(f"{path}:{number} logs {key} for step {row['step']} a second time: the file mixes two runs")
+                raise CompareError(
+                    f"{path}:{number} logs {key} for step {row['step']} a second time: the file mixes two runs"
+                )
             if key in EVAL_KEYS and not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise CompareError(f"{path}:{number} has {key}={value!r} at step {row['step']}: evaluations must be finite")
+                raise CompareError(
+                    f"{path}:{number} has {key}={value!r} at step {row['step']}: evaluations must be finite"
+                )
             merged[key] = value
     if not rows:
         raise CompareError(f"{path} has no metrics yet")
@@ -134,7 +155,9 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
             raise CompareError(f"{config_file} has no {key!r}: not a config written by launch/grpo_edit.py")
     rows = read_metrics(path / "metrics.jsonl")
     if not any("eval/reward_mean" in row for row in rows.values()):
-        raise CompareError(f"{path / 'metrics.jsonl'} never logged eval/reward_mean: not metrics of launch/grpo_edit.py")
+        raise CompareError(
+            f"{path / 'metrics.jsonl'} never logged eval/reward_mean: not metrics of launch/grpo_edit.py"
+        )
     found = checkpoint.complete_checkpoints(path)
     last = int(found[-1].name.removeprefix(checkpoint.PREFIX)) if found else None
     return Run(path, label or default_label(config), config, rows, last)
@@ -148,7 +171,9 @@ def check_comparable(runs: list[Run]) -> None:
         values = {setting_value(r.config[key]) for r in runs}
         if len(values) > 1:
             detail = "; ".join(f"{r.path}: {r.config[key]!r}" for r in runs)
-            raise CompareError(f"runs evaluate differently ({key} differs: {detail}): their eval metrics can't be compared")
+            raise CompareError(
+                f"runs evaluate differently ({key} differs: {detail}): their eval metrics can't be compared"
+            )
     with_gold = [r for r in runs if any("eval/gold_score" in row for row in r.rows.values())]
     if with_gold and len(with_gold) != len(runs):
         without = [str(r.path) for r in runs if r not in with_gold]
@@ -161,12 +186,16 @@ def check_comparable(runs: list[Run]) -> None:
         has = [any(key in row for row in r.rows.values()) for r in trained]
         if any(has) and not all(has):
             without = [str(r.path) for r, h in zip(trained, has) if not h]
-            raise CompareError(f"runs {without} never logged {key} while the others did: compare runs of one jrm-edit version, or in separate reports")
+            raise CompareError(
+                f"runs {without} never logged {key} while the others did: compare runs of one jrm-edit version, or in separate reports"
+            )
     for label in sorted({r.label for r in runs}):
         group = [r for r in runs if r.label == label]
         first = group[0]
         for other in group[1:]:
-            differ = differing_settings(first.config, other.config, lambda k: k in SEED_SETTINGS or k.startswith("cluster."))
+            differ = differing_settings(
+                first.config, other.config, lambda k: k in SEED_SETTINGS or k.startswith("cluster.")
+            )
             if differ:
                 raise CompareError(
                     f"runs labelled {label!r} differ in {differ} ({first.path} vs {other.path}), so their spread would not be "
@@ -208,7 +237,11 @@ def hacking_signal(
     if len(gold) == 0:
         return Signal("no gold")
     paired = proxy_rows is not None and gold_rows is not None and gold_rows.shape[1] > 1
-    with_sems = proxy_sem is not None and gold_sem is not None and bool(np.isfinite(proxy_sem).all() and np.isfinite(gold_sem).all())
+    with_sems = (
+        proxy_sem is not None
+        and gold_sem is not None
+        and bool(np.isfinite(proxy_sem).all() and np.isfinite(gold_sem).all())
+    )
     if paired:
         source = f"{TOLERANCE_SEMS:g} paired standard errors (per prompt)"
     else:
@@ -232,7 +265,14 @@ def hacking_signal(
     def hacks(k: int) -> bool:
         return gold[b] - gold[k] > tol_gold(b, k) and proxy[k] - proxy[b] > tol_proxy(b, k)
 
-    signal = Signal("flat", source, int(steps[b]), float(gold[b] - gold[last]), float(proxy[last] - proxy[b]), agreement=spearman(proxy, gold))
+    signal = Signal(
+        "flat",
+        source,
+        int(steps[b]),
+        float(gold[b] - gold[last]),
+        float(proxy[last] - proxy[b]),
+        agreement=spearman(proxy, gold),
+    )
     if hacks(last):
         first = last
         while first - 1 > b and hacks(first - 1):
@@ -270,13 +310,19 @@ def read_prompt_scores(path: Path) -> PromptScores:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CompareError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("instructions"), list) or not isinstance(data.get("proxy"), list):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("instructions"), list)
+        or not isinstance(data.get("proxy"), list)
+    ):
         raise CompareError(f"{path}: expected an object with 'instructions' and 'proxy' lists")
     proxy = np.asarray(data["proxy"], dtype=np.float64)
     gold = None if data.get("gold") is None else np.asarray(data["gold"], dtype=np.float64)
     n = len(data["instructions"])
     if len(proxy) != n or (gold is not None and len(gold) != n):
-        raise CompareError(f"{path}: {n} instructions but {len(proxy)} proxy and {None if gold is None else len(gold)} gold scores")
+        raise CompareError(
+            f"{path}: {n} instructions but {len(proxy)} proxy and {None if gold is None else len(gold)} gold scores"
+        )
     if not np.isfinite(proxy).all() or (gold is not None and not np.isfinite(gold).all()):
         raise CompareError(f"{path}: per-prompt scores must be finite")
     return PromptScores(data["instructions"], proxy, gold)
@@ -294,7 +340,9 @@ def prompt_matrix(run: Run, steps: list[int], key: str) -> np.ndarray | None:
         if instructions is None:
             instructions = scores.instructions
         elif scores.instructions != instructions:
-            raise CompareError(f"{path} scores other prompts than the run's first evaluation: per-prompt pairing is impossible")
+            raise CompareError(
+                f"{path} scores other prompts than the run's first evaluation: per-prompt pairing is impossible"
+            )
         values = getattr(scores, key)
         if values is None:
             return None
@@ -312,7 +360,14 @@ def run_signal(run: Run, gold_tolerance: float = 0.02) -> Signal:
     proxy_sem = np.array([run.rows[s]["eval/reward_sem"] for s in steps]) if sems else None
     listed = steps.tolist()
     return hacking_signal(
-        steps, proxy, gold, proxy_sem, gold_sem, gold_tolerance, prompt_matrix(run, listed, "proxy"), prompt_matrix(run, listed, "gold")
+        steps,
+        proxy,
+        gold,
+        proxy_sem,
+        gold_sem,
+        gold_tolerance,
+        prompt_matrix(run, listed, "proxy"),
+        prompt_matrix(run, listed, "gold"),
     )
 
 
@@ -350,7 +405,13 @@ class Difference:
         return f"No difference resolved between {a} and {b} at step {self.step}: {self.mean:+.3f} {interval} (95%, {self.seeds[0]}+{self.seeds[1]} seeds); {more}."
 
 
-def gold_difference(runs_a: list[Run], runs_b: list[Run], signals: dict[Path, Signal] | None = None, resamples: int = 4000, seed: int = 0) -> Difference:
+def gold_difference(
+    runs_a: list[Run],
+    runs_b: list[Run],
+    signals: dict[Path, Signal] | None = None,
+    resamples: int = 4000,
+    seed: int = 0,
+) -> Difference:
     """Gold of group A minus group B at their last common evaluation step.
 
     With per-prompt scores (every run scores the same prompts), a bootstrap resamples the seeds of each
@@ -360,7 +421,9 @@ def gold_difference(runs_a: list[Run], runs_b: list[Run], signals: dict[Path, Si
     """
     runs = runs_a + runs_b
     if len(runs_a) < 2 or len(runs_b) < 2:
-        raise CompareError(f"a difference with an interval needs >= 2 seeds per reward model; got {len(runs_a)} and {len(runs_b)}")
+        raise CompareError(
+            f"a difference with an interval needs >= 2 seeds per reward model; got {len(runs_a)} and {len(runs_b)}"
+        )
     step = common_eval_step(runs)
     rng = np.random.default_rng(seed)
     files = [scores_file(r.path, step) for r in runs]
@@ -368,7 +431,9 @@ def gold_difference(runs_a: list[Run], runs_b: list[Run], signals: dict[Path, Si
     if scores is not None and all(s.gold is not None for s in scores):
         for f, s in zip(files[1:], scores[1:]):
             if s.instructions != scores[0].instructions:
-                raise CompareError(f"{f} scores other prompts than {files[0]}: reward models compared on different prompts")
+                raise CompareError(
+                    f"{f} scores other prompts than {files[0]}: reward models compared on different prompts"
+                )
         a = np.stack([s.gold for s in scores[: len(runs_a)]])  # (Sa, N)
         b = np.stack([s.gold for s in scores[len(runs_a) :]])
         prompts = a.shape[1]
@@ -400,16 +465,35 @@ def gold_difference(runs_a: list[Run], runs_b: list[Run], signals: dict[Path, Si
     signals = signals or {r.path: run_signal(r) for r in runs}
     flags_a = np.array([signals[r.path].verdict == "hacking" for r in runs_a], dtype=float)
     flags_b = np.array([signals[r.path].verdict == "hacking" for r in runs_b], dtype=float)
-    rate_diffs = [flags_a[rng.integers(len(flags_a), size=len(flags_a))].mean() - flags_b[rng.integers(len(flags_b), size=len(flags_b))].mean() for _ in range(resamples)]
+    rate_diffs = [
+        flags_a[rng.integers(len(flags_a), size=len(flags_a))].mean()
+        - flags_b[rng.integers(len(flags_b), size=len(flags_b))].mean()
+        for _ in range(resamples)
+    ]
     h_low, h_high = (float(x) for x in np.percentile(rate_diffs, [2.5, 97.5]))
     return Difference(
-        (runs_a[0].label, runs_b[0].label), step, mean, low, high, (len(runs_a), len(runs_b)), prompts, needed,
-        (float(flags_a.mean()), float(flags_b.mean())), (h_low, h_high),
+        (runs_a[0].label, runs_b[0].label),
+        step,
+        mean,
+        low,
+        high,
+        (len(runs_a), len(runs_b)),
+        prompts,
+        needed,
+        (float(flags_a.mean()), float(flags_b.mean())),
+        (h_low, h_high),
     )
 
 
 def hacking_rates(
-    evaluations: int, prompts: int, gold_drop: float, runs: int = 400, jitter: float = 0.05, prompt_spread: float = 0.2, seed: int = 0, paired: bool = True
+    evaluations: int,
+    prompts: int,
+    gold_drop: float,
+    runs: int = 400,
+    jitter: float = 0.05,
+    prompt_spread: float = 0.2,
+    seed: int = 0,
+    paired: bool = True,
 ) -> float:
     """Share of simulated runs the hacking rule flags (the false-positive rate at gold_drop = 0).
 
@@ -428,11 +512,20 @@ def hacking_rates(
         base_gold = rng.uniform(0.5 - prompt_spread, 0.5 + prompt_spread, prompts)
         base_proxy = base_gold + rng.normal(0, prompt_spread / 2, prompts)
         gold_rows = base_gold[None] + trend[:, None] + rng.normal(0, jitter, (evaluations, prompts))
-        proxy_rows = base_proxy[None] + (0.1 * steps / (evaluations - 1))[:, None] + rng.normal(0, jitter, (evaluations, prompts))
+        proxy_rows = (
+            base_proxy[None]
+            + (0.1 * steps / (evaluations - 1))[:, None]
+            + rng.normal(0, jitter, (evaluations, prompts))
+        )
         proxy_sem, gold_sem = (rows.std(1, ddof=1) / math.sqrt(prompts) for rows in (proxy_rows, gold_rows))
         signal = hacking_signal(
-            steps, proxy_rows.mean(1), gold_rows.mean(1), proxy_sem, gold_sem,
-            proxy_rows=proxy_rows if paired else None, gold_rows=gold_rows if paired else None,
+            steps,
+            proxy_rows.mean(1),
+            gold_rows.mean(1),
+            proxy_sem,
+            gold_sem,
+            proxy_rows=proxy_rows if paired else None,
+            gold_rows=gold_rows if paired else None,
         )
         flagged += signal.verdict == "hacking"
     return flagged / runs
@@ -488,7 +581,9 @@ def common_eval_step(runs: list[Run]) -> int:
     """The last evaluation step every run reached: where runs of different lengths are compared."""
     shared = set.intersection(*(set(r.series("eval/reward_mean")[0].tolist()) for r in runs))
     if not shared:
-        raise CompareError("the runs share no evaluation step: compare runs whose eval_every divide a common step, or in separate reports")
+        raise CompareError(
+            "the runs share no evaluation step: compare runs whose eval_every divide a common step, or in separate reports"
+        )
     return max(shared)
 
 
@@ -534,7 +629,9 @@ def summarise(runs: list[Run], gold_tolerance: float = 0.02) -> tuple[list[Group
     for label in dict.fromkeys(r.label for r in runs):
         group = [r for r in runs if r.label == label]
         first_eval = [int(r.series("eval/reward_mean")[0][0]) for r in group]
-        shared = sorted(s for s in set.intersection(*(set(r.series("eval/gold_score")[0].tolist()) for r in group)) if s <= at)
+        shared = sorted(
+            s for s in set.intersection(*(set(r.series("eval/gold_score")[0].tolist()) for r in group)) if s <= at
+        )
         curve_std = [seed_std([_at(r, "eval/gold_score", s) for r in group]) for s in shared]
         best = []
         for r in group:
@@ -560,7 +657,9 @@ def summarise(runs: list[Run], gold_tolerance: float = 0.02) -> tuple[list[Group
                 gold_curve_std=float(np.mean(curve_std)) if curve_std and len(group) > 1 else math.nan,
                 verdicts=verdicts,
                 onsets=sorted(signals[r.path].onset for r in group if signals[r.path].onset is not None),
-                agreement=float(np.nanmean([signals[r.path].agreement for r in group])) if any(not math.isnan(signals[r.path].agreement) for r in group) else math.nan,
+                agreement=float(np.nanmean([signals[r.path].agreement for r in group]))
+                if any(not math.isnan(signals[r.path].agreement) for r in group)
+                else math.nan,
                 kl=_mean_of(group, "train/approx_kl", at),
                 clipfrac=_mean_of(group, "train/clipfrac", at),
                 reward_std=_mean_of(group, "rollout/reward_std", at),

@@ -46,11 +46,15 @@ class PolicyConfig:
         if self.kind not in POLICY_KINDS:
             raise ValueError(f"policy.kind must be one of {POLICY_KINDS}, got {self.kind!r}")
         if self.gradient_checkpointing and self.kind == "shapeedit":
-            raise ValueError("policy.gradient_checkpointing: the ShapeEdit policy is small and does not support it; set it false")
+            raise ValueError(
+                "policy.gradient_checkpointing: the ShapeEdit policy is small and does not support it; set it false"
+            )
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"policy.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.sampler.sample_last_step and self.kind != "shapeedit":
-            raise ValueError(f"policy.sampler.sample_last_step: {self.kind} ends in a Gaussian step, which has no categorical draw; set it false")
+            raise ValueError(
+                f"policy.sampler.sample_last_step: {self.kind} ends in a Gaussian step, which has no categorical draw; set it false"
+            )
 
 
 @dataclass
@@ -72,7 +76,9 @@ class RewardTerm:
 
     def __post_init__(self):
         if not self.name or self.micro_batch_size < 1:
-            raise ValueError(f"reward term {self.name!r}: name must be non-empty and micro_batch_size >= 1, got {self.micro_batch_size}")
+            raise ValueError(
+                f"reward term {self.name!r}: name must be non-empty and micro_batch_size >= 1, got {self.micro_batch_size}"
+            )
 
 
 @dataclass
@@ -97,7 +103,9 @@ class RewardConfig:
         if not names or len(set(names)) != len(names):
             raise ValueError(f"reward.terms need distinct names and at least one term, got {names}")
         if self.max_batch_size < 1 or self.max_wait_s < 0:
-            raise ValueError(f"reward.max_batch_size must be >= 1 and reward.max_wait_s >= 0, got {self.max_batch_size} and {self.max_wait_s}")
+            raise ValueError(
+                f"reward.max_batch_size must be >= 1 and reward.max_wait_s >= 0, got {self.max_batch_size} and {self.max_wait_s}"
+            )
 
 
 @dataclass
@@ -152,16 +160,24 @@ class AlgoConfig:
         if self.clip_range_high is not None and self.clip_range_high <= 0:
             raise ValueError(f"algo.clip_range_high must be > 0 (or null for clip_range), got {self.clip_range_high}")
         if self.nft_beta <= 0 or self.nft_terms < 1:
-            raise ValueError(f"algo.nft_beta must be > 0 and algo.nft_terms >= 1, got {self.nft_beta} and {self.nft_terms}")
+            raise ValueError(
+                f"algo.nft_beta must be > 0 and algo.nft_terms >= 1, got {self.nft_beta} and {self.nft_terms}"
+            )
         if self.algo == "nft" and self.adv_clip <= 0:
             raise ValueError("algo.adv_clip must be > 0 with nft: it is the advantage that counts as certainly optimal")
         if self.group_size < 2:
-            raise ValueError(f"algo.group_size must be >= 2 (advantages compare edits of one prompt), got {self.group_size}")
+            raise ValueError(
+                f"algo.group_size must be >= 2 (advantages compare edits of one prompt), got {self.group_size}"
+            )
         batch = self.prompts_per_step * self.group_size
         if batch % self.micro_batch_size:
-            raise ValueError(f"the rollout batch (prompts_per_step x group_size = {batch}) must be divisible by micro_batch_size ({self.micro_batch_size})")
+            raise ValueError(
+                f"the rollout batch (prompts_per_step x group_size = {batch}) must be divisible by micro_batch_size ({self.micro_batch_size})"
+            )
         if (batch // self.micro_batch_size) % self.updates_per_step:
-            raise ValueError(f"the {batch // self.micro_batch_size} micro-batches per step must split evenly into updates_per_step ({self.updates_per_step}) minibatches")
+            raise ValueError(
+                f"the {batch // self.micro_batch_size} micro-batches per step must split evenly into updates_per_step ({self.updates_per_step}) minibatches"
+            )
 
 
 @dataclass
@@ -207,10 +223,16 @@ class ClusterConfig:
             raise ValueError(f"cluster.device must be cpu or cuda, got {self.device!r}")
         if self.num_nodes < 1 or self.num_rollout_workers < 1 or self.num_learners < 1:
             raise ValueError("cluster.num_nodes, num_rollout_workers and num_learners must be >= 1")
-        if self.gpus_per_node < 0 or (self.gpus_per_node and not -self.gpus_per_node <= self.reward_gpu < self.gpus_per_node):
-            raise ValueError(f"cluster.reward_gpu {self.reward_gpu} is not a GPU of a node with gpus_per_node={self.gpus_per_node}")
+        if self.gpus_per_node < 0 or (
+            self.gpus_per_node and not -self.gpus_per_node <= self.reward_gpu < self.gpus_per_node
+        ):
+            raise ValueError(
+                f"cluster.reward_gpu {self.reward_gpu} is not a GPU of a node with gpus_per_node={self.gpus_per_node}"
+            )
         if self.learner_first_gpu < 0 or (self.gpus_per_node and self.learner_first_gpu >= self.gpus_per_node):
-            raise ValueError(f"cluster.learner_first_gpu {self.learner_first_gpu} is not a GPU of a node with gpus_per_node={self.gpus_per_node}")
+            raise ValueError(
+                f"cluster.learner_first_gpu {self.learner_first_gpu} is not a GPU of a node with gpus_per_node={self.gpus_per_node}"
+            )
 
     @property
     def rollout_workers(self) -> int:
@@ -281,7 +303,9 @@ class RLConfig:
             raise ValueError("the ShapeEdit policy runs on CPU; set cluster.device=cpu")
         micro = rows // self.algo.micro_batch_size
         if micro % self.cluster.learners:
-            raise ValueError(f"{micro} micro-batches per step cannot be shared evenly by {self.cluster.learners} learners")
+            raise ValueError(
+                f"{micro} micro-batches per step cannot be shared evenly by {self.cluster.learners} learners"
+            )
         if (micro // self.algo.updates_per_step) % self.cluster.learners:
             raise ValueError(
                 f"each of the {self.algo.updates_per_step} minibatches holds {micro // self.algo.updates_per_step} micro-batches, "

@@ -42,8 +42,16 @@ def zero3_modules(net: nn.Module) -> list[nn.Module]:
 
 class Learner:
     def __init__(
-        self, cfg: RLConfig, rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int = 0, threads: int = 0,
-        policy: EditingPolicy | None = None, fetch: Callable[[list], tuple[list[Rollout], str, int]] | None = None,
+        self,
+        cfg: RLConfig,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        local_rank: int = 0,
+        threads: int = 0,
+        policy: EditingPolicy | None = None,
+        fetch: Callable[[list], tuple[list[Rollout], str, int]] | None = None,
     ):
         """Join the DeepSpeed group as `rank` of `world_size`, whose rank 0 listens on master_addr:master_port, and
         set up the optimizer over the policy's trainable weights. `local_rank`: the device index in this process
@@ -56,7 +64,13 @@ class Learner:
         """
         if threads:
             torch.set_num_threads(threads)
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(local_rank),
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
         if cfg.cluster.device == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"
         import deepspeed
@@ -133,7 +147,9 @@ class Learner:
         for i, mb in enumerate(rollouts):
             terms = self.algorithm.terms(mb)
             if len(terms) != self.terms_per_micro_batch:
-                raise ValueError(f"micro-batch {i} has {len(terms)} loss terms; the learner was set up for {self.terms_per_micro_batch} (policy.sampler: every rollout of a run must use the same num_steps, sde_window_size and sample_last_step)")
+                raise ValueError(
+                    f"micro-batch {i} has {len(terms)} loss terms; the learner was set up for {self.terms_per_micro_batch} (policy.sampler: every rollout of a run must use the same num_steps, sde_window_size and sample_last_step)"
+                )
             for term in terms:
                 # what engine.forward does first (the policy's forward bypasses the engine): ZeRO counts its
                 # accumulation micro-steps here, and without it ZeRO-3 keeps only the last micro-step's gradient

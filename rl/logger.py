@@ -12,7 +12,15 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, resume_step: int | None, use_wandb: bool, project: str, run_id: str | None, config: dict):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        resume_step: int | None,
+        use_wandb: bool,
+        project: str,
+        run_id: str | None,
+        config: dict,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         kept = []
         if resume_step is not None and self.path.exists():

@@ -35,7 +35,9 @@ from rl.prompts import load_prompts, prompts_for_step
 from rl.rewards import Scores, check_spec, total_rewards
 
 GRID_ROWS = 8  # evaluation prompts shown in each evaluation's grid
-MAX_REDOS = 3  # consecutive redos of one step (a rollout worker died, came back with old weights, or its rollouts were lost)
+MAX_REDOS = (
+    3  # consecutive redos of one step (a rollout worker died, came back with old weights, or its rollouts were lost)
+)
 
 
 def _standard_error(values) -> float:
@@ -87,7 +89,14 @@ class Run:
             step, self.version, run_id = state["step"], state["policy_version"], state["wandb_run_id"]
             print(f"resumed from {resume_from} (step {step})", flush=True)
         self.send_weights()
-        self.logger = MetricsLogger(self.run_dir, step if resume_from else None, self.cfg.wandb, self.cfg.wandb_project, run_id, asdict(self.cfg))
+        self.logger = MetricsLogger(
+            self.run_dir,
+            step if resume_from else None,
+            self.cfg.wandb,
+            self.cfg.wandb_project,
+            run_id,
+            asdict(self.cfg),
+        )
         return step
 
     def send_weights(self) -> None:
@@ -108,10 +117,18 @@ class Run:
         workers, algo = self.actors.rollout_workers, self.cfg.algo
         shares = np.array_split(np.arange(len(rows)), len(workers))
         try:
-            results = self.actors.watch([
-                w.rollout.remote([rows[i] for i in s], group_ids[s], algo.micro_batch_size, self.cfg.seed * 1_000_003 + step * 1009 + k, self.cfg.cluster.async_reward)
-                for k, (w, s) in enumerate(zip(workers, shares))
-            ])
+            results = self.actors.watch(
+                [
+                    w.rollout.remote(
+                        [rows[i] for i in s],
+                        group_ids[s],
+                        algo.micro_batch_size,
+                        self.cfg.seed * 1_000_003 + step * 1009 + k,
+                        self.cfg.cluster.async_reward,
+                    )
+                    for k, (w, s) in enumerate(zip(workers, shares))
+                ]
+            )
         except RayActorError as e:  # a rollout worker died mid-step; Ray restarts it (max_restarts)
             raise Redo(f"a rollout worker died ({type(e).__name__})") from e
         stale = sorted({v for r in results for v in r.versions} - {self.version})
@@ -126,14 +143,18 @@ class Run:
         self.redos += 1
         if self.redos > MAX_REDOS:
             self.save_after_failure(step)
-            raise RuntimeError(f"step {step}: {why}, {self.redos} times in a row; giving up (resume=auto continues from the checkpoint)") from why.__cause__
+            raise RuntimeError(
+                f"step {step}: {why}, {self.redos} times in a row; giving up (resume=auto continues from the checkpoint)"
+            ) from why.__cause__
         print(f"step {step}: {why}; resending weights, redoing the step ({self.redos}/{MAX_REDOS})", flush=True)
         try:
             self.send_weights()
         except RayActorError as e:  # restarts used up: the worker is gone for good (or its node is)
             self.actors.check_nodes(grace_s=30.0)  # a dead node stops the run without a checkpoint (stopped_by)
             self.save_after_failure(step)
-            raise RuntimeError(f"step {step}: a rollout worker is gone for good ({type(e).__name__}); resume=auto continues from {self.last_checkpoint()}") from e
+            raise RuntimeError(
+                f"step {step}: a rollout worker is gone for good ({type(e).__name__}); resume=auto continues from {self.last_checkpoint()}"
+            ) from e
 
     # ---- update -------------------------------------------------------------------------------------------------
 
@@ -144,9 +165,16 @@ class Run:
         M, K = len(learners), len(micro) // algo.updates_per_step
         order = [[u * K + j for u in range(algo.updates_per_step) for j in range(r, K, M)] for r in range(M)]
         try:
-            stats = self.actors.watch([learner.update.remote([micro[i] for i in idx], [targets[i] for i in idx]) for learner, idx in zip(learners, order)])
+            stats = self.actors.watch(
+                [
+                    learner.update.remote([micro[i] for i in idx], [targets[i] for i in idx])
+                    for learner, idx in zip(learners, order)
+                ]
+            )
         except RayActorError as e:  # its optimizer state is gone with it: restarting it would silently reset training
-            raise RuntimeError(f"a learner died during step {step + 1} ({type(e).__name__}); resume=auto continues from {self.last_checkpoint()}") from e
+            raise RuntimeError(
+                f"a learner died during step {step + 1} ({type(e).__name__}); resume=auto continues from {self.last_checkpoint()}"
+            ) from e
         lost = [s["lost"] for s in stats if s.get("lost")]
         if lost:
             raise Redo(f"rollouts lost before the update ({lost[0]})")
@@ -174,17 +202,29 @@ class Run:
         workers, cfg = self.actors.rollout_workers, self.cfg
         shares = np.array_split(np.arange(len(self.eval_prompts)), len(workers))
         for attempt in range(MAX_REDOS + 1):
-            parts = self.actors.watch([w.evaluate.remote([self.eval_prompts[i] for i in s], cfg.seed, cfg.algo.micro_batch_size, GRID_ROWS)
-                                       for w, s in zip(workers, shares) if len(s)])
+            parts = self.actors.watch(
+                [
+                    w.evaluate.remote([self.eval_prompts[i] for i in s], cfg.seed, cfg.algo.micro_batch_size, GRID_ROWS)
+                    for w, s in zip(workers, shares)
+                    if len(s)
+                ]
+            )
             held = sorted({p.version for p in parts} - {self.version})
             if not held:
                 break
             if attempt == MAX_REDOS:  # a worker restarted during evaluation keeps coming back with other weights
-                raise RuntimeError(f"evaluation at step {at_step}: workers held weight versions {held} != {self.version}, {MAX_REDOS + 1} times")
-            print(f"evaluation at step {at_step}: weight versions {held} != {self.version} (a worker restarted); resending weights", flush=True)
+                raise RuntimeError(
+                    f"evaluation at step {at_step}: workers held weight versions {held} != {self.version}, {MAX_REDOS + 1} times"
+                )
+            print(
+                f"evaluation at step {at_step}: weight versions {held} != {self.version} (a worker restarted); resending weights",
+                flush=True,
+            )
             self.send_weights()
         scored = Scores.cat([p.scores for p in parts])
-        total = total_rewards(scored.terms, self.term_weights, torch.arange(len(self.eval_prompts))).total.tolist()  # each edit its own group
+        total = total_rewards(
+            scored.terms, self.term_weights, torch.arange(len(self.eval_prompts))
+        ).total.tolist()  # each edit its own group
         # the standard errors let rl/compare.py tell a real drop from evaluation noise
         row = {"eval/reward_mean": float(np.mean(total)), "eval/reward_sem": _standard_error(total)}
         row.update(term_means("eval", scored))
@@ -193,7 +233,12 @@ class Run:
             row["eval/gold_score"] = float(np.mean(gold))
             row["eval/gold_sem"] = _standard_error(gold)
         # every evaluation scores the same prompts with the same noise: rl/compare.py pairs them per prompt
-        per_prompt = {"step": at_step, "instructions": [p.instruction for p in self.eval_prompts], "proxy": [float(x) for x in total], "gold": gold}
+        per_prompt = {
+            "step": at_step,
+            "instructions": [p.instruction for p in self.eval_prompts],
+            "proxy": [float(x) for x in total],
+            "gold": gold,
+        }
         scores_path = scores_file(self.run_dir, at_step)
         scores_path.parent.mkdir(parents=True, exist_ok=True)
         scores_path.write_text(json.dumps(per_prompt))
@@ -211,15 +256,24 @@ class Run:
         staging = checkpoint.staging_dir(self.run_dir, at_step)
         done = self.actors.watch([learner.save.remote(str(staging)) for learner in self.actors.learners])
         # logged before the commit: a resume from an earlier checkpoint drops this row with the step's others
-        self.logger.log(at_step, {"perf/save_s": time.perf_counter() - start, "perf/checkpoint_driver_bytes": payload_bytes(done)})
-        state = {"step": at_step, "policy_version": self.version, "wandb_run_id": self.logger.run_id,
-                 "data_position": at_step * self.cfg.algo.prompts_per_step, "seed": self.cfg.seed}
+        self.logger.log(
+            at_step, {"perf/save_s": time.perf_counter() - start, "perf/checkpoint_driver_bytes": payload_bytes(done)}
+        )
+        state = {
+            "step": at_step,
+            "policy_version": self.version,
+            "wandb_run_id": self.logger.run_id,
+            "data_position": at_step * self.cfg.algo.prompts_per_step,
+            "seed": self.cfg.seed,
+        }
         checkpoint.commit(staging, state, self.cfg.keep_checkpoints)
 
     def stopped_by(self, lost: NodeLost) -> RuntimeError:
         """The error that stops a run whose node died. No checkpoint is attempted: the learners of the surviving
         nodes would wait in DeepSpeed's collectives for ranks that are gone."""
-        return RuntimeError(f"{lost}; the run stops. Bring the cluster back to {self.cfg.cluster.num_nodes} node(s) and resume=auto continues from {self.last_checkpoint()}")
+        return RuntimeError(
+            f"{lost}; the run stops. Bring the cluster back to {self.cfg.cluster.num_nodes} node(s) and resume=auto continues from {self.last_checkpoint()}"
+        )
 
     def last_checkpoint(self) -> str:
         last = checkpoint.complete_checkpoints(self.run_dir)
@@ -233,7 +287,9 @@ class Run:
         except Exception as e:  # noqa: BLE001 - the original error matters more
             print(f"could not write a checkpoint at step {at_step} after the failure: {e}", flush=True)
 
-    def log_step(self, step: int, results: list, stats: list[dict], reward, targets, scored: Scores, times: list[float]) -> None:
+    def log_step(
+        self, step: int, results: list, stats: list[dict], reward, targets, scored: Scores, times: list[float]
+    ) -> None:
         t0, t_rollout, t_update, t_sync = times
         total = reward.total
         keys = dict.fromkeys(k for s in stats for k in s)  # a rank whose every loss was non-finite has no loss stats
@@ -260,7 +316,9 @@ class Run:
         )
         row.update(term_means("rollout", scored))
         row.update({f"rollout/reward_errors_{k}": v for k, v in scored.errors.items()})
-        row.update({f"rollout/reward_dropped_groups_{k}": v for k, v in reward.dropped_groups.items() if k in scored.errors})
+        row.update(
+            {f"rollout/reward_dropped_groups_{k}": v for k, v in reward.dropped_groups.items() if k in scored.errors}
+        )
         row.update(self.reward_batches())
         self.logger.log(step, row)
         if "train/loss" not in row:
@@ -269,16 +327,26 @@ class Run:
             shown = f"loss {row['train/loss']:.4f} clipfrac {row['train/clipfrac']:.3f} kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}]"
         else:
             shown = f"loss {row['train/loss']:.4f} drift {row['train/drift']:.2e}"
-        print(f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} {shown} ({row['perf/step_s']:.1f} s)", flush=True)
+        print(
+            f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} {shown} ({row['perf/step_s']:.1f} s)",
+            flush=True,
+        )
 
 
 def prepare(cfg: RLConfig) -> dict:
     """Everything checked before an actor starts: the run directory, the prompts, the reward specs, what to resume."""
     run_dir = Path(cfg.output_dir)
-    prompts, skipped = load_prompts(cfg.data.train_prompts, cfg.policy.height, cfg.policy.width, skip_bad=cfg.data.skip_bad)
-    eval_prompts, eval_skipped = load_prompts(cfg.data.eval_prompts, cfg.policy.height, cfg.policy.width, cfg.data.num_eval, cfg.data.skip_bad)
+    prompts, skipped = load_prompts(
+        cfg.data.train_prompts, cfg.policy.height, cfg.policy.width, skip_bad=cfg.data.skip_bad
+    )
+    eval_prompts, eval_skipped = load_prompts(
+        cfg.data.eval_prompts, cfg.policy.height, cfg.policy.width, cfg.data.num_eval, cfg.data.skip_bad
+    )
     if skipped or eval_skipped:
-        print(f"skipped bad prompt rows: {skipped} of {cfg.data.train_prompts}, {eval_skipped} of {cfg.data.eval_prompts}", flush=True)
+        print(
+            f"skipped bad prompt rows: {skipped} of {cfg.data.train_prompts}, {eval_skipped} of {cfg.data.eval_prompts}",
+            flush=True,
+        )
     for term in cfg.reward.terms:
         check_spec(term.spec, f"reward.terms {term.name!r}")
     if cfg.reward.gold:
@@ -292,7 +360,12 @@ def prepare(cfg: RLConfig) -> dict:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    return {"prompts": prompts, "eval_prompts": eval_prompts, "resume_from": resume_from, "skipped": (skipped, eval_skipped)}
+    return {
+        "prompts": prompts,
+        "eval_prompts": eval_prompts,
+        "resume_from": resume_from,
+        "skipped": (skipped, eval_skipped),
+    }
 
 
 def train(cfg: RLConfig, actors: ActorSet | None = None) -> dict:
@@ -333,18 +406,25 @@ def _steps(cfg: RLConfig, run: Run, step: int) -> dict:
             raise
         t_rollout = time.perf_counter()
         scored = Scores.cat([s for res in results for s in res.scores])  # rows in the order of group_ids
-        reward = total_rewards(scored.terms, run.term_weights, group_ids)  # an optional term missing in a group: left out of all of it
+        reward = total_rewards(
+            scored.terms, run.term_weights, group_ids
+        )  # an optional term missing in a group: left out of all of it
         if not torch.isfinite(reward.total).all():
             bad_steps += 1
             step += 1
             run.logger.log(step, {"train/skipped_nonfinite_reward": 1})
             if bad_steps >= cfg.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); see the reward terms, resume=auto continues from the last checkpoint")
+                raise RuntimeError(
+                    f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); see the reward terms, resume=auto continues from the last checkpoint"
+                )
             continue
 
         # ---- targets: per-row advantages (GRPO), returns (PPO, whose R - V the learners form) or optimality (NFT) -------
         targets = algorithm.targets(reward.total, group_ids)
-        per_micro = [MicroTargets(v, cfg.seed * 1_000_003 + step * 1009 + i) for i, v in enumerate(targets.values.split(algo.micro_batch_size))]
+        per_micro = [
+            MicroTargets(v, cfg.seed * 1_000_003 + step * 1009 + i)
+            for i, v in enumerate(targets.values.split(algo.micro_batch_size))
+        ]
 
         # ---- update: each learner rank fetches its micro-batches from the workers' nodes --------------------------------
         try:
@@ -364,7 +444,9 @@ def _steps(cfg: RLConfig, run: Run, step: int) -> dict:
         run.log_step(step, results, stats, reward, targets, scored, [t0, t_rollout, t_update, time.perf_counter()])
         bad_steps = bad_steps + 1 if sum(s["train/nonfinite_losses"] for s in stats) else 0
         if bad_steps >= cfg.max_bad_steps:  # no save: the weights may be damaged; the last checkpoint is not
-            raise RuntimeError(f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto from the last checkpoint")
+            raise RuntimeError(
+                f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto from the last checkpoint"
+            )
         if step % cfg.eval_every == 0 or step == cfg.num_steps:
             try:
                 last_eval = run.evaluate(step)

@@ -24,7 +24,9 @@ class Prompt:
     instruction: str
 
 
-def load_prompts(path: str | Path, height: int, width: int, limit: int = 0, skip_bad: bool = False) -> tuple[list[Prompt], int]:
+def load_prompts(
+    path: str | Path, height: int, width: int, limit: int = 0, skip_bad: bool = False
+) -> tuple[list[Prompt], int]:
     """Read prompts, resizing sources to height x width (LANCZOS; ShapeEdit sources already fit).
 
     Returns (prompts, skipped): a bad row (missing fields, an unreadable source image) raises DataError naming
@@ -35,7 +37,11 @@ def load_prompts(path: str | Path, height: int, width: int, limit: int = 0, skip
         raise DataError(f"prompt file {path} does not exist (ShapeEdit: python -m reward.shapeedit generate --out DIR)")
     text = path.read_text()
     try:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+        rows = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if path.suffix == ".jsonl"
+            else json.loads(text)
+        )
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(rows, list) or not rows:

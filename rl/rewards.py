@@ -55,7 +55,9 @@ def check_spec(spec: str, where: str) -> None:
         return
     kind, _, path = spec.partition(":")
     if kind not in REWARD_KINDS or not path:
-        raise ValueError(f"{where}: {spec!r} is not a reward spec; use preservation, " + ", ".join(f"{k}:PATH" for k in REWARD_KINDS))
+        raise ValueError(
+            f"{where}: {spec!r} is not a reward spec; use preservation, " + ", ".join(f"{k}:PATH" for k in REWARD_KINDS)
+        )
     if kind == "oracle" and not Path(path).is_dir():
         raise FileNotFoundError(f"{where}: {spec!r}: no ShapeEdit data folder at {path}")
 
@@ -69,7 +71,9 @@ def build_reward(spec: str, device: str = "cpu"):
 
 @dataclass
 class Scores:
-    terms: dict[str, list[float | None]]  # each term's raw score per edit, by name; None: the (optional) term could not score it
+    terms: dict[
+        str, list[float | None]
+    ]  # each term's raw score per edit, by name; None: the (optional) term could not score it
     errors: dict[str, int]  # per optional term, the edits it could not score (only terms with some)
 
     @staticmethod
@@ -132,7 +136,13 @@ class RewardWorker:
     """Scores edits with every term; batches concurrent requests (see module docstring)."""
 
     def __init__(
-        self, terms: list[RewardTerm], device: str = "cpu", max_batch_size: int = 64, max_wait_s: float = 0.05, threads: int = 0, clients: int = 0,
+        self,
+        terms: list[RewardTerm],
+        device: str = "cpu",
+        max_batch_size: int = 64,
+        max_wait_s: float = 0.05,
+        threads: int = 0,
+        clients: int = 0,
         gold: str = "",
     ):
         """`max_batch_size`: edits gathered into one call (reward.max_batch_size); each term then forwards them
@@ -151,11 +161,15 @@ class RewardWorker:
         self.clients = clients
         self._pending: list[tuple[list, list, list, asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task | None = None  # the scoring call running, if any (held: the loop keeps weak references)
+        self._task: asyncio.Task | None = (
+            None  # the scoring call running, if any (held: the loop keeps weak references)
+        )
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one scoring call at a time
         self.batch_sizes: list[int] = []
 
-    def score(self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]) -> Scores:
+    def score(
+        self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]
+    ) -> Scores:
         """Every term on this batch, now. A required term that raises propagates, and one that gives None for an
         edit raises; an optional term that raises gives None for every edit (printed and counted)."""
         n = len(edited_images)
@@ -165,7 +179,9 @@ class RewardWorker:
                 values = reward.score(source_images, instructions, edited_images, batch_size=term.micro_batch_size)
                 if isinstance(values, torch.Tensor):
                     if values.shape != (n,):
-                        raise ValueError(f"reward term {term.name!r} returned shape {tuple(values.shape)} for {n} edits")
+                        raise ValueError(
+                            f"reward term {term.name!r} returned shape {tuple(values.shape)} for {n} edits"
+                        )
                     values = values.float().tolist()
                 values = [None if v is None else float(v) for v in values]
                 if len(values) != n:
@@ -173,23 +189,33 @@ class RewardWorker:
             except Exception as e:
                 if term.required:
                     raise
-                print(f"optional reward term {term.name!r} failed on {n} edits (left out of their groups): {type(e).__name__}: {e}", flush=True)
+                print(
+                    f"optional reward term {term.name!r} failed on {n} edits (left out of their groups): {type(e).__name__}: {e}",
+                    flush=True,
+                )
                 values = [None] * n
             missing = sum(v is None for v in values)
             if missing and term.required:
-                raise ValueError(f"required reward term {term.name!r} could not score {missing} of {n} edits (returned None)")
+                raise ValueError(
+                    f"required reward term {term.name!r} could not score {missing} of {n} edits (returned None)"
+                )
             if missing:
                 errors[term.name] = missing
             terms[term.name] = values
         self.batch_sizes.append(n)
         return Scores(terms, errors)
 
-    def judge(self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]) -> Judged:
+    def judge(
+        self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]
+    ) -> Judged:
         """An evaluation's edits: every term's scores and the gold judge's, in one unbatched call (evaluations are
         rare; their edits never leave the node that made them)."""
         gold = None
         if self.gold is not None:
-            gold = [float(v) for v in self.gold.score(source_images, instructions, edited_images, batch_size=self.max_batch_size)]
+            gold = [
+                float(v)
+                for v in self.gold.score(source_images, instructions, edited_images, batch_size=self.max_batch_size)
+            ]
         return Judged(self.score(source_images, instructions, edited_images), gold)
 
     def take_batch_sizes(self) -> list[int]:
@@ -197,7 +223,9 @@ class RewardWorker:
         sizes, self.batch_sizes = self.batch_sizes, []
         return sizes
 
-    async def score_batched(self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]) -> Scores:
+    async def score_batched(
+        self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]
+    ) -> Scores:
         """Like score(), but requests arriving together are scored in one call.
 
         While no call runs, a call starts once max_batch_size edits wait, or as many requests as the actor has
@@ -213,7 +241,9 @@ class RewardWorker:
     def _schedule(self) -> None:
         if self._task is not None or not self._pending:
             return
-        if sum(len(p[0]) for p in self._pending) >= self.max_batch_size or (self.clients and len(self._pending) >= self.clients):
+        if sum(len(p[0]) for p in self._pending) >= self.max_batch_size or (
+            self.clients and len(self._pending) >= self.clients
+        ):
             self._flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._flush)
@@ -256,4 +286,3 @@ class RewardWorker:
             if not p[3].done():
                 p[3].set_result(Scores(terms, errors))
             start += n
-

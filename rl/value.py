@@ -34,9 +34,20 @@ def value_inputs(rollout: Rollout, step: int) -> Tensor:
         if isinstance(getattr(rollout.condition, f.name), Tensor) and f.metadata.get("batch", True)
     ]
     sigma = rollout.sigmas[step].float().expand(rollout.batch_size)
-    freqs = torch.exp(torch.arange(TIME_FEATURES // 2, dtype=torch.float32, device=sigma.device) * (-math.log(1000.0) / (TIME_FEATURES // 2)))
+    freqs = torch.exp(
+        torch.arange(TIME_FEATURES // 2, dtype=torch.float32, device=sigma.device)
+        * (-math.log(1000.0) / (TIME_FEATURES // 2))
+    )
     angles = sigma[:, None] * 1000.0 * freqs[None]
-    return torch.cat([_pool(rollout.latents[:, step], LATENT_FEATURES), _pool(torch.cat(cond, 1), CONDITION_FEATURES), angles.sin(), angles.cos()], 1)
+    return torch.cat(
+        [
+            _pool(rollout.latents[:, step], LATENT_FEATURES),
+            _pool(torch.cat(cond, 1), CONDITION_FEATURES),
+            angles.sin(),
+            angles.cos(),
+        ],
+        1,
+    )
 
 
 class ValueModel(nn.Module):

@@ -31,7 +31,10 @@ from rl.rewards import Scores
 def build_policy(cfg: PolicyConfig, seed: int):
     """The policy named by the config, with fresh LoRA adapters drawn from `seed` (identical in every actor)."""
     trainable = TrainableConfig(
-        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets, gradient_checkpointing=cfg.gradient_checkpointing
+        lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_targets=cfg.lora_targets,
+        gradient_checkpointing=cfg.gradient_checkpointing,
     )
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     torch.manual_seed(seed)
@@ -40,15 +43,21 @@ def build_policy(cfg: PolicyConfig, seed: int):
 
         policy = ShapeEditPolicy.from_pretrained(cfg.path, trainable=trainable)
         if (policy.height, policy.width) != (cfg.height, cfg.width):
-            raise ValueError(f"the ShapeEdit policy at {cfg.path} edits {policy.width}x{policy.height} images; set policy.height/width to match")
+            raise ValueError(
+                f"the ShapeEdit policy at {cfg.path} edits {policy.width}x{policy.height} images; set policy.height/width to match"
+            )
         return policy
     if cfg.kind == "flux_kontext":
         from policies.kontext import FluxKontextPolicy
 
-        return FluxKontextPolicy.from_pretrained(cfg.path, torch_dtype=dtype, trainable=trainable, height=cfg.height, width=cfg.width)
+        return FluxKontextPolicy.from_pretrained(
+            cfg.path, torch_dtype=dtype, trainable=trainable, height=cfg.height, width=cfg.width
+        )
     from policies.qwen_image_edit import QwenImageEditPolicy
 
-    return QwenImageEditPolicy.from_pretrained(cfg.path, torch_dtype=dtype, trainable=trainable, height=cfg.height, width=cfg.width)
+    return QwenImageEditPolicy.from_pretrained(
+        cfg.path, torch_dtype=dtype, trainable=trainable, height=cfg.height, width=cfg.width
+    )
 
 
 @dataclass
@@ -79,13 +88,23 @@ def pair_thumbnail(source: Image.Image, edited: Image.Image) -> Tensor:
     for k, image in enumerate((source, edited)):
         image = image.convert("RGB")
         # pixel art stays sharp when enlarged (ShapeEdit's 64 px); photographs are averaged when reduced
-        pair.paste(image.resize((THUMBNAIL, THUMBNAIL), Image.NEAREST if image.width <= THUMBNAIL else Image.BILINEAR), (k * THUMBNAIL, 0))
+        pair.paste(
+            image.resize((THUMBNAIL, THUMBNAIL), Image.NEAREST if image.width <= THUMBNAIL else Image.BILINEAR),
+            (k * THUMBNAIL, 0),
+        )
     return torch.from_numpy(np.asarray(pair).copy()).permute(2, 0, 1)
 
 
 class RolloutWorker:
     def __init__(
-        self, cfg: PolicyConfig, seed: int, reward_client, threads: int = 0, device: str = "cpu", final_only: bool = False, store: Callable[[Rollout], Any] | None = None
+        self,
+        cfg: PolicyConfig,
+        seed: int,
+        reward_client,
+        threads: int = 0,
+        device: str = "cpu",
+        final_only: bool = False,
+        store: Callable[[Rollout], Any] | None = None,
     ):
         """`final_only`: hand back rollouts without their intermediate latents (DiffusionNFT needs the edits only).
         `store`: what to hand back for each micro-batch's rollout instead of the rollout itself (Ray actors get
@@ -97,17 +116,26 @@ class RolloutWorker:
             self.policy.to(device)
         self.device = device
         self.sampler = cfg.sampler
-        self.eval_sampler = SamplerConfig(num_steps=cfg.eval_steps, noise_level=0.0, guidance_scale=cfg.sampler.guidance_scale, guidance=cfg.sampler.guidance)
+        self.eval_sampler = SamplerConfig(
+            num_steps=cfg.eval_steps,
+            noise_level=0.0,
+            guidance_scale=cfg.sampler.guidance_scale,
+            guidance=cfg.sampler.guidance,
+        )
         self.reward = reward_client
         self.final_only = final_only
         self.store = store
 
     def set_weights(self, state: dict[str, np.ndarray], version: int) -> int:
         """Load the learner's trainable weights (numpy arrays by name); returns the version now held."""
-        self.policy.load_trainable_state({k: torch.tensor(v) for k, v in state.items()}, version)  # object-store arrays are read-only
+        self.policy.load_trainable_state(
+            {k: torch.tensor(v) for k, v in state.items()}, version
+        )  # object-store arrays are read-only
         return version
 
-    def rollout(self, prompts: list[Prompt], group_ids: Tensor, micro_batch_size: int, seed: int, overlap: bool = True) -> RolloutResult:
+    def rollout(
+        self, prompts: list[Prompt], group_ids: Tensor, micro_batch_size: int, seed: int, overlap: bool = True
+    ) -> RolloutResult:
         """Sample `prompts` (already repeated per group) in micro-batches and have each scored.
 
         With `overlap`, micro-batch k is scored while k + 1 is sampled; without, each score is awaited first.
@@ -119,7 +147,9 @@ class RolloutWorker:
             chunk = prompts[i : i + micro_batch_size]
             sources = [p.source for p in chunk]
             instructions = [p.instruction for p in chunk]
-            rollout = self.policy.sample(sources, instructions, self.sampler, generator, group_ids[i : i + micro_batch_size]).to("cpu")
+            rollout = self.policy.sample(
+                sources, instructions, self.sampler, generator, group_ids[i : i + micro_batch_size]
+            ).to("cpu")
             if self.final_only:
                 rollout = rollout.final_only()
             handles.append(self.reward.submit(sources, instructions, tensor_to_images(rollout.edited_images)))
@@ -141,7 +171,9 @@ class RolloutWorker:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             sources = [p.source for p in chunk]
-            edits = self.policy.sample(sources, [p.instruction for p in chunk], self.eval_sampler, generator).edited_images.cpu()
+            edits = self.policy.sample(
+                sources, [p.instruction for p in chunk], self.eval_sampler, generator
+            ).edited_images.cpu()
             edited = tensor_to_images(edits)
             handles.append(self.reward.submit(sources, [p.instruction for p in chunk], edited, method="judge"))
             grid += [pair_thumbnail(s, e) for s, e in zip(sources, edited)][: grid_rows - len(grid)]

@@ -19,7 +19,8 @@ from PIL import Image
 from reward.config import load_config
 from reward.data import MAX_IMAGE_PIXELS, DataError, load_image, load_pairs, to_rgb
 from reward.model import JRM, JRMArgs
-from reward.train import TrainConfig, main as train_main, prepare, usable_pairs
+from reward.train import TrainConfig, prepare, usable_pairs
+from reward.train import main as train_main
 from rl.prompts import load_prompts
 
 
@@ -55,17 +56,34 @@ def test_bombs_are_refused_by_our_own_limit_and_pils_global_is_left_alone(tmp_pa
     side = 9000  # 81 megapixels: over our 64, under PIL's own default (about 89): only our check refuses it
     assert side * side > MAX_IMAGE_PIXELS and side * side < Image.MAX_IMAGE_PIXELS
     (tmp_path / "bomb.png").write_bytes(png_declaring(side, side))
-    with pytest.raises(DataError, match=r"rows.json row 3: cannot read image .*bomb.png: it declares 9000x9000 pixels.*decompression bomb"):
+    with pytest.raises(
+        DataError,
+        match=r"rows.json row 3: cannot read image .*bomb.png: it declares 9000x9000 pixels.*decompression bomb",
+    ):
         load_image(tmp_path / "bomb.png", "rows.json row 3")
     # importing the reward package changes no process-wide PIL setting
     probe = "from PIL import Image; d = Image.MAX_IMAGE_PIXELS; import reward.data, reward.benchmarks; assert Image.MAX_IMAGE_PIXELS == d, Image.MAX_IMAGE_PIXELS"
     subprocess.run([sys.executable, "-c", probe], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
-@pytest.mark.parametrize("mode, fmt", [("1", "PNG"), ("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("F", "TIFF")])
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [
+        ("1", "PNG"),
+        ("L", "PNG"),
+        ("P", "PNG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("I;16", "PNG"),
+        ("F", "TIFF"),
+    ],
+)
 def test_every_pil_mode_becomes_rgb_of_the_same_size(tmp_path, mode, fmt):
     rng = np.random.default_rng(1)
-    image = Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)).convert(mode if mode not in ("I;16", "F") else "L")
+    image = Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)).convert(
+        mode if mode not in ("I;16", "F") else "L"
+    )
     if mode == "I;16":
         image = Image.fromarray((rng.random((12, 20)) * 65535).astype(np.uint16))
     if mode == "F":
@@ -166,7 +184,14 @@ def test_malformed_data_files_name_the_file_row_and_key_or_are_skipped_and_count
             load_pairs(write_pairs(tmp_path, [bad_rows[0], row]))
     kept, skipped = load_pairs(write_pairs(tmp_path, bad_rows, "all.json"), skip_bad=True)
     assert len(kept) == 1
-    assert skipped == {"missing field": 1, "wrong type": 2, "empty instruction": 1, "missing image": 1, "unreadable image": 1, "image geometry": 1}
+    assert skipped == {
+        "missing field": 1,
+        "wrong type": 2,
+        "empty instruction": 1,
+        "missing image": 1,
+        "unreadable image": 1,
+        "image geometry": 1,
+    }
 
 
 def test_bad_prompt_files_name_the_file_and_row(tmp_path):
@@ -175,7 +200,10 @@ def test_bad_prompt_files_name_the_file_and_row(tmp_path):
     cases = [
         ({"not": "a list"}, r"prompts.json: expected a non-empty list of prompts"),
         ([{"path_src": "src.png"}], r"prompts.json row 0: needs a non-empty 'instruction'"),
-        ([{"path_src": "src.png", "instruction": "x"}, {"path_src": "bomb.png", "instruction": "y"}], r"prompts.json row 1: cannot read image .*decompression bomb"),
+        (
+            [{"path_src": "src.png", "instruction": "x"}, {"path_src": "bomb.png", "instruction": "y"}],
+            r"prompts.json row 1: cannot read image .*decompression bomb",
+        ),
     ]
     for rows, message in cases:
         (tmp_path / "prompts.json").write_text(json.dumps(rows))
@@ -183,7 +211,12 @@ def test_bad_prompt_files_name_the_file_and_row(tmp_path):
             load_prompts(tmp_path / "prompts.json", 8, 8)
     with pytest.raises(DataError, match="prompt file .*missing.json does not exist"):
         load_prompts(tmp_path / "missing.json", 8, 8)
-    rows = [{"path_src": "src.png", "instruction": "x"}, {"path_src": "bomb.png", "instruction": "y"}, {"path_src": "src.png"}, {"path_src": "src.png", "instruction": "z"}]
+    rows = [
+        {"path_src": "src.png", "instruction": "x"},
+        {"path_src": "bomb.png", "instruction": "y"},
+        {"path_src": "src.png"},
+        {"path_src": "src.png", "instruction": "z"},
+    ]
     (tmp_path / "prompts.json").write_text(json.dumps(rows))
     prompts, skipped = load_prompts(tmp_path / "prompts.json", 8, 8, skip_bad=True)  # data.skip_bad=true
     assert ([p.instruction for p in prompts], skipped) == (["x", "z"], 2)
@@ -195,11 +228,15 @@ def test_bad_prompt_files_name_the_file_and_row(tmp_path):
 def test_text_empty_overlong_and_non_ascii(tmp_path):
     model = JRM.build(JRMArgs(tiny_hidden=64, tiny_layers=2, max_instruction_tokens=32), seed=0)
     image = Image.new("RGB", (32, 32), "red")
-    scores = model.score([image] * 3, ["把圆圈变成红色 🎨", "rendre le cercle bleu, s'il vous plaît", "make it red"], [image] * 3)
+    scores = model.score(
+        [image] * 3, ["把圆圈变成红色 🎨", "rendre le cercle bleu, s'il vous plaît", "make it red"], [image] * 3
+    )
     assert np.isfinite(scores.numpy()).all()
     with pytest.raises(ValueError, match="instruction 1 is empty"):
         model.score([image] * 2, ["make it red", "  "], [image] * 2)
-    with pytest.raises(ValueError, match=r"instruction 0 has \d+ tokens, more than model.max_instruction_tokens \(32\)"):
+    with pytest.raises(
+        ValueError, match=r"instruction 0 has \d+ tokens, more than model.max_instruction_tokens \(32\)"
+    ):
         model.score([image], ["make the circle red " * 40], [image])
     # in training data the over-long instruction is found before training, with its file and row
     path = write_pairs(tmp_path, [pair(), pair(prompt="make the circle red " * 40)])
@@ -222,7 +259,10 @@ def test_train_checks_every_image_first_and_leaves_an_existing_run_alone(tmp_pat
     (run_dir / "config.yaml").write_text("an earlier run's config")
     assert train_main([f"output_dir={run_dir}", f"data.train={data}", *TINY]) == 2
     err = capsys.readouterr().err
-    assert re.search(r"error: .*pairs.json:row 1: path1: cannot read image .*truncated.png", err) and "Traceback" not in err
+    assert (
+        re.search(r"error: .*pairs.json:row 1: path1: cannot read image .*truncated.png", err)
+        and "Traceback" not in err
+    )
     assert (run_dir / "config.yaml").read_text() == "an earlier run's config"
     # data.skip_bad=true: both bad rows dropped before training (not inside the DataLoader), counted by kind
     cfg = load_config(TrainConfig, None, [f"output_dir={run_dir}", f"data.train={data}", "data.skip_bad=true", *TINY])
@@ -235,7 +275,11 @@ def test_train_checks_every_image_first_and_leaves_an_existing_run_alone(tmp_pat
 def test_train_config_errors_exit_2_naming_the_key(capsys):
     from reward.train import DataConfig, LossConfig
 
-    for override, message in [("loss.ties=sometimes", "loss.ties must be"), ("loss.ranking=uncertainty", "model.uncertainty=false"), ("data.max_eval_pairs=-1", "data.max_eval_pairs")]:
+    for override, message in [
+        ("loss.ties=sometimes", "loss.ties must be"),
+        ("loss.ranking=uncertainty", "model.uncertainty=false"),
+        ("data.max_eval_pairs=-1", "data.max_eval_pairs"),
+    ]:
         with pytest.raises(SystemExit) as stop:
             train_main([override])
         assert stop.value.code == 2 and message in capsys.readouterr().err
@@ -247,7 +291,11 @@ def test_train_config_errors_exit_2_naming_the_key(capsys):
 
 def test_every_test_the_reliability_tables_cite_exists():
     root = Path(__file__).resolve().parents[1]
-    defined = set(re.findall(r"^(?:async )?def (test_\w+)", "\n".join(p.read_text() for p in (root / "tests").rglob("test_*.py")), re.M))
+    defined = set(
+        re.findall(
+            r"^(?:async )?def (test_\w+)", "\n".join(p.read_text() for p in (root / "tests").rglob("test_*.py")), re.M
+        )
+    )
     cited = []
     for line in (root / "docs" / "reliability.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -261,6 +309,8 @@ def test_every_test_the_reliability_tables_cite_exists():
         if "/" in name:
             assert (root / name).is_file(), f"docs/reliability.md cites {name}, which does not exist"
         elif test.endswith(".."):  # a shortened name: some test must start with it
-            assert any(d.startswith(test[:-2]) for d in defined), f"docs/reliability.md cites {name}, and no test starts so"
+            assert any(d.startswith(test[:-2]) for d in defined), (
+                f"docs/reliability.md cites {name}, and no test starts so"
+            )
         else:
             assert test in defined, f"docs/reliability.md cites {name}, which no test in tests/ defines"

@@ -19,7 +19,11 @@ CONFIG_SECTIONS = {key.split(".")[0] for key in CONFIG_KEYS if "." in key}
 
 def where_rows() -> list[tuple[str, str]]:
     section = README.split("## Where do I change X?", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| to change") and "---" not in line]
+    rows = [
+        line
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| to change") and "---" not in line
+    ]
     return [tuple(cell.strip() for cell in row.strip("|").split(" | ", 1)) for row in rows]
 
 
@@ -45,12 +49,23 @@ def test_every_row_of_the_where_table_points_at_something_real():
                 assert list(ROOT.glob(path)), f"{what}: {path} matches nothing"
             else:
                 assert (ROOT / path).exists(), f"{what}: {path} does not exist"
-        files = [ROOT / p for p in paths if p.endswith(".py") and "*" not in p] + [p for g in globs for p in ROOT.glob(g) if p.suffix == ".py"]
+        files = [ROOT / p for p in paths if p.endswith(".py") and "*" not in p] + [
+            p for g in globs for p in ROOT.glob(g) if p.suffix == ".py"
+        ]
         names = [t for t in ticked if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?", t)]
         for name in names:
             if name.split(".")[0] in CONFIG_SECTIONS:  # a config key: it must exist
                 assert name in CONFIG_KEYS, f"{what}: `{name}` is no config key of rl/config.py or reward/train.py"
                 continue
             last = name.split(".")[-1]
-            defined = any(re.search(rf"\b(def|class)\s+{last}\b|^{last}\s*[:=]|^\s+{last}\s*:|^from .* import .*\b{last}\b", f.read_text(), re.M) for f in files)
-            assert defined, f"{what}: `{name}` is defined or imported in none of {[str(f.relative_to(ROOT)) for f in files]}"
+            defined = any(
+                re.search(
+                    rf"\b(def|class)\s+{last}\b|^{last}\s*[:=]|^\s+{last}\s*:|^from .* import .*\b{last}\b",
+                    f.read_text(),
+                    re.M,
+                )
+                for f in files
+            )
+            assert defined, (
+                f"{what}: `{name}` is defined or imported in none of {[str(f.relative_to(ROOT)) for f in files]}"
+            )

@@ -1,7 +1,7 @@
 """ShapeEdit command line.
 
-    python -m reward.shapeedit generate --out DIR --pairs N --seed S [--size 64] [--candidates 4]
-    python -m reward.shapeedit sheet DIR [--split train] [--rows 8] [--out DIR/sheet.png]
+python -m reward.shapeedit generate --out DIR --pairs N --seed S [--size 64] [--candidates 4]
+python -m reward.shapeedit sheet DIR [--split train] [--rows 8] [--out DIR/sheet.png]
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from reward.shapeedit.sheet import contact_sheet
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reward.shapeedit", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m reward.shapeedit", description=__doc__, formatter_class=HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="write a dataset of preference pairs, triples and prompts", formatter_class=HelpFormatter)
+    gen = commands.add_parser(
+        "generate", help="write a dataset of preference pairs, triples and prompts", formatter_class=HelpFormatter
+    )
     defaults, docs = GenerateConfig(out=""), field_docs(GenerateConfig)
     for f in fields(GenerateConfig):  # one option per GenerateConfig field, its docstring as the help
         flag = "--" + f.name.replace("_", "-")
@@ -28,9 +32,15 @@ def main(argv: list[str] | None = None) -> int:
             gen.add_argument(flag, action="store_true", help=docs[f.name])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            gen.add_argument(flag, type=kind, default=getattr(defaults, f.name), required=f.name == "out", help=docs[f.name])
-    gen.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on stderr when that is a terminal)")
-    sheet = commands.add_parser("sheet", help="draw a contact sheet of a generated split", formatter_class=HelpFormatter)
+            gen.add_argument(
+                flag, type=kind, default=getattr(defaults, f.name), required=f.name == "out", help=docs[f.name]
+            )
+    gen.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (it shows on stderr when that is a terminal)"
+    )
+    sheet = commands.add_parser(
+        "sheet", help="draw a contact sheet of a generated split", formatter_class=HelpFormatter
+    )
     sheet.add_argument("data_dir", help="a folder written by `generate`")
     sheet.add_argument("--split", default="train", help="which split to draw")
     sheet.add_argument("--rows", type=int, default=8, help="prompts drawn, one per row")

@@ -22,7 +22,17 @@ from reward.shapeedit.edits import (
     sample_edit,
     touched_ids,
 )
-from reward.shapeedit.world import BACKGROUND_COLOURS, KINDS, REGIONS, SHAPE_COLOURS, SIZES, Scene, fits, render, size_name
+from reward.shapeedit.world import (
+    BACKGROUND_COLOURS,
+    KINDS,
+    REGIONS,
+    SHAPE_COLOURS,
+    SIZES,
+    Scene,
+    fits,
+    render,
+    size_name,
+)
 
 MODES = (
     "correct",
@@ -60,7 +70,9 @@ def _wrong_object(source: Scene, edit: Edit, avoid: set[int]) -> Edit | None:
             continue
         wrong = replace(edit, target=other.id)
         if edit.family == "swap" and (other.kind, other.colour, other.size) == (
-            source.shape(edit.other).kind, source.shape(edit.other).colour, source.shape(edit.other).size
+            source.shape(edit.other).kind,
+            source.shape(edit.other).colour,
+            source.shape(edit.other).size,
         ):
             continue
         if edit_fits(source, wrong):
@@ -74,7 +86,9 @@ def _wrong_attribute(rng: np.random.Generator, source: Scene, edit: Edit) -> Edi
         old = source.shape(edit.target).colour
         return replace(edit, colour=_choice(rng, [c for c in SHAPE_COLOURS if c not in (old, edit.colour)]))
     if f == "background":
-        return replace(edit, colour=_choice(rng, [c for c in BACKGROUND_COLOURS if c not in (source.background, edit.colour)]))
+        return replace(
+            edit, colour=_choice(rng, [c for c in BACKGROUND_COLOURS if c not in (source.background, edit.colour)])
+        )
     if f == "add":
         if rng.random() < 0.5:
             return replace(edit, colour=_choice(rng, [c for c in SHAPE_COLOURS if c != edit.colour]))
@@ -138,7 +152,11 @@ def make_candidate(rng: np.random.Generator, source: Scene, edits: tuple[Edit, .
         return Candidate(mode, target, "colour_shift", float(rng.uniform(0.1, 0.25)))
     if mode in ("wrong_object", "wrong_attribute"):
         avoid = set().union(*(touched_ids(e, source) for i, e in enumerate(edits) if i != k))
-        wrong = _wrong_object(source, edits[k], avoid) if mode == "wrong_object" else _wrong_attribute(rng, source, edits[k])
+        wrong = (
+            _wrong_object(source, edits[k], avoid)
+            if mode == "wrong_object"
+            else _wrong_attribute(rng, source, edits[k])
+        )
         if wrong is not None:
             scene = apply_edits(source, edits[:k] + (wrong,) + edits[k + 1 :])
     elif mode == "partial":

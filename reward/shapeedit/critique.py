@@ -93,13 +93,17 @@ def changes(source: Scene, scene: Scene) -> dict[tuple[int, str], str]:
             out[(s.id, "colour")] = f"the {n} is now {t.colour}"
         if (t.x, t.y) != (s.x, s.y):
             a, b = region_name(s.x, s.y), region_name(t.x, t.y)
-            out[(s.id, "position")] = f"the {n} moved from the {a} to the {b}" if a != b else f"the {n} moved a little within the {a}"
+            out[(s.id, "position")] = (
+                f"the {n} moved from the {a} to the {b}" if a != b else f"the {n} moved a little within the {a}"
+            )
         if t.size != s.size:
             out[(s.id, "size")] = f"the {n} got {'bigger' if t.size > s.size else 'smaller'}"
     source_ids = {s.id for s in source.shapes}
     for t in scene.shapes:
         if t.id not in source_ids:
-            out[(t.id, "present")] = f"a {size_name(t.size)} {t.colour} {t.kind} was added in the {region_name(t.x, t.y)}"
+            out[(t.id, "present")] = (
+                f"a {size_name(t.size)} {t.colour} {t.kind} was added in the {region_name(t.x, t.y)}"
+            )
     return out
 
 
@@ -178,10 +182,14 @@ def write_critique(source: Scene, edits: tuple[Edit, ...], candidate: Candidate,
         glob.append(f"the background is still {source.background}")
     untouched = [s for s in source.shapes if s.id not in tags]
     if untouched:
-        glob.append("the other shapes are unchanged" if len(untouched) > 1 else f"the {name(source, untouched[0])} is unchanged")
+        glob.append(
+            "the other shapes are unchanged" if len(untouched) > 1 else f"the {name(source, untouched[0])} is unchanged"
+        )
     lines.append(f"{GLOBAL_TAG} " + "; ".join(glob) + ". " + ARTIFACT_SENTENCES[candidate.artifact])
     following, quality = scores_1_to_4(judgement)
     overall = following + quality
     word = "a good edit" if overall >= 7 else "a flawed edit" if overall >= 5 else "a failed edit"
-    lines.append(f"Verdict: {word}. Instruction following {following}/4, consistency and quality {quality}/4, overall {overall}/8.")
+    lines.append(
+        f"Verdict: {word}. Instruction following {following}/4, consistency and quality {quality}/4, overall {overall}/8."
+    )
     return "\n".join(lines)

@@ -35,7 +35,13 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "turn the {ref} {colour}",
         "recolour the {ref} {colour}",
     ),
-    "remove": ("remove the {ref}", "delete the {ref}", "erase the {ref}", "get rid of the {ref}", "take away the {ref}"),
+    "remove": (
+        "remove the {ref}",
+        "delete the {ref}",
+        "erase the {ref}",
+        "get rid of the {ref}",
+        "take away the {ref}",
+    ),
     "add": (
         "add a {size} {colour} {kind} {at_region}",
         "put a {size} {colour} {kind} {at_region}",
@@ -145,7 +151,9 @@ def composition_keys(scene: Scene, edit: Edit) -> list[tuple[str, str, str]]:
         return [("background", "background", edit.colour)]
     if edit.family == "add":
         return [("add", edit.kind, edit.colour)]
-    return [(edit.family, scene.shape(i).kind, scene.shape(i).colour) for i in (edit.target, edit.other) if i is not None]
+    return [
+        (edit.family, scene.shape(i).kind, scene.shape(i).colour) for i in (edit.target, edit.other) if i is not None
+    ]
 
 
 def is_heldout(key: tuple[str, str, str]) -> bool:
@@ -281,7 +289,9 @@ def sample_edit(rng: np.random.Generator, scene: Scene, family: str, avoid: set[
     return edit if edit_fits(scene, edit) else None
 
 
-def sample_instruction(rng: np.random.Generator, scene: Scene, p_compose: float = 0.25) -> tuple[tuple[Edit, ...], str] | None:
+def sample_instruction(
+    rng: np.random.Generator, scene: Scene, p_compose: float = 0.25
+) -> tuple[tuple[Edit, ...], str] | None:
     """One or two edits on different objects and the instruction that asks for them, or None."""
     num = 2 if rng.random() < p_compose else 1
     edits: list[Edit] = []

@@ -179,7 +179,9 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> dict:
     filled = dict.fromkeys(SPLITS, 0)
     pairs_left = cfg.pairs
     draws = 0
-    bar = tqdm(total=sum(sizes.values()), desc="shapeedit prompts", unit="prompt", disable=None if progress else True)  # None: on a terminal only
+    bar = tqdm(
+        total=sum(sizes.values()), desc="shapeedit prompts", unit="prompt", disable=None if progress else True
+    )  # None: on a terminal only
     while sum(filled.values()) < sum(sizes.values()):
         draws += 1
         prompt = make_prompt(rng, cfg)
@@ -215,7 +217,9 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> dict:
     return meta
 
 
-def _write_prompt(out: Path, split: str, index: int, prompt: Prompt, rows: dict, cfg: GenerateConfig, pairs_left: int) -> int:
+def _write_prompt(
+    out: Path, split: str, index: int, prompt: Prompt, rows: dict, cfg: GenerateConfig, pairs_left: int
+) -> int:
     """Save one prompt's images and rows; returns the number of pairs written."""
     prompt_id = f"{split}-{index:06d}"
     stem = f"images/{split}/{index:06d}"
@@ -223,7 +227,9 @@ def _write_prompt(out: Path, split: str, index: int, prompt: Prompt, rows: dict,
     paths = [_save_png(im, out, f"{stem}_c{i}.png") for i, im in enumerate(prompt.images)]
     edits = [e.to_dict() for e in prompt.edits]
     keys = [list(k) for e in prompt.edits for k in composition_keys(prompt.scene, e)]
-    rows["triples"].append({"prompt_id": prompt_id, "instruction": prompt.instruction, "path_src": src, "path_target": paths[0]})
+    rows["triples"].append(
+        {"prompt_id": prompt_id, "instruction": prompt.instruction, "path_src": src, "path_target": paths[0]}
+    )
     rows["prompts"].append(
         {
             "prompt_id": prompt_id,
@@ -241,7 +247,13 @@ def _write_prompt(out: Path, split: str, index: int, prompt: Prompt, rows: dict,
             break
         ja, jb = prompt.judgements[a], prompt.judgements[b]
         first, second = (a, b) if ja.overall >= jb.overall else (b, a)
-        row = {"id": f"{prompt_id}-{first}{second}", "prompt_id": prompt_id, "split": split, "prompt": prompt.instruction, "path_src": src}
+        row = {
+            "id": f"{prompt_id}-{first}{second}",
+            "prompt_id": prompt_id,
+            "split": split,
+            "prompt": prompt.instruction,
+            "path_src": src,
+        }
         for slot, i in (("1", first), ("2", second)):
             dim1, dim2 = scores_1_to_4(prompt.judgements[i])
             row[f"path{slot}"] = paths[i]

@@ -42,8 +42,13 @@ def differences(source: Scene, edited: Scene, artifact: str | None) -> str:
     """What changed from `source` to `edited`, object by object with boxes, then the image as a whole."""
     diff = changes(source, edited)
     ids = sorted({i for i, _ in diff if i >= 0})
-    both = {s.id: s for s in source.shapes} | {s.id: s for s in edited.shapes if s.id not in {t.id for t in source.shapes}}
-    parts = [f"{REGION_TAGS[k]} {box_text(box(both[i]))} " + "; ".join(diff[key] for key in diff if key[0] == i) for k, i in enumerate(ids)]
+    both = {s.id: s for s in source.shapes} | {
+        s.id: s for s in edited.shapes if s.id not in {t.id for t in source.shapes}
+    }
+    parts = [
+        f"{REGION_TAGS[k]} {box_text(box(both[i]))} " + "; ".join(diff[key] for key in diff if key[0] == i)
+        for k, i in enumerate(ids)
+    ]
     whole = [diff[(-1, "background")]] if (-1, "background") in diff else []
     text = "; ".join(parts + [f"{GLOBAL_TAG} " + "; ".join(whole + [ARTIFACT_SENTENCES[artifact]])])
     return text if ids or whole else f"nothing changed; {text}"
@@ -73,12 +78,20 @@ def sample_example(rng: np.random.Generator, size: int = 64, task: str | None = 
         ids = [i for e in edits for i in ([ADDED_ID] if e.family == "add" else [e.target, e.other]) if i is not None]
         boxes = [box_text(box((wanted if i == ADDED_ID else scene).shape(i))) for i in ids]
         answer = " ".join(boxes) if boxes else f"{GLOBAL_TAG} the background"
-        return GroundingExample(image, image, f"Which regions does this instruction concern? {instruction}", answer, task)
+        return GroundingExample(
+            image, image, f"Which regions does this instruction concern? {instruction}", answer, task
+        )
     if task == "differences":
         mode = MODES[int(rng.integers(len(MODES)))]
         candidate = make_candidate(rng, scene, edits, mode)
         if candidate is None:
             return None
         edited = render_candidate(candidate, rng, size)
-        return GroundingExample(image, edited, "What differs between the two images?", differences(scene, candidate.scene, candidate.artifact), task)
+        return GroundingExample(
+            image,
+            edited,
+            "What differs between the two images?",
+            differences(scene, candidate.scene, candidate.artifact),
+            task,
+        )
     raise ValueError(f"unknown grounding task {task!r}; expected one of {TASKS}")

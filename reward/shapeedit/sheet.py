@@ -1,6 +1,6 @@
 """Contact sheet of a ShapeEdit split: source, instruction, and candidates ranked by the oracle.
 
-    python -m reward.shapeedit sheet DATA_DIR --split train --rows 8 --out sheet.png
+python -m reward.shapeedit sheet DATA_DIR --split train --rows 8 --out sheet.png
 """
 
 from __future__ import annotations

@@ -22,7 +22,24 @@ def report(path):
 
 def test_bench_reward_tiny(tmp_path, capsys):
     out = tmp_path / "reward.json"
-    bench_reward.main(["--sizes", "tiny", "--batches", "1,4", "--critique-tokens", "8", "--repeats", "1", "--min-pairs", "4", "--threads", "1", "--out", str(out)])
+    bench_reward.main(
+        [
+            "--sizes",
+            "tiny",
+            "--batches",
+            "1,4",
+            "--critique-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--min-pairs",
+            "4",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     rows = report(out)
     assert [r["batch"] for r in rows] == [1, 4]
     for r in rows:
@@ -37,7 +54,9 @@ def test_bench_reward_tiny(tmp_path, capsys):
 @pytest.mark.ray
 def test_bench_reward_actor_tiny(tmp_path):
     out = tmp_path / "actor.json"
-    bench_reward_actor.main(["--sizes", "tiny", "--clients", "8", "--requests", "16", "--threads", "1", "--out", str(out)])
+    bench_reward_actor.main(
+        ["--sizes", "tiny", "--clients", "8", "--requests", "16", "--threads", "1", "--out", str(out)]
+    )
     one, batched = report(out)
     assert one["mode"] == "one at a time" and one["mean_batch"] == 1.0
     assert batched["clients"] == 8 and 1 < batched["mean_batch"] <= 8, "8 concurrent clients were never scored together"
@@ -50,7 +69,18 @@ def test_bench_reward_actor_tiny(tmp_path):
 def test_bench_rl_step_tiny(tmp_path):
     out = tmp_path / "rl.json"
     # a process of its own: the in-process learner sets up (and tears down) a DeepSpeed process group
-    command = [sys.executable, "launch/bench_rl_step.py", "--size", "tiny", "--steps", "2", "--configs", "async-1x1", "--out", str(out)]
+    command = [
+        sys.executable,
+        "launch/bench_rl_step.py",
+        "--size",
+        "tiny",
+        "--steps",
+        "2",
+        "--configs",
+        "async-1x1",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     local, ray_run = report(out)
@@ -67,7 +97,9 @@ def test_bench_rl_step_tiny(tmp_path):
 
 def test_the_rl_step_tables_in_the_docs_are_the_committed_json():
     report = json.loads((ROOT / "docs" / "bench" / "rl_step.json").read_text())["results"]
-    assert bench_rl_step.markdown(report) in (ROOT / "docs" / "performance.md").read_text(), "rerun launch/bench_rl_step.py and paste its tables"
+    assert bench_rl_step.markdown(report) in (ROOT / "docs" / "performance.md").read_text(), (
+        "rerun launch/bench_rl_step.py and paste its tables"
+    )
     by_config = {r["config"]: r for r in report["rows"]}
     assert by_config["sync-1x1@2"]["reward_batch_mean"].keys() == {"node_0", "node_1"}
 
@@ -80,7 +112,9 @@ def test_the_soak_table_in_the_docs_is_the_committed_json():
     report = json.loads((ROOT / "docs" / "bench" / "soak.json").read_text())["results"]
     assert report["faults_injected"] == len(report["faults"]) >= 8 and report["steps"] >= 100
     assert {f["kind"] for f in report["faults"]} == set(bench_soak.KINDS) and report["recovered"]
-    assert bench_soak.markdown(report) in (ROOT / "docs" / "reliability.md").read_text(), "rerun launch/bench_soak.py and paste its table"
+    assert bench_soak.markdown(report) in (ROOT / "docs" / "reliability.md").read_text(), (
+        "rerun launch/bench_soak.py and paste its table"
+    )
 
 
 def test_the_soak_schedule_spreads_every_kind_and_bad_arguments_are_refused():

@@ -20,9 +20,17 @@ def test_report_of_rl_and_reward_runs(tmp_path, capsys):
     ]
     data = tmp_path / "data"
     generate(GenerateConfig(out=str(data), pairs=40, seed=3), progress=False)
-    rm = [f"JRM={write_reward_run(tmp_path, 'rm_a', {50: 3, 100: 0})}", f"alpha0={write_reward_run(tmp_path, 'rm_b', {100: 1}, alpha=0.0)}"]
+    rm = [
+        f"JRM={write_reward_run(tmp_path, 'rm_a', {50: 3, 100: 0})}",
+        f"alpha0={write_reward_run(tmp_path, 'rm_b', {100: 1}, alpha=0.0)}",
+    ]
     out = tmp_path / "report"
-    assert main([*runs, "--out", str(out), "--reward-runs", *rm, "--probe", str(data / "train.json"), "--probe-pairs", "8"]) == 0
+    assert (
+        main(
+            [*runs, "--out", str(out), "--reward-runs", *rm, "--probe", str(data / "train.json"), "--probe-pairs", "8"]
+        )
+        == 0
+    )
     assert "report.md" in capsys.readouterr().out
     md = (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
@@ -66,7 +74,10 @@ def test_bad_input_exits_2_naming_it(tmp_path, capsys):
 def test_the_report_states_the_gold_difference_with_an_interval(tmp_path):
     """Two reward models with 3 seeds each and per-prompt scores: one sentence with the difference, its
     bootstrap interval and what more seeds would do, in the report and summary.json."""
-    runs = [f"A={write_run(tmp_path, f'a{s}', lambda t: rising(t) + 0.1 * t / 40, rising, seed=s, prompts=16)}" for s in range(3)]
+    runs = [
+        f"A={write_run(tmp_path, f'a{s}', lambda t: rising(t) + 0.1 * t / 40, rising, seed=s, prompts=16)}"
+        for s in range(3)
+    ]
     runs += [f"B={write_run(tmp_path, f'b{s}', rising, rising, seed=s, prompts=16)}" for s in range(3)]
     out = tmp_path / "report"
     assert main([*runs, "--out", str(out)]) == 0

@@ -17,11 +17,15 @@ def test_the_oracle_agrees_with_itself_and_draws_spread_the_groups(tmp_path):
     data = tmp_path / "data"
     generate(GenerateConfig(out=str(data), pairs=160, seed=0, val_fraction=0.2), progress=False)
     instructions = [row["instruction"] for row in json.loads((data / "val_prompts.json").read_text())]
-    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, image_size=64), instructions, seed=0)  # the data's size: the oracle knows its renders
+    policy = ShapeEditPolicy.build(
+        dataclasses.replace(TINY, image_size=64), instructions, seed=0
+    )  # the data's size: the oracle knows its renders
     # as built, the classifier keeps every source pixel at p ~ 0.98: its most probable category is always
     # 'keep', so the Gaussian sampler's groups are identical edits, while the drawn last step spreads them
     policy.save_pretrained(tmp_path / "policy")
-    result = ranking_agreement(tmp_path / "policy", data, {"oracle": f"oracle:{data}", "preservation": "preservation"}, prompts=4, group_size=4)
+    result = ranking_agreement(
+        tmp_path / "policy", data, {"oracle": f"oracle:{data}", "preservation": "preservation"}, prompts=4, group_size=4
+    )
     assert result["prompts"] == 4 and result["group_size"] == 4 and set(result["models"]) == {"oracle", "preservation"}
     assert result["identical_groups"] == 0.0 and result["identical_groups_gaussian"] == 1.0
     oracle = result["models"]["oracle"]

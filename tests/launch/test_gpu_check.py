@@ -24,7 +24,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run_tiny(out: Path, *extra: str) -> dict:
     """`python launch/gpu_check.py --tiny ...` on one thread; its JSON report."""
-    command = [sys.executable, str(ROOT / "launch" / "gpu_check.py"), "--tiny", "--threads", "1", "--out", str(out), *extra]
+    command = [
+        sys.executable,
+        str(ROOT / "launch" / "gpu_check.py"),
+        "--tiny",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "gpu_check (tiny sizes, float32, cpu" in done.stdout

@@ -20,7 +20,9 @@ def test_hub_access_follows_the_users_environment():
 
 
 def test_runtime_env_forwards_no_secrets():
-    env = runtime_env({"HF_TOKEN": "hf_x", "HF_HOME": "/cache", "WANDB_API_KEY": "x", "WANDB_MODE": "online"})["env_vars"]
+    env = runtime_env({"HF_TOKEN": "hf_x", "HF_HOME": "/cache", "WANDB_API_KEY": "x", "WANDB_MODE": "online"})[
+        "env_vars"
+    ]
     assert sorted(env) == ["PYTHONPATH", "WANDB_MODE"] and env["WANDB_MODE"] == "online"
     assert runtime_env({})["env_vars"]["WANDB_MODE"] == "offline"
     assert (Path(env["PYTHONPATH"]) / "rl" / "loop.py").is_file()  # the actors import this repository's packages
@@ -44,7 +46,11 @@ def test_a_config_that_does_not_fit_is_refused_before_anything_starts(capsys, mo
     # every learner on the rollout workers' GPUs, with 4-image micro-batches: GPU 0 holds too much
     assert main(["--config", str(kontext), "algo.micro_batch_size=4", "algo.prompts_per_step=28"]) == 2
     err = capsys.readouterr().err
-    assert "DOES NOT FIT: GPU 0 (rollout 0, learner 0)" in err and "algo.micro_batch_size" in err and "nothing was started" in err
+    assert (
+        "DOES NOT FIT: GPU 0 (rollout 0, learner 0)" in err
+        and "algo.micro_batch_size" in err
+        and "nothing was started" in err
+    )
     # without gradient checkpointing the learner's activations alone exceed a GPU: the plan names the switch
     assert main(["--config", str(kontext), "--plan", "policy.gradient_checkpointing=false"]) == 2
     assert "policy.gradient_checkpointing=true" in capsys.readouterr().err
@@ -62,7 +68,9 @@ def test_the_plan_follows_the_layout_and_zero_stage():
     full = make_plan(load_config(RLConfig, kontext, ["policy.lora_rank=0", "cluster.zero_stage=2"]))
     sharded = make_plan(load_config(RLConfig, kontext, ["policy.lora_rank=0", "cluster.zero_stage=3"]))
     assert not full["fits"]  # a full fine-tune of 12B with AdamW on every rank: far over
-    assert sharded["roles"]["learner"]["weights"] < full["roles"]["learner"]["weights"] / 1.7  # the trained copy sharded, the reference not
+    assert (
+        sharded["roles"]["learner"]["weights"] < full["roles"]["learner"]["weights"] / 1.7
+    )  # the trained copy sharded, the reference not
     assert sharded["roles"]["learner"]["trainable"] < full["roles"]["learner"]["trainable"] / 2
     assert main(["--config", str(kontext.with_name("shapeedit.yaml")), "--plan"]) == 0  # a CPU run: nothing to plan
 
@@ -84,7 +92,9 @@ def test_the_plan_holds_what_the_learner_partitions(lora_rank, stage):
     trainable = Trainable(net, TrainableConfig(lora_rank=lora_rank, lora_targets=cfg.policy.lora_targets), LORA_TARGETS)
     partitioned = {id(p) for m in zero3_modules(net) for p in m.parameters(recurse=False)} if stage == 3 else set()
     world = cfg.cluster.learners
-    held = sum(p.numel() / (world if id(p) in partitioned else 1) for n, p in net.named_parameters() if "lora_" not in n)
+    held = sum(
+        p.numel() / (world if id(p) in partitioned else 1) for n, p in net.named_parameters() if "lora_" not in n
+    )
     held += sum(p.numel() for p in trainable.frozen.parameters()) if trainable.frozen is not None else 0
     planned = make_plan(cfg)["roles"]["learner"]["weights"]
     assert planned == pytest.approx(held * DTYPE_BYTES[cfg.policy.dtype] / GIB, abs=0.01)
@@ -95,6 +105,8 @@ def test_the_plan_table_in_the_docs_is_the_committed_json():
 
     root = Path(__file__).resolve().parents[2]
     report = json.loads((root / "docs" / "bench" / "plans.json").read_text())["results"]
-    assert markdown(report) in (root / "docs" / "performance.md").read_text(), "docs/performance.md's plan table differs: rerun python launch/plan.py and paste its table"
+    assert markdown(report) in (root / "docs" / "performance.md").read_text(), (
+        "docs/performance.md's plan table differs: rerun python launch/plan.py and paste its table"
+    )
     assert set(report["presets"]) == {p.stem for p in PRESETS if "gpus_per_node: 8" in p.read_text()}
     assert all(plan["fits"] for plan in report["presets"].values())

@@ -59,7 +59,14 @@ def test_config_help_lists_every_key_with_default_and_doc(module, capsys):
     for key, owner, f in dataclass_fields(cls):
         doc = field_docs(owner).get(f.name)
         assert doc, f"{owner.__name__}.{f.name} ({module} key {key}) has no docstring: write one line under the field"
-        at = next((i for i, line in enumerate(lines) if line.startswith((f"  {key} = ", f"  {key} (required)")) or line == f"  {key}:"), None)
+        at = next(
+            (
+                i
+                for i, line in enumerate(lines)
+                if line.startswith((f"  {key} = ", f"  {key} (required)")) or line == f"  {key}:"
+            ),
+            None,
+        )
         assert at is not None, f"{module} --help does not list {key} with its default"
         assert doc.split()[0] in lines[at + 1], f"{key}: its doc does not follow: {lines[at + 1]!r}"
 
@@ -71,7 +78,9 @@ def test_dict_valued_fields_show_their_default_keys(capsys):
         main(["-h"])
     out = capsys.readouterr().out
     assert all(f"  trainer.{k} = " in out for k in TrainConfig().trainer)
-    assert [k.key for k in config_keys(TrainConfig) if k.key.startswith("trainer.")] == [f"trainer.{k}" for k in TrainConfig().trainer]
+    assert [k.key for k in config_keys(TrainConfig) if k.key.startswith("trainer.")] == [
+        f"trainer.{k}" for k in TrainConfig().trainer
+    ]
 
 
 def test_a_field_without_docstring_is_found():

@@ -18,7 +18,9 @@ def test_reward_model_tables_equal_their_json(name, render):
     if not path.is_file():
         pytest.skip(f"{path.name} not committed")
     report = json.loads(path.read_text())
-    assert render(report) in DOC.read_text(), f"docs/results.md's table differs from {path.name}: paste `{render.__name__}` of it"
+    assert render(report) in DOC.read_text(), (
+        f"docs/results.md's table differs from {path.name}: paste `{render.__name__}` of it"
+    )
     if name == "jrm_shapeedit":
         for label in ("jrm", "lambda0", "generative"):
             assert len(report[label]) >= 3, f"{label}: the seed table needs >= 3 seeds"
@@ -48,13 +50,19 @@ def test_the_ablation_without_grounding_cuts_every_box_and_tag_and_keeps_the_res
         for key in ("rationale1", "rationale2"):
             assert "[" not in after[key] and "<|" not in after[key] and "Regions:" not in after[key], after[key]
             assert after[key].splitlines()[-1] == before[key].splitlines()[-1]  # the verdict
-            assert len(after[key].splitlines()) == len(before[key].splitlines()) - 1  # one line per region, global, verdict
+            assert (
+                len(after[key].splitlines()) == len(before[key].splitlines()) - 1
+            )  # one line per region, global, verdict
 
 
 def test_difference_is_welchs_interval():
     # Equal sizes and variances: Welch's df is 2n - 2 = 4, t = 2.776, half-width t * sqrt(2 var / n).
     mean, low, high = difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
-    assert mean == pytest.approx(1.0) and high - mean == pytest.approx(2.776 * (2 / 3) ** 0.5, abs=1e-3) and mean - low == pytest.approx(high - mean)
+    assert (
+        mean == pytest.approx(1.0)
+        and high - mean == pytest.approx(2.776 * (2 / 3) ** 0.5, abs=1e-3)
+        and mean - low == pytest.approx(high - mean)
+    )
     assert difference([0.5, 0.5, 0.5], [0.4, 0.4, 0.4]) == pytest.approx((0.1, 0.1, 0.1))  # no spread, no width
 
 
@@ -67,9 +75,13 @@ def test_nft_vs_grpo_tables_equal_their_json():
     report = json.loads(path.read_text())
     table = nft_markdown(report)
     for doc in (DOC, ROOT / "docs" / "performance.md"):
-        assert table in doc.read_text(), f"{doc.name}'s NFT vs GRPO table differs from {path.name}: paste `markdown` of launch/nft_vs_grpo.py"
+        assert table in doc.read_text(), (
+            f"{doc.name}'s NFT vs GRPO table differs from {path.name}: paste `markdown` of launch/nft_vs_grpo.py"
+        )
     assert all(g["runs"] >= 3 for g in report["summary"]), "claims over seeds need >= 3 seeds"
-    assert {(r["algorithm"], r["reward"]) for r in report["runs"]} >= {(a, w) for a in ("grpo", "nft") for w in ("oracle", "jrm")}
+    assert {(r["algorithm"], r["reward"]) for r in report["runs"]} >= {
+        (a, w) for a in ("grpo", "nft") for w in ("oracle", "jrm")
+    }
 
 
 def test_the_oracle_control_table_equals_its_json():
@@ -82,7 +94,9 @@ def test_the_oracle_control_table_equals_its_json():
         pytest.skip(f"{path.name} not committed")
     report = json.loads(path.read_text())
     assert nft_markdown(report) in DOC.read_text(), f"docs/results.md's oracle control table differs from {path.name}"
-    assert report["settings"]["sampler"] == "preset" and all(g["reward"] == "oracle" and g["runs"] >= 3 for g in report["summary"])
+    assert report["settings"]["sampler"] == "preset" and all(
+        g["reward"] == "oracle" and g["runs"] >= 3 for g in report["summary"]
+    )
 
 
 def test_the_rl_tables_equal_the_demos_json():
@@ -94,7 +108,9 @@ def test_the_rl_tables_equal_the_demos_json():
     if not path.is_file():
         pytest.skip(f"{path.name} not committed")
     report = json.loads(path.read_text())
-    assert rl_markdown(report) in DOC.read_text(), "docs/results.md's RL tables differ from rl_shapeedit.json: paste `rl_markdown` of it"
+    assert rl_markdown(report) in DOC.read_text(), (
+        "docs/results.md's RL tables differ from rl_shapeedit.json: paste `rl_markdown` of it"
+    )
     for name in ("doing_nothing", "pretrained"):
         for split in ("val", "test_heldout"):
             assert set(report[name][split]) == {"overall", "following", "consistency", "quality"}

@@ -25,5 +25,7 @@ def test_the_docs_figures_are_the_committed_json():
     report = json.loads((ROOT / "docs" / "bench" / "two_node_job.json").read_text())["results"]
     doc = (ROOT / "docs" / "rl.md").read_text()
     assert f"**{report['perf/driver_bytes']:,} bytes per step**" in doc
-    assert f"**{report['perf/rollout_bytes'] / 1e6:.1f} MB**" in doc and f"{report['perf/step_s']:.1f} s per step" in doc
+    assert (
+        f"**{report['perf/rollout_bytes'] / 1e6:.1f} MB**" in doc and f"{report['perf/step_s']:.1f} s per step" in doc
+    )
     assert report["nodes"] == 2 and report["reward/node_0/batch_mean"] > 0 and report["reward/node_1/batch_mean"] > 0

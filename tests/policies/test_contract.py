@@ -25,7 +25,9 @@ from tests.policies.test_shapeedit_policy import INSTRUCTIONS, TINY
 SIZE = TINY.image_size  # 32: every tiny policy edits 32x32 images
 POLICIES = ["shapeedit", "flux_kontext", "qwen_image_edit", "qwen_image_edit_plus"]
 RANKS = {"lora": 4, "full": 0}
-SAMPLER = SamplerConfig(num_steps=3, noise_level=0.7, guidance=2.5)  # guidance: Kontext's embedding; the others ignore it
+SAMPLER = SamplerConfig(
+    num_steps=3, noise_level=0.7, guidance=2.5
+)  # guidance: Kontext's embedding; the others ignore it
 
 pytestmark = pytest.mark.parametrize("rank", RANKS.values(), ids=RANKS.keys())
 
@@ -61,7 +63,9 @@ def sample(policy, seed: int = 0, sampler: SamplerConfig = SAMPLER) -> Rollout:
 def perturb(policy, seed: int, version: int = 1) -> None:
     """Stand-in for training: every trained tensor moves (LoRA A and B, or every weight of a full fine-tune)."""
     g = torch.Generator().manual_seed(seed)
-    state = {k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in policy.trainable_state().items()}
+    state = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in policy.trainable_state().items()
+    }
     policy.load_trainable_state(state, version)
 
 
@@ -127,7 +131,9 @@ def test_deterministic_steps_have_log_prob_zero(name, rank):
     perturb(policy, seed=2)
     window = SamplerConfig(num_steps=3, noise_level=0.7, guidance=2.5, sde_window_size=1)
     first = sample(policy, 0, window)
-    other = next(r for r in (sample(policy, s, window) for s in range(1, 20)) if not torch.equal(r.stochastic, first.stochastic))
+    other = next(
+        r for r in (sample(policy, s, window) for s in range(1, 20)) if not torch.equal(r.stochastic, first.stochastic)
+    )
     both = Rollout.cat([first, other])
     with torch.no_grad():
         for t in range(both.num_steps):
@@ -148,7 +154,9 @@ def test_flow_velocity_is_the_velocity_behind_a_step(name, rank):
     with torch.no_grad():
         mean = policy.log_prob(rollout, 0).mean
     v = policy.flow_velocity(rollout, rollout.latents[:, 0], s)
-    torch.testing.assert_close(rollout.latents[:, 0].float() + (s_next - s) * v.float(), mean.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        rollout.latents[:, 0].float() + (s_next - s) * v.float(), mean.float(), rtol=1e-4, atol=1e-5
+    )
     assert v.requires_grad
     noisy = policy.flow_velocity(rollout, torch.randn_like(rollout.latents[:, -1]), 0.5)  # any latents, any sigma
     assert noisy.shape == v.shape and torch.isfinite(noisy).all()

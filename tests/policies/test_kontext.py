@@ -95,7 +95,9 @@ def test_noise_zero_reproduces_the_diffusers_pipeline(true_cfg):
     cfg = sampler(num_steps=4, noise_level=0.0, guidance_scale=true_cfg, negative_prompt=" ")
     rollout = sample(policy, 2, cfg, seed=7)
 
-    call = dict(image=images(2), prompt=INSTRUCTIONS[:2], num_inference_steps=4, true_cfg_scale=true_cfg, **PIPELINE_CALL)
+    call = dict(
+        image=images(2), prompt=INSTRUCTIONS[:2], num_inference_steps=4, true_cfg_scale=true_cfg, **PIPELINE_CALL
+    )
     if true_cfg > 1:
         call["negative_prompt"] = [" ", " "]
     latents = pipe(**call, generator=torch.Generator().manual_seed(7), output_type="latent").images
@@ -117,7 +119,11 @@ def test_on_policy_log_prob_is_bit_exact(policy, batch, kind):
     cfg = sampler(kind=kind)
     rollout = sample(policy, batch, cfg)
     assert rollout.latents.shape == (batch, 4, (SIZE // 4) ** 2, 16) and rollout.latents.dtype == torch.float32
-    assert rollout.log_probs.shape == (batch, 3) and rollout.stochastic[:, :-1].all() and not rollout.stochastic[:, -1].any()
+    assert (
+        rollout.log_probs.shape == (batch, 3)
+        and rollout.stochastic[:, :-1].all()
+        and not rollout.stochastic[:, -1].any()
+    )
     for t in range(3):
         out = policy.log_prob(rollout, t)
         deterministic = t == 2  # the last step, to sigma 0, is an ODE step (policies/sampling.py)
@@ -223,8 +229,12 @@ def test_saved_lora_loads_into_a_stock_pipeline(tmp_path):
     ours = sample(trained, 1, ode, seed=3).latents[:, -1]
     untrained = sample(FluxKontextPolicy.tiny(SIZE, SIZE), 1, ode, seed=3).latents[:, -1]
     theirs = pipe(
-        image=images(1), prompt=INSTRUCTIONS[:1], num_inference_steps=3, generator=torch.Generator().manual_seed(3),
-        output_type="latent", **PIPELINE_CALL,
+        image=images(1),
+        prompt=INSTRUCTIONS[:1],
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(3),
+        output_type="latent",
+        **PIPELINE_CALL,
     ).images
     assert (ours - theirs).abs().max() < 1e-5
     assert (ours - untrained).abs().max() > 1e-2
@@ -267,7 +277,9 @@ def test_any_image_mode_is_accepted(policy):
     rgb = images(3, seed=1)
     odd = [rgb[0].convert("RGBA"), rgb[1].convert("L"), rgb[2].convert("P")]
     groups = torch.tensor([0, 0, 1])
-    rollout = policy.sample(odd, INSTRUCTIONS[:3], sampler(), generator=torch.Generator().manual_seed(0), group_ids=groups)
+    rollout = policy.sample(
+        odd, INSTRUCTIONS[:3], sampler(), generator=torch.Generator().manual_seed(0), group_ids=groups
+    )
     assert rollout.source_images.shape == (3, 3, SIZE, SIZE) and rollout.source_images.dtype == torch.uint8
     assert torch.equal(rollout.source_images[0], torch.from_numpy(np.array(rgb[0])).permute(2, 0, 1))  # opaque RGBA
     assert torch.equal(rollout.group_ids, groups)

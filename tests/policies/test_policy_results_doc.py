@@ -13,7 +13,9 @@ RESULTS = ROOT / "docs" / "results" / "policy_pretraining.json"
 
 def test_the_docs_table_equals_the_json():
     report = json.loads(RESULTS.read_text())
-    assert markdown(report) in (ROOT / "docs" / "policies.md").read_text(), "docs/policies.md's table differs from the JSON: paste `python launch/policy_variants.py report=true`"
+    assert markdown(report) in (ROOT / "docs" / "policies.md").read_text(), (
+        "docs/policies.md's table differs from the JSON: paste `python launch/policy_variants.py report=true`"
+    )
 
 
 def test_every_variant_in_the_json_is_a_listed_variant_with_its_overrides():

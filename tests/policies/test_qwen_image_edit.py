@@ -11,7 +11,13 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwen
 from PIL import Image
 
 from policies.adapters import LORA_FILE, TrainableConfig
-from policies.qwen_image_edit import CONDITION_AREA, QwenEditCondition, QwenImageEditPolicy, pad_prompts, tiny_components
+from policies.qwen_image_edit import (
+    CONDITION_AREA,
+    QwenEditCondition,
+    QwenImageEditPolicy,
+    pad_prompts,
+    tiny_components,
+)
 from policies.rollout import Rollout
 from policies.sampling import SamplerConfig
 
@@ -63,7 +69,9 @@ def vision_positions(text_encoder):
         handle.remove()
 
 
-def run_pipeline(pipe, image: Image.Image, instruction: str, cfg: SamplerConfig, seed: int, height: int = H, width: int = W):
+def run_pipeline(
+    pipe, image: Image.Image, instruction: str, cfg: SamplerConfig, seed: int, height: int = H, width: int = W
+):
     """The stock pipeline's edit: (per-step latents (T, N, C), image (3, H, W) in [0, 1])."""
     steps = []
 
@@ -71,7 +79,11 @@ def run_pipeline(pipe, image: Image.Image, instruction: str, cfg: SamplerConfig,
         steps.append(kwargs["latents"][0].clone())
         return {}
 
-    guidance = dict(negative_prompt=cfg.negative_prompt, true_cfg_scale=cfg.guidance_scale) if cfg.guidance_scale > 1 else dict(true_cfg_scale=1.0)
+    guidance = (
+        dict(negative_prompt=cfg.negative_prompt, true_cfg_scale=cfg.guidance_scale)
+        if cfg.guidance_scale > 1
+        else dict(true_cfg_scale=1.0)
+    )
     with vision_positions(pipe.text_encoder):
         out = pipe(
             image=image, prompt=instruction, height=height, width=width, num_inference_steps=cfg.num_steps,
@@ -197,7 +209,9 @@ def test_system_prefix_is_the_64_dropped_tokens():
     embeddings start at the image (Edit) or at 'Picture 1:' (Plus); a mismatch is refused."""
     for plus, first in [(False, "<|vision_start|>"), (True, "Picture")]:
         pipe = tiny(plus=plus).pipeline
-        prompt = pipe.prompt_template_encode.format(("Picture 1: <|vision_start|><|image_pad|><|vision_end|>" if plus else "") + "x")
+        prompt = pipe.prompt_template_encode.format(
+            ("Picture 1: <|vision_start|><|image_pad|><|vision_end|>" if plus else "") + "x"
+        )
         tokens = pipe.processor.tokenizer.convert_ids_to_tokens(pipe.processor.tokenizer(prompt)["input_ids"])
         assert pipe.prompt_template_encode_start_idx == 64
         assert tokens[63] == "Ċ" and tokens[64] == first
@@ -219,7 +233,9 @@ def test_on_policy_log_prob_is_bit_exact(policy, batch, guidance_scale):
         with torch.no_grad():
             assert torch.equal(policy.log_prob(r, step).log_probs, r.log_probs[:, step])
         out = policy.log_prob(r, step)
-        assert out.log_probs.requires_grad == (step < r.num_steps - 1)  # gradients reach the LoRA weights on trained steps
+        assert out.log_probs.requires_grad == (
+            step < r.num_steps - 1
+        )  # gradients reach the LoRA weights on trained steps
         assert torch.equal(out.log_probs.detach(), r.log_probs[:, step])
         assert torch.equal(out.prev_latents, r.latents[:, step + 1])
 
@@ -262,14 +278,20 @@ def test_concatenated_rollouts_need_padded_prompts(policy):
     """Prompts of different lengths pad to different widths: Rollout.cat refuses them until pad_prompts;
     the joined rows then reproduce their log-probs within 1e-5 (masked padding, other batch shape)."""
     a = policy.sample(images(1), ["add a hat"], sampler(guidance_scale=2.0), generator=torch.Generator().manual_seed(1))
-    b = policy.sample(images(2, seed=1), ["turn the big red car into a small blue house", "add a tree"], sampler(guidance_scale=2.0), generator=torch.Generator().manual_seed(2))
+    b = policy.sample(
+        images(2, seed=1),
+        ["turn the big red car into a small blue house", "add a tree"],
+        sampler(guidance_scale=2.0),
+        generator=torch.Generator().manual_seed(2),
+    )
     assert a.condition.prompt_embeds.shape[1] != b.condition.prompt_embeds.shape[1]
     with pytest.raises(RuntimeError):
         Rollout.cat([a, b])
     joined = Rollout.cat(pad_prompts([a, b]))
     assert isinstance(joined.condition, QwenEditCondition) and joined.batch_size == 3
     assert joined.condition.prompt_mask.sum(1).tolist() == [
-        int(a.condition.prompt_mask.sum()), *b.condition.prompt_mask.sum(1).tolist()
+        int(a.condition.prompt_mask.sum()),
+        *b.condition.prompt_mask.sum(1).tolist(),
     ]
     with torch.no_grad():
         for step in range(joined.num_steps):
@@ -284,7 +306,9 @@ def test_rollout_fields(policy):
     assert r.latents.shape == (2, 4, (H // 16) * (W // 16), 16) and r.latents.dtype == torch.float32
     assert r.log_probs.shape == (2, 3) and r.stochastic.shape == (2, 3) and r.stochastic.dtype == torch.bool
     assert r.edited_images.shape == (2, 3, H, W) and r.edited_images.dtype == torch.uint8
-    assert r.source_images.shape == (2, 3, H, W) and torch.equal(r.source_images[0].permute(1, 2, 0), torch.from_numpy(np.array(images(1)[0])))
+    assert r.source_images.shape == (2, 3, H, W) and torch.equal(
+        r.source_images[0].permute(1, 2, 0), torch.from_numpy(np.array(images(1)[0]))
+    )
     assert r.group_ids.tolist() == [0, 1] and r.policy_versions.tolist() == [1, 1]
     assert r.sigmas.shape == (4,) and r.sigmas[0] == 1 and r.sigmas[-1] == 0
     # the pipelines round the condition image to multiples of 32 pixels: 32 x 48 becomes 32 x 64
@@ -354,7 +378,9 @@ def test_from_pretrained_reads_a_diffusers_folder(tmp_path):
     index = json.loads((tmp_path / "model_index.json").read_text())
     index["processor"] = ["transformers", "Qwen2VLProcessor"]  # what the real checkpoint records
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    loaded = QwenImageEditPolicy.from_pretrained(tmp_path, torch_dtype=torch.float32, height=H, width=W, condition_area=H * W)
+    loaded = QwenImageEditPolicy.from_pretrained(
+        tmp_path, torch_dtype=torch.float32, height=H, width=W, condition_area=H * W
+    )
     built = tiny()
     a, b = sample(loaded, 2, sampler()), sample(built, 2, sampler())
     assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
@@ -378,7 +404,9 @@ def test_bad_input_is_refused_with_a_clear_message(policy):
     r = sample(policy, 1, sampler(num_steps=2))
     with pytest.raises(ValueError, match=r"step must be in \[0, 2\)"):
         policy.log_prob(r, 2)
-    with pytest.raises(ValueError, match="non-finite sigmas for num_steps=1"):  # the real scheduler config's shift_terminal
+    with pytest.raises(
+        ValueError, match="non-finite sigmas for num_steps=1"
+    ):  # the real scheduler config's shift_terminal
         policy.sample(two, INSTRUCTIONS[:2], sampler(num_steps=1))
     with pytest.raises(ValueError, match="multiples of 16"):
         tiny(height=40)

@@ -79,7 +79,9 @@ def test_sde_window():
     assert stochastic_steps(SamplerConfig(num_steps=6)).tolist() == [True] * 5 + [False]  # the last step is ODE
     starts = set()
     for seed in range(40):
-        mask = stochastic_steps(SamplerConfig(num_steps=10, sde_window_size=3, sde_window_max_start=4), torch.Generator().manual_seed(seed))
+        mask = stochastic_steps(
+            SamplerConfig(num_steps=10, sde_window_size=3, sde_window_max_start=4), torch.Generator().manual_seed(seed)
+        )
         on = mask.nonzero().flatten().tolist()
         assert len(on) == 3 and on == list(range(on[0], on[0] + 3)) and on[0] <= 4
         starts.add(on[0])
@@ -90,13 +92,17 @@ def test_a_sampled_last_step_is_stochastic_and_counted():
     """sample_last_step adds the last step to the stochastic ones (gaussian_steps=False: it alone), and
     num_stochastic_steps counts what stochastic_steps marks, for every window."""
     assert stochastic_steps(SamplerConfig(num_steps=4, sample_last_step=True)).tolist() == [True] * 4
-    assert stochastic_steps(SamplerConfig(num_steps=4, sample_last_step=True, gaussian_steps=False)).tolist() == [False] * 3 + [True]
+    assert stochastic_steps(SamplerConfig(num_steps=4, sample_last_step=True, gaussian_steps=False)).tolist() == [
+        False
+    ] * 3 + [True]
     assert stochastic_steps(SamplerConfig(num_steps=4, noise_level=0.0, sample_last_step=True)).sum() == 0  # evaluation
     for num_steps in (1, 2, 5):
         for window in range(0, max(num_steps - 1, 1) + 1):
             for last in (False, True):
                 for gaussian in (True, False) if last else (True,):
-                    cfg = SamplerConfig(num_steps=num_steps, sde_window_size=window, sample_last_step=last, gaussian_steps=gaussian)
+                    cfg = SamplerConfig(
+                        num_steps=num_steps, sde_window_size=window, sample_last_step=last, gaussian_steps=gaussian
+                    )
                     mask = stochastic_steps(cfg, torch.Generator().manual_seed(num_steps + window))
                     assert int(mask.sum()) == num_stochastic_steps(cfg), cfg
     with pytest.raises(ValueError, match="temperature must be > 0"):

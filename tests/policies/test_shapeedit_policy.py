@@ -15,13 +15,28 @@ from policies.rollout import Rollout
 from policies.sampling import SamplerConfig
 from policies.shapeedit import SHAPEEDIT_PALETTE, ShapeEditPolicy, ShapeEditPolicyConfig, flow_matching_loss
 
-INSTRUCTIONS = ["make the red circle blue", "remove the green square", "move the star to the top left", "turn the background white"]
+INSTRUCTIONS = [
+    "make the red circle blue",
+    "remove the green square",
+    "move the star to the top left",
+    "turn the background white",
+]
 PALETTE = [[220, 40, 40], [40, 80, 220], [245, 245, 245], [20, 20, 20]]
-TINY = ShapeEditPolicyConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, text_hidden_size=32, text_layers=1, max_instruction_tokens=12)
+TINY = ShapeEditPolicyConfig(
+    image_size=32,
+    patch_size=8,
+    hidden_size=64,
+    num_layers=2,
+    text_hidden_size=32,
+    text_layers=1,
+    max_instruction_tokens=12,
+)
 
 
 def tiny(lora_rank=4, seed=0):
-    return ShapeEditPolicy.build(TINY, INSTRUCTIONS, seed=seed, trainable=TrainableConfig(lora_rank=lora_rank, lora_alpha=8))
+    return ShapeEditPolicy.build(
+        TINY, INSTRUCTIONS, seed=seed, trainable=TrainableConfig(lora_rank=lora_rank, lora_alpha=8)
+    )
 
 
 def images(n, seed=0):
@@ -37,7 +52,9 @@ def perturb(policy, seed=1, scale=0.05):
             p.add_(scale * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("batch,guidance_scale,kind", [(2, 1.0, "sde"), (4, 1.0, "sde"), (3, 2.5, "sde"), (2, 1.0, "cps")])
+@pytest.mark.parametrize(
+    "batch,guidance_scale,kind", [(2, 1.0, "sde"), (4, 1.0, "sde"), (3, 2.5, "sde"), (2, 1.0, "cps")]
+)
 def test_on_policy_ratio_is_exactly_one(batch, guidance_scale, kind):
     policy = tiny()
     perturb(policy)  # non-zero LoRA, so the adapters take part
@@ -58,7 +75,11 @@ def test_on_policy_ratio_is_exactly_one(batch, guidance_scale, kind):
 def test_ode_sampling_equals_the_diffusers_euler_scheduler(parameterisation):
     """Every step matches diffusers' Euler scheduler, the last one too for 'gated'; for 'palette' the last
     step takes the most probable category instead (test_the_last_ode_step_lands_on_the_predicted_clean_image)."""
-    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, parameterisation=parameterisation), INSTRUCTIONS, trainable=TrainableConfig(lora_rank=4, lora_alpha=8))
+    policy = ShapeEditPolicy.build(
+        dataclasses.replace(TINY, parameterisation=parameterisation),
+        INSTRUCTIONS,
+        trainable=TrainableConfig(lora_rank=4, lora_alpha=8),
+    )
     perturb(policy)
     srcs, texts = images(2), INSTRUCTIONS[:2]
     rollout = policy.sample(srcs, texts, SamplerConfig(num_steps=5, noise_level=0.0), torch.Generator().manual_seed(3))
@@ -168,17 +189,26 @@ def test_a_shut_gate_returns_the_source_exactly_at_noise_0():
     policy = ShapeEditPolicy.build(GATED, INSTRUCTIONS, seed=0)
     shut_gate(policy, -1e4)
     srcs = images(3)
-    rollout = policy.sample(srcs, INSTRUCTIONS[:3], SamplerConfig(num_steps=4, noise_level=0.0), torch.Generator().manual_seed(0))
+    rollout = policy.sample(
+        srcs, INSTRUCTIONS[:3], SamplerConfig(num_steps=4, noise_level=0.0), torch.Generator().manual_seed(0)
+    )
     assert torch.equal(rollout.edited_images, rollout.source_images)
     # an open gate writes the content instead: the output is no longer the source
     shut_gate(policy, 1e4)
-    opened = policy.sample(srcs, INSTRUCTIONS[:3], SamplerConfig(num_steps=4, noise_level=0.0), torch.Generator().manual_seed(0))
+    opened = policy.sample(
+        srcs, INSTRUCTIONS[:3], SamplerConfig(num_steps=4, noise_level=0.0), torch.Generator().manual_seed(0)
+    )
     assert (opened.edited_images != opened.source_images).float().mean() > 0.5
 
 
 @pytest.mark.parametrize(
     "changes",
-    [{"parameterisation": "gated"}, {"parameterisation": "gated", "head_text_features": 0}, {"parameterisation": "change"}, {"palette": PALETTE}],
+    [
+        {"parameterisation": "gated"},
+        {"parameterisation": "gated", "head_text_features": 0},
+        {"parameterisation": "change"},
+        {"palette": PALETTE},
+    ],
     ids=["gated", "gated_no_text", "change", "palette"],
 )
 def test_the_last_ode_step_lands_on_the_predicted_clean_image(changes):
@@ -187,8 +217,12 @@ def test_the_last_ode_step_lands_on_the_predicted_clean_image(changes):
     category there (the source pixel or a palette colour), which is x0_hat once the classifier is certain."""
     policy = ShapeEditPolicy.build(dataclasses.replace(TINY, **changes), INSTRUCTIONS, seed=0)
     if policy.cfg.parameterisation == "palette":
-        perturb(policy.transformer.pixel_head, scale=20.0)  # an opinionated classifier: categories other than 'keep' win
-    rollout = policy.sample(images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.0), torch.Generator().manual_seed(1))
+        perturb(
+            policy.transformer.pixel_head, scale=20.0
+        )  # an opinionated classifier: categories other than 'keep' win
+    rollout = policy.sample(
+        images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.0), torch.Generator().manual_seed(1)
+    )
     c, s = rollout.condition, float(rollout.sigmas[-2])
     with torch.no_grad():
         x0, logits = policy.predict(rollout.latents[:, -2], s, c.source, c.text_embeds, c.pooled_embeds)
@@ -255,7 +289,10 @@ def test_the_default_palette_is_the_shapeedit_worlds():
     from reward.shapeedit.world import BACKGROUND_COLOURS, SHAPE_COLOURS
 
     assert list(SHAPEEDIT_PALETTE) == [*SHAPE_COLOURS.values(), *BACKGROUND_COLOURS.values()]
-    assert ShapeEditPolicyConfig().palette == [list(c) for c in SHAPEEDIT_PALETTE] and ShapeEditPolicyConfig().parameterisation == "palette"
+    assert (
+        ShapeEditPolicyConfig().palette == [list(c) for c in SHAPEEDIT_PALETTE]
+        and ShapeEditPolicyConfig().parameterisation == "palette"
+    )
 
 
 def test_an_untrained_palette_policy_keeps_the_source_and_a_confident_one_writes_palette_colours_exactly():
@@ -296,15 +333,24 @@ def test_the_palette_loss_teaches_each_pixel_its_category_and_round_trips(tmp_pa
 
 def test_a_head_that_reads_source_colours_keeps_ratio_one():
     policy = ShapeEditPolicy.build(
-        dataclasses.replace(TINY, palette=PALETTE), INSTRUCTIONS, seed=0, trainable=TrainableConfig(lora_rank=4, lora_alpha=8)
+        dataclasses.replace(TINY, palette=PALETTE),
+        INSTRUCTIONS,
+        seed=0,
+        trainable=TrainableConfig(lora_rank=4, lora_alpha=8),
     )
     perturb(policy)
-    rollout = policy.sample(images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0))
+    rollout = policy.sample(
+        images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0)
+    )
     for t in range(2):
         assert torch.equal(policy.log_prob(rollout, t).log_probs, rollout.log_probs[:, t])
-    onehot = policy.source_colours(policy.palette.view(1, 4, 3, 1).permute(0, 2, 1, 3))  # the palette itself, as a 4x1 image
+    onehot = policy.source_colours(
+        policy.palette.view(1, 4, 3, 1).permute(0, 2, 1, 3)
+    )  # the palette itself, as a 4x1 image
     assert torch.equal(onehot[0, :, :, 0], torch.eye(4))
-    gated = ShapeEditPolicy.build(dataclasses.replace(TINY, parameterisation="gated", head_source_colours=True), INSTRUCTIONS)
+    gated = ShapeEditPolicy.build(
+        dataclasses.replace(TINY, parameterisation="gated", head_source_colours=True), INSTRUCTIONS
+    )
     assert gated.transformer.colour_queries is None  # 'palette' only: ignored by the gated head
 
 
@@ -343,8 +389,12 @@ def test_a_drawn_last_step_is_the_classifiers_categorical_draw(temperature):
     with torch.no_grad():
         logits = policy.predict(x, float(rollout.sigmas[2]), c.source, c.text_embeds, c.pooled_embeds)[1]
     probs = (logits / temperature).softmax(dim=1)
-    colours = torch.cat([c.source[:, None], policy.palette.view(1, -1, 3, 1, 1).expand(64, -1, -1, 32, 32)], dim=1)  # (B, 1 + K, 3, H, W)
-    pooled = (probs * (colours - chosen[:, None]).abs().amax(dim=2).lt(1e-3)).sum(dim=1)  # each pixel's colour's probability
+    colours = torch.cat(
+        [c.source[:, None], policy.palette.view(1, -1, 3, 1, 1).expand(64, -1, -1, 32, 32)], dim=1
+    )  # (B, 1 + K, 3, H, W)
+    pooled = (probs * (colours - chosen[:, None]).abs().amax(dim=2).lt(1e-3)).sum(
+        dim=1
+    )  # each pixel's colour's probability
     torch.testing.assert_close(rollout.log_probs[:, 2], pooled.log().flatten(1).mean(dim=1), rtol=0, atol=1e-5)
     # the draws follow the probabilities: how often a pixel keeps its source colour, against its probability
     kept = (chosen - c.source).abs().amax(dim=1).lt(1e-3).float()
@@ -352,7 +402,9 @@ def test_a_drawn_last_step_is_the_classifiers_categorical_draw(temperature):
     assert 0.05 < p_kept.mean() < 0.95 and abs(kept.mean() - p_kept.mean()) < 0.01
     cold = dataclasses.replace(sampler, temperature=1e-4, gaussian_steps=False)  # the ODE path evaluation takes
     cold = policy.sample(src[:4], INSTRUCTIONS, cold, torch.Generator().manual_seed(0))
-    most_probable = policy.sample(src[:4], INSTRUCTIONS, SamplerConfig(num_steps=3, noise_level=0.0), torch.Generator().manual_seed(0))
+    most_probable = policy.sample(
+        src[:4], INSTRUCTIONS, SamplerConfig(num_steps=3, noise_level=0.0), torch.Generator().manual_seed(0)
+    )
     assert (cold.latents[:, -1] != most_probable.latents[:, -1]).any(dim=1).float().mean() < 0.01
 
 
@@ -369,8 +421,12 @@ def test_a_drawn_last_step_pools_keeping_a_palette_pixel_with_painting_its_colou
     rollout = policy.sample(src, (INSTRUCTIONS * 2)[:8], sampler, torch.Generator().manual_seed(0))
     c, x, chosen = rollout.condition, rollout.latents[:, 2], rollout.latents[:, 3]
     with torch.no_grad():
-        probs = policy.predict(x, float(rollout.sigmas[2]), c.source, c.text_embeds, c.pooled_embeds)[1].softmax(dim=1)  # (B, 1 + K, H, W)
-    drawn = (chosen[:, None] - policy.palette.view(1, -1, 3, 1, 1)).abs().amax(dim=2).argmin(dim=1)  # each pixel's palette colour now
+        probs = policy.predict(x, float(rollout.sigmas[2]), c.source, c.text_embeds, c.pooled_embeds)[1].softmax(
+            dim=1
+        )  # (B, 1 + K, H, W)
+    drawn = (
+        (chosen[:, None] - policy.palette.view(1, -1, 3, 1, 1)).abs().amax(dim=2).argmin(dim=1)
+    )  # each pixel's palette colour now
     kept = torch.from_numpy(which) == drawn  # (B, H, W): the pixel has its source colour
     p_colour = probs[:, 1:].gather(1, drawn[:, None])[:, 0]
     pooled = torch.where(kept, probs[:, 0] + p_colour, p_colour)

@@ -53,8 +53,18 @@ def check(result: dict, expected: dict) -> None:
 def tiger_hub_rows(image):
     """TIGER-Lab/EditReward-Bench's parquet layout: one row per compared pair."""
     row = lambda id_, a, b, ranking, dataset, ctype="AvsB": dict(  # noqa: E731
-        id=id_, instruction="edit", source_image=image(0), candidate_1=image(a), candidate_2=image(b),
-        ranking=ranking, comparison_type=ctype, dataset=dataset, model_1="m1", model_2="m2", score_1=1.0, score_2=2.0,
+        id=id_,
+        instruction="edit",
+        source_image=image(0),
+        candidate_1=image(a),
+        candidate_2=image(b),
+        ranking=ranking,
+        comparison_type=ctype,
+        dataset=dataset,
+        model_1="m1",
+        model_2="m2",
+        score_1=1.0,
+        score_2=2.0,
     )
     return [
         row("p1", 200, 100, "A>B", "2pair"),  # gap +100: right
@@ -91,15 +101,18 @@ HUB_EXPECTED = {
 
 
 def test_tiger_hub_parquet_scores_as_its_authors_script(tmp_path):
+    import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    import datasets
 
     (tmp_path / "2pair").mkdir()
     rows = tiger_hub_rows(embedded)
     # as the hub stores it: parquet with datasets' Image features (decoded lazily), and a plain struct column
-    hub = datasets.Dataset.from_list(rows[:3]).cast_column("source_image", datasets.Image()).cast_column("candidate_1", datasets.Image())
+    hub = (
+        datasets.Dataset.from_list(rows[:3])
+        .cast_column("source_image", datasets.Image())
+        .cast_column("candidate_1", datasets.Image())
+    )
     hub.to_parquet(tmp_path / "2pair" / "train-00000-of-00001.parquet")
     pq.write_table(pa.Table.from_pylist(rows[3:]), tmp_path / "3pair.parquet")
     check(run("tiger", tmp_path), HUB_EXPECTED)
@@ -110,7 +123,12 @@ def test_tiger_hub_parquet_scores_as_its_authors_script(tmp_path):
 
 def test_tiger_authors_json_ties_and_full_rankings(tmp_path):
     ref = lambda level: save(tmp_path, level)  # noqa: E731
-    item = lambda levels, ranking: {"prompt": "edit", "path_src": ref(0), "paths_generated": [ref(v) for v in levels], "human_vote": {"ranking": ranking}}  # noqa: E731
+    item = lambda levels, ranking: {
+        "prompt": "edit",
+        "path_src": ref(0),
+        "paths_generated": [ref(v) for v in levels],
+        "human_vote": {"ranking": ranking},
+    }  # noqa: E731
     rows = [
         item([200, 100], "A>B"),  # right
         item([100, 200], "A>B"),  # wrong
@@ -145,7 +163,15 @@ def test_tiger_labels_are_parsed_strictly():
     assert parse_ranking("C>A>B", "ABC", "f:row 0") == ["C", "A", "B"]
     assert parse_ranking("A < C", "AC", "f:row 0") == ["C", "A"]
     assert parse_ranking("B=A=Bad", "AB", "f:row 0") is None
-    for label, letters in [("A>B", "ABC"), ("A=B=Good", "ABC"), ("A>B<C", "ABC"), ("A>A", "AB"), ("yes", "AB"), (1, "AB"), ("A=C", "AB")]:
+    for label, letters in [
+        ("A>B", "ABC"),
+        ("A=B=Good", "ABC"),
+        ("A>B<C", "ABC"),
+        ("A>A", "AB"),
+        ("yes", "AB"),
+        (1, "AB"),
+        ("A=C", "AB"),
+    ]:
         with pytest.raises(DataError, match="f:row 0: ranking"):
             parse_ranking(label, letters, "f:row 0")
 
@@ -153,12 +179,24 @@ def test_tiger_labels_are_parsed_strictly():
 def test_editscore_bench_macro_average_per_dimension(tmp_path):
     ref = lambda level: save(tmp_path, level)  # noqa: E731
     row = lambda n, first, second, task, dimension: dict(  # noqa: E731
-        key=[f"{n}a", f"{n}b"], instruction="x", input_image=ref(0), output_images=[ref(first), ref(second)], task_type=task, dimension=dimension
+        key=[f"{n}a", f"{n}b"],
+        instruction="x",
+        input_image=ref(0),
+        output_images=[ref(first), ref(second)],
+        task_type=task,
+        dimension=dimension,
     )
-    rows = [row(1, 200, 100, "color", "overall"), row(2, 100, 200, "color", "overall"), row(3, 50, 40, "remove", "overall"), row(4, 10, 10, "color", "consistency")]
+    rows = [
+        row(1, 200, 100, "color", "overall"),
+        row(2, 100, 200, "color", "overall"),
+        row(3, 50, 40, "remove", "overall"),
+        row(4, 10, 10, "color", "consistency"),
+    ]
     (tmp_path / "es.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     result = run("editscore", tmp_path / "es.jsonl")
-    check(result, {"overall/macro_accuracy": (0.5 + 1.0) / 2, "overall/color": 0.5, "consistency/macro_accuracy": 0.0})  # a score tie is wrong
+    check(
+        result, {"overall/macro_accuracy": (0.5 + 1.0) / 2, "overall/color": 0.5, "consistency/macro_accuracy": 0.0}
+    )  # a score tie is wrong
 
 
 def mmrb2_pair(ref, i, sources, a, b, chosen):
@@ -189,21 +227,44 @@ def test_mmrb2_both_orders_and_the_multi_image_split(tmp_path):
     assert [len(c.source) for c in comparisons[2:]] == [2, 3]  # every prompt image is a source image
     check(
         run("mmrb2", tmp_path / "edit.json"),
-        {"accuracy": 4 / 8, "single-image/accuracy": 2 / 4, "single-image/pairs": 2, "multi-image/accuracy": 2 / 4, "multi-image/pairs": 2},
+        {
+            "accuracy": 4 / 8,
+            "single-image/accuracy": 2 / 4,
+            "single-image/pairs": 2,
+            "multi-image/accuracy": 2 / 4,
+            "multi-image/pairs": 2,
+        },
     )
 
 
 def test_genai_bench_with_and_without_ties(tmp_path):
     ref = lambda level: save(tmp_path, level)  # noqa: E731
-    row = lambda a, b, vote: dict(instruct_prompt="x", source_image=ref(0), left_output_image=ref(a), right_output_image=ref(b), vote_type=vote)  # noqa: E731
-    rows = [row(200, 100, "leftvote"), row(200, 100, "rightvote"), row(120, 121, "tievote"), row(30, 90, "bothbad_vote")]
+    row = lambda a, b, vote: dict(
+        instruct_prompt="x", source_image=ref(0), left_output_image=ref(a), right_output_image=ref(b), vote_type=vote
+    )  # noqa: E731
+    rows = [
+        row(200, 100, "leftvote"),
+        row(200, 100, "rightvote"),
+        row(120, 121, "tievote"),
+        row(30, 90, "bothbad_vote"),
+    ]
     (tmp_path / "genai.json").write_text(json.dumps(rows))
-    check(run("genai", tmp_path / "genai.json"), {"accuracy_no_ties": 0.5, "accuracy_tie_calibrated": 0.75, "tie_eps": 60.0})
+    check(
+        run("genai", tmp_path / "genai.json"),
+        {"accuracy_no_ties": 0.5, "accuracy_tie_calibrated": 0.75, "tie_eps": 60.0},
+    )
 
 
 def test_shapeedit_rows_follow_the_training_loaders_rule(tmp_path):
     ref = lambda level: save(tmp_path, level)  # noqa: E731
-    row = lambda a, b, **kw: {"prompt": "x", "path_src": ref(0), "path1": ref(a), "path2": ref(b), "model2": "wrong_color", **kw}  # noqa: E731
+    row = lambda a, b, **kw: {
+        "prompt": "x",
+        "path_src": ref(0),
+        "path1": ref(a),
+        "path2": ref(b),
+        "model2": "wrong_color",
+        **kw,
+    }  # noqa: E731
     (tmp_path / "s.json").write_text(json.dumps([row(200, 100), row(100, 200), row(50, 60, tie_case=True)]))
     check(run("shapeedit", tmp_path / "s.json"), {"accuracy": 0.5, "strict_pairs": 2, "vs_wrong_color/accuracy": 0.5})
     for flag in ("false", "maybe"):  # a string is no tie flag: refused here as in load_pairs
@@ -214,7 +275,10 @@ def test_shapeedit_rows_follow_the_training_loaders_rule(tmp_path):
 
 def test_tie_calibration_thresholds_and_empty_input():
     assert tie_calibrated_accuracy(np.array([1.0, -2.0, 3.0]), np.array([1, -1, 1])) == (1.0, 0.0)
-    assert tie_calibrated_accuracy(np.array([0.0, 2.0]), np.array([0, 1])) == (1.0, 0.0)  # a zero gap is a predicted tie
+    assert tie_calibrated_accuracy(np.array([0.0, 2.0]), np.array([0, 1])) == (
+        1.0,
+        0.0,
+    )  # a zero gap is a predicted tie
     acc, eps = tie_calibrated_accuracy(np.array([]), np.array([]))
     assert np.isnan(acc) and np.isnan(eps)  # no comparison: no figure (never a -1 sentinel)
 
@@ -233,11 +297,18 @@ def test_mmrb2_scores_every_source_image_of_a_multi_image_prompt(tmp_path):
 
     def bench(second: str) -> list:
         pair = lambda i, sources: {  # noqa: E731
-            "id": f"p{i}", "chosen": "A", "prompt_content": [*(["image", s] for s in sources), ["text", "put the second image's object in the first"]],
+            "id": f"p{i}",
+            "chosen": "A",
+            "prompt_content": [
+                *(["image", s] for s in sources),
+                ["text", "put the second image's object in the first"],
+            ],
             "response_a": {"model_name": "m1", "response_content": [["image", "edit_a.png"]]},
             "response_b": {"model_name": "m2", "response_content": [["image", "edit_b.png"]]},
         }
-        (tmp_path / "edit.json").write_text(json.dumps({"pairs": [pair(0, ["first.png"]), pair(1, ["first.png", second])]}))
+        (tmp_path / "edit.json").write_text(
+            json.dumps({"pairs": [pair(0, ["first.png"]), pair(1, ["first.png", second])]})
+        )
         return load_benchmark("mmrb2", tmp_path / "edit.json", progress=False)[0]
 
     model = JRM.build(JRMArgs(tiny_hidden=64, tiny_layers=2), seed=0)

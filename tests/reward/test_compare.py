@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from reward.compare import Probe, compare_reward_runs, load_reward_run, probe_accuracy, same_order, score_probe, spearman
+from reward.compare import (
+    Probe,
+    compare_reward_runs,
+    load_reward_run,
+    probe_accuracy,
+    same_order,
+    score_probe,
+    spearman,
+)
 from reward.config import save_config
 from reward.data import DataError
 from reward.model import JRM, JRMArgs
@@ -34,7 +42,9 @@ def write_reward_run(root, name, seeds: dict[int, int], alpha=1 / 3, run_seed=0,
     save_config(cfg, run / "config.yaml")
     final = max(seeds)
     for step, seed in seeds.items():
-        JRM.build(JRMArgs(**SMALL), seed=seed).save_pretrained(run / ("final" if step == final else f"checkpoint-{step}"))
+        JRM.build(JRMArgs(**SMALL), seed=seed).save_pretrained(
+            run / ("final" if step == final else f"checkpoint-{step}")
+        )
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in sorted(seeds)))
     (run / "eval.json").write_text(json.dumps({"eval_pairwise_accuracy": accuracy, "eval/accuracy": 0.0}))
     return run
@@ -43,7 +53,9 @@ def write_reward_run(root, name, seeds: dict[int, int], alpha=1 / 3, run_seed=0,
 def test_spearman_closed_forms():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486833)  # ties get average ranks (ordinal ranks: 0.8)
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(
+        0.9486833
+    )  # ties get average ranks (ordinal ranks: 0.8)
     assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
     assert math.isnan(spearman([1, 2], [1, 2]))
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))

@@ -11,7 +11,8 @@ from PIL import Image
 
 from reward.benchmarks import load_benchmark
 from reward.data import DataError
-from reward.evaluate import effective_rank, main as evaluate_main, score_comparisons
+from reward.evaluate import effective_rank, score_comparisons
+from reward.evaluate import main as evaluate_main
 from reward.model import JRM, JRMArgs
 from reward.shapeedit import GenerateConfig, generate
 
@@ -31,7 +32,16 @@ def save(tmp_path, level: int, size=(8, 8)) -> str:
 
 def genai_rows(tmp_path, n=3):
     ref = lambda level: save(tmp_path, level)  # noqa: E731
-    return [dict(instruct_prompt="make it brighter", source_image=ref(0), left_output_image=ref(200), right_output_image=ref(100), vote_type="leftvote") for _ in range(n)]
+    return [
+        dict(
+            instruct_prompt="make it brighter",
+            source_image=ref(0),
+            left_output_image=ref(200),
+            right_output_image=ref(100),
+            vote_type="leftvote",
+        )
+        for _ in range(n)
+    ]
 
 
 def test_bad_rows_stop_with_file_row_and_key_or_are_skipped_by_kind(tmp_path):
@@ -58,7 +68,14 @@ def test_bad_rows_stop_with_file_row_and_key_or_are_skipped_by_kind(tmp_path):
     (tmp_path / "g.json").write_text(json.dumps(rows))
     comparisons, skipped = load_benchmark("genai", tmp_path / "g.json", skip_bad=True, progress=False)
     assert len(comparisons) == 1
-    assert skipped == {"missing image": 1, "missing field": 1, "unreadable image": 1, "image geometry": 1, "empty instruction": 1, "bad label": 1}
+    assert skipped == {
+        "missing image": 1,
+        "missing field": 1,
+        "unreadable image": 1,
+        "image geometry": 1,
+        "empty instruction": 1,
+        "bad label": 1,
+    }
     assert len(load_benchmark("genai", tmp_path / "g.json", skip_bad=True, limit=1, progress=False)[0]) == 1
     (tmp_path / "t4.jsonl").write_text('{"a": 1}\n{not json\n')
     with pytest.raises(DataError, match=r"t4.jsonl:line 2: not valid json"):
@@ -77,10 +94,23 @@ def test_an_overlong_instruction_is_found_before_scoring_with_file_and_row(tmp_p
     rows[1]["instruct_prompt"] = "make the circle red " * 40
     (tmp_path / "g.json").write_text(json.dumps(rows))
     out = tmp_path / "out"
-    args = ["--reward", f"jrm:{tiny_jrm_path}", "--benchmark", f"genai:{tmp_path / 'g.json'}", "--out", str(out), "--device", "cpu"]
+    args = [
+        "--reward",
+        f"jrm:{tiny_jrm_path}",
+        "--benchmark",
+        f"genai:{tmp_path / 'g.json'}",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert evaluate_main(args) == 2
     err = capsys.readouterr().err
-    assert "error: " in err and "g.json:row 1: instruct_prompt has" in err and "more than model.max_instruction_tokens (32)" in err
+    assert (
+        "error: " in err
+        and "g.json:row 1: instruct_prompt has" in err
+        and "more than model.max_instruction_tokens (32)" in err
+    )
     assert "Traceback" not in err and not out.exists()
     assert evaluate_main(args + ["--skip-bad"]) == 0
     (result,) = json.loads((out / "results.json").read_text())
@@ -97,7 +127,16 @@ def test_nothing_is_written_when_any_benchmark_is_bad(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text("earlier results")
-    args = ["--reward", f"oracle:{data}", "--benchmark", f"genai:{tmp_path / 'good.json'}", "--benchmark", f"genai:{tmp_path / 'bad.json'}", "--out", str(out)]
+    args = [
+        "--reward",
+        f"oracle:{data}",
+        "--benchmark",
+        f"genai:{tmp_path / 'good.json'}",
+        "--benchmark",
+        f"genai:{tmp_path / 'bad.json'}",
+        "--out",
+        str(out),
+    ]
     assert evaluate_main(args) == 2
     assert (out / "results.json").read_text() == "earlier results"
 
@@ -110,12 +149,29 @@ def test_no_usable_comparison_gives_none_and_a_count_never_minus_one(tmp_path):
     data = tmp_path / "data"
     generate(GenerateConfig(out=str(data), pairs=12, seed=1), progress=False)
     out = tmp_path / "out"
-    assert evaluate_main(["--reward", f"oracle:{data}", "--benchmark", f"genai:{tmp_path / 'g.json'}", "--out", str(out), "--skip-bad"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--reward",
+                f"oracle:{data}",
+                "--benchmark",
+                f"genai:{tmp_path / 'g.json'}",
+                "--out",
+                str(out),
+                "--skip-bad",
+            ]
+        )
+        == 0
+    )
     text = (out / "results.json").read_text()
     (result,) = json.loads(text)
     assert result["comparisons"] == 0 and result["skipped_rows"] == 2
-    assert result["accuracy_tie_calibrated"] is None and result["accuracy_no_ties"] is None and result["tie_eps"] is None
-    assert not re.search(r":\s*-1\b", text) and "NaN" not in text  # a value, not the temporary path (".../pytest-123/...")
+    assert (
+        result["accuracy_tie_calibrated"] is None and result["accuracy_no_ties"] is None and result["tie_eps"] is None
+    )
+    assert (
+        not re.search(r":\s*-1\b", text) and "NaN" not in text
+    )  # a value, not the temporary path (".../pytest-123/...")
     assert "| accuracy_tie_calibrated | n/a |" in (out / "results.md").read_text()
 
 
@@ -150,12 +206,29 @@ def test_cli_with_the_oracle_reward_on_shapeedit(tmp_path):
     data = tmp_path / "data"
     generate(GenerateConfig(out=str(data), pairs=60, seed=1), progress=False)
     code = evaluate_main(
-        ["--reward", f"oracle:{data}", "--benchmark", f"shapeedit:{data / 'train.json'}", "--out", str(tmp_path / "out")]
+        [
+            "--reward",
+            f"oracle:{data}",
+            "--benchmark",
+            f"shapeedit:{data / 'train.json'}",
+            "--out",
+            str(tmp_path / "out"),
+        ]
     )
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results[0]["accuracy"] == 1.0  # the oracle made the labels
     assert "| oracle:" in (tmp_path / "out" / "results.md").read_text()
-    assert evaluate_main(["--reward", "oracle:" + str(data), "--benchmark", "nope:x", "--out", str(tmp_path / "o2")]) == 2
-    erank_needs_jrm = ["--reward", f"oracle:{data}", "--erank", "--benchmark", f"shapeedit:{data / 'train.json'}", "--out", str(tmp_path / "o3")]
+    assert (
+        evaluate_main(["--reward", "oracle:" + str(data), "--benchmark", "nope:x", "--out", str(tmp_path / "o2")]) == 2
+    )
+    erank_needs_jrm = [
+        "--reward",
+        f"oracle:{data}",
+        "--erank",
+        "--benchmark",
+        f"shapeedit:{data / 'train.json'}",
+        "--out",
+        str(tmp_path / "o3"),
+    ]
     assert evaluate_main(erank_needs_jrm) == 2

@@ -29,7 +29,9 @@ def shapeedit(tmp_path_factory):
 
 def test_candidates_are_deduplicated_across_pairs():
     def pair(chosen, rejected):
-        return PreferencePair("src.png", "make it red", chosen, rejected, False, f"c {chosen}", f"c {rejected}", None, None, "f:0")
+        return PreferencePair(
+            "src.png", "make it red", chosen, rejected, False, f"c {chosen}", f"c {rejected}", None, None, "f:0"
+        )
 
     candidates, slots = candidates_of([pair("a", "b"), pair("b", "c"), pair("a", "c")])
     assert [c.edited for c in candidates] == ["a", "b", "c"]
@@ -53,7 +55,9 @@ def test_labels_hold_only_the_critique_and_trl_loss_is_the_jrm_critique_loss(sha
         score_at = int((batch["input_ids"][row] == model.score_token_id).nonzero())
         assert (batch["labels"][row][: score_at + 1] == -100).all()
 
-    cfg = load_config(GenerativeConfig, None, [f"output_dir={tmp_path}", "trainer.report_to=[]", "trainer.eval_strategy=no"])
+    cfg = load_config(
+        GenerativeConfig, None, [f"output_dir={tmp_path}", "trainer.report_to=[]", "trainer.eval_strategy=no"]
+    )
     trainer = SFTTrainer(
         model=model.backbone,
         args=sft_config(cfg),
@@ -132,7 +136,9 @@ def test_jrm_critique_is_the_judges_text_and_the_verdict_is_the_score(shapeedit)
     assert judge.critique(sources, instructions, edited) == out.texts and judge.generated_tokens == 5 * len(candidates)
     for candidate in candidates:  # the training critiques end with the verdict the judge learns to write
         assert parse_verdict(candidate.critique) is not None
-    assert parse_verdict("Instruction following 3/4, consistency and quality 2.5/4, overall 5.5/8.") == pytest.approx(5.5 / 8)
+    assert parse_verdict("Instruction following 3/4, consistency and quality 2.5/4, overall 5.5/8.") == pytest.approx(
+        5.5 / 8
+    )
     assert parse_verdict("Instruction following 3/4, consistency and quality 2/4") is None  # cut before the verdict
 
 
@@ -195,6 +201,14 @@ def test_bad_data_exits_2_and_leaves_an_existing_run_alone(shapeedit, tmp_path, 
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("an earlier run's config\n")
-    code = main([f"output_dir={out}", f"data.train={bad}", "model.tiny_hidden=64", "model.tiny_layers=2", "trainer.report_to=[]"])
+    code = main(
+        [
+            f"output_dir={out}",
+            f"data.train={bad}",
+            "model.tiny_hidden=64",
+            "model.tiny_layers=2",
+            "trainer.report_to=[]",
+        ]
+    )
     assert code == 2 and "bad_row.json:row 1" in capsys.readouterr().err
     assert (out / "config.yaml").read_text() == "an earlier run's config\n"

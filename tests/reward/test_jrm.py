@@ -161,7 +161,13 @@ def test_push_to_hub_uploads_weights_config_and_processor(jrm, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: seen.setdefault("repo", repo_id))
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, repo_id, folder_path, **kw: seen.setdefault("files", sorted(p.name for p in Path(folder_path).iterdir())) and "url")
+    monkeypatch.setattr(
+        HfApi,
+        "upload_folder",
+        lambda self, repo_id, folder_path, **kw: (
+            seen.setdefault("files", sorted(p.name for p in Path(folder_path).iterdir())) and "url"
+        ),
+    )
     jrm.push_to_hub("acme/jrm-tiny")
     assert seen["repo"] == "acme/jrm-tiny"
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(seen["files"])
@@ -207,7 +213,9 @@ def test_other_backbone_families_score_padding_invariantly(family, batch):
     alone = torch.cat([model.score(sources[i : i + 1], instructions[i : i + 1], edited[i : i + 1]) for i in range(6)])
     assert torch.allclose(together, alone, atol=1e-5)
     with torch.no_grad():
-        assert torch.allclose(model(**model.encode(sources, instructions, edited, critiques)).rewards, together, atol=1e-5)
+        assert torch.allclose(
+            model(**model.encode(sources, instructions, edited, critiques)).rewards, together, atol=1e-5
+        )
 
 
 def test_lora_trains_only_adapters_and_head_and_round_trips(batch, tmp_path):
@@ -267,7 +275,9 @@ def test_generative_baseline_decodes_and_parses(jrm, batch):
     scores = judge.score(sources[:3], instructions[:3], edited[:3])
     assert scores.shape == (3,) and judge.generated_tokens > 0
     assert judge.parse_failures + int((scores > 0).sum()) == 3
-    fixed = GenerativeJudge(jrm, max_new_tokens=6, min_new_tokens=6)  # what the benchmarks use: critiques of a known length
+    fixed = GenerativeJudge(
+        jrm, max_new_tokens=6, min_new_tokens=6
+    )  # what the benchmarks use: critiques of a known length
     fixed.critique(sources[:2], instructions[:2], edited[:2])
     assert fixed.generated_tokens == 2 * 6
     with pytest.raises(ValueError, match="min_new_tokens"):
@@ -303,7 +313,11 @@ def test_paper_preset_holds_the_papers_settings():
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(TrainConfig, root / "reward/configs/paper.yaml")
     assert cfg.output_dir == "runs/jrm-paper"
-    assert (cfg.model.backbone, cfg.model.dtype, cfg.model.dimension_heads) == ("Qwen/Qwen3-VL-8B-Instruct", "bfloat16", 2)
+    assert (cfg.model.backbone, cfg.model.dtype, cfg.model.dimension_heads) == (
+        "Qwen/Qwen3-VL-8B-Instruct",
+        "bfloat16",
+        2,
+    )
     assert cfg.model.uncertainty and cfg.model.gradient_checkpointing
     assert (cfg.loss.alpha, cfg.loss.ranking) == (0.7, "uncertainty")
     t = cfg.trainer
@@ -328,12 +342,17 @@ def test_joint_loss_weighs_ranking_and_language_by_alpha(tmp_path):
     model = JRM.build(JRMArgs(dimension_heads=2, uncertainty=True, **SMALL))
     collate = PairCollator(model, with_critiques=True)
     trainer = JRMTrainer(
-        model=model, args=training_arguments(cfg), train_dataset=PairDataset(pairs), data_collator=collate,
+        model=model,
+        args=training_arguments(cfg),
+        train_dataset=PairDataset(pairs),
+        data_collator=collate,
         loss_config=LossConfig(alpha=0.0, ranking="uncertainty"),
     )
     inputs = collate(pairs[:12])  # the first pairs tie on the second dimension
     rank = trainer.compute_loss(model, dict(inputs))
-    lm = model(**{k: v for k, v in inputs.items() if k not in ("ties", "dims_known", "chosen_dims", "rejected_dims")}).lm_loss
+    lm = model(
+        **{k: v for k, v in inputs.items() if k not in ("ties", "dims_known", "chosen_dims", "rejected_dims")}
+    ).lm_loss
     trainer.loss_config = LossConfig(alpha=0.7, ranking="uncertainty")
     joint = trainer.compute_loss(model, dict(inputs))
     assert joint.item() == pytest.approx(0.3 * rank.item() + 0.7 * lm.item(), rel=1e-5)
@@ -382,7 +401,6 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, weights):
     b = JRM.from_pretrained(tmp_path / "resumed" / "final")
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.allclose(pa, pb, atol=1e-6), name
-
 
 
 def test_critique_synthesis_is_label_consistent_and_resumable(tmp_path):
@@ -438,11 +456,27 @@ def test_deepspeed_zero2_on_two_cpu_ranks(tmp_path):
         port = s.getsockname()[1]
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(root))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-        str(root / "reward" / "train.py"), f"output_dir={tmp_path}", "model.tiny_hidden=64", "model.tiny_layers=2",
-        "data.shapeedit_pairs=120", "data.max_eval_pairs=8", "trainer.max_steps=4", "trainer.per_device_train_batch_size=2",
-        "trainer.logging_steps=1", "trainer.eval_steps=4", "trainer.save_steps=4", "trainer.report_to=[]",
-        "trainer.disable_tqdm=true", f"trainer.deepspeed={root / 'reward' / 'configs' / 'ds_zero2.json'}", "trainer.ddp_backend=gloo",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        str(root / "reward" / "train.py"),
+        f"output_dir={tmp_path}",
+        "model.tiny_hidden=64",
+        "model.tiny_layers=2",
+        "data.shapeedit_pairs=120",
+        "data.max_eval_pairs=8",
+        "trainer.max_steps=4",
+        "trainer.per_device_train_batch_size=2",
+        "trainer.logging_steps=1",
+        "trainer.eval_steps=4",
+        "trainer.save_steps=4",
+        "trainer.report_to=[]",
+        "trainer.disable_tqdm=true",
+        f"trainer.deepspeed={root / 'reward' / 'configs' / 'ds_zero2.json'}",
+        "trainer.ddp_backend=gloo",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -473,8 +507,11 @@ def test_dimension_heads_learn_from_dimension_scores(tmp_path):
     cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "trainer.report_to=[]", "trainer.eval_strategy=no"])
     model = JRM.build(JRMArgs(dimension_heads=2, **SMALL))
     trainer = JRMTrainer(
-        model=model, args=training_arguments(cfg), train_dataset=PairDataset(pairs),
-        data_collator=PairCollator(model, with_critiques=False), loss_config=LossConfig(dimension_weight=1.0),
+        model=model,
+        args=training_arguments(cfg),
+        train_dataset=PairDataset(pairs),
+        data_collator=PairCollator(model, with_critiques=False),
+        loss_config=LossConfig(dimension_weight=1.0),
     )
     inputs = PairCollator(model, with_critiques=False)(pairs[:6])
     assert inputs["chosen_dims"].shape == (6, 2) and bool(inputs["dims_known"].all())

@@ -15,9 +15,13 @@ def test_loss_functions_match_closed_forms():
     rejected = torch.tensor([1.0, 1.5, 1.0])
     ties = torch.tensor([False, False, True])
     dropped = preference_loss(chosen, rejected, ties)
-    assert dropped.item() == pytest.approx((-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(-1.0))).item() / 2)
+    assert dropped.item() == pytest.approx(
+        (-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(-1.0))).item() / 2
+    )
     margin = preference_loss(chosen, rejected, ties, margin=0.5)
-    assert margin.item() == pytest.approx((-F.logsigmoid(torch.tensor(0.5)) - F.logsigmoid(torch.tensor(-1.5))).item() / 2)
+    assert margin.item() == pytest.approx(
+        (-F.logsigmoid(torch.tensor(0.5)) - F.logsigmoid(torch.tensor(-1.5))).item() / 2
+    )
     modelled = preference_loss(chosen, rejected, ties, tie_mode="model")
     expected = (-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(-1.0)) + np.log(2)).item() / 3
     assert modelled.item() == pytest.approx(expected)
@@ -68,14 +72,23 @@ def expected_sigmoid(m: float, s: float, nodes: int = 120) -> float:
 def test_uncertainty_probability_agrees_with_numerical_integration():
     for m, sd_c, sd_r in POINTS:
         loss = uncertainty_preference_loss(
-            torch.tensor([m], dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
-            torch.tensor([sd_c], dtype=torch.float64), torch.tensor([sd_r], dtype=torch.float64), torch.tensor([False]),
+            torch.tensor([m], dtype=torch.float64),
+            torch.zeros(1, dtype=torch.float64),
+            torch.tensor([sd_c], dtype=torch.float64),
+            torch.tensor([sd_r], dtype=torch.float64),
+            torch.tensor([False]),
         )
         exact = expected_sigmoid(m, math.hypot(sd_c, sd_r))
         assert math.exp(-loss.item()) == pytest.approx(exact, abs=TOLERANCE), (m, sd_c, sd_r)
     # The points are where sigma matters: Bradley-Terry on mu alone would fail the same tolerance.
     assert max(abs(expected_sigmoid(m, math.hypot(c, r)) - sigmoid(m)) for m, c, r in POINTS) > TOLERANCE
-    assert max(abs(expected_sigmoid(m, math.hypot(c, r)) - sigmoid(m / math.sqrt(1 + math.pi * (c + r) ** 2 / 8))) for m, c, r in POINTS) > TOLERANCE
+    assert (
+        max(
+            abs(expected_sigmoid(m, math.hypot(c, r)) - sigmoid(m / math.sqrt(1 + math.pi * (c + r) ** 2 / 8)))
+            for m, c, r in POINTS
+        )
+        > TOLERANCE
+    )
 
 
 def test_uncertainty_loss_is_bradley_terry_as_sigma_vanishes():

@@ -45,8 +45,16 @@ def pretrained(tmp_path_factory):
     cfg = PretrainConfig(
         output_dir=str(out),
         model=JRMArgs(tiny_hidden=64, tiny_layers=2),
-        trainer={"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": [], "save_strategy": "no",
-                 "remove_unused_columns": False, "disable_tqdm": True, "logging_steps": 1},  # fmt: skip
+        trainer={
+            "max_steps": 3,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "report_to": [],
+            "save_strategy": "no",
+            "remove_unused_columns": False,
+            "disable_tqdm": True,
+            "logging_steps": 1,
+        },  # fmt: skip
     )
     record = pretrain(cfg)
     return cfg, record

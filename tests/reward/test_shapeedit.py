@@ -85,7 +85,9 @@ def test_oracle_judges_arbitrary_images_of_any_size_and_mode():
     target = render(apply_edits(scene, edits), 40, 56)
     assert judge_image(scene, edits, Image.fromarray(target)).overall == 1.0
     assert judge_image(scene, edits, Image.fromarray(target).convert("RGBA")).overall == 1.0
-    assert judge_image(scene, edits, Image.fromarray(target).convert("P", palette=Image.Palette.ADAPTIVE)).overall == 1.0
+    assert (
+        judge_image(scene, edits, Image.fromarray(target).convert("P", palette=Image.Palette.ADAPTIVE)).overall == 1.0
+    )
     assert judge_image(scene, edits, target.astype(np.float32) / 255).overall == 1.0
     noise = np.random.default_rng(0).integers(0, 256, size=target.shape, dtype=np.uint8)
     assert judge_image(scene, edits, noise).overall < 0.3
@@ -134,7 +136,9 @@ def test_critiques_agree_with_the_oracle_and_their_boxes_with_the_scene():
             assert verdict and tuple(map(int, verdict.groups())) == (following, quality, following + quality), text
             # One status per atomic edit (a swap states it on both objects), in the oracle's words.
             said = [m.group(1) for m in re.finditer(r"asked to [^:]*: (done|partly done|not done)", text)]
-            expected = [status(f) for e, f in zip(edits, j.following_per_edit) for _ in range(2 if e.family == "swap" else 1)]
+            expected = [
+                status(f) for e, f in zip(edits, j.following_per_edit) for _ in range(2 if e.family == "swap" else 1)
+            ]
             assert sorted(said) == sorted(expected), text
             # Every region's box is the exact box of an object of the source, of the asked-for scene or of
             # the candidate, on the 0-1000 scale; the instruction's objects come first, with tags in order.
@@ -143,9 +147,13 @@ def test_critiques_agree_with_the_oracle_and_their_boxes_with_the_scene():
             assert [int(b[0]) for b in boxes] == list(range(len(boxes))), text
             known = {box(s) for sc in (scene, wanted, candidate.scene) for s in sc.shapes}
             assert all(tuple(map(int, b[1:])) in known for b in boxes), text
-            named = {i for e in edits for i in ([ADDED_ID] if e.family == "add" else [e.target, e.other]) if i is not None}
+            named = {
+                i for e in edits for i in ([ADDED_ID] if e.family == "add" else [e.target, e.other]) if i is not None
+            }
             assert len(boxes) >= len(named), text
-            assert [line.split(" ")[0] for line in lines[: len(boxes)]] == [f"<|bbox_{k}|>" for k in range(len(boxes))], text
+            assert [line.split(" ")[0] for line in lines[: len(boxes)]] == [
+                f"<|bbox_{k}|>" for k in range(len(boxes))
+            ], text
             assert lines[len(boxes)].startswith("<|global|> ") and lines[-1].startswith("Verdict: "), text
             if mode == "correct":
                 assert "not requested" not in text and "clean and sharp" in text and "8/8" in text
@@ -187,7 +195,9 @@ def test_dataset_format_splits_and_heldout_compositions(tmp_path):
             for key in ("path_src", "path1", "path2"):
                 assert Image.open(out / row[key]).size == (64, 64)
     train_keys = {tuple(k) for p in json.loads((out / "train_prompts.json").read_text()) for k in p["compositions"]}
-    heldout_keys = {tuple(k) for p in json.loads((out / "test_heldout_prompts.json").read_text()) for k in p["compositions"]}
+    heldout_keys = {
+        tuple(k) for p in json.loads((out / "test_heldout_prompts.json").read_text()) for k in p["compositions"]
+    }
     assert not {k for k in heldout_keys if is_heldout(k)} & train_keys
 
 

@@ -24,6 +24,7 @@ from rl.config import RLConfig
 from rl.loop import train
 from rl.workers import build_policy
 
+
 def tiny_data_and_policy(root: Path, size: int = 32, hidden_size: int = 64) -> Path:
     """launch/benchmarking.py's tiny_learning_run under root; returns root."""
     tiny_learning_run(root, size, hidden_size)
@@ -31,22 +32,43 @@ def tiny_data_and_policy(root: Path, size: int = 32, hidden_size: int = 64) -> P
 
 
 def overrides(root, out, *extra):
-    """A 3-step GRPO run: 2 prompts x 4 samples, micro-batches of 4, Gaussian SDE steps and a drawn last step."""
+    """A 3-step GRPO run: 2 prompts x 4 samples, micro-batches of 4, Gaussian SDE steps and a drawn last step, one
+    rollout worker (tests/rl/test_multinode.py runs two on a node)."""
     data = root / "data"
     return [
-        f"output_dir={out}", f"policy.path={root / 'policy'}", "policy.height=32", "policy.width=32", "policy.sampler.num_steps=3",
-        "policy.sampler.noise_level=0.9", "policy.sampler.sample_last_step=true", "policy.sampler.gaussian_steps=true",
-        "policy.lora_rank=4", "policy.eval_steps=3",
-        f"reward.terms=[{{name: oracle, spec: 'oracle:{data}'}}]", f"reward.gold=oracle:{data}",
-        f"data.train_prompts={data / 'train_prompts.json'}", f"data.eval_prompts={data / 'test_heldout_prompts.json'}", "data.num_eval=4",
-        "algo.prompts_per_step=2", "algo.group_size=4", "algo.micro_batch_size=4", "algo.updates_per_step=1", "algo.lr=0.01",
-        "num_steps=3", "save_every=1", "eval_every=3", "keep_checkpoints=3", "wandb=false", "cluster.num_rollout_workers=2", *extra,
+        f"output_dir={out}",
+        f"policy.path={root / 'policy'}",
+        "policy.height=32",
+        "policy.width=32",
+        "policy.sampler.num_steps=3",
+        "policy.sampler.noise_level=0.9",
+        "policy.sampler.sample_last_step=true",
+        "policy.sampler.gaussian_steps=true",
+        "policy.lora_rank=4",
+        "policy.eval_steps=3",
+        f"reward.terms=[{{name: oracle, spec: 'oracle:{data}'}}]",
+        f"reward.gold=oracle:{data}",
+        f"data.train_prompts={data / 'train_prompts.json'}",
+        f"data.eval_prompts={data / 'test_heldout_prompts.json'}",
+        "data.num_eval=4",
+        "algo.prompts_per_step=2",
+        "algo.group_size=4",
+        "algo.micro_batch_size=4",
+        "algo.updates_per_step=1",
+        "algo.lr=0.01",
+        "num_steps=3",
+        "save_every=1",
+        "eval_every=3",
+        "keep_checkpoints=3",
+        "wandb=false",
+        "cluster.num_rollout_workers=1",
+        *extra,
     ]
 
 
 def run_in_process(root, out, *extra):
-    """The run of `overrides(root, out, *extra)` with one rollout worker, in this process (no Ray); returns out."""
-    cfg = load_config(RLConfig, None, overrides(root, out, "cluster.num_rollout_workers=1", *extra))
+    """The run of `overrides(root, out, *extra)` in this process (no Ray); returns out."""
+    cfg = load_config(RLConfig, None, overrides(root, out, *extra))
     with in_process_actors(cfg) as actors:
         train(cfg, actors)
     return out
@@ -78,7 +100,9 @@ def assert_learned(run) -> None:
     decay = (1 - cfg.algo.lr * cfg.algo.weight_decay) ** first
     got = weights(run, first)
     moved = max((got[k] - fresh[k] * decay).abs().max().item() for k in fresh)
-    assert moved > 0.1 * cfg.algo.lr, f"{run}: step {first} moved the trainable weights by at most {moved:.2e} beyond weight decay"
+    assert moved > 0.1 * cfg.algo.lr, (
+        f"{run}: step {first} moved the trainable weights by at most {moved:.2e} beyond weight decay"
+    )
 
 
 def assert_same_metrics(got_dir, want_dir, rel=1e-6, abs=1e-9) -> None:

@@ -9,7 +9,18 @@ from PIL import Image
 from policies.adapters import TrainableConfig
 from policies.sampling import SamplerConfig
 from policies.shapeedit import ShapeEditPolicy
-from rl.algorithms import NFT, MicroTargets, categorical_kl, clipped_surrogate, gaussian_kl, group_advantages, nft_kl, nft_loss, nft_optimality, value_loss
+from rl.algorithms import (
+    NFT,
+    MicroTargets,
+    categorical_kl,
+    clipped_surrogate,
+    gaussian_kl,
+    group_advantages,
+    nft_kl,
+    nft_loss,
+    nft_optimality,
+    value_loss,
+)
 from rl.config import AlgoConfig
 from tests.policies.test_shapeedit_policy import INSTRUCTIONS, TINY
 
@@ -20,9 +31,15 @@ def test_group_advantages_closed_form():
     out = group_advantages(rewards, groups, clip=0)
     # group 0: mean 2, std 1 -> -1, 0, 1; group 1: all equal -> 0 and flagged; group 2: mean 2, std sqrt(8)
     expected = [-1, 0, 1, 0, 0, 0, -2 / math.sqrt(8), 2 / math.sqrt(8)]
-    torch.testing.assert_close(out.advantages, torch.tensor(expected) * torch.tensor([1 / (1 + 1e-4)] * 3 + [1] * 3 + [math.sqrt(8) / (math.sqrt(8) + 1e-4)] * 2))
+    torch.testing.assert_close(
+        out.advantages,
+        torch.tensor(expected)
+        * torch.tensor([1 / (1 + 1e-4)] * 3 + [1] * 3 + [math.sqrt(8) / (math.sqrt(8) + 1e-4)] * 2),
+    )
     assert out.zero_std.tolist() == [False] * 3 + [True] * 3 + [False] * 2
-    clipped = group_advantages(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 100.0]), torch.zeros(8, dtype=torch.long), clip=2.0)
+    clipped = group_advantages(
+        torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 100.0]), torch.zeros(8, dtype=torch.long), clip=2.0
+    )
     assert clipped.advantages.max().item() == 2.0
     batch = group_advantages(rewards, groups, std="batch", clip=0)
     torch.testing.assert_close(batch.advantages[:3], (rewards[:3] - 2) / (rewards.std() + 1e-4))
@@ -42,7 +59,11 @@ def test_clipped_surrogate_closed_form():
     loss, stats = clipped_surrogate(new, old, adv, clip_range=0.1)
     # per row max(-A r, -A clip(r)): 1 -> -1; 1.5 -> max(-1.5, -1.1) = -1.1; 0.5, A=-1 -> max(0.5, 0.9) = 0.9; 1.05, A=-2 -> 2.1
     assert loss.item() == pytest.approx((-1 - 1.1 + 0.9 + 2.1) / 4, abs=1e-6)
-    assert stats.clipfrac == pytest.approx(0.5) and stats.clipfrac_high == pytest.approx(0.25) and stats.clipfrac_low == pytest.approx(0.25)
+    assert (
+        stats.clipfrac == pytest.approx(0.5)
+        and stats.clipfrac_high == pytest.approx(0.25)
+        and stats.clipfrac_low == pytest.approx(0.25)
+    )
     assert stats.ratio_min == pytest.approx(0.5) and stats.ratio_max == pytest.approx(1.5)
     assert stats.approx_kl == pytest.approx(0.5 * (new**2).mean().item())
     # on-policy: ratio 1, gradient = -A d logp (the policy gradient)
@@ -119,11 +140,15 @@ def test_nft_needs_only_the_edits_and_trains_at_the_sampling_weights():
     trajectory, and its first loss trains at the sampling weights (v_theta = v_old: drift 0)."""
     policy = ShapeEditPolicy.build(TINY, INSTRUCTIONS, seed=0, trainable=TrainableConfig(lora_rank=4))
     images = [Image.new("RGB", (TINY.image_size, TINY.image_size), c) for c in ("red", "blue")]
-    rollout = policy.sample(images, INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0))
-    nft = NFT(AlgoConfig(algo="nft", nft_terms=2, group_size=2, prompts_per_step=1, micro_batch_size=2, updates_per_step=1))
+    rollout = policy.sample(
+        images, INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0)
+    )
+    nft = NFT(
+        AlgoConfig(algo="nft", nft_terms=2, group_size=2, prompts_per_step=1, micro_batch_size=2, updates_per_step=1)
+    )
     targets = [MicroTargets(torch.tensor([0.9, 0.2]), seed=7)]
-    full, = nft.prepare(policy, [rollout], targets)
-    slim, = nft.prepare(policy, [rollout.final_only()], targets)
+    (full,) = nft.prepare(policy, [rollout], targets)
+    (slim,) = nft.prepare(policy, [rollout.final_only()], targets)
     assert rollout.final_only().latents.shape[1] == 1
     for (s1, x1, t1, v1), (s2, x2, t2, v2) in zip(full[0], slim[0]):
         assert s1 == s2 and torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(v1, v2)
@@ -144,7 +169,9 @@ def test_nft_kl_is_the_clean_edit_distance_on_the_loss_scale():
         for p in policy.trainable_parameters():
             p.add_(0.05 * torch.randn_like(p))
     images = [Image.new("RGB", (TINY.image_size, TINY.image_size), c) for c in ("red", "blue")]
-    rollout = policy.sample(images, INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0))
+    rollout = policy.sample(
+        images, INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0)
+    )
     targets = [MicroTargets(torch.tensor([0.9, 0.2]), seed=7)]
     cfg = dict(algo="nft", nft_terms=2, group_size=2, prompts_per_step=1, micro_batch_size=2, updates_per_step=1)
     plain, penalised = NFT(AlgoConfig(**cfg)), NFT(AlgoConfig(**cfg, kl_beta=0.5))
@@ -174,7 +201,9 @@ def test_ppo_matches_a_hand_computed_update():
         for p in policy.trainable_parameters():
             p.add_(0.05 * torch.randn_like(p))
     images = [Image.new("RGB", (TINY.image_size, TINY.image_size), c) for c in ("red", "blue", "green", "white")]
-    rollout = policy.sample(images, INSTRUCTIONS, SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0))
+    rollout = policy.sample(
+        images, INSTRUCTIONS, SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0)
+    )
     returns = torch.tensor([0.9, 0.1, 0.5, 0.3])
     ppo = PPO(AlgoConfig(algo="ppo", group_size=4, prompts_per_step=1, micro_batch_size=4, updates_per_step=1))
     (prepared,) = ppo.prepare(policy, [rollout], [MicroTargets(returns, seed=0)])

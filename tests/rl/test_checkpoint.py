@@ -25,7 +25,10 @@ def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
     state, weights = checkpoint.load(found)
     assert state == {"step": 2} and weights["w"].tolist() == [2, 2, 2]
     _write(tmp_path, 10)
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-000002", "step-000010"]  # keep 2, numeric order
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == [
+        "step-000002",
+        "step-000010",
+    ]  # keep 2, numeric order
     assert checkpoint.find_resume(tmp_path, "none") is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         checkpoint.find_resume(tmp_path, str(half))
@@ -33,7 +36,11 @@ def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
     assert checkpoint.find_resume(tmp_path, "auto").name == "step-000011"
     again = _write(tmp_path, 11, state={"step": 11, "again": True}, value=0)  # re-saving a step replaces it whole
     assert checkpoint.load(again)[0] == {"step": 11, "again": True}
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".tmp-step-000003", "step-000010", "step-000011"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        ".tmp-step-000003",
+        "step-000010",
+        "step-000011",
+    ]
 
 
 def test_a_checkpoint_without_its_weights_is_never_committed(tmp_path):

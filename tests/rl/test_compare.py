@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 
 from reward.config import save_config
-from rl.compare import CompareError, band, gold_difference, hacking_rates, hacking_signal, load_run, run_signal, scores_file, summarise
+from rl.compare import (
+    CompareError,
+    band,
+    gold_difference,
+    hacking_rates,
+    hacking_signal,
+    load_run,
+    run_signal,
+    scores_file,
+    summarise,
+)
 from rl.config import RewardConfig, RewardTerm, RLConfig
 
 
@@ -36,18 +46,35 @@ def write_run(
     prompt (the same in every run), plus per-evaluation jitter; their mean is the evaluation's mean."""
     run = root / name
     run.mkdir(parents=True)
-    cfg = RLConfig(output_dir=str(run), seed=seed, num_steps=steps, eval_every=eval_every,
-                   reward=RewardConfig(terms=[RewardTerm(spec=f"jrm:/models/{reward_dir}/final")], gold=gold_spec))
+    cfg = RLConfig(
+        output_dir=str(run),
+        seed=seed,
+        num_steps=steps,
+        eval_every=eval_every,
+        reward=RewardConfig(terms=[RewardTerm(spec=f"jrm:/models/{reward_dir}/final")], gold=gold_spec),
+    )
     cfg.algo.lr = lr
     save_config(cfg, run / "config.yaml")
     rng = np.random.default_rng(seed)
     lines = []
     for step in range(steps + 1):
         if step:
-            lines.append({"step": step, "rollout/reward_mean": float(proxy(step) + noise * rng.normal()), "rollout/reward_std": 1.0,
-                          "rollout/zero_std_ratio": 0.0, "train/approx_kl": 1e-5 * step, "train/clipfrac": 0.05})
+            lines.append(
+                {
+                    "step": step,
+                    "rollout/reward_mean": float(proxy(step) + noise * rng.normal()),
+                    "rollout/reward_std": 1.0,
+                    "rollout/zero_std_ratio": 0.0,
+                    "train/approx_kl": 1e-5 * step,
+                    "train/clipfrac": 0.05,
+                }
+            )
         if step % eval_every == 0:
-            row = {"step": step, "eval/reward_mean": float(proxy(step)), "eval/gold_score": float(gold(step) + noise * rng.normal())}
+            row = {
+                "step": step,
+                "eval/reward_mean": float(proxy(step)),
+                "eval/gold_score": float(gold(step) + noise * rng.normal()),
+            }
             if sem is not None:
                 row.update({"eval/reward_sem": sem, "eval/gold_sem": sem})
             if gold_spec == "" or not log_gold:
@@ -62,13 +89,20 @@ def write_run(
                         wobble = rng.normal(0, jitter, prompts)
                         per_prompt[key] = row[key] + deviation + wobble - wobble.mean()
                 if sem is not None:
-                    row.update({"eval/reward_sem": prompt_spread / 2, "eval/gold_sem": prompt_spread / 2})  # what such spread logs
+                    row.update(
+                        {"eval/reward_sem": prompt_spread / 2, "eval/gold_sem": prompt_spread / 2}
+                    )  # what such spread logs
                 (run / "eval").mkdir(exist_ok=True)
-                (run / "eval" / f"scores-step-{step:06d}.json").write_text(json.dumps({
-                    "step": step, "instructions": [f"prompt {i}" for i in range(prompts)],
-                    "proxy": per_prompt["eval/reward_mean"].tolist(),
-                    "gold": per_prompt["eval/gold_score"].tolist() if "eval/gold_score" in per_prompt else None,
-                }))
+                (run / "eval" / f"scores-step-{step:06d}.json").write_text(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "instructions": [f"prompt {i}" for i in range(prompts)],
+                            "proxy": per_prompt["eval/reward_mean"].tolist(),
+                            "gold": per_prompt["eval/gold_score"].tolist() if "eval/gold_score" in per_prompt else None,
+                        }
+                    )
+                )
             (run / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
             (run / "checkpoints" / f"step-{step:06d}" / "state.json").write_text("{}")
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -86,7 +120,9 @@ def hacked_gold(step):  # rises to step 20, then falls well beyond the noise
 def test_a_planted_hacking_run_is_flagged_with_its_onset_and_a_stable_one_is_not(tmp_path):
     hacked = load_run(write_run(tmp_path, "hacked", hacked_gold, lambda s: 0.1 * s))
     stable = load_run(write_run(tmp_path, "stable", rising, lambda s: 0.1 * s))
-    collapsed = load_run(write_run(tmp_path, "collapsed", hacked_gold, lambda s: 0.1 * min(s, 20) - 0.2 * max(s - 20, 0)))
+    collapsed = load_run(
+        write_run(tmp_path, "collapsed", hacked_gold, lambda s: 0.1 * min(s, 20) - 0.2 * max(s - 20, 0))
+    )
     signal = run_signal(hacked)
     assert signal.verdict == "hacking"
     assert signal.best_step == 20
@@ -110,7 +146,12 @@ def test_a_drop_within_the_evaluation_noise_is_not_hacking():
     # the proxy must rise beyond its own noise too
     assert hacking_signal(steps, proxy, gold, np.full(5, 0.2), np.full(5, 0.001)).verdict == "flat"
     # a single logged standard error of nan (one prompt) falls back to the fixed tolerance
-    assert hacking_signal(steps, proxy, gold, np.full(5, 0.05), np.array([0.001, np.nan, 0.001, 0.001, 0.001]), gold_tolerance=0.05).verdict == "flat"
+    assert (
+        hacking_signal(
+            steps, proxy, gold, np.full(5, 0.05), np.array([0.001, np.nan, 0.001, 0.001, 0.001]), gold_tolerance=0.05
+        ).verdict
+        == "flat"
+    )
     assert hacking_signal(steps[:2], proxy[:2], gold[:2], np.full(2, 0.05), np.full(2, 0.001)).verdict == "too short"
     # runs without logged standard errors use the gold tolerance
     assert hacking_signal(steps, proxy, gold, gold_tolerance=0.05).verdict == "flat"
@@ -206,14 +247,18 @@ def test_bad_metrics_are_refused_with_file_and_line(tmp_path):
 
 def test_fresh_runs_and_runs_without_gold(tmp_path):
     fresh = write_run(tmp_path, "fresh", rising, lambda s: s, seed=1)
-    (fresh / "metrics.jsonl").write_text((fresh / "metrics.jsonl").read_text().splitlines()[0] + "\n")  # only step 0 so far
+    (fresh / "metrics.jsonl").write_text(
+        (fresh / "metrics.jsonl").read_text().splitlines()[0] + "\n"
+    )  # only step 0 so far
     running = load_run(write_run(tmp_path, "running", rising, lambda s: s))
     (group,), signals = summarise([running, load_run(fresh)])
     assert group.at_step == 0 and signals[fresh].verdict == "too short"
     silent = load_run(write_run(tmp_path, "silent", rising, lambda s: s, seed=2, log_gold=False))
     with pytest.raises(CompareError, match="logged no eval/gold_score while the others did"):
         summarise([running, silent])
-    without = [load_run(write_run(tmp_path, f"nogold{i}", rising, lambda s: 0.1 * s, seed=i, gold_spec="")) for i in range(2)]
+    without = [
+        load_run(write_run(tmp_path, f"nogold{i}", rising, lambda s: 0.1 * s, seed=i, gold_spec="")) for i in range(2)
+    ]
     (group,), signals = summarise(without)
     assert group.verdicts == {"no gold": 2}
     assert math.isnan(group.gold_at) and group.proxy_at == pytest.approx(4.0)
@@ -244,16 +289,32 @@ def test_the_hacking_rule_rates_by_simulation():
 
 
 def test_gold_difference_separates_reward_models_with_an_interval(tmp_path):
-    better = [load_run(write_run(tmp_path, f"a{s}", lambda t: rising(t) + 0.1 * t / 40, rising, seed=s, prompts=32), "A") for s in range(3)]
+    better = [
+        load_run(write_run(tmp_path, f"a{s}", lambda t: rising(t) + 0.1 * t / 40, rising, seed=s, prompts=32), "A")
+        for s in range(3)
+    ]
     worse = [load_run(write_run(tmp_path, f"b{s}", rising, rising, seed=s, prompts=32), "B") for s in range(3)]
     diff = gold_difference(better, worse)
     assert diff.prompts == 32 and diff.step == 40 and diff.seeds == (3, 3)
-    assert diff.mean == pytest.approx(0.1, abs=1e-9) and diff.ci_low > 0.05 and diff.resolved and diff.seeds_to_resolve == 0
+    assert (
+        diff.mean == pytest.approx(0.1, abs=1e-9)
+        and diff.ci_low > 0.05
+        and diff.resolved
+        and diff.seeds_to_resolve == 0
+    )
     assert diff.sentence().startswith("A > B by 0.100 gold at step 40")
-    same = gold_difference(worse, [load_run(write_run(tmp_path, f"c{s}", rising, rising, seed=10 + s, prompts=32), "C") for s in range(3)])
+    same = gold_difference(
+        worse, [load_run(write_run(tmp_path, f"c{s}", rising, rising, seed=10 + s, prompts=32), "C") for s in range(3)]
+    )
     assert not same.resolved and same.sentence().startswith("No difference resolved between B and C")
     # seeds that disagree by +-0.02 around a 0.01 difference: unresolved, and more seeds would resolve it
-    noisy = [load_run(write_run(tmp_path, f"n{s}", lambda t, s=s: rising(t) + 0.01 + 0.02 * (s - 1), rising, seed=s, prompts=32), "N") for s in range(3)]
+    noisy = [
+        load_run(
+            write_run(tmp_path, f"n{s}", lambda t, s=s: rising(t) + 0.01 + 0.02 * (s - 1), rising, seed=s, prompts=32),
+            "N",
+        )
+        for s in range(3)
+    ]
     unresolved = gold_difference(noisy, worse)
     assert not unresolved.resolved and unresolved.seeds_to_resolve is not None and unresolved.seeds_to_resolve > 3
     assert "seeds per reward model would resolve it" in unresolved.sentence()

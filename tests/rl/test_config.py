@@ -58,7 +58,17 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="zero_stage must be 2 or 3"):
         load_config(RLConfig, None, ["cluster.zero_stage=1"])
     with pytest.raises(ValueError, match="4 rollout workers \\(2 node"):
-        load_config(RLConfig, None, ["cluster.num_nodes=2", "cluster.num_rollout_workers=2", "algo.prompts_per_step=2", "algo.group_size=4", "algo.micro_batch_size=4"])
+        load_config(
+            RLConfig,
+            None,
+            [
+                "cluster.num_nodes=2",
+                "cluster.num_rollout_workers=2",
+                "algo.prompts_per_step=2",
+                "algo.group_size=4",
+                "algo.micro_batch_size=4",
+            ],
+        )
     with pytest.raises(ValueError, match="reward_gpu 8 is not a GPU"):
         load_config(RLConfig, None, ["cluster.gpus_per_node=8", "cluster.reward_gpu=8"])
     with pytest.raises(ValueError, match="ShapeEdit policy is small and does not support it"):

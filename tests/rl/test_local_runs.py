@@ -23,7 +23,15 @@ from rl.algorithms import MicroTargets
 from rl.config import RLConfig
 from rl.loop import Run
 from rl.workers import build_policy
-from tests.rl.runs import assert_learned, assert_same_metrics, assert_same_weights, metrics, run_in_process, tiny_data_and_policy, weights
+from tests.rl.runs import (
+    assert_learned,
+    assert_same_metrics,
+    assert_same_weights,
+    metrics,
+    run_in_process,
+    tiny_data_and_policy,
+    weights,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +87,11 @@ def test_resume_equals_the_uninterrupted_run_and_a_lost_optimizer_state_fails_it
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     load = DeepSpeedEngine.load_checkpoint  # the plant: the weights come back, AdamW's moments start again from zero
-    monkeypatch.setattr(DeepSpeedEngine, "load_checkpoint", lambda self, *a, **k: load(self, *a, **{**k, "load_optimizer_states": False}))
+    monkeypatch.setattr(
+        DeepSpeedEngine,
+        "load_checkpoint",
+        lambda self, *a, **k: load(self, *a, **{**k, "load_optimizer_states": False}),
+    )
     planted = tmp_path / "planted"
     resume_after_step_1(whole, planted)
     run_in_process(root, planted)
@@ -97,7 +109,12 @@ def test_a_nan_loss_skips_the_update_on_one_rank(root, tmp_path, monkeypatch, st
     update = Run.update
 
     def poisoned(self, step, micro, targets):
-        return update(self, step, micro, [MicroTargets(t.values * float("nan"), t.seed) for t in targets] if step == 0 else targets)
+        return update(
+            self,
+            step,
+            micro,
+            [MicroTargets(t.values * float("nan"), t.seed) for t in targets] if step == 0 else targets,
+        )
 
     monkeypatch.setattr(Run, "update", poisoned)
     out = run_in_process(root, tmp_path / "run", f"cluster.zero_stage={stage}", "num_steps=2")
@@ -136,7 +153,9 @@ def test_nan_rewards_skip_steps_then_stop_the_run(root, tmp_path):
     broken.save_pretrained(tmp_path / "nan_jrm")
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="2 consecutive steps had NaN/Inf rewards"):
-        run_in_process(root, run, f"reward.terms=[{{name: broken, spec: 'jrm:{tmp_path / 'nan_jrm'}'}}]", "max_bad_steps=2")
+        run_in_process(
+            root, run, f"reward.terms=[{{name: broken, spec: 'jrm:{tmp_path / 'nan_jrm'}'}}]", "max_bad_steps=2"
+        )
     skipped = [r for r in metrics(run) if r.get("train/skipped_nonfinite_reward") == 1]
     assert [r["step"] for r in skipped] == [1, 2]
     assert not any("train/loss" in r for r in metrics(run))  # no update ever used them
@@ -169,13 +188,26 @@ def test_what_the_driver_receives_does_not_grow_with_images_or_weights(root, tmp
     for an evaluation and for a checkpoint are the same for 4x the pixels and twice the trained weights."""
     big_root = tiny_data_and_policy(tmp_path_factory.mktemp("big"), size=64, hidden_size=128)
     small = run_in_process(root, tmp_path_factory.mktemp("small") / "run", "num_steps=1", "eval_every=1")
-    big = run_in_process(big_root, tmp_path_factory.mktemp("large") / "run", "num_steps=1", "eval_every=1", "policy.height=64", "policy.width=64")
-    grew = (big / "checkpoints" / "step-000001" / "policy.safetensors").stat().st_size / (small / "checkpoints" / "step-000001" / "policy.safetensors").stat().st_size
+    big = run_in_process(
+        big_root,
+        tmp_path_factory.mktemp("large") / "run",
+        "num_steps=1",
+        "eval_every=1",
+        "policy.height=64",
+        "policy.width=64",
+    )
+    grew = (big / "checkpoints" / "step-000001" / "policy.safetensors").stat().st_size / (
+        small / "checkpoints" / "step-000001" / "policy.safetensors"
+    ).stat().st_size
     assert grew > 1.9
     for key in ("perf/eval_driver_bytes", "perf/checkpoint_driver_bytes"):
         got = [r[key] for r in read_rows(big) if key in r]
         want = [r[key] for r in read_rows(small) if key in r]
-        assert len(got) == len(want) >= 1 and all(g == pytest.approx(w, rel=0.1) for g, w in zip(got, want)), (key, got, want)
+        assert len(got) == len(want) >= 1 and all(g == pytest.approx(w, rel=0.1) for g, w in zip(got, want)), (
+            key,
+            got,
+            want,
+        )
     assert max(r["perf/eval_driver_bytes"] for r in read_rows(big) if "perf/eval_driver_bytes" in r) < 2e6
 
 

@@ -5,7 +5,6 @@ driver mid-checkpoint) leave the run's metrics and weights equal to the uninterr
 is first checked to have learned (tests/rl/runs.py: a gradient at every step, reward spread, weights moved)."""
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -15,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import ray
@@ -23,9 +21,9 @@ import torch
 
 from reward.config import load_config
 from rl import checkpoint
-from rl.config import RLConfig
 from rl.actors import RayRewardClient, RewardUnavailable
 from rl.algorithms import MicroTargets
+from rl.config import RLConfig
 from rl.loop import Run, train
 from rl.workers import build_policy
 from tests.rl.runs import (
@@ -46,8 +44,13 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tiny_data_and_policy(tmp_path_factory.mktemp("rl"))
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        num_cpus=2,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
+    )
     yield root
     ray.shutdown()
 
@@ -67,11 +70,16 @@ def kill_after_first_checkpoint(out: Path, args: list[str]) -> None:
     address = ray.get_runtime_context().gcs_address
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "launch" / "grpo_edit.py"), *args, f"cluster.address={address}"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step-000001" / "state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run to be killed ended or stalled before its first checkpoint"
+        assert proc.poll() is None and time.time() < deadline, (
+            "the run to be killed ended or stalled before its first checkpoint"
+        )
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -84,7 +92,9 @@ def skip_shard_of_rank_1():
     update = Run.update
 
     def skipping(self, step, micro, targets):
-        return update(self, step, micro, [MicroTargets(t.values * 0, t.seed) if i % 2 else t for i, t in enumerate(targets)])
+        return update(
+            self, step, micro, [MicroTargets(t.values * 0, t.seed) if i % 2 else t for i, t in enumerate(targets)]
+        )
 
     return skipping
 
@@ -140,10 +150,18 @@ def test_a_nan_loss_on_one_rank_skips_the_update_on_every_rank(setup, tmp_path, 
     (the weights stay the initial ones), log it, and step 2 trains as usual."""
     out = tmp_path / f"z{stage}"
     monkeypatch.setattr(Run, "update", nan_targets_on_rank_1_at_step_1())
-    train(load_config(RLConfig, None, overrides(setup, out, f"cluster.zero_stage={stage}", "cluster.num_learners=2", "num_steps=2")))
+    train(
+        load_config(
+            RLConfig,
+            None,
+            overrides(setup, out, f"cluster.zero_stage={stage}", "cluster.num_learners=2", "num_steps=2"),
+        )
+    )
     first, second = [r for r in metrics(out) if "train/skipped_updates" in r]
     assert first["train/skipped_updates"] == 1 and first["train/nonfinite_losses"] > 0, first
-    assert second["train/skipped_updates"] == 0 and second["train/nonfinite_losses"] == 0 and second["train/grad_norm"] > 0
+    assert (
+        second["train/skipped_updates"] == 0 and second["train/nonfinite_losses"] == 0 and second["train/grad_norm"] > 0
+    )
     fresh = build_policy(load_config(RLConfig, out / "config.yaml", []).policy, seed=0).trainable_state()
     assert_same_weights(weights(out, 1), fresh, atol=0)
     assert any(not torch.equal(weights(out, 2)[k], fresh[k]) for k in fresh)
@@ -174,7 +192,7 @@ def test_nft_on_two_ray_ranks_equals_one_rank_in_process(setup, tmp_path):
     """DiffusionNFT on the same loop: 2 learner ranks on Ray equal 1 rank in process (rl/actors.py
     in_process_actors) on the same batch: the same rollout seeds, so the same samples and the same update.
     (NFT's resume and per-prompt scores: tests/rl/test_local_runs.py.)"""
-    nft = ("algo.algo=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "cluster.num_rollout_workers=1", "num_steps=1")
+    nft = ("algo.algo=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "num_steps=1")
     local = run_in_process(setup, tmp_path / "local", *nft)
     assert_learned(local)
     b = tmp_path / "b"
@@ -210,6 +228,7 @@ def test_reward_timeouts_are_retried_then_raise(setup):
 
 def test_the_local_cluster_listens_on_loopback_only(setup):
     """Ray would bind its GCS, raylet, agents and workers to every interface; ours stay on 127.0.0.1."""
+
     @ray.remote
     class Probe:
         def pid(self):
@@ -219,7 +238,9 @@ def test_the_local_cluster_listens_on_loopback_only(setup):
     worker = ray.get(probe.pid.remote())
     processes = psutil.Process().children(recursive=True)
     assert worker in {p.pid for p in processes}
-    listening = [(p.name(), c.laddr) for p in processes for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    listening = [
+        (p.name(), c.laddr) for p in processes for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+    ]
     assert len(listening) >= 3  # GCS, raylet, the actor's worker at least
     exposed = [(name, addr) for name, addr in listening if addr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not exposed, f"listening beyond loopback: {exposed}"
@@ -270,7 +291,10 @@ def kill_when(after: Path, process: str, until: threading.Event | None = None) -
 @pytest.mark.parametrize(
     "process, recovery",
     [
-        ("ray::RolloutWorker.rollout", "redoing the step (1/3)"),  # Ray reruns it on the restarted worker, stale weights
+        (
+            "ray::RolloutWorker.rollout",
+            "redoing the step (1/3)",
+        ),  # Ray reruns it on the restarted worker, stale weights
         ("ray::RewardWorker", "reward call failed"),  # the caller's retry reaches the restarted reward actor
     ],
     ids=["rollout-worker", "reward-actor"],
@@ -310,8 +334,15 @@ def test_a_driver_killed_while_writing_a_checkpoint_never_loads_it(setup, whole,
     want_dir, got_dir = whole, tmp_path / "killed"
     address = ray.get_runtime_context().gcs_address
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch" / "grpo_edit.py"), *overrides(setup, got_dir, f"cluster.address={address}")],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            str(ROOT / "launch" / "grpo_edit.py"),
+            *overrides(setup, got_dir, f"cluster.address={address}"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     staging = got_dir / "checkpoints" / ".tmp-step-000002"
     deadline = time.time() + 300
@@ -320,7 +351,9 @@ def test_a_driver_killed_while_writing_a_checkpoint_never_loads_it(setup, whole,
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (got_dir / "checkpoints" / "step-000002").exists(), "the kill came after the rename: nothing was half-written"
+    assert not (got_dir / "checkpoints" / "step-000002").exists(), (
+        "the kill came after the rename: nothing was half-written"
+    )
     assert checkpoint.find_resume(got_dir, "auto").name == "step-000001"
     train(load_config(RLConfig, None, overrides(setup, got_dir)))
     assert not staging.exists()
@@ -329,11 +362,14 @@ def test_a_driver_killed_while_writing_a_checkpoint_never_loads_it(setup, whole,
     assert_same_weights(weights(got_dir, 3), weights(want_dir, 3), atol=1e-6)
 
 
-
 def test_no_secret_reaches_the_run_directory(setup, tmp_path, monkeypatch):
     """Tokens in the environment (wandb, Hugging Face, Ray) appear in no file of a run, wandb's offline files
     included; wandb stays offline."""
-    secrets = {"WANDB_API_KEY": "wandb-secret-4f1c9e", "HF_TOKEN": "hf_secret_8d2b7a", "RAY_AUTH_TOKEN": "ray-secret-77a0c3"}
+    secrets = {
+        "WANDB_API_KEY": "wandb-secret-4f1c9e",
+        "HF_TOKEN": "hf_secret_8d2b7a",
+        "RAY_AUTH_TOKEN": "ray-secret-77a0c3",
+    }
     for key, value in secrets.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must be our default, not the test's

@@ -32,9 +32,21 @@ def cluster(tmp_path_factory):
     root = tiny_data_and_policy(tmp_path_factory.mktemp("multinode"))
     # health checks every 0.5 s: a killed node is declared dead in about a second (Ray's default takes ~15 s)
     health = {"health_check_period_ms": 500, "health_check_failure_threshold": 2, "health_check_initial_delay_ms": 0}
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "_system_config": health})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "_system_config": health,
+        },
+    )
     nodes = [c.add_node(**NODE) for _ in range(2)]
-    ray.init(address=c.address, configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        address=c.address,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
+    )
     yield root, c, nodes
     ray.shutdown()
     c.shutdown()
@@ -44,8 +56,16 @@ def overrides(root, out, nodes: int, *extra):
     """test_loop's tiny run, on `nodes` nodes of 2 'GPUs': 2 rollout workers and 2 learners in all, the reward
     actor of each node on its GPU 1."""
     return loop_overrides(
-        root, out, "algo.micro_batch_size=2", f"cluster.num_nodes={nodes}", f"cluster.num_rollout_workers={2 // nodes}", f"cluster.num_learners={2 // nodes}",
-        "cluster.gpus_per_node=2", "cluster.gpu_resource=fake_gpu", "cluster.reward_gpu=1", *extra,
+        root,
+        out,
+        "algo.micro_batch_size=2",
+        f"cluster.num_nodes={nodes}",
+        f"cluster.num_rollout_workers={2 // nodes}",
+        f"cluster.num_learners={2 // nodes}",
+        "cluster.gpus_per_node=2",
+        "cluster.gpu_resource=fake_gpu",
+        "cluster.reward_gpu=1",
+        *extra,
     )
 
 
@@ -82,9 +102,13 @@ def test_two_nodes_place_a_reward_actor_on_each_equal_one_node_and_batch_per_nod
             n = actors.node_of_worker(k)
             assert node == where["reward"][n], f"rollout worker {k} is not on node {n}"
             called = ray.get(worker.__ray_call__.remote(lambda w: w.reward.handle._actor_id.hex()))
-            assert called == actors.reward_actors[n]._actor_id.hex(), f"rollout worker {k} calls another node's reward actor"
+            assert called == actors.reward_actors[n]._actor_id.hex(), (
+                f"rollout worker {k} calls another node's reward actor"
+            )
         assert [(p.role, p.node, p.slot, p.share) for p in actors.placements if p.node == 0] == [
-            ("rollout", 0, 0, 0.5), ("learner", 0, 0, 0.5), ("reward", 0, 1, 1.0)
+            ("rollout", 0, 0, 0.5),
+            ("learner", 0, 0, 0.5),
+            ("reward", 0, 1, 1.0),
         ]
         train(cfg, actors)  # the run itself, on these actors
     assert_learned(two)

@@ -24,7 +24,9 @@ def total(scores: Scores, worker: RewardWorker) -> list[float]:
 
 
 def test_source_preservation():
-    s = SourcePreservation().score(_images(2, 0), ["a", "b"], [Image.new("RGB", (8, 8), (255, 255, 255)), Image.new("L", (4, 4), 0)])
+    s = SourcePreservation().score(
+        _images(2, 0), ["a", "b"], [Image.new("RGB", (8, 8), (255, 255, 255)), Image.new("L", (4, 4), 0)]
+    )
     assert s.tolist() == [0.0, 1.0]
 
 
@@ -34,7 +36,9 @@ class Broken:
 
 
 def test_weighted_sum_and_optional_failures(capsys):
-    worker = RewardWorker([RewardTerm("keep", "preservation", 0.5), RewardTerm("keep2", "preservation", 2.0, required=False)])
+    worker = RewardWorker(
+        [RewardTerm("keep", "preservation", 0.5), RewardTerm("keep2", "preservation", 2.0, required=False)]
+    )
     out = worker.score(_images(2), ["a", "b"], _images(2, 255))
     assert total(out, worker) == [0.0, 0.0] and out.terms["keep"] == [0.0, 0.0]
     out = worker.score(_images(1), ["a"], _images(1))
@@ -76,7 +80,10 @@ class Recording:
 
 def test_each_term_forwards_its_own_micro_batch():
     """reward.max_batch_size is how many edits the actor gathers; each term forwards its micro_batch_size."""
-    worker = RewardWorker([RewardTerm("a", "preservation", micro_batch_size=3), RewardTerm("b", "preservation", micro_batch_size=5)], max_batch_size=8)
+    worker = RewardWorker(
+        [RewardTerm("a", "preservation", micro_batch_size=3), RewardTerm("b", "preservation", micro_batch_size=5)],
+        max_batch_size=8,
+    )
     a, b = Recording(), Recording()
     worker.terms = [(worker.terms[0][0], a), (worker.terms[1][0], b)]
     worker.score(_images(8), ["i"] * 8, _images(8))
@@ -96,7 +103,9 @@ def test_a_term_missing_in_part_of_a_group_is_left_out_of_that_whole_group():
     nowhere = total_rewards({"judge": judge}, weights, group_ids).total
     assert with_gap.dropped_groups == {"judge": 0, "aux": 1}
     group = group_ids == 1
-    assert torch.equal(with_gap.total[group], nowhere[group]) and torch.equal(with_gap.total[~group], everywhere[~group])
+    assert torch.equal(with_gap.total[group], nowhere[group]) and torch.equal(
+        with_gap.total[~group], everywhere[~group]
+    )
     adv = group_advantages(with_gap.total, group_ids, "group", clip=5.0).advantages
     assert torch.equal(adv[group], group_advantages(nowhere, group_ids, "group", clip=5.0).advantages[group])
     assert torch.equal(adv[~group], group_advantages(everywhere, group_ids, "group", clip=5.0).advantages[~group])
@@ -108,7 +117,9 @@ def test_a_term_missing_in_part_of_a_group_is_left_out_of_that_whole_group():
 def test_a_failing_call_that_splits_a_group_drops_the_term_for_the_group():
     """The actor's calls split groups (micro-batches of 2, groups of 4): the optional term raising on one call
     costs its group that term for all 4 rows, through the worker's Scores and the driver's sum."""
-    worker = RewardWorker([RewardTerm("keep", "preservation", 1.0), RewardTerm("flaky", "preservation", 1.0, required=False)])
+    worker = RewardWorker(
+        [RewardTerm("keep", "preservation", 1.0), RewardTerm("flaky", "preservation", 1.0, required=False)]
+    )
     flaky = worker.terms[1]
     group_ids = torch.arange(2).repeat_interleave(4)
     parts = []
@@ -118,7 +129,10 @@ def test_a_failing_call_that_splits_a_group_drops_the_term_for_the_group():
     scores = Scores.cat(parts)
     assert scores.errors == {"flaky": 2}
     result = total_rewards(scores.terms, {"keep": 1.0, "flaky": 1.0}, group_ids)
-    assert result.total.tolist() == [1.0, 1.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0] and result.dropped_groups == {"keep": 0, "flaky": 1}
+    assert result.total.tolist() == [1.0, 1.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0] and result.dropped_groups == {
+        "keep": 0,
+        "flaky": 1,
+    }
 
 
 def test_concurrent_requests_are_batched():
@@ -126,7 +140,9 @@ def test_concurrent_requests_are_batched():
 
     async def many():
         # 3 requests of 2 arrive together: one call of 6 after max_wait; then 8 at once flush immediately
-        first = await asyncio.gather(*[worker.score_batched(_images(2), ["a", "b"], _images(2, 255 * (i % 2))) for i in range(3)])
+        first = await asyncio.gather(
+            *[worker.score_batched(_images(2), ["a", "b"], _images(2, 255 * (i % 2))) for i in range(3)]
+        )
         second = await asyncio.gather(*[worker.score_batched(_images(4), ["a"] * 4, _images(4)) for _ in range(2)])
         return first, second
 
@@ -171,7 +187,9 @@ def gated(worker: RewardWorker) -> tuple[RewardWorker, threading.Semaphore]:
 
 
 def test_requests_arriving_during_a_call_fill_the_next_one():
-    worker, gate = gated(RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=4, max_wait_s=3600.0, clients=1))
+    worker, gate = gated(
+        RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=4, max_wait_s=3600.0, clients=1)
+    )
 
     async def during_a_call():
         def request(i):
@@ -197,7 +215,11 @@ def test_a_failed_batch_reaches_every_caller():
     worker.terms[0] = (working[0], Broken())
 
     async def two_then_one():
-        failed = await asyncio.gather(worker.score_batched(_images(1), ["a"], _images(1)), worker.score_batched(_images(1), ["b"], _images(1)), return_exceptions=True)
+        failed = await asyncio.gather(
+            worker.score_batched(_images(1), ["a"], _images(1)),
+            worker.score_batched(_images(1), ["b"], _images(1)),
+            return_exceptions=True,
+        )
         worker.terms[0] = working  # the judge is back: the worker serves again after a failed call
         return failed, await worker.score_batched(_images(1), ["c"], _images(1))
 
@@ -208,7 +230,9 @@ def test_a_failed_batch_reaches_every_caller():
 
 def test_a_request_cancelled_during_its_call_leaves_the_others_answered():
     """Ray cancels a request whose caller timed out; the rest of its batch still get their scores."""
-    worker, gate = gated(RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=8, max_wait_s=3600.0, clients=3))
+    worker, gate = gated(
+        RewardWorker([RewardTerm("keep", "preservation")], max_batch_size=8, max_wait_s=3600.0, clients=3)
+    )
 
     async def three_cancel_one():
         tasks = [asyncio.ensure_future(worker.score_batched(_images(1), [f"{i}"], _images(1))) for i in range(3)]
