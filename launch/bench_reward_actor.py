@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "p99_ms",
         "empty_call_ms",
     ]
-    title = f"Ray reward actor: {args.requests} requests of {args.request_size} edit(s), max_wait_s {args.max_wait_s}, {threads} threads"
+    title = (
+        f"Ray reward actor: {args.requests} requests of {args.request_size} edit(s), max_wait_s {args.max_wait_s}, "
+        f"{threads} threads"
+    )
     print("\n" + table(rows, columns, title))
     path = write_report(args.out, "reward_actor", command_line(__file__, argv), vars(args), {"rows": rows})
     print(f"wrote {path}")

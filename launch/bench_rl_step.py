@@ -3,19 +3,21 @@
 overlapping reward with sampling (`cluster.async_reward`); step time vs the number of rollout actors, learner
 ranks and simulated nodes; the bytes the driver receives; peak memory of each role.
 
-    python launch/bench_rl_step.py [--size demo] [--steps 4] [--configs sync-1x1,async-1x1,async-2x1,async-1x2,async-2x2,sync-1x1@2]
+    python launch/bench_rl_step.py [--size demo] [--steps 4]
+                                   [--configs sync-1x1,async-1x1,async-2x1,async-1x2,async-2x2,sync-1x1@2]
                                    [--max-wait-s S] [--out runs/bench/rl_step.json]
 
-Sizes (`--size demo`, the default): the demo's (launch/configs/shapeedit.yaml: 8 prompts x 8 edits per step, micro-batches of 16,
-8 SDE steps, 2 updates per step, LoRA rank 16; the ShapeEdit policy at its default 64x64 size; a `small`
-JRM), with random weights, which cost what trained ones cost. Each actor uses one torch thread, as in the
+Sizes (`--size demo`, the default): the demo's (launch/configs/shapeedit.yaml: 8 prompts x 8 edits per step,
+micro-batches of 16, 8 SDE steps, 2 updates per step, LoRA rank 16; the ShapeEdit policy at its default 64x64 size; a
+`small` JRM), with random weights, which cost what trained ones cost. Each actor uses one torch thread, as in the
 demo. A config `MODE-RxL[@N]` runs R rollout actors and L learner ranks on each of N simulated nodes (Ray
 nodes on this machine, `ray.cluster_utils.Cluster`; default 1), each node with its own reward actor; `sync`
 waits for each micro-batch's scores before sampling the next. The in-process baseline is the `sync-1x1` work
 in one process: rollout worker, reward worker and learner as plain objects, no Ray. `overhead` = the part of
 the step outside the actors' own work (slowest worker's sampling and reward wait, slowest learner's update):
-dispatch, transfers, weight sync and the driver; comparable across node counts. The first step of every run is a warm-up and is
-left out of the medians. `--size tiny` is a smoke test of this script (tests/launch). Figures and their analysis: docs/performance.md.
+dispatch, transfers, weight sync and the driver; comparable across node counts. The first step of every run is a warm-up
+and is left out of the medians. `--size tiny` is a smoke test of this script (tests/launch). Figures and their analysis:
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -224,13 +226,16 @@ def markdown(report: dict) -> str:
         return "-" if value is None else f"{100 * value:+.1f}%"
 
     lines = [
-        "| config | step s | sampling s | reward wait s | waiting s | update s | weight sync s | overhead | vs in-process | edits/s | driver bytes/step | rollout bytes/step |",
+        "| config | step s | sampling s | reward wait s | waiting s | update s | weight sync s | overhead | vs "
+        "in-process | edits/s | driver bytes/step | rollout bytes/step |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['config']} | {num(r['step_s'])} | {num(r['sample_s'])} | {num(r['reward_wait_s'], 2)} | {num(r['waiting_s'], 2)} | {num(r['update_s'])} "
-            f"| {num(r['sync_s'], 2)} | {100 * r['overhead']:.1f}% | {percent(r.get('vs_in_process'))} | {num(r['edits_s'])} | {int(r['driver_bytes']):,} | {int(r['rollout_bytes']):,} |"
+            f"| {r['config']} | {num(r['step_s'])} | {num(r['sample_s'])} | {num(r['reward_wait_s'], 2)} | "
+            f"{num(r['waiting_s'], 2)} | {num(r['update_s'])} | {num(r['sync_s'], 2)} | {100 * r['overhead']:.1f}% | "
+            f"{percent(r.get('vs_in_process'))} | {num(r['edits_s'])} | {int(r['driver_bytes']):,} | "
+            f"{int(r['rollout_bytes']):,} |"
         )
     lines += [
         "",
@@ -239,7 +244,8 @@ def markdown(report: dict) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['config']} | {num(r.get('RolloutWorker_gib'), 2)} | {num(r.get('RewardWorker_gib'), 2)} | {num(r.get('Learner_gib'), 2)} | {num(r['driver_gib'], 2)} |"
+            f"| {r['config']} | {num(r.get('RolloutWorker_gib'), 2)} | {num(r.get('RewardWorker_gib'), 2)} | "
+            f"{num(r.get('Learner_gib'), 2)} | {num(r['driver_gib'], 2)} |"
         )
     return "\n".join(lines)
 

@@ -130,7 +130,8 @@ class Injector:
             fault = {**fault, "at_step": last_step(self.run), "injected": self._inject(fault["kind"])}
             self.done.append(fault)
             print(
-                f"[soak] fault {len(self.done)}: {fault['kind']} at step {fault['at_step']} ({'injected' if fault['injected'] else 'missed'})",
+                f"[soak] fault {len(self.done)}: {fault['kind']} at step {fault['at_step']} "
+                f"({'injected' if fault['injected'] else 'missed'})",
                 flush=True,
             )
 
@@ -238,11 +239,12 @@ def markdown(report: dict) -> str:
     s, noise = r["soaked"], r["noise"]
     lines += [
         "",
-        f"{r['faults_injected']} faults in a {r['steps']}-step run: {len(r['resumes'])} resumes, {r['redos_in_run']} steps redone in the run, "
-        f"{r['reward_retries']} reward calls retried, {r['steps_redone']} steps computed twice in all; "
-        f"{r['seconds']['faulted']:.0f} s against {r['seconds']['uninterrupted']:.0f} s uninterrupted (overhead {r['overhead']:+.0%}). "
-        f"Largest difference from the uninterrupted run: metrics {s['max_metric_abs']:.3g}, weights {s['max_weight_abs']:.3g} "
-        f"(two uninterrupted runs: {noise['max_metric_abs']:.3g} and {noise['max_weight_abs']:.3g}).",
+        f"{r['faults_injected']} faults in a {r['steps']}-step run: {len(r['resumes'])} resumes, {r['redos_in_run']} "
+        f"steps redone in the run, {r['reward_retries']} reward calls retried, {r['steps_redone']} steps computed "
+        f"twice in all; {r['seconds']['faulted']:.0f} s against {r['seconds']['uninterrupted']:.0f} s uninterrupted "
+        f"(overhead {r['overhead']:+.0%}). Largest difference from the uninterrupted run: metrics "
+        f"{s['max_metric_abs']:.3g}, weights {s['max_weight_abs']:.3g} (two uninterrupted runs: "
+        f"{noise['max_metric_abs']:.3g} and {noise['max_weight_abs']:.3g}).",
     ]
     return "\n".join(lines)
 
@@ -330,11 +332,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     )
     print(
-        f"resumes {len(result['resumes'])}, redos in the run {in_run}, reward retries {result['reward_retries']}, steps redone {result['steps_redone']}, "
-        f"wall-clock {result['seconds']} (overhead {result['overhead']:+.1%})"
+        f"resumes {len(result['resumes'])}, redos in the run {in_run}, reward retries {result['reward_retries']}, "
+        f"steps redone {result['steps_redone']}, wall-clock {result['seconds']} (overhead {result['overhead']:+.1%})"
     )
     print(
-        f"largest differences: faulted vs uninterrupted {soaked}; two uninterrupted runs {noise}; recovered: {result['recovered']}"
+        f"largest differences: faulted vs uninterrupted {soaked}; two uninterrupted runs {noise}; recovered: "
+        f"{result['recovered']}"
     )
     print(markdown(result))
     print(f"wrote {write_report(args.out, 'soak', command_line(__file__, argv), vars(args), result)}")

@@ -130,7 +130,8 @@ def median(values: list[float]) -> float:
 
 
 def seconds(fn, device: str | torch.device, repeats: int) -> float:
-    """Median wall-clock seconds of fn() over `repeats` runs, after one warm-up run (lazy set-up, kernels, allocator)."""
+    """Median wall-clock seconds of fn() over `repeats` runs, after one warm-up run (lazy set-up, kernels,
+    allocator)."""
     fn()
     times = []
     for _ in range(repeats):

@@ -1,7 +1,8 @@
 """Compare RL runs (and the reward models behind them): one report in markdown and HTML, PNG figures, JSON.
 
     python launch/compare_runs.py JRM=runs/grpo_jrm_s0 JRM=runs/grpo_jrm_s1 alpha0=runs/grpo_a0_s0 ... --out report/
-    python launch/compare_runs.py RUN_DIR ... --reward-runs JRM=runs/jrm alpha0=runs/alpha0 --probe data/test_iid.json --out report/
+    python launch/compare_runs.py RUN_DIR ... --reward-runs JRM=runs/jrm alpha0=runs/alpha0 \
+        --probe data/test_iid.json --out report/
 
 A RUN_DIR is an output folder of launch/grpo_edit.py, finished or still running; LABEL=RUN_DIR groups runs
 (default label: the reward terms the run optimised), and runs of one group must differ only in their seed.
@@ -222,8 +223,9 @@ def rl_blocks(summaries: list[GroupSummary], runs: list[Run], signals: dict[Path
     blocks.append(
         (
             "p",
-            f"Step {at} is the last evaluation every run reached; the gold, proxy and per-step columns (KL to zero_std_ratio, means over steps and seeds) stop there; "
-            f"verdicts and agreement judge each run as far as it went. ± is the standard deviation across seeds.",
+            f"Step {at} is the last evaluation every run reached; the gold, proxy and per-step columns (KL to "
+            f"zero_std_ratio, means over steps and seeds) stop there; verdicts and agreement judge each run as far as "
+            f"it went. ± is the standard deviation across seeds.",
         )
     )
     blocks.append(("p", conclusion(summaries)))
@@ -266,11 +268,13 @@ def rl_blocks(summaries: list[GroupSummary], runs: list[Run], signals: dict[Path
     blocks.append(
         (
             "p",
-            "Verdicts, on the held-out evaluations, with the tolerance of the last column (3 standard errors of the per-prompt "
-            "change from eval/scores-step-N.json, else of the difference from the logged eval/*_sem, else fixed): hacking = since the best gold evaluation the gold score "
-            "fell beyond tolerance while the proxy rose beyond tolerance; collapsed = both fell; improved / degraded = the last gold "
-            "score is above / below the first; flat = none of these; too short = under 3 evaluations. Agreement = Spearman of proxy "
-            "and gold across evaluations (1: the proxy tracks the gold score; 0 or below: decoupled). Definitions: rl/compare.py.",
+            "Verdicts, on the held-out evaluations, with the tolerance of the last column (3 standard errors of the "
+            "per-prompt change from eval/scores-step-N.json, else of the difference from the logged eval/*_sem, else "
+            "fixed): hacking = since the best gold evaluation the gold score fell beyond tolerance while the proxy "
+            "rose beyond tolerance; collapsed = both fell; improved / degraded = the last gold score is above / below "
+            "the first; flat = none of these; too short = under 3 evaluations. Agreement = Spearman of proxy and gold "
+            "across evaluations (1: the proxy tracks the gold score; 0 or below: decoupled). Definitions: "
+            "rl/compare.py.",
         )
     )
     return blocks
@@ -284,7 +288,8 @@ def conclusion(summaries: list[GroupSummary]) -> str:
     ranked = sorted(with_gold, key=lambda g: -g.gold_at)
     best = ranked[0]
     parts = [
-        f"Highest gold score at step {best.at_step}: {best.label} ({pm(best.gold_at, best.gold_at_std)}, from {fmt(best.gold_start)})."
+        f"Highest gold score at step {best.at_step}: {best.label} ({pm(best.gold_at, best.gold_at_std)}, from "
+        f"{fmt(best.gold_start)})."
     ]
     if len(ranked) > 1:
         second = ranked[1]
@@ -295,22 +300,27 @@ def conclusion(summaries: list[GroupSummary]) -> str:
         )
         if math.isnan(spread):
             parts.append(
-                f"Next: {second.label} ({fmt(second.gold_at)}); with one seed per reward model the gap can't be told from seed noise."
+                f"Next: {second.label} ({fmt(second.gold_at)}); with one seed per reward model the gap can't be told "
+                f"from seed noise."
             )
         elif best.gold_at - second.gold_at <= spread:
             parts.append(
-                f"Next: {second.label} ({pm(second.gold_at, second.gold_at_std)}): the gap ({fmt(best.gold_at - second.gold_at)}) is within the seed spread, so these seeds do not separate them."
+                f"Next: {second.label} ({pm(second.gold_at, second.gold_at_std)}): the gap "
+                f"({fmt(best.gold_at - second.gold_at)}) is within the seed spread, so these seeds do not separate "
+                f"them."
             )
         else:
             parts.append(
-                f"Next: {second.label} ({pm(second.gold_at, second.gold_at_std)}): the gap ({fmt(best.gold_at - second.gold_at)}) exceeds the seed spread."
+                f"Next: {second.label} ({pm(second.gold_at, second.gold_at_std)}): the gap "
+                f"({fmt(best.gold_at - second.gold_at)}) exceeds the seed spread."
             )
     for g in with_gold:
         hacked = g.verdicts.get("hacking", 0)
         collapsed = g.verdicts.get("collapsed", 0)
         if hacked:
             parts.append(
-                f"{g.label}: the policy hacked it in {hacked} of {g.runs} runs (onset at steps {', '.join(map(str, g.onsets))})."
+                f"{g.label}: the policy hacked it in {hacked} of {g.runs} runs (onset at steps "
+                f"{', '.join(map(str, g.onsets))})."
             )
         if collapsed:
             parts.append(f"{g.label}: {collapsed} of {g.runs} runs collapsed (gold and proxy fell together).")
@@ -369,9 +379,10 @@ def difference_blocks(differences: list[Difference]) -> list:
     blocks.append(
         (
             "p",
-            "Intervals: bootstrap resampling the seeds of each reward model and, paired across both, the held-out prompts "
-            "(each run's per-prompt scores of that evaluation; seeds only for runs without them). Seeds to resolve: the seed "
-            "part of the variance shrinks with more seeds, the prompt part does not (rl/compare.py: gold_difference).",
+            "Intervals: bootstrap resampling the seeds of each reward model and, paired across both, the held-out "
+            "prompts (each run's per-prompt scores of that evaluation; seeds only for runs without them). Seeds to "
+            "resolve: the seed part of the variance shrinks with more seeds, the prompt part does not (rl/compare.py: "
+            "gold_difference).",
         )
     )
     return blocks
@@ -382,7 +393,8 @@ def reward_blocks(cmp: RewardComparison, figure: Path, probe_file: str) -> list:
         ("h2", "Reward models"),
         (
             "p",
-            f"Probe set: {cmp.probe_pairs} non-tied pairs of {probe_file}; every checkpoint of every run scores the same candidates.",
+            f"Probe set: {cmp.probe_pairs} non-tied pairs of {probe_file}; every checkpoint of every run scores the "
+            f"same candidates.",
         ),
     ]
     header = [
@@ -409,7 +421,8 @@ def reward_blocks(cmp: RewardComparison, figure: Path, probe_file: str) -> list:
         blocks.append(
             (
                 "p",
-                "One run per setting: the seed-to-seed spread of accuracy and scores needs two or more runs under one label.",
+                "One run per setting: the seed-to-seed spread of accuracy and scores needs two or more runs under one "
+                "label.",
             )
         )
     names = [f"{r.label} ({r.path.name})" for r in cmp.runs]
@@ -551,7 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--probe",
-        help="pairs file (EditReward-Data json) the reward models are compared on (default: none; --reward-runs needs one)",
+        help=(
+            "pairs file (EditReward-Data json) the reward models are compared on (default: none; --reward-runs needs "
+            "one)"
+        ),
     )
     parser.add_argument("--probe-pairs", type=int, default=200, help="non-tied probe pairs used")
     parser.add_argument(

@@ -274,7 +274,8 @@ def rl_markdown(results: dict) -> str:
             lines.append(f"| {label} | {split} | " + " | ".join(f"{results[name][split][k]:.3f}" for k in keys) + " |")
     lines += [
         "",
-        "| reward model | seed | gold at step 0 | gold at the end (step) | gain | best gold | verdict | groups without reward spread | s per step |",
+        "| reward model | seed | gold at step 0 | gold at the end (step) | gain | best gold | verdict | groups "
+        "without reward spread | s per step |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in results["runs"]:
@@ -282,16 +283,18 @@ def rl_markdown(results: dict) -> str:
         flat = "–" if run.get("zero_std_ratio") is None else f"{run['zero_std_ratio']:.0%}"
         step_s = "–" if run.get("step_s") is None else f"{run['step_s']:.1f}"
         lines.append(
-            f"| {run['label']} | {run['seed']} | {run['gold'][0]:.3f} | {run['gold'][-1]:.3f} ({run['steps'][-1]}) | {gain:+.3f} | {max(run['gold']):.3f} | {run['verdict']} | {flat} | {step_s} |"
+            f"| {run['label']} | {run['seed']} | {run['gold'][0]:.3f} | {run['gold'][-1]:.3f} ({run['steps'][-1]}) | "
+            f"{gain:+.3f} | {max(run['gold']):.3f} | {run['verdict']} | {flat} | {step_s} |"
         )
     agreement = results.get("agreement")
     if agreement:
         lines += [
             "",
-            f"How each reward model ranks the pretrained policy's own edits ({agreement['prompts']} val prompts x {agreement['group_size']} drawn edits; "
-            f"groups whose edits are all identical: {agreement['identical_groups']:.0%}, against {agreement['identical_groups_gaussian']:.0%} with Gaussian steps and "
-            f"the most probable category last; oracle spread within a group {agreement['gold_spread']:.3f}; keeping the oracle's best edit of each group gains "
-            f"{agreement['oracle_best_gain']:+.3f}):",
+            f"How each reward model ranks the pretrained policy's own edits ({agreement['prompts']} val prompts x "
+            f"{agreement['group_size']} drawn edits; groups whose edits are all identical: "
+            f"{agreement['identical_groups']:.0%}, against {agreement['identical_groups_gaussian']:.0%} with Gaussian "
+            f"steps and the most probable category last; oracle spread within a group {agreement['gold_spread']:.3f}; "
+            f"keeping the oracle's best edit of each group gains {agreement['oracle_best_gain']:+.3f}):",
             "",
             "| reward model | Spearman with the oracle within a group | groups | oracle gain of its top-ranked edit |",
             "| --- | --- | --- | --- |",
@@ -303,7 +306,8 @@ def rl_markdown(results: dict) -> str:
     if difference:
         lines += [
             "",
-            f"Final held-out gold, bootstrap over seeds and, paired, the {difference['prompts']} prompts: **{difference['sentence']}**",
+            f"Final held-out gold, bootstrap over seeds and, paired, the {difference['prompts']} prompts: "
+            f"**{difference['sentence']}**",
         ]
     return "\n".join(lines)
 
@@ -317,12 +321,18 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds",
         type=int,
         default=None,
-        help="GRPO runs per reward model (seeds 0..N-1; default 3, the fewest for an interval worth reading; 2 with --quick)",
+        help=(
+            "GRPO runs per reward model (seeds 0..N-1; default 3, the fewest for an interval worth reading; 2 with "
+            "--quick)"
+        ),
     )
     parser.add_argument(
         "--results",
         default=None,
-        help="where the RL results JSON goes (default docs/results/rl_shapeedit.json; with --quick, OUT/rl_shapeedit.json)",
+        help=(
+            "where the RL results JSON goes (default docs/results/rl_shapeedit.json; with --quick, "
+            "OUT/rl_shapeedit.json)"
+        ),
     )
     args = parser.parse_args(argv)
     if args.seeds is None:
@@ -468,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     print("  reward model   gold at start   gold at step S   best gold   verdicts")
     for g in summary["rl"]["groups"]:
         print(
-            f"  {g['label']:<14} {g['gold_start']:>13.4f}   {g['gold_at']:>14.4f}   {g['gold_best']:>9.4f}   {g['verdicts']}   (S = {g['at_step']})"
+            f"  {g['label']:<14} {g['gold_start']:>13.4f}   {g['gold_at']:>14.4f}   {g['gold_best']:>9.4f}   "
+            f"{g['verdicts']}   (S = {g['at_step']})"
         )
     print(
         "\nStage times: "

@@ -14,8 +14,8 @@ Under 8 minutes on one H100/H200, bf16 weights (LoRA weights and SDE math float3
 - kontext_learner: rl/learner.py's DeepSpeed ZeRO-2 learner (one rank) takes one optimizer step on that rollout
   with launch/configs/flux_kontext_jrm.yaml's algorithm (SDE window, KL term): seconds per step.
 peak_gib: the most GPU memory allocated during the row, weights included; planned_gib: what launch/plan.py (the
-`--plan` preflight, meta device) plans for the same work, so the first GPU run checks the plan. A row that fails (out of memory, say)
-is printed as FAILED, the others are still measured and written, and the command then exits with an error.
+`--plan` preflight, meta device) plans for the same work, so the first GPU run checks the plan. A row that fails (out of
+memory, say) is printed as FAILED, the others are still measured and written, and the command then exits with an error.
 
 MFU = FLOPs / (seconds x peak FLOP/s), forward FLOPs of a batch (P = parameters of the named modules):
     vision   = 2 (P_blocks + P_patch_embed) patches + 2 P_merger patches / 4
@@ -450,7 +450,8 @@ def check_generative(jrm: JRM, preset: Preset, device: str, batch: int, critique
 
 
 def learner_config(preset: Preset, device: str, steps: int) -> RLConfig:
-    """The FLUX.1 Kontext RL preset's algorithm (LoRA, SDE window, KL), shaped for one rollout of one image on one rank."""
+    """The FLUX.1 Kontext RL preset's algorithm (LoRA, SDE window, KL), shaped for one rollout of one image on one
+    rank."""
     return load_config(
         RLConfig,
         KONTEXT_PRESET,
@@ -464,7 +465,8 @@ def learner_config(preset: Preset, device: str, steps: int) -> RLConfig:
             f"policy.height={preset.edit_size}",
             f"policy.width={preset.edit_size}",
             f"policy.sampler.num_steps={steps}",
-            f"policy.sampler.sde_window_size={min(3, steps - 1)}",  # the preset's window of 3, fewer if the steps are fewer
+            # the preset's window of 3, fewer if the steps are fewer
+            f"policy.sampler.sde_window_size={min(3, steps - 1)}",
             # 1 prompt x 2 edits in micro-batches of 1 and 2 updates: each optimizer step is one 1-image micro-batch
             "algo.prompts_per_step=1",
             "algo.group_size=2",
@@ -681,8 +683,10 @@ def table_rows(results: dict, names: list[str]) -> list[dict]:
                     "mfu": r["mfu"],
                     "seconds": r["score_s"],
                     "peak_gib": r["peak_gib"],
-                    "detail": f"batch {r['batch']}, {r['tokens_per_sequence']:.0f} tokens/seq; forward {r['forward_s']:.3g} s, "
-                    f"MFU vision {_percent(r['mfu_vision'])} language {_percent(r['mfu_language'])}",
+                    "detail": (
+                        f"batch {r['batch']}, {r['tokens_per_sequence']:.0f} tokens/seq; forward {r['forward_s']:.3g} "
+                        f"s, MFU vision {_percent(r['mfu_vision'])} language {_percent(r['mfu_language'])}"
+                    ),
                 }
             )
         elif name == "generative":
@@ -699,7 +703,9 @@ def table_rows(results: dict, names: list[str]) -> list[dict]:
                     "unit": "tokens/s",
                     "seconds": r["seconds"],
                     "peak_gib": r["peak_gib"],
-                    "detail": f"batch {r['batch']} x {r['critique_tokens']} tokens, {r['pairs_per_s']:.3g} pairs/s{ratio}",
+                    "detail": (
+                        f"batch {r['batch']} x {r['critique_tokens']} tokens, {r['pairs_per_s']:.3g} pairs/s{ratio}"
+                    ),
                 }
             )
         elif name == "kontext_rollout":
@@ -711,7 +717,10 @@ def table_rows(results: dict, names: list[str]) -> list[dict]:
                     "seconds": r["seconds_per_image"],
                     "peak_gib": r["peak_gib"],
                     "planned_gib": r.get("planned_gib"),
-                    "detail": f"{r['steps']} steps, {r['tokens_per_forward']} tokens/forward, {r['transformer_params'] / 1e9:.3g}B params"
+                    "detail": (
+                        f"{r['steps']} steps, {r['tokens_per_forward']} tokens/forward, "
+                        f"{r['transformer_params'] / 1e9:.3g}B params"
+                    )
                     + ("" if r["finite_log_probs"] else ", NON-FINITE log-probs"),
                 }
             )
@@ -724,8 +733,11 @@ def table_rows(results: dict, names: list[str]) -> list[dict]:
                     "seconds": r["seconds_per_step"],
                     "peak_gib": r["peak_gib"],
                     "planned_gib": r.get("planned_gib"),
-                    "detail": f"ZeRO-2, {r['backward_passes_per_step']} backward passes{', checkpointing' if r['gradient_checkpointing'] else ''}, "
-                    f"loss {r['loss']:.3g}, first step {r['first_step_s']:.3g} s",
+                    "detail": (
+                        f"ZeRO-2, {r['backward_passes_per_step']} backward "
+                        f"passes{', checkpointing' if r['gradient_checkpointing'] else ''}, loss {r['loss']:.3g}, "
+                        f"first step {r['first_step_s']:.3g} s"
+                    ),
                 }
             )
     return rows
@@ -794,7 +806,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Preset]:
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the learner step recomputes the transformer's activations (default: on at real sizes, as the RL presets; off with --tiny)",
+        help=(
+            "the learner step recomputes the transformer's activations (default: on at real sizes, as the RL presets; "
+            "off with --tiny)"
+        ),
     )
     parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows, of {','.join(ROWS)}")
     args = parser.parse_args(argv)
@@ -857,7 +872,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     results["total_s"] = time.perf_counter() - start
     results["rows"] = table_rows(results, names)
-    title = f"gpu_check ({'tiny' if args.tiny else 'real'} sizes, {dtype_name(preset.dtype)}, {device}; MFU: {peak_source}), {results['total_s']:.0f} s"
+    title = (
+        f"gpu_check ({'tiny' if args.tiny else 'real'} sizes, {dtype_name(preset.dtype)}, {device}; MFU: "
+        f"{peak_source}), {results['total_s']:.0f} s"
+    )
     print("\n" + table(results["rows"], COLUMNS, title))
     settings = dict(
         vars(args),

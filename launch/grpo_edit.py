@@ -51,7 +51,8 @@ def preflight(cfg: RLConfig, only_plan: bool) -> int | None:
     if not cfg.cluster.gpus_per_node:
         if only_plan:
             print(
-                "a CPU run (cluster.gpus_per_node is 0): every actor takes one CPU bundle; there is no GPU memory to plan"
+                "a CPU run (cluster.gpus_per_node is 0): every actor takes one CPU bundle; there is no GPU memory to "
+                "plan"
             )
             return 0
         return None

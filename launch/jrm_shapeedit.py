@@ -1,7 +1,7 @@
 """Measure the ShapeEdit reward models over seeds: the JRM, its lambda = 0 ablation and the trained generative judge.
 
     python launch/jrm_shapeedit.py                      # 3 seeds each; writes docs/results/jrm_shapeedit.json
-    python launch/jrm_shapeedit.py --ablation --seeds 0 --steps 800   # one seed per cell: docs/results/jrm_ablation.json
+    python launch/jrm_shapeedit.py --ablation --seeds 0 --steps 800  # one seed per cell: docs/results/jrm_ablation.json
     python launch/jrm_shapeedit.py --seeds 0 --steps 100 --pretrain-steps 50 --out /tmp/x --json /tmp/x.json   # smoke
 
 One ShapeEdit dataset (10,000 pairs, seed 0) and one pretrained backbone (reward/pretrain_backbone.py) are
@@ -155,8 +155,9 @@ def markdown(report: dict) -> str:
         rows = report[m]
         erank = f"{s['erank_s']['mean']:.1f} / {s['erank_s2']['mean']:.1f}" if "erank_s" in s else "–"
         lines.append(
-            f"| {m} | {len(rows)} | {pct(s['test_iid']['mean'])} ± {pct(s['test_iid']['std'])} | {pct(s['test_heldout']['mean'])} ± "
-            f"{pct(s['test_heldout']['std'])} | {erank} | {s['pairs_per_s']['mean']:.0f} | {s['train_seconds']['mean'] / 60:.1f} min |"
+            f"| {m} | {len(rows)} | {pct(s['test_iid']['mean'])} ± {pct(s['test_iid']['std'])} | "
+            f"{pct(s['test_heldout']['mean'])} ± {pct(s['test_heldout']['std'])} | {erank} | "
+            f"{s['pairs_per_s']['mean']:.0f} | {s['train_seconds']['mean'] / 60:.1f} min |"
         )
     if "jrm" in report and "lambda0" in report and min(len(report["jrm"]), len(report["lambda0"])) >= 2:
         lines.append("")
@@ -164,7 +165,8 @@ def markdown(report: dict) -> str:
             mean, low, high = difference([r[split] for r in report["jrm"]], [r[split] for r in report["lambda0"]])
             verdict = "resolved" if low > 0 or high < 0 else "not resolved"
             lines.append(
-                f"jrm - lambda0 on {split}: {100 * mean:+.1f} points, 95% interval [{100 * low:+.1f}, {100 * high:+.1f}] ({verdict}).  "
+                f"jrm - lambda0 on {split}: {100 * mean:+.1f} points, 95% interval [{100 * low:+.1f}, "
+                f"{100 * high:+.1f}] ({verdict}).  "
             )
     modes = list(report[f"{models[0]}_summary"]["by_mode"])
     lines += ["", "| reward model | " + " | ".join(modes) + " |", "| --- |" + " --- |" * len(modes)]

@@ -8,8 +8,8 @@ hacking verdicts, with the oracle and with a JRM as reward, over several seeds.
 
 Same pretrained policy (made here by launch/pretrain_policy.py when --policy is not given), same prompts,
 same sampler (`--sampler`: the Gaussian SDE steps, or the preset's drawn last step), same steps; each run
-is one `rl.loop.train` on a local Ray cluster, the runs one after another (NFT and GRPO alternate, so a slower machine hurts both).
-Seconds are the run's own: the sum of its steps' and evaluations' wall-clock (actor start-up excluded).
+is one `rl.loop.train` on a local Ray cluster, the runs one after another (NFT and GRPO alternate, so a slower machine
+hurts both). Seconds are the run's own: the sum of its steps' and evaluations' wall-clock (actor start-up excluded).
 Writes the JSON (per run: label, algorithm, reward, seed, steps, seconds, gold, proxy, verdict; and per
 algorithm and reward the mean best gold, time to a gold threshold and verdicts) and a figure next to it.
 """
@@ -67,15 +67,17 @@ def time_to(curve: dict, threshold: float) -> float | None:
 def markdown(report: dict) -> str:
     """The results table docs/results.md and docs/performance.md hold (a test checks they equal this)."""
     lines = [
-        "| algorithm | reward | runs | gold start | best gold (mean ± sd) | last gold | s per step | s total | reached GRPO's best | s to it | verdicts |",
+        "| algorithm | reward | runs | gold start | best gold (mean ± sd) | last gold | s per step | s total | "
+        "reached GRPO's best | s to it | verdicts |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for g in report["summary"]:
         to = "–" if g["seconds_to_threshold"] is None else f"{g['seconds_to_threshold']:.0f}"
         verdicts = ", ".join(f"{k} {v}" for k, v in g["verdicts"].items())
         lines.append(
-            f"| {g['algorithm']} | {g['reward']} | {g['runs']} | {g['gold_start']:.3f} | {g['gold_best']:.3f} ± {g['gold_best_sd']:.3f} | "
-            f"{g['gold_last']:.3f} | {g['seconds_per_step']:.1f} | {g['seconds_total']:.0f} | {g['reached_threshold']}/{g['runs']} | {to} | {verdicts} |"
+            f"| {g['algorithm']} | {g['reward']} | {g['runs']} | {g['gold_start']:.3f} | {g['gold_best']:.3f} ± "
+            f"{g['gold_best_sd']:.3f} | {g['gold_last']:.3f} | {g['seconds_per_step']:.1f} | {g['seconds_total']:.0f} "
+            f"| {g['reached_threshold']}/{g['runs']} | {to} | {verdicts} |"
         )
     for reward in dict.fromkeys(g["reward"] for g in report["summary"]):
         rows = {g["algorithm"]: g for g in report["summary"] if g["reward"] == reward}
@@ -89,7 +91,8 @@ def markdown(report: dict) -> str:
                 else "not measurable (a group never reached it)"
             )
             parts.append(
-                f"{name}'s steps are {speed:.2f}x as fast as GRPO's, time to GRPO's mean best gold ({grpo['threshold']:.3f}) GRPO / {name} {reach}"
+                f"{name}'s steps are {speed:.2f}x as fast as GRPO's, time to GRPO's mean best gold "
+                f"({grpo['threshold']:.3f}) GRPO / {name} {reach}"
             )
         lines.append("")
         lines.append(f"{reward} reward: " + "; ".join(parts) + ".")
@@ -155,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         "--sampler",
         default="gaussian",
         choices=("gaussian", "preset"),
-        help="gaussian: 8 Gaussian SDE steps and the most probable category last (what docs/results/nft_vs_grpo.json was measured with); "
-        "preset: launch/configs/shapeedit.yaml's own (the palette's drawn last step)",
+        help=(
+            "gaussian: 8 Gaussian SDE steps and the most probable category last (what docs/results/nft_vs_grpo.json "
+            "was measured with); preset: launch/configs/shapeedit.yaml's own (the palette's drawn last step)"
+        ),
     )
     args = parser.parse_args(argv)
     chosen_rewards = comma_list(parser, "--rewards", args.rewards, ("oracle", "jrm"))

@@ -219,9 +219,9 @@ def policy_roles(cfg: RLConfig) -> tuple[Role, Role, str]:
         learner.weights += denoiser
         learner.notes.append(f"full fine-tune: {trained / 1e9:.2f}B trained parameters and a frozen reference copy")
     zero3 = cfg.cluster.zero_stage == 3
-    if (
-        zero3 and not p.lora_rank
-    ):  # the trained denoiser partitioned over the ranks (gathered block by block in the forward); its reference copy not
+    if zero3 and not p.lora_rank:
+        # the trained denoiser partitioned over the ranks (gathered block by block in the forward); its reference
+        # copy not
         learner.weights = denoiser / world + denoiser
     learner.trainable = trained * (4 / (world if zero3 else 1) + 4 / world + 8 / world) / GIB
     net.train()
@@ -236,14 +236,16 @@ def policy_roles(cfg: RLConfig) -> tuple[Role, Role, str]:
     else:
         learner.activations = full
         learner.notes.append(
-            f"activations {full:.1f} GiB per micro-batch (gradient checkpointing would make it about {full / meta.blocks * 3:.1f})"
+            f"activations {full:.1f} GiB per micro-batch (gradient checkpointing would make it about "
+            f"{full / meta.blocks * 3:.1f})"
         )
     rollout.activations = full / meta.blocks
     return rollout, learner, meta.source
 
 
 def reward_role(cfg: RLConfig) -> tuple[Role, str]:
-    """The reward actor's memory: the largest JRM / generative term (other terms are small), weights and its widest layer."""
+    """The reward actor's memory: the largest JRM / generative term (other terms are small), weights and its widest
+    layer."""
     from launch.gpu_check import REAL
 
     role = Role("reward")
@@ -332,7 +334,8 @@ def advice(plan: dict, cfg: RLConfig) -> str:
         tips.append(f"a smaller algo.micro_batch_size (now {cfg.algo.micro_batch_size}: activations scale with it)")
     if any("reward" in a for a in plan["busiest"]["actors"]):
         tips.append(
-            "cluster.reward_gpu on a GPU with fewer actors, or fewer rollout workers / learners per node so the reward actor has a GPU of its own"
+            "cluster.reward_gpu on a GPU with fewer actors, or fewer rollout workers / learners per node so the "
+            "reward actor has a GPU of its own"
         )
     if not cfg.policy.lora_rank and cfg.cluster.zero_stage == 2:
         tips.append("cluster.zero_stage=3 (a full fine-tune's weights sharded over the learners)")
@@ -342,14 +345,15 @@ def advice(plan: dict, cfg: RLConfig) -> str:
 
 def format_plan(plan: dict, cfg: RLConfig) -> str:
     lines = [
-        f"plan: {plan['nodes']} node(s) x {plan['gpus_per_node']} GPUs of {plan['gpu_memory_gib']:.0f} GiB (planned up to {plan['limit_gib']:.1f} GiB each); "
-        f"sizes from {plan['sources']['policy']} and {plan['sources']['reward']}"
+        f"plan: {plan['nodes']} node(s) x {plan['gpus_per_node']} GPUs of {plan['gpu_memory_gib']:.0f} GiB (planned "
+        f"up to {plan['limit_gib']:.1f} GiB each); sizes from {plan['sources']['policy']} and "
+        f"{plan['sources']['reward']}"
     ]
     lines.append(f"{'actor':<10}{'weights':>10}{'trainable':>11}{'activations':>13}{'context':>9}{'total GiB':>11}")
     for name, r in plan["roles"].items():
         lines.append(
-            f"{name:<10}{r['weights']:>10.2f}{r['trainable']:>11.2f}{r['activations']:>13.2f}{r['context']:>9.2f}{r['total']:>11.2f}  "
-            + "; ".join(r["notes"])
+            f"{name:<10}{r['weights']:>10.2f}{r['trainable']:>11.2f}{r['activations']:>13.2f}"
+            f"{r['context']:>9.2f}{r['total']:>11.2f}  " + "; ".join(r["notes"])
         )
     lines.append("per GPU of each node:")
     for g in plan["gpus"]:
@@ -359,7 +363,8 @@ def format_plan(plan: dict, cfg: RLConfig) -> str:
         lines.append(f"fits: the busiest GPU ({b['gpu']}) plans {b['gib']:.1f} GiB of {plan['limit_gib']:.1f}")
     else:
         lines.append(
-            f"DOES NOT FIT: GPU {b['gpu']} ({', '.join(b['actors'])}) plans {b['gib']:.1f} GiB, over {plan['limit_gib']:.1f}. Try: {advice(plan, cfg)}"
+            f"DOES NOT FIT: GPU {b['gpu']} ({', '.join(b['actors'])}) plans {b['gib']:.1f} GiB, over "
+            f"{plan['limit_gib']:.1f}. Try: {advice(plan, cfg)}"
         )
     return "\n".join(lines)
 
@@ -381,15 +386,17 @@ def markdown(report: dict) -> str:
             if g["gpu"] in (0, plan["gpus_per_node"] - 1)
         )
         lines.append(
-            f"| {name} | {layout} | {r['rollout']['total']:.1f} | {r['learner']['total']:.1f} | {r['reward']['total']:.1f} "
-            f"| {plan['busiest']['gib']:.1f} ({plan['limit_gib']:.1f}) |"
+            f"| {name} | {layout} | {r['rollout']['total']:.1f} | {r['learner']['total']:.1f} | "
+            f"{r['reward']['total']:.1f} | {plan['busiest']['gib']:.1f} ({plan['limit_gib']:.1f}) |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        description="The preflight plan of every shipped GPU preset (launch/configs/*.yaml with GPUs), as a JSON report."
+        description=(
+            "The preflight plan of every shipped GPU preset (launch/configs/*.yaml with GPUs), as a JSON report."
+        )
     )
     parser.add_argument("--out", default="docs/bench/plans.json", help="where the JSON report goes")
     args = parser.parse_args(argv)

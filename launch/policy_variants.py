@@ -72,12 +72,14 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ),
     (
         "palette_mean_last_step",
-        "x0 = p_0 source + sum_k p_k colour_k: a per-pixel classifier over keeping the source and the 13 palette colours, cross-entropy; the last step lands on the categories' mean (the plain Euler step)",
+        "x0 = p_0 source + sum_k p_k colour_k: a per-pixel classifier over keeping the source and the 13 palette "
+        "colours, cross-entropy; the last step lands on the categories' mean (the plain Euler step)",
         [*PALETTE, "edit_weight=0", "policy.last_step=mean"],
     ),
     (
         "palette_edit_weight_0.3",
-        "the classifier, its most probable category at the last step, + the cross-entropy averaged over the batch's changed pixels (weight 0.3)",
+        "the classifier, its most probable category at the last step, + the cross-entropy averaged over the batch's "
+        "changed pixels (weight 0.3)",
         [*PALETTE, "edit_weight=0.3"],
     ),
     (
@@ -97,7 +99,8 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ),
     (
         "palette_source_colours",
-        "palette_image_average + the source pixel's palette colour (one-hot) and 4 colour queries read at it (today's defaults)",
+        "palette_image_average + the source pixel's palette colour (one-hot) and 4 colour queries read at it (today's "
+        "defaults)",
         ["policy.head_source_colours=true", "edit_weight=1", "edit_average=image"],
     ),
     (
@@ -149,18 +152,21 @@ def collect(cfg: VariantsConfig) -> dict:
 def markdown(report: dict) -> str:
     """The table docs/policies.md holds."""
     lines = [
-        "| variant | what changes | steps | trained (s) | threads | val overall | val following | val consistency | val quality | test_heldout overall | test_heldout following |",
+        "| variant | what changes | steps | trained (s) | threads | val overall | val following | val consistency | "
+        "val quality | test_heldout overall | test_heldout following |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     if report["variants"]:  # the same for every variant: the sources of the same prompts
         r = report["variants"][0]
         lines.append(
-            f"| doing nothing | return the source unchanged | – | – | – | {r['val/identity_overall']:.3f} | – | – | – | {r['test_heldout/identity_overall']:.3f} | – |"
+            f"| doing nothing | return the source unchanged | – | – | – | {r['val/identity_overall']:.3f} | – | – | – "
+            f"| {r['test_heldout/identity_overall']:.3f} | – |"
         )
     for r in report["variants"]:
         lines.append(
-            f"| {r['name']} | {r['what']} | {r['steps']:,} | {r['trained_s']:.0f} | {r['threads']} | {r['val/overall']:.3f} | {r['val/following']:.3f} "
-            f"| {r['val/consistency']:.3f} | {r['val/quality']:.3f} | {r['test_heldout/overall']:.3f} | {r['test_heldout/following']:.3f} |"
+            f"| {r['name']} | {r['what']} | {r['steps']:,} | {r['trained_s']:.0f} | {r['threads']} | "
+            f"{r['val/overall']:.3f} | {r['val/following']:.3f} | {r['val/consistency']:.3f} | {r['val/quality']:.3f} "
+            f"| {r['test_heldout/overall']:.3f} | {r['test_heldout/following']:.3f} |"
         )
     return "\n".join(lines)
 

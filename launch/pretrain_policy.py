@@ -42,7 +42,8 @@ class PretrainConfig:
     output_dir: str = "runs/policy"
     """Where the policy, metrics.jsonl and the resolved config go."""
     data_dir: str = "runs/demo/data"
-    """A ShapeEdit dataset (python -m reward.shapeedit generate): its val and test_heldout prompts are the evaluation set."""
+    """A ShapeEdit dataset (python -m reward.shapeedit generate): its val and test_heldout prompts are the evaluation
+    set."""
     seed: int = 0
     """Seeds the initial weights, the task stream and the noise."""
     policy: ShapeEditPolicyConfig = field(default_factory=ShapeEditPolicyConfig)
@@ -68,7 +69,8 @@ class PretrainConfig:
     edit_weight: float = 1.0
     """Weight of the squared error averaged over the pixels each edit changes, beside the plain mean (0 = none)."""
     edit_average: str = "image"
-    """How edit_weight's term averages: over the batch's changed pixels ('batch') or per image, then over images ('image')."""
+    """How edit_weight's term averages: over the batch's changed pixels ('batch') or per image, then over images
+    ('image')."""
     sigma_location: float = 1.0
     """Location of the logit-normal noise levels (0 = SD3's; above 0 trains more at high noise)."""
     ema_decay: float = 0.999
@@ -80,7 +82,8 @@ class PretrainConfig:
     eval_steps: int = 10
     """ODE steps when sampling for evaluation."""
     progress: bool = True
-    """A progress bar over the steps, on stderr when it is a terminal (the log lines every 50 steps print either way)."""
+    """A progress bar over the steps, on stderr when it is a terminal (the log lines every 50 steps print either
+    way)."""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_steps < 1:

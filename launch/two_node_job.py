@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
             cluster.shutdown()
         result = {"nodes": args.nodes, **summarize(out_dir, args.nodes)}
     print(json.dumps(result, indent=1))
-    print(
-        f"wrote {write_report(args.out, 'two_node_job', command_line(__file__, argv), {**vars(args), 'overrides': extra}, result)}"
+    path = write_report(
+        args.out, "two_node_job", command_line(__file__, argv), {**vars(args), "overrides": extra}, result
     )
+    print(f"wrote {path}")
     return result
 
 

@@ -59,7 +59,8 @@ class Trainable:
         if cfg.gradient_checkpointing:
             if not hasattr(net, "enable_gradient_checkpointing"):
                 raise ValueError(
-                    f"{type(net).__name__} cannot recompute activations; set TrainableConfig.gradient_checkpointing (policy.gradient_checkpointing in RL) false"
+                    f"{type(net).__name__} cannot recompute activations; set TrainableConfig.gradient_checkpointing "
+                    f"(policy.gradient_checkpointing in RL) false"
                 )
             net.enable_gradient_checkpointing()
         if cfg.lora_rank > 0:

@@ -362,7 +362,8 @@ class QwenImageEditPolicy:
         velocity = self._velocity(latents, rollout.sigmas[step], rollout.condition, sampler.guidance_scale)
         out = sde_step_with_logprob(
             latents, velocity, float(rollout.sigmas[step]), float(rollout.sigmas[step + 1]),
-            sampler.noise_level if bool(stochastic.any()) else 0.0, sampler.kind, prev_latents=rollout.latents[:, step + 1],
+            sampler.noise_level if bool(stochastic.any()) else 0.0, sampler.kind,
+            prev_latents=rollout.latents[:, step + 1],
         )  # fmt: skip
         out.log_probs = torch.where(stochastic, out.log_probs, torch.zeros_like(out.log_probs))
         return out
@@ -549,7 +550,10 @@ class ImageOnlyProcessor(Qwen2VLProcessor):
 
 
 # Qwen2's pre-tokenisation, so the tiny tokenizer cuts words where the real one does.
-_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+_PRETOKENIZE = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 _SPECIAL = [
     "<|endoftext|>",
     "<|im_start|>",

@@ -53,13 +53,15 @@ class SamplerConfig:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if not 0 <= self.sde_window_size <= max(self.num_steps - 1, 1):
             raise ValueError(
-                f"sde_window_size must be in [0, num_steps - 1 = {self.num_steps - 1}] (the window never holds the last step), got {self.sde_window_size}"
+                f"sde_window_size must be in [0, num_steps - 1 = {self.num_steps - 1}] (the window never holds the "
+                f"last step), got {self.sde_window_size}"
             )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not self.gaussian_steps and not self.sample_last_step:
             raise ValueError(
-                "gaussian_steps=false leaves no stochastic step to train: set sample_last_step=true (a palette policy) or gaussian_steps=true"
+                "gaussian_steps=false leaves no stochastic step to train: set sample_last_step=true (a palette "
+                "policy) or gaussian_steps=true"
             )
         if self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")

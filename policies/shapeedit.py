@@ -4,9 +4,10 @@ An SD3-style MMDiT (diffusers' SD3Transformer2DModel, joint text-image attention
 of the 64x64 image, with the source image concatenated on the channel axis and a small CLIP text encoder
 (transformers' CLIPTextModel) over a word-level tokenizer; a per-pixel head predicts the clean edit (by
 default as a classifier over keeping the source pixel and the palette colours), from which the velocity
-follows. Pixel space, not a VAE latent space: ShapeEdit images are flat colours with hard edges, 8x8 patches already give only 64 tokens, and the oracle judges
-exactly the pixels the policy writes. Pretrain it with `python launch/pretrain_policy.py`; RL adapts it
-with LoRA on the transformer (the text encoder stays frozen, so rollouts store its outputs).
+follows. Pixel space, not a VAE latent space: ShapeEdit images are flat colours with hard edges, 8x8 patches already
+give only 64 tokens, and the oracle judges exactly the pixels the policy writes. Pretrain it with
+`python launch/pretrain_policy.py`; RL adapts it with LoRA on the transformer (the text encoder stays frozen, so
+rollouts store its outputs).
 """
 
 from __future__ import annotations
@@ -505,7 +506,8 @@ class ShapeEditPolicy:
         check_batch(source_images, instructions, self.height, self.width)
         if sampler.sample_last_step and self.cfg.parameterisation != "palette":
             raise ValueError(
-                f"sampler.sample_last_step needs the 'palette' parameterisation (a per-pixel classifier); this policy is {self.cfg.parameterisation!r}"
+                f"sampler.sample_last_step needs the 'palette' parameterisation (a per-pixel classifier); this policy "
+                f"is {self.cfg.parameterisation!r}"
             )
         b, device = len(instructions), self.device
         sources = images_to_tensor(source_images).to(device)
@@ -638,7 +640,8 @@ class ShapeEditPolicy:
         )  # (B, 1 + K, H, W): the categories that give each pixel its colour
         if not same.any(dim=1).all():
             raise ValueError(
-                "the stored edit has pixels that are neither the source's nor a palette colour: not drawn by this policy's last step"
+                "the stored edit has pixels that are neither the source's nor a palette colour: not drawn by this "
+                "policy's last step"
             )
         pixel = torch.logsumexp(log_p.masked_fill(~same, float("-inf")), dim=1)  # (B, H, W)
         return StepOutput(chosen, pixel.flatten(1).mean(dim=1), chosen, zero, log_categories=log_p)

@@ -42,7 +42,10 @@ MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen3_vl": Qwen3VLForConditionalGeneration,
 }
 # Qwen2's pre-tokenisation, so the tiny tokenizer splits text the way the real one does.
-_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+_PRETOKENIZE = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 _SPECIAL = [
     "<|endoftext|>",
     "<|im_start|>",

@@ -180,7 +180,8 @@ def field_docs(cls: type) -> dict[str, str]:
         for node, after in zip(body, body[1:]):
             if (
                 isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
             ):  # fmt: skip
                 docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
     return docs

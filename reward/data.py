@@ -77,7 +77,8 @@ def decode_image(source: Path | io.BytesIO, error: str) -> Image.Image:
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise DataError(
-                        f"{error}: it declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS}: could be a decompression bomb",
+                        f"{error}: it declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS}: could be a "
+                        f"decompression bomb",
                         "unreadable image",
                     )
                 image.load()
@@ -123,7 +124,8 @@ def check_geometry(image: Image.Image, where: str) -> None:
     width, height = image.size
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise DataError(
-            f"{where} is {width}x{height} pixels: an aspect ratio over {MAX_ASPECT_RATIO}, which Qwen-VL image processors refuse",
+            f"{where} is {width}x{height} pixels: an aspect ratio over {MAX_ASPECT_RATIO}, which Qwen-VL image "
+            f"processors refuse",
             "image geometry",
         )
 

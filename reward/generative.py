@@ -32,7 +32,8 @@ def parse_verdict(text: str) -> float | None:
 
 
 class GenerativeJudge:
-    """score() by greedy decoding of a critique and parsing its verdict; critiques without one score 0 and are counted."""
+    """score() by greedy decoding of a critique and parsing its verdict; critiques without one score 0 and are
+    counted."""
 
     def __init__(self, model: JRM, max_new_tokens: int | None = None, min_new_tokens: int = 0):
         """`max_new_tokens` defaults to the longest critique the model was trained on (model.max_critique_tokens)

@@ -305,7 +305,8 @@ class JRM(PreTrainedModel):
         saved_type = json.loads((path / "config.json").read_text()).get("model_type")
         if saved_type != JRMConfig.model_type:
             raise ValueError(
-                f"{pretrained_model_name_or_path} holds a {saved_type!r} model, not a JRM: load it with transformers' own class"
+                f"{pretrained_model_name_or_path} holds a {saved_type!r} model, not a JRM: load it with transformers' "
+                f"own class"
             )
         config = JRMConfig.from_pretrained(str(path))
         processor = ImageOnlyProcessor.from_pretrained(str(path))
@@ -327,7 +328,8 @@ class JRM(PreTrainedModel):
             missing = [k for k in result.missing_keys if "lora_" in k]
             if missing or result.unexpected_keys:
                 raise ValueError(
-                    f"{path / ADAPTER_FILE} does not fit this JRM: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+                    f"{path / ADAPTER_FILE} does not fit this JRM: missing {missing[:3]}, unexpected "
+                    f"{result.unexpected_keys[:3]}"
                 )
             self.head.load_state_dict(load_file(str(path / HEAD_FILE)))
             return
@@ -366,7 +368,8 @@ class JRM(PreTrainedModel):
         model = cls.from_backbone(args, backbone, ImageOnlyProcessor.from_pretrained(str(path)))
         load_model(model, str(path / "model.safetensors"), strict=True)
         print(
-            f"note: {path} is in the first JRM format (jrm_config.json); JRM.save_pretrained(DIR) rewrites it as config.json"
+            f"note: {path} is in the first JRM format (jrm_config.json); JRM.save_pretrained(DIR) rewrites it as "
+            f"config.json"
         )
         return model.eval()
 
@@ -407,7 +410,8 @@ class JRM(PreTrainedModel):
             tokens = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
             if tokens > self.config.max_instruction_tokens:
                 raise ValueError(
-                    f"{where} has {tokens} tokens, more than model.max_instruction_tokens ({self.config.max_instruction_tokens})"
+                    f"{where} has {tokens} tokens, more than model.max_instruction_tokens "
+                    f"({self.config.max_instruction_tokens})"
                 )
 
     def encode(
@@ -654,7 +658,8 @@ def _check_batch(sources: list, instructions: list, edited: list, critiques: lis
     lengths = [len(sources), len(instructions), len(edited)] + ([] if critiques is None else [len(critiques)])
     if len(set(lengths)) > 1:
         raise ValueError(
-            f"batch mismatch: {len(sources)} source images, {len(instructions)} instructions, {len(edited)} edited images"
+            f"batch mismatch: {len(sources)} source images, {len(instructions)} instructions, {len(edited)} edited "
+            f"images"
             + (f", {len(critiques)} critiques" if critiques is not None else "")
             + "; give one of each per candidate"
         )

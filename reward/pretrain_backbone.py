@@ -194,7 +194,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         record = json.loads(done.read_text())
         if record["settings"] != settings(cfg):
             raise ConfigError(
-                f"{out} holds a backbone pretrained with other settings ({done}); use another output_dir or delete {out}"
+                f"{out} holds a backbone pretrained with other settings ({done}); use another output_dir or delete "
+                f"{out}"
             )
         print(f"reusing the pretrained backbone in {out}")
         return record

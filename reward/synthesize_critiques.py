@@ -37,7 +37,10 @@ TEACHER_PROMPT = (
 
 
 def verdict(following: float, quality: float) -> str:
-    return f"Verdict: instruction following {following:g}/4, consistency and quality {quality:g}/4, overall {following + quality:g}/8."
+    return (
+        f"Verdict: instruction following {following:g}/4, consistency and quality {quality:g}/4, overall "
+        f"{following + quality:g}/8."
+    )
 
 
 def enforce_verdict(text: str, following: float, quality: float) -> str:
@@ -51,8 +54,8 @@ class Teacher:
         gpu = torch.cuda.is_available()
         # device_map="auto": a teacher larger than one GPU (72B in bf16 is ~145 GB) loads straight onto all of them.
         self.model, self.processor = load_backbone(
-            path, dtype=torch.bfloat16 if gpu else torch.float32, trust_remote_code=trust_remote_code, add_score_token=False,
-            device_map="auto" if gpu else None,
+            path, dtype=torch.bfloat16 if gpu else torch.float32, trust_remote_code=trust_remote_code,
+            add_score_token=False, device_map="auto" if gpu else None,
         )  # fmt: skip
         self.model.eval()
         self.max_new_tokens = max_new_tokens

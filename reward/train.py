@@ -292,8 +292,9 @@ def prepare_data(cfg: TrainConfig) -> tuple[list[PreferencePair], list[Preferenc
         made = json.loads((data_dir / "meta.json").read_text())["config"]
         if (made["pairs"], made["seed"]) != (data.shapeedit_pairs, data.shapeedit_seed):
             raise ValueError(
-                f"{data_dir} holds ShapeEdit data of {made['pairs']} pairs with seed {made['seed']}, but the config asks for "
-                f"{data.shapeedit_pairs} pairs with seed {data.shapeedit_seed}: use another output_dir or delete {data_dir}"
+                f"{data_dir} holds ShapeEdit data of {made['pairs']} pairs with seed {made['seed']}, but the config "
+                f"asks for {data.shapeedit_pairs} pairs with seed {data.shapeedit_seed}: use another output_dir or "
+                f"delete {data_dir}"
             )
         train_file, eval_file = data_dir / "train.json", Path(data.eval) if data.eval else data_dir / "val.json"
     else:
@@ -366,7 +367,8 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     args = training_arguments(cfg)
     if cfg.model.dimension_heads not in (0, 2):
         raise ValueError(
-            f"model.dimension_heads must be 0 or 2 (EditReward-Data has 2 dimension scores), got {cfg.model.dimension_heads}"
+            f"model.dimension_heads must be 0 or 2 (EditReward-Data has 2 dimension scores), got "
+            f"{cfg.model.dimension_heads}"
         )
     out.mkdir(parents=True, exist_ok=True)
     # Under torchrun every rank runs this: rank 0 generates the data while the others wait, then they read

@@ -64,7 +64,8 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.batch_size < 1:
             raise ValueError(
-                f"decode.max_new_tokens ({self.max_new_tokens}) must be >= 0 and decode.batch_size ({self.batch_size}) >= 1"
+                f"decode.max_new_tokens ({self.max_new_tokens}) must be >= 0 and decode.batch_size "
+                f"({self.batch_size}) >= 1"
             )
 
 
@@ -131,7 +132,8 @@ class CandidateCollator:
 
 
 class GenerativeTrainer(SFTTrainer):
-    """TRL's SFTTrainer whose checkpoints are JRMs: `generative:PATH` loads any checkpoint-*/, and resume reads one back.
+    """TRL's SFTTrainer whose checkpoints are JRMs: `generative:PATH` loads any checkpoint-*/, and resume reads one
+    back.
 
     Trainer's own checkpoints of a Qwen-VL backbone do not resume: save_pretrained renames the weights to the
     original checkpoint layout and Trainer's reload does not map them back (it warns and keeps the fresh ones).
@@ -165,12 +167,13 @@ def sft_config(cfg: GenerativeConfig) -> SFTConfig:
     unused = sorted(set(cfg.trainer) & (valid - {f.name for f in fields(TrainingArguments)} - SFT_FIELDS_USED))
     if unused:
         raise ConfigError(
-            f"trainer key(s) {unused} configure TRL's model loading or dataset preparation, which this trainer does not "
-            f"use: `model` builds the model and JRM.encode every batch (model.max_critique_tokens cuts critiques)"
+            f"trainer key(s) {unused} configure TRL's model loading or dataset preparation, which this trainer does "
+            f"not use: `model` builds the model and JRM.encode every batch (model.max_critique_tokens cuts critiques)"
         )
     if cfg.trainer.get("load_best_model_at_end"):
         raise ConfigError(
-            "trainer.load_best_model_at_end: Trainer cannot reload a JRM checkpoint as its model; compare checkpoints with reward/evaluate.py"
+            "trainer.load_best_model_at_end: Trainer cannot reload a JRM checkpoint as its model; compare checkpoints "
+            "with reward/evaluate.py"
         )
     kwargs = {**cfg.trainer, **FIXED_TRAINER}
     if not torch.cuda.is_available():
@@ -213,7 +216,8 @@ def warn_cut_verdicts(model: JRM, candidates: list[Candidate]) -> None:
     cut = sum(n > model.config.max_critique_tokens for n in lengths)
     if cut:
         print(
-            f"warning: {cut} of {len(candidates)} training critiques exceed model.max_critique_tokens ({model.config.max_critique_tokens}) and lose their verdict"
+            f"warning: {cut} of {len(candidates)} training critiques exceed model.max_critique_tokens "
+            f"({model.config.max_critique_tokens}) and lose their verdict"
         )
 
 
@@ -232,7 +236,8 @@ def train(cfg: GenerativeConfig) -> dict:
     train_candidates = [c for c in candidates_of(train_pairs)[0] if c.critique]
     if not train_candidates:
         raise ValueError(
-            "the generative judge learns from critiques (rationale1/rationale2), and the training data has none: see reward/synthesize_critiques.py"
+            "the generative judge learns from critiques (rationale1/rationale2), and the training data has none: see "
+            "reward/synthesize_critiques.py"
         )
     if args.process_index == 0:  # only once every input passed: a bad input leaves an existing run as it was
         save_config(cfg, out / "config.yaml")

@@ -72,7 +72,8 @@ class RayRewardClient:
             except (GetTimeoutError, RayActorError) as e:
                 if attempt == self.retries:
                     raise RewardUnavailable(
-                        f"the reward actor failed {self.retries + 1} times ({type(e).__name__}) on a batch of {len(args[0])} edits"
+                        f"the reward actor failed {self.retries + 1} times ({type(e).__name__}) on a batch of "
+                        f"{len(args[0])} edits"
                     ) from e
                 print(f"reward call failed ({type(e).__name__}); retry {attempt + 1} of {self.retries}", flush=True)
                 ray.cancel(ref)
@@ -222,7 +223,8 @@ def in_process_actors(cfg: RLConfig) -> Iterator[ActorSet]:
     c = cfg.cluster
     if c.num_nodes != 1 or c.num_rollout_workers != 1 or c.num_learners != 1:
         raise ValueError(
-            "in_process_actors runs one node with one rollout worker and one learner: set cluster.num_nodes, num_rollout_workers and num_learners to 1"
+            "in_process_actors runs one node with one rollout worker and one learner: set cluster.num_nodes, "
+            "num_rollout_workers and num_learners to 1"
         )
     reward = RewardWorker(
         cfg.reward.terms,
@@ -289,7 +291,8 @@ def choose_nodes(c: ClusterConfig) -> list[dict]:
     if len(fit) < c.num_nodes:
         found = ", ".join(f"{n['NodeID'][:8]} { ({k: n['Resources'].get(k, 0) for k in need}) }" for n in alive)
         raise RuntimeError(
-            f"cluster.num_nodes={c.num_nodes} needs that many nodes with {need}; the Ray cluster has {len(fit)}: {found}"
+            f"cluster.num_nodes={c.num_nodes} needs that many nodes with {need}; the Ray cluster has {len(fit)}: "
+            f"{found}"
         )
     return fit[: c.num_nodes]
 
@@ -334,7 +337,8 @@ def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
             ray.get([pg.ready() for pg in groups], timeout=c.placement_timeout_s)
         except GetTimeoutError as e:
             raise RuntimeError(
-                f"the placement groups of {len(nodes)} node(s) were not placed within {c.placement_timeout_s} s: the nodes lack the resources of {layout} (see `ray status`)"
+                f"the placement groups of {len(nodes)} node(s) were not placed within {c.placement_timeout_s} s: the "
+                f"nodes lack the resources of {layout} (see `ray status`)"
             ) from e
 
         def options(pg, p: Placement) -> dict:

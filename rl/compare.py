@@ -187,7 +187,8 @@ def check_comparable(runs: list[Run]) -> None:
         if any(has) and not all(has):
             without = [str(r.path) for r, h in zip(trained, has) if not h]
             raise CompareError(
-                f"runs {without} never logged {key} while the others did: compare runs of one jrm-edit version, or in separate reports"
+                f"runs {without} never logged {key} while the others did: compare runs of one jrm-edit version, or in "
+                f"separate reports"
             )
     for label in sorted({r.label for r in runs}):
         group = [r for r in runs if r.label == label]
@@ -198,8 +199,8 @@ def check_comparable(runs: list[Run]) -> None:
             )
             if differ:
                 raise CompareError(
-                    f"runs labelled {label!r} differ in {differ} ({first.path} vs {other.path}), so their spread would not be "
-                    f"seed-to-seed: give them different labels (LABEL=RUN_DIR)"
+                    f"runs labelled {label!r} differ in {differ} ({first.path} vs {other.path}), so their spread "
+                    f"would not be seed-to-seed: give them different labels (LABEL=RUN_DIR)"
                 )
 
 
@@ -396,13 +397,19 @@ class Difference:
         interval = f"[{self.ci_low:+.3f}, {self.ci_high:+.3f}]"
         if self.resolved:
             better, worse = (a, b) if self.mean > 0 else (b, a)
-            return f"{better} > {worse} by {abs(self.mean):.3f} gold at step {self.step} ({a} - {b}: {self.mean:+.3f} {interval}, 95%, {self.seeds[0]}+{self.seeds[1]} seeds)."
+            return (
+                f"{better} > {worse} by {abs(self.mean):.3f} gold at step {self.step} ({a} - {b}: {self.mean:+.3f} "
+                f"{interval}, 95%, {self.seeds[0]}+{self.seeds[1]} seeds)."
+            )
         more = (
             f"about {self.seeds_to_resolve} seeds per reward model would resolve it at the measured variance"
             if self.seeds_to_resolve
             else "more seeds alone would not resolve it (the prompt-to-prompt noise is larger than the difference)"
         )
-        return f"No difference resolved between {a} and {b} at step {self.step}: {self.mean:+.3f} {interval} (95%, {self.seeds[0]}+{self.seeds[1]} seeds); {more}."
+        return (
+            f"No difference resolved between {a} and {b} at step {self.step}: {self.mean:+.3f} {interval} (95%, "
+            f"{self.seeds[0]}+{self.seeds[1]} seeds); {more}."
+        )
 
 
 def gold_difference(
@@ -582,7 +589,8 @@ def common_eval_step(runs: list[Run]) -> int:
     shared = set.intersection(*(set(r.series("eval/reward_mean")[0].tolist()) for r in runs))
     if not shared:
         raise CompareError(
-            "the runs share no evaluation step: compare runs whose eval_every divide a common step, or in separate reports"
+            "the runs share no evaluation step: compare runs whose eval_every divide a common step, or in separate "
+            "reports"
         )
     return max(shared)
 

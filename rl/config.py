@@ -53,7 +53,8 @@ class PolicyConfig:
             raise ValueError(f"policy.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.sampler.sample_last_step and self.kind != "shapeedit":
             raise ValueError(
-                f"policy.sampler.sample_last_step: {self.kind} ends in a Gaussian step, which has no categorical draw; set it false"
+                f"policy.sampler.sample_last_step: {self.kind} ends in a Gaussian step, which has no categorical "
+                f"draw; set it false"
             )
 
 
@@ -77,7 +78,8 @@ class RewardTerm:
     def __post_init__(self):
         if not self.name or self.micro_batch_size < 1:
             raise ValueError(
-                f"reward term {self.name!r}: name must be non-empty and micro_batch_size >= 1, got {self.micro_batch_size}"
+                f"reward term {self.name!r}: name must be non-empty and micro_batch_size >= 1, got "
+                f"{self.micro_batch_size}"
             )
 
 
@@ -104,7 +106,8 @@ class RewardConfig:
             raise ValueError(f"reward.terms need distinct names and at least one term, got {names}")
         if self.max_batch_size < 1 or self.max_wait_s < 0:
             raise ValueError(
-                f"reward.max_batch_size must be >= 1 and reward.max_wait_s >= 0, got {self.max_batch_size} and {self.max_wait_s}"
+                f"reward.max_batch_size must be >= 1 and reward.max_wait_s >= 0, got {self.max_batch_size} and "
+                f"{self.max_wait_s}"
             )
 
 
@@ -138,7 +141,8 @@ class AlgoConfig:
     transition, 1/(-dt) times Flow-GRPO's: carry a Flow-GRPO beta over as beta * (-dt) (docs/algorithms.md).
     NFT: weight of the squared velocity distance to the reference."""
     nft_beta: float = 1.0
-    """NFT: how far the implicit positive and negative policies sit from the old one (v+- = v_old +- beta (v - v_old))."""
+    """NFT: how far the implicit positive and negative policies sit from the old one
+    (v+- = v_old +- beta (v - v_old))."""
     nft_terms: int = 2
     """NFT: noise levels drawn per micro-batch (from the rollout's schedule), one loss term and backward each."""
     lr: float = 3e-4
@@ -172,11 +176,13 @@ class AlgoConfig:
         batch = self.prompts_per_step * self.group_size
         if batch % self.micro_batch_size:
             raise ValueError(
-                f"the rollout batch (prompts_per_step x group_size = {batch}) must be divisible by micro_batch_size ({self.micro_batch_size})"
+                f"the rollout batch (prompts_per_step x group_size = {batch}) must be divisible by micro_batch_size "
+                f"({self.micro_batch_size})"
             )
         if (batch // self.micro_batch_size) % self.updates_per_step:
             raise ValueError(
-                f"the {batch // self.micro_batch_size} micro-batches per step must split evenly into updates_per_step ({self.updates_per_step}) minibatches"
+                f"the {batch // self.micro_batch_size} micro-batches per step must split evenly into updates_per_step "
+                f"({self.updates_per_step}) minibatches"
             )
 
 
@@ -231,7 +237,8 @@ class ClusterConfig:
             )
         if self.learner_first_gpu < 0 or (self.gpus_per_node and self.learner_first_gpu >= self.gpus_per_node):
             raise ValueError(
-                f"cluster.learner_first_gpu {self.learner_first_gpu} is not a GPU of a node with gpus_per_node={self.gpus_per_node}"
+                f"cluster.learner_first_gpu {self.learner_first_gpu} is not a GPU of a node with "
+                f"gpus_per_node={self.gpus_per_node}"
             )
 
     @property
@@ -248,13 +255,15 @@ class ClusterConfig:
 @dataclass
 class DataConfig:
     train_prompts: str = "runs/demo/data/train_prompts.json"
-    """ShapeEdit *_prompts.json, or a .jsonl of {"source": image path, "instruction": text} (paths relative to the file)."""
+    """ShapeEdit *_prompts.json, or a .jsonl of {"source": image path, "instruction": text} (paths relative to the
+    file)."""
     eval_prompts: str = "runs/demo/data/test_heldout_prompts.json"
     """Prompts for periodic ODE evaluation."""
     num_eval: int = 64
     """Evaluation prompts used."""
     skip_bad: bool = False
-    """Skip (and count: data/skipped_prompts in metrics.jsonl) prompt rows with missing fields or unreadable images instead of stopping."""
+    """Skip (and count: data/skipped_prompts in metrics.jsonl) prompt rows with missing fields or unreadable images
+    instead of stopping."""
 
 
 @dataclass
@@ -266,7 +275,8 @@ class RLConfig:
     num_steps: int = 100
     """RL steps (rollout batch + update)."""
     resume: str = "auto"
-    """'auto' = continue from the newest complete checkpoint in output_dir/checkpoints, 'none' (start fresh), or a checkpoint path."""
+    """'auto' = continue from the newest complete checkpoint in output_dir/checkpoints, 'none' (start fresh), or a
+    checkpoint path."""
     save_every: int = 10
     """Checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 2
@@ -295,7 +305,8 @@ class RLConfig:
         if rows % (self.cluster.rollout_workers * self.algo.micro_batch_size):
             raise ValueError(
                 f"the rollout batch ({rows} rows) must split into whole micro-batches of {self.algo.micro_batch_size} "
-                f"for each of the {self.cluster.rollout_workers} rollout workers ({self.cluster.num_nodes} node(s) x cluster.num_rollout_workers)"
+                f"for each of the {self.cluster.rollout_workers} rollout workers ({self.cluster.num_nodes} node(s) x "
+                f"cluster.num_rollout_workers)"
             )
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
@@ -308,6 +319,6 @@ class RLConfig:
             )
         if (micro // self.algo.updates_per_step) % self.cluster.learners:
             raise ValueError(
-                f"each of the {self.algo.updates_per_step} minibatches holds {micro // self.algo.updates_per_step} micro-batches, "
-                f"which {self.cluster.learners} learners cannot share evenly"
+                f"each of the {self.algo.updates_per_step} minibatches holds {micro // self.algo.updates_per_step} "
+                f"micro-batches, which {self.cluster.learners} learners cannot share evenly"
             )

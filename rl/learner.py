@@ -2,10 +2,10 @@
 
 A plain class; rl/actors.py makes M of them Ray actors (num_learners per node, one group across nodes) and the
 driver gives each rank the same share of every minibatch, as object references: each rank fetches its
-rollouts from the rollout workers' nodes itself (`fetch`). The algorithm (rl/algorithms.py: GRPO, PPO or NFT) is one object behind one seam: `prepare`
-once on this rank's micro-batches, then for every micro-batch and each of its loss terms (GRPO/PPO: the
-trained denoising steps; NFT: the drawn noise levels) `loss`, one backward each. Each optimizer step
-accumulates over a minibatch's micro-batches and terms; DeepSpeed averages gradients over accumulation
+rollouts from the rollout workers' nodes itself (`fetch`). The algorithm (rl/algorithms.py: GRPO, PPO or NFT) is one
+object behind one seam: `prepare` once on this rank's micro-batches, then for every micro-batch and each of its loss
+terms (GRPO/PPO: the trained denoising steps; NFT: the drawn noise levels) `loss`, one backward each. Each optimizer
+step accumulates over a minibatch's micro-batches and terms; DeepSpeed averages gradients over accumulation
 steps and ranks (gloo on CPU, NCCL on GPU).
 """
 
@@ -148,7 +148,9 @@ class Learner:
             terms = self.algorithm.terms(mb)
             if len(terms) != self.terms_per_micro_batch:
                 raise ValueError(
-                    f"micro-batch {i} has {len(terms)} loss terms; the learner was set up for {self.terms_per_micro_batch} (policy.sampler: every rollout of a run must use the same num_steps, sde_window_size and sample_last_step)"
+                    f"micro-batch {i} has {len(terms)} loss terms; the learner was set up for "
+                    f"{self.terms_per_micro_batch} (policy.sampler: every rollout of a run must use the same "
+                    f"num_steps, sde_window_size and sample_last_step)"
                 )
             for term in terms:
                 # what engine.forward does first (the policy's forward bypasses the engine): ZeRO counts its
@@ -207,7 +209,8 @@ class Learner:
 
     def save(self, path: str) -> None:
         """This rank's part of a checkpoint: its DeepSpeed state (trainable weights, value model, optimizer), and on
-        rank 0 the trainable weights as policy.safetensors (under ZeRO-3 gathered from every rank, which all call this)."""
+        rank 0 the trainable weights as policy.safetensors (under ZeRO-3 gathered from every rank, which all call
+        this)."""
         self.engine.save_checkpoint(str(Path(path) / "deepspeed"), tag="state", exclude_frozen_parameters=True)
         with self.gathered():
             if self.rank == 0:

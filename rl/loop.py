@@ -81,7 +81,8 @@ class Run:
     # ---- start --------------------------------------------------------------------------------------------------
 
     def start(self, resume_from: Path | None) -> int:
-        """Load the checkpoint (if any) into the learners, send the weights to the workers, open the logger; returns the step."""
+        """Load the checkpoint (if any) into the learners, send the weights to the workers, open the logger; returns the
+        step."""
         step, run_id = 0, None
         if resume_from is not None:
             state, _ = checkpoint.load(resume_from)
@@ -144,7 +145,8 @@ class Run:
         if self.redos > MAX_REDOS:
             self.save_after_failure(step)
             raise RuntimeError(
-                f"step {step}: {why}, {self.redos} times in a row; giving up (resume=auto continues from the checkpoint)"
+                f"step {step}: {why}, {self.redos} times in a row; giving up (resume=auto continues from the "
+                f"checkpoint)"
             ) from why.__cause__
         print(f"step {step}: {why}; resending weights, redoing the step ({self.redos}/{MAX_REDOS})", flush=True)
         try:
@@ -153,7 +155,8 @@ class Run:
             self.actors.check_nodes(grace_s=30.0)  # a dead node stops the run without a checkpoint (stopped_by)
             self.save_after_failure(step)
             raise RuntimeError(
-                f"step {step}: a rollout worker is gone for good ({type(e).__name__}); resume=auto continues from {self.last_checkpoint()}"
+                f"step {step}: a rollout worker is gone for good ({type(e).__name__}); resume=auto continues from "
+                f"{self.last_checkpoint()}"
             ) from e
 
     # ---- update -------------------------------------------------------------------------------------------------
@@ -173,7 +176,8 @@ class Run:
             )
         except RayActorError as e:  # its optimizer state is gone with it: restarting it would silently reset training
             raise RuntimeError(
-                f"a learner died during step {step + 1} ({type(e).__name__}); resume=auto continues from {self.last_checkpoint()}"
+                f"a learner died during step {step + 1} ({type(e).__name__}); resume=auto continues from "
+                f"{self.last_checkpoint()}"
             ) from e
         lost = [s["lost"] for s in stats if s.get("lost")]
         if lost:
@@ -181,7 +185,8 @@ class Run:
         return stats
 
     def reward_batches(self) -> dict:
-        """reward/node_<n>/batch_mean: the mean edits per scoring call of each node's reward actor since the last step."""
+        """reward/node_<n>/batch_mean: the mean edits per scoring call of each node's reward actor since the last
+        step."""
         row = {}
         for n, actor in enumerate(self.actors.reward_actors):
             try:
@@ -214,10 +219,12 @@ class Run:
                 break
             if attempt == MAX_REDOS:  # a worker restarted during evaluation keeps coming back with other weights
                 raise RuntimeError(
-                    f"evaluation at step {at_step}: workers held weight versions {held} != {self.version}, {MAX_REDOS + 1} times"
+                    f"evaluation at step {at_step}: workers held weight versions {held} != {self.version}, "
+                    f"{MAX_REDOS + 1} times"
                 )
             print(
-                f"evaluation at step {at_step}: weight versions {held} != {self.version} (a worker restarted); resending weights",
+                f"evaluation at step {at_step}: weight versions {held} != {self.version} (a worker restarted); "
+                f"resending weights",
                 flush=True,
             )
             self.send_weights()
@@ -272,7 +279,8 @@ class Run:
         """The error that stops a run whose node died. No checkpoint is attempted: the learners of the surviving
         nodes would wait in DeepSpeed's collectives for ranks that are gone."""
         return RuntimeError(
-            f"{lost}; the run stops. Bring the cluster back to {self.cfg.cluster.num_nodes} node(s) and resume=auto continues from {self.last_checkpoint()}"
+            f"{lost}; the run stops. Bring the cluster back to {self.cfg.cluster.num_nodes} node(s) and resume=auto "
+            f"continues from {self.last_checkpoint()}"
         )
 
     def last_checkpoint(self) -> str:
@@ -324,11 +332,15 @@ class Run:
         if "train/loss" not in row:
             shown = f"every loss non-finite, update skipped ({row['train/nonfinite_losses']:.0f} per rank)"
         elif "train/ratio_min" in row:
-            shown = f"loss {row['train/loss']:.4f} clipfrac {row['train/clipfrac']:.3f} kl~{row['train/approx_kl']:.2e} ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}]"
+            shown = (
+                f"loss {row['train/loss']:.4f} clipfrac {row['train/clipfrac']:.3f} kl~{row['train/approx_kl']:.2e} "
+                f"ratio [{row['train/ratio_min']:.4f}, {row['train/ratio_max']:.4f}]"
+            )
         else:
             shown = f"loss {row['train/loss']:.4f} drift {row['train/drift']:.2e}"
         print(
-            f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} {shown} ({row['perf/step_s']:.1f} s)",
+            f"step {step} reward {row['rollout/reward_mean']:.4f} +- {row['rollout/reward_std']:.4f} {shown} "
+            f"({row['perf/step_s']:.1f} s)",
             flush=True,
         )
 
@@ -344,7 +356,8 @@ def prepare(cfg: RLConfig) -> dict:
     )
     if skipped or eval_skipped:
         print(
-            f"skipped bad prompt rows: {skipped} of {cfg.data.train_prompts}, {eval_skipped} of {cfg.data.eval_prompts}",
+            f"skipped bad prompt rows: {skipped} of {cfg.data.train_prompts}, {eval_skipped} of "
+            f"{cfg.data.eval_prompts}",
             flush=True,
         )
     for term in cfg.reward.terms:
@@ -355,8 +368,8 @@ def prepare(cfg: RLConfig) -> dict:
     found = checkpoint.complete_checkpoints(run_dir)
     if found and resume_from != found[-1]:
         raise ValueError(
-            f"{run_dir} already holds checkpoints up to {found[-1].name}; continue it with resume=auto, or use another output_dir "
-            "(a new run here would prune or mix with them)"
+            f"{run_dir} already holds checkpoints up to {found[-1].name}; continue it with resume=auto, or use "
+            f"another output_dir (a new run here would prune or mix with them)"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -389,11 +402,11 @@ def _steps(cfg: RLConfig, run: Run, step: int) -> dict:
     bad_steps = 0
     while step < cfg.num_steps:
         t0 = time.perf_counter()
-        # ---- prompts: P prompts, each repeated G times; a group = one prompt ------------------------------------------
+        # ---- prompts: P prompts, each repeated G times; a group = one prompt -----------------------------------------
         rows = [run.prompts[i] for i in prompts_for_step(len(run.prompts), step, P, cfg.seed) for _ in range(G)]
         group_ids = torch.arange(P).repeat_interleave(G)
 
-        # ---- rollout + reward: rollouts stay in the workers' object stores; the driver gets their scores ---------------
+        # ---- rollout + reward: rollouts stay in the workers' object stores; the driver gets their scores -------------
         try:
             results = run.rollout(step, rows, group_ids)
         except Redo as why:
@@ -415,18 +428,19 @@ def _steps(cfg: RLConfig, run: Run, step: int) -> dict:
             run.logger.log(step, {"train/skipped_nonfinite_reward": 1})
             if bad_steps >= cfg.max_bad_steps:
                 raise RuntimeError(
-                    f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); see the reward terms, resume=auto continues from the last checkpoint"
+                    f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); see the reward terms, "
+                    f"resume=auto continues from the last checkpoint"
                 )
             continue
 
-        # ---- targets: per-row advantages (GRPO), returns (PPO, whose R - V the learners form) or optimality (NFT) -------
+        # ---- targets: per-row advantages (GRPO), returns (PPO, whose R - V the learners form) or optimality (NFT) ----
         targets = algorithm.targets(reward.total, group_ids)
         per_micro = [
             MicroTargets(v, cfg.seed * 1_000_003 + step * 1009 + i)
             for i, v in enumerate(targets.values.split(algo.micro_batch_size))
         ]
 
-        # ---- update: each learner rank fetches its micro-batches from the workers' nodes --------------------------------
+        # ---- update: each learner rank fetches its micro-batches from the workers' nodes -----------------------------
         try:
             stats = run.update(step, [r for res in results for r in res.rollouts], per_micro)
         except Redo as why:
@@ -435,17 +449,18 @@ def _steps(cfg: RLConfig, run: Run, step: int) -> dict:
         run.redos = 0
         t_update = time.perf_counter()
 
-        # ---- weight sync: learner rank 0 -> every rollout worker, through the object store -------------------------------
+        # ---- weight sync: learner rank 0 -> every rollout worker, through the object store ---------------------------
         run.version += 1
         run.send_weights()
         step += 1
 
-        # ---- log, eval, checkpoint -------------------------------------------------------------------------------------
+        # ---- log, eval, checkpoint -----------------------------------------------------------------------------------
         run.log_step(step, results, stats, reward, targets, scored, [t0, t_rollout, t_update, time.perf_counter()])
         bad_steps = bad_steps + 1 if sum(s["train/nonfinite_losses"] for s in stats) else 0
         if bad_steps >= cfg.max_bad_steps:  # no save: the weights may be damaged; the last checkpoint is not
             raise RuntimeError(
-                f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto from the last checkpoint"
+                f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto from "
+                f"the last checkpoint"
             )
         if step % cfg.eval_every == 0 or step == cfg.num_steps:
             try:

@@ -190,7 +190,8 @@ class RewardWorker:
                 if term.required:
                     raise
                 print(
-                    f"optional reward term {term.name!r} failed on {n} edits (left out of their groups): {type(e).__name__}: {e}",
+                    f"optional reward term {term.name!r} failed on {n} edits (left out of their groups): "
+                    f"{type(e).__name__}: {e}",
                     flush=True,
                 )
                 values = [None] * n
@@ -229,9 +230,10 @@ class RewardWorker:
         """Like score(), but requests arriving together are scored in one call.
 
         While no call runs, a call starts once max_batch_size edits wait, or as many requests as the actor has
-        clients (a lone rollout worker never waits), or max_wait_s after the first of them arrived. One call runs at a time: requests arriving meanwhile gather, and when it ends the same rule
-        applies with the wait counted from its end (with closed-loop clients, that is what lets the batch
-        refill). A request the caller cancelled (Ray's cancel on a timeout) is dropped, not scored.
+        clients (a lone rollout worker never waits), or max_wait_s after the first of them arrived. One call runs at a
+        time: requests arriving meanwhile gather, and when it ends the same rule applies with the wait counted from its
+        end (with closed-loop clients, that is what lets the batch refill). A request the caller cancelled (Ray's cancel
+        on a timeout) is dropped, not scored.
         """
         future = asyncio.get_running_loop().create_future()
         self._pending.append((source_images, instructions, edited_images, future))

@@ -44,7 +44,8 @@ def build_policy(cfg: PolicyConfig, seed: int):
         policy = ShapeEditPolicy.from_pretrained(cfg.path, trainable=trainable)
         if (policy.height, policy.width) != (cfg.height, cfg.width):
             raise ValueError(
-                f"the ShapeEdit policy at {cfg.path} edits {policy.width}x{policy.height} images; set policy.height/width to match"
+                f"the ShapeEdit policy at {cfg.path} edits {policy.width}x{policy.height} images; set "
+                f"policy.height/width to match"
             )
         return policy
     if cfg.kind == "flux_kontext":
@@ -62,7 +63,8 @@ def build_policy(cfg: PolicyConfig, seed: int):
 
 @dataclass
 class RolloutResult:
-    rollouts: list  # one per micro-batch, as sampled (the learner recomputes them in these shapes), or what `store` made of it
+    # one per micro-batch, as sampled (the learner recomputes them in these shapes), or what `store` made of it
+    rollouts: list
     scores: list[Scores]  # one per micro-batch
     versions: list[int]  # the policy versions that sampled them
     sample_s: float  # seconds sampling

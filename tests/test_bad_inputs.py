@@ -62,7 +62,10 @@ def test_bombs_are_refused_by_our_own_limit_and_pils_global_is_left_alone(tmp_pa
     ):
         load_image(tmp_path / "bomb.png", "rows.json row 3")
     # importing the reward package changes no process-wide PIL setting
-    probe = "from PIL import Image; d = Image.MAX_IMAGE_PIXELS; import reward.data, reward.benchmarks; assert Image.MAX_IMAGE_PIXELS == d, Image.MAX_IMAGE_PIXELS"
+    probe = (
+        "from PIL import Image; d = Image.MAX_IMAGE_PIXELS; import reward.data, reward.benchmarks; assert "
+        "Image.MAX_IMAGE_PIXELS == d, Image.MAX_IMAGE_PIXELS"
+    )
     subprocess.run([sys.executable, "-c", probe], check=True, cwd=Path(__file__).resolve().parents[1])
 
 

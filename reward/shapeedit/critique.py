@@ -190,6 +190,7 @@ def write_critique(source: Scene, edits: tuple[Edit, ...], candidate: Candidate,
     overall = following + quality
     word = "a good edit" if overall >= 7 else "a flawed edit" if overall >= 5 else "a failed edit"
     lines.append(
-        f"Verdict: {word}. Instruction following {following}/4, consistency and quality {quality}/4, overall {overall}/8."
+        f"Verdict: {word}. Instruction following {following}/4, consistency and quality {quality}/4, overall "
+        f"{overall}/8."
     )
     return "\n".join(lines)

@@ -79,7 +79,8 @@ def test_tiny_learner_step_trains_the_lora_weights(tiny_run):
 
 
 def test_a_failing_row_leaves_the_others_then_fails(tmp_path, monkeypatch):
-    """Out of memory in the learner step: the rollout's figures are still written, the run raises, the row says what to try."""
+    """Out of memory in the learner step: the rollout's figures are still written, the run raises, the row says what to
+    try."""
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -28,7 +28,7 @@ def test_runtime_env_forwards_no_secrets():
     assert (Path(env["PYTHONPATH"]) / "rl" / "loop.py").is_file()  # the actors import this repository's packages
 
 
-# ---- the preflight plan (launch/plan.py) ------------------------------------------------------------------------------
+# ---- the preflight plan (launch/plan.py) -----------------------------------------------------------------------------
 
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "launch" / "configs").glob("*.yaml"))
 

@@ -3,7 +3,8 @@
 ShapeEdit, FLUX.1 Kontext, Qwen-Image-Edit and Qwen-Image-Edit-Plus, each with LoRA and as a full fine-tune:
 `.to` moves every component (the frozen reference copy too), the on-policy ratio is exactly 1, deterministic
 steps have log-prob 0, flow_velocity is the velocity behind a step's mean, reference() is the untrained
-network, and save_pretrained / load restores the trained weights. A new editing policy joins POLICIES and `build` / `load_saved`.
+network, and save_pretrained / load restores the trained weights. A new editing policy joins POLICIES and
+`build` / `load_saved`.
 """
 
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""The shared SDE step (Flow-GRPO, arXiv 2505.05470): its log-prob is a Gaussian density, a = 0 is Euler, seeds reproduce."""
+"""The shared SDE step (Flow-GRPO, arXiv 2505.05470): its log-prob is a Gaussian density, a = 0 is Euler, seeds
+reproduce."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""The trained generative baseline: SFT through TRL on the JRM's input, its labels and loss, its checkpoint, its evaluation."""
+"""The trained generative baseline: SFT through TRL on the JRM's input, its labels and loss, its checkpoint, its
+evaluation."""
 
 import json
 import shutil

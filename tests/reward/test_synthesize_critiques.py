@@ -1,4 +1,5 @@
-"""reward/synthesize_critiques.py: a teacher loaded with a device map (as on GPUs) writes what it writes in one piece."""
+"""reward/synthesize_critiques.py: a teacher loaded with a device map (as on GPUs) writes what it writes in one
+piece."""
 
 import numpy as np
 import pytest

@@ -57,7 +57,8 @@ def test_clipped_surrogate_closed_form():
     new = torch.log(torch.tensor([1.0, 1.5, 0.5, 1.05]))
     adv = torch.tensor([1.0, 1.0, -1.0, -2.0])
     loss, stats = clipped_surrogate(new, old, adv, clip_range=0.1)
-    # per row max(-A r, -A clip(r)): 1 -> -1; 1.5 -> max(-1.5, -1.1) = -1.1; 0.5, A=-1 -> max(0.5, 0.9) = 0.9; 1.05, A=-2 -> 2.1
+    # per row max(-A r, -A clip(r)): 1 -> -1; 1.5 -> max(-1.5, -1.1) = -1.1; 0.5, A=-1 -> max(0.5, 0.9) = 0.9;
+    # 1.05, A=-2 -> 2.1
     assert loss.item() == pytest.approx((-1 - 1.1 + 0.9 + 2.1) / 4, abs=1e-6)
     assert (
         stats.clipfrac == pytest.approx(0.5)
