@@ -23,7 +23,7 @@ the real peaks on a GPU, and docs/performance.md sets the two side by side.
 
 Model sizes come from the checkpoints' own config files when policy.path / the JRM path is a local folder,
 and otherwise from the published configs of FLUX.1 Kontext [dev], Qwen-Image-Edit and Qwen2.5-VL-7B
-(launch/gpu_check.py's real sizes), which the plan names.
+(launch/presets.py REAL), which the plan names.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _flux(cfg: RLConfig) -> MetaPolicy:
     """FLUX.1 Kontext: its components on meta, its denoiser, a forward of one micro-batch, and where sizes came from."""
     from diffusers import FluxTransformer2DModel
 
-    from launch.gpu_check import REAL, building_on, kontext_components
+    from launch.presets import REAL, building_on, kontext_components
     from policies.kontext import LORA_TARGETS
 
     dtype = torch.bfloat16 if cfg.policy.dtype == "bfloat16" else torch.float32
@@ -158,7 +158,7 @@ def _qwen(cfg: RLConfig) -> MetaPolicy:
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from launch.gpu_check import REAL, building_on
+    from launch.presets import REAL, building_on
     from policies.qwen_image_edit import DEFAULT_LORA_TARGETS
 
     dtype = torch.bfloat16 if cfg.policy.dtype == "bfloat16" else torch.float32
@@ -246,7 +246,7 @@ def policy_roles(cfg: RLConfig) -> tuple[Role, Role, str]:
 def reward_role(cfg: RLConfig) -> tuple[Role, str]:
     """The reward actor's memory: the largest JRM / generative term (other terms are small), weights and its widest
     layer."""
-    from launch.gpu_check import REAL
+    from launch.presets import REAL
 
     role = Role("reward")
     text, vision, source = dict(REAL.text), dict(REAL.vision), "Qwen2.5-VL-7B's published config"

@@ -17,7 +17,8 @@ from transformers.vision_utils import get_vision_window_index
 
 from launch import gpu_check
 from launch.benchmarking import random_images
-from launch.gpu_check import REAL, ROWS, TINY, build_jrm, jrm_flops, kontext_components, main, num_params
+from launch.gpu_check import ROWS, build_jrm, jrm_flops, main, num_params
+from launch.presets import REAL, TINY, kontext_components
 
 ROOT = Path(__file__).resolve().parents[2]
 
