@@ -1,7 +1,7 @@
 """The contract every editing policy keeps (FLUX.1 Kontext, Qwen-Image-Edit, the ShapeEdit policy).
 
 The learner and the rollout workers see only this. Each model writes its own explicit denoising loop
-and calls policies.sde.sde_step_with_logprob at every step (STYLE.md: own the sampling loop).
+and calls policies.sde.sde_step_with_logprob at every step: each policy owns its sampling loop.
 """
 
 from __future__ import annotations

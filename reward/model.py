@@ -20,12 +20,11 @@ from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import load_file, load_model, save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
-from transformers.initialization import no_init_weights
 
 from reward.backbone import MODEL_CLASSES, SCORE_TOKEN, ImageOnlyProcessor, build_tiny, load_backbone
 from reward.data import check_geometry, to_rgb
@@ -35,7 +34,6 @@ JUDGE_PROMPT = "Judge how well the second image carries out the instruction on t
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_FILE = "adapter_model.safetensors"  # peft's names: PeftModel.from_pretrained(backbone, DIR) reads them
 HEAD_FILE = "head.safetensors"
-LEGACY_CONFIG = "jrm_config.json"
 
 
 @dataclass
@@ -298,8 +296,6 @@ class JRM(PreTrainedModel):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
-        if (path / LEGACY_CONFIG).is_file() and not (path / "config.json").is_file():
-            return cls._from_legacy(path, dtype)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{pretrained_model_name_or_path} is not a JRM checkpoint: it has no config.json")
         saved_type = json.loads((path / "config.json").read_text()).get("model_type")
@@ -347,31 +343,6 @@ class JRM(PreTrainedModel):
         if [k for k in missing if k not in tied] or unexpected:
             raise ValueError(f"{path} does not fit this JRM: missing {missing[:3]}, unexpected {unexpected[:3]}")
         self.tie_weights()
-
-    @classmethod
-    def _from_legacy(cls, path: Path, dtype: torch.dtype | None) -> JRM:
-        """A checkpoint of the first format (jrm_config.json + one model.safetensors); `save_pretrained`
-        rewrites it in the current one."""
-        meta = json.loads((path / LEGACY_CONFIG).read_text())
-        old = dict(meta["jrm"])
-        old["lora_rank"] = old.pop("lora_r", 0) if old.pop("lora", False) else 0
-        old["lora_targets"] = old.pop("lora_target", JRMArgs.lora_targets)
-        args = JRMArgs(**{k: v for k, v in old.items() if k in JRMArgs.__dataclass_fields__})
-        if dtype is not None:
-            args.dtype = next(name for name, d in DTYPES.items() if d == dtype)
-        backbone_config = dict(meta["backbone_config"])
-        model_class = MODEL_CLASSES[backbone_config["model_type"]]
-        with no_init_weights():  # every weight is overwritten from model.safetensors below
-            backbone = model_class._from_config(
-                model_class.config_class.from_dict(backbone_config), dtype=DTYPES[args.dtype]
-            )
-        model = cls.from_backbone(args, backbone, ImageOnlyProcessor.from_pretrained(str(path)))
-        load_model(model, str(path / "model.safetensors"), strict=True)
-        print(
-            f"note: {path} is in the first JRM format (jrm_config.json); JRM.save_pretrained(DIR) rewrites it as "
-            f"config.json"
-        )
-        return model.eval()
 
     # --- encoding ----------------------------------------------------------------------------------
 

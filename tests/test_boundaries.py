@@ -1,4 +1,4 @@
-"""Package boundaries (STYLE.md): policies/ and reward/ are leaves, rl/ uses both, nothing imports launch/."""
+"""Package boundaries (README, layout): policies/ and reward/ are leaves, rl/ uses both, nothing imports launch/."""
 
 import ast
 from pathlib import Path

@@ -135,27 +135,6 @@ def test_a_hub_id_loads_through_huggingface_hub(jrm, batch, tmp_path, monkeypatc
         JRM.from_pretrained("acme/not-cached")
 
 
-def test_a_checkpoint_of_the_first_format_still_loads(jrm, batch, tmp_path, capsys):
-    """jrm_config.json + one model.safetensors (what earlier versions wrote) loads, with a note saying
-    save_pretrained rewrites it."""
-    from dataclasses import asdict
-
-    from safetensors.torch import save_file
-
-    sources, instructions, edited, _ = batch
-    old = tmp_path / "old"
-    old.mkdir()
-    args = {k: v for k, v in asdict(JRMArgs(**SMALL)).items() if not k.startswith("lora")}
-    args.update(lora=False, lora_r=16, lora_target=JRMArgs.lora_targets)
-    meta = {"jrm": args, "backbone_config": jrm.backbone.config.to_dict()}
-    (old / "jrm_config.json").write_text(json.dumps(meta))
-    save_file({k: v.clone().contiguous() for k, v in jrm.state_dict().items()}, str(old / "model.safetensors"))
-    jrm.processor.save_pretrained(str(old))
-    loaded = JRM.from_pretrained(old)
-    assert "first JRM format" in capsys.readouterr().out
-    assert torch.equal(loaded.score(sources, instructions, edited), jrm.score(sources, instructions, edited))
-
-
 def test_push_to_hub_uploads_weights_config_and_processor(jrm, monkeypatch):
     from huggingface_hub import HfApi
 
