@@ -32,17 +32,14 @@ if __package__ in (None, ""):  # run as `python launch/bench_soak.py`: import th
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on loopback only (see launch/grpo_edit.py)
 
 import psutil  # noqa: E402
-import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from launch.benchmarking import command_line, table, tiny_learning_run, write_report  # noqa: E402
+from launch.benchmarking import SIMULATED_NODE, command_line, simulated_cluster, table, tiny_learning_run, write_report  # noqa: E402
 from reward.config import load_config  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.loop import train  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-NODE = {"num_cpus": 2, "resources": {"fake_gpu": 2}, "node_ip_address": "127.0.0.1"}
 # what each kind of fault kills: the first process of this Ray title (an actor's process, busy or idle), or a node
 TITLES = {"rollout-worker": "ray::RolloutWorker", "reward-actor": "ray::RewardWorker", "learner": "ray::Learner"}
 KINDS = ["rollout-worker", "reward-actor", "learner", "node"]
@@ -155,7 +152,7 @@ class Injector:
     def repair(self) -> None:
         """Bring the cluster back to 2 nodes after a node fault."""
         if self.node_down.is_set():
-            self.nodes[1] = self.cluster.add_node(**NODE)
+            self.nodes[1] = self.cluster.add_node(**SIMULATED_NODE)
             self.node_down.clear()
 
 
@@ -264,27 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         root = Path(tmp)
         paths = tiny_learning_run(root)
-        health = {
-            "health_check_period_ms": 500,
-            "health_check_failure_threshold": 2,
-            "health_check_initial_delay_ms": 0,
-        }
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 0,
-                "node_ip_address": "127.0.0.1",
-                "include_dashboard": False,
-                "_system_config": health,
-            },
-        )
-        nodes = [cluster.add_node(**NODE) for _ in range(2)]
-        ray.init(
-            address=cluster.address,
-            configure_logging=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
-        )
-        try:
+        with simulated_cluster(2) as (cluster, nodes):
             runs = {}
             for name in ("uninterrupted", "uninterrupted-again"):
                 runs[name] = run_to_the_end(
@@ -297,9 +274,6 @@ def main(argv: list[str] | None = None) -> dict:
                     load_config(RLConfig, None, overrides(paths, faulted, args.steps)), injector
                 )
             printed = "".join(tee.text)
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
         noise = differences(root / "uninterrupted-again", root / "uninterrupted")
         soaked = differences(faulted, root / "uninterrupted")
     faults = injector.done

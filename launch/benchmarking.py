@@ -7,6 +7,7 @@ async, scaling, memory per role) and gpu_check.py (real sizes on one GPU). Their
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -210,3 +211,30 @@ def tiny_learning_run(root: Path, size: int = 32, hidden_size: int = 64) -> dict
         policy.transformer.pixel_head[-1].bias[0] = KEEP_LOGIT
     policy.save_pretrained(root / "policy")
     return {"data": root / "data", "policy": root / "policy"}
+
+
+# a node of a simulated cluster: 2 CPUs and 2 'GPUs' (a custom resource standing for them), on loopback
+SIMULATED_NODE = {"num_cpus": 2, "resources": {"fake_gpu": 2}, "node_ip_address": "127.0.0.1"}
+
+
+@contextlib.contextmanager
+def simulated_cluster(num_nodes: int, node: dict = SIMULATED_NODE):
+    """A Ray cluster of several nodes on this machine (ray.cluster_utils.Cluster, as Ray's own tests do), this
+    process connected to it as the driver; yields (cluster, node handles). The head holds no CPUs (the driver's),
+    so every actor runs on an added node; health checks every 0.5 s declare a killed node dead in about a
+    second (Ray's default takes ~15 s). Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray, so that
+    everything listens on loopback only."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    health = {"health_check_period_ms": 500, "health_check_failure_threshold": 2, "health_check_initial_delay_ms": 0}
+    head = {"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "_system_config": health}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        nodes = [cluster.add_node(**node) for _ in range(num_nodes)]
+        env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+        ray.init(address=cluster.address, configure_logging=False, runtime_env={"env_vars": env})
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from ray.cluster_utils import Cluster
 
+from launch.benchmarking import SIMULATED_NODE, simulated_cluster
 from reward.config import load_config
 from rl.actors import actor_nodes, fetch_rollouts, ray_actors
 from rl.config import RLConfig
@@ -22,34 +22,14 @@ from tests.rl.runs import assert_learned, assert_same_metrics, assert_same_weigh
 from tests.rl.runs import overrides as loop_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
-NODE = {"num_cpus": 2, "resources": {"fake_gpu": 2}, "node_ip_address": "127.0.0.1"}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A head that holds no actor (0 CPUs: the driver's) and 2 nodes of 2 'GPUs' each; tiny data and policy."""
     root = tiny_data_and_policy(tmp_path_factory.mktemp("multinode"))
-    # health checks every 0.5 s: a killed node is declared dead in about a second (Ray's default takes ~15 s)
-    health = {"health_check_period_ms": 500, "health_check_failure_threshold": 2, "health_check_initial_delay_ms": 0}
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
-            "_system_config": health,
-        },
-    )
-    nodes = [c.add_node(**NODE) for _ in range(2)]
-    ray.init(
-        address=c.address,
-        configure_logging=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
-    )
-    yield root, c, nodes
-    ray.shutdown()
-    c.shutdown()
+    with simulated_cluster(2) as (c, nodes):
+        yield root, c, nodes
 
 
 def overrides(root, out, nodes: int, *extra):
@@ -145,7 +125,7 @@ def test_a_node_that_dies_stops_the_run_and_resume_reproduces_it(cluster, one_no
         train(load_config(RLConfig, None, overrides(root, out, 2, "cluster.placement_timeout_s=60")))
     thread.join()
     assert killed.is_set()
-    nodes[1] = c.add_node(**NODE)  # the cluster repaired: resume=auto finishes the run as if nothing happened
+    nodes[1] = c.add_node(**SIMULATED_NODE)  # the cluster repaired: resume=auto finishes the run as if nothing happened
     train(load_config(RLConfig, None, overrides(root, out, 2)))
     assert_learned(out)
     same_metrics(out, one_node)
