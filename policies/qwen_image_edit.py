@@ -540,20 +540,26 @@ class QwenImageEditPolicy:
 # ---------------------------------------------------------------- offline tiny components
 
 
-# Copied from reward/backbone.py:ImageOnlyProcessor (policies/ and reward/ are leaves and do not import each
-# other); tests/policies/test_qwen_image_edit.py checks that the two take the same parts and give the same inputs.
+# Copied from reward.backbone.ImageOnlyProcessor
 class ImageOnlyProcessor(Qwen2VLProcessor):
-    """Qwen2-VL processor with an image processor and a tokenizer only: its video processor needs torchvision."""
+    """Qwen2-VL / 2.5-VL / 3-VL processor that needs only an image processor and a tokenizer.
+
+    ProcessorMixin reads its parts from this signature, so leaving out `video_processor` drops the
+    torchvision-backed video processor. Always returns `mm_token_type_ids`, which Qwen2.5-VL needs for
+    correct positions (without it, it silently uses wrong ones).
+    """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
 
+# Copied from reward.backbone._PRETOKENIZE
 # Qwen2's pre-tokenisation, so the tiny tokenizer cuts words where the real one does.
 _PRETOKENIZE = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
     r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+# Copied from reward.backbone._SPECIAL
 _SPECIAL = [
     "<|endoftext|>",
     "<|im_start|>",

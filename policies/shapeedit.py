@@ -40,23 +40,27 @@ PARAMETERISATIONS = ("palette", "gated", "change")
 QUERIES = (
     2  # a head that reads source colours gets 2 x QUERIES colour-query maps, from its token and instruction features
 )
-# Copied from reward/shapeedit/world.py: SHAPE_COLOURS then BACKGROUND_COLOURS, in order (policies/ and reward/ are
-# leaves and do not import each other); tests/policies/test_shapeedit_policy.py checks that they stay equal.
-SHAPEEDIT_PALETTE = (
-    (220, 40, 40),
-    (40, 170, 60),
-    (40, 80, 220),
-    (240, 210, 40),
-    (140, 50, 170),
-    (245, 130, 20),
-    (250, 140, 200),
-    (40, 200, 220),
-    (245, 245, 245),
-    (20, 20, 20),
-    (130, 130, 130),
-    (110, 70, 40),
-    (20, 40, 110),
-)
+# The ShapeEdit world's colours (policies/ and reward/ are leaves and do not import each other).
+# Copied from reward.shapeedit.world.SHAPE_COLOURS
+SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (245, 130, 20),
+    "pink": (250, 140, 200),
+    "cyan": (40, 200, 220),
+}
+# Copied from reward.shapeedit.world.BACKGROUND_COLOURS
+BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "grey": (130, 130, 130),
+    "brown": (110, 70, 40),
+    "navy": (20, 40, 110),
+}
+SHAPEEDIT_PALETTE = (*SHAPE_COLOURS.values(), *BACKGROUND_COLOURS.values())  # the default palette, in this order
 LORA_TARGETS = r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|ff\.net\.0\.proj|ff\.net\.2)"
 
 

@@ -190,20 +190,6 @@ def test_text_encoder_gets_vision_positions(policy):
     assert not torch.equal(ours, stock)
 
 
-def test_image_only_processor_is_the_reward_sides():
-    """The policy's copy of reward/backbone.py:ImageOnlyProcessor takes the same parts (no video processor) and
-    turns a prompt with an image into the same tensors, mm_token_type_ids included."""
-    from reward.backbone import ImageOnlyProcessor as RewardProcessor
-
-    ours = tiny_components()["processor"]
-    theirs = RewardProcessor(image_processor=ours.image_processor, tokenizer=ours.tokenizer)
-    assert type(ours).get_attributes() == RewardProcessor.get_attributes() == ["image_processor", "tokenizer"]
-    prompt = "<|vision_start|><|image_pad|><|vision_end|>" + INSTRUCTIONS[0]
-    a, b = (processor(text=[prompt], images=images(1), return_tensors="pt") for processor in (ours, theirs))
-    assert "mm_token_type_ids" in a and a.keys() == b.keys()
-    assert all(torch.equal(a[key], b[key]) for key in a)
-
-
 def test_system_prefix_is_the_64_dropped_tokens():
     """The tiny tokenizer splits the system prefix into exactly the 64 tokens the pipelines drop, so the kept
     embeddings start at the image (Edit) or at 'Picture 1:' (Plus); a mismatch is refused."""
