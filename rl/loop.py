@@ -288,7 +288,10 @@ class Run:
         return str(last[-1]) if last else "the start (no checkpoint yet)"
 
     def save_after_failure(self, at_step: int) -> None:
-        if at_step == 0:
+        """Keep the steps done: a checkpoint of `at_step`, unless there is none to take (step 0) or it was saved
+        already (saving it again would log the step's checkpoint metrics twice)."""
+        saved = checkpoint.complete_checkpoints(self.run_dir)
+        if at_step == 0 or (saved and saved[-1].name == f"{checkpoint.PREFIX}{at_step:06d}"):
             return
         try:
             self.save(at_step)

@@ -23,6 +23,7 @@ from reward.config import load_config
 from rl import checkpoint
 from rl.actors import RayRewardClient, RewardUnavailable
 from rl.algorithms import MicroTargets
+from rl.compare import read_metrics
 from rl.config import RLConfig
 from rl.loop import Run, train
 from rl.workers import build_policy
@@ -398,6 +399,7 @@ def test_a_reward_actor_that_stays_dead_stops_the_run_resumably(setup, whole, tm
         killer.join()
     assert checkpoint.find_resume(run, "auto") is not None
     train(load_config(RLConfig, None, overrides(setup, run)))
+    read_metrics(run / "metrics.jsonl")  # one run's metrics: no metric logged twice for a step (rl/compare.py)
     assert_learned(run)
     assert_same_metrics(run, whole)
     assert_same_weights(weights(run, 3), weights(whole, 3), atol=1e-6)
