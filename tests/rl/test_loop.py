@@ -87,6 +87,16 @@ def kill_after_first_checkpoint(out: Path, args: list[str]) -> None:
     assert not (out / "checkpoints" / "step-000002").exists(), "killed too late: step 2 was already saved"
 
 
+def test_the_ray_run_equals_the_in_process_run(setup, whole, tmp_path):
+    """The same driver on the Ray topology and on in-process actors (rl/actors.py in_process_actors): the same
+    seeds, samples, rewards and updates, so the same metrics and weights, step by step."""
+    local = run_in_process(setup, tmp_path / "local")
+    assert_learned(local)
+    assert_same_metrics(whole, local)
+    for step in (1, 2, 3):
+        assert_same_weights(weights(whole, step), weights(local, step), atol=1e-6)
+
+
 def skip_shard_of_rank_1():
     """The plant for the 2-rank comparison: Run.update as it is, but the micro-batches learner rank 1 takes
     (every 2nd: Run.update's order) carry zero targets, so with GRPO and kl_beta 0 rank 1 contributes no gradient."""
