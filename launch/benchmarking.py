@@ -218,6 +218,26 @@ SIMULATED_NODE = {"num_cpus": 2, "resources": {"fake_gpu": 2}, "node_ip_address"
 
 
 @contextlib.contextmanager
+def local_ray(num_cpus: int = 2):
+    """A one-node Ray cluster of this machine on 127.0.0.1, no dashboard, this process its driver; shut down after.
+    Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray, so that everything listens on loopback only."""
+    import ray
+
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        num_cpus=num_cpus,
+        configure_logging=False,
+        runtime_env={"env_vars": env},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
 def simulated_cluster(num_nodes: int, node: dict = SIMULATED_NODE):
     """A Ray cluster of several nodes on this machine (ray.cluster_utils.Cluster, as Ray's own tests do), this
     process connected to it as the driver; yields (cluster, node handles). The head holds no CPUs (the driver's),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,10 +26,11 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python launch/nft_vs_grpo.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on loopback only (see launch/grpo_edit.py)
 
 import numpy as np  # noqa: E402
 
-from launch.benchmarking import comma_list, command_line, machine, table  # noqa: E402
+from launch.benchmarking import comma_list, command_line, local_ray, machine, table  # noqa: E402
 from reward.config import HelpFormatter, load_config  # noqa: E402
 from rl.compare import load_run, run_signal  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
@@ -183,17 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             cwd=ROOT,
             check=True,
         )
-    import ray
-
     from rl.loop import train
 
-    ray.init(
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        num_cpus=2,
-        configure_logging=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
-    )
     rewards = {
         name: spec
         for name, spec in {"oracle": f"oracle:{data}", "jrm": f"jrm:{args.jrm}"}.items()
@@ -201,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     sampler = GAUSSIAN_SAMPLER if args.sampler == "gaussian" else []
     runs = []
-    try:
+    with local_ray():
         for reward, spec in rewards.items():
             for seed in range(args.seeds):
                 for algorithm, extra in algorithms.items():
@@ -242,8 +235,6 @@ def main(argv: list[str] | None = None) -> int:
                             "verdict": verdict,
                         }
                     )
-    finally:
-        ray.shutdown()
 
     summary = []
     for reward in rewards:

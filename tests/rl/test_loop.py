@@ -19,6 +19,7 @@ import pytest
 import ray
 import torch
 
+from launch.benchmarking import local_ray
 from reward.config import load_config
 from rl import checkpoint
 from rl.actors import RayRewardClient, RewardUnavailable
@@ -45,15 +46,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tiny_data_and_policy(tmp_path_factory.mktemp("rl"))
-    ray.init(
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        num_cpus=2,
-        configure_logging=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
-    )
-    yield root
-    ray.shutdown()
+    with local_ray():
+        yield root
 
 
 @pytest.fixture(scope="module")
