@@ -1,5 +1,5 @@
 """One RL step, phase by phase, through the Ray pipeline and in one process: the same driver (rl/loop.py
-`train(cfg, actors)`) on the Ray topology and on the in-process actor set (rl/actors.py); the gain from
+`train(cfg, actor_set)`) on the Ray topology and on the in-process actor set (rl/actors.py); the gain from
 overlapping reward with sampling (`cluster.async_reward`); step time vs the number of rollout actors, learner
 ranks and simulated nodes; the bytes the driver receives; peak memory of each role.
 
@@ -46,9 +46,10 @@ from launch.benchmarking import PeakMemory, command_line, median, table, write_r
 from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig  # noqa: E402
 from reward.config import HelpFormatter, load_config  # noqa: E402
 from reward.shapeedit import GenerateConfig, generate  # noqa: E402
-from rl.actors import in_process_actors  # noqa: E402
+from rl.actors import local_actors  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.loop import train  # noqa: E402
+from rl.ray_actors import ray_actors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "launch" / "configs" / "shapeedit.yaml"
@@ -181,7 +182,7 @@ def step_medians(cfg: RLConfig, name: str) -> dict:
 def ray_run(cfg: RLConfig, name: str) -> dict:
     """step_medians of a Ray run, with peak memory per role."""
     with RolePeaks() as peaks, PeakMemory() as driver:
-        train(cfg)
+        train(cfg, ray_actors)
     result = step_medians(cfg, name)
     result.update({f"{role}_gib": peak for role, peak in peaks.peaks_gib.items()})
     result["driver_gib"] = driver.peak_gib
@@ -208,8 +209,8 @@ def simulated_nodes(n: int):
 
 def in_process_run(cfg: RLConfig) -> dict:
     """The sync-1x1 work with no Ray: the same driver on the in-process actor set."""
-    with PeakMemory() as memory, in_process_actors(cfg) as actors:
-        train(cfg, actors)
+    with PeakMemory() as memory:
+        train(cfg, local_actors)
     result = step_medians(cfg, "in-process-1x1")
     result["driver_gib"] = memory.peak_gib
     return result

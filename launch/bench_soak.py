@@ -39,6 +39,7 @@ from launch.benchmarking import SIMULATED_NODE, command_line, simulated_cluster,
 from reward.config import load_config  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.loop import train  # noqa: E402
+from rl.ray_actors import ray_actors  # noqa: E402
 
 # what each kind of fault kills: the first process of this Ray title (an actor's process, busy or idle), or a node
 TITLES = {"rollout-worker": "ray::RolloutWorker", "reward-actor": "ray::RewardWorker", "learner": "ray::Learner"}
@@ -171,11 +172,11 @@ class Tee(io.TextIOBase):
 
 
 def run_to_the_end(cfg: RLConfig, injector: Injector | None) -> dict:
-    """train(cfg), continued with resume=auto after every stop the faults cause; what it took."""
+    """train(cfg, ray_actors), continued with resume=auto after every stop the faults cause; what it took."""
     start, resumes, redone = time.perf_counter(), [], 0
     while True:
         try:
-            train(cfg)
+            train(cfg, ray_actors)
             break
         except Exception as e:  # noqa: BLE001 - a fault stopped the run: resume it, as a user would
             if injector is None:

@@ -61,7 +61,10 @@ from reward.config import HelpFormatter, load_config  # noqa: E402
 from reward.generative import GenerativeJudge  # noqa: E402
 from reward.model import DTYPES, JRM, JRMArgs  # noqa: E402
 from rl.actors import free_port  # noqa: E402
-from rl.algorithms import MicroTargets  # noqa: E402
+from rl.algorithms import (
+    MicroTargets,  # noqa: E402
+    build_algorithm,  # noqa: E402
+)
 from rl.config import RLConfig  # noqa: E402
 from rl.learner import Learner  # noqa: E402
 
@@ -331,7 +334,15 @@ def check_learner(policy: FluxKontextPolicy, cfg: RLConfig, rollout: Rollout, de
     with PeakMemory(device) as memory:
         # The process group stays up for later learners of this process: DeepSpeed caches its groups, so a
         # learner made after destroy_process_group() fails. The command line destroys it at exit.
-        learner = Learner(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), policy=policy)
+        learner = Learner(
+            cfg,
+            build_algorithm(cfg.algo, cfg.seed),
+            rank=0,
+            world_size=1,
+            master_addr="127.0.0.1",
+            master_port=free_port(),
+            policy=policy,
+        )
         times, stats = [], []
         for _ in range(2):  # the first step also pays for allocations and DeepSpeed's first-step set-up
             sync(device)

@@ -31,6 +31,7 @@ import ray  # noqa: E402
 from reward.config import config_from_cli  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.loop import train  # noqa: E402
+from rl.ray_actors import ray_actors  # noqa: E402
 
 
 def runtime_env(environ: Mapping[str, str]) -> dict:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=env, configure_logging=False)
     try:
-        print(json.dumps(train(cfg), indent=1))
+        print(json.dumps(train(cfg, ray_actors), indent=1))
     finally:
         ray.shutdown()
     return 0

@@ -42,8 +42,8 @@ GAUSSIAN_SAMPLER = ["policy.sampler.sample_last_step=false", "policy.sampler.gau
 docs/results/nft_vs_grpo.json was measured; GRPO needs them, NFT's ODE variant ignores them)."""
 ALGORITHMS = {
     "grpo": [],
-    "nft": ["algo.algo=nft", "algo.nft_terms=2"],
-    "nft-ode4": ["algo.algo=nft", "algo.nft_terms=2", "policy.sampler.noise_level=0.0", "policy.sampler.num_steps=4"],
+    "nft": ["algo.name=nft", "algo.nft_terms=2"],
+    "nft-ode4": ["algo.name=nft", "algo.nft_terms=2", "policy.sampler.noise_level=0.0", "policy.sampler.num_steps=4"],
 }
 
 
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         )
     from rl.loop import train
+    from rl.ray_actors import ray_actors
 
     rewards = {
         name: spec
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                         train(
                             load_config(
                                 RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", overrides + ["resume=auto"]
-                            )
+                            ),
+                            ray_actors,
                         )
                         print(f"{run_dir}: {time.perf_counter() - start:.0f} s", flush=True)
                     curve = run_curve(run_dir)

@@ -4,7 +4,7 @@
     python launch/plan.py [--out docs/bench/plans.json]     # every shipped GPU preset, as a JSON report
 
 Every model is built on PyTorch's `meta` device (shapes, no storage: nothing is loaded or downloaded; a
-12B transformer takes a second). Per GPU it adds up, for the actors rl/actors.py `placement` puts there:
+12B transformer takes a second). Per GPU it adds up, for the actors rl/ray_actors.py `placement` puts there:
 - weights: every component of the policy at policy.dtype (a rollout worker holds them all; a learner holds the
   denoiser, which is all it runs on stored rollouts: `EditingPolicy.drop_encoders`); a full fine-tune adds
   the frozen reference copy; the JRM at the reward actor;
@@ -44,8 +44,8 @@ from torch import nn  # noqa: E402
 
 from launch.benchmarking import command_line, write_report  # noqa: E402
 from reward.config import load_config  # noqa: E402
-from rl.actors import placement  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
+from rl.ray_actors import placement  # noqa: E402
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = 0.6  # CUDA context, cuBLAS workspace and allocator slack, per process

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: a pipeline's load_lora_weights(dir) reads it
+POLICY_FILE = "policy.json"  # a saved policy's settings, trainable config and weight version
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Trainable:
             for name, p in params.items():
                 if state[name].shape != p.shape:
                     raise ValueError(f"trainable tensor {name}: shape {tuple(state[name].shape)} != {tuple(p.shape)}")
-                p.copy_(state[name])
+                p.copy_(state[name])  # onto the parameter's device and dtype, wherever the tensor is
 
     @contextlib.contextmanager
     def reference(self):
@@ -119,6 +121,30 @@ class Trainable:
             yield
         finally:
             self.net.enable_adapters()
+
+    def save_pretrained(self, path: str | Path, pipeline_cls, settings: dict, version: int) -> None:
+        """Write the trained weights (`save`) and POLICY_FILE: the policy's `settings` (what must match to load them
+        back), this trainable config and the weight `version`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.save(path, pipeline_cls)
+        saved = {**settings, "trainable": asdict(self.cfg), "version": version}
+        (path / POLICY_FILE).write_text(json.dumps(saved, indent=2) + "\n")
+
+    def load_pretrained(self, path: str | Path, settings: dict) -> int:
+        """Load what save_pretrained wrote onto this network, whose policy has the same `settings` and trainable
+        config (refused, naming what differs, otherwise); returns the saved weight version. The tensors go where
+        the network's parameters are, whatever device they were saved from."""
+        path = Path(path)
+        if not (path / POLICY_FILE).is_file():
+            raise FileNotFoundError(f"{path} holds no saved policy ({POLICY_FILE} is missing)")
+        saved = json.loads((path / POLICY_FILE).read_text())
+        mine = {**settings, "trainable": asdict(self.cfg)}
+        differ = {key: (saved.get(key), value) for key, value in mine.items() if saved.get(key) != value}
+        if differ:
+            raise ValueError(f"{path / POLICY_FILE} does not match this policy (saved, this): {differ}")
+        self.load_state(self.read_saved(path))
+        return saved["version"]
 
     def save(self, path: Path, pipeline_cls) -> None:
         """LoRA: diffusers' LORA_FILE, which a stock `pipeline_cls.load_lora_weights(path)` reads; full

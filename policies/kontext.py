@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,6 @@ LORA_TARGETS = (
     r"|ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2)"
 )
 DEFAULT_GUIDANCE = 2.5  # FLUX.1 Kontext's recommended guidance embedding
-CONFIG_FILE = "policy.json"
 
 
 @dataclass
@@ -86,7 +84,7 @@ class FluxKontextPolicy:
         self.version = 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self._trainable = Trainable(
+            self.trainable = Trainable(
                 self.pipe.transformer, trainable or TrainableConfig(), default_targets=LORA_TARGETS
             )
 
@@ -128,7 +126,7 @@ class FluxKontextPolicy:
     def to(self, device: torch.device | str) -> FluxKontextPolicy:
         """Move every component, the reference copy of a full fine-tune included; returns the policy."""
         self.pipe.to(device)
-        self._trainable.to(device)
+        self.trainable.to(device)
         return self
 
     @property
@@ -253,65 +251,41 @@ class FluxKontextPolicy:
 
     def reference(self) -> contextlib.AbstractContextManager:
         """Within the block, sample and log_prob use the reference policy (adapters disabled / frozen copy)."""
-        return self._trainable.reference()
+        return self.trainable.reference()
 
     def trained_module(self) -> nn.Module:
         """The network that holds the trainable weights (ZeRO-3 partitions its parameters in the learner)."""
-        return self._trainable.net
+        return self.trainable.net
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return self._trainable.parameters()
+        return self.trainable.parameters()
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Detached copies of the trained tensors by parameter name (LoRA A/B, or every transformer weight)."""
-        return self._trainable.state()
+        return self.trainable.state()
 
     def load_trainable_state(self, state: dict[str, Tensor], version: int) -> None:
         """Load tensors from trainable_state() (weight sync) and stamp later rollouts with `version`."""
-        self._trainable.load_state(state)
+        self.trainable.load_state(state)
         self.version = version
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the trained weights and this policy's settings to the folder `path`.
-
-        LoRA: `pytorch_lora_weights.safetensors` in diffusers' format (a stock FluxKontextPipeline loads it
-        with `load_lora_weights(path)`); full fine-tune: `transformer/` (FluxTransformer2DModel.from_pretrained).
-        `policy.json` holds height, width, max_sequence_length, the trainable config and the version.
-        Load it back onto a policy built from the same base with `load_pretrained(path)`.
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        cfg = self._trainable.cfg
-        self._trainable.save(path, FluxKontextPipeline)
-        settings = {
-            "height": self.height,
-            "width": self.width,
-            "max_sequence_length": self.max_sequence_length,
-            "trainable": dataclasses.asdict(cfg),
-            "version": self.version,
-        }
-        (path / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        """Write the trained weights and this policy's settings to the folder `path` (policies/adapters.py
+        Trainable.save_pretrained): LoRA as `pytorch_lora_weights.safetensors` in diffusers' format (a stock
+        FluxKontextPipeline loads it with `load_lora_weights(path)`), a full fine-tune as `transformer/`;
+        `policy.json` holds the settings, the trainable config and the version."""
+        self.trainable.save_pretrained(path, FluxKontextPipeline, self._settings(), self.version)
 
     def load_pretrained(self, path: str | Path) -> None:
-        """Load what save_pretrained wrote onto this policy, which must be built from the same base with the
-        same height, width and trainable config:
+        """Load what save_pretrained wrote onto this policy, built from the same base with the same settings:
 
-            policy = FluxKontextPolicy.from_pretrained(base, trainable=TrainableConfig(...), height=..., width=...)
-            policy.load_pretrained(saved_dir)
+        policy = FluxKontextPolicy.from_pretrained(base, trainable=TrainableConfig(...), height=..., width=...)
+        policy.load_pretrained(saved_dir)
         """
-        path = Path(path)
-        settings = json.loads((path / CONFIG_FILE).read_text())
-        mine = {
-            "height": self.height,
-            "width": self.width,
-            "max_sequence_length": self.max_sequence_length,
-            "trainable": dataclasses.asdict(self._trainable.cfg),
-        }
-        differ = {key: (settings[key], value) for key, value in mine.items() if settings[key] != value}
-        if differ:
-            raise ValueError(f"{path / CONFIG_FILE} does not match this policy (saved, this): {differ}")
-        state = self._trainable.read_saved(path)
-        self.load_trainable_state(state, settings["version"])
+        self.version = self.trainable.load_pretrained(path, self._settings())
+
+    def _settings(self) -> dict:
+        return {"height": self.height, "width": self.width, "max_sequence_length": self.max_sequence_length}
 
     # ------------------------------------------------------------------ internals
 
@@ -379,7 +353,7 @@ class FluxKontextPolicy:
         The one path both sample and log_prob take, so that they agree to the last bit. The casts follow
         FluxKontextPipeline: x in the network dtype, timestep = (sigma * 1000 in float32) / 1000, guidance float32.
         """
-        net = self._trainable.net  # the frozen copy inside reference() for a full fine-tune
+        net = self.trainable.net  # the frozen copy inside reference() for a full fine-tune
         batch, tokens = latents.shape[:2]
         dtype = condition.prompt_embeds.dtype
         hidden = torch.cat([latents.to(dtype), condition.image_latents], dim=1)

@@ -72,4 +72,8 @@ class EditingPolicy(Protocol):
 
     def load_trainable_state(self, state: dict[str, Tensor], version: int) -> None: ...
 
-    def save_pretrained(self, path: str | Path) -> None: ...
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the trained weights, the settings they need and the version to the folder `path`."""
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load what save_pretrained wrote onto this policy, built from the same base with the same settings."""

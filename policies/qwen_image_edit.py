@@ -57,7 +57,6 @@ DEFAULT_LORA_TARGETS = (
     r"|img_mlp\.net\.0\.proj|img_mlp\.net\.2|txt_mlp\.net\.0\.proj|txt_mlp\.net\.2)"
 )
 """Regex (peft's target_modules, matched against whole module names): attention and both streams' MLPs."""
-CONFIG_FILE = "qwen_image_edit_policy.json"
 
 
 @dataclass
@@ -199,17 +198,11 @@ class QwenImageEditPolicy:
         return cls(pipeline, trainable or TrainableConfig(), height, width, condition_area or height * width)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the trained weights and this policy's settings to the folder `path`.
-
-        LoRA: `pytorch_lora_weights.safetensors` in diffusers' format (a stock QwenImageEdit(Plus)Pipeline
-        loads it with `load_lora_weights(path)`); full fine-tune: `transformer/`
-        (QwenImageTransformer2DModel.from_pretrained). `qwen_image_edit_policy.json` holds the settings and
-        version. Load it back onto a policy built from the same base with `load_pretrained(path)`.
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.trainable.save(path, QwenImageEditPipeline)
-        (path / CONFIG_FILE).write_text(json.dumps(dict(self._settings(), version=self.version), indent=2) + "\n")
+        """Write the trained weights and this policy's settings to the folder `path` (policies/adapters.py
+        Trainable.save_pretrained): LoRA as `pytorch_lora_weights.safetensors` in diffusers' format (a stock
+        QwenImageEdit(Plus)Pipeline loads it with `load_lora_weights(path)`), a full fine-tune as `transformer/`;
+        `policy.json` holds the settings, the trainable config and the version."""
+        self.trainable.save_pretrained(path, QwenImageEditPipeline, self._settings(), self.version)
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load what save_pretrained wrote onto this policy, built from the same base with the same settings:
@@ -217,22 +210,10 @@ class QwenImageEditPolicy:
         policy = QwenImageEditPolicy.from_pretrained(base, trainable=TrainableConfig(...), height=..., width=...)
         policy.load_pretrained(saved_dir)
         """
-        path = Path(path)
-        saved = json.loads((path / CONFIG_FILE).read_text())
-        differ = {key: (saved[key], value) for key, value in self._settings().items() if saved[key] != value}
-        if differ:
-            raise ValueError(f"{path / CONFIG_FILE} does not match this policy (saved, this): {differ}")
-        state = self.trainable.read_saved(path)
-        self.load_trainable_state({k: v.to(self.device) for k, v in state.items()}, saved["version"])
+        self.version = self.trainable.load_pretrained(path, self._settings())
 
     def _settings(self) -> dict:
-        return dict(
-            plus=self.plus,
-            height=self.height,
-            width=self.width,
-            condition_area=self.condition_area,
-            trainable=dataclasses.asdict(self.trainable.cfg),
-        )
+        return dict(plus=self.plus, height=self.height, width=self.width, condition_area=self.condition_area)
 
     # ---------------------------------------------------------------- training interface
 

@@ -267,6 +267,30 @@ class ShapeEditPolicy:
     # ---- construction and persistence ----------------------------------------------------------------
 
     @classmethod
+    def tiny(
+        cls, height: int = 32, width: int = 32, trainable: TrainableConfig | None = None, seed: int = 0
+    ) -> ShapeEditPolicy:
+        """A small random policy of the real architecture (tests, CPU): square images of `height` pixels."""
+        if height != width:
+            raise ValueError(f"the ShapeEdit policy edits square images, got {width}x{height}")
+        cfg = ShapeEditPolicyConfig(
+            image_size=height,
+            patch_size=8,
+            hidden_size=64,
+            num_layers=2,
+            text_hidden_size=32,
+            text_layers=1,
+            max_instruction_tokens=12,
+        )
+        instructions = [
+            "make the red circle blue",
+            "remove the green square",
+            "move the star to the top left",
+            "turn the background white",
+        ]
+        return cls.build(cfg, instructions, seed=seed, trainable=trainable)
+
+    @classmethod
     def build(
         cls,
         cfg: ShapeEditPolicyConfig,
@@ -379,6 +403,12 @@ class ShapeEditPolicy:
             else:  # a full fine-tune: its trained weights are the saved transformer
                 policy.version = meta["version"]
         return policy
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load the trained weights of a policy saved by save_pretrained onto this one (the same architecture and
+        trainable config), as every editing policy does."""
+        saved = type(self).from_pretrained(path, trainable=self.trainable_cfg)
+        self.load_trainable_state(saved.trainable_state(), saved.version)
 
     # ---- the EditingPolicy protocol -----------------------------------------------------------------------
 

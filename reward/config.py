@@ -105,6 +105,12 @@ def build(cls: type[T], values: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(valid))
+    renamed = {k: v for k, v in getattr(cls, "RENAMED", {}).items() if k in unknown}  # a class lists its old keys
+    if renamed:
+        raise ConfigError(
+            "renamed config key(s): "
+            + ", ".join(f"{prefix + old} is now {prefix + new}" for old, new in renamed.items())
+        )
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {[prefix + k for k in valid]}"

@@ -1,23 +1,15 @@
-"""Where the RL job's actors live. The driver (rl/loop.py `train(cfg, actors)`) drives any actor set the same way.
+"""The actor set the RL driver drives (rl/loop.py `train(cfg, actor_set)`), and the set that runs in this process.
 
-Two sets, both context managers yielding an `ActorSet`:
+`ActorSet` is the interface: plain methods that take and return values (rollout, update, send_weights, evaluate,
+save, load). Two sets implement it, each made by a context manager `f(cfg, algorithm) -> ActorSet`:
 
-- `ray_actors(cfg)`: the Ray topology over `cluster.num_nodes` nodes. Per node: `cluster.num_rollout_workers`
-  rollout workers, `cluster.num_learners` learner ranks and **one reward actor that batches the scoring
-  requests of that node's rollout workers**, so scoring traffic never leaves the node. Each node gets its own
-  placement group, pinned to one node (bundle label `ray.io/node-id`) and holding **one bundle per slot**: one
-  per GPU on GPU runs (the actors sharing a GPU split its bundle in equal, explicit shares: `placement()`), one
-  per actor on CPU runs. The learners of all nodes form one DeepSpeed group; its rendezvous is the address of
-  rank 0's node, asked of Ray on that node (`rendezvous`), not 127.0.0.1.
-- `in_process_actors(cfg)`: one rollout worker, one reward worker and one learner as plain objects in this
-  process, no Ray: for tests, and for launch/bench_rl_step.py's measure of what Ray costs.
+- rl/ray_actors.py `ray_actors`: the Ray topology over any number of nodes (the only module of rl/ that imports
+  Ray). It turns Ray's failures into the driver's own exceptions below.
+- `local_actors` here: one rollout worker, one reward worker and one learner as plain objects in this process, for
+  tests and for launch/bench_rl_step.py's measure of what Ray costs.
 
-Both give handles with Ray's calling convention, `handle.method.remote(*args)`, whose results `actors.get`
-resolves (Ray ObjectRefs, or values computed at the call in process), so the driver's step is one code path.
-
-Rollouts bypass the driver: a Ray rollout worker puts each micro-batch's rollout in its node's object store
-and returns only the references, with the scores; learners fetch their shards directly from the workers'
-nodes (rl/learner.py `fetch`). The driver receives rewards and metadata (`payload_bytes` measures it).
+The driver splits each call's work across the set's workers and learner ranks itself (the split decides seeds
+and the global minibatch order, which must not depend on where the actors live), so both sets run the same step.
 """
 
 from __future__ import annotations
@@ -25,205 +17,133 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import socket
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Iterator, Protocol
 
 import numpy as np
-import ray
 import torch
-from ray.exceptions import ActorDiedError, GetTimeoutError, ObjectLostError, RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch import Tensor
 
-from rl.config import ClusterConfig, RLConfig
+from rl.algorithms import MicroTargets
+from rl.config import RLConfig
 from rl.learner import Learner
+from rl.prompts import Prompt
 from rl.rewards import RewardWorker
-from rl.workers import RolloutWorker
-
-# ---- reward clients: how a rollout worker (and the driver's evaluation) reaches a reward actor ----------------------
+from rl.workers import EvalResult, RolloutResult, RolloutWorker
 
 
-class RewardUnavailable(RuntimeError):
-    """The reward actor did not answer within timeout and retries."""
+class Redo(Exception):
+    """This step's rollouts cannot be used (a worker died or restarted, or its rollouts were lost): redo it."""
 
 
-class RayRewardClient:
-    """Scoring through a Ray reward actor, with a per-call timeout and retries."""
-
-    def __init__(self, handle, timeout_s: float, retries: int):
-        self.handle, self.timeout_s, self.retries = handle, timeout_s, retries
-
-    def submit(self, sources, instructions, edited, method: str = "score_batched"):
-        """Start `method` of the reward actor on the edits: score_batched (a rollout's rewards, batched with
-        other workers' requests) or judge (an evaluation's scores and gold)."""
-        return getattr(self.handle, method).remote(sources, instructions, edited), (
-            method,
-            sources,
-            instructions,
-            edited,
-        )
-
-    def result(self, submitted):
-        ref, (method, *args) = submitted
-        for attempt in range(self.retries + 1):
-            try:
-                return ray.get(ref, timeout=self.timeout_s)
-            except (GetTimeoutError, RayActorError) as e:
-                if attempt == self.retries:
-                    raise RewardUnavailable(
-                        f"the reward actor failed {self.retries + 1} times ({type(e).__name__}) on a batch of "
-                        f"{len(args[0])} edits"
-                    ) from e
-                print(f"reward call failed ({type(e).__name__}); retry {attempt + 1} of {self.retries}", flush=True)
-                ray.cancel(ref)
-                if isinstance(e, RayActorError):  # died: Ray restarts it (max_restarts); calls fail fast until then
-                    self._wait_until_alive()
-                ref = getattr(self.handle, method).remote(*args)
-        raise AssertionError("unreachable")
-
-    def _wait_until_alive(self) -> None:
-        """Poll the actor until it answers, for at most timeout_s (then the retry fails and counts)."""
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get(self.handle.__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 0.01))
-                return
-            except ActorDiedError:  # restarts used up: waiting can't help
-                return
-            except (GetTimeoutError, RayActorError):  # still restarting
-                time.sleep(0.2)
+class ActorLost(RuntimeError):
+    """An actor is gone for good: a learner (its optimizer state died with it), or a rollout worker whose restarts
+    are used up."""
 
 
 class NodeLost(RuntimeError):
     """A node of the job died: its actors cannot be restarted where their placement group is pinned."""
 
 
+@dataclass
+class RolloutShare:
+    """One rollout worker's share of a step."""
+
+    prompts: list[Prompt]  # already repeated per group
+    group_ids: Tensor  # (n,)
+    seed: int  # seeds the worker's sampling noise
+
+
+class ActorSet(Protocol):
+    """What the driver drives. Workers and learner ranks are counted job-wide; each `shares` list holds one entry
+    per rollout worker (rollout, evaluate) or per learner rank (update), in order."""
+
+    num_rollout_workers: int
+    num_learners: int
+
+    def rollout(self, shares: list[RolloutShare], micro_batch_size: int, overlap: bool) -> list[RolloutResult]:
+        """Each worker samples its share in micro-batches, scored by its node's reward actor. Raises Redo when a
+        worker died during the call."""
+
+    def update(self, shares: list[tuple[list, list[MicroTargets]]]) -> list[dict]:
+        """Each learner rank trains on its micro-batches (rollouts or references to them) and targets; returns each
+        rank's statistics. Raises ActorLost when a learner died."""
+
+    def send_weights(self, version: int) -> None:
+        """Learner rank 0's trainable weights to every rollout worker, as `version`. Raises ActorLost when a worker
+        is gone for good."""
+
+    def evaluate(self, shares: list[list[Prompt]], seed: int, batch_size: int, grid_rows: int) -> list[EvalResult]:
+        """ODE edits of each worker's prompts (an empty share is skipped), judged on the worker's node."""
+
+    def save(self, staging: str) -> list:
+        """Every learner rank writes its part of the checkpoint into `staging`; returns what each rank answered."""
+
+    def load(self, path: str) -> None:
+        """Every learner rank loads the checkpoint at `path`."""
+
+    def reward_batch_sizes(self) -> list[list[int] | None]:
+        """Per node, the edits of each scoring call of its reward actor since the last call (None: no answer)."""
+
+    def check_nodes(self, grace_s: float = 0.0) -> None:
+        """Raise NodeLost if a node of the job is dead, giving Ray's health checks `grace_s` to tell."""
+
+
+class LocalActors:
+    """The actor set in this process: the components called directly, one of each."""
+
+    num_rollout_workers = 1
+    num_learners = 1
+
+    def __init__(self, worker: RolloutWorker, learner: Learner, reward: RewardWorker):
+        self.worker, self.learner, self.reward = worker, learner, reward
+
+    def rollout(self, shares: list[RolloutShare], micro_batch_size: int, overlap: bool) -> list[RolloutResult]:
+        return [self.worker.rollout(s.prompts, s.group_ids, micro_batch_size, s.seed, overlap) for s in shares]
+
+    def update(self, shares: list[tuple[list, list[MicroTargets]]]) -> list[dict]:
+        return [self.learner.update(micro, targets) for micro, targets in shares]
+
+    def send_weights(self, version: int) -> None:
+        self.worker.set_weights(self.learner.trainable_state(), version)
+
+    def evaluate(self, shares: list[list[Prompt]], seed: int, batch_size: int, grid_rows: int) -> list[EvalResult]:
+        return [self.worker.evaluate(prompts, seed, batch_size, grid_rows) for prompts in shares if prompts]
+
+    def save(self, staging: str) -> list:
+        return [self.learner.save(staging)]
+
+    def load(self, path: str) -> None:
+        self.learner.load(path)
+
+    def reward_batch_sizes(self) -> list[list[int] | None]:
+        return [self.reward.take_batch_sizes()]
+
+    def check_nodes(self, grace_s: float = 0.0) -> None:
+        """One process: its node is alive while this runs."""
+
+
 class LocalRewardClient:
-    """A reward client without Ray: scores at submit, in this process."""
+    """A rollout worker's reward client without Ray: scores at submit, in this process (no overlap with sampling)."""
 
     def __init__(self, worker: RewardWorker):
         self.worker = worker
 
     def submit(self, sources, instructions, edited, method: str = "score_batched"):
-        return (self.worker.score if method == "score_batched" else getattr(self.worker, method))(
-            sources, instructions, edited
-        )
+        return (self.worker.score if method == "score_batched" else self.worker.judge)(sources, instructions, edited)
 
     def result(self, done):
         return done
 
 
-# ---- the actor set --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Placement:
-    role: str  # "rollout", "learner" or "reward"
-    index: int  # rollout worker index, learner rank, or node index (reward)
-    node: int  # node index in the job
-    slot: int  # GPU index on the node (GPU runs) or bundle index (CPU runs)
-    share: float  # of the slot's GPU (GPU runs) or CPUs (CPU runs)
-
-
-@dataclass
-class ActorSet:
-    """What the driver drives. Lists are node-major: rollout worker k lives on node k // num_rollout_workers."""
-
-    rollout_workers: list
-    learners: list  # in rank order
-    reward_actors: list  # one per node
-    reward_clients: list  # one per node
-    placements: list[Placement]
-    get: Callable[..., Any] = ray.get  # resolves what handle.method.remote(...) returned
-    nodes: list[str] = field(default_factory=list)  # Ray node ids, one per node ("" in process)
-    poll_s: float = 5.0  # how often a long wait (`watch`) checks that the job's nodes are alive
-
-    def watch(self, refs: list):
-        """`get`, for the long calls of a step (rollout, update): every poll_s, check that every node of the job
-        is alive, and raise NodeLost naming the dead ones instead of waiting for actors that cannot come back
-        (their placement group is pinned to the dead node)."""
-        if self.get is not ray.get:
-            return self.get(refs)
-        pending = list(refs)
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
-            if pending:
-                self.check_nodes()
-        return ray.get(refs)
-
-    def check_nodes(self, grace_s: float = 0.0) -> None:
-        """Raise NodeLost if a node of the job is dead. `grace_s`: after an actor became unreachable for good, how
-        long to give Ray's health checks (about 15 s) to tell whether its node died, polling every second."""
-        if self.get is not ray.get:
-            return
-        deadline = time.monotonic() + grace_s
-        while True:
-            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-            dead = [i for i, node in enumerate(self.nodes) if node not in alive]
-            if dead:
-                raise NodeLost(f"node(s) {dead} of the job ({', '.join(self.nodes[i][:8] for i in dead)}) died")
-            if time.monotonic() >= deadline:
-                return
-            time.sleep(1.0)
-
-    def node_of_worker(self, k: int) -> int:
-        return k * len(self.reward_actors) // len(self.rollout_workers)
-
-
-class _Done:
-    """A call already made in process: its value, or the exception it raised (raised again by get)."""
-
-    __slots__ = ("value", "error")
-
-    def __init__(self, value=None, error: BaseException | None = None):
-        self.value, self.error = value, error
-
-
-def _resolve(x):
-    if isinstance(x, list):
-        return [_resolve(v) for v in x]
-    if isinstance(x, _Done):
-        if x.error is not None:
-            raise x.error
-        return x.value
-    return x
-
-
-class _LocalMethod:
-    def __init__(self, method):
-        self.method = method
-
-    def remote(self, *args, **kwargs) -> _Done:
-        try:
-            return _Done(self.method(*(_resolve(a) for a in args), **{k: _resolve(v) for k, v in kwargs.items()}))
-        except Exception as e:  # noqa: BLE001 - handed to whoever gets the result, as Ray would
-            return _Done(error=e)
-
-
-class LocalHandle:
-    """An object called with Ray's convention (`handle.method.remote(...)`), run at the call in this process."""
-
-    def __init__(self, obj):
-        self._obj = obj
-
-    def __getattr__(self, name: str) -> _LocalMethod:
-        return _LocalMethod(getattr(self._obj, name))
-
-
-def local_get(refs, timeout: float | None = None):
-    """`ActorSet.get` in process (timeout: ignored, the work is already done)."""
-    return _resolve(refs)
-
-
 @contextlib.contextmanager
-def in_process_actors(cfg: RLConfig) -> Iterator[ActorSet]:
-    """One rollout worker, one reward worker and one learner (a 1-rank DeepSpeed group on 127.0.0.1), as plain
-    objects in this process. The reward is scored when submitted (no overlap with sampling)."""
+def local_actors(cfg: RLConfig, algorithm) -> Iterator[LocalActors]:
+    """One rollout worker, one reward worker and one learner training with `algorithm` (a 1-rank DeepSpeed group on
+    127.0.0.1), as plain objects in this process."""
     c = cfg.cluster
     if c.num_nodes != 1 or c.num_rollout_workers != 1 or c.num_learners != 1:
         raise ValueError(
-            "in_process_actors runs one node with one rollout worker and one learner: set cluster.num_nodes, "
+            "local_actors runs one node with one rollout worker and one learner: set cluster.num_nodes, "
             "num_rollout_workers and num_learners to 1"
         )
     reward = RewardWorker(
@@ -234,67 +154,19 @@ def in_process_actors(cfg: RLConfig) -> Iterator[ActorSet]:
         c.threads_per_worker,
         gold=cfg.reward.gold,
     )
-    client = LocalRewardClient(reward)
     worker = RolloutWorker(
-        cfg.policy, cfg.seed, client, c.threads_per_worker, c.device, final_only=cfg.algo.algo == "nft"
+        cfg.policy,
+        cfg.seed,
+        LocalRewardClient(reward),
+        c.threads_per_worker,
+        c.device,
+        final_only=cfg.algo.name == "nft",
     )
-    learner = Learner(cfg, 0, 1, "127.0.0.1", free_port("127.0.0.1"), threads=c.threads_per_worker)
-    placements = [
-        Placement("rollout", 0, 0, 0, 1.0),
-        Placement("learner", 0, 0, 0, 1.0),
-        Placement("reward", 0, 0, 0, 1.0),
-    ]
+    learner = Learner(cfg, algorithm, 0, 1, "127.0.0.1", free_port("127.0.0.1"), threads=c.threads_per_worker)
     try:
-        yield ActorSet(
-            [LocalHandle(worker)], [LocalHandle(learner)], [LocalHandle(reward)], [client], placements, local_get, [""]
-        )
+        yield LocalActors(worker, learner, reward)
     finally:
         learner.close()
-
-
-# ---- the Ray topology -----------------------------------------------------------------------------------------------
-
-
-def placement(c: ClusterConfig, node: int = 0) -> list[Placement]:
-    """Where each actor of node `node` goes (every node has the same layout), with the job-wide indices: rollout
-    worker node x R + i, learner rank node x L + j, reward actor `node`.
-
-    GPU runs: rollout worker i on GPU i mod G, learner j on GPU (learner_first_gpu + j) mod G, the reward actor on
-    GPU `reward_gpu`; the actors on one GPU split it in equal shares (Ray's fractional GPUs: a share reserves a
-    fraction of the bundle, not of the memory; launch/plan.py checks the memory). CPU runs: each actor its own bundle.
-    """
-    R, L = c.num_rollout_workers, c.num_learners
-    roles = [("rollout", i) for i in range(R)] + [("learner", j) for j in range(L)] + [("reward", 0)]
-    first = {"rollout": node * R, "learner": node * L, "reward": node}
-    if not c.gpus_per_node:
-        return [Placement(role, first[role] + index, node, b, 1.0) for b, (role, index) in enumerate(roles)]
-    G = c.gpus_per_node
-    slot = {
-        "rollout": lambda i: i % G,
-        "learner": lambda j: (c.learner_first_gpu + j) % G,
-        "reward": lambda _: c.reward_gpu % G,
-    }
-    slots = [slot[role](index) for role, index in roles]
-    return [
-        Placement(role, first[role] + index, node, s, 1.0 / slots.count(s)) for (role, index), s in zip(roles, slots)
-    ]
-
-
-def choose_nodes(c: ClusterConfig) -> list[dict]:
-    """`num_nodes` alive Ray nodes that can hold one node's bundles: the driver's node first (a laptop run stays
-    where it was started), then the others in Ray's order. Refuses, naming what it found, when too few qualify."""
-    need = {c.gpu_resource: float(c.gpus_per_node)} if c.gpus_per_node else {"CPU": 1.0}
-    alive = [n for n in ray.nodes() if n["Alive"]]
-    here = ray.get_runtime_context().get_node_id()
-    alive.sort(key=lambda n: n["NodeID"] != here)
-    fit = [n for n in alive if all(n["Resources"].get(k, 0.0) >= v for k, v in need.items())]
-    if len(fit) < c.num_nodes:
-        found = ", ".join(f"{n['NodeID'][:8]} { ({k: n['Resources'].get(k, 0) for k in need}) }" for n in alive)
-        raise RuntimeError(
-            f"cluster.num_nodes={c.num_nodes} needs that many nodes with {need}; the Ray cluster has {len(fit)}: "
-            f"{found}"
-        )
-    return fit[: c.num_nodes]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -304,163 +176,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def rendezvous(_actor=None) -> tuple[str, int]:
-    """Called in an actor on learner rank 0's node (its reward actor, already running: no new worker process to
-    start): that node's address as Ray knows it, and a port free there."""
-    host = ray.util.get_node_ip_address()
-    return host, free_port(host)
-
-
-@contextlib.contextmanager
-def ray_actors(cfg: RLConfig) -> Iterator[ActorSet]:
-    """The Ray topology (module docstring). Actors and placement groups are killed and freed however the run ends
-    (a failed run in a notebook or test must not hold the cluster)."""
-    c = cfg.cluster
-    layout = placement(c)  # node 0's; the bundles are the same on every node
-    nodes = choose_nodes(c)
-    groups, actors = [], []
-    try:
-        for node in nodes:
-            cpus = node["Resources"].get("CPU", 1.0)
-            if c.gpus_per_node:
-                per_gpu = [sum(1 for p in layout if p.slot == g) for g in range(c.gpus_per_node)]
-                bundles = [{c.gpu_resource: 1.0, "CPU": min(float(n), cpus / c.gpus_per_node)} for n in per_gpu]
-            else:
-                bundles = [{"CPU": min(1.0, cpus / len(layout))} for _ in layout]
-            pg = placement_group(
-                bundles,
-                strategy="STRICT_PACK",
-                bundle_label_selector=[{"ray.io/node-id": node["NodeID"]}] * len(bundles),
-            )
-            groups.append(pg)
-        try:
-            ray.get([pg.ready() for pg in groups], timeout=c.placement_timeout_s)
-        except GetTimeoutError as e:
-            raise RuntimeError(
-                f"the placement groups of {len(nodes)} node(s) were not placed within {c.placement_timeout_s} s: the "
-                f"nodes lack the resources of {layout} (see `ray status`)"
-            ) from e
-
-        def options(pg, p: Placement) -> dict:
-            bundle = pg.bundle_specs[p.slot]
-            share = p.share * bundle.get(c.gpu_resource, 0.0) if c.gpus_per_node else 0.0
-            opts = {
-                "num_cpus": bundle["CPU"] * p.share,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=p.slot
-                ),
-            }
-            if share:
-                opts.update({"num_gpus": share} if c.gpu_resource == "GPU" else {"resources": {c.gpu_resource: share}})
-            return opts
-
-        rewards, clients, workers, learners = [], [], [], []
-        placements = [p for n in range(len(groups)) for p in placement(c, n)]
-        final_only = cfg.algo.algo == "nft"
-        for n, pg in enumerate(groups):
-            reward_at = next(p for p in layout if p.role == "reward")
-            reward = (
-                ray.remote(RewardWorker)
-                .options(**options(pg, reward_at), max_restarts=2, max_task_retries=0, max_concurrency=64)
-                .remote(
-                    cfg.reward.terms,
-                    c.device,
-                    cfg.reward.max_batch_size,
-                    cfg.reward.max_wait_s,
-                    c.threads_per_worker,
-                    c.num_rollout_workers,
-                    cfg.reward.gold,
-                )
-            )
-            actors.append(reward)
-            rewards.append(reward)
-            clients.append(RayRewardClient(reward, cfg.reward.timeout_s, cfg.reward.retries))
-            for p in (p for p in layout if p.role == "rollout"):
-                worker = (
-                    ray.remote(RolloutWorker)
-                    .options(**options(pg, p), max_restarts=2, max_task_retries=2)
-                    .remote(
-                        cfg.policy,
-                        cfg.seed,
-                        clients[-1],
-                        c.threads_per_worker,
-                        c.device,
-                        final_only=final_only,
-                        store=ray.put,
-                    )
-                )
-                actors.append(worker)
-                workers.append(worker)
-        host, port = ray.get(rewards[0].__ray_call__.remote(rendezvous))  # node 0 holds learner rank 0
-        world = c.num_learners * len(groups)
-        for n, pg in enumerate(groups):
-            for p in (p for p in placement(c, n) if p.role == "learner"):
-                # on GPU runs Ray shows each actor only its own GPU (CUDA_VISIBLE_DEVICES), so its device index is 0
-                local_rank = 0 if c.gpus_per_node else p.index - n * c.num_learners
-                learner = (
-                    ray.remote(Learner)
-                    .options(**options(pg, p))
-                    .remote(cfg, p.index, world, host, port, local_rank, c.threads_per_worker, fetch=fetch_rollouts)
-                )
-                actors.append(learner)
-                learners.append(learner)
-        yield ActorSet(workers, learners, rewards, clients, placements, ray.get, [node["NodeID"] for node in nodes])
-    finally:
-        for actor in actors:
-            _release(ray.kill, actor)
-        for pg in groups:
-            _release(remove_placement_group, pg)
-
-
-def _release(release, what) -> None:
-    """One cleanup call; a failure is printed, so it hides neither the run's own error nor the other calls."""
-    try:
-        release(what)
-    except Exception as e:  # noqa: BLE001
-        print(f"cleanup: {type(e).__name__}: {e}", flush=True)
-
-
-def actor_nodes(actors: ActorSet) -> dict[str, list[str]]:
-    """The Ray node id each actor runs on, by role (tests assert the topology with it)."""
-
-    def node_ids(handles):
-        return actors.get([h.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for h in handles])
-
-    return {
-        "rollout": node_ids(actors.rollout_workers),
-        "learner": node_ids(actors.learners),
-        "reward": node_ids(actors.reward_actors),
-    }
-
-
-# ---- what moves where ------------------------------------------------------------------------------------------------
-
-
-def fetch_rollouts(items: list) -> tuple[list, str, int]:
-    """A learner's rollouts, read from the object store where they are references (one call for all): the
-    rollouts, why they could not be read ('' when they could: a worker that died took its objects along), and
-    the bytes read."""
-    refs = [i for i, r in enumerate(items) if isinstance(r, ray.ObjectRef)]
-    try:
-        values = ray.get([items[i] for i in refs])
-    except ObjectLostError as e:  # the worker that owned them died (OwnerDiedError), or its node did
-        return [], f"{type(e).__name__}: {str(e).splitlines()[0]}", 0
-    out = list(items)
-    for i, v in zip(refs, values):
-        out[i] = v
-    return out, "", payload_bytes(values)
-
-
 def payload_bytes(obj) -> int:
-    """Bytes of data in `obj`: tensors and arrays by their buffers, an ObjectRef by its id (28 bytes), strings by
-    length, other scalars 8; containers and dataclasses summed over their members. The driver logs what it
-    receives per step (perf/driver_bytes), the learners what they fetch (perf/rollout_bytes)."""
+    """Bytes of data in `obj`: tensors and arrays by their buffers, an object reference (Ray's ObjectRef, known by
+    its `binary()` id, so that this module needs no Ray) by its id (28 bytes), strings by length, other scalars 8;
+    containers and dataclasses summed over their members. The driver logs what it receives per step
+    (perf/driver_bytes), the learners what they fetch (perf/rollout_bytes)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, np.ndarray):
         return obj.nbytes
-    if isinstance(obj, ray.ObjectRef):
-        return 28
     if isinstance(obj, (str, bytes)):
         return len(obj)
     if isinstance(obj, dict):
@@ -469,4 +193,6 @@ def payload_bytes(obj) -> int:
         return sum(payload_bytes(v) for v in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return sum(payload_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if callable(getattr(type(obj), "binary", None)):
+        return len(obj.binary())
     return 8

@@ -16,7 +16,6 @@ DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117), on the forward process of th
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -285,10 +284,11 @@ class PPO(GRPO):
     """PPO for the denoising MDP: per-step advantages R - V(x_t, t, condition), whitened over the rank's
     trained steps, the same surrogate, + value_coef x the clipped value loss."""
 
-    @functools.cached_property
-    def value(self) -> ValueModel:
-        """Built on first use, by the learners: the driver only calls targets()."""
-        return ValueModel()
+    def __init__(self, cfg, seed: int = 0):
+        super().__init__(cfg)
+        with torch.random.fork_rng():  # the value model's initial weights from `seed`, whatever the caller's RNG
+            torch.manual_seed(seed)
+            self.value = ValueModel()
 
     def modules(self) -> dict[str, tuple[nn.Module, float]]:
         return {"value": (self.value, self.cfg.value_lr)}
@@ -375,9 +375,12 @@ class NFT:
         return loss, row
 
 
-ALGORITHMS = {"grpo": GRPO, "ppo": PPO, "nft": NFT}
-
-
-def build_algorithm(cfg):
-    """The algorithm object of cfg.algo (an AlgoConfig)."""
-    return ALGORITHMS[cfg.algo](cfg)
+def build_algorithm(cfg, seed: int = 0):
+    """The algorithm of `cfg` (an AlgoConfig), built once per run by whoever starts the actors: the driver calls
+    its targets(), every learner rank trains with a copy (PPO's value model drawn from `seed`, the same on every
+    rank)."""
+    if cfg.name == "grpo":
+        return GRPO(cfg)
+    if cfg.name == "ppo":
+        return PPO(cfg, seed)
+    return NFT(cfg)

@@ -9,6 +9,7 @@ written to the run directory as config.yaml.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from policies.sampling import SamplerConfig
 
@@ -113,7 +114,9 @@ class RewardConfig:
 
 @dataclass
 class AlgoConfig:
-    algo: str = "grpo"
+    RENAMED: ClassVar[dict[str, str]] = {"algo": "name"}
+
+    name: str = "grpo"
     """'grpo' (Flow-GRPO: group-relative advantages), 'ppo' (learned value baseline, per-step advantages) or
     'nft' (DiffusionNFT: flow matching on the clean edits, weighted by optimality; no log-probs)."""
     group_size: int = 8
@@ -159,15 +162,15 @@ class AlgoConfig:
     """PPO: weight of the value loss."""
 
     def __post_init__(self):
-        if self.algo not in ("grpo", "ppo", "nft"):
-            raise ValueError(f"algo.algo must be 'grpo', 'ppo' or 'nft', got {self.algo!r}")
+        if self.name not in ("grpo", "ppo", "nft"):
+            raise ValueError(f"algo.name must be 'grpo', 'ppo' or 'nft', got {self.name!r}")
         if self.clip_range_high is not None and self.clip_range_high <= 0:
             raise ValueError(f"algo.clip_range_high must be > 0 (or null for clip_range), got {self.clip_range_high}")
         if self.nft_beta <= 0 or self.nft_terms < 1:
             raise ValueError(
                 f"algo.nft_beta must be > 0 and algo.nft_terms >= 1, got {self.nft_beta} and {self.nft_terms}"
             )
-        if self.algo == "nft" and self.adv_clip <= 0:
+        if self.name == "nft" and self.adv_clip <= 0:
             raise ValueError("algo.adv_clip must be > 0 with nft: it is the advantage that counts as certainly optimal")
         if self.group_size < 2:
             raise ValueError(
@@ -189,7 +192,7 @@ class AlgoConfig:
 @dataclass
 class ClusterConfig:
     num_nodes: int = 1
-    """Ray nodes the job spreads over; each runs the actors below and its own reward actor (rl/actors.py)."""
+    """Ray nodes the job spreads over; each runs the actors below and its own reward actor (rl/ray_actors.py)."""
     num_rollout_workers: int = 2
     """Rollout actors per node (each holds a copy of the policy)."""
     num_learners: int = 1

@@ -1,6 +1,6 @@
 """The learner: one rank of a DeepSpeed ZeRO data-parallel group that updates the policy's trainable weights.
 
-A plain class; rl/actors.py makes M of them Ray actors (num_learners per node, one group across nodes) and the
+A plain class; rl/ray_actors.py makes M of them Ray actors (num_learners per node, one group across nodes) and the
 driver gives each rank the same share of every minibatch, as object references: each rank fetches its
 rollouts from the rollout workers' nodes itself (`fetch`). The algorithm (rl/algorithms.py: GRPO, PPO or NFT) is one
 object behind one seam: `prepare` once on this rank's micro-batches, then for every micro-batch and each of its loss
@@ -25,7 +25,7 @@ from torch import nn
 from policies.policy import EditingPolicy
 from policies.rollout import Rollout
 from rl import checkpoint
-from rl.algorithms import MicroTargets, build_algorithm
+from rl.algorithms import MicroTargets
 from rl.config import RLConfig
 from rl.workers import build_policy
 
@@ -44,6 +44,7 @@ class Learner:
     def __init__(
         self,
         cfg: RLConfig,
+        algorithm,
         rank: int,
         world_size: int,
         master_addr: str,
@@ -53,10 +54,12 @@ class Learner:
         policy: EditingPolicy | None = None,
         fetch: Callable[[list], tuple[list[Rollout], str, int]] | None = None,
     ):
-        """Join the DeepSpeed group as `rank` of `world_size`, whose rank 0 listens on master_addr:master_port, and
-        set up the optimizer over the policy's trainable weights. `local_rank`: the device index in this process
-        (0 in a Ray GPU actor, which sees only its own GPU). `fetch`: turns what update() is given into rollouts,
-        with why it could not ('' when it could) and the bytes it moved (Ray actors get rl/actors.py's
+        """Train with `algorithm` (rl/algorithms.py build_algorithm, built once per run by whoever starts the
+        learners). Join the DeepSpeed group as `rank` of `world_size`, whose rank 0 listens on
+        master_addr:master_port, and set up the optimizer over the policy's trainable weights. `local_rank`: the
+        device index in this process (0 in a Ray GPU actor, which sees only its own GPU). `fetch`: turns what
+        update() is given into rollouts,
+        with why it could not ('' when it could) and the bytes it moved (Ray actors get rl/ray_actors.py's
         fetch_rollouts, which reads object references); by default update() is given the rollouts themselves.
 
         `policy`: an editing policy already on cfg.cluster.device to train instead of the one cfg.policy names
@@ -87,7 +90,7 @@ class Learner:
                 policy.to(cfg.cluster.device)
         self.policy = policy
         algo = cfg.algo
-        self.algorithm = build_algorithm(algo)
+        self.algorithm = algorithm
         groups = [{"params": self.policy.trainable_parameters(), "lr": algo.lr}]
         self.zero3 = cfg.cluster.zero_stage == 3
         if self.zero3:

@@ -5,28 +5,28 @@
             -> update (DeepSpeed learner ranks, which fetch their rollouts from the workers' object stores)
             -> weight sync (versioned) -> log / eval / checkpoint
 
-The actors come from rl/actors.py: the Ray topology over any number of nodes (`ray_actors`, the default) or
-one process (`in_process_actors`). The driver receives rewards and metadata, never rollouts. What goes wrong on
-the way (a worker died, weights out of date, rollouts lost, a learner died, NaN rewards) is handled by the named
-helpers of `Run`, so that `train` shows only the step. Entry point: launch/grpo_edit.py.
+The driver speaks the plain methods of an actor set (rl/actors.py `ActorSet`) and imports no Ray: the Ray
+topology over any number of nodes (rl/ray_actors.py `ray_actors`) and the set in this process
+(rl/actors.py `local_actors`) run the same step. The driver receives rewards and metadata, never rollouts. What
+goes wrong on the way (a worker died, weights out of date, rollouts lost, a learner died, NaN rewards or losses)
+is handled by the named helpers of `Run`, so that `_steps` shows only the step. Entry point: launch/grpo_edit.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
 from PIL import Image
-from ray.exceptions import RayActorError
 
 from reward.config import save_config
 from rl import checkpoint
-from rl.actors import ActorSet, NodeLost, payload_bytes, ray_actors
+from rl.actors import ActorLost, ActorSet, NodeLost, Redo, RolloutShare, payload_bytes
 from rl.algorithms import MicroTargets, build_algorithm
 from rl.compare import scores_file
 from rl.config import RLConfig
@@ -61,35 +61,33 @@ def save_grid(path: Path, pairs: torch.Tensor) -> None:
     Image.fromarray(torch.cat(list(pairs), dim=1).permute(1, 2, 0).numpy()).save(path)
 
 
-class Redo(Exception):
-    """This step's rollouts cannot be used (a worker died or restarted, or its rollouts were lost): redo it."""
-
-
 class Run:
-    """One run's state and the helpers that keep the step in `train` short: rollout, update, weight sync,
+    """One run's state and the helpers that keep the step in `_steps` short: rollout, update, weight sync,
     evaluation, checkpoints, and the recovery each needs."""
 
-    def __init__(self, cfg: RLConfig, actors: ActorSet, data: dict):
-        self.cfg, self.actors, self.get = cfg, actors, actors.get
+    def __init__(self, cfg: RLConfig, actors: ActorSet, algorithm, data: dict):
+        self.cfg, self.actors = cfg, actors
         self.run_dir = Path(cfg.output_dir)
         self.prompts, self.eval_prompts, self.skipped = data["prompts"], data["eval_prompts"], data["skipped"]
         self.term_weights = {t.name: t.weight for t in cfg.reward.terms}
+        self.algorithm = algorithm  # the driver calls only its targets()
         self.version = 0
         self.redos = 0
+        self.bad_steps = 0  # consecutive steps with non-finite rewards or losses
         self.logger: MetricsLogger | None = None
 
     # ---- start --------------------------------------------------------------------------------------------------
 
     def start(self, resume_from: Path | None) -> int:
-        """Load the checkpoint (if any) into the learners, send the weights to the workers, open the logger; returns the
-        step."""
+        """Load the checkpoint (if any) into the learners, send the weights to the workers, open the logger; returns
+        the step."""
         step, run_id = 0, None
         if resume_from is not None:
             state, _ = checkpoint.load(resume_from)
-            self.get([learner.load.remote(str(resume_from)) for learner in self.actors.learners])
+            self.actors.load(str(resume_from))
             step, self.version, run_id = state["step"], state["policy_version"], state["wandb_run_id"]
             print(f"resumed from {resume_from} (step {step})", flush=True)
-        self.send_weights()
+        self.actors.send_weights(self.version)
         self.logger = MetricsLogger(
             self.run_dir,
             step if resume_from else None,
@@ -98,40 +96,34 @@ class Run:
             run_id,
             asdict(self.cfg),
         )
+        if step == 0 and any(self.skipped):
+            self.logger.log(0, {"data/skipped_prompts": self.skipped[0], "data/skipped_eval_prompts": self.skipped[1]})
         return step
 
-    def send_weights(self) -> None:
-        """Learner rank 0's trainable weights to every rollout worker, through the object store (one pull per node)."""
-        weights = self.weights()
-        self.actors.watch([w.set_weights.remote(weights, self.version) for w in self.actors.rollout_workers])
-
-    def weights(self):
-        """Learner rank 0's trainable weights (a reference). Every rank is asked: under ZeRO-3 gathering them is a
-        collective; the other ranks answer None."""
-        return [learner.trainable_state.remote() for learner in self.actors.learners][0]
+    def batch(self, step: int) -> tuple[list, torch.Tensor]:
+        """The step's rows: prompts_per_step prompts, each repeated group_size times (a group = one prompt)."""
+        P, G = self.cfg.algo.prompts_per_step, self.cfg.algo.group_size
+        rows = [self.prompts[i] for i in prompts_for_step(len(self.prompts), step, P, self.cfg.seed) for _ in range(G)]
+        return rows, torch.arange(P).repeat_interleave(G)
 
     # ---- rollout ------------------------------------------------------------------------------------------------
 
     def rollout(self, step: int, rows: list, group_ids: torch.Tensor) -> list:
         """Each worker samples its share in micro-batches, scored by its node's reward actor. Raises Redo when a
-        worker died mid-step or sampled with other weights than the current version."""
-        workers, algo = self.actors.rollout_workers, self.cfg.algo
-        shares = np.array_split(np.arange(len(rows)), len(workers))
+        worker died mid-step or sampled with other weights than the current version; any other failure (a reward
+        actor unavailable, a required term failed) stops the run with a checkpoint of the steps done."""
+        cut = np.array_split(np.arange(len(rows)), self.actors.num_rollout_workers)
+        shares = [
+            RolloutShare([rows[i] for i in s], group_ids[s], self.cfg.seed * 1_000_003 + step * 1009 + k)
+            for k, s in enumerate(cut)
+        ]
         try:
-            results = self.actors.watch(
-                [
-                    w.rollout.remote(
-                        [rows[i] for i in s],
-                        group_ids[s],
-                        algo.micro_batch_size,
-                        self.cfg.seed * 1_000_003 + step * 1009 + k,
-                        self.cfg.cluster.async_reward,
-                    )
-                    for k, (w, s) in enumerate(zip(workers, shares))
-                ]
-            )
-        except RayActorError as e:  # a rollout worker died mid-step; Ray restarts it (max_restarts)
-            raise Redo(f"a rollout worker died ({type(e).__name__})") from e
+            results = self.actors.rollout(shares, self.cfg.algo.micro_batch_size, self.cfg.cluster.async_reward)
+        except (Redo, NodeLost):  # NodeLost: no checkpoint (see stopped_by)
+            raise
+        except Exception:
+            self.save_after_failure(step)
+            raise
         stale = sorted({v for r in results for v in r.versions} - {self.version})
         if stale:
             raise Redo(f"rollouts from weight versions {stale} != {self.version}")
@@ -150,52 +142,70 @@ class Run:
             ) from why.__cause__
         print(f"step {step}: {why}; resending weights, redoing the step ({self.redos}/{MAX_REDOS})", flush=True)
         try:
-            self.send_weights()
-        except RayActorError as e:  # restarts used up: the worker is gone for good (or its node is)
-            self.actors.check_nodes(grace_s=30.0)  # a dead node stops the run without a checkpoint (stopped_by)
+            self.actors.send_weights(self.version)
+        except ActorLost as e:
             self.save_after_failure(step)
+            raise RuntimeError(f"step {step}: {e}; resume=auto continues from {self.last_checkpoint()}") from e
+
+    def rewards(self, step: int, results: list, group_ids: torch.Tensor):
+        """The rows' scores and total rewards, or None when some are NaN/Inf: the step is skipped (and counted;
+        max_bad_steps in a row stop the run)."""
+        scored = Scores.cat([s for res in results for s in res.scores])  # rows in the order of group_ids
+        # an optional term missing in a group: left out of all of it
+        reward = total_rewards(scored.terms, self.term_weights, group_ids)
+        if torch.isfinite(reward.total).all():
+            return scored, reward
+        self.bad_steps += 1
+        self.logger.log(step + 1, {"train/skipped_nonfinite_reward": 1})
+        if self.bad_steps >= self.cfg.max_bad_steps:
             raise RuntimeError(
-                f"step {step}: a rollout worker is gone for good ({type(e).__name__}); resume=auto continues from "
-                f"{self.last_checkpoint()}"
-            ) from e
+                f"{self.bad_steps} consecutive steps had NaN/Inf rewards (step {step + 1}); see the reward terms, "
+                f"resume=auto continues from the last checkpoint"
+            )
+        return None
+
+    def micro_targets(self, step: int, targets) -> list[MicroTargets]:
+        """Each micro-batch's share of the targets, with the seed of its loss's randomness."""
+        values = targets.values.split(self.cfg.algo.micro_batch_size)
+        return [MicroTargets(v, self.cfg.seed * 1_000_003 + step * 1009 + i) for i, v in enumerate(values)]
 
     # ---- update -------------------------------------------------------------------------------------------------
 
     def update(self, step: int, micro: list, targets: list[MicroTargets]) -> list[dict]:
         """Minibatch u = micro-batches [u K, (u + 1) K); rank r takes every M-th of each and fetches them itself.
         Raises Redo when a rank could not fetch its rollouts (no rank trained); a learner that died stops the run."""
-        learners, algo = self.actors.learners, self.cfg.algo
-        M, K = len(learners), len(micro) // algo.updates_per_step
-        order = [[u * K + j for u in range(algo.updates_per_step) for j in range(r, K, M)] for r in range(M)]
+        M, U = self.actors.num_learners, self.cfg.algo.updates_per_step
+        K = len(micro) // U
+        order = [[u * K + j for u in range(U) for j in range(r, K, M)] for r in range(M)]
         try:
-            stats = self.actors.watch(
-                [
-                    learner.update.remote([micro[i] for i in idx], [targets[i] for i in idx])
-                    for learner, idx in zip(learners, order)
-                ]
-            )
-        except RayActorError as e:  # its optimizer state is gone with it: restarting it would silently reset training
+            stats = self.actors.update([([micro[i] for i in idx], [targets[i] for i in idx]) for idx in order])
+        except ActorLost as e:
             raise RuntimeError(
-                f"a learner died during step {step + 1} ({type(e).__name__}); resume=auto continues from "
-                f"{self.last_checkpoint()}"
+                f"{e} during step {step + 1}; resume=auto continues from {self.last_checkpoint()}"
             ) from e
         lost = [s["lost"] for s in stats if s.get("lost")]
         if lost:
             raise Redo(f"rollouts lost before the update ({lost[0]})")
         return stats
 
+    def check_losses(self, step: int, stats: list[dict]) -> None:
+        """Stop after max_bad_steps steps in a row whose every loss was NaN/Inf (no save: the weights may be
+        damaged; the last checkpoint is not)."""
+        self.bad_steps = self.bad_steps + 1 if sum(s["train/nonfinite_losses"] for s in stats) else 0
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise RuntimeError(
+                f"{self.bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto "
+                f"from the last checkpoint"
+            )
+
     def reward_batches(self) -> dict:
         """reward/node_<n>/batch_mean: the mean edits per scoring call of each node's reward actor since the last
-        step."""
-        row = {}
-        for n, actor in enumerate(self.actors.reward_actors):
-            try:
-                sizes = self.get(actor.take_batch_sizes.remote(), timeout=self.cfg.reward.timeout_s)
-            except Exception as e:  # noqa: BLE001 - a metric; the reward client handles a dead actor where it matters
-                print(f"reward actor of node {n}: no batch sizes ({type(e).__name__})", flush=True)
-                continue
-            row[f"reward/node_{n}/batch_mean"] = float(np.mean(sizes)) if sizes else float("nan")
-        return row
+        step (left out for a node whose actor did not answer)."""
+        return {
+            f"reward/node_{n}/batch_mean": float(np.mean(sizes)) if sizes else float("nan")
+            for n, sizes in enumerate(self.actors.reward_batch_sizes())
+            if sizes is not None
+        }
 
     # ---- evaluation and checkpoints ------------------------------------------------------------------------------
 
@@ -204,16 +214,10 @@ class Run:
         driver receives their scores and thumbnails, never the edits. Writes each prompt's scores (rl/compare.py
         pairs them across evaluations), a grid, and the metrics row."""
         start = time.perf_counter()
-        workers, cfg = self.actors.rollout_workers, self.cfg
-        shares = np.array_split(np.arange(len(self.eval_prompts)), len(workers))
+        cut = np.array_split(np.arange(len(self.eval_prompts)), self.actors.num_rollout_workers)
+        shares = [[self.eval_prompts[i] for i in s] for s in cut]
         for attempt in range(MAX_REDOS + 1):
-            parts = self.actors.watch(
-                [
-                    w.evaluate.remote([self.eval_prompts[i] for i in s], cfg.seed, cfg.algo.micro_batch_size, GRID_ROWS)
-                    for w, s in zip(workers, shares)
-                    if len(s)
-                ]
-            )
+            parts = self.actors.evaluate(shares, self.cfg.seed, self.cfg.algo.micro_batch_size, GRID_ROWS)
             held = sorted({p.version for p in parts} - {self.version})
             if not held:
                 break
@@ -227,7 +231,7 @@ class Run:
                 f"resending weights",
                 flush=True,
             )
-            self.send_weights()
+            self.actors.send_weights(self.version)
         scored = Scores.cat([p.scores for p in parts])
         total = total_rewards(
             scored.terms, self.term_weights, torch.arange(len(self.eval_prompts))
@@ -256,12 +260,21 @@ class Run:
         print(f"[eval step {at_step}] " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
         return row
 
+    def evaluate_or_save(self, at_step: int) -> dict:
+        """`evaluate`; when it fails, keep this step's update (resume=auto continues after it, without the
+        evaluation)."""
+        try:
+            return self.evaluate(at_step)
+        except Exception:
+            self.save_after_failure(at_step)
+            raise
+
     def save(self, at_step: int) -> None:
         """The learners write the checkpoint (rank 0 the trainable weights, every rank its DeepSpeed state) into
         a staging folder; the driver logs what it received, then commits the folder with the run's state."""
         start = time.perf_counter()
         staging = checkpoint.staging_dir(self.run_dir, at_step)
-        done = self.actors.watch([learner.save.remote(str(staging)) for learner in self.actors.learners])
+        done = self.actors.save(str(staging))
         # logged before the commit: a resume from an earlier checkpoint drops this row with the step's others
         self.logger.log(
             at_step, {"perf/save_s": time.perf_counter() - start, "perf/checkpoint_driver_bytes": payload_bytes(done)}
@@ -384,12 +397,14 @@ def prepare(cfg: RLConfig) -> dict:
     }
 
 
-def train(cfg: RLConfig, actors: ActorSet | None = None) -> dict:
-    """Run (or continue) one RL run on `actors` (default: the Ray topology of cfg.cluster); returns the last
-    evaluation metrics."""
+def train(cfg: RLConfig, actor_set: Callable[[RLConfig, Any], ContextManager[ActorSet]]) -> dict:
+    """Run (or continue) one RL run on the actors `actor_set(cfg, algorithm)` starts (rl/ray_actors.py ray_actors,
+    or rl/actors.py local_actors) once the run's inputs are checked; returns the last evaluation metrics. The
+    algorithm is built here, once: the driver calls its targets(), the learners train with it."""
     data = prepare(cfg)
-    with ray_actors(cfg) if actors is None else contextlib.nullcontext(actors) as actors:
-        run = Run(cfg, actors, data)
+    algorithm = build_algorithm(cfg.algo, cfg.seed)
+    with actor_set(cfg, algorithm) as actors:
+        run = Run(cfg, actors, algorithm, data)
         try:
             return _steps(cfg, run, run.start(data["resume_from"]))
         except NodeLost as e:
@@ -397,55 +412,27 @@ def train(cfg: RLConfig, actors: ActorSet | None = None) -> dict:
 
 
 def _steps(cfg: RLConfig, run: Run, step: int) -> dict:
-    algo, P, G = cfg.algo, cfg.algo.prompts_per_step, cfg.algo.group_size
-    algorithm = build_algorithm(algo)  # the driver only calls its targets(); the learners train with their own
     last_eval = run.evaluate(0) if step == 0 else {}
-    if step == 0 and any(run.skipped):
-        run.logger.log(0, {"data/skipped_prompts": run.skipped[0], "data/skipped_eval_prompts": run.skipped[1]})
-    bad_steps = 0
     while step < cfg.num_steps:
         t0 = time.perf_counter()
-        # ---- prompts: P prompts, each repeated G times; a group = one prompt -----------------------------------------
-        rows = [run.prompts[i] for i in prompts_for_step(len(run.prompts), step, P, cfg.seed) for _ in range(G)]
-        group_ids = torch.arange(P).repeat_interleave(G)
-
-        # ---- rollout + reward: rollouts stay in the workers' object stores; the driver gets their scores -------------
+        # ---- prompts: prompts_per_step prompts, each repeated group_size times ------------------------------------
+        rows, group_ids = run.batch(step)
         try:
+            # ---- rollout + reward: rollouts stay in the workers' object stores; the driver gets their scores -------
             results = run.rollout(step, rows, group_ids)
-        except Redo as why:
-            run.redo(step, why)
-            continue
-        except NodeLost:  # no checkpoint: see Run.stopped_by
-            raise
-        except Exception:  # reward actor unavailable, a required term failed: keep what we have
-            run.save_after_failure(step)
-            raise
-        t_rollout = time.perf_counter()
-        scored = Scores.cat([s for res in results for s in res.scores])  # rows in the order of group_ids
-        reward = total_rewards(
-            scored.terms, run.term_weights, group_ids
-        )  # an optional term missing in a group: left out of all of it
-        if not torch.isfinite(reward.total).all():
-            bad_steps += 1
-            step += 1
-            run.logger.log(step, {"train/skipped_nonfinite_reward": 1})
-            if bad_steps >= cfg.max_bad_steps:
-                raise RuntimeError(
-                    f"{bad_steps} consecutive steps had NaN/Inf rewards (step {step}); see the reward terms, "
-                    f"resume=auto continues from the last checkpoint"
-                )
-            continue
+            t_rollout = time.perf_counter()
+            rewarded = run.rewards(step, results, group_ids)
+            if rewarded is None:  # NaN/Inf rewards: the step is skipped
+                step += 1
+                continue
+            scored, reward = rewarded
 
-        # ---- targets: per-row advantages (GRPO), returns (PPO, whose R - V the learners form) or optimality (NFT) ----
-        targets = algorithm.targets(reward.total, group_ids)
-        per_micro = [
-            MicroTargets(v, cfg.seed * 1_000_003 + step * 1009 + i)
-            for i, v in enumerate(targets.values.split(algo.micro_batch_size))
-        ]
+            # ---- targets: advantages (GRPO), returns (PPO, whose R - V the learners form) or optimality (NFT) -----
+            targets = run.algorithm.targets(reward.total, group_ids)
 
-        # ---- update: each learner rank fetches its micro-batches from the workers' nodes -----------------------------
-        try:
-            stats = run.update(step, [r for res in results for r in res.rollouts], per_micro)
+            # ---- update: each learner rank fetches its micro-batches from the workers' nodes ----------------------
+            micro = [r for res in results for r in res.rollouts]
+            stats = run.update(step, micro, run.micro_targets(step, targets))
         except Redo as why:
             run.redo(step, why)
             continue
@@ -454,23 +441,14 @@ def _steps(cfg: RLConfig, run: Run, step: int) -> dict:
 
         # ---- weight sync: learner rank 0 -> every rollout worker, through the object store ---------------------------
         run.version += 1
-        run.send_weights()
+        run.actors.send_weights(run.version)
         step += 1
 
         # ---- log, eval, checkpoint -----------------------------------------------------------------------------------
         run.log_step(step, results, stats, reward, targets, scored, [t0, t_rollout, t_update, time.perf_counter()])
-        bad_steps = bad_steps + 1 if sum(s["train/nonfinite_losses"] for s in stats) else 0
-        if bad_steps >= cfg.max_bad_steps:  # no save: the weights may be damaged; the last checkpoint is not
-            raise RuntimeError(
-                f"{bad_steps} consecutive steps had NaN/Inf losses (step {step}); lower algo.lr and resume=auto from "
-                f"the last checkpoint"
-            )
+        run.check_losses(step, stats)
         if step % cfg.eval_every == 0 or step == cfg.num_steps:
-            try:
-                last_eval = run.evaluate(step)
-            except Exception:  # keep this step's update: resume=auto continues after it (without this evaluation)
-                run.save_after_failure(step)
-                raise
+            last_eval = run.evaluate_or_save(step)
         if step % cfg.save_every == 0 or step == cfg.num_steps:
             run.save(step)
     run.logger.close()

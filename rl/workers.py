@@ -1,8 +1,8 @@
 """The rollout worker: holds one copy of the policy, samples edits, has them scored, takes new weights.
 
-A plain class (Ray applies `ray.remote` in rl/actors.py). Its reward client is anything with
+A plain class (Ray applies `ray.remote` in rl/ray_actors.py). Its reward client is anything with
 `submit(sources, instructions, edited) -> handle` and `result(handle) -> Scores`: in a run, its node's Ray
-reward actor with timeout and retries (rl/actors.py:RayRewardClient). Under Ray (`store=ray.put`)
+reward actor with timeout and retries (rl/ray_actors.py:RayRewardClient). Under Ray (`store=ray.put`)
 each micro-batch's rollout goes into the object store and only its reference goes back to the driver, which
 hands it to a learner: rollouts never pass through the driver. Micro-batch k's scoring is submitted before
 micro-batch k + 1 is sampled, so with a remote reward actor the two overlap (`cluster.async_reward`, on by default).

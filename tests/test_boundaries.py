@@ -1,6 +1,8 @@
 """Package boundaries (README, layout): policies/ and reward/ are leaves, rl/ uses both, nothing imports launch/."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +45,21 @@ def test_checker_flags_a_forbidden_import(tmp_path):
         "reward/probe.py:2 imports rl.learner",
         "rl/probe.py:2 imports launch.grpo_edit",
     ]
+
+
+def test_only_the_ray_actor_set_imports_ray():
+    """rl/ray_actors.py is the one module of policies/, reward/ and rl/ that imports Ray; the driver (rl/loop.py)
+    and the in-process actor set load without it."""
+    importers = []
+    for package in ("policies", "reward", "rl"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                if any(n.split(".")[0] == "ray" for n in names):
+                    importers.append(str(path.relative_to(ROOT)))
+    assert sorted(set(importers)) == ["rl/ray_actors.py"]
+    probe = "import sys, rl.loop, rl.actors; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

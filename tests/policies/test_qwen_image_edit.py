@@ -329,7 +329,7 @@ def test_save_pretrained_round_trip(tmp_path, rank):
     perturb(trained, seed=4, version=3, scale=0.05 if rank == 0 else 0.3)
     trained.save_pretrained(tmp_path)
     assert (tmp_path / (LORA_FILE if rank else "transformer")).exists()
-    assert json.loads((tmp_path / "qwen_image_edit_policy.json").read_text())["version"] == 3
+    assert json.loads((tmp_path / "policy.json").read_text())["version"] == 3
     loaded = tiny(trainable=TrainableConfig(lora_rank=rank))
     loaded.load_pretrained(tmp_path)
     assert loaded.version == 3

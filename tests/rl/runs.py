@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from launch.benchmarking import tiny_learning_run
 from reward.config import load_config
-from rl.actors import in_process_actors
+from rl.actors import local_actors
 from rl.config import RLConfig
 from rl.loop import train
 from rl.workers import build_policy
@@ -69,8 +69,7 @@ def overrides(root, out, *extra):
 def run_in_process(root, out, *extra):
     """The run of `overrides(root, out, *extra)` in this process (no Ray); returns out."""
     cfg = load_config(RLConfig, None, overrides(root, out, *extra))
-    with in_process_actors(cfg) as actors:
-        train(cfg, actors)
+    train(cfg, local_actors)
     return out
 
 

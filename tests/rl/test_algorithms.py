@@ -145,7 +145,7 @@ def test_nft_needs_only_the_edits_and_trains_at_the_sampling_weights():
         images, INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0)
     )
     nft = NFT(
-        AlgoConfig(algo="nft", nft_terms=2, group_size=2, prompts_per_step=1, micro_batch_size=2, updates_per_step=1)
+        AlgoConfig(name="nft", nft_terms=2, group_size=2, prompts_per_step=1, micro_batch_size=2, updates_per_step=1)
     )
     targets = [MicroTargets(torch.tensor([0.9, 0.2]), seed=7)]
     (full,) = nft.prepare(policy, [rollout], targets)
@@ -174,7 +174,7 @@ def test_nft_kl_is_the_clean_edit_distance_on_the_loss_scale():
         images, INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0)
     )
     targets = [MicroTargets(torch.tensor([0.9, 0.2]), seed=7)]
-    cfg = dict(algo="nft", nft_terms=2, group_size=2, prompts_per_step=1, micro_batch_size=2, updates_per_step=1)
+    cfg = dict(name="nft", nft_terms=2, group_size=2, prompts_per_step=1, micro_batch_size=2, updates_per_step=1)
     plain, penalised = NFT(AlgoConfig(**cfg)), NFT(AlgoConfig(**cfg, kl_beta=0.5))
     prepared = plain.prepare(policy, [rollout], targets)[0]
     sigma, x, _, _ = prepared[0][0]
@@ -206,7 +206,7 @@ def test_ppo_matches_a_hand_computed_update():
         images, INSTRUCTIONS, SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0)
     )
     returns = torch.tensor([0.9, 0.1, 0.5, 0.3])
-    ppo = PPO(AlgoConfig(algo="ppo", group_size=4, prompts_per_step=1, micro_batch_size=4, updates_per_step=1))
+    ppo = PPO(AlgoConfig(name="ppo", group_size=4, prompts_per_step=1, micro_batch_size=4, updates_per_step=1))
     (prepared,) = ppo.prepare(policy, [rollout], [MicroTargets(returns, seed=0)])
     term = ppo.terms(rollout)[0]
     loss, row = ppo.loss(policy, rollout, prepared, term)

@@ -100,8 +100,8 @@ def test_configs_built_in_code_are_checked_too():
 
 def test_cli_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["algo.algo=dpo"])
-    assert e.value.code == 2 and "algo.algo must be 'grpo', 'ppo' or 'nft'" in capsys.readouterr().err
+        main(["algo.name=dpo"])
+    assert e.value.code == 2 and "algo.name must be 'grpo', 'ppo' or 'nft'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--config", "/nonexistent.yaml"])
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err

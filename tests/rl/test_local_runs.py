@@ -1,4 +1,4 @@
-"""Runs in process (rl/actors.py `in_process_actors`, seconds a run) on the tiny fixture that learns
+"""Runs in process (rl/actors.py `local_actors`, seconds a run) on the tiny fixture that learns
 (tests/rl/runs.py): the run comparisons of the loop tests catch what they guard against, the NaN guard holds on
 one rank under ZeRO-2 and ZeRO-3, NaN rewards stop a run, PPO and the drawn step's KL train, NFT resumes exactly.
 
@@ -136,7 +136,7 @@ def test_grpo_keeps_the_drawn_last_step_near_its_reference(root, tmp_path):
 
 
 def test_ppo_learns_a_value_model(root, tmp_path):
-    out = run_in_process(root, tmp_path / "ppo", "algo.algo=ppo", "num_steps=2", "algo.kl_beta=0.01")
+    out = run_in_process(root, tmp_path / "ppo", "algo.name=ppo", "num_steps=2", "algo.kl_beta=0.01")
     assert_learned(out)
     rows = [r for r in metrics(out) if "train/value_loss" in r]
     assert len(rows) == 2 and all(np.isfinite(r["train/value_loss"]) and r["train/value_loss"] > 0 for r in rows)
@@ -165,7 +165,7 @@ def test_nft_resumes_exactly_and_writes_per_prompt_scores(root, tmp_path):
     """DiffusionNFT: it learns, its first minibatch trains at the sampling weights (drift 0), each evaluation
     writes its per-prompt scores, and the run as it stood after step 1 (its step-1 checkpoint, no step 2),
     resumed with resume=auto, ends with the uninterrupted run's weights and metrics."""
-    nft = ("algo.algo=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "eval_every=1", "num_steps=2")
+    nft = ("algo.name=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "eval_every=1", "num_steps=2")
     a = run_in_process(root, tmp_path / "a", *nft)
     assert_learned(a)
     rows = [r for r in metrics(a) if "train/drift" in r]

@@ -22,11 +22,11 @@ import torch
 from launch.benchmarking import local_ray
 from reward.config import load_config
 from rl import checkpoint
-from rl.actors import RayRewardClient, RewardUnavailable
 from rl.algorithms import MicroTargets
 from rl.compare import read_metrics
 from rl.config import RLConfig
 from rl.loop import Run, train
+from rl.ray_actors import RayRewardClient, RewardUnavailable, ray_actors
 from rl.workers import build_policy
 from tests.rl.runs import (
     assert_learned,
@@ -54,7 +54,7 @@ def setup(tmp_path_factory):
 def whole(setup, tmp_path_factory):
     """The uninterrupted 3-step run every fault test must reproduce."""
     out = tmp_path_factory.mktemp("whole")
-    train(load_config(RLConfig, None, overrides(setup, out)))
+    train(load_config(RLConfig, None, overrides(setup, out)), ray_actors)
     assert_learned(out)
     return out
 
@@ -82,7 +82,7 @@ def kill_after_first_checkpoint(out: Path, args: list[str]) -> None:
 
 
 def test_the_ray_run_equals_the_in_process_run(setup, whole, tmp_path):
-    """The same driver on the Ray topology and on in-process actors (rl/actors.py in_process_actors): the same
+    """The same driver on the Ray topology and on in-process actors (rl/actors.py local_actors): the same
     seeds, samples, rewards and updates, so the same metrics and weights, step by step."""
     local = run_in_process(setup, tmp_path / "local")
     assert_learned(local)
@@ -116,13 +116,15 @@ def test_grpo_on_policy_updates_ranks_and_resume(setup, whole, tmp_path, monkeyp
     # 2 learner ranks under ZeRO-2 on the same global batch (same rollout workers, so the same samples): the same
     # update; and with rank 1's shard skipped, not the same (the comparison bites)
     b = tmp_path / "b"
-    train(load_config(RLConfig, None, overrides(root, b, "cluster.num_learners=2", "num_steps=1")))
+    train(load_config(RLConfig, None, overrides(root, b, "cluster.num_learners=2", "num_steps=1")), ray_actors)
     assert_learned(b)
     assert_same_weights(weights(b, 1), weights(a, 1), atol=1e-6)
     with monkeypatch.context() as m:
         m.setattr(Run, "update", skip_shard_of_rank_1())
         planted = tmp_path / "planted"
-        train(load_config(RLConfig, None, overrides(root, planted, "cluster.num_learners=2", "num_steps=1")))
+        train(
+            load_config(RLConfig, None, overrides(root, planted, "cluster.num_learners=2", "num_steps=1")), ray_actors
+        )
     assert_learned(planted)
     with pytest.raises(AssertionError):
         assert_same_weights(weights(planted, 1), weights(a, 1), atol=1e-6)
@@ -130,7 +132,7 @@ def test_grpo_on_policy_updates_ranks_and_resume(setup, whole, tmp_path, monkeyp
     # kill a run (SIGKILL) once it has a checkpoint, resume it with resume=auto: the same metrics as run a
     c = tmp_path / "c"
     kill_after_first_checkpoint(c, overrides(root, c))
-    train(load_config(RLConfig, None, overrides(root, c)))
+    train(load_config(RLConfig, None, overrides(root, c)), ray_actors)
     assert_learned(c)
     assert_same_metrics(c, a)
     assert_same_weights(weights(c, 3), weights(a, 3), atol=1e-6)
@@ -160,7 +162,8 @@ def test_a_nan_loss_on_one_rank_skips_the_update_on_every_rank(setup, tmp_path, 
             RLConfig,
             None,
             overrides(setup, out, f"cluster.zero_stage={stage}", "cluster.num_learners=2", "num_steps=2"),
-        )
+        ),
+        ray_actors,
     )
     first, second = [r for r in metrics(out) if "train/skipped_updates" in r]
     assert first["train/skipped_updates"] == 1 and first["train/nonfinite_losses"] > 0, first
@@ -180,14 +183,14 @@ def test_zero3_on_two_ranks_equals_zero2_and_resumes_exactly(setup, whole, tmp_p
     root = setup
     z3 = ("cluster.zero_stage=3", "cluster.num_learners=2")
     full = tmp_path / "z3"
-    train(load_config(RLConfig, None, overrides(root, full, *z3, "num_steps=2")))
+    train(load_config(RLConfig, None, overrides(root, full, *z3, "num_steps=2")), ray_actors)
     assert_learned(full)
     for step in (1, 2):
         assert_same_weights(weights(full, step), weights(whole, step), atol=1e-5)
     resumed = tmp_path / "z3-resumed"  # the run as it stood after step 1: its step-1 checkpoint, no step 2
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000002")
-    train(load_config(RLConfig, None, overrides(root, resumed, *z3, "num_steps=2")))
+    train(load_config(RLConfig, None, overrides(root, resumed, *z3, "num_steps=2")), ray_actors)
     assert_learned(resumed)
     assert_same_weights(weights(resumed, 2), weights(full, 2), atol=0)
     assert_same_metrics(resumed, full)
@@ -195,13 +198,13 @@ def test_zero3_on_two_ranks_equals_zero2_and_resumes_exactly(setup, whole, tmp_p
 
 def test_nft_on_two_ray_ranks_equals_one_rank_in_process(setup, tmp_path):
     """DiffusionNFT on the same loop: 2 learner ranks on Ray equal 1 rank in process (rl/actors.py
-    in_process_actors) on the same batch: the same rollout seeds, so the same samples and the same update.
+    local_actors) on the same batch: the same rollout seeds, so the same samples and the same update.
     (NFT's resume and per-prompt scores: tests/rl/test_local_runs.py.)"""
-    nft = ("algo.algo=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "num_steps=1")
+    nft = ("algo.name=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "num_steps=1")
     local = run_in_process(setup, tmp_path / "local", *nft)
     assert_learned(local)
     b = tmp_path / "b"
-    train(load_config(RLConfig, None, overrides(setup, b, *nft, "cluster.num_learners=2")))
+    train(load_config(RLConfig, None, overrides(setup, b, *nft, "cluster.num_learners=2")), ray_actors)
     assert_learned(b)
     assert_same_weights(weights(b, 1), weights(local, 1), atol=1e-6)
     assert_same_metrics(b, local, rel=1e-5, abs=1e-7)
@@ -309,7 +312,7 @@ def test_an_actor_killed_mid_step_is_restarted_and_the_run_unchanged(setup, whol
     call retried with the same seeds, and the metrics equal the uninterrupted run's: no sample lost or counted twice."""
     want_dir, got_dir = whole, tmp_path / "killed"
     killer, killed = kill_when(got_dir / "checkpoints" / "step-000001" / "state.json", process)
-    train(load_config(RLConfig, None, overrides(setup, got_dir)))
+    train(load_config(RLConfig, None, overrides(setup, got_dir)), ray_actors)
     killer.join()
     assert killed, f"no {process} process was caught: the fault was not injected"
     assert recovery in capfd.readouterr().out
@@ -324,10 +327,10 @@ def test_a_learner_killed_mid_step_stops_the_run_and_resume_reproduces_it(setup,
     want_dir, got_dir = whole, tmp_path / "killed"
     killer, killed = kill_when(got_dir / "checkpoints" / "step-000001" / "state.json", "ray::Learner.update")
     with pytest.raises(RuntimeError, match=r"a learner died during step \d.*resume=auto continues from .*step-00000\d"):
-        train(load_config(RLConfig, None, overrides(setup, got_dir)))
+        train(load_config(RLConfig, None, overrides(setup, got_dir)), ray_actors)
     killer.join()
     assert killed
-    train(load_config(RLConfig, None, overrides(setup, got_dir)))  # resume=auto is the default
+    train(load_config(RLConfig, None, overrides(setup, got_dir)), ray_actors)  # resume=auto is the default
     assert_learned(got_dir)
     assert_same_metrics(got_dir, want_dir)
     assert_same_weights(weights(got_dir, 3), weights(want_dir, 3), atol=1e-6)
@@ -360,7 +363,7 @@ def test_a_driver_killed_while_writing_a_checkpoint_never_loads_it(setup, whole,
         "the kill came after the rename: nothing was half-written"
     )
     assert checkpoint.find_resume(got_dir, "auto").name == "step-000001"
-    train(load_config(RLConfig, None, overrides(setup, got_dir)))
+    train(load_config(RLConfig, None, overrides(setup, got_dir)), ray_actors)
     assert not staging.exists()
     assert_learned(got_dir)
     assert_same_metrics(got_dir, want_dir)
@@ -379,7 +382,7 @@ def test_no_secret_reaches_the_run_directory(setup, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must be our default, not the test's
     run = tmp_path / "run"
-    train(load_config(RLConfig, None, [*overrides(setup, run), "num_steps=1", "wandb=true"]))
+    train(load_config(RLConfig, None, [*overrides(setup, run), "num_steps=1", "wandb=true"]), ray_actors)
     files = [f for f in run.rglob("*") if f.is_file()]
     assert any("wandb" in f.parts for f in files) and any(f.name == "metrics.jsonl" for f in files)
     assert list(run.glob("wandb/offline-run-*")) and not list(run.glob("wandb/run-*")), "wandb did not stay offline"
@@ -397,12 +400,12 @@ def test_a_reward_actor_that_stays_dead_stops_the_run_resumably(setup, whole, tm
     killer, _ = kill_when(run / "checkpoints" / "step-000001" / "state.json", "ray::RewardWorker", until=stop)
     try:
         with pytest.raises(Exception, match=r"the reward actor failed 3 times|RewardWorker.*died"):
-            train(load_config(RLConfig, None, overrides(setup, run, "reward.timeout_s=5")))
+            train(load_config(RLConfig, None, overrides(setup, run, "reward.timeout_s=5")), ray_actors)
     finally:
         stop.set()
         killer.join()
     assert checkpoint.find_resume(run, "auto") is not None
-    train(load_config(RLConfig, None, overrides(setup, run)))
+    train(load_config(RLConfig, None, overrides(setup, run)), ray_actors)
     read_metrics(run / "metrics.jsonl")  # one run's metrics: no metric logged twice for a step (rl/compare.py)
     assert_learned(run)
     assert_same_metrics(run, whole)

@@ -4,6 +4,7 @@ actor, a 2-node run equals a 1-node run of the same global batch, the driver's r
 rollouts double, and a node that dies mid-run stops the run with a clear message, after which resume=auto on a
 repaired cluster reproduces the uninterrupted run."""
 
+import contextlib
 import json
 import threading
 import time
@@ -15,9 +16,10 @@ import torch
 
 from launch.benchmarking import SIMULATED_NODE, simulated_cluster
 from reward.config import load_config
-from rl.actors import actor_nodes, fetch_rollouts, ray_actors
+from rl.algorithms import build_algorithm
 from rl.config import RLConfig
 from rl.loop import train
+from rl.ray_actors import fetch_rollouts, ray_actors
 from tests.rl.runs import assert_learned, assert_same_metrics, assert_same_weights, tiny_data_and_policy, weights
 from tests.rl.runs import overrides as loop_overrides
 
@@ -65,7 +67,7 @@ def same_metrics(got_dir, want_dir):
 def one_node(cluster, tmp_path_factory):
     root = cluster[0]
     out = tmp_path_factory.mktemp("one")
-    train(load_config(RLConfig, None, overrides(root, out, 1)))
+    train(load_config(RLConfig, None, overrides(root, out, 1)), ray_actors)
     assert_learned(out)
     return out
 
@@ -74,8 +76,8 @@ def test_two_nodes_place_a_reward_actor_on_each_equal_one_node_and_batch_per_nod
     root, _, nodes = cluster
     two = tmp_path / "two"
     cfg = load_config(RLConfig, None, overrides(root, two, 2))
-    with ray_actors(cfg) as actors:
-        where = actor_nodes(actors)
+    with ray_actors(cfg, build_algorithm(cfg.algo, cfg.seed)) as actors:
+        where = actors.actor_nodes()
         assert sorted(where["reward"]) == sorted(n.node_id for n in nodes)  # one reward actor on each node
         assert set(where["learner"]) == set(where["reward"])
         for k, (worker, node) in enumerate(zip(actors.rollout_workers, where["rollout"])):
@@ -90,7 +92,7 @@ def test_two_nodes_place_a_reward_actor_on_each_equal_one_node_and_batch_per_nod
             ("learner", 0, 0, 0.5),
             ("reward", 0, 1, 1.0),
         ]
-        train(cfg, actors)  # the run itself, on these actors
+        train(cfg, lambda *_: contextlib.nullcontext(actors))  # the run itself, on these actors
     assert_learned(two)
     same_metrics(two, one_node)
     assert_same_weights(weights(two, 3), weights(one_node, 3), atol=1e-5)
@@ -101,7 +103,9 @@ def test_two_nodes_place_a_reward_actor_on_each_equal_one_node_and_batch_per_nod
 
     # twice the rollout per row (9 denoising steps instead of 3): the learners fetch twice as much, the driver not more
     double = tmp_path / "double"
-    train(load_config(RLConfig, None, overrides(root, double, 2, "policy.sampler.num_steps=9", "num_steps=1")))
+    train(
+        load_config(RLConfig, None, overrides(root, double, 2, "policy.sampler.num_steps=9", "num_steps=1")), ray_actors
+    )
     small, big = steps(two)[0], steps(double)[0]
     assert big["perf/rollout_bytes"] > 1.9 * small["perf/rollout_bytes"]
     assert big["perf/driver_bytes"] == pytest.approx(small["perf/driver_bytes"], rel=0.1)
@@ -122,11 +126,11 @@ def test_a_node_that_dies_stops_the_run_and_resume_reproduces_it(cluster, one_no
     thread = threading.Thread(target=kill_node_after_first_checkpoint, daemon=True)
     thread.start()
     with pytest.raises(RuntimeError, match=r"(died|node).*resume=auto continues from .*step-00000[12]"):
-        train(load_config(RLConfig, None, overrides(root, out, 2, "cluster.placement_timeout_s=60")))
+        train(load_config(RLConfig, None, overrides(root, out, 2, "cluster.placement_timeout_s=60")), ray_actors)
     thread.join()
     assert killed.is_set()
     nodes[1] = c.add_node(**SIMULATED_NODE)  # the cluster repaired: resume=auto finishes the run as if nothing happened
-    train(load_config(RLConfig, None, overrides(root, out, 2)))
+    train(load_config(RLConfig, None, overrides(root, out, 2)), ray_actors)
     assert_learned(out)
     same_metrics(out, one_node)
     assert_same_weights(weights(out, 3), weights(one_node, 3), atol=1e-5)
