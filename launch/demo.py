@@ -145,9 +145,9 @@ def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str],
     from launch.pretrain_policy import load_eval_prompts
     from policies.shapeedit import ShapeEditPolicy
     from reward.config import load_config
+    from reward.evaluate import load_reward
     from reward.shapeedit import judge_image
     from rl.config import RLConfig
-    from rl.rewards import build_reward
 
     sampler = load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", []).policy.sampler
     policy = ShapeEditPolicy.from_pretrained(policy_dir)
@@ -194,7 +194,7 @@ def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str],
         "models": {},
     }
     for label, spec in rewards.items():
-        model = build_reward(spec)
+        model = load_reward(spec)
         scores = torch.cat(
             [
                 model.score(sources[i : i + 64], instructions[i : i + 64], edits[i : i + 64])
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"data.eval_prompts={data_dir / 'test_heldout_prompts.json'}",
                 ]
                 if args.quick:
-                    overrides += ["num_steps=3", "eval_every=1", "save_every=3", "data.num_eval=16"]
+                    overrides += ["num_rl_steps=3", "eval_every=1", "save_every=3", "data.num_eval=16"]
                 cluster.submit(overrides)
                 grpo_runs.append(f"{name}={run_dir}")
     timings["grpo"] = time.perf_counter() - start

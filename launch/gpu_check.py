@@ -411,12 +411,7 @@ def run_kontext(preset: Preset, device: str, args: argparse.Namespace) -> dict:
     """Build FLUX.1 Kontext once; the rollout row, then the learner row on that rollout (as --only asks)."""
     cfg = learner_config(preset, device, args.steps)
     start = time.perf_counter()
-    trainable = TrainableConfig(
-        lora_rank=cfg.policy.lora_rank,
-        lora_alpha=cfg.policy.lora_alpha,
-        lora_targets=cfg.policy.lora_targets,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    trainable = replace(cfg.policy.trainable, gradient_checkpointing=args.gradient_checkpointing)
     policy = build_kontext(preset, device, trainable)
     sync(device)
     results = {"kontext_build": {"seconds": time.perf_counter() - start}}
@@ -450,7 +445,12 @@ def planned_peaks(cfg: RLConfig, gradient_checkpointing: bool) -> dict[str, floa
     from launch.plan import policy_roles
 
     rollout, learner, _ = policy_roles(
-        replace(cfg, policy=replace(cfg.policy, gradient_checkpointing=gradient_checkpointing))
+        replace(
+            cfg,
+            policy=replace(
+                cfg.policy, trainable=replace(cfg.policy.trainable, gradient_checkpointing=gradient_checkpointing)
+            ),
+        )
     )
     return {
         "kontext_rollout": rollout.weights + rollout.activations,

@@ -44,6 +44,7 @@ from torch import nn  # noqa: E402
 
 from launch.benchmarking import command_line, write_report  # noqa: E402
 from reward.config import load_config  # noqa: E402
+from reward.evaluate import parse_reward_spec  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.ray_actors import placement  # noqa: E402
 
@@ -205,7 +206,7 @@ def policy_roles(cfg: RLConfig) -> tuple[Role, Role, str]:
     bytes_ = DTYPE_BYTES[cfg.policy.dtype]
     all_weights = sum(_params(m) for m in meta.components.values() if isinstance(m, nn.Module)) * bytes_ / GIB
     denoiser = _params(net) * bytes_ / GIB
-    p = cfg.policy
+    p = cfg.policy.trainable
     world = cfg.cluster.learners
     rollout, learner = Role("rollout"), Role("learner")
     rollout.weights, learner.weights = all_weights, denoiser
@@ -251,7 +252,7 @@ def reward_role(cfg: RLConfig) -> tuple[Role, str]:
     role = Role("reward")
     text, vision, source = dict(REAL.text), dict(REAL.vision), "Qwen2.5-VL-7B's published config"
     for term in cfg.reward.terms:
-        kind, _, path = term.spec.partition(":")
+        kind, path = parse_reward_spec(term.spec, f"reward.terms {term.name!r}")
         if kind not in ("jrm", "generative"):
             continue
         config = Path(path) / "config.json"
@@ -328,8 +329,8 @@ def advice(plan: dict, cfg: RLConfig) -> str:
     """What would bring the busiest GPU down, in the order to try."""
     r = plan["roles"]
     tips = []
-    if not cfg.policy.gradient_checkpointing:
-        tips.append("policy.gradient_checkpointing=true (the learner's activations)")
+    if not cfg.policy.trainable.gradient_checkpointing:
+        tips.append("policy.trainable.gradient_checkpointing=true (the learner's activations)")
     if r["learner"]["activations"] > 4:
         tips.append(f"a smaller algo.micro_batch_size (now {cfg.algo.micro_batch_size}: activations scale with it)")
     if any("reward" in a for a in plan["busiest"]["actors"]):
@@ -337,7 +338,7 @@ def advice(plan: dict, cfg: RLConfig) -> str:
             "cluster.reward_gpu on a GPU with fewer actors, or fewer rollout workers / learners per node so the "
             "reward actor has a GPU of its own"
         )
-    if not cfg.policy.lora_rank and cfg.cluster.zero_stage == 2:
+    if not cfg.policy.trainable.lora_rank and cfg.cluster.zero_stage == 2:
         tips.append("cluster.zero_stage=3 (a full fine-tune's weights sharded over the learners)")
     tips.append("fewer actors per GPU (cluster.num_rollout_workers / num_learners below gpus_per_node)")
     return "; ".join(tips)

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as `python launch/policy_variants.py`: impo
 
 import torch
 
-from launch.pretrain_policy import PretrainConfig, pretrain
+from launch.pretrain_policy import PolicyPretrainConfig, pretrain
 from reward.config import config_from_cli, load_config
 
 # Shared by every variant: one step budget, evaluation on 128 prompts per split, no wall-clock cut.
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name}", flush=True)
             pretrain(
                 load_config(
-                    PretrainConfig, None, [*COMMON, *overrides, f"output_dir={out}", f"data_dir={cfg.data_dir}"]
+                    PolicyPretrainConfig, None, [*COMMON, *overrides, f"output_dir={out}", f"data_dir={cfg.data_dir}"]
                 )
             )
     report = collect(cfg)

@@ -38,7 +38,7 @@ from reward.shapeedit import Edit, Scene, apply_edits, judge_image, render, samp
 
 
 @dataclass
-class PretrainConfig:
+class PolicyPretrainConfig:
     output_dir: str = "runs/policy"
     """Where the policy, metrics.jsonl and the resolved config go."""
     data_dir: str = "runs/demo/data"
@@ -94,7 +94,7 @@ class PretrainConfig:
             raise ValueError(f"uncond_probability must be in [0, 1), got {self.uncond_probability}")
 
 
-def draw_batch(rng: np.random.Generator, cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def draw_batch(rng: np.random.Generator, cfg: PolicyPretrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(B, 3, H, W) sources and targets in [-1, 1] and B instructions, held-out compositions excluded."""
     size = cfg.policy.image_size
     sources, targets, instructions = [], [], []
@@ -160,7 +160,7 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
+def pretrain(cfg: PolicyPretrainConfig) -> dict:
     """Train, evaluate and save; returns the last evaluation."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             ema.copy_to(params)
         result = {"step": step}
         for split, prompts in evals.items():
-            for k, v in evaluate(policy, prompts, cfg.eval_steps, seed=cfg.seed).items():
+            for k, v in evaluate(policy, prompts, cfg.eval_denoising_steps, seed=cfg.seed).items():
                 result[f"eval/{split}/{k}"] = round(v, 4)
         if ema is not None:
             ema.restore(params)
@@ -272,7 +272,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_cli(PretrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
+    cfg = config_from_cli(PolicyPretrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
     print(json.dumps(pretrain(cfg), indent=1))
     return 0
 

@@ -26,9 +26,9 @@ POLICY_FILE = "policy.json"  # a saved policy's settings, trainable config and w
 
 @dataclass
 class TrainableConfig:
-    lora_rank: int = 32
+    lora_rank: int = 16
     """Rank of the LoRA adapters; 0 trains every weight (a frozen copy is kept as the KL reference)."""
-    lora_alpha: float = 64.0
+    lora_alpha: float = 32.0
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
     lora_targets: str = ""
     """Regex of the modules that get adapters, matched against whole module names (peft's target_modules as a
@@ -62,7 +62,7 @@ class Trainable:
             if not hasattr(net, "enable_gradient_checkpointing"):
                 raise ValueError(
                     f"{type(net).__name__} cannot recompute activations; set TrainableConfig.gradient_checkpointing "
-                    f"(policy.gradient_checkpointing in RL) false"
+                    f"(policy.trainable.gradient_checkpointing in RL) false"
                 )
             net.enable_gradient_checkpointing()
         if cfg.lora_rank > 0:

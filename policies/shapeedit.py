@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -86,8 +86,7 @@ class ShapeEditPolicyConfig:
     """How the network's output becomes the clean-image estimate x0_hat: 'palette' = a per-pixel classifier's mean
     over keeping the source pixel and the palette colours (and its most probable category at the last step);
     'gated' = m * c + (1 - m) * source with a per-pixel gate m and content c; both from a per-pixel head that also
-    sees the source and noisy pixels; 'change' = source + a change read from the patch tokens alone (policies
-    saved before this option existed)."""
+    sees the source and noisy pixels; 'change' = source + a change read from the patch tokens alone."""
     head_features: int = 8
     """'palette' and 'gated': features per pixel that the transformer hands to the per-pixel head."""
     head_hidden: int = 32
@@ -100,7 +99,7 @@ class ShapeEditPolicyConfig:
     head_source_colours: bool = True
     """'palette' only (ignored otherwise): the head also reads each source pixel's palette colour (one-hot) and
     colour queries from the tokens and the instruction read at that colour, so an edit can take an object's own
-    pixels inside a patch (policies saved before the option load without it)."""
+    pixels inside a patch."""
     last_step: str = "most_probable"
     """'palette' only: the deterministic last step (to sigma 0) gives each pixel its 'most_probable' category, or
     the categories' 'mean' (the plain Euler step, which ends on blends where the classifier is unsure). A sampler
@@ -381,10 +380,7 @@ class ShapeEditPolicy:
                 f"{path} is not a saved ShapeEdit policy (no policy.json); train one with launch/pretrain_policy.py"
             )
         meta = json.loads((path / "policy.json").read_text())
-        known = {f.name for f in fields(ShapeEditPolicyConfig)}
-        # policies saved before these options: 'change', and no source colours
-        saved = {"parameterisation": "change", "head_source_colours": False, **meta["config"]}
-        cfg = ShapeEditPolicyConfig(**{k: v for k, v in saved.items() if k in known})
+        cfg = ShapeEditPolicyConfig(**meta["config"])
         adapter = path / "adapter.safetensors"
         if trainable is None and meta["trainable"] is not None:
             trainable = TrainableConfig(**meta["trainable"])

@@ -87,16 +87,52 @@ def _pixels(image: Image.Image) -> str:
     return hashlib.sha1(np.asarray(image.convert("RGB")).tobytes()).hexdigest()
 
 
-def load_reward(spec: str, device: str = "cpu"):
-    """`kind:path` -> an object with score(source_images, instructions, edited_images, batch_size)."""
+class SourcePreservation:
+    """1 - mean |edit - source| over pixels (0-1 scale): rewards leaving the image alone. Use it as a small
+    weighted term next to an instruction-following reward, never alone (doing nothing maximises it)."""
+
+    def score(self, source_images, instructions, edited_images, batch_size: int = 0) -> torch.Tensor:
+        out = []
+        for source, edited in zip(source_images, edited_images):
+            edited = edited.convert("RGB")
+            if edited.size != source.size:
+                edited = edited.resize(source.size, Image.BILINEAR)
+            diff = np.abs(np.asarray(source.convert("RGB"), dtype=np.float32) - np.asarray(edited, dtype=np.float32))
+            out.append(1.0 - float(diff.mean()) / 255.0)
+        return torch.tensor(out, dtype=torch.float32)
+
+
+REWARD_KINDS = ("jrm", "generative", "oracle")
+
+
+def parse_reward_spec(spec: str, where: str = "reward") -> tuple[str, str]:
+    """The one parser of reward specs (RL terms, the gold judge, this evaluation, the GPU plan): `preservation`
+    -> ("preservation", ""), `kind:path` -> (kind, path). Refuses what cannot be built before anything loads: an
+    unknown kind, no path, a missing ShapeEdit folder (a model path may be a hub id, which only loading can check).
+    `where` names the setting in the message."""
+    if spec == "preservation":
+        return "preservation", ""
     kind, _, path = spec.partition(":")
+    if kind not in REWARD_KINDS or not path:
+        raise ValueError(
+            f"{where}: {spec!r} is not a reward spec; use preservation, " + ", ".join(f"{k}:PATH" for k in REWARD_KINDS)
+        )
+    if kind == "oracle" and not Path(path).is_dir():
+        raise FileNotFoundError(f"{where}: {spec!r}: no ShapeEdit data folder at {path}")
+    return kind, path
+
+
+def load_reward(spec: str, device: str = "cpu"):
+    """A reward spec (parse_reward_spec) -> an object with score(source_images, instructions, edited_images,
+    batch_size)."""
+    kind, path = parse_reward_spec(spec)
+    if kind == "preservation":
+        return SourcePreservation()
     if kind == "jrm":
         return JRM.from_pretrained(path).to(device)
     if kind == "generative":
         return GenerativeJudge(JRM.from_pretrained(path).to(device))
-    if kind == "oracle":
-        return OracleReward(path)
-    raise ValueError(f"unknown reward {spec!r}; use jrm:PATH, generative:PATH or oracle:SHAPEEDIT_DIR")
+    return OracleReward(path)
 
 
 def instruction_check(reward):

@@ -45,7 +45,7 @@ EVAL_SETTINGS = (
     "reward.gold",
     "data.eval_prompts",
     "data.num_eval",
-    "policy.eval_steps",
+    "policy.eval_denoising_steps",
     "policy.height",
     "policy.width",
 )
@@ -54,7 +54,7 @@ SEED_SETTINGS = (
     "seed",
     "output_dir",
     "resume",
-    "num_steps",
+    "num_rl_steps",
     "save_every",
     "keep_checkpoints",
     "wandb",
@@ -82,7 +82,7 @@ class Run:
 
     @property
     def planned_steps(self) -> int:
-        return self.config["num_steps"]
+        return self.config["num_rl_steps"]
 
     @property
     def last_step(self) -> int:
@@ -150,7 +150,7 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     if not config_file.is_file():
         raise CompareError(f"{config_file} is missing: not a run folder of launch/grpo_edit.py")
     config = flatten(yaml.safe_load(config_file.read_text()))
-    for key in ("seed", "num_steps", "reward.terms", *EVAL_SETTINGS):
+    for key in ("seed", "num_rl_steps", "reward.terms", *EVAL_SETTINGS):
         if key not in config:
             raise CompareError(f"{config_file} has no {key!r}: not a config written by launch/grpo_edit.py")
     rows = read_metrics(path / "metrics.jsonl")

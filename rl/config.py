@@ -11,52 +11,62 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from policies.adapters import TrainableConfig
+from policies.registry import policy_entry
 from policies.sampling import SamplerConfig
-
-POLICY_KINDS = ("shapeedit", "flux_kontext", "qwen_image_edit")
+from reward.config import build
 
 
 @dataclass
 class PolicyConfig:
+    RENAMED: ClassVar[dict[str, str]] = {
+        "lora_rank": "trainable.lora_rank",
+        "lora_alpha": "trainable.lora_alpha",
+        "lora_targets": "trainable.lora_targets",
+        "gradient_checkpointing": "trainable.gradient_checkpointing",
+        "eval_steps": "eval_denoising_steps",
+    }
+
     kind: str = "shapeedit"
-    """'shapeedit' (a saved ShapeEdit policy), 'flux_kontext' or 'qwen_image_edit' (diffusers weights)."""
+    """Which editing model (policies/registry.py POLICIES): 'shapeedit' (a saved ShapeEdit policy),
+    'flux_kontext' or 'qwen_image_edit' (diffusers weights)."""
     path: str = "runs/demo/policy"
     """Folder or hub id of the pretrained policy."""
+    options: dict = field(default_factory=dict)
+    """The kind's own options (policies/registry.py: e.g. {plus: true} for Qwen-Image-Edit-Plus,
+    {max_sequence_length: 256} for FLUX.1 Kontext); an unknown one is an error that lists the valid ones."""
     dtype: str = "float32"
     """Weights dtype: float32 or bfloat16 (the SDE math and the adapters are float32 either way)."""
-    lora_rank: int = 16
-    """Rank of the LoRA adapters on the denoiser; 0 trains every weight (a frozen copy is the KL reference)."""
-    lora_alpha: float = 32.0
-    """LoRA scaling numerator (the update is scaled by alpha / rank)."""
-    lora_targets: str = ""
-    """Regex of the denoiser modules that get adapters, matched against whole module names (peft's
-    target_modules, as the reward model's model.lora_targets); '' = the policy's default (attention and MLPs)."""
-    gradient_checkpointing: bool = False
-    """Recompute the denoiser's activations in the learner's backward (FLUX.1 Kontext and Qwen-Image-Edit need
-    it at 512x512 on an 80 GB GPU: docs/performance.md); rollouts run without gradients and are unaffected."""
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    """What RL trains: LoRA adapters on the denoiser (rank, alpha, targets) or every weight (lora_rank 0), and
+    gradient checkpointing (policies/adapters.py)."""
     height: int = 64
     """Image height the policy edits (sources are resized to it)."""
     width: int = 64
     """Image width."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    """Rollout sampling: steps, noise level, SDE window, guidance."""
-    eval_steps: int = 10
-    """ODE steps for evaluation samples."""
+    """Rollout sampling: denoising steps, noise level, SDE window, guidance."""
+    eval_denoising_steps: int = 10
+    """Denoising (ODE) steps of evaluation samples."""
 
     def __post_init__(self):
-        if self.kind not in POLICY_KINDS:
-            raise ValueError(f"policy.kind must be one of {POLICY_KINDS}, got {self.kind!r}")
-        if self.gradient_checkpointing and self.kind == "shapeedit":
+        entry = policy_entry(self.kind)
+        self.kind_options()  # refuses unknown options now, before any actor starts
+        if self.trainable.gradient_checkpointing and not entry.gradient_checkpointing:
             raise ValueError(
-                "policy.gradient_checkpointing: the ShapeEdit policy is small and does not support it; set it false"
+                f"policy.trainable.gradient_checkpointing: the {self.kind} policy does not support it; set it false"
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"policy.dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.sampler.sample_last_step and self.kind != "shapeedit":
+        if self.sampler.sample_last_step and not entry.categorical_last_step:
             raise ValueError(
                 f"policy.sampler.sample_last_step: {self.kind} ends in a Gaussian step, which has no categorical "
                 f"draw; set it false"
             )
+
+    def kind_options(self):
+        """policy.options as the kind's options dataclass."""
+        return build(policy_entry(self.kind).options, self.options, "policy.options.")
 
 
 @dataclass
@@ -256,7 +266,7 @@ class ClusterConfig:
 
 
 @dataclass
-class DataConfig:
+class PromptConfig:
     train_prompts: str = "runs/demo/data/train_prompts.json"
     """ShapeEdit *_prompts.json, or a .jsonl of {"source": image path, "instruction": text} (paths relative to the
     file)."""
@@ -275,8 +285,10 @@ class RLConfig:
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, eval/ grids, wandb/."""
     seed: int = 0
     """Seeds prompts order, rollout noise and initial adapters."""
-    num_steps: int = 100
-    """RL steps (rollout batch + update)."""
+    RENAMED: ClassVar[dict[str, str]] = {"num_steps": "num_rl_steps"}
+
+    num_rl_steps: int = 100
+    """RL steps (rollout batch + update); the sampler's denoising steps are policy.sampler.num_steps."""
     resume: str = "auto"
     """'auto' = continue from the newest complete checkpoint in output_dir/checkpoints, 'none' (start fresh), or a
     checkpoint path."""
@@ -300,7 +312,7 @@ class RLConfig:
     """GRPO / PPO settings."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Actors and devices."""
-    data: DataConfig = field(default_factory=DataConfig)
+    data: PromptConfig = field(default_factory=PromptConfig)
     """Prompts."""
 
     def __post_init__(self):
@@ -313,8 +325,8 @@ class RLConfig:
             )
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.policy.kind == "shapeedit" and self.cluster.device != "cpu":
-            raise ValueError("the ShapeEdit policy runs on CPU; set cluster.device=cpu")
+        if policy_entry(self.policy.kind).cpu_only and self.cluster.device != "cpu":
+            raise ValueError(f"the {self.policy.kind} policy runs on CPU; set cluster.device=cpu")
         micro = rows // self.algo.micro_batch_size
         if micro % self.cluster.learners:
             raise ValueError(

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from reward.config import save_config
+from reward.evaluate import parse_reward_spec
 from rl import checkpoint
 from rl.actors import ActorLost, ActorSet, NodeLost, Redo, RolloutShare, payload_bytes
 from rl.algorithms import MicroTargets, build_algorithm
@@ -32,7 +33,7 @@ from rl.compare import scores_file
 from rl.config import RLConfig
 from rl.logger import MetricsLogger
 from rl.prompts import load_prompts, prompts_for_step
-from rl.rewards import Scores, check_spec, total_rewards
+from rl.rewards import Scores, total_rewards
 
 GRID_ROWS = 8  # evaluation prompts shown in each evaluation's grid
 MAX_REDOS = (
@@ -377,9 +378,9 @@ def prepare(cfg: RLConfig) -> dict:
             flush=True,
         )
     for term in cfg.reward.terms:
-        check_spec(term.spec, f"reward.terms {term.name!r}")
+        parse_reward_spec(term.spec, f"reward.terms {term.name!r}")
     if cfg.reward.gold:
-        check_spec(cfg.reward.gold, "reward.gold")
+        parse_reward_spec(cfg.reward.gold, "reward.gold")
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
     found = checkpoint.complete_checkpoints(run_dir)
     if found and resume_from != found[-1]:
@@ -413,7 +414,7 @@ def train(cfg: RLConfig, actor_set: Callable[[RLConfig, Any], ContextManager[Act
 
 def _steps(cfg: RLConfig, run: Run, step: int) -> dict:
     last_eval = run.evaluate(0) if step == 0 else {}
-    while step < cfg.num_steps:
+    while step < cfg.num_rl_steps:
         t0 = time.perf_counter()
         # ---- prompts: prompts_per_step prompts, each repeated group_size times ------------------------------------
         rows, group_ids = run.batch(step)
@@ -447,9 +448,9 @@ def _steps(cfg: RLConfig, run: Run, step: int) -> dict:
         # ---- log, eval, checkpoint -----------------------------------------------------------------------------------
         run.log_step(step, results, stats, reward, targets, scored, [t0, t_rollout, t_update, time.perf_counter()])
         run.check_losses(step, stats)
-        if step % cfg.eval_every == 0 or step == cfg.num_steps:
+        if step % cfg.eval_every == 0 or step == cfg.num_rl_steps:
             last_eval = run.evaluate_or_save(step)
-        if step % cfg.save_every == 0 or step == cfg.num_steps:
+        if step % cfg.save_every == 0 or step == cfg.num_rl_steps:
             run.save(step)
     run.logger.close()
     return last_eval

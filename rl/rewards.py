@@ -2,7 +2,8 @@
 
 A term is anything with reward's `score(source_images, instructions, edited_images, batch_size)`:
 JRM (`jrm:PATH`), the generative judge (`generative:PATH`), the ShapeEdit oracle (`oracle:DIR`) or the
-source-preservation term below; it forwards `batch_size` (the term's `micro_batch_size`) edits at a time.
+source-preservation term (`preservation`), all built by reward/evaluate.py load_reward; it forwards
+`batch_size` (the term's `micro_batch_size`) edits at a time.
 The worker's `score_batched` gathers requests from all rollout workers (up to `max_batch_size` edits or
 `max_wait_s`) and scores them in one call; requests that arrive while a call runs wait for it and go together
 into the next. It is a plain asyncio method, so the same class runs in a unit test and as a Ray async actor.
@@ -19,54 +20,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from reward.evaluate import load_reward
 from rl.config import RewardTerm
-
-
-class SourcePreservation:
-    """1 - mean |edit - source| over pixels (0-1 scale): rewards leaving the image alone. Use it as a small
-    weighted term next to an instruction-following reward, never alone (doing nothing maximises it)."""
-
-    def score(self, source_images, instructions, edited_images, batch_size: int = 0) -> torch.Tensor:
-        out = []
-        for source, edited in zip(source_images, edited_images):
-            edited = edited.convert("RGB")
-            if edited.size != source.size:
-                edited = edited.resize(source.size, Image.BILINEAR)
-            diff = np.abs(np.asarray(source.convert("RGB"), dtype=np.float32) - np.asarray(edited, dtype=np.float32))
-            out.append(1.0 - float(diff.mean()) / 255.0)
-        return torch.tensor(out, dtype=torch.float32)
-
-
-REWARD_KINDS = ("jrm", "generative", "oracle")
-
-
-def check_spec(spec: str, where: str) -> None:
-    """Refuse a reward spec that cannot be built, before any actor starts: an unknown kind or a missing ShapeEdit
-    folder (a model path may be a hub id, which only its loading can check)."""
-    if spec == "preservation":
-        return
-    kind, _, path = spec.partition(":")
-    if kind not in REWARD_KINDS or not path:
-        raise ValueError(
-            f"{where}: {spec!r} is not a reward spec; use preservation, " + ", ".join(f"{k}:PATH" for k in REWARD_KINDS)
-        )
-    if kind == "oracle" and not Path(path).is_dir():
-        raise FileNotFoundError(f"{where}: {spec!r}: no ShapeEdit data folder at {path}")
-
-
-def build_reward(spec: str, device: str = "cpu"):
-    """`preservation`, or a reward/ spec (jrm:PATH, generative:PATH, oracle:DIR)."""
-    if spec == "preservation":
-        return SourcePreservation()
-    return load_reward(spec, device)
 
 
 @dataclass
@@ -154,8 +114,8 @@ class RewardWorker:
         names = [t.name for t in terms]
         if not terms or len(set(names)) != len(names):
             raise ValueError(f"reward terms need distinct names and at least one term, got {names}")
-        self.terms = [(t, build_reward(t.spec, device)) for t in terms]
-        self.gold = build_reward(gold, device) if gold else None
+        self.terms = [(t, load_reward(t.spec, device)) for t in terms]
+        self.gold = load_reward(gold, device) if gold else None
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.clients = clients

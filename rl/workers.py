@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from policies.adapters import TrainableConfig
 from policies.images import tensor_to_images
+from policies.registry import load_policy
 from policies.rollout import Rollout
 from policies.sampling import SamplerConfig
 from rl.config import PolicyConfig
@@ -29,36 +29,11 @@ from rl.rewards import Scores
 
 
 def build_policy(cfg: PolicyConfig, seed: int):
-    """The policy named by the config, with fresh LoRA adapters drawn from `seed` (identical in every actor)."""
-    trainable = TrainableConfig(
-        lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_targets=cfg.lora_targets,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-    )
+    """The policy named by the config (policies/registry.py), with fresh LoRA adapters drawn from `seed` (identical
+    in every actor)."""
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     torch.manual_seed(seed)
-    if cfg.kind == "shapeedit":
-        from policies.shapeedit import ShapeEditPolicy
-
-        policy = ShapeEditPolicy.from_pretrained(cfg.path, trainable=trainable)
-        if (policy.height, policy.width) != (cfg.height, cfg.width):
-            raise ValueError(
-                f"the ShapeEdit policy at {cfg.path} edits {policy.width}x{policy.height} images; set "
-                f"policy.height/width to match"
-            )
-        return policy
-    if cfg.kind == "flux_kontext":
-        from policies.kontext import FluxKontextPolicy
-
-        return FluxKontextPolicy.from_pretrained(
-            cfg.path, torch_dtype=dtype, trainable=trainable, height=cfg.height, width=cfg.width
-        )
-    from policies.qwen_image_edit import QwenImageEditPolicy
-
-    return QwenImageEditPolicy.from_pretrained(
-        cfg.path, torch_dtype=dtype, trainable=trainable, height=cfg.height, width=cfg.width
-    )
+    return load_policy(cfg.kind, cfg.path, cfg.kind_options(), cfg.trainable, dtype, cfg.height, cfg.width)
 
 
 @dataclass
@@ -119,7 +94,7 @@ class RolloutWorker:
         self.device = device
         self.sampler = cfg.sampler
         self.eval_sampler = SamplerConfig(
-            num_steps=cfg.eval_steps,
+            num_steps=cfg.eval_denoising_steps,
             noise_level=0.0,
             guidance_scale=cfg.sampler.guidance_scale,
             guidance=cfg.sampler.guidance,

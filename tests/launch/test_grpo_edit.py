@@ -52,8 +52,8 @@ def test_a_config_that_does_not_fit_is_refused_before_anything_starts(capsys, mo
         and "nothing was started" in err
     )
     # without gradient checkpointing the learner's activations alone exceed a GPU: the plan names the switch
-    assert main(["--config", str(kontext), "--plan", "policy.gradient_checkpointing=false"]) == 2
-    assert "policy.gradient_checkpointing=true" in capsys.readouterr().err
+    assert main(["--config", str(kontext), "--plan", "policy.trainable.gradient_checkpointing=false"]) == 2
+    assert "policy.trainable.gradient_checkpointing=true" in capsys.readouterr().err
 
 
 def test_the_plan_follows_the_layout_and_zero_stage():
@@ -65,8 +65,8 @@ def test_the_plan_follows_the_layout_and_zero_stage():
     assert [g["actors"] for g in plan["gpus"]][6:] == [["rollout 6", "learner 6"], ["learner 7", "reward 0"]]
     roles = plan["roles"]
     assert roles["rollout"]["weights"] > roles["learner"]["weights"] + 8  # the learner drops T5, CLIP and the VAE
-    full = make_plan(load_config(RLConfig, kontext, ["policy.lora_rank=0", "cluster.zero_stage=2"]))
-    sharded = make_plan(load_config(RLConfig, kontext, ["policy.lora_rank=0", "cluster.zero_stage=3"]))
+    full = make_plan(load_config(RLConfig, kontext, ["policy.trainable.lora_rank=0", "cluster.zero_stage=2"]))
+    sharded = make_plan(load_config(RLConfig, kontext, ["policy.trainable.lora_rank=0", "cluster.zero_stage=3"]))
     assert not full["fits"]  # a full fine-tune of 12B with AdamW on every rank: far over
     assert (
         sharded["roles"]["learner"]["weights"] < full["roles"]["learner"]["weights"] / 1.7
@@ -87,9 +87,11 @@ def test_the_plan_holds_what_the_learner_partitions(lora_rank, stage):
     from rl.learner import zero3_modules
 
     kontext = [p for p in PRESETS if p.stem == "flux_kontext_jrm"][0]
-    cfg = load_config(RLConfig, kontext, [f"policy.lora_rank={lora_rank}", f"cluster.zero_stage={stage}"])
+    cfg = load_config(RLConfig, kontext, [f"policy.trainable.lora_rank={lora_rank}", f"cluster.zero_stage={stage}"])
     net = _flux(cfg).denoiser
-    trainable = Trainable(net, TrainableConfig(lora_rank=lora_rank, lora_targets=cfg.policy.lora_targets), LORA_TARGETS)
+    trainable = Trainable(
+        net, TrainableConfig(lora_rank=lora_rank, lora_targets=cfg.policy.trainable.lora_targets), LORA_TARGETS
+    )
     partitioned = {id(p) for m in zero3_modules(net) for p in m.parameters(recurse=False)} if stage == 3 else set()
     world = cfg.cluster.learners
     held = sum(

@@ -15,7 +15,7 @@ CONFIG_CLIS = {  # module: its config dataclass (main() reads it with config_fro
     "reward.train_generative": "GenerativeConfig",
     "reward.pretrain_backbone": "PretrainConfig",
     "launch.grpo_edit": "RLConfig",
-    "launch.pretrain_policy": "PretrainConfig",
+    "launch.pretrain_policy": "PolicyPretrainConfig",
 }
 FLAG_CLIS = [
     "reward.evaluate",

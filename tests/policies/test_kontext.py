@@ -287,8 +287,8 @@ def test_any_image_mode_is_accepted(policy):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    """TrainableConfig.gradient_checkpointing (policy.gradient_checkpointing in RL) recomputes activations in the
-    backward: the same log-probs and LoRA gradients, to the bit in float32; a network without it is refused."""
+    """TrainableConfig.gradient_checkpointing (policy.trainable.gradient_checkpointing in RL) recomputes activations
+    in the backward: the same log-probs and LoRA gradients, to the bit in float32; a network without it is refused."""
     grads = []
     for checkpointing in (False, True):
         policy = FluxKontextPolicy.tiny(SIZE, SIZE, TrainableConfig(lora_rank=4, gradient_checkpointing=checkpointing))

@@ -2,7 +2,6 @@
 save/load round trips, bad input refused, and flow matching learns (the shared contract: test_contract.py)."""
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
@@ -235,23 +234,6 @@ def test_the_last_ode_step_lands_on_the_predicted_clean_image(changes):
     torch.testing.assert_close(rollout.latents[:, -1], x0, rtol=0, atol=1e-5)
 
 
-def test_a_policy_saved_before_the_parameterisation_option_loads_as_change(tmp_path):
-    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, parameterisation="change"), INSTRUCTIONS, seed=0)
-    policy.save_pretrained(tmp_path)
-    meta = json.loads((tmp_path / "policy.json").read_text())
-    for key in ("parameterisation", "head_features", "head_hidden"):
-        del meta["config"][key]
-    (tmp_path / "policy.json").write_text(json.dumps(meta))
-    loaded = ShapeEditPolicy.from_pretrained(tmp_path)
-    assert loaded.cfg.parameterisation == "change" and type(loaded.transformer) is type(policy.transformer)
-    sampler = SamplerConfig(num_steps=2)
-    a = policy.sample(images(2), INSTRUCTIONS[:2], sampler, torch.Generator().manual_seed(0))
-    b = loaded.sample(images(2), INSTRUCTIONS[:2], sampler, torch.Generator().manual_seed(0))
-    assert torch.equal(a.latents, b.latents)
-    with pytest.raises(ValueError, match="parameterisation must be one of"):
-        ShapeEditPolicyConfig(parameterisation="velocity")
-
-
 def fit(policy, src, tgt, **loss_terms):
     """25 AdamW steps of flow matching on one (source, target) batch, text encoder included; returns the head's
     logits near the target (sigma 0.1)."""
@@ -439,3 +421,8 @@ def test_a_drawn_last_step_is_refused_where_there_is_no_classifier():
     gated = ShapeEditPolicy.build(dataclasses.replace(TINY, parameterisation="gated"), INSTRUCTIONS)
     with pytest.raises(ValueError, match="sample_last_step needs the 'palette' parameterisation"):
         gated.sample(images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, sample_last_step=True))
+
+
+def test_an_unknown_parameterisation_is_refused():
+    with pytest.raises(ValueError, match="parameterisation must be one of"):
+        ShapeEditPolicyConfig(parameterisation="velocity")

@@ -49,7 +49,7 @@ def write_run(
     cfg = RLConfig(
         output_dir=str(run),
         seed=seed,
-        num_steps=steps,
+        num_rl_steps=steps,
         eval_every=eval_every,
         reward=RewardConfig(terms=[RewardTerm(spec=f"jrm:/models/{reward_dir}/final")], gold=gold_spec),
     )

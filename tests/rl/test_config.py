@@ -8,6 +8,7 @@ import yaml
 
 from launch.grpo_edit import main
 from policies.adapters import TrainableConfig
+from policies.registry import QwenImageEditOptions
 from reward.config import ConfigError, load_config
 from reward.pretrain_backbone import PretrainConfig
 from reward.shapeedit import GenerateConfig
@@ -71,8 +72,8 @@ def test_bad_configs_are_refused():
         )
     with pytest.raises(ValueError, match="reward_gpu 8 is not a GPU"):
         load_config(RLConfig, None, ["cluster.gpus_per_node=8", "cluster.reward_gpu=8"])
-    with pytest.raises(ValueError, match="ShapeEdit policy is small and does not support it"):
-        load_config(RLConfig, None, ["policy.gradient_checkpointing=true"])
+    with pytest.raises(ValueError, match="the shapeedit policy does not support it"):
+        load_config(RLConfig, None, ["policy.trainable.gradient_checkpointing=true"])
 
 
 def test_configs_built_in_code_are_checked_too():
@@ -105,3 +106,25 @@ def test_cli_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--config", "/nonexistent.yaml"])
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_renamed_keys_name_the_new_key():
+    for old, new in [
+        ("algo.algo=ppo", "algo.algo is now algo.name"),
+        ("num_steps=3", "num_steps is now num_rl_steps"),
+        ("policy.lora_rank=4", "policy.lora_rank is now policy.trainable.lora_rank"),
+        ("policy.gradient_checkpointing=true", "policy.gradient_checkpointing is now policy.trainable.gradient"),
+        ("policy.eval_steps=3", "policy.eval_steps is now policy.eval_denoising_steps"),
+    ]:
+        with pytest.raises(ConfigError, match=new):
+            load_config(RLConfig, None, [old])
+
+
+def test_each_policy_kind_takes_its_own_options_from_the_registry():
+    plus = load_config(RLConfig, None, ["policy.kind=qwen_image_edit", "policy.options={plus: true}"])
+    assert plus.policy.kind_options() == QwenImageEditOptions(plus=True)
+    assert load_config(RLConfig, None, ["policy.kind=qwen_image_edit"]).policy.kind_options().plus is False
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['policy.options.plus'\].*max_sequence_length"):
+        load_config(RLConfig, None, ["policy.kind=flux_kontext", "policy.options={plus: true}"])
+    with pytest.raises(ValueError, match="policy.kind must be one of"):
+        load_config(RLConfig, None, ["policy.kind=sdxl"])

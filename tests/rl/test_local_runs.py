@@ -60,10 +60,10 @@ def drop_gradient_of(indices):
 
 
 def test_a_dropped_micro_batch_gradient_fails_the_weight_comparison(root, whole, tmp_path, monkeypatch):
-    same = run_in_process(root, tmp_path / "same", "num_steps=1")
+    same = run_in_process(root, tmp_path / "same", "num_rl_steps=1")
     assert_same_weights(weights(same, 1), weights(whole, 1), atol=0)  # in process, the same seed: bitwise
     monkeypatch.setattr(Run, "update", drop_gradient_of({0}))
-    planted = run_in_process(root, tmp_path / "planted", "num_steps=1")
+    planted = run_in_process(root, tmp_path / "planted", "num_rl_steps=1")
     assert_learned(planted)  # the other micro-batch still trains: the fault is only the lost gradient
     with pytest.raises(AssertionError):
         assert_same_weights(weights(planted, 1), weights(whole, 1), atol=1e-5)  # the ZeRO-3 test's tolerance
@@ -117,7 +117,7 @@ def test_a_nan_loss_skips_the_update_on_one_rank(root, tmp_path, monkeypatch, st
         )
 
     monkeypatch.setattr(Run, "update", poisoned)
-    out = run_in_process(root, tmp_path / "run", f"cluster.zero_stage={stage}", "num_steps=2")
+    out = run_in_process(root, tmp_path / "run", f"cluster.zero_stage={stage}", "num_rl_steps=2")
     first, second = [r for r in metrics(out) if "train/skipped_updates" in r]
     assert first["train/skipped_updates"] == 1 and first["train/nonfinite_losses"] > 0 and "train/loss" not in first
     assert second["train/skipped_updates"] == 0 and second["train/grad_norm"] > 0
@@ -129,14 +129,14 @@ def test_a_nan_loss_skips_the_update_on_one_rank(root, tmp_path, monkeypatch, st
 def test_grpo_keeps_the_drawn_last_step_near_its_reference(root, tmp_path):
     """The fixture's sampler draws the palette's last step beside the Gaussian steps: with kl_beta the learner
     adds the categorical KL to the reference, 0 while the weights are the reference's (step 1) and > 0 after."""
-    out = run_in_process(root, tmp_path / "categorical", "num_steps=2", "algo.kl_beta=0.01")
+    out = run_in_process(root, tmp_path / "categorical", "num_rl_steps=2", "algo.kl_beta=0.01")
     assert_learned(out)
     kl = [r["train/kl"] for r in metrics(out) if "train/kl" in r]
     assert kl[0] == 0.0 and kl[1] > 0, kl
 
 
 def test_ppo_learns_a_value_model(root, tmp_path):
-    out = run_in_process(root, tmp_path / "ppo", "algo.name=ppo", "num_steps=2", "algo.kl_beta=0.01")
+    out = run_in_process(root, tmp_path / "ppo", "algo.name=ppo", "num_rl_steps=2", "algo.kl_beta=0.01")
     assert_learned(out)
     rows = [r for r in metrics(out) if "train/value_loss" in r]
     assert len(rows) == 2 and all(np.isfinite(r["train/value_loss"]) and r["train/value_loss"] > 0 for r in rows)
@@ -165,7 +165,7 @@ def test_nft_resumes_exactly_and_writes_per_prompt_scores(root, tmp_path):
     """DiffusionNFT: it learns, its first minibatch trains at the sampling weights (drift 0), each evaluation
     writes its per-prompt scores, and the run as it stood after step 1 (its step-1 checkpoint, no step 2),
     resumed with resume=auto, ends with the uninterrupted run's weights and metrics."""
-    nft = ("algo.name=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "eval_every=1", "num_steps=2")
+    nft = ("algo.name=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "eval_every=1", "num_rl_steps=2")
     a = run_in_process(root, tmp_path / "a", *nft)
     assert_learned(a)
     rows = [r for r in metrics(a) if "train/drift" in r]
@@ -187,11 +187,11 @@ def test_what_the_driver_receives_does_not_grow_with_images_or_weights(root, tmp
     """Evaluations are judged where their edits are and checkpoints written by the learners: the driver's bytes
     for an evaluation and for a checkpoint are the same for 4x the pixels and twice the trained weights."""
     big_root = tiny_data_and_policy(tmp_path_factory.mktemp("big"), size=64, hidden_size=128)
-    small = run_in_process(root, tmp_path_factory.mktemp("small") / "run", "num_steps=1", "eval_every=1")
+    small = run_in_process(root, tmp_path_factory.mktemp("small") / "run", "num_rl_steps=1", "eval_every=1")
     big = run_in_process(
         big_root,
         tmp_path_factory.mktemp("large") / "run",
-        "num_steps=1",
+        "num_rl_steps=1",
         "eval_every=1",
         "policy.height=64",
         "policy.width=64",
@@ -234,5 +234,5 @@ def test_resume_unpickles_weights_only_and_refuses_code(root, whole, tmp_path):
     optim = next((run / "checkpoints" / "step-000003" / "deepspeed" / "state").glob("*optim_states.pt"))
     torch.save({"optimizer_state_dict": Payload(marker)}, optim)
     with pytest.raises(Exception, match="Weights only load failed"):
-        run_in_process(root, run, "num_steps=4")
+        run_in_process(root, run, "num_rl_steps=4")
     assert not marker.exists()

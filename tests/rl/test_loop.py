@@ -116,14 +116,15 @@ def test_grpo_on_policy_updates_ranks_and_resume(setup, whole, tmp_path, monkeyp
     # 2 learner ranks under ZeRO-2 on the same global batch (same rollout workers, so the same samples): the same
     # update; and with rank 1's shard skipped, not the same (the comparison bites)
     b = tmp_path / "b"
-    train(load_config(RLConfig, None, overrides(root, b, "cluster.num_learners=2", "num_steps=1")), ray_actors)
+    train(load_config(RLConfig, None, overrides(root, b, "cluster.num_learners=2", "num_rl_steps=1")), ray_actors)
     assert_learned(b)
     assert_same_weights(weights(b, 1), weights(a, 1), atol=1e-6)
     with monkeypatch.context() as m:
         m.setattr(Run, "update", skip_shard_of_rank_1())
         planted = tmp_path / "planted"
         train(
-            load_config(RLConfig, None, overrides(root, planted, "cluster.num_learners=2", "num_steps=1")), ray_actors
+            load_config(RLConfig, None, overrides(root, planted, "cluster.num_learners=2", "num_rl_steps=1")),
+            ray_actors,
         )
     assert_learned(planted)
     with pytest.raises(AssertionError):
@@ -161,7 +162,7 @@ def test_a_nan_loss_on_one_rank_skips_the_update_on_every_rank(setup, tmp_path, 
         load_config(
             RLConfig,
             None,
-            overrides(setup, out, f"cluster.zero_stage={stage}", "cluster.num_learners=2", "num_steps=2"),
+            overrides(setup, out, f"cluster.zero_stage={stage}", "cluster.num_learners=2", "num_rl_steps=2"),
         ),
         ray_actors,
     )
@@ -183,14 +184,14 @@ def test_zero3_on_two_ranks_equals_zero2_and_resumes_exactly(setup, whole, tmp_p
     root = setup
     z3 = ("cluster.zero_stage=3", "cluster.num_learners=2")
     full = tmp_path / "z3"
-    train(load_config(RLConfig, None, overrides(root, full, *z3, "num_steps=2")), ray_actors)
+    train(load_config(RLConfig, None, overrides(root, full, *z3, "num_rl_steps=2")), ray_actors)
     assert_learned(full)
     for step in (1, 2):
         assert_same_weights(weights(full, step), weights(whole, step), atol=1e-5)
     resumed = tmp_path / "z3-resumed"  # the run as it stood after step 1: its step-1 checkpoint, no step 2
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000002")
-    train(load_config(RLConfig, None, overrides(root, resumed, *z3, "num_steps=2")), ray_actors)
+    train(load_config(RLConfig, None, overrides(root, resumed, *z3, "num_rl_steps=2")), ray_actors)
     assert_learned(resumed)
     assert_same_weights(weights(resumed, 2), weights(full, 2), atol=0)
     assert_same_metrics(resumed, full)
@@ -200,7 +201,7 @@ def test_nft_on_two_ray_ranks_equals_one_rank_in_process(setup, tmp_path):
     """DiffusionNFT on the same loop: 2 learner ranks on Ray equal 1 rank in process (rl/actors.py
     local_actors) on the same batch: the same rollout seeds, so the same samples and the same update.
     (NFT's resume and per-prompt scores: tests/rl/test_local_runs.py.)"""
-    nft = ("algo.name=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "num_steps=1")
+    nft = ("algo.name=nft", "algo.nft_terms=2", "algo.kl_beta=0.01", "num_rl_steps=1")
     local = run_in_process(setup, tmp_path / "local", *nft)
     assert_learned(local)
     b = tmp_path / "b"
@@ -382,7 +383,7 @@ def test_no_secret_reaches_the_run_directory(setup, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must be our default, not the test's
     run = tmp_path / "run"
-    train(load_config(RLConfig, None, [*overrides(setup, run), "num_steps=1", "wandb=true"]), ray_actors)
+    train(load_config(RLConfig, None, [*overrides(setup, run), "num_rl_steps=1", "wandb=true"]), ray_actors)
     files = [f for f in run.rglob("*") if f.is_file()]
     assert any("wandb" in f.parts for f in files) and any(f.name == "metrics.jsonl" for f in files)
     assert list(run.glob("wandb/offline-run-*")) and not list(run.glob("wandb/run-*")), "wandb did not stay offline"

@@ -104,7 +104,8 @@ def test_two_nodes_place_a_reward_actor_on_each_equal_one_node_and_batch_per_nod
     # twice the rollout per row (9 denoising steps instead of 3): the learners fetch twice as much, the driver not more
     double = tmp_path / "double"
     train(
-        load_config(RLConfig, None, overrides(root, double, 2, "policy.sampler.num_steps=9", "num_steps=1")), ray_actors
+        load_config(RLConfig, None, overrides(root, double, 2, "policy.sampler.num_steps=9", "num_rl_steps=1")),
+        ray_actors,
     )
     small, big = steps(two)[0], steps(double)[0]
     assert big["perf/rollout_bytes"] > 1.9 * small["perf/rollout_bytes"]

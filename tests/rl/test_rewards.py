@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from reward.evaluate import SourcePreservation
 from rl.algorithms import group_advantages
 from rl.config import RewardTerm
-from rl.rewards import RewardWorker, Scores, SourcePreservation, total_rewards
+from rl.rewards import RewardWorker, Scores, total_rewards
 
 
 def _images(n, value=0):
