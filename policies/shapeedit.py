@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -240,6 +240,24 @@ def build_tokenizer(instructions: list[str], vocab_size: int, max_length: int) -
     )
 
 
+# The tiny policy's sizes and vocabulary (ShapeEditPolicy.tiny; the tests build theirs from these)
+TINY = ShapeEditPolicyConfig(
+    image_size=32,
+    patch_size=8,
+    hidden_size=64,
+    num_layers=2,
+    text_hidden_size=32,
+    text_layers=1,
+    max_instruction_tokens=12,
+)
+TINY_INSTRUCTIONS = [
+    "make the red circle blue",
+    "remove the green square",
+    "move the star to the top left",
+    "turn the background white",
+]
+
+
 class ShapeEditPolicy:
     """The embedded default editing policy (see module docstring). Keeps the EditingPolicy protocol."""
 
@@ -272,22 +290,7 @@ class ShapeEditPolicy:
         """A small random policy of the real architecture (tests, CPU): square images of `height` pixels."""
         if height != width:
             raise ValueError(f"the ShapeEdit policy edits square images, got {width}x{height}")
-        cfg = ShapeEditPolicyConfig(
-            image_size=height,
-            patch_size=8,
-            hidden_size=64,
-            num_layers=2,
-            text_hidden_size=32,
-            text_layers=1,
-            max_instruction_tokens=12,
-        )
-        instructions = [
-            "make the red circle blue",
-            "remove the green square",
-            "move the star to the top left",
-            "turn the background white",
-        ]
-        return cls.build(cfg, instructions, seed=seed, trainable=trainable)
+        return cls.build(replace(TINY, image_size=height), TINY_INSTRUCTIONS, seed=seed, trainable=trainable)
 
     @classmethod
     def build(

@@ -12,24 +12,17 @@ from PIL import Image
 from policies.adapters import TrainableConfig
 from policies.rollout import Rollout
 from policies.sampling import SamplerConfig
-from policies.shapeedit import SHAPEEDIT_PALETTE, ShapeEditPolicy, ShapeEditPolicyConfig, flow_matching_loss
-
-INSTRUCTIONS = [
-    "make the red circle blue",
-    "remove the green square",
-    "move the star to the top left",
-    "turn the background white",
-]
-PALETTE = [[220, 40, 40], [40, 80, 220], [245, 245, 245], [20, 20, 20]]
-TINY = ShapeEditPolicyConfig(
-    image_size=32,
-    patch_size=8,
-    hidden_size=64,
-    num_layers=2,
-    text_hidden_size=32,
-    text_layers=1,
-    max_instruction_tokens=12,
+from policies.shapeedit import (
+    SHAPEEDIT_PALETTE,
+    TINY,
+    TINY_INSTRUCTIONS,
+    ShapeEditPolicy,
+    ShapeEditPolicyConfig,
+    flow_matching_loss,
 )
+
+INSTRUCTIONS = TINY_INSTRUCTIONS
+PALETTE = [[220, 40, 40], [40, 80, 220], [245, 245, 245], [20, 20, 20]]
 
 
 def tiny(lora_rank=4, seed=0):
