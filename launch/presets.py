@@ -13,6 +13,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from policies.kontext import SCHEDULER as KONTEXT_SCHEDULER
+from policies.kontext import TINY_SIZES as KONTEXT_TINY
 from policies.kontext import tiny_tokenizers
 
 
@@ -148,40 +150,10 @@ TINY = (
         generative_batch=4,
         critique_tokens=8,
         repeats=2,
-        flux=dict(
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            axes_dims_rope=(2, 2, 4),
-        ),
-        vae=dict(
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=32,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ),
-        clip=dict(
-            vocab_size=1024,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=32,
-        ),
-        t5=dict(
-            vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8
-        ),
+        flux=KONTEXT_TINY["flux"],
+        vae=KONTEXT_TINY["vae"],
+        clip=dict(KONTEXT_TINY["clip"], vocab_size=1024),
+        t5=dict(KONTEXT_TINY["t5"], vocab_size=128),
         max_sequence_length=32,
         edit_size=32,
         steps=3,
@@ -206,16 +178,7 @@ def kontext_components(preset: Preset, device: str | torch.device) -> dict:
     """FluxKontextPipeline's components at the preset's size with random weights, built on `device`, and the
     offline tiny tokenizers (their token ids are valid in the real vocabularies)."""
     tokenizer, tokenizer_2 = tiny_tokenizers()
-    # FLUX.1 Kontext [dev]'s scheduler settings (as policies/kontext.py's tiny_components)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**KONTEXT_SCHEDULER)
     with building_on(device, preset.dtype):
         torch.manual_seed(0)
         clip = CLIPTextConfig(**preset.clip, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)

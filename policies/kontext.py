@@ -410,76 +410,72 @@ def tiny_tokenizers() -> tuple[CLIPTokenizer, T5Tokenizer]:
     return clip, t5
 
 
+# The tiny FLUX.1 Kontext's sizes (tiny_components; launch/presets.py's TINY builds the same at any device)
+TINY_SIZES = {
+    "flux": dict(
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(2, 2, 4),
+    ),
+    "vae": dict(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+    "clip": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+    "t5": dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
+}
+# FLUX.1 Kontext [dev]'s scheduler settings
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
 def tiny_components(seed: int = 0) -> dict[str, Any]:
     """FluxKontextPipeline components with FLUX's architecture and tiny random weights (VAE factor 2, 16 channels)."""
     tokenizer, tokenizer_2 = tiny_tokenizers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-                projection_dim=32,
-            )
+        clip = CLIPTextConfig(
+            **TINY_SIZES["clip"],
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
         )
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=32,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=0,
-                eos_token_id=1,
-            )
+        text_encoder = CLIPTextModel(clip)
+        t5 = T5Config(
+            **TINY_SIZES["t5"],
+            vocab_size=len(tokenizer_2),
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
         )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=32,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(2, 2, 4),
-        )
-    # FLUX.1 Kontext [dev]'s scheduler settings
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+        text_encoder_2 = T5EncoderModel(t5)
+        vae = AutoencoderKL(**TINY_SIZES["vae"])
+        transformer = FluxTransformer2DModel(**TINY_SIZES["flux"], patch_size=1, guidance_embeds=True)
     return {
-        "scheduler": scheduler,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER),
         "vae": vae.eval(),
         "text_encoder": text_encoder.eval(),
         "tokenizer": tokenizer,
