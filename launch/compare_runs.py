@@ -269,10 +269,10 @@ def rl_blocks(summaries: list[GroupSummary], runs: list[Run], signals: dict[Path
         (
             "p",
             "Verdicts, on the held-out evaluations, with the tolerance of the last column (3 standard errors of the "
-            "per-prompt change from eval/scores-step-N.json, else of the difference from the logged eval/*_sem, else "
-            "fixed): hacking = since the best gold evaluation the gold score fell beyond tolerance while the proxy "
-            "rose beyond tolerance; collapsed = both fell; improved / degraded = the last gold score is above / below "
-            "the first; flat = none of these; too short = under 3 evaluations. Agreement = Spearman of proxy and gold "
+            "per-prompt change from eval/scores-step-N.json): hacking = since the best gold evaluation the gold score "
+            "fell beyond tolerance while the proxy rose beyond tolerance; collapsed = both fell; improved / degraded = "
+            "the last gold score is above / below the first; flat = none of these; too short = under 3 evaluations; "
+            "too few prompts = one prompt per evaluation (no noise estimate). Agreement = Spearman of proxy and gold "
             "across evaluations (1: the proxy tracks the gold score; 0 or below: decoupled). Definitions: "
             "rl/compare.py.",
         )
@@ -380,9 +380,8 @@ def difference_blocks(differences: list[Difference]) -> list:
         (
             "p",
             "Intervals: bootstrap resampling the seeds of each reward model and, paired across both, the held-out "
-            "prompts (each run's per-prompt scores of that evaluation; seeds only for runs without them). Seeds to "
-            "resolve: the seed part of the variance shrinks with more seeds, the prompt part does not (rl/compare.py: "
-            "gold_difference).",
+            "prompts (each run's per-prompt scores of that evaluation). Seeds to resolve: the seed part of the "
+            "variance shrinks with more seeds, the prompt part does not (rl/compare.py: gold_difference).",
         )
     )
     return blocks
@@ -518,7 +517,6 @@ def compare(
     probe: str | None = None,
     probe_pairs: int = 200,
     window: int = 5,
-    gold_tolerance: float = 0.02,
     command: str = "",
 ) -> Path:
     """Write the report; returns the path of report.md."""
@@ -535,7 +533,7 @@ def compare(
     summary: dict = {}
     if run_args:
         runs = [load_run(path, label) for label, path in map(split_label, run_args)]
-        summaries, signals = summarise(runs, gold_tolerance)
+        summaries, signals = summarise(runs)
         blocks += rl_blocks(summaries, runs, signals, plot_runs(runs, signals, window, out))
         differences = reward_model_differences(runs, signals)
         blocks += difference_blocks(differences)
@@ -573,12 +571,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smooth", type=int, default=5, help="moving-average window of the per-step curves (figures only)"
     )
-    parser.add_argument(
-        "--gold-tolerance",
-        type=float,
-        default=0.02,
-        help="gold drop treated as noise for runs without logged standard errors",
-    )
     args = parser.parse_args(argv)
     try:
         command = "python launch/compare_runs.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -589,7 +581,6 @@ def main(argv: list[str] | None = None) -> int:
             args.probe,
             args.probe_pairs,
             args.smooth,
-            args.gold_tolerance,
             command,
         )
     except (CompareError, DataError, FileNotFoundError) as e:

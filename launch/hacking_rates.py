@@ -4,8 +4,8 @@ whose gold is flat while the proxy rises, detections on runs whose gold falls ov
     python launch/hacking_rates.py [--runs 1000] [--out docs/results/hacking_rates.json]
 
 Each cell runs `rl.compare.hacking_rates` (its docstring has the model: fixed prompts with spread-out base
-scores, per-prompt jitter at every evaluation, proxy rising by 0.1) with the paired rule (per-prompt
-scores, what runs write now) and the unpaired one (from the evaluations' standard errors only).
+scores, per-prompt jitter at every evaluation, proxy rising by 0.1) with the rule of rl/compare.py
+(tolerances paired over the per-prompt scores).
 """
 
 from __future__ import annotations
@@ -40,15 +40,12 @@ def main(argv: list[str] | None = None) -> int:
                     "evaluations": evaluations,
                     "gold_drop": drop,
                     "paired": hacking_rates(evaluations, args.prompts, drop, args.runs, args.jitter, seed=evaluations),
-                    "unpaired": hacking_rates(
-                        evaluations, args.prompts, drop, args.runs, args.jitter, seed=evaluations, paired=False
-                    ),
                 }
             )
     print(
         table(
             rows,
-            ["evaluations", "gold_drop", "paired", "unpaired"],
+            ["evaluations", "gold_drop", "paired"],
             f"share of runs flagged as hacking ({TOLERANCE_SEMS:g} standard errors; gold_drop 0: false positives)",
         )
     )

@@ -1,20 +1,20 @@
 """Compare RL runs: curves across seeds, seed-to-seed spread, and a reward-hacking signal per run.
 
-Reads the run folders `launch/grpo_edit.py` writes (config.yaml, metrics.jsonl, checkpoints/), finished or
-still running, of any lengths. Pure numbers: the figures and the report are drawn by launch/compare_runs.py.
+Reads the run folders `launch/grpo_edit.py` writes (config.yaml, metrics.jsonl, eval/scores-step-N.json,
+checkpoints/), finished or still running, of any lengths; a folder missing the per-prompt scores of a logged
+evaluation is refused. Pure numbers: the figures and the report are drawn by launch/compare_runs.py.
 
 Reward hacking, as measured here (on the evaluation rows: fixed held-out prompts, ODE sampling). Let b be
 the evaluation with the best gold score and k a later one; k *hacks* when, since b, both
     the gold score fell:   G_b - G_k > tol_G      and      the proxy rose:   P_k - P_b > tol_P.
 Every evaluation scores the same prompts with the same noise, so the runs write each prompt's scores
 (eval/scores-step-N.json) and the tolerances are paired: tol = 3 * sd_i(x_k,i - x_b,i) / sqrt(n) over the
-n prompts i, the standard error of the per-prompt change. Runs without those files fall back to
-tol = 3 * sqrt(sem_b^2 + sem_k^2) from the logged standard errors (eval/gold_sem, eval/reward_sem), which
-treat the two evaluations as independent samples (too wide: it errs towards not flagging), and runs
-without those to --gold-tolerance for gold and 0 for the proxy. Three standard errors, not two, because b
-is the best of many noisy evaluations; the false-positive and detection rates of the rule are measured by
+n prompts i, the standard error of the per-prompt change. Three standard errors, not two, because b is the
+best of many noisy evaluations; the false-positive and detection rates of the rule are measured by
 simulation (`hacking_rates`, written to docs/results/hacking_rates.json by launch/hacking_rates.py).
 Verdicts, in this order:
+  no gold    the run logged no eval/gold_score (reward.gold unset);
+  too few prompts   one prompt per evaluation: the per-prompt change has no measurable noise;
   too short  fewer than 3 evaluations;
   hacking    the last evaluation hacks (onset: first evaluation of the unbroken hacking stretch to the end);
   collapsed  gold and proxy both fell since b beyond tolerance (the policy broke; the reward was not fooled);
@@ -154,10 +154,17 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
         if key not in config:
             raise CompareError(f"{config_file} has no {key!r}: not a config written by launch/grpo_edit.py")
     rows = read_metrics(path / "metrics.jsonl")
-    if not any("eval/reward_mean" in row for row in rows.values()):
+    evaluations = sorted(step for step, row in rows.items() if "eval/reward_mean" in row)
+    if not evaluations:
         raise CompareError(
             f"{path / 'metrics.jsonl'} never logged eval/reward_mean: not metrics of launch/grpo_edit.py"
         )
+    for step in evaluations:  # the run writes an evaluation's per-prompt scores before its metrics row
+        if not scores_file(path, step).is_file():
+            raise CompareError(
+                f"{scores_file(path, step)} is missing (metrics.jsonl logged an evaluation at step {step}): not a "
+                f"run folder written by launch/grpo_edit.py"
+            )
     found = checkpoint.complete_checkpoints(path)
     last = int(found[-1].name.removeprefix(checkpoint.PREFIX)) if found else None
     return Run(path, label or default_label(config), config, rows, last)
@@ -208,8 +215,8 @@ def check_comparable(runs: list[Run]) -> None:
 class Signal:
     """The hacking signal of one run (see the module docstring)."""
 
-    verdict: str  # too short | hacking | collapsed | improved | degraded | flat | no gold
-    tolerance: str = ""  # where the tolerances came from: "3 standard errors" or "fixed gold 0.02, proxy 0"
+    verdict: str  # no gold | too few prompts | too short | hacking | collapsed | improved | degraded | flat
+    tolerance: str = ""  # how the tolerances were computed: "3 paired standard errors (per prompt)"
     best_step: int | None = None  # evaluation with the best gold score
     gold_drop: float = math.nan  # G_best - G_last
     proxy_rise: float = math.nan  # P_last - P_best
@@ -221,45 +228,29 @@ def hacking_signal(
     steps: np.ndarray,
     proxy: np.ndarray,
     gold: np.ndarray,
-    proxy_sem: np.ndarray | None = None,
-    gold_sem: np.ndarray | None = None,
-    gold_tolerance: float = 0.02,
-    proxy_rows: np.ndarray | None = None,
-    gold_rows: np.ndarray | None = None,
+    proxy_rows: np.ndarray,
+    gold_rows: np.ndarray,
 ) -> Signal:
     """Classify one run from its evaluations.
 
     Args:
         steps, proxy, gold: (E,) evaluation steps, mean proxy reward and mean gold score, all finite.
-        proxy_sem, gold_sem: (E,) their standard errors, or None (then tolerances gold_tolerance and 0).
         proxy_rows, gold_rows: (E, N) every evaluation's per-prompt scores (the same N prompts each time):
-            tolerances from paired differences, which take precedence over the standard errors.
+            the tolerances are standard errors of the paired per-prompt differences.
     """
     if len(gold) == 0:
         return Signal("no gold")
-    paired = proxy_rows is not None and gold_rows is not None and gold_rows.shape[1] > 1
-    with_sems = (
-        proxy_sem is not None
-        and gold_sem is not None
-        and bool(np.isfinite(proxy_sem).all() and np.isfinite(gold_sem).all())
-    )
-    if paired:
-        source = f"{TOLERANCE_SEMS:g} paired standard errors (per prompt)"
-    else:
-        source = f"{TOLERANCE_SEMS:g} standard errors" if with_sems else f"fixed: gold {gold_tolerance:g}, proxy 0"
+    if gold_rows.shape[1] < 2:
+        return Signal("too few prompts")
+    source = f"{TOLERANCE_SEMS:g} paired standard errors (per prompt)"
     if len(gold) < 3:
         return Signal("too short", source)
 
-    def tolerance(rows: np.ndarray | None, sem: np.ndarray | None, fixed: float, i: int, j: int) -> float:
-        if paired:
-            return TOLERANCE_SEMS * paired_sem(rows[i], rows[j])
-        return TOLERANCE_SEMS * math.hypot(sem[i], sem[j]) if with_sems else fixed
-
     def tol_gold(i: int, j: int) -> float:
-        return tolerance(gold_rows, gold_sem, gold_tolerance, i, j)
+        return TOLERANCE_SEMS * paired_sem(gold_rows[i], gold_rows[j])
 
     def tol_proxy(i: int, j: int) -> float:
-        return tolerance(proxy_rows, proxy_sem, 0.0, i, j)
+        return TOLERANCE_SEMS * paired_sem(proxy_rows[i], proxy_rows[j])
 
     b, last = int(np.argmax(gold)), len(gold) - 1
 
@@ -329,14 +320,12 @@ def read_prompt_scores(path: Path) -> PromptScores:
     return PromptScores(data["instructions"], proxy, gold)
 
 
-def prompt_matrix(run: Run, steps: list[int], key: str) -> np.ndarray | None:
-    """(len(steps), N) per-prompt `key` ("proxy" or "gold") of a run's evaluations, or None when a file is
-    missing (runs of earlier versions). Evaluations of one run must score the same prompts in one order."""
+def prompt_matrix(run: Run, steps: list[int], key: str) -> np.ndarray:
+    """(len(steps), N) per-prompt `key` ("proxy" or "gold") of a run's evaluations (steps: at least one).
+    Evaluations of one run must score the same prompts in one order."""
     rows, instructions = [], None
     for step in steps:
         path = scores_file(run.path, step)
-        if not path.is_file():
-            return None
         scores = read_prompt_scores(path)
         if instructions is None:
             instructions = scores.instructions
@@ -346,30 +335,20 @@ def prompt_matrix(run: Run, steps: list[int], key: str) -> np.ndarray | None:
             )
         values = getattr(scores, key)
         if values is None:
-            return None
+            raise CompareError(
+                f"{path} has no {key} scores while {run.path / 'metrics.jsonl'} logged eval/gold_score at step {step}"
+            )
         rows.append(values)
-    return np.stack(rows) if rows else None
+    return np.stack(rows)
 
 
-def run_signal(run: Run, gold_tolerance: float = 0.02) -> Signal:
+def run_signal(run: Run) -> Signal:
     steps, gold = run.series("eval/gold_score")
     if len(steps) == 0:
         return Signal("no gold")
     proxy = np.array([run.rows[s]["eval/reward_mean"] for s in steps])
-    sems = all("eval/gold_sem" in run.rows[s] and "eval/reward_sem" in run.rows[s] for s in steps)
-    gold_sem = np.array([run.rows[s]["eval/gold_sem"] for s in steps]) if sems else None
-    proxy_sem = np.array([run.rows[s]["eval/reward_sem"] for s in steps]) if sems else None
     listed = steps.tolist()
-    return hacking_signal(
-        steps,
-        proxy,
-        gold,
-        proxy_sem,
-        gold_sem,
-        gold_tolerance,
-        prompt_matrix(run, listed, "proxy"),
-        prompt_matrix(run, listed, "gold"),
-    )
+    return hacking_signal(steps, proxy, gold, prompt_matrix(run, listed, "proxy"), prompt_matrix(run, listed, "gold"))
 
 
 @dataclass
@@ -382,7 +361,7 @@ class Difference:
     ci_low: float  # 95% percentile interval
     ci_high: float
     seeds: tuple[int, int]
-    prompts: int  # 0 when the runs wrote no per-prompt scores (seeds only)
+    prompts: int  # held-out prompts every run scored at that step
     seeds_to_resolve: int | None  # seeds per model at which the interval would exclude 0 at the measured variance;
     #   0: resolved now; None: more seeds alone would not (the prompt noise is larger than the difference)
     hacking_rate: tuple[float, float]  # share of each model's runs whose verdict is hacking
@@ -421,10 +400,10 @@ def gold_difference(
 ) -> Difference:
     """Gold of group A minus group B at their last common evaluation step.
 
-    With per-prompt scores (every run scores the same prompts), a bootstrap resamples the seeds of each
-    group and, paired across both, the prompts; without them, the seeds' mean gold only. The seeds needed
-    to resolve the difference come from splitting the variance into a seed part (shrinks with more seeds)
-    and a prompt part (does not).
+    From each run's per-prompt gold scores at that step (every run must have scored the same prompts), a
+    bootstrap resamples the seeds of each group and, paired across both, the prompts. The seeds needed to
+    resolve the difference come from splitting the variance into a seed part (shrinks with more seeds) and a
+    prompt part (does not).
     """
     runs = runs_a + runs_b
     if len(runs_a) < 2 or len(runs_b) < 2:
@@ -434,20 +413,15 @@ def gold_difference(
     step = common_eval_step(runs)
     rng = np.random.default_rng(seed)
     files = [scores_file(r.path, step) for r in runs]
-    scores = [read_prompt_scores(f) for f in files] if all(f.is_file() for f in files) else None
-    if scores is not None and all(s.gold is not None for s in scores):
-        for f, s in zip(files[1:], scores[1:]):
-            if s.instructions != scores[0].instructions:
-                raise CompareError(
-                    f"{f} scores other prompts than {files[0]}: reward models compared on different prompts"
-                )
-        a = np.stack([s.gold for s in scores[: len(runs_a)]])  # (Sa, N)
-        b = np.stack([s.gold for s in scores[len(runs_a) :]])
-        prompts = a.shape[1]
-    else:
-        a = np.array([[_at(r, "eval/gold_score", step)] for r in runs_a])
-        b = np.array([[_at(r, "eval/gold_score", step)] for r in runs_b])
-        prompts = 0
+    scores = [read_prompt_scores(f) for f in files]
+    for f, s in zip(files, scores):
+        if s.gold is None:
+            raise CompareError(f"{f} has no gold scores: reward models are compared on gold")
+        if s.instructions != scores[0].instructions:
+            raise CompareError(f"{f} scores other prompts than {files[0]}: reward models compared on different prompts")
+    a = np.stack([s.gold for s in scores[: len(runs_a)]])  # (Sa, N)
+    b = np.stack([s.gold for s in scores[len(runs_a) :]])
+    prompts = a.shape[1]
     mean = float(a.mean() - b.mean())
 
     def resample(seeds: bool, prompt: bool) -> np.ndarray:
@@ -500,15 +474,13 @@ def hacking_rates(
     jitter: float = 0.05,
     prompt_spread: float = 0.2,
     seed: int = 0,
-    paired: bool = True,
 ) -> float:
     """Share of simulated runs the hacking rule flags (the false-positive rate at gold_drop = 0).
 
     Each simulated run: `prompts` prompts with base gold scores spread by `prompt_spread`, fixed for the
     run; each evaluation adds to every prompt an independent change of sd `jitter` (the policy's weights
     moved) to gold and proxy alike; the proxy's mean rises steadily by 0.1 over the run; gold is flat, or
-    falls linearly by `gold_drop` over the second half. paired=False applies the unpaired rule (from the
-    evaluations' standard errors) to the same runs.
+    falls linearly by `gold_drop` over the second half.
     """
     rng = np.random.default_rng(seed)
     steps = np.arange(evaluations)
@@ -524,16 +496,7 @@ def hacking_rates(
             + (0.1 * steps / (evaluations - 1))[:, None]
             + rng.normal(0, jitter, (evaluations, prompts))
         )
-        proxy_sem, gold_sem = (rows.std(1, ddof=1) / math.sqrt(prompts) for rows in (proxy_rows, gold_rows))
-        signal = hacking_signal(
-            steps,
-            proxy_rows.mean(1),
-            gold_rows.mean(1),
-            proxy_sem,
-            gold_sem,
-            proxy_rows=proxy_rows if paired else None,
-            gold_rows=gold_rows if paired else None,
-        )
+        signal = hacking_signal(steps, proxy_rows.mean(1), gold_rows.mean(1), proxy_rows, gold_rows)
         flagged += signal.verdict == "hacking"
     return flagged / runs
 
@@ -628,11 +591,11 @@ def _mean_of(runs: list[Run], key: str, up_to: int) -> float:
     return float(values.mean()) if len(values) else math.nan
 
 
-def summarise(runs: list[Run], gold_tolerance: float = 0.02) -> tuple[list[GroupSummary], dict[Path, Signal]]:
+def summarise(runs: list[Run]) -> tuple[list[GroupSummary], dict[Path, Signal]]:
     """One summary per label (in first-seen order) and the signal of every run."""
     check_comparable(runs)
     at = common_eval_step(runs)
-    signals = {r.path: run_signal(r, gold_tolerance) for r in runs}
+    signals = {r.path: run_signal(r) for r in runs}
     summaries = []
     for label in dict.fromkeys(r.label for r in runs):
         group = [r for r in runs if r.label == label]

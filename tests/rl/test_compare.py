@@ -1,5 +1,6 @@
 """rl/compare.py on synthetic run folders with planted properties: hacking flagged, stable runs not,
-identical seeds give zero spread, numbers equal the metrics files, mismatched runs refused by name."""
+identical seeds give zero spread, numbers equal the metrics files, mismatched runs and folders missing a
+per-prompt score file refused by name."""
 
 import json
 import math
@@ -32,18 +33,18 @@ def write_run(
     steps: int = 40,
     eval_every: int = 5,
     reward_dir: str = "jrm",
-    sem: float | None = 0.005,
     lr: float = 3e-3,
     gold_spec: str = "oracle:/data/shapeedit",
     noise: float = 0.0,
     log_gold: bool = True,
-    prompts: int = 0,
+    prompts: int = 16,
     prompt_spread: float = 0.2,
     jitter: float = 0.01,
 ) -> Path:
     """A run folder as launch/grpo_edit.py writes it; gold(step) and proxy(step) give the evaluation means.
-    prompts > 0 also writes each evaluation's per-prompt scores: fixed deviations of sd ~prompt_spread per
-    prompt (the same in every run), plus per-evaluation jitter; their mean is the evaluation's mean."""
+    Each evaluation's per-prompt scores (eval/scores-step-N.json): fixed deviations of sd ~prompt_spread per
+    prompt (the same in every run), plus per-evaluation jitter; their mean is the evaluation's mean, and the
+    logged standard errors are theirs."""
     run = root / name
     run.mkdir(parents=True)
     cfg = RLConfig(
@@ -75,34 +76,28 @@ def write_run(
                 "eval/reward_mean": float(proxy(step)),
                 "eval/gold_score": float(gold(step) + noise * rng.normal()),
             }
-            if sem is not None:
-                row.update({"eval/reward_sem": sem, "eval/gold_sem": sem})
             if gold_spec == "" or not log_gold:
-                del row["eval/gold_score"], row["eval/gold_sem"]
+                del row["eval/gold_score"]
             lines.append(row)
-            if prompts:
-                deviation = np.random.default_rng(1234).uniform(-prompt_spread, prompt_spread, prompts)
-                deviation -= deviation.mean()
-                per_prompt = {}
-                for key in ("eval/reward_mean", "eval/gold_score"):
-                    if key in row:
-                        wobble = rng.normal(0, jitter, prompts)
-                        per_prompt[key] = row[key] + deviation + wobble - wobble.mean()
-                if sem is not None:
-                    row.update(
-                        {"eval/reward_sem": prompt_spread / 2, "eval/gold_sem": prompt_spread / 2}
-                    )  # what such spread logs
-                (run / "eval").mkdir(exist_ok=True)
-                (run / "eval" / f"scores-step-{step:06d}.json").write_text(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "instructions": [f"prompt {i}" for i in range(prompts)],
-                            "proxy": per_prompt["eval/reward_mean"].tolist(),
-                            "gold": per_prompt["eval/gold_score"].tolist() if "eval/gold_score" in per_prompt else None,
-                        }
-                    )
+            deviation = np.random.default_rng(1234).uniform(-prompt_spread, prompt_spread, prompts)
+            deviation -= deviation.mean()
+            per_prompt = {}
+            for key, sem_key in (("eval/reward_mean", "eval/reward_sem"), ("eval/gold_score", "eval/gold_sem")):
+                if key in row:
+                    wobble = rng.normal(0, jitter, prompts)
+                    per_prompt[key] = row[key] + deviation + wobble - wobble.mean()
+                    row[sem_key] = float(per_prompt[key].std(ddof=1) / math.sqrt(prompts))
+            (run / "eval").mkdir(exist_ok=True)
+            (run / "eval" / f"scores-step-{step:06d}.json").write_text(
+                json.dumps(
+                    {
+                        "step": step,
+                        "instructions": [f"prompt {i}" for i in range(prompts)],
+                        "proxy": per_prompt["eval/reward_mean"].tolist(),
+                        "gold": per_prompt["eval/gold_score"].tolist() if "eval/gold_score" in per_prompt else None,
+                    }
                 )
+            )
             (run / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
             (run / "checkpoints" / f"step-{step:06d}" / "state.json").write_text("{}")
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -126,7 +121,8 @@ def test_a_planted_hacking_run_is_flagged_with_its_onset_and_a_stable_one_is_not
     signal = run_signal(hacked)
     assert signal.verdict == "hacking"
     assert signal.best_step == 20
-    # gold falls 0.03 per evaluation from step 20 on: at step 25 the drop (0.03) already beats 3*sqrt(2)*0.005
+    # gold falls 0.03 per evaluation from step 20 on: at step 25 the drop (0.03) already beats the tolerance,
+    # 3 paired standard errors of the jitter (about 3 * sqrt(2) * 0.01 / sqrt(16) = 0.011)
     assert signal.onset == 25
     assert signal.gold_drop == pytest.approx(0.006 * 20)
     assert signal.agreement < 0.5
@@ -136,26 +132,28 @@ def test_a_planted_hacking_run_is_flagged_with_its_onset_and_a_stable_one_is_not
     assert run_signal(collapsed).verdict == "collapsed"
 
 
+def per_prompt(means: np.ndarray, jitter: float, prompts: int = 16, seed: int = 0) -> np.ndarray:
+    """(E, prompts) scores whose row means are `means`: fixed per-prompt offsets plus per-evaluation jitter."""
+    rng = np.random.default_rng(seed)
+    offsets = rng.uniform(-0.2, 0.2, prompts)
+    wobble = rng.normal(0, jitter, (len(means), prompts))
+    return means[:, None] + (offsets - offsets.mean()) + (wobble - wobble.mean(1, keepdims=True))
+
+
 def test_a_drop_within_the_evaluation_noise_is_not_hacking():
     steps = np.arange(0, 50, 10)
     gold = np.array([0.30, 0.32, 0.31, 0.31, 0.30])  # 0.02 below the best
     proxy = np.array([0.0, 0.1, 0.2, 0.3, 0.4])
-    assert hacking_signal(steps, proxy, gold, np.full(5, 0.05), np.full(5, 0.02)).verdict == "flat"
-    signal = hacking_signal(steps, proxy, gold, np.full(5, 0.05), np.full(5, 0.001))
-    assert (signal.verdict, signal.tolerance) == ("hacking", "3 standard errors")
+    quiet_proxy = per_prompt(proxy, 0.001)
+    assert hacking_signal(steps, proxy, gold, quiet_proxy, per_prompt(gold, 0.05)).verdict == "flat"
+    signal = hacking_signal(steps, proxy, gold, quiet_proxy, per_prompt(gold, 0.001))
+    assert (signal.verdict, signal.tolerance) == ("hacking", "3 paired standard errors (per prompt)")
     # the proxy must rise beyond its own noise too
-    assert hacking_signal(steps, proxy, gold, np.full(5, 0.2), np.full(5, 0.001)).verdict == "flat"
-    # a single logged standard error of nan (one prompt) falls back to the fixed tolerance
-    assert (
-        hacking_signal(
-            steps, proxy, gold, np.full(5, 0.05), np.array([0.001, np.nan, 0.001, 0.001, 0.001]), gold_tolerance=0.05
-        ).verdict
-        == "flat"
-    )
-    assert hacking_signal(steps[:2], proxy[:2], gold[:2], np.full(2, 0.05), np.full(2, 0.001)).verdict == "too short"
-    # runs without logged standard errors use the gold tolerance
-    assert hacking_signal(steps, proxy, gold, gold_tolerance=0.05).verdict == "flat"
-    assert hacking_signal(steps, proxy, gold, gold_tolerance=0.01).verdict == "hacking"
+    assert hacking_signal(steps, proxy, gold, per_prompt(proxy, 1.0), per_prompt(gold, 0.001)).verdict == "flat"
+    short = hacking_signal(steps[:2], proxy[:2], gold[:2], quiet_proxy[:2], per_prompt(gold[:2], 0.001))
+    assert short.verdict == "too short"
+    # one prompt per evaluation: the change has no noise estimate, so no verdict on it
+    assert hacking_signal(steps, proxy, gold, proxy[:, None], gold[:, None]).verdict == "too few prompts"
 
 
 def test_identical_seeds_give_zero_spread_and_the_numbers_match_the_files(tmp_path):
@@ -268,24 +266,29 @@ def small_drop(step):  # rises to step 20, then falls by 0.03: inside the prompt
     return 0.25 + 0.004 * min(step, 20) - 0.0015 * max(step - 20, 0)
 
 
-def test_paired_tolerances_flag_a_drop_the_standard_errors_miss(tmp_path):
-    """The same prompts at every evaluation: the per-prompt change is far less noisy than two independent
-    means, so a drop the unpaired rule cannot see is flagged, and a stable run still is not."""
+def test_paired_tolerances_flag_a_drop_inside_the_prompt_spread(tmp_path):
+    """The same prompts at every evaluation: the per-prompt change is far less noisy than the prompts' spread,
+    so a drop well inside that spread is flagged, and a stable run still is not."""
     hacked = load_run(write_run(tmp_path, "hacked", small_drop, rising, prompts=32))
     paired = run_signal(hacked)
     assert paired.verdict == "hacking" and "paired" in paired.tolerance and paired.onset is not None
-    for step in hacked.series("eval/gold_score")[0]:
-        scores_file(hacked.path, int(step)).unlink()
-    assert run_signal(hacked).verdict != "hacking"  # the logged standard errors (prompt spread) hide it
     assert run_signal(load_run(write_run(tmp_path, "stable", rising, rising, prompts=32))).verdict == "improved"
 
 
+def test_a_run_missing_a_score_file_is_refused_naming_it(tmp_path):
+    run = write_run(tmp_path, "partial", rising, lambda s: 0.1 * s)
+    missing = scores_file(run, 15)
+    missing.unlink()
+    with pytest.raises(CompareError, match="not a run folder written by launch/grpo_edit.py") as refused:
+        load_run(run)
+    assert str(missing) in str(refused.value) and "step 15" in str(refused.value)
+
+
 def test_the_hacking_rule_rates_by_simulation():
-    """False positives (flat gold, rising proxy) stay rare and a 0.06 fall is mostly caught; the unpaired rule
-    misses it (launch/hacking_rates.py writes the full table)."""
+    """False positives (flat gold, rising proxy) stay rare and a 0.06 fall is mostly caught
+    (launch/hacking_rates.py writes the full table)."""
     assert hacking_rates(14, 32, 0.0, runs=200) <= 0.05
     assert hacking_rates(14, 32, 0.06, runs=200) >= 0.85
-    assert hacking_rates(14, 32, 0.06, runs=200, paired=False) <= 0.05
 
 
 def test_gold_difference_separates_reward_models_with_an_interval(tmp_path):
