@@ -3,9 +3,13 @@
 It works on arbitrary images (a policy's outputs, not only renders) by comparing pixels with the exact
 target render, region by region:
 
-- following (instruction following): for each atomic edit, the fraction of the pixels that edit must
-  change which now have the target colour (a pixel counts fully within CLOSE of it, not at all from FAR);
-  averaged over the edits, so each part of a composition weighs the same whatever its area.
+- following (instruction following): for each atomic edit, the squared intersection over union of what it
+  asked and what was done near it: the pixels it must change that now have the target colour (a pixel counts
+  fully within CLOSE of it, not at all from FAR), over those pixels plus the pixels changed from the source in
+  the edit's neighbourhood (within a typical shape's side of them) where nothing was asked. So a right edit in
+  the wrong shape, size or place loses following, not only consistency: a circle painted where a square of the
+  same size was asked keeps IoU 0.79, squared 0.62. Averaged over the edits, so each part of a composition
+  weighs the same whatever its area.
 - consistency (what should stay did stay): outside the edited pixels, each untouched object keeps its
   colour (fraction of its pixels) and the background stays clean (changed background pixels, measured
   against the area of a typical shape, so one spurious blob costs as much as one ruined object);
@@ -31,6 +35,8 @@ from reward.shapeedit.world import Scene, palette, render, shape_mask
 # and from which it counts as a different colour. Palette colours differ by at least 0.31.
 CLOSE = 0.1
 FAR = 0.3
+# From this distance a pixel counts (partly) as changed from the source, in the neighbourhood of an edit.
+CHANGED = 0.2
 # Distance from the nearest palette colour that a clean pixel may have, and the width of the ramp to 0.
 PALETTE_TOLERANCE = 0.04
 PALETTE_RAMP = 0.12
@@ -58,8 +64,10 @@ class Judgement:
 class Reference:
     """Everything the oracle compares an image with, rendered once per (scene, edits, size)."""
 
+    source: np.ndarray  # (H, W, 3) float32 in [0, 1]
     target: np.ndarray  # (H, W, 3) float32 in [0, 1]
     edit_masks: tuple[np.ndarray, ...]  # per atomic edit, (H, W) bool: the pixels it must change
+    near_masks: tuple[np.ndarray, ...]  # per atomic edit, (H, W) bool: its neighbourhood, outside every edit mask
     object_masks: tuple[np.ndarray, ...]  # per untouched object, (H, W) bool, outside every edit mask
     background_mask: np.ndarray  # (H, W) bool: background that must stay, outside every edit mask
     blob_area: float  # pixels of a typical shape: the unit of background damage
@@ -116,6 +124,16 @@ def _quality(x: np.ndarray) -> float:
     return float(fidelity.mean()) * on_edges
 
 
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within `radius` (Chebyshev distance) of the mask: a box max filter, rows then columns."""
+    out = mask
+    for axis in (0, 1):
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)])
+        windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * radius + 1, axis=axis)
+        out = windows.any(-1)
+    return out
+
+
 def build_reference(source: Scene, edits: tuple[Edit, ...], height: int, width: int) -> Reference:
     """Render the target and the regions to check, at the size of the images to be judged."""
     source_image = render(source, height, width)
@@ -135,9 +153,13 @@ def build_reference(source: Scene, edits: tuple[Edit, ...], height: int, width: 
     areas = [shape_mask(s, height, width).sum() for s in source.shapes + target_scene.shapes]
     blob_area = float(np.mean(areas)) if areas else 0.02 * height * width
     target = target_image.astype(np.float32) / 255.0
+    radius = max(1, round(np.sqrt(max(blob_area, 1.0))))  # a typical shape's side
+    near_masks = tuple(_dilate(m, radius) & ~changed for m in edit_masks)
     return Reference(
+        source=source_image.astype(np.float32) / 255.0,
         target=target,
         edit_masks=tuple(edit_masks),
+        near_masks=near_masks,
         object_masks=tuple(object_masks),
         background_mask=~changed & ~covered,
         blob_area=max(blob_area, 1.0),
@@ -152,7 +174,13 @@ def judge(reference: Reference, image: Image.Image | np.ndarray) -> Judgement:
     distance = _chebyshev(x, reference.target)
     close = np.clip(1.0 - (distance - CLOSE) / (FAR - CLOSE), 0.0, 1.0)
 
-    per_edit = tuple(float(close[m].mean()) for m in reference.edit_masks)
+    # changed from the source where nothing was asked: 0 up to CHANGED of its colour, 1 from FAR (another palette
+    # colour), so the small jitter of noise or blur is left to quality and consistency
+    changed = np.clip((_chebyshev(x, reference.source) - CHANGED) / (FAR - CHANGED), 0.0, 1.0)
+    per_edit = tuple(
+        (float(close[m].sum()) / (float(m.sum()) + float(changed[near].sum()))) ** 2
+        for m, near in zip(reference.edit_masks, reference.near_masks)
+    )
     following = float(np.mean(per_edit))
 
     parts = [float(close[m].mean()) for m in reference.object_masks]

@@ -48,8 +48,11 @@ def test_same_seed_gives_byte_identical_output(tmp_path):
 
 
 def test_oracle_ranks_the_correct_edit_above_every_failure_mode():
+    """Over 500 random instructions: the correct edit scores 1 and beats every failure; edits to the wrong
+    object or with a wrong attribute (shape, size, place, colour) follow little of what was asked."""
     rng, cases = _cases(seed=1, n=500)
     compared = 0
+    following = {mode: [] for mode in MODES}
     for scene, edits, _ in cases:
         reference = build_reference(scene, edits, 64, 64)
         correct = judge(reference, render(apply_edits(scene, edits)))
@@ -61,9 +64,14 @@ def test_oracle_ranks_the_correct_edit_above_every_failure_mode():
             image = render_candidate(candidate, rng, 64)
             if np.array_equal(image, render(apply_edits(scene, edits))):
                 continue
-            assert judge(reference, image).overall < correct.overall, (mode, edits)
+            judged = judge(reference, image)
+            assert judged.overall < correct.overall, (mode, edits)
+            following[mode].append(judged.following)
             compared += 1
     assert compared > 2500
+    wrong_attribute, wrong_object = np.array(following["wrong_attribute"]), np.array(following["wrong_object"])
+    assert np.mean(wrong_attribute >= 0.75) <= 0.02 and wrong_attribute.mean() <= 0.20, wrong_attribute.mean()
+    assert wrong_object.mean() <= 0.10
 
 
 def test_oracle_scores_failures_on_the_right_axis():
@@ -232,3 +240,28 @@ def test_cli_generates_and_draws_a_contact_sheet(tmp_path, capsys):
     sheet = Image.open(tmp_path / "d" / "sheet_train.png")
     assert sheet.size[0] > 5 * 128 and sheet.size[1] > 3 * 128
     assert Path(tmp_path / "d" / "images" / "train" / "000000_src.png").exists()
+
+
+@pytest.mark.parametrize(
+    "wrong, asked_kind",
+    [
+        (dict(kind="circle"), "square"),  # the closest shapes: a circle inscribed in the asked square
+        (dict(kind="square"), "circle"),  # a square covering the asked circle
+        (dict(kind="triangle"), "square"),
+        (dict(size=SIZES["medium"]), "square"),  # one size too small
+        (dict(size=SIZES["large"] * 1.3), "square"),  # too large
+        (dict(region="centre"), "square"),  # elsewhere
+        (dict(colour="blue"), "square"),
+    ],
+)
+def test_following_judges_what_was_asked_not_only_the_pixels_it_named(wrong, asked_kind):
+    """Hand-built: add a large pink shape at the top-left on white. The correct edit follows fully, doing
+    nothing not at all, and a wrong shape, size, place or colour loses at least a third of following."""
+    scene = Scene("white", ())
+    asked = Edit("add", kind=asked_kind, colour="pink", size=SIZES["large"], region="top-left corner")
+    reference = build_reference(scene, (asked,), 64, 64)
+    assert judge(reference, render(apply_edits(scene, (asked,)))).following == 1.0
+    assert judge(reference, render(scene)).following == 0.0
+    done = Edit.from_dict({**asked.to_dict(), **wrong})
+    got = judge(reference, render(apply_edits(scene, (done,)))).following
+    assert got <= 2 / 3, (wrong, got)
