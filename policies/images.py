@@ -8,6 +8,7 @@ from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 
 
+# Copied from reward.data.to_rgb
 def to_rgb(image: Image.Image) -> Image.Image:
     """Explicit RGB conversion for every PIL mode (1, L, P, RGBA, LA, CMYK, I;16, I, F, ...), EXIF rotation applied.
 
@@ -16,9 +17,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     clipped to 0-65535, then divided by 257; F (float) is read as 0-1 when every value lies in [0, 1] and
     multiplied by 255, otherwise as 0-255 and clipped (NaN becomes 0). Alpha is composited onto white.
     Orientation comes first, so an image opened with Image.open gives the pixels `load_image` gives.
-
-    Kept identical to reward/data.py:to_rgb on purpose (policies/ and reward/ are leaves and do not
-    import each other); tests/policies/test_images.py checks that the two agree on every mode.
     """
     if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         image = ImageOps.exif_transpose(image)

@@ -64,6 +64,7 @@ def test_the_copies_are_tagged():
     sources = {source for _, _, source in COPIES}
     assert {"reward.backbone.ImageOnlyProcessor", "reward.backbone._PRETOKENIZE", "reward.backbone._SPECIAL"} <= sources
     assert {"reward.shapeedit.world.SHAPE_COLOURS", "reward.shapeedit.world.BACKGROUND_COLOURS"} <= sources
+    assert "reward.data.to_rgb" in sources
 
 
 @pytest.mark.parametrize("where, line, source", COPIES, ids=[f"{f}:{n}" for f, n, _ in COPIES])

@@ -83,12 +83,15 @@ def kill_after_first_checkpoint(out: Path, args: list[str]) -> None:
 
 def test_the_ray_run_equals_the_in_process_run(setup, whole, tmp_path):
     """The same driver on the Ray topology and on in-process actors (rl/actors.py local_actors): the same
-    seeds, samples, rewards and updates, so the same metrics and weights, step by step."""
+    seeds, samples, rewards and updates, so the same metrics and weights, step by step. Weights to 1e-5: AdamW
+    divides by sqrt(v), so a gradient element near 0 turns a last-bit difference between two processes' float
+    sums into a few 1e-6 of weight (measured: 2.3e-6 on one element of 1,024); a lost micro-batch moves them by
+    2e-2 (tests/rl/test_local_runs.py)."""
     local = run_in_process(setup, tmp_path / "local")
     assert_learned(local)
     assert_same_metrics(whole, local)
     for step in (1, 2, 3):
-        assert_same_weights(weights(whole, step), weights(local, step), atol=1e-6)
+        assert_same_weights(weights(whole, step), weights(local, step), atol=1e-5)
 
 
 def skip_shard_of_rank_1():
