@@ -35,6 +35,9 @@ from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig, flow_matc
 from reward.config import config_from_cli, save_config
 from reward.data import load_image
 from reward.shapeedit import Edit, Scene, apply_edits, judge_image, render, sample_task
+from reward.shapeedit.candidates import make_candidate
+
+SCENE_FAILURES = ("not_applied", "wrong_object", "wrong_attribute", "partial", "over_edit")
 
 
 @dataclass
@@ -71,6 +74,17 @@ class PolicyPretrainConfig:
     edit_average: str = "image"
     """How edit_weight's term averages: over the batch's changed pixels ('batch') or per image, then over images
     ('image')."""
+    demonstrator: str = "exact"
+    """What the policy imitates: 'exact' (the correct target of every instruction) or 'decisions' (an imperfect
+    demonstrator: the correct target with probability correct_probability, else one of failure_modes, each
+    equally likely). With policy.decision_code, the demonstrator's choice is a function of the decision code z
+    (its normal quantile picks the answer), so the policy learns to answer by z and its samples of one prompt
+    make different decisions; without it, the policy can only average the answers."""
+    correct_probability: float = 0.6
+    """'decisions': the share of correct targets."""
+    failure_modes: list[str] = field(default_factory=lambda: ["wrong_object", "wrong_attribute", "partial"])
+    """'decisions': the scene-level failure modes of reward/shapeedit/candidates.py the other answers come from
+    (where a mode does not apply to an instruction, the correct target is used)."""
     sigma_location: float = 1.0
     """Location of the logit-normal noise levels (0 = SD3's; above 0 trains more at high noise)."""
     ema_decay: float = 0.999
@@ -79,8 +93,16 @@ class PolicyPretrainConfig:
     """Evaluate every this many steps (and at the end)."""
     num_eval: int = 128
     """Evaluation prompts per split."""
-    eval_steps: int = 10
+    eval_denoising_steps: int = 10
     """ODE steps when sampling for evaluation."""
+    spread_prompts: int = 32
+    """Val prompts whose samples' spread is measured at the end (group_spread; 0 = none)."""
+    spread_sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(num_steps=8, noise_level=0.7, sde_window_size=0)
+    )
+    """The sampler whose samples' spread is measured: RL's Gaussian SDE steps (launch/configs/shapeedit.yaml)."""
+    group_size: int = 8
+    """Samples per prompt for the spread (RL's algo.group_size)."""
     progress: bool = True
     """A progress bar over the steps, on stderr when it is a terminal (the log lines every 50 steps print either
     way)."""
@@ -92,24 +114,51 @@ class PolicyPretrainConfig:
             raise ValueError(f"edit_average must be 'batch' or 'image', got {self.edit_average!r}")
         if not 0 <= self.uncond_probability < 1:
             raise ValueError(f"uncond_probability must be in [0, 1), got {self.uncond_probability}")
+        if self.demonstrator not in ("exact", "decisions"):
+            raise ValueError(f"demonstrator must be 'exact' or 'decisions', got {self.demonstrator!r}")
+        if not 0 < self.correct_probability <= 1:
+            raise ValueError(f"correct_probability must be in (0, 1], got {self.correct_probability}")
+        unknown = sorted(set(self.failure_modes) - set(SCENE_FAILURES))
+        if unknown or (self.demonstrator == "decisions" and not self.failure_modes):
+            raise ValueError(f"failure_modes must be a non-empty list of {SCENE_FAILURES}, got {self.failure_modes}")
 
 
-def draw_batch(rng: np.random.Generator, cfg: PolicyPretrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(B, 3, H, W) sources and targets in [-1, 1] and B instructions, held-out compositions excluded."""
+def demonstration(rng: np.random.Generator, task, code: float, cfg: PolicyPretrainConfig) -> np.ndarray:
+    """The demonstrator's answer to `task` for decision code `code`: its normal quantile u picks the correct
+    target (u < correct_probability) or one failure mode (the rest of [0, 1) in equal parts)."""
     size = cfg.policy.image_size
-    sources, targets, instructions = [], [], []
+    correct = apply_edits(task.scene, task.edits)
+    u = 0.5 * (1.0 + math.erf(code / math.sqrt(2.0)))
+    if cfg.demonstrator == "exact" or u < cfg.correct_probability:
+        return render(correct, size)
+    share = (u - cfg.correct_probability) / (1.0 - cfg.correct_probability)
+    mode = cfg.failure_modes[min(int(share * len(cfg.failure_modes)), len(cfg.failure_modes) - 1)]
+    candidate = make_candidate(rng, task.scene, task.edits, mode)
+    return render(correct if candidate is None else candidate.scene, size)
+
+
+def draw_batch(
+    rng: np.random.Generator, cfg: PolicyPretrainConfig
+) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    """(B, 3, H, W) sources and targets in [-1, 1], B instructions and (B,) decision codes (demonstration), held-out
+    compositions excluded."""
+    size = cfg.policy.image_size
+    sources, targets, instructions, codes = [], [], [], []
     while len(instructions) < cfg.batch_size:
         task = sample_task(rng, size, cfg.compose_probability)
         if task is None or task.heldout:
             continue
+        # drawn only where used: the exact demonstrator keeps its stream of tasks
+        code = float(rng.standard_normal()) if cfg.demonstrator == "decisions" or cfg.policy.decision_code else 0.0
         sources.append(render(task.scene, size))
-        targets.append(render(apply_edits(task.scene, task.edits), size))
+        targets.append(demonstration(rng, task, code, cfg))
         instructions.append("" if rng.random() < cfg.uncond_probability else task.instruction)
+        codes.append(code)
 
     def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
-    return to_tensor(sources), to_tensor(targets), instructions
+    return to_tensor(sources), to_tensor(targets), instructions, torch.tensor(codes, dtype=torch.float32)
 
 
 def load_eval_prompts(data_dir: Path, split: str, limit: int, size: int) -> list[dict]:
@@ -152,6 +201,28 @@ def evaluate(policy: ShapeEditPolicy, prompts: list[dict], num_steps: int, batch
                 totals[k] += getattr(j, k)
             totals["identity_overall"] += judge_image(p["scene"], p["edits"], p["source"]).overall
     return {k: v / len(prompts) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def group_spread(policy: ShapeEditPolicy, prompts: list[dict], sampler: SamplerConfig, group_size: int, seed: int = 0):
+    """How the policy's samples of one prompt differ, as group-relative RL sees them: `group_size` samples of each
+    prompt, judged by the oracle. Returns the mean over prompts of the std of gold within the group
+    (`group_gold_std`), the share of groups whose samples are all one image (`identical_groups`) and the mean gold
+    (`gold`)."""
+    generator = torch.Generator().manual_seed(seed)
+    stds, golds, identical = [], [], 0
+    for p in prompts:
+        rollout = policy.sample([p["source"]] * group_size, [p["instruction"]] * group_size, sampler, generator)
+        edits = rollout.edited_images
+        gold = [judge_image(p["scene"], p["edits"], image).overall for image in tensor_to_images(edits)]
+        stds.append(float(np.std(gold)))
+        golds += gold
+        identical += bool((edits == edits[:1]).all())
+    return {
+        "group_gold_std": round(float(np.mean(stds)), 4),
+        "identical_groups": round(identical / len(prompts), 4),
+        "gold": round(float(np.mean(golds)), 4),
+    }
 
 
 def say(line: str) -> None:
@@ -218,7 +289,7 @@ def pretrain(cfg: PolicyPretrainConfig) -> dict:
     )  # None: on a terminal only
     while step < cfg.max_steps and not (cfg.max_minutes and trained_s > cfg.max_minutes * 60):
         start = time.perf_counter()
-        source, target, instructions = draw_batch(rng, cfg)
+        source, target, instructions, codes = draw_batch(rng, cfg)
         loss = flow_matching_loss(
             policy,
             source,
@@ -229,6 +300,7 @@ def pretrain(cfg: PolicyPretrainConfig) -> dict:
             cfg.edit_weight,
             cfg.sigma_location,
             cfg.edit_average,
+            codes if cfg.policy.decision_code else None,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -263,6 +335,12 @@ def pretrain(cfg: PolicyPretrainConfig) -> dict:
     if ema is not None:
         ema.copy_to(params)  # the saved policy is the averaged one, as evaluated
     policy.text_encoder.requires_grad_(False)
+    policy.transformer.eval()
+    policy.text_encoder.eval()
+    if cfg.spread_prompts:
+        spread = group_spread(policy, evals["val"][: cfg.spread_prompts], cfg.spread_sampler, cfg.group_size, cfg.seed)
+        result.update({f"spread/{k}": v for k, v in spread.items()})
+        say(" ".join(f"{k}={v}" for k, v in spread.items()))
     policy.save_pretrained(out)
     result["trained_s"] = round(trained_s, 1)
     result["steps"] = step

@@ -100,6 +100,12 @@ class ShapeEditPolicyConfig:
     """'palette' only (ignored otherwise): the head also reads each source pixel's palette colour (one-hot) and
     colour queries from the tokens and the instruction read at that colour, so an edit can take an object's own
     pixels inside a patch."""
+    decision_code: bool = False
+    """'palette' and 'gated': the network also reads a decision code z ~ N(0, 1) per edit, drawn with the initial
+    noise and fixed along the trajectory (ShapeEditCondition.codes), added to the pooled instruction. Pretraining
+    against a demonstrator that answers differently by z (launch/pretrain_policy.py `demonstrator`) makes the
+    policy's samples of one prompt differ in their decisions (which object, which value), not in speckle: what
+    group-relative RL compares."""
     last_step: str = "most_probable"
     """'palette' only: the deterministic last step (to sigma 0) gives each pixel its 'most_probable' category, or
     the categories' 'mean' (the plain Euler step, which ends on blends where the classifier is unsure). A sampler
@@ -114,6 +120,8 @@ class ShapeEditPolicyConfig:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of the head size 32")
         if self.parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
+        if self.decision_code and self.parameterisation == "change":
+            raise ValueError("decision_code needs the 'palette' or 'gated' parameterisation (its head reads the code)")
         if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in self.palette):
             raise ValueError(f"policy.palette must hold [r, g, b] triples in 0-255, got {self.palette}")
 
@@ -127,6 +135,7 @@ class ShapeEditCondition:
     pooled_embeds: Tensor  # (B, D_text) CLIP pooled output of the instruction
     negative_text_embeds: Tensor  # (B, L, D_text) of the negative prompt (used when guidance_scale > 1)
     negative_pooled_embeds: Tensor  # (B, D_text)
+    codes: Tensor  # (B,) the decision code of each edit (zeros for a policy without one)
 
 
 class GatedSD3Transformer(SD3Transformer2DModel):
@@ -159,6 +168,7 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         head_text_features: int = 0,
         head_outputs: int = 4,
         head_source_colours: int = 0,
+        decision_code: bool = False,
     ):
         """SD3Transformer2DModel's arguments (out_channels = the features per pixel handed to the head), the
         head's width, the features of the pooled instruction it reads at every pixel (0 = none) and its outputs
@@ -183,6 +193,8 @@ class GatedSD3Transformer(SD3Transformer2DModel):
             dual_attention_layers=dual_attention_layers,
             qk_norm=qk_norm,
         )
+        # The decision code joins the pooled instruction, which conditions every block (adaLN) and the head.
+        self.code_to_pooled = nn.Linear(1, pooled_projection_dim) if decision_code else None
         # Linear layers over channels-last pixels: 2x faster than 1x1 convolutions on a CPU.
         self.text_to_head = nn.Linear(pooled_projection_dim, head_text_features) if head_text_features else None
         # With source colours: QUERIES maps of one score per palette colour from the patch tokens and from the
@@ -199,10 +211,20 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         )
 
     def forward(
-        self, hidden_states: Tensor, pooled_projections: Tensor, source_colours: Tensor | None = None, **kwargs
+        self,
+        hidden_states: Tensor,
+        pooled_projections: Tensor,
+        source_colours: Tensor | None = None,
+        codes: Tensor | None = None,
+        **kwargs,
     ) -> Transformer2DModelOutput:
         """hidden_states (B, 6, H, W) = (noisy image, source); source_colours (B, K, H, W), each source pixel's
-        palette colour one-hot (when the head reads them); returns sample (B, head_outputs, H, W)."""
+        palette colour one-hot (when the head reads them); codes (B,) the decision codes (when it has them);
+        returns sample (B, head_outputs, H, W)."""
+        if self.code_to_pooled is not None:
+            if codes is None:
+                raise ValueError("this network reads a decision code per edit: pass codes (B,)")
+            pooled_projections = pooled_projections + self.code_to_pooled(codes[:, None].to(pooled_projections.dtype))
         features = super().forward(hidden_states=hidden_states, pooled_projections=pooled_projections, **kwargs).sample
         pixels = [features.permute(0, 2, 3, 1), hidden_states.permute(0, 2, 3, 1)]  # (B, H, W, C) each
         if self.text_to_head is not None:
@@ -338,6 +360,7 @@ class ShapeEditPolicy:
                 head_hidden=cfg.head_hidden,
                 head_text_features=cfg.head_text_features,
                 head_outputs=outputs,
+                decision_code=cfg.decision_code,
                 head_source_colours=len(cfg.palette)
                 if cfg.parameterisation == "palette" and cfg.head_source_colours
                 else 0,
@@ -456,13 +479,25 @@ class ShapeEditPolicy:
         return out.last_hidden_state, out.pooler_output
 
     def predict_clean(
-        self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor
+        self,
+        latents: Tensor,
+        sigma: float | Tensor,
+        source: Tensor,
+        text_embeds: Tensor,
+        pooled_embeds: Tensor,
+        codes: Tensor | None = None,
     ) -> Tensor:
         """The network's estimate of the clean edit x0, (B, 3, H, W)."""
-        return self.predict(latents, sigma, source, text_embeds, pooled_embeds)[0]
+        return self.predict(latents, sigma, source, text_embeds, pooled_embeds, codes)[0]
 
     def predict(
-        self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor
+        self,
+        latents: Tensor,
+        sigma: float | Tensor,
+        source: Tensor,
+        text_embeds: Tensor,
+        pooled_embeds: Tensor,
+        codes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The clean-edit estimate x0_hat (B, 3, H, W) and the head's logits: for 'gated' the gate's (B, 1, H, W),
         for 'palette' the categories' (B, 1 + K, H, W), for 'change' None.
@@ -485,6 +520,8 @@ class ShapeEditPolicy:
             if self.transformer.config.get("head_source_colours")
             else {}
         )
+        if self.cfg.decision_code:
+            extra["codes"] = codes
         out = net(
             hidden_states=torch.cat([latents, source], dim=1),
             encoder_hidden_states=text_embeds,
@@ -511,11 +548,17 @@ class ShapeEditPolicy:
         )
 
     def velocity(
-        self, latents: Tensor, sigma: float | Tensor, source: Tensor, text_embeds: Tensor, pooled_embeds: Tensor
+        self,
+        latents: Tensor,
+        sigma: float | Tensor,
+        source: Tensor,
+        text_embeds: Tensor,
+        pooled_embeds: Tensor,
+        codes: Tensor | None = None,
     ) -> Tensor:
         """The velocity (B, 3, H, W) at x = latents for one sigma (a float) or one per row (B,):
         v = (x - x0_hat) / sigma on the path x = (1 - sigma) x0 + sigma eps."""
-        x0 = self.predict_clean(latents, sigma, source, text_embeds, pooled_embeds)
+        x0 = self.predict_clean(latents, sigma, source, text_embeds, pooled_embeds, codes)
         sigma = (
             torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0]).clamp_min(1e-3)
         )
@@ -546,10 +589,13 @@ class ShapeEditPolicy:
         sources = images_to_tensor(source_images).to(device)
         text, pooled = self.encode_instructions(list(instructions))
         neg_text, neg_pooled = self.encode_instructions([sampler.negative_prompt] * b)
-        condition = ShapeEditCondition(sources.float() / 127.5 - 1.0, text, pooled, neg_text, neg_pooled)
         sigmas = self._sigmas(sampler.num_steps)
         stochastic = stochastic_steps(sampler, generator).to(device)
         x = torch.randn((b, 3, self.height, self.width), generator=generator, dtype=torch.float32, device=device)
+        codes = torch.zeros(b, dtype=torch.float32, device=device)
+        if self.cfg.decision_code:  # drawn after the noise: a policy without a code keeps its stream of draws
+            codes = torch.randn(b, generator=generator, dtype=torch.float32, device=device)
+        condition = ShapeEditCondition(sources.float() / 127.5 - 1.0, text, pooled, neg_text, neg_pooled, codes)
         latents, log_probs = [x], []
         for t in range(sampler.num_steps):
             if self._categorical(sampler, t):
@@ -683,16 +729,17 @@ class ShapeEditPolicy:
         return self._guided(self.velocity, x, sigma, c, guidance_scale)
 
     def _guided(self, output, x: Tensor, sigma: float, c: ShapeEditCondition, guidance_scale: float) -> Tensor:
-        """output(latents, sigma, source, text_embeds, pooled_embeds) in one batched forward; with true CFG the
-        unconditional half rides in the same batch and the result is uncond + w (cond - uncond)."""
+        """output(latents, sigma, source, text_embeds, pooled_embeds, codes) in one batched forward; with true CFG
+        the unconditional half rides in the same batch and the result is uncond + w (cond - uncond)."""
         if guidance_scale == 1.0:
-            return output(x, sigma, c.source, c.text_embeds, c.pooled_embeds)
+            return output(x, sigma, c.source, c.text_embeds, c.pooled_embeds, c.codes)
         both = output(
             torch.cat([x, x]),
             sigma,
             torch.cat([c.source, c.source]),
             torch.cat([c.negative_text_embeds, c.text_embeds]),
             torch.cat([c.negative_pooled_embeds, c.pooled_embeds]),
+            torch.cat([c.codes, c.codes]),
         )
         uncond, cond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
@@ -708,6 +755,7 @@ def flow_matching_loss(
     edit_weight: float = 0.0,
     sigma_location: float = 0.0,
     edit_average: str = "batch",
+    codes: Tensor | None = None,
 ) -> Tensor:
     """Supervised (rectified) flow matching on x_s = (1 - s) x0 + s eps, in the x0 parametrisation.
 
@@ -723,6 +771,7 @@ def flow_matching_loss(
             then over the images, so every edit weighs the same whatever its area.
         sigma_location: mean of the normal whose sigmoid is sigma; above 0 more of the training is at high noise,
             where the edit must be read from the source and the instruction, not from the noisy image.
+        codes: (B,) each target's decision code, for a policy with one (ShapeEditPolicyConfig.decision_code).
     Returns: the scalar mean squared error of the predicted clean image (plus the two terms); sigmas are
         logit-normal (SD3). For the 'palette' parameterisation the cross-entropy of `palette_loss` instead.
     """
@@ -732,7 +781,7 @@ def flow_matching_loss(
     s = sigma.view(b, 1, 1, 1)
     x = (1 - s) * target + s * noise
     text, pooled = policy.encode_instructions(instructions)
-    x0, logits = policy.predict(x, sigma, source, text, pooled)
+    x0, logits = policy.predict(x, sigma, source, text, pooled, codes)
     changed = (target != source).any(dim=1, keepdim=True).float()  # (B, 1, H, W)
     if policy.cfg.parameterisation == "palette":
         return palette_loss(policy.palette, logits, target, changed, edit_weight, edit_average)

@@ -46,6 +46,7 @@ EVAL_SETTINGS = (
     "data.eval_prompts",
     "data.num_eval",
     "policy.eval_denoising_steps",
+    "policy.eval_samples",
     "policy.height",
     "policy.width",
 )

@@ -48,6 +48,10 @@ class PolicyConfig:
     """Rollout sampling: denoising steps, noise level, SDE window, guidance."""
     eval_denoising_steps: int = 10
     """Denoising (ODE) steps of evaluation samples."""
+    eval_samples: int = 1
+    """Samples per evaluation prompt, drawn from the same seeds at every evaluation; a prompt's scores are their
+    mean, so a policy whose samples of one prompt differ (a decision code) is judged by its distribution, not by
+    one draw."""
 
     def __post_init__(self):
         entry = policy_entry(self.kind)
@@ -56,6 +60,8 @@ class PolicyConfig:
             raise ValueError(
                 f"policy.trainable.gradient_checkpointing: the {self.kind} policy does not support it; set it false"
             )
+        if self.eval_samples < 1:
+            raise ValueError(f"policy.eval_samples must be >= 1, got {self.eval_samples}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"policy.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.sampler.sample_last_step and not entry.categorical_last_step:

@@ -99,6 +99,7 @@ class RolloutWorker:
             guidance_scale=cfg.sampler.guidance_scale,
             guidance=cfg.sampler.guidance,
         )
+        self.eval_samples = cfg.eval_samples
         self.reward = reward_client
         self.final_only = final_only
         self.store = store
@@ -141,19 +142,31 @@ class RolloutWorker:
         return RolloutResult(rollouts, scores, versions, sampled - start, time.perf_counter() - sampled)
 
     def evaluate(self, prompts: list[Prompt], seed: int, batch_size: int, grid_rows: int) -> EvalResult:
-        """ODE (noise 0) edits of `prompts`, judged by this node's reward actor (every term and the gold judge):
-        the edits stay on this node, and what leaves it does not grow with the images (EvalResult)."""
+        """ODE (noise 0) edits of `prompts`, `eval_samples` each, judged by this node's reward actor (every term
+        and the gold judge), each prompt's scores the mean of its samples: the edits stay on this node, and what
+        leaves it does not grow with the images (EvalResult). The grid shows each prompt's first sample."""
         generator = torch.Generator(self.device).manual_seed(seed)
+        k = self.eval_samples
+        samples = [p for p in prompts for _ in range(k)]
         handles, grid = [], []
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i : i + batch_size]
             sources = [p.source for p in chunk]
             edits = self.policy.sample(
                 sources, [p.instruction for p in chunk], self.eval_sampler, generator
             ).edited_images.cpu()
             edited = tensor_to_images(edits)
             handles.append(self.reward.submit(sources, [p.instruction for p in chunk], edited, method="judge"))
-            grid += [pair_thumbnail(s, e) for s, e in zip(sources, edited)][: grid_rows - len(grid)]
+            firsts = [(s, e) for j, (s, e) in enumerate(zip(sources, edited)) if (i + j) % k == 0]
+            grid += [pair_thumbnail(s, e) for s, e in firsts][: grid_rows - len(grid)]
         judged = [self.reward.result(h) for h in handles]
-        gold = None if judged[0].gold is None else [g for j in judged for g in j.gold]
-        return EvalResult(Scores.cat([j.scores for j in judged]), gold, self.policy.version, torch.stack(grid))
+        scores = Scores.cat([j.scores for j in judged])
+        terms = {name: per_prompt_means(values, k) for name, values in scores.terms.items()}
+        gold = None if judged[0].gold is None else per_prompt_means([g for j in judged for g in j.gold], k)
+        return EvalResult(Scores(terms, scores.errors), gold, self.policy.version, torch.stack(grid))
+
+
+def per_prompt_means(values: list[float | None], k: int) -> list[float | None]:
+    """The mean of each run of k consecutive values (one prompt's samples); None where any of them is None."""
+    runs = [values[i : i + k] for i in range(0, len(values), k)]
+    return [None if any(v is None for v in run) else float(np.mean(run)) for run in runs]

@@ -419,3 +419,33 @@ def test_a_drawn_last_step_is_refused_where_there_is_no_classifier():
 def test_an_unknown_parameterisation_is_refused():
     with pytest.raises(ValueError, match="parameterisation must be one of"):
         ShapeEditPolicyConfig(parameterisation="velocity")
+
+
+def test_a_decision_code_is_drawn_per_edit_read_by_the_network_and_kept_for_the_learner(tmp_path):
+    """decision_code: each edit draws z ~ N(0, 1) after its noise and keeps it in the condition, so the learner's
+    log-probs are the sampler's (ratio exactly 1); the network reads it; it is saved with the policy; a policy
+    without one draws exactly the noise it drew before (its codes are zeros)."""
+    trainable = TrainableConfig(lora_rank=4, lora_alpha=8)
+    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, decision_code=True), INSTRUCTIONS, 0, trainable)
+    sampler = SamplerConfig(num_steps=3, noise_level=0.7)
+    rollout = policy.sample(images(4), INSTRUCTIONS, sampler, torch.Generator().manual_seed(0))
+    c = rollout.condition
+    assert c.codes.shape == (4,) and len(set(c.codes.tolist())) == 4
+    for t in range(3):
+        assert torch.equal(policy.log_prob(rollout, t).log_probs, rollout.log_probs[:, t]), t
+    x = rollout.latents[:, 1]
+    v = policy.velocity(x, 0.5, c.source, c.text_embeds, c.pooled_embeds, c.codes)
+    assert not torch.equal(v, policy.velocity(x, 0.5, c.source, c.text_embeds, c.pooled_embeds, c.codes + 1))
+    with pytest.raises(ValueError, match="decision code"):
+        policy.velocity(x, 0.5, c.source, c.text_embeds, c.pooled_embeds)
+    policy.save_pretrained(tmp_path)
+    loaded = ShapeEditPolicy.from_pretrained(tmp_path, trainable=trainable)
+    again = loaded.sample(images(4), INSTRUCTIONS, sampler, torch.Generator().manual_seed(0))
+    assert torch.equal(again.latents, rollout.latents)
+
+    plain = tiny()
+    drawn = plain.sample(images(4), INSTRUCTIONS, sampler, torch.Generator().manual_seed(0))
+    assert torch.equal(drawn.condition.codes, torch.zeros(4))
+    assert torch.equal(drawn.latents[:, 0], torch.randn((4, 3, 32, 32), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="decision_code needs"):
+        ShapeEditPolicyConfig(parameterisation="change", decision_code=True)

@@ -19,15 +19,19 @@ import pytest
 import torch
 
 from reward.config import load_config
+from rl.actors import LocalRewardClient
 from rl.algorithms import MicroTargets
 from rl.config import RLConfig
 from rl.loop import Run
-from rl.workers import build_policy
+from rl.prompts import load_prompts
+from rl.rewards import RewardWorker
+from rl.workers import RolloutWorker, build_policy, per_prompt_means
 from tests.rl.runs import (
     assert_learned,
     assert_same_metrics,
     assert_same_weights,
     metrics,
+    overrides,
     run_in_process,
     tiny_data_and_policy,
     weights,
@@ -236,3 +240,22 @@ def test_resume_unpickles_weights_only_and_refuses_code(root, whole, tmp_path):
     with pytest.raises(Exception, match="Weights only load failed"):
         run_in_process(root, run, "num_rl_steps=4")
     assert not marker.exists()
+
+
+def test_an_evaluation_with_several_samples_per_prompt_scores_each_prompt_by_their_mean(root, tmp_path):
+    """policy.eval_samples=3: each prompt's proxy and gold are the means of its 3 samples, drawn as consecutive
+    rows from the evaluation's seed (so the same at every evaluation); the grid shows one sample per prompt."""
+    cfg = load_config(RLConfig, None, overrides(root, tmp_path, "policy.eval_samples=3"))
+    single = load_config(RLConfig, None, overrides(root, tmp_path, "policy.eval_samples=1"))
+    prompts, _ = load_prompts(cfg.data.eval_prompts, 32, 32, 3)
+    n = len(prompts)
+    assert n >= 2
+    reward = RewardWorker(cfg.reward.terms, "cpu", 64, 0.0, gold=cfg.reward.gold)
+    three = RolloutWorker(cfg.policy, cfg.seed, LocalRewardClient(reward)).evaluate(prompts, 7, 4, 8)
+    repeated = [p for p in prompts for _ in range(3)]
+    one = RolloutWorker(single.policy, cfg.seed, LocalRewardClient(reward)).evaluate(repeated, 7, 4, 8)
+    assert three.gold == pytest.approx(np.reshape(one.gold, (n, 3)).mean(axis=1).tolist(), abs=1e-12)
+    oracle = np.reshape(one.scores.terms["oracle"], (n, 3)).mean(axis=1)
+    assert three.scores.terms["oracle"] == pytest.approx(oracle.tolist(), abs=1e-12)
+    assert three.grid.shape[0] == n and torch.equal(three.grid[1], one.grid[3])
+    assert per_prompt_means([0.2, 0.4, 0.9, 1.0, None, 0.5], 3) == [pytest.approx(0.5), None]

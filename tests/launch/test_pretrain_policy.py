@@ -1,0 +1,46 @@
+"""launch/pretrain_policy.py's demonstrators: the answer is a function of the decision code."""
+
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from launch.pretrain_policy import PolicyPretrainConfig, demonstration, draw_batch
+from reward.shapeedit import apply_edits, render, sample_task
+from reward.shapeedit.candidates import make_candidate
+
+
+def tasks(n: int, seed: int = 0) -> list:
+    rng, found = np.random.default_rng(seed), []
+    while len(found) < n:
+        task = sample_task(rng, 64)
+        if task is not None and not task.heldout:
+            found.append(task)
+    return found
+
+
+def test_the_decision_code_picks_the_demonstrators_answer():
+    """'decisions': codes whose normal quantile is below correct_probability get the correct target; the rest
+    of the quantiles are split among failure_modes in order; 'exact' always answers correctly."""
+    cfg = PolicyPretrainConfig(demonstrator="decisions", correct_probability=0.6, failure_modes=["not_applied"])
+    below, above = NormalDist().inv_cdf(0.59), NormalDist().inv_cdf(0.61)
+    for task in tasks(20):
+        correct = render(apply_edits(task.scene, task.edits), 64)
+        assert np.array_equal(demonstration(np.random.default_rng(0), task, below, cfg), correct)
+        wrong = demonstration(np.random.default_rng(0), task, above, cfg)
+        assert np.array_equal(
+            wrong, render(make_candidate(np.random.default_rng(0), task.scene, task.edits, "not_applied").scene, 64)
+        )
+        assert not np.array_equal(wrong, correct)
+        assert np.array_equal(demonstration(np.random.default_rng(0), task, above, PolicyPretrainConfig()), correct)
+
+
+def test_the_exact_demonstrator_draws_no_codes_and_bad_settings_are_refused():
+    _, _, _, codes = draw_batch(np.random.default_rng(0), PolicyPretrainConfig(batch_size=4))
+    assert codes.tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="demonstrator must be"):
+        PolicyPretrainConfig(demonstrator="random")
+    with pytest.raises(ValueError, match="failure_modes must be"):
+        PolicyPretrainConfig(demonstrator="decisions", failure_modes=["blur"])
+    with pytest.raises(ValueError, match="correct_probability"):
+        PolicyPretrainConfig(correct_probability=0)
