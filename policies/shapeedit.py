@@ -101,11 +101,14 @@ class ShapeEditPolicyConfig:
     colour queries from the tokens and the instruction read at that colour, so an edit can take an object's own
     pixels inside a patch."""
     decision_code: bool = False
-    """'palette' and 'gated': the network also reads a decision code z ~ N(0, 1) per edit, drawn with the initial
-    noise and fixed along the trajectory (ShapeEditCondition.codes), added to the pooled instruction. Pretraining
-    against a demonstrator that answers differently by z (launch/pretrain_policy.py `demonstrator`) makes the
-    policy's samples of one prompt differ in their decisions (which object, which value), not in speckle: what
-    group-relative RL compares."""
+    """'palette' and 'gated': the network also reads a decision code z per edit, drawn with the initial noise
+    from N(mu, 1) and fixed along the trajectory (ShapeEditCondition.codes), added to the pooled instruction.
+    Pretraining against a demonstrator that answers differently by z (launch/pretrain_policy.py `demonstrator`)
+    makes the policy's samples of one prompt differ in their decisions (which object, which value), not in
+    speckle: what group-relative RL compares. The mean mu is a linear function of the pooled instruction, 0
+    after pretraining and trained by RL: the draw of z is a step of the policy, its log-prob (over the latent's
+    dimensions, like the SDE steps') counted in the first stochastic step, so RL can move which decisions the
+    policy takes, not only how it draws them."""
     last_step: str = "most_probable"
     """'palette' only: the deterministic last step (to sigma 0) gives each pixel its 'most_probable' category, or
     the categories' 'mean' (the plain Euler step, which ends on blends where the classifier is unsure). A sampler
@@ -195,6 +198,11 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         )
         # The decision code joins the pooled instruction, which conditions every block (adaLN) and the head.
         self.code_to_pooled = nn.Linear(1, pooled_projection_dim) if decision_code else None
+        # The mean of the code's draw given the instruction: 0 (the pretraining's N(0, 1)) until RL trains it.
+        self.code_mean = nn.Linear(pooled_projection_dim, 1) if decision_code else None
+        if self.code_mean is not None:
+            nn.init.zeros_(self.code_mean.weight)
+            nn.init.zeros_(self.code_mean.bias)
         # Linear layers over channels-last pixels: 2x faster than 1x1 convolutions on a CPU.
         self.text_to_head = nn.Linear(pooled_projection_dim, head_text_features) if head_text_features else None
         # With source colours: QUERIES maps of one score per palette colour from the patch tokens and from the
@@ -300,6 +308,8 @@ class ShapeEditPolicy:
         self.version = 0
         self.trainable_cfg = trainable
         self.trainable = Trainable(transformer, trainable, LORA_TARGETS) if trainable is not None else None
+        if self.trainable is not None and cfg.decision_code:
+            transformer.code_mean.requires_grad_(True)  # trained whole beside the adapters (2 x D_text + 1 weights)
         # 'palette': the colours the head chooses among, in the model's [-1, 1] pixel units, (K, 3).
         self.palette = torch.tensor(cfg.palette, dtype=torch.float32).reshape(-1, 3) / 127.5 - 1.0
 
@@ -594,8 +604,9 @@ class ShapeEditPolicy:
         x = torch.randn((b, 3, self.height, self.width), generator=generator, dtype=torch.float32, device=device)
         codes = torch.zeros(b, dtype=torch.float32, device=device)
         if self.cfg.decision_code:  # drawn after the noise: a policy without a code keeps its stream of draws
-            codes = torch.randn(b, generator=generator, dtype=torch.float32, device=device)
+            codes = self._code_means(pooled) + torch.randn(b, generator=generator, dtype=torch.float32, device=device)
         condition = ShapeEditCondition(sources.float() / 127.5 - 1.0, text, pooled, neg_text, neg_pooled, codes)
+        first = stochastic & ~(stochastic.cumsum(0) > 1)  # (T,) the first stochastic step, where the code counts
         latents, log_probs = [x], []
         for t in range(sampler.num_steps):
             if self._categorical(sampler, t):
@@ -610,6 +621,8 @@ class ShapeEditPolicy:
                 )
             x = step.prev_latents
             latents.append(x)
+            if self.cfg.decision_code and first[t]:
+                step.log_probs = step.log_probs + self._code_log_prob(condition)
             log_probs.append(step.log_probs)
         return Rollout(
             source_images=sources,
@@ -642,8 +655,22 @@ class ShapeEditPolicy:
             v = self._guided_velocity(x, s, rollout.condition, sampler.guidance_scale)
             noise = sampler.noise_level if bool(stochastic.any()) else 0.0
             out = sde_step_with_logprob(x, v, s, s_next, noise, sampler.kind, prev_latents=chosen)
+        if self.cfg.decision_code:
+            first = stochastic & ~rollout.stochastic[:, :step].any(dim=1)  # (B,) the row's first stochastic step
+            out.log_probs = out.log_probs + torch.where(first, self._code_log_prob(rollout.condition), 0.0)
         out.log_probs = torch.where(stochastic, out.log_probs, torch.zeros_like(out.log_probs))
         return out
+
+    def _code_means(self, pooled: Tensor) -> Tensor:
+        """(B,) the mean of each edit's code draw, from its pooled instruction (the trained network's)."""
+        net = self.trainable.net if self.trainable is not None else self.transformer
+        return net.code_mean(pooled.float())[:, 0]
+
+    def _code_log_prob(self, condition: ShapeEditCondition) -> Tensor:
+        """(B,) log N(z; mu, 1) of each edit's code, over the latent's dimensions (3 H W): the draw counts as one
+        more dimension of the first stochastic step, whose log-prob is a mean over dimensions."""
+        z, mu = condition.codes, self._code_means(condition.pooled_embeds)
+        return (-0.5 * (z - mu) ** 2 - 0.5 * math.log(2 * math.pi)) / (3 * self.height * self.width)
 
     def flow_velocity(self, rollout: Rollout, latents: Tensor, sigma: float) -> Tensor:
         """The sampler's velocity at (latents, sigma) with the rollout's condition (EditingPolicy.flow_velocity)."""

@@ -433,6 +433,12 @@ def test_a_decision_code_is_drawn_per_edit_read_by_the_network_and_kept_for_the_
     assert c.codes.shape == (4,) and len(set(c.codes.tolist())) == 4
     for t in range(3):
         assert torch.equal(policy.log_prob(rollout, t).log_probs, rollout.log_probs[:, t]), t
+    # the draw of the code is a step of the policy: its mean is trained (through the first stochastic step's
+    # log-prob), synced and saved with the adapters
+    assert {"code_mean.weight", "code_mean.bias"} <= set(policy.trainable_state())
+    policy.log_prob(rollout, 0).log_probs.sum().backward()
+    assert policy.transformer.code_mean.weight.grad.abs().sum() > 0
+    assert policy.log_prob(rollout, 1).log_probs.requires_grad  # later steps: the SDE transition alone
     x = rollout.latents[:, 1]
     v = policy.velocity(x, 0.5, c.source, c.text_embeds, c.pooled_embeds, c.codes)
     assert not torch.equal(v, policy.velocity(x, 0.5, c.source, c.text_embeds, c.pooled_embeds, c.codes + 1))
