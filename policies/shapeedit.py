@@ -211,7 +211,7 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         k = head_source_colours
         self.colour_queries = nn.Linear(out_channels + head_text_features, 2 * QUERIES * k) if k else None
         self.pixel_head = nn.Sequential(
-            nn.Linear(out_channels + head_text_features + 6 + k + 2 * QUERIES * bool(k), head_hidden),
+            nn.Linear(out_channels + head_text_features + 6 + k + 2 * QUERIES * bool(k) + decision_code, head_hidden),
             nn.SiLU(),
             nn.Linear(head_hidden, head_hidden),
             nn.SiLU(),
@@ -247,6 +247,8 @@ class GatedSD3Transformer(SD3Transformer2DModel):
             # Each query read at the pixel's own source colour: an edit can then take an object's own pixels
             # inside a patch, where the patch token alone paints the whole 8x8 block.
             pixels += [onehot, (queries * onehot[..., None, :]).sum(-1)]
+        if self.code_to_pooled is not None:  # and straight to every pixel: the head makes the per-pixel decisions
+            pixels.append(codes[:, None, None, None].to(pixels[0].dtype).expand(*pixels[0].shape[:3], 1))
         return Transformer2DModelOutput(sample=self.pixel_head(torch.cat(pixels, dim=-1)).permute(0, 3, 1, 2))
 
 
