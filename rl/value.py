@@ -29,7 +29,7 @@ def _pool(x: Tensor, size: int) -> Tensor:
 def value_inputs(rollout: Rollout, step: int) -> Tensor:
     """(B, F) features of (x_t, t, condition) for step `step` of a rollout."""
     cond = [
-        getattr(rollout.condition, f.name).float().flatten(1)
+        getattr(rollout.condition, f.name).float().reshape(rollout.batch_size, -1)  # (B,) fields too
         for f in dataclasses.fields(rollout.condition)
         if isinstance(getattr(rollout.condition, f.name), Tensor) and f.metadata.get("batch", True)
     ]
