@@ -259,3 +259,26 @@ def test_an_evaluation_with_several_samples_per_prompt_scores_each_prompt_by_the
     assert three.scores.terms["oracle"] == pytest.approx(oracle.tolist(), abs=1e-12)
     assert three.grid.shape[0] == n and torch.equal(three.grid[1], one.grid[3])
     assert per_prompt_means([0.2, 0.4, 0.9, 1.0, None, 0.5], 3) == [pytest.approx(0.5), None]
+
+
+def test_no_secret_reaches_the_run_directory(root, tmp_path, monkeypatch):
+    """Tokens in the environment (wandb, Hugging Face, Ray) appear in no file of a run, wandb's offline files
+    included; wandb stays offline. The run's files are written by the driver and the learners, which run here
+    as they do under Ray."""
+    secrets = {
+        "WANDB_API_KEY": "wandb-secret-4f1c9e",
+        "HF_TOKEN": "hf_secret_8d2b7a",
+        "RAY_AUTH_TOKEN": "ray-secret-77a0c3",
+    }
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must be our default, not the test's
+    run = tmp_path / "run"
+    run_in_process(root, run, "num_rl_steps=1", "wandb=true")
+    files = [f for f in run.rglob("*") if f.is_file()]
+    assert any("wandb" in f.parts for f in files) and any(f.name == "metrics.jsonl" for f in files)
+    assert list(run.glob("wandb/offline-run-*")) and not list(run.glob("wandb/run-*")), "wandb did not stay offline"
+    for f in files:
+        data = f.read_bytes()
+        for key, value in secrets.items():
+            assert value.encode() not in data, f"{key}'s value is in {f}"
