@@ -490,18 +490,6 @@ class ShapeEditPolicy:
         out = self.text_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         return out.last_hidden_state, out.pooler_output
 
-    def predict_clean(
-        self,
-        latents: Tensor,
-        sigma: float | Tensor,
-        source: Tensor,
-        text_embeds: Tensor,
-        pooled_embeds: Tensor,
-        codes: Tensor | None = None,
-    ) -> Tensor:
-        """The network's estimate of the clean edit x0, (B, 3, H, W)."""
-        return self.predict(latents, sigma, source, text_embeds, pooled_embeds, codes)[0]
-
     def predict(
         self,
         latents: Tensor,
@@ -570,7 +558,7 @@ class ShapeEditPolicy:
     ) -> Tensor:
         """The velocity (B, 3, H, W) at x = latents for one sigma (a float) or one per row (B,):
         v = (x - x0_hat) / sigma on the path x = (1 - sigma) x0 + sigma eps."""
-        x0 = self.predict_clean(latents, sigma, source, text_embeds, pooled_embeds, codes)
+        x0 = self.predict(latents, sigma, source, text_embeds, pooled_embeds, codes)[0]
         sigma = (
             torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0]).clamp_min(1e-3)
         )
