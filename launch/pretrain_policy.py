@@ -84,7 +84,7 @@ class PolicyPretrainConfig:
     """'decisions': the share of correct targets."""
     failure_modes: list[str] = field(default_factory=lambda: ["wrong_object", "wrong_attribute", "partial"])
     """'decisions': the scene-level failure modes of reward/shapeedit/candidates.py the other answers come from
-    (where a mode does not apply to an instruction, the correct target is used)."""
+    (where a mode does not apply to an instruction, the source: the edit not applied)."""
     sigma_location: float = 1.0
     """Location of the logit-normal noise levels (0 = SD3's; above 0 trains more at high noise)."""
     ema_decay: float = 0.999
@@ -95,6 +95,9 @@ class PolicyPretrainConfig:
     """Evaluation prompts per split."""
     eval_denoising_steps: int = 10
     """ODE steps when sampling for evaluation."""
+    eval_samples: int = 4
+    """ODE samples per evaluation prompt, from the same seeds at every evaluation: a policy with a decision code
+    is judged by the mean over its samples (RL's policy.eval_samples)."""
     spread_prompts: int = 32
     """Val prompts whose samples' spread is measured at the end (group_spread; 0 = none)."""
     spread_sampler: SamplerConfig = field(
@@ -108,8 +111,8 @@ class PolicyPretrainConfig:
     way)."""
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.max_steps < 1:
-            raise ValueError("batch_size and max_steps must be >= 1")
+        if self.batch_size < 1 or self.max_steps < 1 or self.eval_samples < 1:
+            raise ValueError("batch_size, max_steps and eval_samples must be >= 1")
         if self.edit_average not in ("batch", "image"):
             raise ValueError(f"edit_average must be 'batch' or 'image', got {self.edit_average!r}")
         if not 0 <= self.uncond_probability < 1:
@@ -123,7 +126,7 @@ class PolicyPretrainConfig:
             raise ValueError(f"failure_modes must be a non-empty list of {SCENE_FAILURES}, got {self.failure_modes}")
 
 
-def demonstration(rng: np.random.Generator, task, code: float, cfg: PolicyPretrainConfig) -> np.ndarray:
+def demonstration(task, code: float, cfg: PolicyPretrainConfig) -> np.ndarray:
     """The demonstrator's answer to `task` for decision code `code`: its normal quantile u picks the correct
     target (u < correct_probability) or one failure mode (the rest of [0, 1) in equal parts)."""
     size = cfg.policy.image_size
@@ -133,8 +136,12 @@ def demonstration(rng: np.random.Generator, task, code: float, cfg: PolicyPretra
         return render(correct, size)
     share = (u - cfg.correct_probability) / (1.0 - cfg.correct_probability)
     mode = cfg.failure_modes[min(int(share * len(cfg.failure_modes)), len(cfg.failure_modes) - 1)]
-    candidate = make_candidate(rng, task.scene, task.edits, mode)
-    return render(correct if candidate is None else candidate.scene, size)
+    # A fixed stream for the failure's details (which edit of a composition, which wrong value): the answer is a
+    # function of (task, code), which the policy can learn; a drawn detail would leave it only the average.
+    # Where the mode does not apply (no wrong object for an added shape), the edit is not applied: a code in the
+    # failure share always fails, so which code an edit draws decides whether it succeeds.
+    candidate = make_candidate(np.random.default_rng(0), task.scene, task.edits, mode)
+    return render(task.scene if candidate is None else candidate.scene, size)
 
 
 def draw_batch(
@@ -151,7 +158,7 @@ def draw_batch(
         # drawn only where used: the exact demonstrator keeps its stream of tasks
         code = float(rng.standard_normal()) if cfg.demonstrator == "decisions" or cfg.policy.decision_code else 0.0
         sources.append(render(task.scene, size))
-        targets.append(demonstration(rng, task, code, cfg))
+        targets.append(demonstration(task, code, cfg))
         instructions.append("" if rng.random() < cfg.uncond_probability else task.instruction)
         codes.append(code)
 
@@ -187,20 +194,24 @@ def load_eval_prompts(data_dir: Path, split: str, limit: int, size: int) -> list
 
 
 @torch.no_grad()
-def evaluate(policy: ShapeEditPolicy, prompts: list[dict], num_steps: int, batch_size: int = 64, seed: int = 0) -> dict:
-    """Mean oracle scores of ODE samples, and of returning the source unchanged, on these prompts."""
+def evaluate(
+    policy: ShapeEditPolicy, prompts: list[dict], num_steps: int, batch_size: int = 64, seed: int = 0, samples: int = 1
+) -> dict:
+    """Mean oracle scores of ODE samples (`samples` per prompt, from the same seeds at every call), and of
+    returning the source unchanged, on these prompts."""
     sampler = SamplerConfig(num_steps=num_steps, noise_level=0.0)
     generator = torch.Generator().manual_seed(seed)
     totals = {"overall": 0.0, "following": 0.0, "consistency": 0.0, "quality": 0.0, "identity_overall": 0.0}
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    repeated = [p for p in prompts for _ in range(samples)]
+    for start in range(0, len(repeated), batch_size):
+        chunk = repeated[start : start + batch_size]
         rollout = policy.sample([p["source"] for p in chunk], [p["instruction"] for p in chunk], sampler, generator)
         for p, image in zip(chunk, tensor_to_images(rollout.edited_images)):
             j = judge_image(p["scene"], p["edits"], image)
             for k in ("overall", "following", "consistency", "quality"):
                 totals[k] += getattr(j, k)
             totals["identity_overall"] += judge_image(p["scene"], p["edits"], p["source"]).overall
-    return {k: v / len(prompts) for k, v in totals.items()}
+    return {k: v / len(repeated) for k, v in totals.items()}
 
 
 @torch.no_grad()
@@ -272,7 +283,9 @@ def pretrain(cfg: PolicyPretrainConfig) -> dict:
             ema.copy_to(params)
         result = {"step": step}
         for split, prompts in evals.items():
-            for k, v in evaluate(policy, prompts, cfg.eval_denoising_steps, seed=cfg.seed).items():
+            for k, v in evaluate(
+                policy, prompts, cfg.eval_denoising_steps, seed=cfg.seed, samples=cfg.eval_samples
+            ).items():
                 result[f"eval/{split}/{k}"] = round(v, 4)
         if ema is not None:
             ema.restore(params)

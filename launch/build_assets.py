@@ -1,0 +1,182 @@
+"""Build the starting checkpoints the project ships, from their documented recipes.
+
+    python launch/build_assets.py                       # the shipped policy: about an hour on 2 CPU cores
+    python launch/build_assets.py --smoke --out /tmp/a  # the recipe in miniature (what the tests build)
+    python launch/build_assets.py --check               # verify the shipped files against their manifest
+
+The ShapeEdit policy (`assets/shapeedit_policy/`) is pretrained by launch/pretrain_policy.py with the recipe
+launch/configs/shapeedit_policy.yaml, longer than `make demo` could afford, so that the demo's RL starts from a
+policy that renders edits well and whose samples of one prompt make different decisions. The folder holds what
+`ShapeEditPolicy.from_pretrained` reads (safetensors weights, configs, tokenizer, policy.json), the pretraining's
+`results.json` (val and held-out gold, the spread of its samples) and `manifest.json`: the command, recipe,
+seed, the data it was evaluated on (generator settings and the sha256 of its prompt files), the measured
+figures, the library versions, and the size and sha256 of every file. `load_asset` refuses a folder whose files
+do not match their manifest. Assets are replaced rarely; the whole of `assets/` stays under 30 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python launch/build_assets.py`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICY_ASSET = ROOT / "assets" / "shapeedit_policy"
+POLICY_RECIPE = ROOT / "launch" / "configs" / "shapeedit_policy.yaml"
+MAX_ASSET_BYTES = 30 * 2**20
+"""All shipped assets together stay under this (the repository carries them)."""
+SHIPPED = ("policy.json", "results.json", "config.yaml", "transformer", "text_encoder", "tokenizer")
+"""What of a pretraining folder is shipped (its metrics.jsonl is not)."""
+SMOKE = [
+    "max_steps=20",
+    "max_minutes=0",
+    "eval_every=1000",
+    "num_eval=4",
+    "eval_samples=2",
+    "spread_prompts=2",
+    "group_size=2",
+    "vocab_instructions=500",
+]
+"""The recipe in miniature: same model, demonstrator and files, a few steps."""
+DATA_PAIRS = 10000
+"""The evaluation data: `python -m reward.shapeedit generate` with these pairs and seed 0 (make demo's)."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def asset_files(folder: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} of every file in `folder` but the manifest."""
+    return {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
+
+
+def load_asset(folder: Path) -> dict:
+    """The manifest of a built asset folder, after checking every file it lists (and no other) against its size
+    and sha256; a clear error otherwise."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: build the asset with python launch/build_assets.py")
+    manifest = json.loads(manifest_path.read_text())
+    found = asset_files(folder)
+    if found != manifest["files"]:
+        changed = sorted(
+            set(found) ^ set(manifest["files"]) | {k for k in found if manifest["files"].get(k) != found[k]}
+        )
+        raise ValueError(
+            f"{folder}: files differ from manifest.json ({', '.join(changed)}); restore them with git or rebuild "
+            "with python launch/build_assets.py"
+        )
+    return manifest
+
+
+def ensure_data(data_dir: Path) -> dict:
+    """The evaluation data (generated once, seed 0), and its identity for the manifest."""
+    from reward.shapeedit import GenerateConfig, generate
+
+    meta = data_dir / "meta.json"
+    if not meta.is_file() or json.loads(meta.read_text())["config"]["pairs"] != DATA_PAIRS:
+        generate(GenerateConfig(out=str(data_dir), pairs=DATA_PAIRS, seed=0, overwrite=True), progress=False)
+    config = json.loads(meta.read_text())["config"]
+    return {
+        "command": f"python -m reward.shapeedit generate --out DIR --pairs {DATA_PAIRS} --seed 0",
+        "generator": config,
+        "sha256": {name: sha256(data_dir / name) for name in ("val_prompts.json", "test_heldout_prompts.json")},
+    }
+
+
+def build_policy(out: Path, work: Path, smoke: bool, overrides: list[str]) -> dict:
+    """Pretrain the policy by the recipe into `work`, copy what ships into `out`, write its manifest."""
+    import torch
+    import transformers
+
+    from launch.pretrain_policy import PolicyPretrainConfig, pretrain
+    from reward.config import load_config
+
+    data = ensure_data(work / "data")
+    extra = [*(SMOKE if smoke else []), *overrides]
+    cfg = load_config(
+        PolicyPretrainConfig,
+        POLICY_RECIPE,
+        [f"output_dir={work / 'policy'}", f"data_dir={work / 'data'}", *extra],
+    )
+    start = time.perf_counter()
+    results = pretrain(cfg)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name in SHIPPED:
+        source = work / "policy" / name
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, out / name)
+    manifest = {
+        "asset": "shapeedit_policy",
+        "command": "python launch/build_assets.py " + " ".join(["--smoke"] * smoke + [f"--set {o}" for o in overrides]),
+        "recipe": str(POLICY_RECIPE.relative_to(ROOT)),
+        "overrides": extra,
+        "seed": cfg.seed,
+        "data": data,
+        "measured": {
+            k: v for k, v in results.items() if k.startswith(("eval/", "spread/")) or k in ("steps", "trained_s")
+        },
+        "built": {
+            "seconds": round(time.perf_counter() - start, 1),
+            "threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "files": asset_files(out),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    from reward.config import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--out", default=str(POLICY_ASSET), help="where the policy asset goes")
+    parser.add_argument("--work", default="runs/assets", help="scratch folder: the data and the full pretraining run")
+    parser.add_argument("--smoke", action="store_true", help="the recipe in miniature (seconds)")
+    parser.add_argument("--check", action="store_true", help="only verify the asset in --out against its manifest")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the recipe (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.check:
+        manifest = load_asset(out)
+        print(f"{out}: {len(manifest['files'])} files match manifest.json")
+        return 0
+    if any("=" not in o for o in args.set):
+        parser.error("--set takes KEY=VALUE")
+    manifest = build_policy(out, Path(args.work), args.smoke, args.set)
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    if not args.smoke and out.resolve().is_relative_to(ROOT / "assets"):
+        shipped = sum(p.stat().st_size for p in (ROOT / "assets").rglob("*") if p.is_file())
+        if shipped > MAX_ASSET_BYTES:
+            raise SystemExit(f"assets/ holds {shipped / 2**20:.1f} MB, over the {MAX_ASSET_BYTES / 2**20:.0f} MB limit")
+    print(json.dumps(manifest["measured"], indent=1))
+    print(f"{out}: {len(manifest['files'])} files, {total / 2**20:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
