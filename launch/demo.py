@@ -6,11 +6,14 @@
 2. pretrain the tiny backbone on ShapeEdit grounding (reward/pretrain_backbone.py), then train two reward models
    from it with reward/train.py: the grounded JRM (alpha 0.7, uncertainty ranking) and its discriminative-only
    ablation (lambda = 0), same data, steps and seed (the recipe of launch/jrm_shapeedit.py);
-3. pretrain the ShapeEdit policy by flow matching (launch/pretrain_policy.py);
+3. take the shipped pretrained ShapeEdit policy (assets/shapeedit_policy, built by launch/build_assets.py;
+   `--from-scratch` rebuilds it by its recipe) and measure it on this data: gold, and the spread of its samples;
 4. measure how well each reward model ranks the policy's own edits: within groups of drawn edits of one
    prompt, against the oracle (what GRPO's advantages rest on);
 5. start a local Ray cluster on 127.0.0.1 and submit one GRPO job per reward model and seed with `ray job submit`
-   (launch/grpo_edit.py, preset launch/configs/shapeedit.yaml, gold = the oracle); stop the cluster;
+   (launch/grpo_edit.py, preset launch/configs/shapeedit.yaml, gold = the oracle), and the oracle control: GRPO
+   (`oracle`) and DiffusionNFT (`oracle-nft`) with the oracle itself as reward, the ceiling the reward models are
+   measured against; stop the cluster;
 6. compare the runs and the two reward models (launch/compare_runs.py) and print the report's path.
 `--quick` shortens every stage (a smoke run of the whole path, a few minutes).
 """
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import os
 import shutil
@@ -31,7 +33,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/demo.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from launch.build_assets import POLICY_ASSET, load_asset
 from launch.jrm_shapeedit import OBJECTIVES
+from launch.nft_vs_grpo import ALGORITHMS, run_curve, time_to
 from reward.config import HelpFormatter
 from reward.shapeedit import SPLITS, GenerateConfig, generate
 from reward.shapeedit.sheet import contact_sheet
@@ -55,6 +59,8 @@ def summarise(data_dir: Path) -> str:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+NFT = ALGORITHMS["nft"]
+"""The oracle control's DiffusionNFT runs: the preset with these overrides (launch/nft_vs_grpo.py's 'nft')."""
 
 
 def run(cmd: list[str], **kwargs) -> None:
@@ -127,12 +133,42 @@ def doing_nothing(data_dir: Path, split: str, limit: int) -> dict:
     }
 
 
-def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str], prompts: int, group_size: int) -> dict:
+def measure_policy(policy_dir: Path, data_dir: Path, num_eval: int, spread_prompts: int) -> dict:
+    """The pretrained policy on this demo's data, written to POLICY_DIR/results.json: the oracle's mean over the
+    preset's policy.eval_samples ODE samples per prompt (val and test_heldout), and how its samples of one val
+    prompt differ under RL's sampler (launch/pretrain_policy.py's group_spread); pretraining's steps and seconds
+    come from its manifest."""
+    from launch.pretrain_policy import PolicyPretrainConfig, evaluate, group_spread, load_eval_prompts
+    from policies.shapeedit import ShapeEditPolicy
+    from reward.config import load_config
+    from rl.config import RLConfig
+
+    preset = load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", [])
+    cfg = PolicyPretrainConfig(data_dir=str(data_dir), num_eval=num_eval, spread_prompts=spread_prompts)
+    policy = ShapeEditPolicy.from_pretrained(policy_dir)
+    result = {}
+    for split in ("val", "test_heldout"):
+        prompts = load_eval_prompts(data_dir, split, num_eval, policy.height)
+        scores = evaluate(policy, prompts, cfg.eval_denoising_steps, samples=preset.policy.eval_samples)
+        result.update({f"eval/{split}/{k}": round(v, 4) for k, v in scores.items()})
+    prompts = load_eval_prompts(data_dir, "val", spread_prompts, policy.height)
+    spread = group_spread(policy, prompts, preset.policy.sampler, preset.algo.group_size)
+    result.update({f"spread/{k}": v for k, v in spread.items()})
+    manifest = json.loads((policy_dir / "manifest.json").read_text())
+    result.update({k: manifest["measured"][k] for k in ("steps", "trained_s")})
+    result["threads"] = manifest["built"]["threads"]
+    (policy_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    print("pretrained policy: " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+    return result
+
+
+def ranking_agreement(
+    policy_dir: Path, data_dir: Path, rewards: dict[str, str], prompts: int, group_size: int, sampler=None
+) -> dict:
     """How well each reward model ranks the policy's own edits, the only thing GRPO's advantages use.
 
-    The pretrained policy draws `group_size` edits for each of `prompts` val prompts with the GRPO preset's
-    sampler (and, for the share of groups whose edits are all identical, with Gaussian steps and the most
-    probable category last, the sampler before the drawn last step). Within each group, each reward model's
+    The pretrained policy draws `group_size` edits for each of `prompts` val prompts with `sampler` (default: the
+    GRPO preset's). Within each group, each reward model's
     scores are compared with the oracle's: the mean Spearman correlation over groups whose edits the oracle
     tells apart, and the oracle gain of keeping the edit the reward model ranks first over the group's mean
     (the oracle's own best: `oracle_best_gain`). The oracle knows the data's renders only: the policy must
@@ -149,7 +185,8 @@ def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str],
     from reward.shapeedit import judge_image
     from rl.config import RLConfig
 
-    sampler = load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", []).policy.sampler
+    if sampler is None:
+        sampler = load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", []).policy.sampler
     policy = ShapeEditPolicy.from_pretrained(policy_dir)
     rows = load_eval_prompts(data_dir, "val", prompts, policy.height)
     sources = [r["source"] for r in rows for _ in range(group_size)]
@@ -172,7 +209,6 @@ def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str],
         ], identical
 
     edits, identical = draw(sampler)
-    _, identical_gaussian = draw(dataclasses.replace(sampler, sample_last_step=False, gaussian_steps=True))
     gold = np.array(
         [
             judge_image(rows[k // group_size]["scene"], rows[k // group_size]["edits"], e).overall
@@ -188,7 +224,6 @@ def ranking_agreement(policy_dir: Path, data_dir: Path, rewards: dict[str, str],
         "prompts": len(rows),
         "group_size": group_size,
         "identical_groups": round(identical, 4),
-        "identical_groups_gaussian": round(identical_gaussian, 4),
         "gold_spread": round(float(gold.std(axis=1).mean()), 4),
         "oracle_best_gain": round(float((gold.max(axis=1) - gold.mean(axis=1)).mean()), 4),
         "models": {},
@@ -222,18 +257,17 @@ def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, nu
     runs = []
     for r in summary["rl"]["runs"]:
         rows = [json.loads(line) for line in (Path(r["path"]) / "metrics.jsonl").read_text().splitlines()]
-        evals = [row for row in rows if "eval/gold_score" in row]
         flat = [
             row["rollout/zero_std_ratio"] for row in rows if "rollout/zero_std_ratio" in row
         ]  # groups GRPO cannot learn from
         step_s = [row["perf/step_s"] for row in rows if "perf/step_s" in row]
+        curve = run_curve(Path(r["path"]))  # seconds: the run's own step and evaluation wall-clock so far
         runs.append(
             {
                 "label": r["label"],
+                "algorithm": "nft" if r["label"].endswith("-nft") else "grpo",
                 "seed": r["seed"],
-                "steps": [row["step"] for row in evals],
-                "gold": [row["eval/gold_score"] for row in evals],
-                "proxy": [row["eval/reward_mean"] for row in evals],
+                **curve,
                 "verdict": r["signal"]["verdict"],
                 "zero_std_ratio": round(sum(flat) / len(flat), 4) if flat else None,
                 "step_s": round(sum(step_s) / len(step_s), 2) if step_s else None,
@@ -242,7 +276,12 @@ def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, nu
     differences = summary["rl"]["differences"]
     result = {
         "doing_nothing": {split: doing_nothing(data_dir, split, num_eval) for split in ("val", "test_heldout")},
-        "pretrained": {split: {k: pretrained[f"eval/{split}/{k}"] for k in keys} for split in ("val", "test_heldout")},
+        "pretrained": {
+            **{split: {k: pretrained[f"eval/{split}/{k}"] for k in keys} for split in ("val", "test_heldout")},
+            "group_gold_std": pretrained["spread/group_gold_std"],
+            "identical_groups": pretrained["spread/identical_groups"],
+            "spread_gold": pretrained["spread/gold"],
+        },
         "pretraining": {k: pretrained[k] for k in ("steps", "trained_s", "threads")},
         "runs": runs,
         "difference": {
@@ -255,10 +294,33 @@ def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, nu
             label: [round(run["gold"][-1] - run["gold"][0], 4) for run in runs if run["label"] == label]
             for label in dict.fromkeys(r["label"] for r in runs)
         },
+        "oracle_control": oracle_control(runs),
         "agreement": agreement,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def oracle_control(runs: list[dict]) -> dict | None:
+    """The oracle-reward runs side by side: each algorithm's gains, and the wall-clock each takes to reach GRPO's
+    mean best gold (`threshold`; the mean over the runs that reach it, with how many did)."""
+    groups = {label: [r for r in runs if r["label"] == label] for label in ("oracle", "oracle-nft")}
+    if not groups["oracle"]:
+        return None
+    threshold = sum(max(r["gold"]) for r in groups["oracle"]) / len(groups["oracle"])
+    result = {"threshold": round(threshold, 4)}
+    for label, group in groups.items():
+        times = [t for t in (time_to(r, threshold) for r in group) if t is not None]
+        result[label] = {
+            "gains": [round(r["gold"][-1] - r["gold"][0], 4) for r in group],
+            "best_gains": [round(max(r["gold"]) - r["gold"][0], 4) for r in group],
+            "proxy_gains": [round(r["proxy"][-1] - r["proxy"][0], 4) for r in group],
+            "reached": f"{len(times)}/{len(group)}",
+            "seconds_to_threshold": round(sum(times) / len(times), 1) if times else None,
+        }
+    grpo_s, nft_s = result["oracle"]["seconds_to_threshold"], result["oracle-nft"]["seconds_to_threshold"]
+    result["nft_time_fraction"] = round(nft_s / grpo_s, 3) if grpo_s and nft_s else None
+    return result
 
 
 def rl_markdown(results: dict) -> str:
@@ -272,7 +334,12 @@ def rl_markdown(results: dict) -> str:
     for name, label in (("doing_nothing", "doing nothing (the source)"), ("pretrained", "pretrained policy")):
         for split in ("val", "test_heldout"):
             lines.append(f"| {label} | {split} | " + " | ".join(f"{results[name][split][k]:.3f}" for k in keys) + " |")
+    p = results["pretrained"]
     lines += [
+        "",
+        f"The pretrained policy's samples of one val prompt under RL's sampler: gold std within a group of 8 "
+        f"{p['group_gold_std']:.3f} (mean over prompts), groups whose samples are all one image "
+        f"{p['identical_groups']:.0%}, mean gold {p['spread_gold']:.3f}.",
         "",
         "| reward model | seed | gold at step 0 | gold at the end (step) | gain | best gold | verdict | groups "
         "without reward spread | s per step |",
@@ -292,8 +359,7 @@ def rl_markdown(results: dict) -> str:
             "",
             f"How each reward model ranks the pretrained policy's own edits ({agreement['prompts']} val prompts x "
             f"{agreement['group_size']} drawn edits; groups whose edits are all identical: "
-            f"{agreement['identical_groups']:.0%}, against {agreement['identical_groups_gaussian']:.0%} with Gaussian "
-            f"steps and the most probable category last; oracle spread within a group {agreement['gold_spread']:.3f}; "
+            f"{agreement['identical_groups']:.0%}; oracle spread within a group {agreement['gold_spread']:.3f}; "
             f"keeping the oracle's best edit of each group gains {agreement['oracle_best_gain']:+.3f}):",
             "",
             "| reward model | Spearman with the oracle within a group | groups | oracle gain of its top-ranked edit |",
@@ -302,6 +368,25 @@ def rl_markdown(results: dict) -> str:
         for label, m in agreement["models"].items():
             rho = "–" if m["spearman"] is None else f"{m['spearman']:+.3f}"
             lines.append(f"| {label} | {rho} | {m['groups']} | {m['best_gain']:+.3f} |")
+    control = results.get("oracle_control")
+    if control:
+        parts = []
+        for label in ("oracle", "oracle-nft"):
+            c = control[label]
+            parts.append(
+                f"{label}: held-out gold gains {', '.join(f'{g:+.3f}' for g in c['gains'])} (best "
+                f"{', '.join(f'{g:+.3f}' for g in c['best_gains'])}), proxy gains "
+                f"{', '.join(f'{g:+.3f}' for g in c['proxy_gains'])}; reached GRPO's mean best gold "
+                f"({control['threshold']:.3f}) {c['reached']}"
+                + ("" if c["seconds_to_threshold"] is None else f" in {c['seconds_to_threshold']:.0f} s on average")
+            )
+        fraction = control["nft_time_fraction"]
+        lines += [
+            "",
+            "The oracle control (the oracle itself as reward), per seed: "
+            + "; ".join(parts)
+            + (f". NFT took {fraction:.2f}x GRPO's wall-clock to get there." if fraction is not None else "."),
+        ]
     difference = results["difference"]
     if difference:
         lines += [
@@ -316,7 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="run folder (its data/ is regenerated)")
     parser.add_argument("--quick", action="store_true", help="every stage shortened: a smoke run of the whole path")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the reward models and the policy")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the reward models")
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="rebuild the pretrained policy by its recipe (launch/build_assets.py: about an hour; with --quick, its "
+        "smoke version) instead of starting from the shipped one (assets/shapeedit_policy)",
+    )
     parser.add_argument(
         "--seeds",
         type=int,
@@ -395,22 +486,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         timings[f"reward model {name}"] = time.perf_counter() - start
 
-    # ---- 3. the policy: supervised flow matching ---------------------------------------------------------
+    # ---- 3. the policy: the shipped checkpoint (launch/build_assets.py), or rebuilt by its recipe ---------------
     start = time.perf_counter()
     policy = out / "policy"
-    minutes = 1.5 if args.quick else 8
-    run(
-        [
-            py,
-            "launch/pretrain_policy.py",
-            f"output_dir={policy}",
-            f"data_dir={data_dir}",
-            f"seed={args.seed}",
-            f"max_minutes={minutes}",
-            "num_eval=64",
-            *(["max_steps=300"] if args.quick else []),
-        ]
-    )
+    if policy.exists():
+        shutil.rmtree(policy)
+    if args.from_scratch:
+        run(
+            [
+                py,
+                "launch/build_assets.py",
+                "--out",
+                str(policy),
+                "--work",
+                str(out / "assets"),
+                *(["--smoke"] if args.quick else []),
+            ]
+        )
+    else:
+        load_asset(POLICY_ASSET)  # every file as its manifest says
+        shutil.copytree(POLICY_ASSET, policy)
+    measure_policy(policy, data_dir, 16 if args.quick else 64, 8 if args.quick else 32)
     timings["policy"] = time.perf_counter() - start
 
     # ---- 4. how each reward model ranks the policy's own edits -------------------------------------------------
@@ -429,18 +525,24 @@ def main(argv: list[str] | None = None) -> int:
     grpo_runs = []
     if (out / "grpo").exists():
         shutil.rmtree(out / "grpo")
+    terms = {
+        **{name: (f"jrm:{folder / 'final'}", []) for name, folder in rewards.items()},
+        "oracle": (f"oracle:{data_dir}", []),  # the control: the best any reward model could do
+        "oracle-nft": (f"oracle:{data_dir}", NFT),
+    }
     with RayCluster() as cluster:
-        for name, folder in rewards.items():
+        for name, (spec, algorithm) in terms.items():
             for seed in range(args.seeds):
                 run_dir = out / "grpo" / f"{name}-seed{seed}"
                 overrides = [
                     f"output_dir={run_dir}",
                     f"seed={seed}",
                     f"policy.path={policy}",
-                    f"reward.terms=[{{name: {name}, spec: 'jrm:{folder / 'final'}', micro_batch_size: 64}}]",
+                    f"reward.terms=[{{name: {name.split('-')[0]}, spec: '{spec}', micro_batch_size: 64}}]",
                     f"reward.gold=oracle:{data_dir}",
                     f"data.train_prompts={data_dir / 'train_prompts.json'}",
                     f"data.eval_prompts={data_dir / 'test_heldout_prompts.json'}",
+                    *algorithm,
                 ]
                 if args.quick:
                     overrides += ["num_rl_steps=3", "eval_every=1", "save_every=3", "data.num_eval=16"]
