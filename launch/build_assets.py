@@ -126,7 +126,9 @@ def build_policy(out: Path, work: Path, smoke: bool, overrides: list[str]) -> di
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, out / name)
     manifest = {
         "asset": "shapeedit_policy",
-        "command": "python launch/build_assets.py " + " ".join(["--smoke"] * smoke + [f"--set {o}" for o in overrides]),
+        "command": " ".join(
+            ["python launch/build_assets.py", *["--smoke"] * smoke, *(f"--set {o}" for o in overrides)]
+        ),
         "recipe": str(POLICY_RECIPE.relative_to(ROOT)),
         "overrides": extra,
         "seed": cfg.seed,
