@@ -4,7 +4,7 @@ hacking verdicts, with the oracle and with a JRM as reward, over several seeds.
     python launch/nft_vs_grpo.py [--seeds 3] [--steps 20] [--data runs/jrm_shapeedit/data] \
         [--jrm runs/jrm_shapeedit/jrm_seed0/final] [--out runs/nft_vs_grpo] [--json docs/results/nft_vs_grpo.json]
     python launch/nft_vs_grpo.py --data runs/demo/data --policy runs/demo/policy --rewards oracle \
-        --algorithms grpo,nft --sampler preset --out runs/oracle_control --json docs/results/oracle_control.json
+        --algorithms grpo,nft --sampler preset --out runs/oracle_nft --json runs/oracle_nft/result.json
 
 Same pretrained policy (made here by launch/pretrain_policy.py when --policy is not given), same prompts,
 same sampler (`--sampler`: the Gaussian SDE steps, or the preset's drawn last step), same steps; each run

@@ -1,0 +1,68 @@
+"""launch/build_assets.py: the recipe's smoke version builds a policy that loads like the shipped one."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from launch.build_assets import MAX_ASSET_BYTES, POLICY_ASSET, ROOT, build_policy, load_asset
+from policies.sampling import SamplerConfig
+from policies.shapeedit import ShapeEditPolicy
+
+
+def tensors(folder):
+    """{file: {name: (shape, dtype)}} of every safetensors file of an asset."""
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            out[str(path.relative_to(folder))] = {
+                k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()
+            }
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("asset") / "shapeedit_policy"
+    manifest = build_policy(out, tmp_path_factory.mktemp("work"), smoke=True, overrides=[])
+    return out, manifest
+
+
+def test_the_smoke_recipe_loads_like_the_shipped_policy(smoke):
+    out, manifest = smoke
+    shipped = load_asset(POLICY_ASSET)  # every shipped file matches its sha256
+    assert load_asset(out) == manifest
+    assert set(manifest) == set(shipped)
+    assert set(manifest["files"]) == set(shipped["files"])
+    assert tensors(out) == tensors(POLICY_ASSET)
+    assert json.loads((out / "policy.json").read_text()) == json.loads((POLICY_ASSET / "policy.json").read_text())
+    assert shipped["data"] == manifest["data"]  # evaluated on the same prompts
+    assert manifest["command"] == "python launch/build_assets.py --smoke"
+    assert shipped["command"] == "python launch/build_assets.py"
+    total = sum(p.stat().st_size for p in (ROOT / "assets").rglob("*") if p.is_file())
+    assert total <= MAX_ASSET_BYTES
+    # The shipped policy samples a batch of edits from different decision codes
+    policy = ShapeEditPolicy.from_pretrained(POLICY_ASSET)
+    source = Image.new("RGB", (64, 64), (245, 245, 245))
+    sampler = SamplerConfig(num_steps=2, noise_level=0.0)
+    rollout = policy.sample([source] * 4, ["remove the red circle"] * 4, sampler, torch.Generator().manual_seed(0))
+    assert rollout.condition.codes.unique().numel() == 4
+
+
+def test_a_changed_file_is_refused(smoke, tmp_path):
+    out, _ = smoke
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in out.rglob("*"):
+        if path.is_file():
+            target = copy / path.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    (copy / "policy.json").write_text((copy / "policy.json").read_text() + " ")
+    with pytest.raises(ValueError, match="differ from manifest.json.*policy.json"):
+        load_asset(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="build_assets.py"):
+        load_asset(copy)
