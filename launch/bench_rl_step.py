@@ -121,7 +121,9 @@ def rl_config(
             f"cluster.async_reward={mode == 'async'}",
             f"cluster.num_nodes={nodes}",
             "policy.sampler.sample_last_step=false",
-            "policy.sampler.gaussian_steps=true",  # the 8 Gaussian steps a GPU policy trains
+            "policy.sampler.gaussian_steps=true",  # the Gaussian steps a GPU policy trains, all of them
+            "policy.sampler.sde_window_size=0",
+            "policy.eval_samples=1",
             *SIZES[size][2],
             *([] if max_wait_s is None else [f"reward.max_wait_s={max_wait_s}"]),
         ],

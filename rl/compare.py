@@ -189,15 +189,19 @@ def check_comparable(runs: list[Run]) -> None:
             f"runs {without} logged no eval/gold_score while the others did (same reward.gold, different metrics): "
             f"compare them in separate reports"
         )
-    trained = [r for r in runs if r.last_step > 0]  # a run that only evaluated step 0 has no training rows yet
-    for key in STEP_KEYS:
-        has = [any(key in row for row in r.rows.values()) for r in trained]
-        if any(has) and not all(has):
-            without = [str(r.path) for r, h in zip(trained, has) if not h]
-            raise CompareError(
-                f"runs {without} never logged {key} while the others did: compare runs of one jrm-edit version, or in "
-                f"separate reports"
-            )
+    # A run that only evaluated step 0 has no training rows yet. Runs of one algorithm log the same keys (NFT has no
+    # ratio, so no approx_kl or clipfrac): a key missing from some of them means another jrm-edit version.
+    trained = [r for r in runs if r.last_step > 0]
+    for algorithm in sorted({str(r.config.get("algo.name", "grpo")) for r in trained}):
+        same = [r for r in trained if str(r.config.get("algo.name", "grpo")) == algorithm]
+        for key in STEP_KEYS:
+            has = [any(key in row for row in r.rows.values()) for r in same]
+            if any(has) and not all(has):
+                without = [str(r.path) for r, h in zip(same, has) if not h]
+                raise CompareError(
+                    f"runs {without} never logged {key} while the other {algorithm} runs did: compare runs of one "
+                    "jrm-edit version, or in separate reports"
+                )
     for label in sorted({r.label for r in runs}):
         group = [r for r in runs if r.label == label]
         first = group[0]
