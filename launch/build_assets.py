@@ -5,7 +5,7 @@
     python launch/build_assets.py --check               # verify the shipped files against their manifest
 
 The ShapeEdit policy (`assets/shapeedit_policy/`) is pretrained by launch/pretrain_policy.py with the recipe
-launch/configs/shapeedit_policy.yaml, longer than `make demo` could afford, so that the demo's RL starts from a
+launch/recipes/shapeedit_policy.yaml, longer than `make demo` could afford, so that the demo's RL starts from a
 policy that renders edits well and whose samples of one prompt make different decisions. The folder holds what
 `ShapeEditPolicy.from_pretrained` reads (safetensors weights, configs, tokenizer, policy.json), the pretraining's
 `results.json` (val and held-out gold, the spread of its samples) and `manifest.json`: the command, recipe,
@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as `python launch/build_assets.py`
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY_ASSET = ROOT / "assets" / "shapeedit_policy"
-POLICY_RECIPE = ROOT / "launch" / "configs" / "shapeedit_policy.yaml"
+POLICY_RECIPE = ROOT / "launch" / "recipes" / "shapeedit_policy.yaml"
 MAX_ASSET_BYTES = 30 * 2**20
 """All shipped assets together stay under this (the repository carries them)."""
 SHIPPED = ("policy.json", "results.json", "config.yaml", "transformer", "text_encoder", "tokenizer")
