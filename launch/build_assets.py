@@ -33,6 +33,8 @@ POLICY_ASSET = ROOT / "assets" / "shapeedit_policy"
 POLICY_RECIPE = ROOT / "launch" / "recipes" / "shapeedit_policy.yaml"
 MAX_ASSET_BYTES = 30 * 2**20
 """All shipped assets together stay under this (the repository carries them)."""
+MAX_FILE_BYTES = 4 * 10**6
+"""No shipped file is larger: weights are written in sharded safetensors (with their index) below it."""
 SHIPPED = ("policy.json", "results.json", "config.yaml", "transformer", "text_encoder", "tokenizer")
 """What of a pretraining folder is shipped (its metrics.jsonl is not)."""
 SMOKE = [
@@ -107,6 +109,7 @@ def build_policy(out: Path, work: Path, smoke: bool, overrides: list[str]) -> di
     import transformers
 
     from launch.pretrain_policy import PolicyPretrainConfig, pretrain
+    from policies.shapeedit import ShapeEditPolicy
     from reward.config import load_config
 
     data = ensure_data(work / "data")
@@ -123,7 +126,12 @@ def build_policy(out: Path, work: Path, smoke: bool, overrides: list[str]) -> di
     out.mkdir(parents=True)
     for name in SHIPPED:
         source = work / "policy" / name
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, out / name)
+        if name == "transformer":  # the denoiser in safetensors shards, each under the repository's file limit
+            ShapeEditPolicy.from_pretrained(work / "policy").transformer.save_pretrained(
+                out / name, max_shard_size=MAX_FILE_BYTES
+            )
+        else:
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, out / name)
     manifest = {
         "asset": "shapeedit_policy",
         "command": " ".join(

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from launch.build_assets import MAX_ASSET_BYTES, POLICY_ASSET, ROOT, build_policy, load_asset
+from launch.build_assets import MAX_ASSET_BYTES, MAX_FILE_BYTES, POLICY_ASSET, ROOT, build_policy, load_asset
 from policies.sampling import SamplerConfig
 from policies.shapeedit import ShapeEditPolicy
 
@@ -43,6 +43,7 @@ def test_the_smoke_recipe_loads_like_the_shipped_policy(smoke):
     assert shipped["command"] == "python launch/build_assets.py"
     total = sum(p.stat().st_size for p in (ROOT / "assets").rglob("*") if p.is_file())
     assert total <= MAX_ASSET_BYTES
+    assert max(f["bytes"] for f in shipped["files"].values()) <= MAX_FILE_BYTES  # sharded below the file limit
     # The shipped policy samples a batch of edits from different decision codes
     policy = ShapeEditPolicy.from_pretrained(POLICY_ASSET)
     source = Image.new("RGB", (64, 64), (245, 245, 245))
