@@ -138,18 +138,17 @@ def measure_policy(policy_dir: Path, data_dir: Path, num_eval: int, spread_promp
     preset's policy.eval_samples ODE samples per prompt (val and test_heldout), and how its samples of one val
     prompt differ under RL's sampler (launch/pretrain_policy.py's group_spread); pretraining's steps and seconds
     come from its manifest."""
-    from launch.pretrain_policy import PolicyPretrainConfig, evaluate, group_spread, load_eval_prompts
+    from launch.pretrain_policy import evaluate, group_spread, load_eval_prompts
     from policies.shapeedit import ShapeEditPolicy
     from reward.config import load_config
     from rl.config import RLConfig
 
     preset = load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", [])
-    cfg = PolicyPretrainConfig(data_dir=str(data_dir), num_eval=num_eval, spread_prompts=spread_prompts)
     policy = ShapeEditPolicy.from_pretrained(policy_dir)
     result = {}
     for split in ("val", "test_heldout"):
         prompts = load_eval_prompts(data_dir, split, num_eval, policy.height)
-        scores = evaluate(policy, prompts, cfg.eval_denoising_steps, samples=preset.policy.eval_samples)
+        scores = evaluate(policy, prompts, preset.policy.eval_denoising_steps, samples=preset.policy.eval_samples)
         result.update({f"eval/{split}/{k}": round(v, 4) for k, v in scores.items()})
     prompts = load_eval_prompts(data_dir, "val", spread_prompts, policy.height)
     spread = group_spread(policy, prompts, preset.policy.sampler, preset.algo.group_size)

@@ -324,3 +324,23 @@ def test_gold_difference_separates_reward_models_with_an_interval(tmp_path):
     assert diff.hacking_rate == (0.0, 0.0)
     with pytest.raises(CompareError, match=">= 2 seeds"):
         gold_difference(better[:1], worse)
+
+
+def test_nft_runs_without_a_ratio_compare_beside_grpo_runs_and_a_grpo_run_without_one_is_refused(tmp_path):
+    """NFT logs no approx_kl or clipfrac (it has no ratio): its runs sit in one report with GRPO's; a GRPO run
+    missing them is another jrm-edit version and refused."""
+
+    def without_ratio_keys(run: Path, algorithm: str) -> Path:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        keep = [{k: v for k, v in r.items() if k not in ("train/approx_kl", "train/clipfrac")} for r in rows]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+        cfg = (run / "config.yaml").read_text()
+        (run / "config.yaml").write_text(cfg.replace("name: grpo", f"name: {algorithm}", 1))
+        return run
+
+    grpo = load_run(write_run(tmp_path, "grpo", rising, lambda s: s))
+    nft = load_run(without_ratio_keys(write_run(tmp_path, "nft", rising, lambda s: s, seed=1), "nft"), label="nft")
+    summarise([grpo, nft])
+    old = load_run(without_ratio_keys(write_run(tmp_path, "old", rising, lambda s: s, seed=2), "grpo"), label="old")
+    with pytest.raises(CompareError, match="never logged train/approx_kl while the other grpo runs did"):
+        summarise([grpo, old])
