@@ -3,18 +3,20 @@
     make demo            # or: python launch/demo.py [--quick] [--out runs/demo] [--seeds 2]
 
 1. generate a ShapeEdit dataset, print its summary, draw a contact sheet;
-2. pretrain the tiny backbone on ShapeEdit grounding (reward/pretrain_backbone.py), then train two reward models
-   from it with reward/train.py: the grounded JRM (alpha 0.7, uncertainty ranking) and its discriminative-only
-   ablation (lambda = 0), same data, steps and seed (the recipe of launch/jrm_shapeedit.py);
-3. take the shipped pretrained ShapeEdit policy (assets/shapeedit_policy, built by launch/build_assets.py;
+2. take the shipped pretrained ShapeEdit policy (assets/shapeedit_policy, built by launch/build_assets.py;
    `--from-scratch` rebuilds it by its recipe) and measure it on this data: gold, and the spread of its samples;
-4. measure how well each reward model ranks the policy's own edits: within groups of drawn edits of one
-   prompt, against the oracle (what GRPO's advantages rest on);
-5. start a local Ray cluster on 127.0.0.1 and submit one GRPO job per reward model and seed with `ray job submit`
+3. sample the policy on the train prompts and label every pair of its samples with the oracle
+   (launch/policy_pairs.py): reward data on the edits RL will score;
+4. pretrain the tiny backbone on ShapeEdit grounding (reward/pretrain_backbone.py), then train two reward models
+   from it with reward/train.py on the candidate pairs mixed with the policy's pairs: the grounded JRM (alpha 0.7,
+   uncertainty ranking) and its discriminative-only ablation (lambda = 0), same data, steps and seed;
+5. measure how each reward model ranks fresh samples of the policy on val and held-out prompts, within groups
+   of one prompt, against the oracle (what GRPO's advantages rest on);
+6. start a local Ray cluster on 127.0.0.1 and submit one GRPO job per reward model and seed with `ray job submit`
    (launch/grpo_edit.py, preset launch/configs/shapeedit.yaml, gold = the oracle), and the oracle control: GRPO
    (`oracle`) and DiffusionNFT (`oracle-nft`) with the oracle itself as reward, the ceiling the reward models are
    measured against; stop the cluster;
-6. compare the runs and the two reward models (launch/compare_runs.py) and print the report's path.
+7. compare the runs and the two reward models (launch/compare_runs.py) and print the report's path.
 `--quick` shortens every stage (a smoke run of the whole path, a few minutes).
 """
 
@@ -36,6 +38,7 @@ if __package__ in (None, ""):  # run as `python launch/demo.py`: import the pack
 from launch.build_assets import POLICY_ASSET, load_asset
 from launch.jrm_shapeedit import OBJECTIVES
 from launch.nft_vs_grpo import ALGORITHMS, run_curve, time_to
+from launch.policy_pairs import on_policy, write_policy_pairs
 from reward.config import HelpFormatter
 from reward.shapeedit import SPLITS, GenerateConfig, generate
 from reward.shapeedit.sheet import contact_sheet
@@ -161,94 +164,9 @@ def measure_policy(policy_dir: Path, data_dir: Path, num_eval: int, spread_promp
     return result
 
 
-def ranking_agreement(
-    policy_dir: Path, data_dir: Path, rewards: dict[str, str], prompts: int, group_size: int, sampler=None
-) -> dict:
-    """How well each reward model ranks the policy's own edits, the only thing GRPO's advantages use.
-
-    The pretrained policy draws `group_size` edits for each of `prompts` val prompts with `sampler` (default: the
-    GRPO preset's). Within each group, each reward model's
-    scores are compared with the oracle's: the mean Spearman correlation over groups whose edits the oracle
-    tells apart, and the oracle gain of keeping the edit the reward model ranks first over the group's mean
-    (the oracle's own best: `oracle_best_gain`). The oracle knows the data's renders only: the policy must
-    edit at the data's size.
-    """
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from launch.pretrain_policy import load_eval_prompts
-    from policies.shapeedit import ShapeEditPolicy
-    from reward.config import load_config
-    from reward.evaluate import load_reward
-    from reward.shapeedit import judge_image
-    from rl.config import RLConfig
-
-    if sampler is None:
-        sampler = load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", []).policy.sampler
-    policy = ShapeEditPolicy.from_pretrained(policy_dir)
-    rows = load_eval_prompts(data_dir, "val", prompts, policy.height)
-    sources = [r["source"] for r in rows for _ in range(group_size)]
-    instructions = [r["instruction"] for r in rows for _ in range(group_size)]
-
-    def draw(sampler) -> tuple[list, float]:
-        """The edits, and the share of groups whose edits are all identical (no reward spread for GRPO)."""
-        edited = torch.cat(
-            [
-                policy.sample(
-                    sources[i : i + 64], instructions[i : i + 64], sampler, torch.Generator().manual_seed(i)
-                ).edited_images
-                for i in range(0, len(sources), 64)
-            ]
-        ).reshape(len(rows), group_size, -1)
-        identical = (edited == edited[:, :1]).all(dim=2).all(dim=1).float().mean().item()
-        return [
-            Image.fromarray(e.reshape(3, policy.height, policy.width).permute(1, 2, 0).numpy())
-            for e in edited.flatten(0, 1)
-        ], identical
-
-    edits, identical = draw(sampler)
-    gold = np.array(
-        [
-            judge_image(rows[k // group_size]["scene"], rows[k // group_size]["edits"], e).overall
-            for k, e in enumerate(edits)
-        ]
-    )
-    gold = gold.reshape(len(rows), group_size)
-
-    def ranks(x):
-        return np.argsort(np.argsort(x, axis=1), axis=1).astype(float)
-
-    result = {
-        "prompts": len(rows),
-        "group_size": group_size,
-        "identical_groups": round(identical, 4),
-        "gold_spread": round(float(gold.std(axis=1).mean()), 4),
-        "oracle_best_gain": round(float((gold.max(axis=1) - gold.mean(axis=1)).mean()), 4),
-        "models": {},
-    }
-    for label, spec in rewards.items():
-        model = load_reward(spec)
-        scores = torch.cat(
-            [
-                model.score(sources[i : i + 64], instructions[i : i + 64], edits[i : i + 64])
-                for i in range(0, len(edits), 64)
-            ]
-        )
-        scores = scores.float().numpy().reshape(len(rows), group_size)
-        usable = (gold.std(axis=1) > 1e-4) & (scores.std(axis=1) > 0)
-        rg, rs = ranks(gold[usable]), ranks(scores[usable])
-        rho = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(rg, rs)]
-        picked = gold[np.arange(len(rows)), scores.argmax(axis=1)]
-        result["models"][label] = {
-            "spearman": round(float(np.mean(rho)), 4) if rho else None,
-            "groups": int(usable.sum()),
-            "best_gain": round(float((picked - gold.mean(axis=1)).mean()), 4),
-        }
-    return result
-
-
-def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, num_eval: int, agreement: dict) -> None:
+def write_rl_results(
+    path: Path, data_dir: Path, policy: Path, summary: dict, num_eval: int, on_policy: dict, reward_data: dict
+) -> None:
     """docs/results/rl_shapeedit.json: doing nothing and the pretrained policy (oracle, val and test_heldout), every
     GRPO run's held-out gold and proxy curves with its verdict, and the gold difference between the reward models."""
     pretrained = json.loads((policy / "results.json").read_text())
@@ -294,7 +212,8 @@ def write_rl_results(path: Path, data_dir: Path, policy: Path, summary: dict, nu
             for label in dict.fromkeys(r["label"] for r in runs)
         },
         "oracle_control": oracle_control(runs),
-        "agreement": agreement,
+        "reward_data": reward_data,
+        "on_policy": on_policy,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -352,21 +271,45 @@ def rl_markdown(results: dict) -> str:
             f"| {run['label']} | {run['seed']} | {run['gold'][0]:.3f} | {run['gold'][-1]:.3f} ({run['steps'][-1]}) | "
             f"{gain:+.3f} | {max(run['gold']):.3f} | {run['verdict']} | {flat} | {step_s} |"
         )
-    agreement = results.get("agreement")
-    if agreement:
+    data = results.get("reward_data")
+    if data:
         lines += [
             "",
-            f"How each reward model ranks the pretrained policy's own edits ({agreement['prompts']} val prompts x "
-            f"{agreement['group_size']} drawn edits; groups whose edits are all identical: "
-            f"{agreement['identical_groups']:.0%}; oracle spread within a group {agreement['gold_spread']:.3f}; "
-            f"keeping the oracle's best edit of each group gains {agreement['oracle_best_gain']:+.3f}):",
-            "",
-            "| reward model | Spearman with the oracle within a group | groups | oracle gain of its top-ranked edit |",
-            "| --- | --- | --- | --- |",
+            f"Reward data: {data['candidate_pairs']} candidate pairs mixed with {data['policy']['pairs']} pairs of the "
+            f"policy's own samples ({data['policy']['prompts']} train prompts x {data['policy']['samples']} samples, "
+            f"{data['policy']['ties']} ties); the backbone's grounding probe: box error "
+            + ("– (no box parsed)" if data["probe_box_error"] is None else f"{data['probe_box_error']:.0f}")
+            + f" on the 0-1000 scale (always answering the mean box: {data['constant_box_error']:.0f}).",
         ]
-        for label, m in agreement["models"].items():
-            rho = "–" if m["spearman"] is None else f"{m['spearman']:+.3f}"
-            lines.append(f"| {label} | {rho} | {m['groups']} | {m['best_gain']:+.3f} |")
+    on_policy = results.get("on_policy")
+    if on_policy:
+        lines += [
+            "",
+            "How each reward model ranks fresh samples of the pretrained policy, within the groups of one prompt, "
+            "against the oracle (pairs: gold gap >= 0.1; top-1 gain: the gold of the edit it ranks first minus the "
+            "group's mean):",
+            "",
+            "| reward model | split | Spearman | groups | pair accuracy | pairs | top-1 gain |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for split, block in on_policy.items():
+            for label, m in block["models"].items():
+                rho = "–" if m["spearman"] is None else f"{m['spearman']:+.3f}"
+                acc = "–" if m["pair_accuracy"] is None else f"{m['pair_accuracy']:.1%}"
+                lines.append(
+                    f"| {label} | {split} | {rho} | {m['groups']} | {acc} | {m['pairs']} | {m['top1_gain']:+.3f} |"
+                )
+        lines += [
+            "",
+            "Per split: "
+            + "; ".join(
+                f"{split}: {b['prompts']} prompts x {b['group_size']} samples, identical groups "
+                f"{b['identical_groups']:.0%}, gold std within a group {b['gold_spread']:.3f}, the oracle's own top-1 "
+                f"gain {b['oracle_top1_gain']:+.3f}"
+                for split, b in on_policy.items()
+            )
+            + ".",
+        ]
     control = results.get("oracle_control")
     if control:
         parts = []
@@ -442,8 +385,37 @@ def main(argv: list[str] | None = None) -> int:
     print(summarise(data_dir))
     sheet = contact_sheet(data_dir, "train", rows=8, out=out / "contact_sheet.png")
 
-    # ---- 2. the reward models: the grounded JRM and its lambda = 0 ablation, from one pretrained backbone ---------
-    # Same backbone, data, steps and seed; every checkpoint is kept for the drift analysis of the report.
+    # ---- 2. the policy: the shipped checkpoint (launch/build_assets.py), or rebuilt by its recipe ---------------
+    start = time.perf_counter()
+    policy = out / "policy"
+    if policy.exists():
+        shutil.rmtree(policy)
+    if args.from_scratch:
+        run(
+            [
+                py,
+                "launch/build_assets.py",
+                "--out",
+                str(policy),
+                "--work",
+                str(out / "assets"),
+                *(["--smoke"] if args.quick else []),
+            ]
+        )
+    else:
+        load_asset(POLICY_ASSET)  # every file as its manifest says
+        shutil.copytree(POLICY_ASSET, policy)
+    measure_policy(policy, data_dir, 16 if args.quick else 64, 8 if args.quick else 32)
+    timings["policy"] = time.perf_counter() - start
+
+    # ---- 3. reward data on the policy's own edits: pairs of its samples, labelled by the oracle -------------------
+    start = time.perf_counter()
+    policy_pairs = write_policy_pairs(policy, data_dir, "train", 100 if args.quick else 1000, 4, args.seed)
+    timings["policy pairs"] = time.perf_counter() - start
+
+    # ---- 4. the reward models: the grounded JRM and its lambda = 0 ablation, from one pretrained backbone ---------
+    # Same backbone, data (the candidate pairs and the policy's), steps and seed; every checkpoint is kept for the
+    # drift analysis of the report.
     rewards = {"JRM": out / "jrm", "lambda0": out / "lambda0"}
     backbone = out / "backbone"
     start = time.perf_counter()
@@ -476,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"model.backbone={backbone}",
                 *OBJECTIVES[name.lower()],
                 f"data.train={data_dir / 'train.json'}",
+                f"data.mix=[{data_dir / 'policy_train.json'}]",
                 f"data.eval={data_dir / 'val.json'}",
                 f"trainer.max_steps={steps}",
                 f"trainer.eval_steps={steps // 4}",
@@ -485,41 +458,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         timings[f"reward model {name}"] = time.perf_counter() - start
 
-    # ---- 3. the policy: the shipped checkpoint (launch/build_assets.py), or rebuilt by its recipe ---------------
+    # ---- 5. how each reward model ranks fresh samples of the policy (seeds the pairs did not use) --------------
     start = time.perf_counter()
-    policy = out / "policy"
-    if policy.exists():
-        shutil.rmtree(policy)
-    if args.from_scratch:
-        run(
-            [
-                py,
-                "launch/build_assets.py",
-                "--out",
-                str(policy),
-                "--work",
-                str(out / "assets"),
-                *(["--smoke"] if args.quick else []),
-            ]
-        )
-    else:
-        load_asset(POLICY_ASSET)  # every file as its manifest says
-        shutil.copytree(POLICY_ASSET, policy)
-    measure_policy(policy, data_dir, 16 if args.quick else 64, 8 if args.quick else 32)
-    timings["policy"] = time.perf_counter() - start
+    models = {"oracle": f"oracle:{data_dir}", **{n: f"jrm:{f / 'final'}" for n, f in rewards.items()}}
+    ranking = {
+        split: on_policy(policy, data_dir, models, split, 8 if args.quick else 32, 8, seed=1000 + args.seed)
+        for split in ("val", "test_heldout")
+    }
+    probe = json.loads((backbone / "pretrain.json").read_text())
+    reward_data = {
+        "candidate_pairs": len(json.loads((data_dir / "train.json").read_text())),
+        "policy": {k: policy_pairs[k] for k in ("prompts", "samples", "pairs", "ties", "gold", "group_gold_std")},
+        "probe_box_error": None if probe["locate_box_error"] is None else round(probe["locate_box_error"], 1),
+        "constant_box_error": round(probe["constant_box_error"], 1),
+    }
+    timings["on-policy ranking"] = time.perf_counter() - start
 
-    # ---- 4. how each reward model ranks the policy's own edits -------------------------------------------------
-    start = time.perf_counter()
-    agreement = ranking_agreement(
-        policy,
-        data_dir,
-        {"oracle": f"oracle:{data_dir}", **{n: f"jrm:{f / 'final'}" for n, f in rewards.items()}},
-        8 if args.quick else 32,
-        8,
-    )
-    timings["agreement"] = time.perf_counter() - start
-
-    # ---- 5. GRPO as Ray jobs: each reward model x each seed ------------------------------------------------
+    # ---- 6. GRPO as Ray jobs: each reward model x each seed ------------------------------------------------
     start = time.perf_counter()
     grpo_runs = []
     if (out / "grpo").exists():
@@ -550,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                 grpo_runs.append(f"{name}={run_dir}")
     timings["grpo"] = time.perf_counter() - start
 
-    # ---- 6. the comparison report ------------------------------------------------------------------------------
+    # ---- 7. the comparison report ------------------------------------------------------------------------------
     start = time.perf_counter()
     report = out / "report"
     run(
@@ -573,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.results
         else (out / "rl_shapeedit.json" if args.quick else ROOT / "docs" / "results" / "rl_shapeedit.json")
     )
-    write_rl_results(results, data_dir, policy, summary, 16 if args.quick else 64, agreement)
+    write_rl_results(results, data_dir, policy, summary, 16 if args.quick else 64, ranking, reward_data)
     print(f"\nRL results: {results}\n")
     print(rl_markdown(json.loads(results.read_text())))
     print("\nHeld-out prompts (test_heldout, ODE sampling), mean over seeds:")

@@ -55,6 +55,38 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def on_policy_ranking(gold, scores, gap: float = 0.1) -> dict:
+    """How a reward model ranks samples of one policy within each prompt's group, against the oracle's gold.
+
+    Args:
+        gold: (P, G) the oracle's scores of G samples of each of P prompts.
+        scores: (P, G) the reward model's scores of the same samples.
+        gap: pairs count toward `pair_accuracy` when their gold differs by at least this.
+    Returns:
+        spearman: the mean within-group Spearman correlation over the `groups` whose gold and scores both vary;
+        pair_accuracy: the share of within-group pairs (gold gap >= `gap`, `pairs` of them) the scores order as
+        the gold does (a tie in score counts half); top1_gain: the mean over prompts of the gold of the sample
+        the model ranks first minus the group's mean gold (GRPO's best-of-G view of the model).
+    """
+    gold, scores = np.asarray(gold, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    if gold.shape != scores.shape or gold.ndim != 2:
+        raise ValueError(f"gold and scores must both be (P, G), got {gold.shape} and {scores.shape}")
+    rho = [spearman(g, s) for g, s in zip(gold, scores)]
+    rho = [r for r in rho if not math.isnan(r)]
+    i, j = np.triu_indices(gold.shape[1], k=1)
+    dg, ds = gold[:, i] - gold[:, j], scores[:, i] - scores[:, j]
+    apart = np.abs(dg) >= gap
+    right = np.where(ds == 0, 0.5, (np.sign(ds) == np.sign(dg)).astype(np.float64))
+    top = gold[np.arange(len(gold)), scores.argmax(axis=1)] - gold.mean(axis=1)
+    return {
+        "spearman": round(float(np.mean(rho)), 4) if rho else None,
+        "groups": len(rho),
+        "pair_accuracy": round(float(right[apart].mean()), 4) if apart.any() else None,
+        "pairs": int(apart.sum()),
+        "top1_gain": round(float(top.mean()), 4),
+    }
+
+
 def setting_value(value) -> str:
     """A config value as compared across runs: paths (also behind `kind:`) resolved from the current folder."""
     if isinstance(value, str) and "/" in value:

@@ -66,6 +66,10 @@ DEFAULT_TRAINER = {
 class DataConfig:
     train: str = ""
     """EditReward-Data json/jsonl of training pairs; empty: generate ShapeEdit into {output_dir}/data."""
+    mix: list[str] = field(default_factory=list)
+    """More EditReward-Data files whose pairs join the training pairs, each with image paths relative to its own
+    folder (or data.image_root), e.g. labelled comparisons of a policy's own samples
+    (launch/policy_pairs.py writes DATA/policy_train.json): reward data on the edits RL will score."""
     eval: str = ""
     """Pairs for periodic evaluation; empty with ShapeEdit: its val split."""
     image_root: str = ""
@@ -283,6 +287,9 @@ def prepare_data(cfg: TrainConfig) -> tuple[list[PreferencePair], list[Preferenc
     """Training and evaluation pairs; generates ShapeEdit when no training file is configured."""
     data = cfg.data
     root = data.image_root or None
+    missing = [m for m in data.mix if not Path(m).is_file()]
+    if missing:  # before any data is generated
+        raise DataError(f"data.mix: {', '.join(missing)} not found")
     if not data.train:
         data_dir = Path(cfg.output_dir) / "data"
         if not (data_dir / "meta.json").is_file():
@@ -303,6 +310,12 @@ def prepare_data(cfg: TrainConfig) -> tuple[list[PreferencePair], list[Preferenc
     report_skipped(skipped, f"training rows of {train_file}")
     if not train:
         raise DataError(f"{train_file}: no usable training pair ({sum(skipped.values())} bad rows skipped)")
+    for extra in data.mix:
+        mixed, skipped = load_pairs(extra, root, data.skip_bad)
+        report_skipped(skipped, f"training rows of {extra}")
+        if not mixed:
+            raise DataError(f"{extra} (data.mix): no usable training pair ({sum(skipped.values())} bad rows skipped)")
+        train += mixed
     evaluation: list[PreferencePair] = []
     if eval_file is not None:
         evaluation, skipped = load_pairs(eval_file, root, data.skip_bad)

@@ -166,13 +166,18 @@ def build_reference(source: Scene, edits: tuple[Edit, ...], height: int, width: 
     )
 
 
-def judge(reference: Reference, image: Image.Image | np.ndarray) -> Judgement:
-    """Score one edited image against a prepared reference."""
+def closeness(reference: Reference, image: Image.Image | np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1]: how close each pixel is to the target's colour (1 within CLOSE, 0 from FAR)."""
     x = to_array(image)
     if x.shape != reference.target.shape:
         raise ValueError(f"image is {x.shape[:2]} but the reference was built for {reference.target.shape[:2]}")
-    distance = _chebyshev(x, reference.target)
-    close = np.clip(1.0 - (distance - CLOSE) / (FAR - CLOSE), 0.0, 1.0)
+    return np.clip(1.0 - (_chebyshev(x, reference.target) - CLOSE) / (FAR - CLOSE), 0.0, 1.0)
+
+
+def judge(reference: Reference, image: Image.Image | np.ndarray) -> Judgement:
+    """Score one edited image against a prepared reference."""
+    x = to_array(image)
+    close = closeness(reference, x)
 
     # changed from the source where nothing was asked: 0 up to CHANGED of its colour, 1 from FAR (another palette
     # colour), so the small jitter of noise or blur is left to quality and consistency
