@@ -49,6 +49,14 @@ class MetricsLogger:
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
+    def log_image(self, step: int, key: str, path: Path, caption: str) -> None:
+        """An image file (an evaluation's grid) into wandb's media with its caption; metrics.jsonl keeps metrics only,
+        the file stays where it is."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()

@@ -62,6 +62,14 @@ def save_grid(path: Path, pairs: torch.Tensor) -> None:
     Image.fromarray(torch.cat(list(pairs), dim=1).permute(1, 2, 0).numpy()).save(path)
 
 
+def grid_caption(prompts: list, shown: list[int], proxy: list[float], gold: list[float] | None) -> str:
+    """One line per row of an evaluation grid (source | edit): the instruction and its scores."""
+    return "\n".join(
+        f"{row + 1}. {prompts[i].instruction}: proxy {proxy[i]:.3f}" + ("" if gold is None else f", gold {gold[i]:.3f}")
+        for row, i in enumerate(shown)
+    )
+
+
 class Run:
     """One run's state and the helpers that keep the step in `_steps` short: rollout, update, weight sync,
     evaluation, checkpoints, and the recovery each needs."""
@@ -254,10 +262,13 @@ class Run:
         scores_path = scores_file(self.run_dir, at_step)
         scores_path.parent.mkdir(parents=True, exist_ok=True)
         scores_path.write_text(json.dumps(per_prompt))
-        save_grid(self.run_dir / "eval" / f"step-{at_step:06d}.png", torch.cat([p.grid for p in parts])[:GRID_ROWS])
+        grid = self.run_dir / "eval" / f"step-{at_step:06d}.png"
+        save_grid(grid, torch.cat([p.grid for p in parts])[:GRID_ROWS])
         row["perf/eval_s"] = time.perf_counter() - start
         row["perf/eval_driver_bytes"] = payload_bytes(parts)
         self.logger.log(at_step, row)
+        shown = [int(i) for s, p in zip(cut, parts) for i in s[: len(p.grid)]][:GRID_ROWS]  # the grid's rows
+        self.logger.log_image(at_step, "eval/grid", grid, grid_caption(self.eval_prompts, shown, total, gold))
         print(f"[eval step {at_step}] " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
         return row
 

@@ -278,6 +278,12 @@ def test_no_secret_reaches_the_run_directory(root, tmp_path, monkeypatch):
     files = [f for f in run.rglob("*") if f.is_file()]
     assert any("wandb" in f.parts for f in files) and any(f.name == "metrics.jsonl" for f in files)
     assert list(run.glob("wandb/offline-run-*")) and not list(run.glob("wandb/run-*")), "wandb did not stay offline"
+    # every evaluation's grid is in the run as an image, its caption naming each row's instruction and scores
+    assert len(list(run.glob("wandb/offline-run-*/files/media/images/eval/grid_*.png"))) == len(
+        list(run.glob("eval/*.png"))
+    )
+    (log,) = run.glob("wandb/offline-run-*/*.wandb")
+    assert b"1. " in log.read_bytes() and b", gold " in log.read_bytes()
     for f in files:
         data = f.read_bytes()
         for key, value in secrets.items():
