@@ -186,11 +186,16 @@ def write_critique(source: Scene, edits: tuple[Edit, ...], candidate: Candidate,
             "the other shapes are unchanged" if len(untouched) > 1 else f"the {name(source, untouched[0])} is unchanged"
         )
     lines.append(f"{GLOBAL_TAG} " + "; ".join(glob) + ". " + ARTIFACT_SENTENCES[candidate.artifact])
+    lines.append(verdict(judgement))
+    return "\n".join(lines)
+
+
+def verdict(judgement: Judgement) -> str:
+    """A critique's last line: a word for the edit and the oracle's scores (`scores_1_to_4`)."""
     following, quality = scores_1_to_4(judgement)
     overall = following + quality
     word = "a good edit" if overall >= 7 else "a flawed edit" if overall >= 5 else "a failed edit"
-    lines.append(
+    return (
         f"Verdict: {word}. Instruction following {following}/4, consistency and quality {quality}/4, overall "
         f"{overall}/8."
     )
-    return "\n".join(lines)

@@ -24,6 +24,7 @@ from reward.shapeedit.critique import (
     request,
     scores_1_to_4,
     status,
+    verdict,
 )
 from reward.shapeedit.edits import ADDED_ID, Edit, apply_edits
 from reward.shapeedit.oracle import Judgement, Reference, build_reference, closeness, judge, to_array
@@ -119,13 +120,7 @@ def sample_critique(source: Scene, edits: tuple[Edit, ...], reference: Reference
         else "The image is not clean: its colours leave the palette (noise, blur or a cast)."
     )
     lines.append(f"{GLOBAL_TAG} " + "; ".join(glob) + ". " + artifacts)
-    following, quality = scores_1_to_4(judgement)
-    overall = following + quality
-    word = "a good edit" if overall >= 7 else "a flawed edit" if overall >= 5 else "a failed edit"
-    lines.append(
-        f"Verdict: {word}. Instruction following {following}/4, consistency and quality {quality}/4, overall "
-        f"{overall}/8."
-    )
+    lines.append(verdict(judgement))
     return "\n".join(lines)
 
 
