@@ -289,6 +289,18 @@ def paired_sem(before: np.ndarray, after: np.ndarray) -> float:
     return float(np.std(after - before, ddof=1) / math.sqrt(len(after)))
 
 
+def paired_difference(
+    after: np.ndarray, before: np.ndarray, resamples: int = 4000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean per-prompt change after - before ((N,) each, the same prompts) and its 95% bootstrap interval over
+    prompts: (mean, low, high)."""
+    diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
 @dataclass
 class PromptScores:
     """One evaluation's scores per prompt (eval/scores-step-N.json of launch/grpo_edit.py)."""

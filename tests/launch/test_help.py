@@ -26,10 +26,13 @@ FLAG_CLIS = [
     "launch.bench_rl_step",
     "launch.compare_runs",
     "launch.demo",
+    "launch.evaluate_policy",
     "launch.gpu_check",
     "launch.hacking_rates",
     "launch.jrm_shapeedit",
     "launch.nft_vs_grpo",
+    "launch.policy_pairs",
+    "launch.serve_judge",
 ]
 
 
