@@ -15,8 +15,9 @@ parquet dataset with key, task_type, instruction, instruction_language, input_im
 file's folder), `shapeedit:DIR[@split]` (test_heldout by default). Scorers: any reward spec (`jrm:PATH`,
 `generative:PATH`, `oracle:DIR` for ShapeEdit, `preservation`) and `viescore:JUDGE` (reward/viescore.py: the
 VIEScore protocol, JUDGE `vlm:PATH` in process or an OpenAI-compatible endpoint); `NAME=SPEC` names a scorer.
-Each prompt's `--samples` edits come from its own seed (seed + prompt index), ODE sampling with the config's
-eval_denoising_steps, so results repeat and two checkpoints see the same noise. Writes, per checkpoint,
+Each prompt's `--samples` edits come from its own seed (seed + prompt index; `--noise rl`: an RL evaluation's
+noise), ODE sampling with the config's eval_denoising_steps, so results repeat and two checkpoints see the same
+noise. Writes, per checkpoint,
 OUT/LABEL/results.json (every sample's scores and the judge's answers), summary.json (by task type, language and
 GEdit's intersection subset) and grid.png (source | edits); with two checkpoints, OUT/comparison.json: the second
 minus the first per metric, with a bootstrap interval over prompts and a one-line verdict. docs/evaluation.md.
@@ -223,9 +224,14 @@ def load_policy_checkpoint(cfg: RLConfig, checkpoint: str):
 
 
 @torch.no_grad()
-def edit_prompts(policy, cfg: RLConfig, prompts: list[EditPrompt], samples: int, seed: int) -> list[list[Image.Image]]:
-    """`samples` ODE edits of each prompt, from the generator seeded with seed + the prompt's index; each edit at
-    its source's size (GEdit-Bench resizes the edit to the source before judging)."""
+def edit_prompts(
+    policy, cfg: RLConfig, prompts: list[EditPrompt], samples: int, seed: int, noise: str = "prompt"
+) -> list[list[Image.Image]]:
+    """`samples` ODE edits of each prompt, each at its source's size (GEdit-Bench resizes the edit to the source
+    before judging). `noise`: 'prompt' draws prompt i's edits from a generator seeded with seed + i (the same
+    whatever the batch or the prompt list's length); 'rl' draws them as an RL evaluation does (the prompts split over
+    cluster.rollout_workers, each share's samples from one generator seeded with `seed`, in algo.micro_batch_size
+    batches), so an RL checkpoint's scores repeat its run's evaluation at that step."""
     sampler = SamplerConfig(
         num_steps=cfg.policy.eval_denoising_steps,
         noise_level=0.0,
@@ -233,15 +239,25 @@ def edit_prompts(policy, cfg: RLConfig, prompts: list[EditPrompt], samples: int,
         guidance=cfg.policy.sampler.guidance,
     )
     size = (cfg.policy.width, cfg.policy.height)
-    out = []
-    for i, p in enumerate(prompts):
-        source = p.source if p.source.size == size else p.source.resize(size, Image.LANCZOS)
-        generator = torch.Generator(policy.device if hasattr(policy, "device") else "cpu").manual_seed(seed + i)
-        rollout = policy.sample([source] * samples, [p.instruction] * samples, sampler, generator)
-        edits = [
-            Image.fromarray(e.permute(1, 2, 0).cpu().numpy()) for e in rollout.edited_images
-        ]  # (3, H, W) uint8 each
-        out.append([e if e.size == p.source.size else e.resize(p.source.size, Image.BICUBIC) for e in edits])
+    sources = [p.source if p.source.size == size else p.source.resize(size, Image.LANCZOS) for p in prompts]
+    device = getattr(policy, "device", "cpu")
+    if noise == "prompt":
+        batches = [([i] * samples, torch.Generator(device).manual_seed(seed + i)) for i in range(len(prompts))]
+    else:
+        batches = []
+        for share in np.array_split(np.arange(len(prompts)), cfg.cluster.rollout_workers):
+            generator = torch.Generator(device).manual_seed(seed)
+            repeated = [int(i) for i in share for _ in range(samples)]
+            step = cfg.algo.micro_batch_size
+            batches += [(repeated[k : k + step], generator) for k in range(0, len(repeated), step)]
+    out: list[list[Image.Image]] = [[] for _ in prompts]
+    for rows, generator in batches:
+        rollout = policy.sample([sources[i] for i in rows], [prompts[i].instruction for i in rows], sampler, generator)
+        for i, e in zip(rows, rollout.edited_images):
+            edit = Image.fromarray(e.permute(1, 2, 0).cpu().numpy())  # (3, H, W) uint8
+            out[i].append(
+                edit if edit.size == prompts[i].source.size else edit.resize(prompts[i].source.size, Image.BICUBIC)
+            )
     return out
 
 
@@ -302,11 +318,18 @@ def save_grid(path: Path, prompts: list[EditPrompt], edits: list[list[Image.Imag
 
 
 def evaluate_checkpoint(
-    cfg: RLConfig, checkpoint: str, prompts: list[EditPrompt], scorers: list[Scorer], samples: int, seed: int, out: Path
+    cfg: RLConfig,
+    checkpoint: str,
+    prompts: list[EditPrompt],
+    scorers: list[Scorer],
+    samples: int,
+    seed: int,
+    out: Path,
+    noise: str = "prompt",
 ) -> list[dict]:
     """Edit, score and write OUT/results.json, summary.json and grid.png for one checkpoint; returns the records."""
     policy = load_policy_checkpoint(cfg, checkpoint)
-    edits = edit_prompts(policy, cfg, prompts, samples, seed)
+    edits = edit_prompts(policy, cfg, prompts, samples, seed, noise)
     del policy
     sources = [p.source for p, group in zip(prompts, edits) for _ in group]
     instructions = [p.instruction for p, group in zip(prompts, edits) for _ in group]
@@ -327,7 +350,7 @@ def evaluate_checkpoint(
                 "language": p.language,
                 "intersection": p.intersection,
                 "instruction": p.instruction,
-                "seed": seed + i,
+                "seed": seed + i if noise == "prompt" else seed,
                 "samples": rows,
                 "scores": {m: mean_or_none([r[m] for r in rows]) for m in metrics},
             }
@@ -339,6 +362,7 @@ def evaluate_checkpoint(
         "prompts": len(prompts),
         "samples": samples,
         "seed": seed,
+        "noise": noise,
         "scorers": {s.name: s.spec for s in scorers},
         "metrics": summarise(records, metrics),
     }
@@ -394,8 +418,17 @@ def main(argv: list[str] | None = None) -> int:
         help="base, an RL checkpoint or a save_pretrained folder; twice for a paired comparison (default: base)",
     )
     parser.add_argument("--scorer", action="append", default=[], help="[NAME=]SPEC, repeatable (see above)")
-    parser.add_argument("--samples", type=int, default=1, help="edits per prompt")
-    parser.add_argument("--seed", type=int, default=0, help="prompt i's edits use seed + i")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="edits per prompt (default: the config's policy.eval_samples)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="prompt i's edits use seed + i (with --noise rl: seed)")
+    parser.add_argument(
+        "--noise",
+        choices=("prompt", "rl"),
+        default="prompt",
+        help="prompt: each prompt's own seed; rl: the noise of an RL evaluation with this config (--seed the run's "
+        "seed, the benchmark its eval prompts), so an RL checkpoint scores as its run's evaluation did",
+    )
     parser.add_argument("--limit", type=int, default=0, help="the first N prompts (0: all)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -406,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything checked before any model loads
         if len(checkpoints) > 2:
             raise ValueError(f"--checkpoint: one, or two for a comparison, got {len(checkpoints)}")
-        if args.samples < 1 or args.limit < 0:
+        if (args.samples is not None and args.samples < 1) or args.limit < 0:
             raise ValueError("--samples must be >= 1 and --limit >= 0")
         if not args.scorer:
             raise ValueError("give at least one --scorer")
@@ -420,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"--checkpoint {c}: no such folder")
         cfg = load_config(RLConfig, args.config, args.set)
         prompts = load_benchmark(args.benchmark, args.image_root, args.limit)
+        samples = args.samples or cfg.policy.eval_samples
     except (ValueError, FileNotFoundError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -436,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         logger = MetricsLogger(out, None, True, "jrm-edit-eval", None, {"args": vars(args)})
     results = []
     for step, (label, checkpoint) in enumerate(zip(labels, checkpoints)):
-        records = evaluate_checkpoint(cfg, checkpoint, prompts, scorers, args.samples, args.seed, out / label)
+        records = evaluate_checkpoint(
+            cfg, checkpoint, prompts, scorers, samples, args.seed, out / label, args.noise
+        )
         results.append(records)
         summary = json.loads((out / label / "summary.json").read_text())["metrics"]
         line = ", ".join(f"{m} {summary[m]['mean']:.4f}" for m in metrics if summary[m]["mean"] is not None)

@@ -6,6 +6,7 @@ hand, tiny FLUX.1 Kontext and Qwen-Image-Edit policies judged by a tiny VLM behi
 import json
 import math
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from reward.data import DataError
 from reward.viescore import ChatJudge, combine, parse_scores, pq_prompt, sc_prompt, viescore
 from rl.config import RLConfig
 
+ROOT = Path(__file__).resolve().parents[2]
 GEDIT_ROWS = [  # key, task_type, language, intersection
     ("a1", "background_change", "en", True),
     ("a2", "background_change", "en", False),
@@ -309,3 +311,41 @@ def test_shapeedit_checkpoints_with_the_oracle_and_bad_requests_refused_first(tm
     assert not (tmp_path / "refused").exists()
     gedit = ["--config", str(config), "--benchmark", f"gedit:{tmp_path}", "--out", str(tmp_path / "refused")]
     assert main([*gedit, "--scorer", f"oracle:{data}"]) == 2 and "ShapeEdit edits only" in capsys.readouterr().err
+
+
+def test_an_rl_checkpoint_scores_exactly_as_its_runs_evaluation(tmp_path):
+    """With --noise rl, the run's config and its eval prompts, evaluate_policy repeats the run's own evaluations:
+    each prompt's gold at step 0 (base) and at the last step (its checkpoint) is the run's, so the paired difference
+    is the run's gold gain."""
+    import shutil
+
+    from reward.shapeedit import GenerateConfig, generate
+    from tests.rl.runs import assert_learned, run_in_process
+
+    # the shipped policy, whose ODE edits depend on the noise (it draws a decision code per edit), on 64 px prompts
+    root = tmp_path / "root"
+    shutil.copytree(ROOT / "assets" / "shapeedit_policy", root / "policy")
+    data = root / "data"
+    generate(GenerateConfig(out=str(data), pairs=120, seed=0), progress=False)
+    run = run_in_process(
+        root,
+        tmp_path / "run",
+        "policy.height=64",
+        "policy.width=64",
+        "policy.trainable.lora_rank=4",
+        "policy.eval_samples=2",
+        f"data.eval_prompts={data / 'train_prompts.json'}",
+    )  # 4 prompts x 2 samples: two micro-batches of one generator
+    assert_learned(run)
+    args = ["--config", str(run / "config.yaml"), "--benchmark", f"shapeedit:{data}@train", "--limit", "4"]
+    args += ["--noise", "rl", "--scorer", f"gold=oracle:{data}", "--out", str(tmp_path / "eval")]
+    assert main([*args, "--checkpoint", "base", "--checkpoint", str(run / "checkpoints" / "step-000003")]) == 0
+    for label, step in (("base", 0), ("step-000003", 3)):
+        ours = json.loads((tmp_path / "eval" / label / "results.json").read_text())["prompts"]
+        theirs = json.loads((run / "eval" / f"scores-step-{step:06d}.json").read_text())
+        assert [r["instruction"] for r in ours] == theirs["instructions"]
+        assert [r["scores"]["gold"] for r in ours] == pytest.approx(theirs["gold"], abs=1e-6)
+        assert len(set(theirs["gold"])) > 1  # the edits differ by prompt: the noise and the weights matter
+    gain = json.loads((tmp_path / "eval" / "comparison.json").read_text())["metrics"]["gold"]["mean"]
+    first, last = (json.loads((run / "eval" / f"scores-step-{s:06d}.json").read_text())["gold"] for s in (0, 3))
+    assert gain == pytest.approx(np.mean(last) - np.mean(first), abs=1e-6)
