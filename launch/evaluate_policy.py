@@ -470,9 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         logger = MetricsLogger(out, None, True, "jrm-edit-eval", None, {"args": vars(args)})
     results = []
     for step, (label, checkpoint) in enumerate(zip(labels, checkpoints)):
-        records = evaluate_checkpoint(
-            cfg, checkpoint, prompts, scorers, samples, args.seed, out / label, args.noise
-        )
+        records = evaluate_checkpoint(cfg, checkpoint, prompts, scorers, samples, args.seed, out / label, args.noise)
         results.append(records)
         summary = json.loads((out / label / "summary.json").read_text())["metrics"]
         line = ", ".join(f"{m} {summary[m]['mean']:.4f}" for m in metrics if summary[m]["mean"] is not None)
