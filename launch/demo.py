@@ -16,7 +16,9 @@
    (launch/grpo_edit.py, preset launch/configs/shapeedit.yaml, gold = the oracle), and the oracle control: GRPO
    (`oracle`) and DiffusionNFT (`oracle-nft`) with the oracle itself as reward, the ceiling the reward models are
    measured against; stop the cluster;
-7. compare the runs and the two reward models (launch/compare_runs.py) and print the report's path.
+7. compare the runs and the two reward models (launch/compare_runs.py);
+8. evaluate the pretrained and the final policy of JRM seed 0 again with launch/evaluate_policy.py (the oracle and
+   the JRM, the run's noise) and put their grids side by side in the report (policies.png); print its path.
 `--quick` shortens every stage (a smoke run of the whole path, a few minutes).
 """
 
@@ -164,11 +166,55 @@ def measure_policy(policy_dir: Path, data_dir: Path, num_eval: int, spread_promp
     return result
 
 
+def side_by_side(grids: list[Path], out: Path, gap: int = 16) -> None:
+    """The evaluation grids of several checkpoints (source | edits each) next to each other, one PNG."""
+    from PIL import Image
+
+    images = [Image.open(g).convert("RGB") for g in grids]
+    canvas = Image.new(
+        "RGB", (sum(i.width for i in images) + gap * (len(images) - 1), max(i.height for i in images)), "white"
+    )
+    x = 0
+    for image in images:
+        canvas.paste(image, (x, 0))
+        x += image.width + gap
+    canvas.save(out)
+
+
+def policy_evaluation(evaluation: Path, run: Path) -> dict:
+    """launch/evaluate_policy.py's paired gold difference between the pretrained and the final policy of `run`,
+    next to the run's own gold gain (its evaluations at step 0 and at the end)."""
+    comparison = json.loads((evaluation / "comparison.json").read_text())
+    gold = comparison["metrics"]["gold"]
+    curve = run_curve(run)
+    step = int(comparison["labels"][1].split("-")[-1])  # the evaluated checkpoint's step
+    if step not in curve["steps"] or "mean" not in gold:
+        raise RuntimeError(f"{evaluation}: no evaluation of {run} at step {step}, or too few prompts: {gold}")
+    return {
+        "run": run.name,
+        "checkpoints": comparison["labels"],
+        "gold_difference": round(gold["mean"], 4),
+        "ci": [round(gold["ci_low"], 4), round(gold["ci_high"], 4)],
+        "rl_gold_gain": round(curve["gold"][curve["steps"].index(step)] - curve["gold"][0], 4),
+        "sentence": gold["sentence"],
+        "jrm_sentence": comparison["metrics"]["JRM"]["sentence"],
+    }
+
+
 def write_rl_results(
-    path: Path, data_dir: Path, policy: Path, summary: dict, num_eval: int, on_policy: dict, reward_data: dict
+    path: Path,
+    data_dir: Path,
+    policy: Path,
+    summary: dict,
+    num_eval: int,
+    on_policy: dict,
+    reward_data: dict,
+    evaluated: dict | None = None,
 ) -> None:
     """docs/results/rl_shapeedit.json: doing nothing and the pretrained policy (oracle, val and test_heldout), every
-    GRPO run's held-out gold and proxy curves with its verdict, and the gold difference between the reward models."""
+    GRPO run's held-out gold and proxy curves with its verdict, the gold difference between the reward models, the
+    reward data (`reward_data`), how each reward model ranks fresh samples of the policy (`on_policy`), and the
+    pretrained and final policy evaluated again (`policy_evaluation`)."""
     pretrained = json.loads((policy / "results.json").read_text())
     keys = ("overall", "following", "consistency", "quality")
     runs = []
@@ -214,6 +260,7 @@ def write_rl_results(
         "oracle_control": oracle_control(runs),
         "reward_data": reward_data,
         "on_policy": on_policy,
+        "policy_evaluation": evaluated,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -243,7 +290,8 @@ def oracle_control(runs: list[dict]) -> dict | None:
 
 def rl_markdown(results: dict) -> str:
     """The tables docs/results.md holds for docs/results/rl_shapeedit.json: the policy before RL next to doing
-    nothing, every GRPO run's held-out gold, and the difference between the reward models."""
+    nothing, every GRPO run's held-out gold, the reward data, the on-policy ranking, the oracle control, the policy
+    evaluated again, and the difference between the reward models."""
     keys = ("overall", "following", "consistency", "quality")
     lines = [
         "| policy | split | " + " | ".join(keys) + " |",
@@ -328,6 +376,14 @@ def rl_markdown(results: dict) -> str:
             "The oracle control (the oracle itself as reward), per seed: "
             + "; ".join(parts)
             + (f". NFT took {fraction:.2f}x GRPO's wall-clock to get there." if fraction is not None else "."),
+        ]
+    evaluated = results.get("policy_evaluation")
+    if evaluated:
+        lines += [
+            "",
+            f"The pretrained and the final policy of {evaluated['run']}, evaluated again by "
+            f"`launch/evaluate_policy.py` with the run's noise (`--noise rl`): {evaluated['sentence']} The run's own "
+            f"evaluations gave {evaluated['rl_gold_gain']:+.4f}. {evaluated['jrm_sentence']}",
         ]
     difference = results["difference"]
     if difference:
@@ -522,13 +578,52 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     timings["report"] = time.perf_counter() - start
+
+    # ---- 8. the pretrained and the final policy of JRM seed 0, side by side (launch/evaluate_policy.py) ------------
+    # With the run's config and noise: its scores repeat the run's own evaluations at step 0 and at the end.
+    start = time.perf_counter()
+    first = out / "grpo" / "JRM-seed0"
+    checkpoints = sorted((first / "checkpoints").glob("step-*"))
+    if not checkpoints:
+        raise RuntimeError(f"{first} saved no checkpoint: nothing to evaluate")
+    final = checkpoints[-1]
+    evaluation = report / "policy_eval"
+    run(
+        [
+            py,
+            "launch/evaluate_policy.py",
+            "--config",
+            str(first / "config.yaml"),
+            "--benchmark",
+            f"shapeedit:{data_dir}@test_heldout",
+            "--limit",
+            str(16 if args.quick else 64),
+            "--noise",
+            "rl",
+            "--seed",
+            "0",
+            "--checkpoint",
+            "base",
+            "--checkpoint",
+            str(final),
+            "--scorer",
+            f"gold=oracle:{data_dir}",
+            "--scorer",
+            f"JRM=jrm:{rewards['JRM'] / 'final'}",
+            "--out",
+            str(evaluation),
+        ]
+    )
+    side_by_side([evaluation / "base" / "grid.png", evaluation / final.name / "grid.png"], report / "policies.png")
+    timings["policy evaluation"] = time.perf_counter() - start
     summary = json.loads((report / "summary.json").read_text())
     results = (
         Path(args.results)
         if args.results
         else (out / "rl_shapeedit.json" if args.quick else ROOT / "docs" / "results" / "rl_shapeedit.json")
     )
-    write_rl_results(results, data_dir, policy, summary, 16 if args.quick else 64, ranking, reward_data)
+    evaluated = policy_evaluation(evaluation, first)
+    write_rl_results(results, data_dir, policy, summary, 16 if args.quick else 64, ranking, reward_data, evaluated)
     print(f"\nRL results: {results}\n")
     print(rl_markdown(json.loads(results.read_text())))
     print("\nHeld-out prompts (test_heldout, ODE sampling), mean over seeds:")
@@ -552,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  policy        {policy}  (results.json)")
     print(f"  GRPO runs     {out / 'grpo'}/*  (metrics.jsonl, eval/*.png, checkpoints/)")
     print(f"  report        {report / 'report.md'}  (report.html, curves.png, reward_models.png, summary.json)")
+    print(f"  policies      {report / 'policies.png'}  (pretrained | final grids; {evaluation}/)")
     return 0
 
 

@@ -2,30 +2,17 @@
 
     python launch/evaluate_policy.py --config launch/configs/shapeedit.yaml --benchmark shapeedit:runs/demo/data \
         --checkpoint base --checkpoint runs/demo/grpo/JRM-seed0/checkpoints/step-000020 \
-        --scorer oracle:runs/demo/data --scorer jrm:runs/demo/jrm/final --out runs/eval [--samples 4] [--limit 64]
-    python launch/evaluate_policy.py --config launch/configs/qwen_image_edit_jrm.yaml \
-        --benchmark gedit:/data/GEdit-Bench --checkpoint runs/qie/checkpoints/step-000200 \
-        --scorer viescore:http://127.0.0.1:8000/v1#Qwen2.5-VL-72B-Instruct
+        --scorer oracle:runs/demo/data --scorer jrm:runs/demo/jrm/final --out runs/eval
 
-The policy is what the RL config builds (`--config` and `--set key=value` overrides, as launch/grpo_edit.py
-takes them); each `--checkpoint` is `base` (the config's weights), an RL checkpoint folder (checkpoints/step-N) or a
-folder written by the policy's save_pretrained. Benchmarks: `gedit:DIR` (GEdit-Bench as published on the hub: a
-parquet dataset with key, task_type, instruction, instruction_language, input_image, Intersection_exist),
-`imgedit:FILE` (ImgEdit-Bench's basic_edit.json: key -> {id, prompt, edit_type}, images under --image-root or the
-file's folder), `shapeedit:DIR[@split]` (test_heldout by default). Scorers: any reward spec (`jrm:PATH`,
-`generative:PATH`, `oracle:DIR` for ShapeEdit, `preservation`) and `viescore:JUDGE` (reward/viescore.py: the
-VIEScore protocol, JUDGE `vlm:PATH` in process or an OpenAI-compatible endpoint); `NAME=SPEC` names a scorer.
-Each prompt's `--samples` edits come from its own seed (seed + prompt index; `--noise rl`: an RL evaluation's
-noise), ODE sampling with the config's eval_denoising_steps, so results repeat and two checkpoints see the same
-noise. Writes, per checkpoint,
-OUT/LABEL/results.json (every sample's scores and the judge's answers), summary.json (by task type, language and
-GEdit's intersection subset) and grid.png (source | edits); with two checkpoints, OUT/comparison.json: the second
-minus the first per metric, with a bootstrap interval over prompts and a one-line verdict. docs/evaluation.md.
+Benchmarks gedit:DIR (hub parquet), imgedit:FILE (basic_edit.json), shapeedit:DIR[@split]; scorers any reward spec
+or viescore:JUDGE (reward/viescore.py). Writes per-prompt scores, summaries by task type and language, grids, and
+for two checkpoints a paired comparison with a bootstrap interval. Every option and output: docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -42,7 +29,7 @@ from policies.sampling import SamplerConfig
 from reward.config import ConfigError, HelpFormatter, load_config
 from reward.data import DataError, load_image
 from reward.evaluate import load_reward, parse_reward_spec
-from reward.viescore import load_judge, viescore
+from reward.viescore import JudgeError, load_judge, pq_prompt, sc_prompt, viescore
 from rl.checkpoint import load as load_checkpoint
 from rl.compare import paired_difference
 from rl.config import RLConfig
@@ -179,7 +166,16 @@ class Scorer:
     def __init__(self, name: str, spec: str):
         self.name, self.spec = name, spec
         self.judge = load_judge(spec[len("viescore:") :]) if spec.startswith("viescore:") else None
-        self.reward = None if self.judge is not None else load_reward(spec)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.reward = None if self.judge is not None else load_reward(spec, device)
+
+    def describe(self) -> dict:
+        """What a result must record to be compared with another: the spec and, for a judge, the model it resolved
+        to and a hash of the prompts it was asked."""
+        if self.judge is None:
+            return {"spec": self.spec}
+        prompts = hashlib.sha256((sc_prompt("{instruction}") + pq_prompt()).encode()).hexdigest()[:16]
+        return {"spec": self.spec, "judge": self.judge.name, "prompts_sha256": prompts}
 
     @property
     def metrics(self) -> list[str]:
@@ -240,7 +236,7 @@ def edit_prompts(
     )
     size = (cfg.policy.width, cfg.policy.height)
     sources = [p.source if p.source.size == size else p.source.resize(size, Image.LANCZOS) for p in prompts]
-    device = getattr(policy, "device", "cpu")
+    device = policy.device
     if noise == "prompt":
         batches = [([i] * samples, torch.Generator(device).manual_seed(seed + i)) for i in range(len(prompts))]
     else:
@@ -363,7 +359,7 @@ def evaluate_checkpoint(
         "samples": samples,
         "seed": seed,
         "noise": noise,
-        "scorers": {s.name: s.spec for s in scorers},
+        "scorers": {s.name: s.describe() for s in scorers},
         "metrics": summarise(records, metrics),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -385,7 +381,7 @@ def compare(a: list[dict], b: list[dict], labels: tuple[str, str], metrics: list
             out[metric] = {"prompts": len(pairs), "sentence": f"{metric}: fewer than 2 prompts scored by both"}
             continue
         first, second = (np.array(v) for v in zip(*pairs))
-        mean, low, high = paired_difference(second, first)
+        mean, low, high = paired_difference(first, second)
         if low > 0 or high < 0:
             verdict = f"{labels[1]} is {'better' if mean > 0 else 'worse'} than {labels[0]}"
         else:
@@ -421,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--samples", type=int, default=None, help="edits per prompt (default: the config's policy.eval_samples)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="prompt i's edits use seed + i (with --noise rl: seed)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="prompt i's edits use seed + i (default: the config's seed)"
+    )
     parser.add_argument(
         "--noise",
         choices=("prompt", "rl"),
@@ -436,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     checkpoints = args.checkpoint or ["base"]
-    try:  # everything checked before any model loads
+    try:  # everything checked, and every scorer loaded, before any edit
         if len(checkpoints) > 2:
             raise ValueError(f"--checkpoint: one, or two for a comparison, got {len(checkpoints)}")
         if (args.samples is not None and args.samples < 1) or args.limit < 0:
@@ -452,12 +450,24 @@ def main(argv: list[str] | None = None) -> int:
             if c != "base" and not Path(c).is_dir():
                 raise FileNotFoundError(f"--checkpoint {c}: no such folder")
         cfg = load_config(RLConfig, args.config, args.set)
-        prompts = load_benchmark(args.benchmark, args.image_root, args.limit)
+        seed = cfg.seed if args.seed is None else args.seed
         samples = args.samples or cfg.policy.eval_samples
-    except (ValueError, FileNotFoundError, ConfigError, DataError) as e:
+        if args.noise == "rl" and (seed, samples) != (cfg.seed, cfg.policy.eval_samples):
+            raise ValueError(
+                f"--noise rl repeats the run's evaluation: it needs the run's seed ({cfg.seed}) and "
+                f"policy.eval_samples ({cfg.policy.eval_samples}), got --seed {seed} --samples {samples}"
+            )
+        prompts = load_benchmark(args.benchmark, args.image_root, args.limit)
+        if args.noise == "rl" and len(prompts) != cfg.data.num_eval:
+            print(
+                f"note: {len(prompts)} prompts where the run evaluated data.num_eval={cfg.data.num_eval}: the "
+                f"prompts split over the workers differently, so the noise is not the run's",
+                flush=True,
+            )
+        scorers = [Scorer(n, s) for n, s in named]  # every model and judge loads (and answers) before any edit
+    except (ValueError, FileNotFoundError, ConfigError, DataError, JudgeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    scorers = [Scorer(n, s) for n, s in named]
     metrics = [m for s in scorers for m in s.metrics]
     out = Path(args.out)
     labels = [c if c == "base" else Path(c).name for c in checkpoints]
@@ -470,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         logger = MetricsLogger(out, None, True, "jrm-edit-eval", None, {"args": vars(args)})
     results = []
     for step, (label, checkpoint) in enumerate(zip(labels, checkpoints)):
-        records = evaluate_checkpoint(cfg, checkpoint, prompts, scorers, samples, args.seed, out / label, args.noise)
+        records = evaluate_checkpoint(cfg, checkpoint, prompts, scorers, samples, seed, out / label, args.noise)
         results.append(records)
         summary = json.loads((out / label / "summary.json").read_text())["metrics"]
         line = ", ".join(f"{m} {summary[m]['mean']:.4f}" for m in metrics if summary[m]["mean"] is not None)

@@ -1,22 +1,18 @@
-"""Sample a ShapeEdit policy, label its samples with the oracle: reward data on the policy's own edits, and how
-well reward models rank them.
+"""Sample a ShapeEdit policy and label its samples with the oracle: reward data on the policy's own edits.
 
     python launch/policy_pairs.py --policy assets/shapeedit_policy --data runs/demo/data [--split train]
-        [--prompts 1000] [--samples 4] [--seed 0]
+        [--prompts 1000] [--samples 4] [--seed 0] [--overwrite]
 
-draws `--samples` edits of each of the first `--prompts` prompts of DATA/{split}_prompts.json with the sampler of
-RL's preset (launch/configs/shapeedit.yaml, the edits GRPO's reward scores) and writes every pair of distinct
-samples, judged and critiqued by the oracle (reward/shapeedit/samples.py), to DATA/policy_{split}.json with the
-images under DATA/images/policy_{split}/. reward/train.py trains on them beside the candidate pairs with
-`data.mix=[DATA/policy_train.json]`. Only the train split belongs in training: the others' prompts are
-evaluation prompts (test_heldout's compositions are held out). `on_policy` measures reward models on fresh
-samples of evaluation prompts (launch/demo.py).
+writes every pair of distinct samples (RL's sampler), judged and critiqued (reward/shapeedit/samples.py), to
+DATA/policy_{split}.json for reward/train.py's data.mix; `on_policy` measures reward models on fresh samples of
+evaluation prompts (launch/demo.py). docs/reward.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,17 +57,9 @@ def sample_groups(
     return [images[i : i + samples] for i in range(0, len(images), samples)]
 
 
-def write_policy_pairs(
-    policy_dir: Path,
-    data_dir: Path,
-    split: str,
-    prompts: int,
-    samples: int,
-    seed: int,
-    sampler: SamplerConfig | None = None,
-) -> dict:
-    """Write DATA/policy_{split}.json (see the module docstring) from samples drawn with `sampler` (default: RL's
-    preset's); returns its counts, also printed."""
+def check_request(policy_dir: Path, data_dir: Path, split: str, prompts: int, samples: int) -> None:
+    """Refuse what cannot be sampled and judged, before any model loads: the split, the counts, the folders, and a
+    policy that edits at another size than the data's renders (the oracle judges against them)."""
     if split not in SPLITS:
         raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
     if prompts < 1 or samples < 2:
@@ -80,6 +68,29 @@ def write_policy_pairs(
         raise FileNotFoundError(f"{data_dir / f'{split}_prompts.json'} not found: pass a ShapeEdit data folder")
     if not (policy_dir / "policy.json").is_file():
         raise FileNotFoundError(f"{policy_dir / 'policy.json'} not found: pass a ShapeEdit policy folder")
+    size = json.loads((policy_dir / "policy.json").read_text())["config"]["image_size"]
+    data_size = json.loads((data_dir / "meta.json").read_text())["config"]["size"]
+    if size != data_size:
+        raise ValueError(f"the policy edits {size} px images, the data's renders are {data_size} px")
+
+
+def write_policy_pairs(
+    policy_dir: Path,
+    data_dir: Path,
+    split: str,
+    prompts: int,
+    samples: int,
+    seed: int,
+    sampler: SamplerConfig | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write DATA/policy_{split}.json (see the module docstring) from samples drawn with `sampler` (default: RL's
+    preset's); returns its counts, also printed."""
+    check_request(policy_dir, data_dir, split, prompts, samples)
+    path, images = data_dir / f"policy_{split}.json", data_dir / "images" / f"policy_{split}"
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} exists: pass --overwrite to replace it (and its images)")
+    shutil.rmtree(images, ignore_errors=True)  # no image of an earlier run stays behind
     rows = json.loads((data_dir / f"{split}_prompts.json").read_text())[:prompts]
     policy = ShapeEditPolicy.from_pretrained(policy_dir)
     loaded = load_eval_prompts(data_dir, split, prompts, policy.height)
@@ -90,7 +101,6 @@ def write_policy_pairs(
         labelled, judgements = label_samples(row, images, data_dir, f"images/policy_{split}/{k:06d}", split)
         pairs += labelled
         gold.append([j.overall for j in judgements])
-    path = data_dir / f"policy_{split}.json"
     path.write_text(json.dumps(pairs, indent=1, sort_keys=True) + "\n")
     gold = np.array(gold)
     counts = {
@@ -124,6 +134,7 @@ def on_policy(
     from reward.evaluate import load_reward
     from reward.shapeedit import judge_image
 
+    check_request(policy_dir, data_dir, split, prompts, group_size)
     policy = ShapeEditPolicy.from_pretrained(policy_dir)
     loaded = load_eval_prompts(data_dir, split, prompts, policy.height)
     groups = sample_groups(policy, loaded, group_size, sampler or preset_sampler(), seed)
@@ -162,9 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=1000, help="the first N prompts of the split")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt (every pair of them is written)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples' noise")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing policy_{split}.json")
     args = parser.parse_args(argv)
     try:
-        write_policy_pairs(Path(args.policy), Path(args.data), args.split, args.prompts, args.samples, args.seed)
+        write_policy_pairs(
+            Path(args.policy),
+            Path(args.data),
+            args.split,
+            args.prompts,
+            args.samples,
+            args.seed,
+            overwrite=args.overwrite,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

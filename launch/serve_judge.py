@@ -2,12 +2,10 @@
 
     python launch/serve_judge.py --judge vlm:/models/Qwen2.5-VL-7B-Instruct --port 8000 [--name qwen-judge]
 
-then `python launch/evaluate_policy.py ... --scorer viescore:http://127.0.0.1:8000/v1#qwen-judge` (or any
-VIEScore client: VIESCORE_API_BASE=http://127.0.0.1:8000/v1). One judge shared by several evaluations; requests
-are answered one at a time (the model is not thread-safe). Endpoints: POST /v1/chat/completions (text and
-`image_url` data-URL parts, greedy: temperature is ignored), GET /v1/models. It binds to 127.0.0.1 unless
---host says otherwise; it has no authentication, so keep it there. For a large judge on GPUs, vLLM's server
-is the faster choice; the API is the same.
+then `python launch/evaluate_policy.py ... --scorer viescore:http://127.0.0.1:8000/v1#qwen-judge` (or any VIEScore
+client: VIESCORE_API_BASE=http://127.0.0.1:8000/v1). One loaded judge for several evaluations, answering one
+request at a time, greedily; no authentication, so it binds to 127.0.0.1 unless --host says otherwise. Details:
+docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/serve_judge.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import torch
 from PIL import Image
 
 from reward.config import HelpFormatter
@@ -89,14 +88,23 @@ def make_server(judge, name: str, host: str = "127.0.0.1", port: int = 0) -> Thr
                 return
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if not isinstance(body, dict):
+                    raise RequestError("the body must be a JSON object")
                 if body.get("model") not in (None, name):
                     raise RequestError(f"this server serves model {name!r}, not {body.get('model')!r}")
                 images, text = read_messages(body)
-            except (json.JSONDecodeError, RequestError, AttributeError) as e:
+                max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+                if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+                    raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+            except (ValueError, RequestError, AttributeError) as e:  # JSONDecodeError and a bad length included
                 self._send(400, {"error": {"message": str(e), "type": "invalid_request_error"}})
                 return
-            with lock:
-                answer = judge.ask(images, text)
+            try:
+                with lock:
+                    answer = judge.ask(images, text, max_tokens)
+            except Exception as e:  # the client gets an answer it can retry, not a dropped connection
+                self._send(500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}})
+                return
             self._send(
                 200,
                 {
@@ -128,12 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (no authentication: keep it local)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
     parser.add_argument("--name", default=None, help="the model name clients send (default: the judge folder's name)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest answer (a request may ask for less)")
+    parser.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="weights (auto: bf16 on a GPU)"
+    )
     args = parser.parse_args(argv)
     if not args.judge.startswith("vlm:") or not (Path(args.judge[4:]) / "config.json").is_file():
         print(f"error: --judge must be vlm:PATH with PATH/config.json, got {args.judge!r}", file=sys.stderr)
         return 2
-    judge = LocalJudge(args.judge[4:], max_new_tokens=args.max_new_tokens)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    judge = LocalJudge(args.judge[4:], max_new_tokens=args.max_new_tokens, dtype=dtype)
     name = args.name or Path(args.judge[4:]).name
     server = make_server(judge, name, args.host, args.port)
     print(f"serving {name} at http://{args.host}:{server.server_address[1]}/v1", flush=True)

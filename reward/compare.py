@@ -66,18 +66,23 @@ def on_policy_ranking(gold, scores, gap: float = 0.1) -> dict:
         spearman: the mean within-group Spearman correlation over the `groups` whose gold and scores both vary;
         pair_accuracy: the share of within-group pairs (gold gap >= `gap`, `pairs` of them) the scores order as
         the gold does (a tie in score counts half); top1_gain: the mean over prompts of the gold of the sample
-        the model ranks first minus the group's mean gold (GRPO's best-of-G view of the model).
+        the model ranks first (the mean over samples tied first) minus the group's mean gold.
     """
     gold, scores = np.asarray(gold, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    if gold.shape != scores.shape or gold.ndim != 2:
-        raise ValueError(f"gold and scores must both be (P, G), got {gold.shape} and {scores.shape}")
+    if gold.shape != scores.shape or gold.ndim != 2 or gold.shape[0] < 1 or gold.shape[1] < 2:
+        raise ValueError(
+            f"gold and scores must both be (P, G) with P >= 1, G >= 2; got {gold.shape} and {scores.shape}"
+        )
+    if not (np.isfinite(gold).all() and np.isfinite(scores).all()):
+        raise ValueError("on_policy_ranking: gold and scores must be finite")
     rho = [spearman(g, s) for g, s in zip(gold, scores)]
     rho = [r for r in rho if not math.isnan(r)]
     i, j = np.triu_indices(gold.shape[1], k=1)
     dg, ds = gold[:, i] - gold[:, j], scores[:, i] - scores[:, j]
     apart = np.abs(dg) >= gap
     right = np.where(ds == 0, 0.5, (np.sign(ds) == np.sign(dg)).astype(np.float64))
-    top = gold[np.arange(len(gold)), scores.argmax(axis=1)] - gold.mean(axis=1)
+    first = scores == scores.max(axis=1, keepdims=True)  # a tie at the top: the mean gold of the tied samples
+    top = (gold * first).sum(axis=1) / first.sum(axis=1) - gold.mean(axis=1)
     return {
         "spearman": round(float(np.mean(rho)), 4) if rho else None,
         "groups": len(rho),

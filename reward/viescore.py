@@ -17,11 +17,13 @@ chat-completions endpoint (vLLM serving Qwen2.5-VL-72B-Instruct, GPT-4.1, or lau
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import math
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -71,13 +73,16 @@ def pq_prompt() -> str:
     return "\n".join([CONTEXT, PQ_RULE])
 
 
-BARE_LIST = re.compile(r"^\s*\[\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\]\s*$")
+BARE_LIST = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\]")
 
 
 def parse_scores(text: str, count: int = 2) -> list[float] | None:
-    """The `score` list of a judge's answer: the JSON object from its first '{' to its last '}', or a bare list
-    "[a, b]"; None when neither parses, a score is missing, or one lies outside 0-10 (the published code then
-    asks again and finally guesses at random; here the sample is counted as unparsed, never guessed)."""
+    """The `score` list of a judge's answer: the JSON object from its first '{' to its last '}', else the first
+    list "[a, b]" in it (a fenced or prefixed answer); None when neither parses, a score is missing, or one lies
+    outside 0-10 (the published code then asks again and finally guesses at random; here the sample is counted as
+    unparsed, never guessed)."""
+    if not isinstance(text, str):
+        return None
     start, end = text.find("{"), text.rfind("}")
     scores = None
     if 0 <= start < end:
@@ -85,7 +90,7 @@ def parse_scores(text: str, count: int = 2) -> list[float] | None:
             scores = json.loads(text[start : end + 1].replace("\n", " ")).get("score")
         except (json.JSONDecodeError, AttributeError):
             scores = None
-    elif (bare := BARE_LIST.match(text)) is not None:
+    elif (bare := BARE_LIST.search(text)) is not None:
         scores = [float(v) for v in bare.groups()]
     if isinstance(scores, (int, float)) and not isinstance(scores, bool):
         scores = [scores]
@@ -111,15 +116,26 @@ def image_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+class JudgeError(RuntimeError):
+    """A judge that could not answer (after its retries); the evaluation records the sample as unscored."""
+
+
 class ChatJudge:
     """A judge behind an OpenAI-compatible chat-completions endpoint: `base_url` ends in /v1; the key comes from
     `api_key` or VIESCORE_API_KEY (none for a local server). Greedy (temperature 0) so that scores repeat."""
 
     def __init__(
-        self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0, max_tokens: int = 512
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        max_tokens: int = 512,
+        attempts: int = 3,
     ):
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.timeout, self.max_tokens = model, timeout, max_tokens
+        self.name = f"{base_url}#{model}"
+        self.model, self.timeout, self.max_tokens, self.attempts = model, timeout, max_tokens, attempts
         self.api_key = api_key if api_key is not None else os.environ.get("VIESCORE_API_KEY", "")
 
     def ask(self, images: list[Image.Image], prompt: str) -> str:
@@ -141,33 +157,44 @@ class ChatJudge:
                 **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
             },
         )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                answer = json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"judge endpoint {self.url}: HTTP {e.code}: {e.read()[:300]!r}") from e
-        except urllib.error.URLError as e:
-            raise RuntimeError(f"judge endpoint {self.url} unreachable: {e.reason}") from e
-        return answer["choices"][0]["message"]["content"]
+        error = None
+        for attempt in range(self.attempts):  # a dropped connection or a timeout is retried, with a pause
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    content = json.loads(response.read())["choices"][0]["message"]["content"]
+                if not isinstance(content, str):
+                    raise ValueError(f"the answer's content is {content!r}, not text")
+                return content
+            except urllib.error.HTTPError as e:
+                error = JudgeError(f"judge endpoint {self.url}: HTTP {e.code}: {e.read()[:300]!r}")
+                if e.code < 500 and e.code != 429:  # the request itself is wrong: asking again will not help
+                    break
+            except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError) as e:
+                error = JudgeError(f"judge endpoint {self.url}: {type(e).__name__}: {e}")
+            time.sleep(2.0**attempt)
+        raise error
 
 
 class LocalJudge:
     """A Qwen-VL model folder (Qwen2.5-VL-72B-Instruct, this project's tiny backbone) answering in process,
     greedily."""
 
-    def __init__(self, path: str | Path, max_new_tokens: int = 256, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str | Path, max_new_tokens: int = 256, dtype: torch.dtype | None = None):
         from reward.backbone import load_backbone
 
         self.name = str(path)
         # the backbones' real loading path (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), without the JRM's added tokens;
         # device_map "auto" places a large judge on the visible GPUs
         device_map = "auto" if torch.cuda.is_available() else None
+        if dtype is None:  # bf16 where it runs fast and a 72B judge fits; float32 on a CPU
+            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         self.model, self.processor = load_backbone(path, dtype, "sdpa", add_score_token=False, device_map=device_map)
         self.model.eval()
         self.max_new_tokens = max_new_tokens
 
     @torch.inference_mode()
-    def ask(self, images: list[Image.Image], prompt: str) -> str:
+    def ask(self, images: list[Image.Image], prompt: str, max_new_tokens: int | None = None) -> str:
+        """The greedy answer, at most `max_new_tokens` (default and cap: the judge's) tokens long."""
         messages = [
             {"role": "user", "content": [{"type": "text", "text": prompt}] + [{"type": "image"} for _ in images]}
         ]
@@ -177,7 +204,7 @@ class LocalJudge:
         tokenizer = self.processor.tokenizer
         out = self.model.generate(
             **batch,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=min(max_new_tokens or self.max_new_tokens, self.max_new_tokens),
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -196,15 +223,20 @@ def load_judge(spec: str):
     if spec.startswith(("http://", "https://")):
         base, _, model = spec.partition("#")
         model = model or os.environ.get("VIESCORE_MODEL_NAME", "")
-        if not model:
-            try:
-                with urllib.request.urlopen(base.rstrip("/") + "/models", timeout=30) as response:
-                    model = json.loads(response.read())["data"][0]["id"]
-            except (urllib.error.URLError, KeyError, IndexError) as e:
-                raise RuntimeError(
-                    f"judge {spec}: name the model (#MODEL): {base}/models did not list one ({e})"
-                ) from e
-        return ChatJudge(base, model)
+        key = os.environ.get("VIESCORE_API_KEY", "")
+        request = urllib.request.Request(
+            base.rstrip("/") + "/models", headers={"Authorization": f"Bearer {key}"} if key else {}
+        )
+        try:  # before any edit is made: the endpoint answers and serves the model
+            with urllib.request.urlopen(request, timeout=30) as response:
+                served = [m["id"] for m in json.loads(response.read())["data"]]
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as e:
+            raise JudgeError(f"judge {spec}: {base}/models did not answer with a model list ({e})") from e
+        if not model and not served:
+            raise JudgeError(f"judge {spec}: {base}/models lists no model")
+        if model and served and model not in served:
+            raise JudgeError(f"judge {spec}: {base} serves {served}, not {model!r}")
+        return ChatJudge(base, model or served[0])
     raise ValueError(f"a VIEScore judge is vlm:PATH or http(s)://HOST:PORT/v1[#MODEL], got {spec!r}")
 
 
@@ -224,10 +256,16 @@ class Verdict:
 
 def viescore(judge, source: Image.Image, instruction: str, edited: Image.Image) -> Verdict:
     """Judge one edit: the edit is first resized to the source's size (GEdit-Bench's rule), then SC on (source,
-    edit) and PQ on the edit alone."""
+    edit) and PQ on the edit alone. A question the judge could not answer (JudgeError after its retries) keeps
+    "<no answer: ...>" as its text and no scores."""
     if edited.size != source.size:
         edited = edited.convert("RGB").resize(source.size, Image.Resampling.BICUBIC)
-    sc_text = judge.ask([source, edited], sc_prompt(instruction))
-    pq_text = judge.ask([edited], pq_prompt())
+    answers = []
+    for images, prompt in (([source, edited], sc_prompt(instruction)), ([edited], pq_prompt())):
+        try:
+            answers.append(judge.ask(images, prompt))
+        except JudgeError as e:  # recorded, unscored: one failure does not lose the evaluation
+            answers.append(f"<no answer: {e}>")
+    sc_text, pq_text = answers
     scores = combine(parse_scores(sc_text), parse_scores(pq_text))
     return Verdict(scores["SC"], scores["PQ"], scores["O"], sc_text, pq_text)

@@ -290,11 +290,18 @@ def paired_sem(before: np.ndarray, after: np.ndarray) -> float:
 
 
 def paired_difference(
-    after: np.ndarray, before: np.ndarray, resamples: int = 4000, seed: int = 0
+    before: np.ndarray, after: np.ndarray, *, resamples: int = 4000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """Mean per-prompt change after - before ((N,) each, the same prompts) and its 95% bootstrap interval over
-    prompts: (mean, low, high)."""
-    diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    """Mean per-prompt change after - before ((N,) each, the same prompts, N >= 2) and its 95% bootstrap interval
+    over prompts: (mean, low, high)."""
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if before.shape != after.shape or before.ndim != 1 or len(before) < 2:
+        raise ValueError(
+            f"paired_difference needs two (N,) arrays of the same prompts, N >= 2; got {before.shape}, {after.shape}"
+        )
+    if not (np.isfinite(before).all() and np.isfinite(after).all()):
+        raise ValueError("paired_difference: the scores must be finite")
+    diff = after - before
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(len(diff), size=(resamples, len(diff)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])

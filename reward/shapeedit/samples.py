@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from reward.data import load_image
 from reward.shapeedit.critique import (
     GLOBAL_TAG,
     REGION_TAGS,
@@ -27,7 +28,7 @@ from reward.shapeedit.critique import (
     verdict,
 )
 from reward.shapeedit.edits import ADDED_ID, Edit, apply_edits
-from reward.shapeedit.oracle import Judgement, Reference, build_reference, closeness, judge, to_array
+from reward.shapeedit.oracle import Judgement, Reference, _dilate, build_reference, closeness, judge, to_array
 from reward.shapeedit.world import Scene, shape_mask
 
 DAMAGED = 0.2
@@ -89,8 +90,15 @@ def sample_critique(source: Scene, edits: tuple[Edit, ...], reference: Reference
             damaged.append(s)
             shown.append((box_text(box(s)), name(source, s)))
             statements.append(f"the {name(source, s)}: not asked; {round(100 * lost)}% of it lost its colour")
-    painted = reference.background_mask & (close < 0.5)
-    if painted.sum() >= DAMAGED * reference.blob_area:
+    # background that lost its colour, away from every shape's edge (a soft edge is quality's business, not paint)
+    outlines = np.zeros((h, w), dtype=bool)
+    for scene in (source, wanted):
+        for shape in scene.shapes:
+            mask = shape_mask(shape, h, w)
+            outlines |= _dilate(mask, 1) & ~_dilate(~mask, 1) if mask.any() else False
+    painted = reference.background_mask & (close < 0.5) & ~_dilate(outlines, 2)
+    touched = painted.sum() >= DAMAGED * reference.blob_area
+    if touched:
         shown.append((box_text(pixel_box(painted)), "background"))
         statements.append(f"part of the background: not asked; {int(painted.sum())} pixels painted over")
     shown, statements = shown[: len(REGION_TAGS)], statements[: len(REGION_TAGS)]
@@ -105,7 +113,7 @@ def sample_critique(source: Scene, edits: tuple[Edit, ...], reference: Reference
     ]
     if not any(e.family == "background" for e in edits):
         glob.append(
-            f"the background is still {source.background}" if painted.sum() == 0 else "the background was touched"
+            "parts of the background were painted over" if touched else f"the background is still {source.background}"
         )
     others = [s for s in source.shapes if s.id not in named and s not in damaged]
     if others:
@@ -141,8 +149,17 @@ def label_samples(
     """
     source = Scene.from_dict(prompt["scene"])
     edits = tuple(Edit.from_dict(e) for e in prompt["edits"])
+    if len(images) < 2:
+        raise ValueError(f"{prompt['prompt_id']}: pairs need at least 2 samples, got {len(images)}")
     arrays = [to_array(im) for im in images]
     h, w = arrays[0].shape[:2]
+    sizes = {a.shape[:2] for a in arrays}
+    source_size = load_image(out / prompt["path_src"], prompt["prompt_id"]).size[::-1]
+    if sizes != {source_size}:
+        raise ValueError(
+            f"{prompt['prompt_id']}: samples of sizes {sorted(sizes)} for a source of {source_size}: edit at the "
+            f"data's size (the oracle judges against its renders)"
+        )
     reference = build_reference(source, edits, h, w)
     judgements = [judge(reference, a) for a in arrays]
     critiques = [sample_critique(source, edits, reference, a, j) for a, j in zip(arrays, judgements)]

@@ -1,6 +1,6 @@
 """launch/policy_pairs.py on a tiny policy and a tiny ShapeEdit set: the policy's pairs are EditReward-Data that
 reward/train.py reads, bad requests are refused before sampling, and on fresh samples the oracle ranks its own
-judgements perfectly while a reward model that ignores the edit does not."""
+judgements perfectly."""
 
 import dataclasses
 import json
@@ -36,13 +36,15 @@ DRAWN = SamplerConfig(num_steps=8, noise_level=0.7, sample_last_step=True, gauss
 
 def test_the_policys_pairs_are_training_data(world):
     policy, data = world
-    counts = write_policy_pairs(policy, data, "train", prompts=3, samples=3, seed=0, sampler=DRAWN)
+    counts = write_policy_pairs(policy, data, "train", prompts=3, samples=3, seed=0, sampler=DRAWN, overwrite=True)
     rows = json.loads((data / "policy_train.json").read_text())
     assert counts["prompts"] == 3 and 0 < counts["pairs"] == len(rows) <= 9
     assert all(r["origin"] == "policy" and r["split"] == "train" for r in rows)
     assert all(r["oracle1"]["overall"] >= r["oracle2"]["overall"] for r in rows)
     pairs, skipped = load_pairs(data / "policy_train.json", progress=False)
     assert len(pairs) == len(rows) and not skipped
+    with pytest.raises(ValueError, match="exists: pass --overwrite"):
+        write_policy_pairs(policy, data, "train", prompts=3, samples=3, seed=0, sampler=DRAWN)
 
 
 @pytest.mark.parametrize(
@@ -72,4 +74,5 @@ def test_on_policy_ranking_of_fresh_samples(world):
     # the oracle orders its own judgements: every pair right, its top-1 the group's best
     assert oracle["spearman"] == pytest.approx(1.0) and oracle["top1_gain"] == result["oracle_top1_gain"] > 0
     assert oracle["pair_accuracy"] in (None, 1.0)
-    assert result["models"]["keep"]["top1_gain"] <= result["oracle_top1_gain"]
+    with pytest.raises(ValueError, match="--samples >= 2"):
+        on_policy(policy, data, rewards, "val", 4, 1, seed=1)

@@ -3,7 +3,9 @@ statistics of reward.compare.on_policy_ranking, and reward/train.py's data.mix."
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from reward.compare import on_policy_ranking
 from reward.config import load_config
@@ -22,8 +24,6 @@ ASKED = (Edit("recolour", target=0, colour="green"),)
 
 
 def _prompt(tmp_path) -> dict:
-    from PIL import Image
-
     Image.fromarray(render(SCENE)).save(tmp_path / "src.png")
     return {
         "prompt_id": "train-000000",
@@ -60,11 +60,13 @@ def test_on_policy_ranking_by_hand():
     assert r["groups"] == 1 and r["spearman"] == pytest.approx(0.5)
     # pairs with gold gap >= 0.1: (0.9, 0.5) right, (0.9, 0.1) right, (0.5, 0.1) wrong
     assert r["pairs"] == 3 and r["pair_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
-    # first-ranked gold minus the group mean: 0.9 - 0.5 and, on a tie, the first sample 0.5 - 0.5167
-    assert r["top1_gain"] == pytest.approx(((0.9 - 0.5) + (0.5 - 1.55 / 3)) / 2, abs=1e-4)
+    # first-ranked gold minus the group mean: 0.9 - 0.5, and a three-way tie at the top gains nothing
+    assert r["top1_gain"] == pytest.approx((0.9 - 0.5) / 2, abs=1e-4)
     assert on_policy_ranking(gold, gold)["pair_accuracy"] == 1.0
     with pytest.raises(ValueError, match=r"must both be \(P, G\)"):
         on_policy_ranking(gold, [1.0, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        on_policy_ranking(gold, [[1.0, float("nan"), 0.0], [0.0, 0.0, 0.0]])
 
 
 def test_mixed_files_join_the_training_pairs_and_a_missing_one_is_refused_first(tmp_path):
@@ -86,3 +88,29 @@ def test_mixed_files_join_the_training_pairs_and_a_missing_one_is_refused_first(
     with pytest.raises(DataError, match="data.mix: .*none.json not found"):
         prepare_data(cfg)
     assert not (tmp_path / "fresh").exists()  # refused before ShapeEdit data was generated
+    twice = f"data.mix=[{extra / 'policy_train.json'}, {extra / 'policy_train.json'}]"
+    with pytest.raises(DataError, match="names a file twice"):
+        prepare_data(load_config(TrainConfig, None, [*base, twice]))
+
+
+def test_a_painted_blob_is_named_with_its_box_and_soft_edges_are_not(tmp_path):
+    from PIL import ImageFilter
+
+    from reward.shapeedit.oracle import build_reference, judge
+    from reward.shapeedit.samples import sample_critique
+
+    reference = build_reference(SCENE, ASKED, 64, 64)
+    right = render(apply_edits(SCENE, ASKED))
+
+    def critique(image):
+        array = np.asarray(image, dtype=np.float32) / 255
+        return sample_critique(SCENE, ASKED, reference, array, judge(reference, array))
+
+    soft = critique(Image.fromarray(right).filter(ImageFilter.GaussianBlur(1)))
+    assert "background" not in soft.splitlines()[1] and "the background is still white" in soft
+    blob = right.copy()
+    blob[40:52, 5:17] = [255, 0, 0]  # 12 x 12 pixels of red on the white background, where nothing was asked
+    text = critique(blob)
+    assert "<|bbox_1|> [625, 78, 812, 266]" in text  # rows 40-51, columns 5-16 on the 0-1000 scale
+    assert "part of the background: not asked; 144 pixels painted over" in text
+    assert "parts of the background were painted over" in text
