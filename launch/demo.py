@@ -249,7 +249,19 @@ def write_rl_results(
         "runs": runs,
         "difference": {
             k: differences[0][k]
-            for k in ("labels", "step", "mean", "ci_low", "ci_high", "seeds", "prompts", "seeds_to_resolve", "sentence")
+            for k in (
+                "labels",
+                "step",
+                "mean",
+                "ci_low",
+                "ci_high",
+                "seeds",
+                "prompts",
+                "seeds_to_resolve",
+                "hacking_rate",
+                "hacking_diff_ci",
+                "sentence",
+            )  # fmt: skip
         }
         if differences
         else None,
@@ -258,12 +270,31 @@ def write_rl_results(
             for label in dict.fromkeys(r["label"] for r in runs)
         },
         "oracle_control": oracle_control(runs),
+        "versus_oracle": versus_oracle(runs),
         "reward_data": reward_data,
         "on_policy": on_policy,
         "policy_evaluation": evaluated,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def versus_oracle(runs: list[dict]) -> dict | None:
+    """Each reward model's mean held-out gold gain and its share of the oracle-reward GRPO runs' mean gain (None
+    where the oracle's gain is within 0.01 of nothing: a share of nothing says nothing)."""
+    oracle = [r["gold"][-1] - r["gold"][0] for r in runs if r["label"] == "oracle"]
+    if not oracle:
+        return None
+    ceiling = sum(oracle) / len(oracle)
+    out = {}
+    for label in dict.fromkeys(r["label"] for r in runs if not r["label"].startswith("oracle")):
+        gains = [r["gold"][-1] - r["gold"][0] for r in runs if r["label"] == label]
+        mean = sum(gains) / len(gains)
+        out[label] = {
+            "mean_gain": round(mean, 4),
+            "share_of_oracle": round(mean / ceiling, 3) if ceiling > 0.01 else None,
+        }
+    return {"oracle_mean_gain": round(ceiling, 4), "models": out}
 
 
 def oracle_control(runs: list[dict]) -> dict | None:
@@ -385,6 +416,23 @@ def rl_markdown(results: dict) -> str:
             f"`launch/evaluate_policy.py` with the run's noise (`--noise rl`): {evaluated['sentence']} The run's own "
             f"evaluations gave {evaluated['rl_gold_gain']:+.4f}. {evaluated['jrm_sentence']}",
         ]
+    versus = results.get("versus_oracle")
+    if versus:
+        shares = "; ".join(
+            f"{label} {m['mean_gain']:+.3f}"
+            + ("" if m["share_of_oracle"] is None else f" ({m['share_of_oracle']:.0%} of the oracle's)")
+            for label, m in versus["models"].items()
+        )
+        lines += [
+            "",
+            f"Against the oracle control (mean held-out gold gain {versus['oracle_mean_gain']:+.3f}): {shares}.",
+        ]
+    difference = results["difference"]
+    if difference and "hacking_rate" in difference:
+        rates = ", ".join(
+            f"{label} {rate:.0%}" for label, rate in zip(difference["labels"], difference["hacking_rate"])
+        )
+        lines += ["", f"Runs the hacking signal calls hacking: {rates}."]
     difference = results["difference"]
     if difference:
         lines += [

@@ -2,7 +2,7 @@
 
 import pytest
 
-from launch.demo import oracle_control
+from launch.demo import oracle_control, versus_oracle
 
 
 def test_the_oracle_control_summary_by_hand():
@@ -22,3 +22,19 @@ def test_the_oracle_control_summary_by_hand():
     assert c["oracle-nft"]["seconds_to_threshold"] == 4 and c["nft_time_fraction"] == 0.2
     assert c["oracle-nft"]["proxy_gains"] == [0.1, 0.1]
     assert oracle_control([r for r in runs if r["label"] == "JRM"]) is None
+
+
+def test_each_reward_models_share_of_the_oracle_gain_by_hand():
+    runs = [
+        {"label": "oracle", "gold": [0.5, 0.7]},
+        {"label": "oracle", "gold": [0.5, 0.6]},
+        {"label": "JRM", "gold": [0.5, 0.6]},
+        {"label": "JRM", "gold": [0.5, 0.55]},
+        {"label": "oracle-nft", "gold": [0.5, 0.9]},  # the ceiling is GRPO's with the oracle, not NFT's
+    ]
+    v = versus_oracle(runs)
+    assert v["oracle_mean_gain"] == pytest.approx(0.15)
+    assert v["models"] == {"JRM": {"mean_gain": 0.075, "share_of_oracle": 0.5}}
+    flat = [{"label": "oracle", "gold": [0.5, 0.505]}, {"label": "JRM", "gold": [0.5, 0.6]}]
+    assert versus_oracle(flat)["models"]["JRM"]["share_of_oracle"] is None  # a share of nothing says nothing
+    assert versus_oracle([{"label": "JRM", "gold": [0.5, 0.6]}]) is None
