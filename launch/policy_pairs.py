@@ -29,6 +29,7 @@ from policies.sampling import SamplerConfig
 from policies.shapeedit import ShapeEditPolicy
 from reward.compare import on_policy_ranking
 from reward.config import HelpFormatter, load_config
+from reward.evaluate import load_reward, parse_reward_spec
 from reward.shapeedit import SPLITS
 from reward.shapeedit.samples import label_samples
 from rl.config import RLConfig
@@ -131,7 +132,6 @@ def on_policy(
     edits of each of the first `prompts` prompts of `split`, with `sampler` (default: RL's preset's), scored and
     compared with the oracle within each group (`reward.compare.on_policy_ranking`). Also the groups' gold spread,
     the share of groups whose edits are one image, and the oracle's own best-of-group gain."""
-    from reward.evaluate import load_reward
     from reward.shapeedit import judge_image
 
     check_request(policy_dir, data_dir, split, prompts, group_size)
@@ -174,17 +174,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt (every pair of them is written)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples' noise")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing policy_{split}.json")
+    parser.add_argument(
+        "--measure",
+        default=None,
+        metavar="JSON",
+        help="instead of writing pairs: measure each --reward on fresh samples (--samples per prompt, at least 2) "
+        "of --prompts val and test_heldout prompts, and write the figures to JSON (default: no measurement)",
+    )
+    parser.add_argument(
+        "--reward", action="append", default=[], metavar="NAME=SPEC", help="with --measure: a reward model (repeatable)"
+    )
     args = parser.parse_args(argv)
     try:
-        write_policy_pairs(
-            Path(args.policy),
-            Path(args.data),
-            args.split,
-            args.prompts,
-            args.samples,
-            args.seed,
-            overwrite=args.overwrite,
-        )
+        if args.measure is None:
+            write_policy_pairs(
+                Path(args.policy),
+                Path(args.data),
+                args.split,
+                args.prompts,
+                args.samples,
+                args.seed,
+                overwrite=args.overwrite,
+            )
+            return 0
+        rewards = dict(r.split("=", 1) for r in args.reward if "=" in r)
+        if not rewards or len(rewards) != len(args.reward):
+            raise ValueError(f"--measure needs --reward NAME=SPEC (at least one), got {args.reward}")
+        for name, spec in rewards.items():
+            parse_reward_spec(spec, f"--reward {name}")
+        result = {
+            "command": "python launch/policy_pairs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            **{
+                split: on_policy(
+                    Path(args.policy), Path(args.data), rewards, split, args.prompts, args.samples, args.seed
+                )
+                for split in ("val", "test_heldout")
+            },
+        }
+        Path(args.measure).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.measure).write_text(json.dumps(result, indent=1) + "\n")
+        for split in ("val", "test_heldout"):
+            for name, m in result[split]["models"].items():
+                print(f"{split} {name}: {json.dumps(m)}")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

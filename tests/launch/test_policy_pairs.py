@@ -76,3 +76,18 @@ def test_on_policy_ranking_of_fresh_samples(world):
     assert oracle["pair_accuracy"] in (None, 1.0)
     with pytest.raises(ValueError, match="--samples >= 2"):
         on_policy(policy, data, rewards, "val", 4, 1, seed=1)
+
+
+def test_the_measurement_command_writes_each_splits_figures(world, tmp_path, capsys):
+    policy, data = world
+    out = tmp_path / "measured.json"
+    base = ["--policy", str(policy), "--data", str(data), "--prompts", "2", "--samples", "2", "--measure", str(out)]
+    assert main(base) == 2 and "--measure needs --reward NAME=SPEC" in capsys.readouterr().err
+    assert main([*base, "--reward", "bad=nothing:here"]) == 2 and "not a reward spec" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*base, "--reward", f"oracle=oracle:{data}"]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python launch/policy_pairs.py --policy")
+    for split in ("val", "test_heldout"):
+        assert result[split]["split"] == split and 1 <= result[split]["prompts"] <= 2  # the split may hold fewer
+        assert set(result[split]["models"]["oracle"]) == {"spearman", "groups", "pair_accuracy", "pairs", "top1_gain"}
