@@ -84,6 +84,7 @@ def write_policy_pairs(
     seed: int,
     sampler: SamplerConfig | None = None,
     overwrite: bool = False,
+    min_gap: float = 0.0,
 ) -> dict:
     """Write DATA/policy_{split}.json (see the module docstring) from samples drawn with `sampler` (default: RL's
     preset's); returns its counts, also printed."""
@@ -99,7 +100,8 @@ def write_policy_pairs(
     groups = sample_groups(policy, loaded, samples, sampler or preset_sampler(), seed)
     pairs, gold = [], []
     for k, (row, images) in enumerate(zip(rows, groups)):
-        labelled, judgements = label_samples(row, images, data_dir, f"images/policy_{split}/{k:06d}", split)
+        stem = f"images/policy_{split}/{k:06d}"
+        labelled, judgements = label_samples(row, images, data_dir, stem, split, min_gap=min_gap)
         pairs += labelled
         gold.append([j.overall for j in judgements])
     path.write_text(json.dumps(pairs, indent=1, sort_keys=True) + "\n")
@@ -175,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples' noise")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing policy_{split}.json")
     parser.add_argument(
+        "--min-gap",
+        type=float,
+        default=0.0,
+        help="leave out pairs whose oracle scores differ by less (0: every pair, near-ties marked by the tie rule)",
+    )
+    parser.add_argument(
         "--measure",
         default=None,
         metavar="JSON",
@@ -195,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.samples,
                 args.seed,
                 overwrite=args.overwrite,
+                min_gap=args.min_gap,
             )
             return 0
         rewards = dict(r.split("=", 1) for r in args.reward if "=" in r)

@@ -133,11 +133,12 @@ def sample_critique(source: Scene, edits: tuple[Edit, ...], reference: Reference
 
 
 def label_samples(
-    prompt: dict, images: list, out: Path, stem: str, split: str, tie_eps: float = 0.02
+    prompt: dict, images: list, out: Path, stem: str, split: str, tie_eps: float = 0.02, min_gap: float = 0.0
 ) -> tuple[list[dict], list[Judgement]]:
     """Judge the samples of one prompt, save them as PNGs and return every pair of distinct samples as an
     EditReward-Data row (the better-judged first, `tie_case` when their overall scores differ by less than
-    `tie_eps`, as `generate` does), with the oracle's scores and critiques, marked `"origin": "policy"`.
+    `tie_eps`, as `generate` does), with the oracle's scores and critiques, marked `"origin": "policy"`. Pairs
+    whose overall scores differ by less than `min_gap` are left out (0: every pair).
 
     Args:
         prompt: a row of `{split}_prompts.json` (prompt_id, instruction, path_src, scene, edits).
@@ -173,6 +174,8 @@ def label_samples(
     for a, b in itertools.combinations(range(len(arrays)), 2):
         if np.array_equal(arrays[a], arrays[b]):
             continue  # one edit twice: no comparison
+        if abs(judgements[a].overall - judgements[b].overall) < min_gap:
+            continue
         first, second = (a, b) if judgements[a].overall >= judgements[b].overall else (b, a)
         row = {
             "id": f"{prompt['prompt_id']}-s{first}s{second}",

@@ -45,6 +45,12 @@ def test_the_policys_pairs_are_training_data(world):
     assert len(pairs) == len(rows) and not skipped
     with pytest.raises(ValueError, match="exists: pass --overwrite"):
         write_policy_pairs(policy, data, "train", prompts=3, samples=3, seed=0, sampler=DRAWN)
+    gaps = [r["oracle1"]["overall"] - r["oracle2"]["overall"] for r in rows]
+    write_policy_pairs(policy, data, "train", prompts=3, samples=3, seed=0, sampler=DRAWN, overwrite=True, min_gap=0.1)
+    kept = json.loads((data / "policy_train.json").read_text())  # the same samples, the near-ties left out
+    assert len(kept) == sum(g >= 0.1 for g in gaps) and all(
+        r["oracle1"]["overall"] - r["oracle2"]["overall"] >= 0.1 for r in kept
+    )
 
 
 @pytest.mark.parametrize(
