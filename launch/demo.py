@@ -6,7 +6,8 @@
 2. take the shipped pretrained ShapeEdit policy (assets/shapeedit_policy, built by launch/build_assets.py;
    `--from-scratch` rebuilds it by its recipe) and measure it on this data: gold, and the spread of its samples;
 3. sample the policy on the train prompts and label every pair of its samples with the oracle
-   (launch/policy_pairs.py): reward data on the edits RL will score;
+   (launch/policy_pairs.py; pairs whose gold differs by less than --min-gap 0.1 left out): reward data on the
+   edits RL will score;
 4. pretrain the tiny backbone on ShapeEdit grounding (reward/pretrain_backbone.py), then train two reward models
    from it with reward/train.py on the candidate pairs mixed with the policy's pairs: the grounded JRM (alpha 0.7,
    uncertainty ranking) and its discriminative-only ablation (lambda = 0), same data, steps and seed;
@@ -356,7 +357,9 @@ def rl_markdown(results: dict) -> str:
             "",
             f"Reward data: {data['candidate_pairs']} candidate pairs mixed with {data['policy']['pairs']} pairs of the "
             f"policy's own samples ({data['policy']['prompts']} train prompts x {data['policy']['samples']} samples, "
-            f"{data['policy']['ties']} ties); the backbone's grounding probe: box error "
+            f"{data['policy']['ties']} ties"
+            + (f", pairs whose gold differs by less than {data['min_gap']} left out" if data.get("min_gap") else "")
+            + "); the backbone's grounding probe: box error "
             + ("– (no box parsed)" if data["probe_box_error"] is None else f"{data['probe_box_error']:.0f}")
             + f" on the 0-1000 scale (always answering the mean box: {data['constant_box_error']:.0f}).",
         ]
@@ -455,6 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         "smoke version) instead of starting from the shipped one (assets/shapeedit_policy)",
     )
     parser.add_argument(
+        "--min-gap",
+        type=float,
+        default=0.1,
+        help="pairs of the policy's samples whose oracle scores differ by less are left out of the reward data "
+        "(launch/policy_pairs.py --min-gap; 0 keeps every pair)",
+    )
+    parser.add_argument(
         "--seeds",
         type=int,
         default=None,
@@ -514,7 +524,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 3. reward data on the policy's own edits: pairs of its samples, labelled by the oracle -------------------
     start = time.perf_counter()
-    policy_pairs = write_policy_pairs(policy, data_dir, "train", 100 if args.quick else 1000, 4, args.seed)
+    policy_pairs = write_policy_pairs(
+        policy, data_dir, "train", 100 if args.quick else 1000, 4, args.seed, min_gap=args.min_gap
+    )
     timings["policy pairs"] = time.perf_counter() - start
 
     # ---- 4. the reward models: the grounded JRM and its lambda = 0 ablation, from one pretrained backbone ---------
@@ -573,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     reward_data = {
         "candidate_pairs": len(json.loads((data_dir / "train.json").read_text())),
         "policy": {k: policy_pairs[k] for k in ("prompts", "samples", "pairs", "ties", "gold", "group_gold_std")},
+        "min_gap": args.min_gap,
         "probe_box_error": None if probe["locate_box_error"] is None else round(probe["locate_box_error"], 1),
         "constant_box_error": round(probe["constant_box_error"], 1),
     }

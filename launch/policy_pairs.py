@@ -167,6 +167,20 @@ def on_policy(
     return result
 
 
+def measure_markdown(result: dict) -> str:
+    """The table docs/results.md shows for a `--measure` JSON: each reward model on each split."""
+    lines = [
+        "| reward model | split | Spearman | groups | pair accuracy (gold gap >= 0.1) | pairs | top-1 gain |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for split in ("val", "test_heldout"):
+        for name, m in result[split]["models"].items():
+            rho = "–" if m["spearman"] is None else f"{m['spearman']:+.3f}"
+            acc = "–" if m["pair_accuracy"] is None else f"{m['pair_accuracy']:.1%}"
+            lines.append(f"| {name} | {split} | {rho} | {m['groups']} | {acc} | {m['pairs']} | {m['top1_gain']:+.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--policy", required=True, help="a ShapeEdit policy folder (save_pretrained)")

@@ -109,3 +109,16 @@ def test_the_rl_tables_equal_the_demos_json():
     assert all(len(s) >= 3 for s in seeds.values()), seeds
     assert report["oracle_control"]["oracle"]["gains"] == report["gains"]["oracle"]
     assert report["difference"]["ci_low"] <= report["difference"]["mean"] <= report["difference"]["ci_high"]
+
+
+def test_the_policy_pairs_ablation_table_equals_its_json():
+    """docs/results.md's table of reward models on the policy's fresh samples is launch/policy_pairs.py's
+    measure_markdown of docs/results/policy_pairs_ablation.json, which records the command that wrote it."""
+    from launch.policy_pairs import measure_markdown
+
+    path = ROOT / "docs" / "results" / "policy_pairs_ablation.json"
+    if not path.is_file():
+        pytest.skip(f"{path.name} not committed")
+    report = json.loads(path.read_text())
+    assert report["command"].startswith("python launch/policy_pairs.py") and "--measure" in report["command"]
+    assert measure_markdown(report) in DOC.read_text(), "paste `measure_markdown` of policy_pairs_ablation.json"
