@@ -676,6 +676,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     side_by_side([evaluation / "base" / "grid.png", evaluation / final.name / "grid.png"], report / "policies.png")
+    evaluated = policy_evaluation(evaluation, first)
+    with (report / "report.md").open("a") as f:  # the report shows the edits beside the curves
+        f.write(
+            f"\n## The pretrained and the final policy ({evaluated['run']})\n\n"
+            f"![pretrained (left) and {final.name} (right): source | samples](policies.png)\n\n"
+            f"{evaluated['sentence']} {evaluated['jrm_sentence']} (launch/evaluate_policy.py, the run's noise: "
+            f"the run's own evaluations gave {evaluated['rl_gold_gain']:+.4f}.)\n"
+        )
     timings["policy evaluation"] = time.perf_counter() - start
     summary = json.loads((report / "summary.json").read_text())
     results = (
@@ -683,7 +691,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.results
         else (out / "rl_shapeedit.json" if args.quick else ROOT / "docs" / "results" / "rl_shapeedit.json")
     )
-    evaluated = policy_evaluation(evaluation, first)
     write_rl_results(results, data_dir, policy, summary, 16 if args.quick else 64, ranking, reward_data, evaluated)
     print(f"\nRL results: {results}\n")
     print(rl_markdown(json.loads(results.read_text())))

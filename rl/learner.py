@@ -40,6 +40,10 @@ def zero3_modules(net: nn.Module) -> list[nn.Module]:
     return [m for m in net.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
+DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+"""The environment variables a learner sets for torch.distributed and DeepSpeed."""
+
+
 class Learner:
     def __init__(
         self,
@@ -67,6 +71,9 @@ class Learner:
         """
         if threads:
             torch.set_num_threads(threads)
+        # what close() puts back: an in-process learner (tests, benchmarks) must not leave a process that looks
+        # distributed to what runs next (transformers' Trainer would wrap its model in DDP)
+        self._environ = {k: os.environ.get(k) for k in DISTRIBUTED_ENV}
         os.environ.update(
             RANK=str(rank),
             WORLD_SIZE=str(world_size),
@@ -239,9 +246,15 @@ class Learner:
 
     def close(self) -> None:
         """Free the engine and leave the process group, through DeepSpeed, which also drops the groups it cached
-        (a learner made later in this process, as in a test, then starts a fresh group)."""
+        (a learner made later in this process, as in a test, then starts a fresh group), and put back the
+        environment variables the learner set."""
         import deepspeed
 
         del self.engine
         gc.collect()
         deepspeed.comm.destroy_process_group()
+        for key, value in self._environ.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

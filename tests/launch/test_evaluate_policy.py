@@ -5,6 +5,7 @@ hand, tiny FLUX.1 Kontext and Qwen-Image-Edit policies judged by a tiny VLM behi
 
 import json
 import math
+import os
 import threading
 from pathlib import Path
 
@@ -327,6 +328,9 @@ def test_an_rl_checkpoint_scores_exactly_as_its_runs_evaluation(tmp_path):
     shutil.copytree(ROOT / "assets" / "shapeedit_policy", root / "policy")
     data = root / "data"
     generate(GenerateConfig(out=str(data), pairs=120, seed=0), progress=False)
+    from rl.learner import DISTRIBUTED_ENV
+
+    environ = {k: os.environ.get(k) for k in DISTRIBUTED_ENV}
     run = run_in_process(
         root,
         tmp_path / "run",
@@ -337,6 +341,8 @@ def test_an_rl_checkpoint_scores_exactly_as_its_runs_evaluation(tmp_path):
         f"data.eval_prompts={data / 'train_prompts.json'}",
     )  # 4 prompts x 2 samples: two micro-batches of one generator
     assert_learned(run)
+    # the in-process learner left the environment as it found it (a later Trainer would otherwise run DDP)
+    assert {k: os.environ.get(k) for k in DISTRIBUTED_ENV} == environ
     args = ["--config", str(run / "config.yaml"), "--benchmark", f"shapeedit:{data}@train", "--limit", "4"]
     args += ["--noise", "rl", "--scorer", f"gold=oracle:{data}", "--out", str(tmp_path / "eval")]
     assert main([*args, "--checkpoint", "base", "--checkpoint", str(run / "checkpoints" / "step-000003")]) == 0
