@@ -577,10 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 5. how each reward model ranks fresh samples of the policy (seeds the pairs did not use) --------------
     start = time.perf_counter()
     models = {"oracle": f"oracle:{data_dir}", **{n: f"jrm:{f / 'final'}" for n, f in rewards.items()}}
-    ranking = {
-        split: on_policy(policy, data_dir, models, split, 8 if args.quick else 32, 8, seed=1000 + args.seed)
-        for split in ("val", "test_heldout")
-    }
+    ranking = on_policy(
+        policy, data_dir, models, ("val", "test_heldout"), 8 if args.quick else 32, 8, seed=1000 + args.seed
+    )
     probe = json.loads((backbone / "pretrain.json").read_text())
     reward_data = {
         "candidate_pairs": len(json.loads((data_dir / "train.json").read_text())),

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from policies.sampling import SamplerConfig
 from reward.config import ConfigError, HelpFormatter, load_config
 from reward.data import DataError, load_image
 from reward.evaluate import load_reward, parse_reward_spec
@@ -228,12 +227,7 @@ def edit_prompts(
     whatever the batch or the prompt list's length); 'rl' draws them as an RL evaluation does (the prompts split over
     cluster.rollout_workers, each share's samples from one generator seeded with `seed`, in algo.micro_batch_size
     batches), so an RL checkpoint's scores repeat its run's evaluation at that step."""
-    sampler = SamplerConfig(
-        num_steps=cfg.policy.eval_denoising_steps,
-        noise_level=0.0,
-        guidance_scale=cfg.policy.sampler.guidance_scale,
-        guidance=cfg.policy.sampler.guidance,
-    )
+    sampler = cfg.policy.eval_sampler()  # what RL's evaluation samples with
     size = (cfg.policy.width, cfg.policy.height)
     sources = [p.source if p.source.size == size else p.source.resize(size, Image.LANCZOS) for p in prompts]
     device = policy.device

@@ -124,47 +124,52 @@ def on_policy(
     policy_dir: Path,
     data_dir: Path,
     rewards: dict[str, str],
-    split: str,
+    splits: tuple[str, ...],
     prompts: int,
     group_size: int,
     seed: int,
     sampler: SamplerConfig | None = None,
-) -> dict:
-    """Each reward model (label -> `reward.evaluate.load_reward` spec) on fresh samples of the policy: `group_size`
-    edits of each of the first `prompts` prompts of `split`, with `sampler` (default: RL's preset's), scored and
-    compared with the oracle within each group (`reward.compare.on_policy_ranking`). Also the groups' gold spread,
-    the share of groups whose edits are one image, and the oracle's own best-of-group gain."""
+) -> dict[str, dict]:
+    """Each reward model (label -> `reward.evaluate.load_reward` spec) on fresh samples of the policy, per split of
+    `splits`: `group_size` edits of each of its first `prompts` prompts, with `sampler` (default: RL's preset's),
+    scored and compared with the oracle within each group (`reward.compare.on_policy_ranking`). Also the groups' gold
+    spread, the share of groups whose edits are one image, and the oracle's own best-of-group gain. The policy and
+    each reward model load once for every split."""
     from reward.shapeedit import judge_image
 
-    check_request(policy_dir, data_dir, split, prompts, group_size)
+    for split in splits:
+        check_request(policy_dir, data_dir, split, prompts, group_size)
     policy = ShapeEditPolicy.from_pretrained(policy_dir)
-    loaded = load_eval_prompts(data_dir, split, prompts, policy.height)
-    groups = sample_groups(policy, loaded, group_size, sampler or preset_sampler(), seed)
-    gold = np.array([[judge_image(p["scene"], p["edits"], im).overall for im in g] for p, g in zip(loaded, groups)])
-    arrays = [[np.asarray(im) for im in g] for g in groups]
-    identical = np.mean([all(np.array_equal(a, g[0]) for a in g) for g in arrays])
-    sources = [p["source"] for p in loaded for _ in range(group_size)]
-    instructions = [p["instruction"] for p in loaded for _ in range(group_size)]
-    edits = [im for g in groups for im in g]
-    result = {
-        "split": split,
-        "prompts": len(loaded),
-        "group_size": group_size,
-        "identical_groups": round(float(identical), 4),
-        "gold_spread": round(float(gold.std(axis=1).mean()), 4),
-        "oracle_top1_gain": round(float((gold.max(axis=1) - gold.mean(axis=1)).mean()), 4),
-        "models": {},
-    }
+    drawn, results = {}, {}
+    for split in splits:
+        loaded = load_eval_prompts(data_dir, split, prompts, policy.height)
+        groups = sample_groups(policy, loaded, group_size, sampler or preset_sampler(), seed)
+        gold = np.array([[judge_image(p["scene"], p["edits"], im).overall for im in g] for p, g in zip(loaded, groups)])
+        identical = np.mean([all(np.array_equal(np.asarray(a), np.asarray(g[0])) for a in g) for g in groups])
+        drawn[split] = (loaded, groups, gold)
+        results[split] = {
+            "split": split,
+            "prompts": len(loaded),
+            "group_size": group_size,
+            "identical_groups": round(float(identical), 4),
+            "gold_spread": round(float(gold.std(axis=1).mean()), 4),
+            "oracle_top1_gain": round(float((gold.max(axis=1) - gold.mean(axis=1)).mean()), 4),
+            "models": {},
+        }
     for label, spec in rewards.items():
         model = load_reward(spec)
-        scores = torch.cat(
-            [
-                model.score(sources[i : i + 64], instructions[i : i + 64], edits[i : i + 64])
-                for i in range(0, len(edits), 64)
-            ]
-        )
-        result["models"][label] = on_policy_ranking(gold, scores.float().numpy().reshape(gold.shape))
-    return result
+        for split, (loaded, groups, gold) in drawn.items():
+            sources = [p["source"] for p in loaded for _ in range(group_size)]
+            instructions = [p["instruction"] for p in loaded for _ in range(group_size)]
+            edits = [im for g in groups for im in g]
+            scores = torch.cat(
+                [
+                    model.score(sources[i : i + 64], instructions[i : i + 64], edits[i : i + 64])
+                    for i in range(0, len(edits), 64)
+                ]
+            )
+            results[split]["models"][label] = on_policy_ranking(gold, scores.float().numpy().reshape(gold.shape))
+    return results
 
 
 def measure_markdown(result: dict) -> str:
@@ -227,12 +232,15 @@ def main(argv: list[str] | None = None) -> int:
             parse_reward_spec(spec, f"--reward {name}")
         result = {
             "command": "python launch/policy_pairs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            **{
-                split: on_policy(
-                    Path(args.policy), Path(args.data), rewards, split, args.prompts, args.samples, args.seed
-                )
-                for split in ("val", "test_heldout")
-            },
+            **on_policy(
+                Path(args.policy),
+                Path(args.data),
+                rewards,
+                ("val", "test_heldout"),
+                args.prompts,
+                args.samples,
+                args.seed,
+            ),
         }
         Path(args.measure).parent.mkdir(parents=True, exist_ok=True)
         Path(args.measure).write_text(json.dumps(result, indent=1) + "\n")

@@ -289,10 +289,13 @@ def prepare_data(cfg: TrainConfig) -> tuple[list[PreferencePair], list[Preferenc
     root = data.image_root or None
     missing = [m for m in data.mix if not Path(m).is_file()]
     if missing:  # before any data is generated
-        raise DataError(f"data.mix: {', '.join(missing)} not found")
+        raise DataError(
+            f"data.mix: {', '.join(missing)} not found; give existing EditReward-Data files (launch/policy_pairs.py "
+            f"writes DATA/policy_train.json)"
+        )
     named = [Path(m).resolve() for m in data.mix] + ([Path(data.train).resolve()] if data.train else [])
     if len(set(named)) < len(named):  # a file twice would silently double its weight
-        raise DataError(f"data.mix names a file twice (or data.train again): {data.mix}")
+        raise DataError(f"data.mix names a file twice (or data.train again): {data.mix}; name each file once")
     if not data.train:
         data_dir = Path(cfg.output_dir) / "data"
         if not (data_dir / "meta.json").is_file():

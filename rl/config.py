@@ -74,6 +74,15 @@ class PolicyConfig:
         """policy.options as the kind's options dataclass."""
         return build(policy_entry(self.kind).options, self.options, "policy.options.")
 
+    def eval_sampler(self) -> SamplerConfig:
+        """Evaluation's sampler: ODE (noise 0) with eval_denoising_steps, the rollout sampler's guidance."""
+        return SamplerConfig(
+            num_steps=self.eval_denoising_steps,
+            noise_level=0.0,
+            guidance_scale=self.sampler.guidance_scale,
+            guidance=self.sampler.guidance,
+        )
+
 
 @dataclass
 class RewardTerm:

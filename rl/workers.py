@@ -22,7 +22,6 @@ from torch import Tensor
 from policies.images import tensor_to_images
 from policies.registry import load_policy
 from policies.rollout import Rollout
-from policies.sampling import SamplerConfig
 from rl.config import PolicyConfig
 from rl.prompts import Prompt
 from rl.rewards import Scores
@@ -93,12 +92,7 @@ class RolloutWorker:
             self.policy.to(device)
         self.device = device
         self.sampler = cfg.sampler
-        self.eval_sampler = SamplerConfig(
-            num_steps=cfg.eval_denoising_steps,
-            noise_level=0.0,
-            guidance_scale=cfg.sampler.guidance_scale,
-            guidance=cfg.sampler.guidance,
-        )
+        self.eval_sampler = cfg.eval_sampler()
         self.eval_samples = cfg.eval_samples
         self.reward = reward_client
         self.final_only = final_only

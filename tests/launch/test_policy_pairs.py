@@ -73,7 +73,7 @@ def test_bad_requests_are_refused_before_sampling(world, capsys, argv, message):
 def test_on_policy_ranking_of_fresh_samples(world):
     policy, data = world
     rewards = {"oracle": f"oracle:{data}", "keep": "preservation"}
-    result = on_policy(policy, data, rewards, "val", 4, 4, seed=1, sampler=DRAWN)
+    result = on_policy(policy, data, rewards, ("val",), 4, 4, seed=1, sampler=DRAWN)["val"]
     assert result["prompts"] == 4 and result["group_size"] == 4 and set(result["models"]) == {"oracle", "keep"}
     oracle = result["models"]["oracle"]
     assert result["identical_groups"] == 0.0 and oracle["groups"] >= 1  # drawn edits differ
@@ -81,7 +81,7 @@ def test_on_policy_ranking_of_fresh_samples(world):
     assert oracle["spearman"] == pytest.approx(1.0) and oracle["top1_gain"] == result["oracle_top1_gain"] > 0
     assert oracle["pair_accuracy"] in (None, 1.0)
     with pytest.raises(ValueError, match="--samples >= 2"):
-        on_policy(policy, data, rewards, "val", 4, 1, seed=1)
+        on_policy(policy, data, rewards, ("val",), 4, 1, seed=1)
 
 
 def test_the_measurement_command_writes_each_splits_figures(world, tmp_path, capsys):
