@@ -57,29 +57,35 @@ class OracleReward:
 
     def __init__(self, data_dir: str | Path):
         data_dir = Path(data_dir)
-        self.lookup: dict[tuple[str, str], tuple] = {}
+        self.rows: dict[tuple[str, str], dict] = {}
         files = sorted(data_dir.glob("*_prompts.json"))
         if not files:
             raise DataError(f"{data_dir} has no *_prompts.json: the oracle needs ShapeEdit scenes")
         for file in files:
             for row in json.loads(file.read_text()):
-                key = (row["instruction"], _pixels(load_image(data_dir / row["path_src"])))
-                self.lookup[key] = (Scene.from_dict(row["scene"]), tuple(Edit.from_dict(e) for e in row["edits"]))
+                source = (data_dir / row["path_src"]).resolve()
+                self.rows[(row["instruction"], _pixels(load_image(source)))] = {**row, "path_src": str(source)}
+
+    def prompt_row(self, source, instruction: str) -> dict:
+        """The `*_prompts.json` row of this (source image, instruction), its path_src made absolute."""
+        if not isinstance(source, Image.Image):
+            raise DataError(
+                "the oracle judges ShapeEdit edits of one source image; it cannot score a prompt with several"
+            )
+        found = self.rows.get((instruction, _pixels(source)))
+        if found is None:
+            raise DataError(
+                f"the oracle knows no ShapeEdit scene for {instruction!r} with this source image: "
+                f"give oracle: the folder this benchmark was generated into"
+            )
+        return found
 
     def score(self, source_images, instructions, edited_images, batch_size: int = 0) -> torch.Tensor:
         out = []
         for source, instruction, edited in zip(source_images, instructions, edited_images):
-            if not isinstance(source, Image.Image):
-                raise DataError(
-                    "the oracle judges ShapeEdit edits of one source image; it cannot score a prompt with several"
-                )
-            found = self.lookup.get((instruction, _pixels(source)))
-            if found is None:
-                raise DataError(
-                    f"the oracle knows no ShapeEdit scene for {instruction!r} with this source image: "
-                    f"give oracle: the folder this benchmark was generated into"
-                )
-            out.append(judge_image(found[0], found[1], np.asarray(edited)).overall)
+            row = self.prompt_row(source, instruction)
+            edits = tuple(Edit.from_dict(e) for e in row["edits"])
+            out.append(judge_image(Scene.from_dict(row["scene"]), edits, np.asarray(edited)).overall)
         return torch.tensor(out, dtype=torch.float32)
 
 

@@ -177,6 +177,53 @@ class PairCollator:
         return batch
 
 
+@dataclass
+class JointLoss:
+    """One batch's L = (1 - alpha) L_rank + alpha L_LM and its parts (rewards detached)."""
+
+    loss: torch.Tensor  # () what backward() runs on
+    pref: torch.Tensor  # () the ranking loss of the reward alone
+    lm: torch.Tensor | None  # () the critique LM loss; None when the batch has no critiques
+    chosen: torch.Tensor  # (n,) rewards of the chosen edits
+    rejected: torch.Tensor  # (n,) rewards of the rejected edits
+    reward_std: torch.Tensor | None  # (2n,) the uncertainty head's sigma; None under bt
+
+
+def ranking_loss(
+    cfg: LossConfig, mu: torch.Tensor, std: torch.Tensor | None, n: int, ties: torch.Tensor, margin: float, mode: str
+) -> torch.Tensor:
+    """The configured L_rank of chosen rows mu[:n] against rejected rows mu[n:] (both (2n,)); `std` (2n,) is the
+    head's sigma under uncertainty ranking, None under bt."""
+    if cfg.ranking == "uncertainty":
+        return uncertainty_preference_loss(mu[:n], mu[n:], std[:n], std[n:], ties, margin, mode)
+    return preference_loss(mu[:n], mu[n:], ties, margin, mode)
+
+
+def joint_loss(model: JRM, inputs: dict, cfg: LossConfig) -> JointLoss:
+    """JRM's training objective on a PairCollator batch (chosen rows first, then rejected): the loss every JRM
+    trains with, here and in RL's online refresh (rl/refresh.py). Pops `ties` and the dimension fields."""
+    ties = inputs.pop("ties")
+    dim_inputs = {k: inputs.pop(k) for k in ("dims_known", "chosen_dims", "rejected_dims") if k in inputs}
+    out = model(**inputs)
+    n = ties.shape[0]
+    pref = ranking_loss(cfg, out.rewards, out.reward_std, n, ties, cfg.margin, cfg.ties)
+    rank = pref
+    if out.dimension_rewards is not None:
+        for d in range(out.dimension_rewards.shape[1]):
+            # Orient each pair by its dimension scores; pairs without them, or tied on them, do not count.
+            sign = torch.sign(dim_inputs["chosen_dims"][:, d] - dim_inputs["rejected_dims"][:, d])
+            usable = dim_inputs["dims_known"] & (sign != 0)
+            oriented = out.dimension_rewards[:, d] * torch.cat([sign, sign])
+            std = None if out.dimension_std is None else out.dimension_std[:, d]
+            rank = rank + cfg.dimension_weight * ranking_loss(cfg, oriented, std, n, ~usable, 0.0, "drop")
+    loss = rank if out.lm_loss is None else (1 - cfg.alpha) * rank + cfg.alpha * out.lm_loss
+    rewards = out.rewards.detach()
+    std = None if out.reward_std is None else out.reward_std.detach()
+    return JointLoss(
+        loss, pref.detach(), None if out.lm_loss is None else out.lm_loss.detach(), rewards[:n], rewards[n:], std
+    )
+
+
 class JRMTrainer(Trainer):
     """transformers' Trainer with JRM's joint loss and pairwise evaluation."""
 
@@ -185,43 +232,19 @@ class JRMTrainer(Trainer):
         self.loss_config = loss_config
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
-    def _ranking_loss(
-        self, mu: torch.Tensor, std: torch.Tensor | None, n: int, ties: torch.Tensor, margin: float, tie_mode: str
-    ) -> torch.Tensor:
-        """The configured L_rank of chosen rows mu[:n] against rejected rows mu[n:] (both (2n,)); `std` (2n,)
-        is the head's sigma under uncertainty ranking, None under bt."""
-        if self.loss_config.ranking == "uncertainty":
-            return uncertainty_preference_loss(mu[:n], mu[n:], std[:n], std[n:], ties, margin, tie_mode)
-        return preference_loss(mu[:n], mu[n:], ties, margin, tie_mode)
-
     def _joint_loss(self, model: JRM, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ties = inputs.pop("ties")
-        dim_inputs = {k: inputs.pop(k) for k in ("dims_known", "chosen_dims", "rejected_dims") if k in inputs}
-        out = model(**inputs)
-        n = ties.shape[0]
-        chosen, rejected = out.rewards[:n], out.rewards[n:]
-        cfg = self.loss_config
-        pref = self._ranking_loss(out.rewards, out.reward_std, n, ties, cfg.margin, cfg.ties)
-        rank = pref
-        if out.dimension_rewards is not None:
-            for d in range(out.dimension_rewards.shape[1]):
-                # Orient each pair by its dimension scores; pairs without them, or tied on them, do not count.
-                sign = torch.sign(dim_inputs["chosen_dims"][:, d] - dim_inputs["rejected_dims"][:, d])
-                usable = dim_inputs["dims_known"] & (sign != 0)
-                oriented = out.dimension_rewards[:, d] * torch.cat([sign, sign])
-                std = None if out.dimension_std is None else out.dimension_std[:, d]
-                rank = rank + cfg.dimension_weight * self._ranking_loss(oriented, std, n, ~usable, 0.0, "drop")
-        loss = rank if out.lm_loss is None else (1 - cfg.alpha) * rank + cfg.alpha * out.lm_loss
+        ties = inputs["ties"]
+        out = joint_loss(model, inputs, self.loss_config)
         prefix = "train" if model.training else "eval"
-        self._metrics[f"{prefix}/pref_loss"].append(float(pref.detach()))
-        if out.lm_loss is not None:
-            self._metrics[f"{prefix}/lm_loss"].append(float(out.lm_loss.detach()))
+        self._metrics[f"{prefix}/pref_loss"].append(float(out.pref))
+        if out.lm is not None:
+            self._metrics[f"{prefix}/lm_loss"].append(float(out.lm))
         if out.reward_std is not None:
-            self._metrics[f"{prefix}/reward_std"].append(float(out.reward_std.detach().mean()))
-        acc = pairwise_accuracy(chosen.detach(), rejected.detach(), ties)
+            self._metrics[f"{prefix}/reward_std"].append(float(out.reward_std.mean()))
+        acc = pairwise_accuracy(out.chosen, out.rejected, ties)
         if not math.isnan(acc):
             self._metrics[f"{prefix}/accuracy"].append(acc)
-        return loss, chosen.detach(), rejected.detach()
+        return out.loss, out.chosen, out.rejected
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, chosen, rejected = self._joint_loss(model, inputs)

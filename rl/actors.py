@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -28,6 +29,7 @@ from rl.algorithms import MicroTargets
 from rl.config import RLConfig
 from rl.learner import Learner
 from rl.prompts import Prompt
+from rl.refresh import RefreshRequest, RewardTrainer
 from rl.rewards import RewardWorker
 from rl.workers import EvalResult, RolloutResult, RolloutWorker
 
@@ -82,6 +84,10 @@ class ActorSet(Protocol):
     def load(self, path: str) -> None:
         """Every learner rank loads the checkpoint at `path`."""
 
+    def refresh(self, request: RefreshRequest) -> dict:
+        """The reward trainer labels and trains (rl/refresh.py); when it trained, every reward actor loads its new
+        weights before the call returns. Returns the refresh/* metrics."""
+
     def reward_batch_sizes(self) -> list[list[int] | None]:
         """Per node, the edits of each scoring call of its reward actor since the last call (None: no answer)."""
 
@@ -90,13 +96,16 @@ class ActorSet(Protocol):
 
 
 class LocalActors:
-    """The actor set in this process: the components called directly, one of each."""
+    """The actor set in this process: the components called directly, one of each (and a reward trainer when the
+    run refreshes its reward)."""
 
     num_rollout_workers = 1
     num_learners = 1
 
-    def __init__(self, worker: RolloutWorker, learner: Learner, reward: RewardWorker):
-        self.worker, self.learner, self.reward = worker, learner, reward
+    def __init__(
+        self, worker: RolloutWorker, learner: Learner, reward: RewardWorker, trainer: RewardTrainer | None = None
+    ):
+        self.worker, self.learner, self.reward, self.trainer = worker, learner, reward, trainer
 
     def rollout(self, shares: list[RolloutShare], micro_batch_size: int, overlap: bool) -> list[RolloutResult]:
         return [self.worker.rollout(s.prompts, s.group_ids, micro_batch_size, s.seed, overlap) for s in shares]
@@ -110,11 +119,21 @@ class LocalActors:
     def evaluate(self, shares: list[list[Prompt]], seed: int, batch_size: int, grid_rows: int) -> list[EvalResult]:
         return [self.worker.evaluate(prompts, seed, batch_size, grid_rows) for prompts in shares if prompts]
 
+    def refresh(self, request: RefreshRequest) -> dict:
+        metrics = self.trainer.refresh(request)
+        if metrics["refresh/trained"]:
+            self.reward.load_term_weights(self.trainer.cfg.term, self.trainer.trainable_state(), self.trainer.version)
+        return metrics
+
     def save(self, staging: str) -> list:
+        if self.trainer is not None:
+            self.trainer.save(reward_trainer_dir(staging))
         return [self.learner.save(staging)]
 
     def load(self, path: str) -> None:
         self.learner.load(path)
+        if self.trainer is not None and self.trainer.load(checked_reward_trainer_dir(path)):
+            self.reward.load_term_weights(self.trainer.cfg.term, self.trainer.trainable_state(), self.trainer.version)
 
     def reward_batch_sizes(self) -> list[list[int] | None]:
         return [self.reward.take_batch_sizes()]
@@ -163,10 +182,27 @@ def local_actors(cfg: RLConfig, algorithm) -> Iterator[LocalActors]:
         final_only=cfg.algo.name == "nft",
     )
     learner = Learner(cfg, algorithm, 0, 1, "127.0.0.1", free_port("127.0.0.1"), threads=c.threads_per_worker)
+    trainer = RewardTrainer(cfg, c.device, c.threads_per_worker) if cfg.reward.refresh.term else None
     try:
-        yield LocalActors(worker, learner, reward)
+        yield LocalActors(worker, learner, reward, trainer)
     finally:
         learner.close()
+
+
+def reward_trainer_dir(checkpoint: str | Path) -> Path:
+    """Where a checkpoint keeps the reward trainer's state."""
+    return Path(checkpoint) / "reward_trainer"
+
+
+def checked_reward_trainer_dir(checkpoint: str | Path) -> Path:
+    """reward_trainer_dir, refused when the checkpoint was saved by a run that did not refresh its reward."""
+    folder = reward_trainer_dir(checkpoint)
+    if not (folder / "refresh.json").is_file():
+        raise ValueError(
+            f"{checkpoint} holds no reward trainer state: it was saved without reward.refresh; resume it without "
+            f"reward.refresh, or start a new run"
+        )
+    return folder
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -109,6 +109,71 @@ class RewardTerm:
             )
 
 
+LABELLERS = ("oracle", "generative", "queue")
+
+
+@dataclass
+class RefreshConfig:
+    """Online refresh of a JRM term while RL runs (rl/refresh.py, docs/rl.md "Online reward refresh")."""
+
+    term: str = ""
+    """The reward term to refresh (a `jrm:` term of reward.terms); '' = no refresh, the reward stays frozen."""
+    every: int = 2
+    """Refresh after every this many RL steps (between steps: a rollout batch is never scored by two versions)."""
+    pairs: int = 16
+    """Pairs of the step's rollouts sent to the labeller at each refresh (fewer once the budget runs out)."""
+    select: str = "top"
+    """Which pairs: 'top' (in each group, the sample the reward ranks first against samples spread over the rest of
+    its ranking: the edits RL is about to reinforce, where a wrong reward is reward hacking) or 'random'."""
+    labeller: str = ""
+    """Who labels them: oracle:SHAPEEDIT_DIR (the exact ShapeEdit judge, with grounded critiques), generative:PATH (a
+    judge model decoding critiques with verdicts) or queue:DIR (pairs written to DIR/pending, labels read back from
+    DIR/labels when present; the run never waits for them)."""
+    tie_eps: float = 0.02
+    """Judged scores closer than this make a tie (not trained on: ShapeEdit's generator's rule)."""
+    budget: int = 2000
+    """Labels asked for over the whole run; refreshes stop asking once it is spent."""
+    steps: int = 8
+    """Optimizer steps of the reward trainer per refresh (0: label and measure only, never train: the frozen
+    control with the same on-policy accuracy curve)."""
+    batch_size: int = 16
+    """Pairs per optimizer step."""
+    lr: float = 1e-4
+    """AdamW learning rate of the refresh."""
+    original_data: str = ""
+    """EditReward-Data json/jsonl of the reward model's own training pairs, replayed beside the labelled ones so it
+    does not forget them; '' = labelled pairs only."""
+    original_fraction: float = 0.5
+    """Share of each refresh batch drawn from original_data (when given)."""
+    alpha: float | None = None
+    """L_LM's share in the refresh loss; None: the model's own, read with the rest of its loss from the config.yaml
+    of its reward/train.py run (the folder above the model, or the model's folder)."""
+
+    def __post_init__(self):
+        if not self.term:
+            return
+        if self.every < 1 or self.pairs < 1 or self.budget < 1 or self.steps < 0 or self.batch_size < 1:
+            raise ValueError(
+                "reward.refresh needs every, pairs, budget and batch_size >= 1 and steps >= 0, got "
+                f"{self.every}, {self.pairs}, {self.budget}, {self.batch_size}, {self.steps}"
+            )
+        if self.select not in ("top", "random"):
+            raise ValueError(f"reward.refresh.select must be top or random, got {self.select!r}")
+        kind, _, path = self.labeller.partition(":")
+        if kind not in LABELLERS or not path:
+            raise ValueError(
+                f"reward.refresh.labeller: {self.labeller!r} is not a labeller; use "
+                + ", ".join(f"{k}:{'DIR' if k != 'generative' else 'PATH'}" for k in LABELLERS)
+            )
+        if not 0 <= self.original_fraction < 1 or self.lr <= 0 or self.tie_eps < 0:
+            raise ValueError(
+                f"reward.refresh.original_fraction must be in [0, 1), lr > 0 and tie_eps >= 0, got "
+                f"{self.original_fraction}, {self.lr}, {self.tie_eps}"
+            )
+        if self.alpha is not None and not 0 <= self.alpha < 1:
+            raise ValueError(f"reward.refresh.alpha must be in [0, 1), got {self.alpha}")
+
+
 @dataclass
 class RewardConfig:
     terms: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
@@ -125,9 +190,17 @@ class RewardConfig:
     """Per-call timeout of a scoring request."""
     retries: int = 2
     """Retries after a timeout before the run stops."""
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    """Keep training a JRM term on labelled pairs of the policy's current samples during the run (off by default)."""
 
     def __post_init__(self):
         names = [t.name for t in self.terms]
+        if self.refresh.term:
+            term = next((t for t in self.terms if t.name == self.refresh.term), None)
+            if term is None or not term.spec.startswith("jrm:"):
+                raise ValueError(
+                    f"reward.refresh.term {self.refresh.term!r} must name a jrm: term of reward.terms ({names})"
+                )
         if not names or len(set(names)) != len(names):
             raise ValueError(f"reward.terms need distinct names and at least one term, got {names}")
         if self.max_batch_size < 1 or self.max_wait_s < 0:

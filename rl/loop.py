@@ -33,6 +33,7 @@ from rl.compare import scores_file
 from rl.config import RLConfig
 from rl.logger import MetricsLogger
 from rl.prompts import load_prompts, prompts_for_step
+from rl.refresh import RefreshRequest, select_pairs
 from rl.rewards import Scores, total_rewards
 
 GRID_ROWS = 8  # evaluation prompts shown in each evaluation's grid
@@ -81,6 +82,7 @@ class Run:
         self.term_weights = {t.name: t.weight for t in cfg.reward.terms}
         self.algorithm = algorithm  # the driver calls only its targets()
         self.version = 0
+        self.reward_version = 0  # the refreshed reward term's weights version (0: as loaded)
         self.redos = 0
         self.bad_steps = 0  # consecutive steps with non-finite rewards or losses
         self.logger: MetricsLogger | None = None
@@ -95,6 +97,7 @@ class Run:
             state, _ = checkpoint.load(resume_from)
             self.actors.load(str(resume_from))
             step, self.version, run_id = state["step"], state["policy_version"], state["wandb_run_id"]
+            self.reward_version = state["reward_version"]
             print(f"resumed from {resume_from} (step {step})", flush=True)
         self.actors.send_weights(self.version)
         self.logger = MetricsLogger(
@@ -216,6 +219,35 @@ class Run:
             if sizes is not None
         }
 
+    # ---- reward refresh -----------------------------------------------------------------------------------------
+
+    def refresh(self, step: int, rows: list, group_ids: torch.Tensor, scored: Scores, micro: list) -> None:
+        """Pairs of the step's rows (rl/refresh.py select_pairs on the refreshed term's scores) go to the reward
+        trainer, located in the micro-batches (each worker's rows are whole micro-batches, in row order). A failure
+        stops the run without a checkpoint: the trainer may be half-way, the last checkpoint is whole."""
+        r = self.cfg.reward.refresh
+        scores = scored.terms[r.term]
+        pairs = select_pairs(scores, group_ids, r.pairs, r.select, self.cfg.seed * 1_000_003 + step)
+        m = self.cfg.algo.micro_batch_size
+        needed = sorted({i // m for pair in pairs for i in pair})  # only these micro-batches travel to the trainer
+        at = {k: n for n, k in enumerate(needed)}
+        request = RefreshRequest(
+            step,
+            [rows[i] for i, _ in pairs],
+            [((at[i // m], i % m), (at[j // m], j % m)) for i, j in pairs],
+            [(scores[i], scores[j]) for i, j in pairs],
+            [micro[k] for k in needed],
+        )
+        try:
+            metrics = self.actors.refresh(request)
+        except Exception as e:
+            raise RuntimeError(
+                f"the reward refresh after step {step} failed: {type(e).__name__}: {e}; resume=auto continues from "
+                f"{self.last_checkpoint()}"
+            ) from e
+        self.reward_version = metrics["refresh/version"]
+        self.logger.log(step, metrics)
+
     # ---- evaluation and checkpoints ------------------------------------------------------------------------------
 
     def evaluate(self, at_step: int) -> dict:
@@ -294,6 +326,7 @@ class Run:
         state = {
             "step": at_step,
             "policy_version": self.version,
+            "reward_version": self.reward_version,
             "wandb_run_id": self.logger.run_id,
             "data_position": at_step * self.cfg.algo.prompts_per_step,
             "seed": self.cfg.seed,
@@ -455,6 +488,10 @@ def _steps(cfg: RLConfig, run: Run, step: int) -> dict:
         run.version += 1
         run.actors.send_weights(run.version)
         step += 1
+
+        # ---- reward refresh: labelled pairs of this step's samples train the reward, swapped in between steps -------
+        if cfg.reward.refresh.term and step % cfg.reward.refresh.every == 0:
+            run.refresh(step, rows, group_ids, scored, micro)
 
         # ---- log, eval, checkpoint -----------------------------------------------------------------------------------
         run.log_step(step, results, stats, reward, targets, scored, [t0, t_rollout, t_update, time.perf_counter()])

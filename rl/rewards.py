@@ -126,6 +126,7 @@ class RewardWorker:
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one scoring call at a time
         self.batch_sizes: list[int] = []
+        self.versions = {t.name: 0 for t in terms}  # each term's weights version (a refreshed term's grows)
 
     def score(
         self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]
@@ -178,6 +179,19 @@ class RewardWorker:
                 for v in self.gold.score(source_images, instructions, edited_images, batch_size=self.max_batch_size)
             ]
         return Judged(self.score(source_images, instructions, edited_images), gold)
+
+    def load_term_weights(self, name: str, state: dict, version: int) -> int:
+        """A refreshed term's new tensors (rl/refresh.py RewardTrainer.trainable_state), loaded between RL steps;
+        returns the version now held (reward/version of the metrics)."""
+        model = next(reward for term, reward in self.terms if term.name == name)
+        params = dict(model.named_parameters())
+        if not state.keys() <= params.keys():
+            raise ValueError(f"reward term {name!r}: the refreshed tensors are not this model's parameters")
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key].copy_(torch.as_tensor(value))
+        self.versions[name] = version
+        return version
 
     def take_batch_sizes(self) -> list[int]:
         """The edits of each scoring call since the last take (the driver logs their mean per node and step)."""
