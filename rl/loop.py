@@ -15,6 +15,7 @@ is handled by the named helpers of `Run`, so that `_steps` shows only the step. 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -433,6 +434,8 @@ def prepare(cfg: RLConfig) -> dict:
             f"another output_dir (a new run here would prune or mix with them)"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:  # a fresh run: no labelled pairs of an earlier attempt that never checkpointed
+        shutil.rmtree(run_dir / "refresh", ignore_errors=True)
     save_config(cfg, run_dir / "config.yaml")
     return {
         "prompts": prompts,

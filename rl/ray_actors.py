@@ -20,20 +20,31 @@ returns only the references, with the scores; learners fetch their shards direct
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, ObjectLostError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rl.actors import ActorLost, NodeLost, Redo, RolloutShare, free_port, payload_bytes
+from rl.actors import (
+    ActorLost,
+    NodeLost,
+    Redo,
+    RolloutShare,
+    checked_reward_trainer_dir,
+    free_port,
+    payload_bytes,
+    reward_trainer_dir,
+)
 from rl.algorithms import MicroTargets
 from rl.config import ClusterConfig, RLConfig
 from rl.learner import Learner
 from rl.prompts import Prompt
+from rl.refresh import RefreshRequest, RewardTrainer, latest_weights
 from rl.rewards import RewardWorker
 from rl.workers import EvalResult, RolloutResult, RolloutWorker
 
@@ -115,6 +126,8 @@ class RayActors:
     placements: list[Placement]
     nodes: list[str]  # Ray node ids, one per node
     reward_timeout_s: float  # how long a metric call to a reward actor may take
+    reward_trainer: Any = None  # the online refresh's trainer (rl/refresh.py), beside node 0's reward actor
+    refreshed_term: str = ""  # the reward term it trains
     poll_s: float = 5.0  # how often a long wait (`watch`) checks that the job's nodes are alive
 
     @property
@@ -157,11 +170,33 @@ class RayActors:
             [w.evaluate.remote(p, seed, batch_size, grid_rows) for w, p in zip(self.rollout_workers, shares) if p]
         )
 
+    def refresh(self, request: RefreshRequest) -> dict:
+        try:
+            metrics = self.watch([self.reward_trainer.refresh.remote(request)])[0]
+        except RayActorError:  # Ray restarts it with its state after the last refresh; this one is asked again
+            print("the reward trainer died during a refresh; asking the restarted one again", flush=True)
+            RayRewardClient(self.reward_trainer, self.reward_timeout_s, 0)._wait_until_alive()
+            metrics = self.watch([self.reward_trainer.refresh.remote(request)])[0]
+        if metrics["refresh/trained"]:
+            self.send_reward_weights(metrics["refresh/version"])
+        return metrics
+
+    def send_reward_weights(self, version: int) -> None:
+        """The trainer's tensors to every node's reward actor, through the object store."""
+        weights = self.reward_trainer.trainable_state.remote()
+        self.watch([a.load_term_weights.remote(self.refreshed_term, weights, version) for a in self.reward_actors])
+
     def save(self, staging: str) -> list:
+        if self.reward_trainer is not None:
+            self.watch([self.reward_trainer.save.remote(str(reward_trainer_dir(staging)))])
         return self.watch([rank.save.remote(staging) for rank in self.learners])
 
     def load(self, path: str) -> None:
         ray.get([rank.load.remote(path) for rank in self.learners])
+        if self.reward_trainer is not None:
+            version = ray.get(self.reward_trainer.load.remote(str(checked_reward_trainer_dir(path))))
+            if version:
+                self.send_reward_weights(version)
 
     def reward_batch_sizes(self) -> list[list[int] | None]:
         sizes = []
@@ -311,11 +346,22 @@ def ray_actors(cfg: RLConfig, algorithm) -> Iterator[RayActors]:
         rewards, clients, workers, learners = [], [], [], []
         placements = [p for n in range(len(groups)) for p in placement(c, n)]
         final_only = cfg.algo.name == "nft"
+        refresh = cfg.reward.refresh
+        reward_at = next(p for p in layout if p.role == "reward")
+        trainer = None
         for n, pg in enumerate(groups):
-            reward_at = next(p for p in layout if p.role == "reward")
+            at = options(pg, reward_at)
+            if refresh.term and n == 0:  # the reward trainer shares node 0's reward slot: half of it each
+                at = halved(at)
+                trainer = (
+                    ray.remote(RewardTrainer)
+                    .options(**at, max_restarts=2, max_task_retries=0)
+                    .remote(cfg, c.device, c.threads_per_worker, fetch=fetch_rollouts, restarted=was_restarted)
+                )
+                actors.append(trainer)
             reward = (
                 ray.remote(RewardWorker)
-                .options(**options(pg, reward_at), max_restarts=2, max_task_retries=0, max_concurrency=64)
+                .options(**at, max_restarts=2, max_task_retries=0, max_concurrency=64)
                 .remote(
                     cfg.reward.terms,
                     c.device,
@@ -324,6 +370,7 @@ def ray_actors(cfg: RLConfig, algorithm) -> Iterator[RayActors]:
                     c.threads_per_worker,
                     c.num_rollout_workers,
                     cfg.reward.gold,
+                    functools.partial(restarted_reward, cfg.output_dir, refresh.term) if refresh.term else None,
                 )
             )
             actors.append(reward)
@@ -369,13 +416,44 @@ def ray_actors(cfg: RLConfig, algorithm) -> Iterator[RayActors]:
                 actors.append(learner)
                 learners.append(learner)
         yield RayActors(
-            workers, learners, rewards, clients, placements, [node["NodeID"] for node in nodes], cfg.reward.timeout_s
+            workers,
+            learners,
+            rewards,
+            clients,
+            placements,
+            [node["NodeID"] for node in nodes],
+            cfg.reward.timeout_s,
+            trainer,
+            refresh.term,
         )
     finally:
         for actor in actors:
             _release(ray.kill, actor)
         for pg in groups:
             _release(remove_placement_group, pg)
+
+
+def halved(opts: dict) -> dict:
+    """Placement options for half of the slot `opts` reserves (its CPUs, and its GPU share on GPU runs)."""
+    out = {**opts, "num_cpus": opts["num_cpus"] / 2}
+    if "num_gpus" in out:
+        out["num_gpus"] = out["num_gpus"] / 2
+    if "resources" in out:
+        out["resources"] = {k: v / 2 for k, v in out["resources"].items()}
+    return out
+
+
+def was_restarted() -> bool:
+    """Whether this actor is one that Ray restarted after it died."""
+    return ray.get_runtime_context().was_current_actor_reconstructed
+
+
+def restarted_reward(run_dir: str, term: str) -> tuple[str, dict, int] | None:
+    """In a reward actor that Ray restarted: the refreshed term's latest weights (rl/refresh.py latest_weights)."""
+    if not was_restarted():
+        return None
+    found = latest_weights(run_dir)
+    return None if found is None else (term, *found)
 
 
 def _release(release, what) -> None:

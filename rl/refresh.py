@@ -38,6 +38,10 @@ from reward.train import LossConfig, PairCollator, TrainConfig, joint_loss
 from rl.config import RLConfig
 from rl.prompts import Prompt
 
+LATEST = "latest"
+"""run_dir/refresh/latest: the trainer's state after its last refresh (what a restarted actor takes back)."""
+
+
 # ---- which pairs ----------------------------------------------------------------------------------------------------
 
 
@@ -251,8 +255,17 @@ def refresh_loss(model_path: str, alpha: float | None) -> LossConfig:
 class RewardTrainer:
     """Labels, remembers and trains (module docstring). A plain class: Ray wraps it in rl/ray_actors.py."""
 
-    def __init__(self, cfg: RLConfig, device: str = "cpu", threads: int = 0, fetch: Callable | None = None):
-        """`fetch`: how to read the request's micro-batches when they are references (Ray's object store)."""
+    def __init__(
+        self,
+        cfg: RLConfig,
+        device: str = "cpu",
+        threads: int = 0,
+        fetch: Callable | None = None,
+        restarted: Callable[[], bool] | None = None,
+    ):
+        """`fetch`: how to read the request's micro-batches when they are references (Ray's object store).
+        `restarted`: tells a trainer that Ray restarted after a crash, which takes back its state as of its last
+        refresh (run_dir/refresh/latest) so the driver can ask again for the refresh it was doing."""
         if threads:
             torch.set_num_threads(threads)
         r = cfg.reward.refresh
@@ -269,12 +282,17 @@ class RewardTrainer:
         self.rows: list[dict] = []  # the replay buffer, in the order labelled
         self.version = 0
         self.labels_asked = 0
+        self.last: tuple[int, dict] = (-1, {})  # the step and metrics of the last refresh done
+        if restarted is not None and restarted() and (self.dir / LATEST / "refresh.json").is_file():
+            self.load(self.dir / LATEST)
 
     # ---- a refresh ----------------------------------------------------------------------------------------------
 
     def refresh(self, request: RefreshRequest) -> dict:
         """Label the request's pairs (within the budget), measure, remember, train; returns the refresh/* metrics
         (the reward actors load `trainable_state()` as `version` when `refresh/trained` is 1)."""
+        if request.step == self.last[0]:  # done before a crash took the answer: asked again after the restart
+            return self.last[1]
         start = time.perf_counter()
         take = min(len(request.prompts), self.cfg.budget - self.labels_asked)
         micro = request.micro
@@ -313,6 +331,8 @@ class RewardTrainer:
                 "perf/refresh_s": time.perf_counter() - start,
             }
         )
+        self.last = (request.step, metrics)
+        self.save(self.dir / LATEST)
         return metrics
 
     def remember(self, rows: list[dict]) -> None:
@@ -358,7 +378,12 @@ class RewardTrainer:
         folder.mkdir(parents=True, exist_ok=True)
         save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, folder / "reward.safetensors")
         torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-        state = {"version": self.version, "labels_asked": self.labels_asked, "buffer": len(self.rows)}
+        state = {
+            "version": self.version,
+            "labels_asked": self.labels_asked,
+            "buffer": len(self.rows),
+            "last": self.last,
+        }
         (folder / "refresh.json").write_text(json.dumps(state))
 
     def load(self, folder: str | Path) -> int:
@@ -379,8 +404,19 @@ class RewardTrainer:
             raise DataError(f"{log} holds {len(rows)} labelled pairs; the checkpoint {folder} needs {state['buffer']}")
         self.rows = rows[: state["buffer"]]
         log.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        self.version, self.labels_asked = state["version"], state["labels_asked"]
+        self.version, self.labels_asked, self.last = state["version"], state["labels_asked"], tuple(state["last"])
+        if folder != self.dir / LATEST:  # a resume: what a restart would take back is now this checkpoint
+            self.save(self.dir / LATEST)
         return self.version
+
+
+def latest_weights(run_dir: str | Path) -> tuple[dict[str, Tensor], int] | None:
+    """The refreshed tensors and version of a run's last refresh (None before its first): what a reward actor
+    that Ray restarted loads, so it never scores with an older version than the others."""
+    folder = Path(run_dir) / "refresh" / LATEST
+    if not (folder / "refresh.json").is_file():
+        return None
+    return load_file(folder / "reward.safetensors"), json.loads((folder / "refresh.json").read_text())["version"]
 
 
 def sample(micro: list, m: int, i: int) -> Image.Image:

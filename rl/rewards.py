@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -104,11 +105,14 @@ class RewardWorker:
         threads: int = 0,
         clients: int = 0,
         gold: str = "",
+        refreshed: Callable[[], tuple[str, dict, int] | None] | None = None,
     ):
         """`max_batch_size`: edits gathered into one call (reward.max_batch_size); each term then forwards them
         `term.micro_batch_size` at a time. `clients`: the rollout workers this actor serves (its node's), 0 if
         unknown: once that many requests wait, no more can be coming soon, so the call starts without waiting.
-        `gold`: the held-out judge of evaluations (a reward spec, '' = none), which only `judge` calls."""
+        `gold`: the held-out judge of evaluations (a reward spec, '' = none), which only `judge` calls.
+        `refreshed`: in a reward actor that Ray restarted during a run whose reward is refreshed, the refreshed
+        term's name, latest tensors and version (rl/refresh.py latest_weights), loaded before it scores anything."""
         if threads:
             torch.set_num_threads(threads)
         names = [t.name for t in terms]
@@ -127,6 +131,9 @@ class RewardWorker:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one scoring call at a time
         self.batch_sizes: list[int] = []
         self.versions = {t.name: 0 for t in terms}  # each term's weights version (a refreshed term's grows)
+        found = refreshed() if refreshed is not None else None
+        if found is not None:
+            self.load_term_weights(*found)
 
     def score(
         self, source_images: list[Image.Image], instructions: list[str], edited_images: list[Image.Image]

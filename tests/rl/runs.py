@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from launch.benchmarking import tiny_learning_run
 from reward.config import load_config
+from reward.model import JRM, JRMArgs
 from rl.actors import local_actors
 from rl.config import RLConfig
 from rl.loop import train
@@ -64,6 +65,31 @@ def overrides(root, out, *extra):
         "cluster.num_rollout_workers=1",
         *extra,
     ]
+
+
+def tiny_jrm(root: Path) -> Path:
+    """A tiny random-weight JRM at root/jrm (the reward the refresh tests train online); returns root."""
+    JRM.build(JRMArgs(tiny_hidden=64, tiny_layers=2), seed=0).save_pretrained(root / "jrm")
+    return root
+
+
+def refreshed_overrides(root, out, *extra):
+    """`overrides` scored by root/jrm (tiny_jrm), refreshed after every step with 4 oracle labels, 2 steps each."""
+    return overrides(
+        root,
+        out,
+        f"reward.terms=[{{name: jrm, spec: 'jrm:{root / 'jrm'}'}}]",
+        "reward.refresh.term=jrm",
+        "reward.refresh.every=1",
+        "reward.refresh.pairs=4",
+        f"reward.refresh.labeller=oracle:{root / 'data'}",
+        "reward.refresh.steps=2",
+        "reward.refresh.batch_size=4",
+        "reward.refresh.lr=0.001",
+        "reward.refresh.alpha=0.3",
+        "reward.refresh.tie_eps=0.001",  # the fixture's samples differ by a few hundredths of gold
+        *extra,
+    )
 
 
 def run_in_process(root, out, *extra):

@@ -18,10 +18,12 @@ import psutil
 import pytest
 import ray
 import torch
+from safetensors.torch import load_file
 
 from launch.benchmarking import local_ray
 from reward.config import load_config
 from rl import checkpoint
+from rl.actors import local_actors
 from rl.algorithms import MicroTargets
 from rl.compare import read_metrics
 from rl.config import RLConfig
@@ -34,8 +36,10 @@ from tests.rl.runs import (
     assert_same_weights,
     metrics,
     overrides,
+    refreshed_overrides,
     run_in_process,
     tiny_data_and_policy,
+    tiny_jrm,
     weights,
 )
 
@@ -392,3 +396,24 @@ def test_a_reward_actor_that_stays_dead_stops_the_run_resumably(setup, whole, tm
     assert_learned(run)
     assert_same_metrics(run, whole)
     assert_same_weights(weights(run, 3), weights(whole, 3), atol=1e-6)
+
+
+def test_a_reward_trainer_killed_during_a_refresh_is_restarted_and_the_run_unchanged(setup, tmp_path, capfd):
+    """Online reward refresh on Ray (rl/refresh.py): SIGKILL the reward trainer while it refreshes after step 2.
+    Ray restarts it, it takes back its state after step 1's refresh, the refresh is asked again, and the run's
+    metrics and weights (policy and reward) equal the same run in process, which checks the Ray path besides."""
+    root = tiny_jrm(setup)
+    local = tmp_path / "local"
+    train(load_config(RLConfig, None, refreshed_overrides(root, local)), local_actors)
+    assert_learned(local)
+    got_dir = tmp_path / "killed"
+    killer, killed = kill_when(got_dir / "refresh" / "images" / "step-000002", "ray::RewardTrainer.refresh")
+    train(load_config(RLConfig, None, refreshed_overrides(root, got_dir)), ray_actors)
+    killer.join()
+    assert killed, "the reward trainer was not caught refreshing: the fault was not injected"
+    assert "asking the restarted one again" in capfd.readouterr().out
+    assert_same_metrics(got_dir, local, rel=1e-4, abs=1e-6)
+    assert [r["refresh/version"] for r in metrics(got_dir) if "refresh/version" in r] == [1, 2, 3]
+    reward = "checkpoints/step-000003/reward_trainer/reward.safetensors"
+    assert_same_weights(load_file(got_dir / reward), load_file(local / reward), atol=1e-5)
+    assert_same_weights(weights(got_dir, 3), weights(local, 3), atol=1e-5)

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from reward.config import load_config
-from reward.model import JRM, JRMArgs
+from reward.model import JRM
 from rl.actors import local_actors
 from rl.config import RLConfig
 from rl.loop import train
@@ -23,40 +23,20 @@ from tests.rl.runs import (
     assert_same_weights,
     metrics,
     overrides,
+    refreshed_overrides,
     tiny_data_and_policy,
+    tiny_jrm,
     weights,
 )
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tiny_data_and_policy(tmp_path_factory.mktemp("refresh"))
-    JRM.build(JRMArgs(tiny_hidden=64, tiny_layers=2), seed=0).save_pretrained(root / "jrm")
-    return root
-
-
-def refreshed(root, out, *extra):
-    """The fixture's 3-step run scored by a tiny random JRM, refreshed after every step with 4 oracle labels."""
-    data = root / "data"
-    return overrides(
-        root,
-        out,
-        f"reward.terms=[{{name: jrm, spec: 'jrm:{root / 'jrm'}'}}]",
-        "reward.refresh.term=jrm",
-        "reward.refresh.every=1",
-        "reward.refresh.pairs=4",
-        f"reward.refresh.labeller=oracle:{data}",
-        "reward.refresh.steps=2",
-        "reward.refresh.batch_size=4",
-        "reward.refresh.lr=0.001",
-        "reward.refresh.alpha=0.3",
-        "reward.refresh.tie_eps=0.001",  # the fixture's samples differ by a few hundredths of gold
-        *extra,
-    )
+    return tiny_jrm(tiny_data_and_policy(tmp_path_factory.mktemp("refresh")))
 
 
 def run(root, out, *extra):
-    train(load_config(RLConfig, None, refreshed(root, out, *extra)), local_actors)
+    train(load_config(RLConfig, None, refreshed_overrides(root, out, *extra)), local_actors)
     return out
 
 
@@ -171,11 +151,11 @@ def test_bad_refresh_settings_are_refused_before_any_actor_starts(root, tmp_path
     }
     for setting, message in bad.items():
         with pytest.raises(ValueError, match=message):
-            load_config(RLConfig, None, refreshed(root, tmp_path / "x", setting))
+            load_config(RLConfig, None, refreshed_overrides(root, tmp_path / "x", setting))
     oracle_term = f"reward.terms=[{{name: jrm, spec: 'oracle:{data}'}}]"
     with pytest.raises(ValueError, match="must name a jrm: term"):
-        load_config(RLConfig, None, refreshed(root, tmp_path / "x") + [oracle_term])
-    cfg = load_config(RLConfig, None, refreshed(root, tmp_path / "x", "reward.refresh.alpha=null"))
+        load_config(RLConfig, None, refreshed_overrides(root, tmp_path / "x") + [oracle_term])
+    cfg = load_config(RLConfig, None, refreshed_overrides(root, tmp_path / "x", "reward.refresh.alpha=null"))
     with pytest.raises(ValueError, match="set reward.refresh.alpha"):
         RewardTrainer(cfg)
 
