@@ -238,6 +238,7 @@ class Run:
             [((at[i // m], i % m), (at[j // m], j % m)) for i, j in pairs],
             [(scores[i], scores[j]) for i, j in pairs],
             [micro[k] for k in needed],
+            train=step < self.cfg.num_rl_steps,
         )
         try:
             metrics = self.actors.refresh(request)
@@ -426,6 +427,11 @@ def prepare(cfg: RLConfig) -> dict:
         parse_reward_spec(term.spec, f"reward.terms {term.name!r}")
     if cfg.reward.gold:
         parse_reward_spec(cfg.reward.gold, "reward.gold")
+    refresh = cfg.reward.refresh
+    if refresh.term and not refresh.labeller.startswith("queue:"):
+        parse_reward_spec(refresh.labeller, "reward.refresh.labeller")
+    if refresh.term and refresh.original_data and not Path(refresh.original_data).is_file():
+        raise FileNotFoundError(f"reward.refresh.original_data: no EditReward-Data file at {refresh.original_data}")
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
     found = checkpoint.complete_checkpoints(run_dir)
     if found and resume_from != found[-1]:

@@ -49,7 +49,8 @@ def select_pairs(scores: list[float], group_ids: Tensor, n: int, rule: str, seed
     """Up to n pairs of rows of one group each, taken round-robin over the groups (so a cut keeps every group).
 
     'top': in each group, the row the reward ranks first against rows spread evenly over the rest of its ranking,
-    lowest first: the edits RL is about to reinforce, checked where a reward that is wrong does the most harm.
+    lowest first: the edits RL is about to reinforce, checked where a reward that is wrong does the most harm. Rows
+    scored alike (to float precision) count once: one edit sampled twice.
     'random': distinct pairs drawn uniformly in each group (seeded).
 
     Args:
@@ -69,7 +70,13 @@ def select_pairs(scores: list[float], group_ids: Tensor, n: int, rule: str, seed
         k = min(per_group, len(rows) - 1)
         if rule == "top":
             ranked = sorted(rows, key=lambda r: (-scores[r], r))
-            rest = ranked[1:]
+            # rows the reward scores alike are one edit sampled twice (a pair of them compares nothing): one each
+            rest = [r for k, r in enumerate(ranked) if k and not math.isclose(scores[r], scores[ranked[k - 1]])]
+            rest = [r for r in rest if not math.isclose(scores[r], scores[ranked[0]])]
+            if not rest:
+                chosen.append([])
+                continue
+            k = min(k, len(rest))
             picks = sorted({int(round(x)) for x in np.linspace(len(rest) - 1, 0, k)}, reverse=True)
             chosen.append([(ranked[0], rest[p]) for p in picks])
         else:
@@ -233,7 +240,8 @@ class RefreshRequest:
     prompts: list[Prompt]  # one per pair
     rows: list[tuple[tuple[int, int], tuple[int, int]]]  # per pair, (micro-batch, row in it) of its two samples
     proxy: list[tuple[float, float]]  # per pair, the refreshed term's scores of its two samples
-    micro: list  # the step's micro-batches: rollouts, or references to them
+    micro: list  # the micro-batches the pairs point into: rollouts, or references to them
+    train: bool = True  # False after the last RL step: label and measure, no training nothing would use
 
 
 def refresh_loss(model_path: str, alpha: float | None) -> LossConfig:
@@ -319,7 +327,7 @@ class RewardTrainer:
             else float("nan"),
         }
         self.remember(rows)
-        trained = bool(strict) and self.cfg.steps > 0
+        trained = bool(strict) and self.cfg.steps > 0 and request.train
         if trained:
             metrics.update(self.train(request.step))
             self.version += 1

@@ -31,6 +31,7 @@ FLAG_CLIS = [
     "launch.hacking_rates",
     "launch.jrm_shapeedit",
     "launch.nft_vs_grpo",
+    "launch.online_rm",
     "launch.policy_pairs",
     "launch.serve_judge",
 ]

@@ -58,6 +58,9 @@ def test_pairs_are_the_top_sample_against_the_rest_of_its_group_taken_round_robi
     assert select_pairs(scores, groups, 2, "top", 0) == [(1, 0), (6, 7)]
     assert select_pairs(scores, groups, 4, "top", 0) == [(1, 0), (6, 7), (1, 2), (6, 4)]
     assert select_pairs(scores, groups, 3, "top", 0) == [(1, 0), (6, 7), (1, 2)]
+    # rows scored alike are one edit sampled twice: the top's twin and the second copy of a lower edit drop out
+    twins = [0.9, 0.9, 0.5, 0.5, 0.1, 2.0, 1.0, 1.0]
+    assert select_pairs(twins, groups, 8, "top", 0) == [(0, 2), (5, 4), (5, 6)]
     drawn = select_pairs(scores, groups, 4, "random", 5)
     assert drawn == select_pairs(scores, groups, 4, "random", 5) and len(set(drawn)) == 4
     assert all(groups[i] == groups[j] and i != j for i, j in drawn)
@@ -66,8 +69,9 @@ def test_pairs_are_the_top_sample_against_the_rest_of_its_group_taken_round_robi
 def test_every_refresh_labels_trains_and_the_reward_actor_scores_with_the_new_version(root, whole):
     rows = refresh_rows(whole)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["refresh/version"] for r in rows] == [1, 2, 3]
-    assert all(r["refresh/trained"] == 1 and 0 <= r["refresh/accuracy_before"] <= 1 for r in rows)
+    # the refresh after the last step labels and measures, but trains nothing that would be used
+    assert [r["refresh/version"] for r in rows] == [1, 2, 2] and [r["refresh/trained"] for r in rows] == [1, 1, 0]
+    assert all(0 <= r["refresh/accuracy_before"] <= 1 for r in rows)
     assert [r["refresh/labels_asked"] for r in rows] == [4, 8, 12]
     log = [json.loads(line) for line in (whole / "refresh" / "pairs.jsonl").read_text().splitlines()]
     assert len(log) == sum(r["refresh/new_labels"] for r in rows) == rows[-1]["refresh/buffer"]
@@ -76,7 +80,7 @@ def test_every_refresh_labels_trains_and_the_reward_actor_scores_with_the_new_ve
     state = load_file(whole / "checkpoints" / "step-000003" / "reward_trainer" / "reward.safetensors")
     original = dict(JRM.from_pretrained(root / "jrm").named_parameters())
     assert max((state[k] - original[k]).abs().max().item() for k in state) > 1e-4
-    assert json.loads((whole / "checkpoints" / "step-000003" / "state.json").read_text())["reward_version"] == 3
+    assert json.loads((whole / "checkpoints" / "step-000003" / "state.json").read_text())["reward_version"] == 2
 
 
 def resume_after_step_1(whole, out):
@@ -132,8 +136,8 @@ def test_people_label_through_a_file_queue_without_blocking_the_run(root, tmp_pa
     assert Image.open(entry["a"]).size == (32, 32) and entry["instruction"]
     (queue / "labels" / pending[0].name).write_text(json.dumps({"preferred": "b", "critique_b": "better"}))
     (queue / "labels" / pending[1].name).write_text(json.dumps({"preferred": "maybe"}))
-    run(root, out, *args[:1], "num_rl_steps=2")
-    row = refresh_rows(out)[-1]
+    run(root, out, *args[:1], "num_rl_steps=3")  # resumed: the label is collected after step 2, and trains
+    row = next(r for r in refresh_rows(out) if r["step"] == 2)
     assert row["refresh/new_labels"] == 1 and row["refresh/version"] == 1
     assert "preferred must be a, b or tie" in capsys.readouterr().out
     labelled = json.loads((out / "refresh" / "pairs.jsonl").read_text().splitlines()[0])
@@ -155,6 +159,13 @@ def test_bad_refresh_settings_are_refused_before_any_actor_starts(root, tmp_path
     oracle_term = f"reward.terms=[{{name: jrm, spec: 'oracle:{data}'}}]"
     with pytest.raises(ValueError, match="must name a jrm: term"):
         load_config(RLConfig, None, refreshed_overrides(root, tmp_path / "x") + [oracle_term])
+    for setting, error in {
+        "reward.refresh.labeller=oracle:/nowhere": FileNotFoundError,
+        "reward.refresh.original_data=/nowhere.json": FileNotFoundError,
+    }.items():
+        with pytest.raises(error, match="nowhere"):
+            run(root, tmp_path / "never", setting)
+    assert not (tmp_path / "never").exists()
     cfg = load_config(RLConfig, None, refreshed_overrides(root, tmp_path / "x", "reward.refresh.alpha=null"))
     with pytest.raises(ValueError, match="set reward.refresh.alpha"):
         RewardTrainer(cfg)
