@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import sys
@@ -80,7 +81,12 @@ def run_summary(path: Path) -> dict:
         "gain": round(float(gold[-1] - gold[0]), 4),
         "verdict": run_signal(r).verdict,
         "accuracy_before": [
-            {"step": step, "accuracy": round(row["refresh/accuracy_before"], 4), "labels": row["refresh/new_labels"]}
+            {
+                "step": step,
+                "accuracy": round(row["refresh/accuracy_before"], 4),
+                "labels": row["refresh/new_labels"],
+                "strict": row["refresh/new_labels"] - row["refresh/new_ties"],
+            }
             for step, row in refresh
         ],
         "labels": refresh[-1][1]["refresh/labels_asked"] if refresh else 0,
@@ -89,30 +95,56 @@ def run_summary(path: Path) -> dict:
     }
 
 
+def pooled(refreshes: list[dict]) -> dict:
+    """The accuracy over the strict pairs of several refreshes (each refresh's accuracy weighted by its strict
+    pairs), with a 95% Wilson interval over those pairs."""
+    n = sum(a["strict"] for a in refreshes)
+    if n == 0:
+        return {"accuracy": None, "ci": None, "pairs": 0}
+    p = sum(a["accuracy"] * a["strict"] for a in refreshes) / n
+    z = 1.96
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"accuracy": round(p, 4), "ci": [round(centre - half, 4), round(centre + half, 4)], "pairs": n}
+
+
 def condition_summary(runs: list[dict]) -> dict:
-    """Mean and sample std over seeds of the gain, the hacking rate, the accuracy before each refresh (first and
-    last refresh of the run, and the mean over refreshes), labels and refresh share."""
+    """Over seeds: the gain's mean and sample std, the hacking rate, labels, refresh share, and the reward's
+    accuracy on each refresh's new labels before training on them, pooled over the seeds' pairs: at the first
+    refresh (the model as trained) and at the later ones (after one refresh or more, in refreshed runs)."""
     gains = [r["gain"] for r in runs]
-
-    def first_last(which: int) -> float:
-        return float(np.mean([r["accuracy_before"][which]["accuracy"] for r in runs]))
-
     return {
         "seeds": len(runs),
         "gain_mean": round(float(np.mean(gains)), 4),
         "gain_std": round(float(np.std(gains, ddof=1)), 4) if len(gains) > 1 else None,
         "hacking_rate": round(float(np.mean([r["verdict"] == "hacking" for r in runs])), 4),
-        "accuracy_first": round(first_last(0), 4),
-        "accuracy_last": round(first_last(-1), 4),
-        "accuracy_mean": round(float(np.mean([a["accuracy"] for r in runs for a in r["accuracy_before"]])), 4),
+        "accuracy_first": pooled([r["accuracy_before"][0] for r in runs]),
+        "accuracy_later": pooled([a for r in runs for a in r["accuracy_before"][1:]]),
+        "accuracy_curve": [
+            round(float(np.mean([r["accuracy_before"][k]["accuracy"] for r in runs])), 4)
+            for k in range(min(len(r["accuracy_before"]) for r in runs))
+        ],
         "labels": max(r["labels"] for r in runs),
         "refresh_share": round(float(np.mean([r["refresh_share"] for r in runs])), 4),
     }
 
 
-def difference_summary(a: list[Path], b: list[Path], labels: tuple[str, str]) -> dict:
+def accuracy_difference(a: dict, b: dict) -> dict:
+    """A's later-refresh accuracy minus B's (condition_summary), with a 95% normal interval over their pairs."""
+    pa, pb = a["accuracy_later"], b["accuracy_later"]
+    if not pa["pairs"] or not pb["pairs"]:
+        return {"mean": None, "ci": None}
+    mean = pa["accuracy"] - pb["accuracy"]
+    half = 1.96 * math.sqrt(
+        pa["accuracy"] * (1 - pa["accuracy"]) / pa["pairs"] + pb["accuracy"] * (1 - pb["accuracy"]) / pb["pairs"]
+    )
+    return {"mean": round(mean, 4), "ci": [round(mean - half, 4), round(mean + half, 4)]}
+
+
+def difference_summary(a: list[Path], b: list[Path], labels: tuple[str, str], conditions: dict) -> dict:
     d = gold_difference([load_run(p, labels[0]) for p in a], [load_run(p, labels[1]) for p in b])
     return {
+        "accuracy_later": accuracy_difference(conditions[labels[0]], conditions[labels[1]]),
         "a": labels[0],
         "b": labels[1],
         "step": d.step,
@@ -123,22 +155,37 @@ def difference_summary(a: list[Path], b: list[Path], labels: tuple[str, str]) ->
     }
 
 
+def accuracy_cell(a: dict) -> str:
+    if a["accuracy"] is None:
+        return "–"
+    return f"{a['accuracy']:.1%} [{a['ci'][0]:.1%}, {a['ci'][1]:.1%}] ({a['pairs']})"
+
+
 def online_markdown(results: dict) -> str:
     """The tables of docs/results.md's "Online reward refresh" section, from online_rm.json."""
     lines = [
-        "| reward | seeds | held-out gold gain | hacking rate | accuracy before 1st refresh | before last | labels "
-        "| refresh share of time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| reward | seeds | held-out gold gain | hacking rate | on-policy accuracy at the 1st refresh | at the later "
+        "refreshes | accuracy by refresh | labels | refresh share of time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in results["conditions"].items():
         std = "" if s["gain_std"] is None else f" ± {s['gain_std']:.3f}"
+        curve = " → ".join(f"{a:.0%}" for a in s["accuracy_curve"])
         lines.append(
             f"| {name} | {s['seeds']} | {s['gain_mean']:+.3f}{std} | {s['hacking_rate']:.0%} | "
-            f"{s['accuracy_first']:.1%} | {s['accuracy_last']:.1%} | {s['labels']} | {s['refresh_share']:.1%} |"
+            f"{accuracy_cell(s['accuracy_first'])} | {accuracy_cell(s['accuracy_later'])} | {curve} | {s['labels']} | "
+            f"{s['refresh_share']:.1%} |"
         )
-    lines += ["", "| difference (held-out gold at the last evaluation) | mean | 95% interval |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "| difference | held-out gold at the last evaluation | 95% interval (seeds and prompts) "
+        "| on-policy accuracy at the later refreshes (95%) |",
+        "| --- | --- | --- | --- |",
+    ]
     for d in results["differences"]:
-        lines.append(f"| {d['a']} − {d['b']} | {d['mean']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
+        acc = d["accuracy_later"]
+        cell = "–" if acc["mean"] is None else f"{acc['mean']:+.1%} [{acc['ci'][0]:+.1%}, {acc['ci'][1]:+.1%}]"
+        lines.append(f"| {d['a']} − {d['b']} | {d['mean']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {cell} |")
     return "\n".join(lines)
 
 
@@ -242,6 +289,7 @@ def train_and_run(args, demo: Path, out: Path, models: dict, runs: dict, timings
 def write_results(args, models: dict, runs: dict, timings: dict, results_path: Path) -> None:
     """Stage 3: the JSON and its table."""
     per_run = {c: [run_summary(p) for p in paths] for c, paths in runs.items()}
+    conditions = {c: condition_summary(r) for c, r in per_run.items()}
     results = {
         "command": "python launch/online_rm.py" + (" --quick" if args.quick else ""),
         "weak_pairs": args.pairs,
@@ -252,9 +300,9 @@ def write_results(args, models: dict, runs: dict, timings: dict, results_path: P
             for name, folder in models.items()
         },
         "runs": per_run,
-        "conditions": {c: condition_summary(r) for c, r in per_run.items()},
+        "conditions": conditions,
         "differences": [
-            difference_summary(runs[a], runs[b], (a, b)) for a, b in DIFFERENCES if a in runs and b in runs
+            difference_summary(runs[a], runs[b], (a, b), conditions) for a, b in DIFFERENCES if a in runs and b in runs
         ],
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }

@@ -114,6 +114,31 @@ def test_resume_equals_the_uninterrupted_run_and_a_lost_reward_optimizer_fails_i
         assert_same_weights(load_file(planted / reward), load_file(whole / reward), atol=1e-6)
 
 
+def test_a_run_stopped_in_the_middle_of_a_refresh_resumes_to_the_uninterrupted_run(root, whole, tmp_path, monkeypatch):
+    """The refresh after step 2 fails once it has labelled and remembered its pairs, before training: the run stops
+    naming the checkpoint to resume from, and resume=auto (which cuts the buffer back) ends like the whole run."""
+    train_reward = RewardTrainer.train
+
+    def failing(self, step):
+        if step == 2:
+            raise OSError("disk full")
+        return train_reward(self, step)
+
+    monkeypatch.setattr(RewardTrainer, "train", failing)
+    out = tmp_path / "stopped"
+    with pytest.raises(
+        RuntimeError, match="refresh after step 2 failed: OSError: disk full; resume=auto .*step-000001"
+    ):
+        run(root, out)
+    assert len((out / "refresh" / "pairs.jsonl").read_text().splitlines()) > refresh_rows(whole)[0]["refresh/buffer"]
+    monkeypatch.undo()
+    resumed = run(root, out)
+    assert_same_metrics(resumed, whole)
+    reward = "checkpoints/step-000003/reward_trainer/reward.safetensors"
+    assert_same_weights(load_file(resumed / reward), load_file(whole / reward), atol=0)
+    assert_same_weights(weights(resumed, 3), weights(whole, 3), atol=0)
+
+
 def test_the_budget_caps_the_labels_and_steps_0_measures_without_training(root, tmp_path):
     out = run(root, tmp_path / "capped", "reward.refresh.budget=6", "reward.refresh.steps=0")
     rows = refresh_rows(out)
@@ -176,3 +201,27 @@ def test_a_checkpoint_without_reward_trainer_state_is_refused(root, tmp_path):
     train(load_config(RLConfig, None, overrides(root, plain, "num_rl_steps=1")), local_actors)
     with pytest.raises(ValueError, match="holds no reward trainer state"):
         run(root, plain, "num_rl_steps=2")
+
+
+def test_a_judge_model_labels_by_its_verdicts_and_its_critiques_become_the_targets(root, tmp_path):
+    from reward.data import parse_pair
+    from rl.refresh import JudgeLabeller, PairToLabel
+
+    labeller = JudgeLabeller(str(root / "jrm"), "cpu", tie_eps=0.02)
+    answers = iter(
+        [
+            ["The square moved. overall 3/8.", "The square moved left. overall 7/8."],
+            ["Nothing changed. overall 2/8.", "Nothing changed either. overall 2/8."],
+            ["No verdict here.", "overall 5/8."],
+        ]
+    )
+    labeller.judge.critique = lambda sources, instructions, edited: next(answers)
+    image = Image.new("RGB", (32, 32), "white")
+    pairs = [PairToLabel(image, "move the square left", image, image, (0.1, 0.2 + k)) for k in range(3)]
+    rows, asked = labeller.label(pairs, tmp_path, "step-000001")
+    assert asked == 3 and len(rows) == 2  # a pair whose verdict is missing is asked, but not labelled
+    first, tie = rows
+    assert first["rationale1"].endswith("7/8.") and first["proxy1"] == 0.2 and not first["tie_case"]
+    assert first["label1_score"] == 7 / 8 and first["origin"] == "judge" and tie["tie_case"]
+    pair = parse_pair(first, first["id"], tmp_path)
+    assert Image.open(pair.chosen).size == (32, 32) and pair.chosen_critique.startswith("The square moved left")
