@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
@@ -287,3 +288,32 @@ def parse_rows(
                 raise
             skipped[e.kind] += 1
     return out, skipped
+
+
+class PairCollator:
+    """Loads a batch of pairs' images and encodes chosen then rejected candidates into one batch of 2B, with a JRM
+    `model`'s `encode` (reward/train.py's data collator; RL's online refresh batches the same way)."""
+
+    def __init__(self, model, with_critiques: bool):
+        self.model = model
+        self.with_critiques = with_critiques
+
+    def __call__(self, pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
+        sources = [load_image(p.source, p.where) for p in pairs]
+        edited = [load_image(p.chosen, p.where) for p in pairs] + [load_image(p.rejected, p.where) for p in pairs]
+        critiques = None
+        if self.with_critiques:
+            critiques = [p.chosen_critique for p in pairs] + [p.rejected_critique for p in pairs]
+        batch = self.model.encode(sources + sources, [p.instruction for p in pairs] * 2, edited, critiques)
+        batch["ties"] = torch.tensor([p.tie for p in pairs])
+        if self.model.config.dimension_heads:
+            dims = [(p.chosen_dims, p.rejected_dims) for p in pairs]
+            batch["dims_known"] = torch.tensor([c is not None and r is not None for c, r in dims])
+            width = self.model.config.dimension_heads
+            batch["chosen_dims"] = torch.tensor(
+                [c if c is not None else (0.0,) * width for c, _ in dims], dtype=torch.float32
+            )
+            batch["rejected_dims"] = torch.tensor(
+                [r if r is not None else (0.0,) * width for _, r in dims], dtype=torch.float32
+            )
+        return batch

@@ -2,12 +2,14 @@
 
 L_rank is Bradley-Terry (`preference_loss`) or HPSv3's uncertainty-aware ranking (arXiv 2508.03789,
 `uncertainty_preference_loss`); L_LM is next-token cross-entropy on the critique (`critique_lm_loss`).
-Pure functions on tensors, so each can be checked against its closed form.
+Pure functions on tensors, so each can be checked against its closed form; `joint_loss` combines them on a
+JRM's outputs, as `LossConfig` says (reward/train.py trains with it, and so does RL's online refresh).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -131,3 +133,74 @@ def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tens
         return float("nan")
     diff = (chosen_rewards - rejected_rewards)[strict]
     return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 1 / 3
+    """Share of the critique LM loss in L = (1 - alpha) L_rank + alpha L_LM, in [0, 1); 0 is the
+    discriminative-only baseline; the paper uses 0.7. The default 1/3 weighs L_LM half as much as L_rank."""
+    ranking: str = "bt"
+    """L_rank: bt (Bradley-Terry on the rewards) or uncertainty (HPSv3; needs model.uncertainty=true)."""
+    margin: float = 0.0
+    """Required reward gap for strict pairs (on mu under uncertainty ranking)."""
+    ties: str = "drop"
+    """Tie pairs: drop, or model (target 1/2)."""
+    dimension_weight: float = 0.5
+    """Weight, inside L_rank, of the per-dimension ranking losses (when model.dimension_heads > 0)."""
+
+    def __post_init__(self) -> None:
+        if self.ties not in ("drop", "model"):
+            raise ValueError(f"loss.ties must be 'drop' or 'model', got {self.ties!r}")
+        if self.ranking not in ("bt", "uncertainty"):
+            raise ValueError(f"loss.ranking must be 'bt' or 'uncertainty', got {self.ranking!r}")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"loss.alpha must be in [0, 1) (1 would leave no ranking loss), got {self.alpha}")
+
+
+@dataclass
+class JointLoss:
+    """One batch's L = (1 - alpha) L_rank + alpha L_LM and its parts (rewards detached)."""
+
+    loss: torch.Tensor  # () what backward() runs on
+    pref: torch.Tensor  # () the ranking loss of the reward alone
+    lm: torch.Tensor | None  # () the critique LM loss; None when the batch has no critiques
+    chosen: torch.Tensor  # (n,) rewards of the chosen edits
+    rejected: torch.Tensor  # (n,) rewards of the rejected edits
+    reward_std: torch.Tensor | None  # (2n,) the uncertainty head's sigma; None under bt
+
+
+def ranking_loss(
+    cfg: LossConfig, mu: torch.Tensor, std: torch.Tensor | None, n: int, ties: torch.Tensor, margin: float, mode: str
+) -> torch.Tensor:
+    """The configured L_rank of chosen rows mu[:n] against rejected rows mu[n:] (both (2n,)); `std` (2n,) is the
+    head's sigma under uncertainty ranking, None under bt."""
+    if cfg.ranking == "uncertainty":
+        return uncertainty_preference_loss(mu[:n], mu[n:], std[:n], std[n:], ties, margin, mode)
+    return preference_loss(mu[:n], mu[n:], ties, margin, mode)
+
+
+def joint_loss(model, inputs: dict, cfg: LossConfig) -> JointLoss:
+    """JRM's training objective on a PairCollator batch (chosen rows first, then rejected) for a JRM `model`: the
+    loss every JRM trains with, in reward/train.py and in RL's online refresh. Pops `ties` and the dimension
+    fields."""
+    ties = inputs.pop("ties")
+    dim_inputs = {k: inputs.pop(k) for k in ("dims_known", "chosen_dims", "rejected_dims") if k in inputs}
+    out = model(**inputs)
+    n = ties.shape[0]
+    pref = ranking_loss(cfg, out.rewards, out.reward_std, n, ties, cfg.margin, cfg.ties)
+    rank = pref
+    if out.dimension_rewards is not None:
+        for d in range(out.dimension_rewards.shape[1]):
+            # Orient each pair by its dimension scores; pairs without them, or tied on them, do not count.
+            sign = torch.sign(dim_inputs["chosen_dims"][:, d] - dim_inputs["rejected_dims"][:, d])
+            usable = dim_inputs["dims_known"] & (sign != 0)
+            oriented = out.dimension_rewards[:, d] * torch.cat([sign, sign])
+            std = None if out.dimension_std is None else out.dimension_std[:, d]
+            rank = rank + cfg.dimension_weight * ranking_loss(cfg, oriented, std, n, ~usable, 0.0, "drop")
+    loss = rank if out.lm_loss is None else (1 - cfg.alpha) * rank + cfg.alpha * out.lm_loss
+    rewards = out.rewards.detach()
+    std = None if out.reward_std is None else out.reward_std.detach()
+    return JointLoss(
+        loss, pref.detach(), None if out.lm_loss is None else out.lm_loss.detach(), rewards[:n], rewards[n:], std
+    )

@@ -35,8 +35,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from reward.config import ConfigError, config_from_cli, save_config
-from reward.data import DataError, PreferencePair, load_image, load_pairs
-from reward.losses import pairwise_accuracy, preference_loss, uncertainty_preference_loss
+from reward.data import DataError, PairCollator, PreferencePair, load_pairs
+from reward.losses import LossConfig, joint_loss, pairwise_accuracy
 from reward.model import JRM, JRMArgs
 from reward.shapeedit import GenerateConfig, generate
 
@@ -91,29 +91,6 @@ class DataConfig:
 
 
 @dataclass
-class LossConfig:
-    alpha: float = 1 / 3
-    """Share of the critique LM loss in L = (1 - alpha) L_rank + alpha L_LM, in [0, 1); 0 is the
-    discriminative-only baseline; the paper uses 0.7. The default 1/3 weighs L_LM half as much as L_rank."""
-    ranking: str = "bt"
-    """L_rank: bt (Bradley-Terry on the rewards) or uncertainty (HPSv3; needs model.uncertainty=true)."""
-    margin: float = 0.0
-    """Required reward gap for strict pairs (on mu under uncertainty ranking)."""
-    ties: str = "drop"
-    """Tie pairs: drop, or model (target 1/2)."""
-    dimension_weight: float = 0.5
-    """Weight, inside L_rank, of the per-dimension ranking losses (when model.dimension_heads > 0)."""
-
-    def __post_init__(self) -> None:
-        if self.ties not in ("drop", "model"):
-            raise ValueError(f"loss.ties must be 'drop' or 'model', got {self.ties!r}")
-        if self.ranking not in ("bt", "uncertainty"):
-            raise ValueError(f"loss.ranking must be 'bt' or 'uncertainty', got {self.ranking!r}")
-        if not 0 <= self.alpha < 1:
-            raise ValueError(f"loss.alpha must be in [0, 1) (1 would leave no ranking loss), got {self.alpha}")
-
-
-@dataclass
 class TrainConfig:
     output_dir: str = "runs/jrm"
     """Run folder: config, metrics, checkpoints, final model."""
@@ -147,81 +124,6 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int) -> PreferencePair:
         return self.pairs[i]
-
-
-class PairCollator:
-    """Loads a batch of pairs' images and encodes chosen then rejected candidates into one batch of 2B."""
-
-    def __init__(self, model: JRM, with_critiques: bool):
-        self.model = model
-        self.with_critiques = with_critiques
-
-    def __call__(self, pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
-        sources = [load_image(p.source, p.where) for p in pairs]
-        edited = [load_image(p.chosen, p.where) for p in pairs] + [load_image(p.rejected, p.where) for p in pairs]
-        critiques = None
-        if self.with_critiques:
-            critiques = [p.chosen_critique for p in pairs] + [p.rejected_critique for p in pairs]
-        batch = self.model.encode(sources + sources, [p.instruction for p in pairs] * 2, edited, critiques)
-        batch["ties"] = torch.tensor([p.tie for p in pairs])
-        if self.model.config.dimension_heads:
-            dims = [(p.chosen_dims, p.rejected_dims) for p in pairs]
-            batch["dims_known"] = torch.tensor([c is not None and r is not None for c, r in dims])
-            width = self.model.config.dimension_heads
-            batch["chosen_dims"] = torch.tensor(
-                [c if c is not None else (0.0,) * width for c, _ in dims], dtype=torch.float32
-            )
-            batch["rejected_dims"] = torch.tensor(
-                [r if r is not None else (0.0,) * width for _, r in dims], dtype=torch.float32
-            )
-        return batch
-
-
-@dataclass
-class JointLoss:
-    """One batch's L = (1 - alpha) L_rank + alpha L_LM and its parts (rewards detached)."""
-
-    loss: torch.Tensor  # () what backward() runs on
-    pref: torch.Tensor  # () the ranking loss of the reward alone
-    lm: torch.Tensor | None  # () the critique LM loss; None when the batch has no critiques
-    chosen: torch.Tensor  # (n,) rewards of the chosen edits
-    rejected: torch.Tensor  # (n,) rewards of the rejected edits
-    reward_std: torch.Tensor | None  # (2n,) the uncertainty head's sigma; None under bt
-
-
-def ranking_loss(
-    cfg: LossConfig, mu: torch.Tensor, std: torch.Tensor | None, n: int, ties: torch.Tensor, margin: float, mode: str
-) -> torch.Tensor:
-    """The configured L_rank of chosen rows mu[:n] against rejected rows mu[n:] (both (2n,)); `std` (2n,) is the
-    head's sigma under uncertainty ranking, None under bt."""
-    if cfg.ranking == "uncertainty":
-        return uncertainty_preference_loss(mu[:n], mu[n:], std[:n], std[n:], ties, margin, mode)
-    return preference_loss(mu[:n], mu[n:], ties, margin, mode)
-
-
-def joint_loss(model: JRM, inputs: dict, cfg: LossConfig) -> JointLoss:
-    """JRM's training objective on a PairCollator batch (chosen rows first, then rejected): the loss every JRM
-    trains with, here and in RL's online refresh (rl/refresh.py). Pops `ties` and the dimension fields."""
-    ties = inputs.pop("ties")
-    dim_inputs = {k: inputs.pop(k) for k in ("dims_known", "chosen_dims", "rejected_dims") if k in inputs}
-    out = model(**inputs)
-    n = ties.shape[0]
-    pref = ranking_loss(cfg, out.rewards, out.reward_std, n, ties, cfg.margin, cfg.ties)
-    rank = pref
-    if out.dimension_rewards is not None:
-        for d in range(out.dimension_rewards.shape[1]):
-            # Orient each pair by its dimension scores; pairs without them, or tied on them, do not count.
-            sign = torch.sign(dim_inputs["chosen_dims"][:, d] - dim_inputs["rejected_dims"][:, d])
-            usable = dim_inputs["dims_known"] & (sign != 0)
-            oriented = out.dimension_rewards[:, d] * torch.cat([sign, sign])
-            std = None if out.dimension_std is None else out.dimension_std[:, d]
-            rank = rank + cfg.dimension_weight * ranking_loss(cfg, oriented, std, n, ~usable, 0.0, "drop")
-    loss = rank if out.lm_loss is None else (1 - cfg.alpha) * rank + cfg.alpha * out.lm_loss
-    rewards = out.rewards.detach()
-    std = None if out.reward_std is None else out.reward_std.detach()
-    return JointLoss(
-        loss, pref.detach(), None if out.lm_loss is None else out.lm_loss.detach(), rewards[:n], rewards[n:], std
-    )
 
 
 class JRMTrainer(Trainer):

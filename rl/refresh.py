@@ -28,13 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from policies.images import tensor_to_images
-from reward.config import load_config
-from reward.data import DataError, load_pairs, parse_pair
+from reward.config import build, parse_yaml
+from reward.data import DataError, PairCollator, load_pairs, parse_pair
 from reward.evaluate import OracleReward
 from reward.generative import GenerativeJudge, parse_verdict
+from reward.losses import LossConfig, joint_loss
 from reward.model import JRM
 from reward.shapeedit.samples import label_samples
-from reward.train import LossConfig, PairCollator, TrainConfig, joint_loss
 from rl.config import RLConfig
 from rl.prompts import Prompt
 
@@ -250,7 +250,7 @@ def refresh_loss(model_path: str, alpha: float | None) -> LossConfig:
     then be given."""
     for folder in (Path(model_path), Path(model_path).parent):
         if (folder / "config.yaml").is_file():
-            loss = load_config(TrainConfig, folder / "config.yaml", []).loss
+            loss = build(LossConfig, parse_yaml((folder / "config.yaml").read_text())["loss"], "loss.")
             return loss if alpha is None else LossConfig(**{**loss.__dict__, "alpha": alpha})
     if alpha is None:
         raise ValueError(
@@ -291,8 +291,11 @@ class RewardTrainer:
         self.version = 0
         self.labels_asked = 0
         self.last: tuple[int, dict] = (-1, {})  # the step and metrics of the last refresh done
-        if restarted is not None and restarted() and (self.dir / LATEST / "refresh.json").is_file():
-            self.load(self.dir / LATEST)
+        if restarted is not None and restarted():
+            if (self.dir / LATEST / "refresh.json").is_file():
+                self.load(self.dir / LATEST)
+            else:  # died in the run's first refresh: what it had labelled is labelled again
+                (self.dir / "pairs.jsonl").unlink(missing_ok=True)
 
     # ---- a refresh ----------------------------------------------------------------------------------------------
 
