@@ -72,7 +72,8 @@ def run_summary(path: Path) -> dict:
     r = load_run(path)
     steps, gold = r.series("eval/gold_score")
     refresh = [(step, row) for step, row in sorted(r.rows.items()) if "refresh/version" in row]
-    busy = sum(row.get(k, 0.0) for row in r.rows.values() for k in ("perf/step_s", "perf/eval_s", "perf/refresh_s"))
+    # perf/step_s is a step's whole wall-clock, its refresh included
+    busy = sum(row.get(k, 0.0) for row in r.rows.values() for k in ("perf/step_s", "perf/eval_s"))
     return {
         "seed": r.seed,
         "steps": steps.tolist(),
@@ -98,6 +99,7 @@ def run_summary(path: Path) -> dict:
 def pooled(refreshes: list[dict]) -> dict:
     """The accuracy over the strict pairs of several refreshes (each refresh's accuracy weighted by its strict
     pairs), with a 95% Wilson interval over those pairs."""
+    refreshes = [a for a in refreshes if a["strict"]]  # a refresh with ties only has no accuracy (nan)
     n = sum(a["strict"] for a in refreshes)
     if n == 0:
         return {"accuracy": None, "ci": None, "pairs": 0}
@@ -121,7 +123,7 @@ def condition_summary(runs: list[dict]) -> dict:
         "accuracy_first": pooled([r["accuracy_before"][0] for r in runs]),
         "accuracy_later": pooled([a for r in runs for a in r["accuracy_before"][1:]]),
         "accuracy_curve": [
-            round(float(np.mean([r["accuracy_before"][k]["accuracy"] for r in runs])), 4)
+            round(float(np.nanmean([r["accuracy_before"][k]["accuracy"] for r in runs])), 4)
             for k in range(min(len(r["accuracy_before"]) for r in runs))
         ],
         "labels": max(r["labels"] for r in runs),

@@ -197,9 +197,10 @@ class RewardConfig:
         names = [t.name for t in self.terms]
         if self.refresh.term:
             term = next((t for t in self.terms if t.name == self.refresh.term), None)
-            if term is None or not term.spec.startswith("jrm:"):
+            if term is None or not term.spec.startswith("jrm:") or not term.required:
                 raise ValueError(
-                    f"reward.refresh.term {self.refresh.term!r} must name a jrm: term of reward.terms ({names})"
+                    f"reward.refresh.term {self.refresh.term!r} must name a required jrm: term of reward.terms "
+                    f"({names}): pairs are chosen by its scores of every row"
                 )
         if not names or len(set(names)) != len(names):
             raise ValueError(f"reward.terms need distinct names and at least one term, got {names}")

@@ -98,7 +98,13 @@ class Run:
             state, _ = checkpoint.load(resume_from)
             self.actors.load(str(resume_from))
             step, self.version, run_id = state["step"], state["policy_version"], state["wandb_run_id"]
-            self.reward_version = state["reward_version"]
+            self.reward_version = state.get("reward_version", 0)  # checkpoints of runs from before the refresh existed
+            if self.reward_version and not self.cfg.reward.refresh.term:
+                print(
+                    f"warning: {resume_from} was saved with a refreshed reward (version {self.reward_version}); "
+                    f"without reward.refresh this run goes on with the reward as loaded from its spec",
+                    flush=True,
+                )
             print(f"resumed from {resume_from} (step {step})", flush=True)
         self.actors.send_weights(self.version)
         self.logger = MetricsLogger(
@@ -242,6 +248,8 @@ class Run:
         )
         try:
             metrics = self.actors.refresh(request)
+        except NodeLost:  # train() stops the run naming the node (Run.stopped_by)
+            raise
         except Exception as e:
             raise RuntimeError(
                 f"the reward refresh after step {step} failed: {type(e).__name__}: {e}; resume=auto continues from "

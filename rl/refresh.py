@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,14 +34,15 @@ from reward.config import build, parse_yaml
 from reward.data import DataError, PairCollator, load_pairs, parse_pair
 from reward.evaluate import OracleReward
 from reward.generative import GenerativeJudge, parse_verdict
-from reward.losses import LossConfig, joint_loss
+from reward.losses import LossConfig, joint_loss, pairwise_accuracy
 from reward.model import JRM
 from reward.shapeedit.samples import label_samples
 from rl.config import RLConfig
 from rl.prompts import Prompt
 
 LATEST = "latest"
-"""run_dir/refresh/latest: the trainer's state after its last refresh (what a restarted actor takes back)."""
+"""run_dir/refresh/latest names the folder of the trainer's state after its last refresh (what a restarted actor
+takes back)."""
 
 
 # ---- which pairs ----------------------------------------------------------------------------------------------------
@@ -100,6 +103,8 @@ class PairToLabel:
 
 
 def save_png(image: Image.Image, path: Path) -> str:
+    """Save; returns the absolute path (rows are read back from any working directory)."""
+    path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return str(path)
@@ -129,16 +134,14 @@ class OracleLabeller:
         self.oracle = OracleReward(data_dir)
         self.tie_eps = tie_eps
 
-    def label(self, pairs: list[PairToLabel], out: Path, key: str) -> tuple[list[dict], int]:
-        """(the labelled rows, labels asked): a pair of one edit twice is not a comparison and asks nothing."""
+    def label(self, pairs: list[PairToLabel], out: Path, key: str, known: set[str]) -> tuple[list[dict], int]:
+        """(the labelled rows, labels asked); `known` (the buffer's ids) matters only to the queue."""
         rows, asked = [], 0
         for k, pair in enumerate(pairs):
             prompt = self.oracle.prompt_row(pair.source, pair.instruction)
             stem = f"images/{key}/p{k:03d}"
             labelled, _ = label_samples(prompt, [pair.a, pair.b], out, stem, "refresh", self.tie_eps)
-            if not labelled:
-                if np.array_equal(np.asarray(pair.a), np.asarray(pair.b)):
-                    continue
+            if not labelled:  # the trainer sends no pair of one edit twice, so every pair gives a row
                 raise RuntimeError(f"the oracle gave no row for pair {k} of {key}")
             asked += 1
             row = labelled[0]
@@ -157,7 +160,7 @@ class JudgeLabeller:
         self.judge = GenerativeJudge(JRM.from_pretrained(path).to(device).eval())
         self.tie_eps = tie_eps
 
-    def label(self, pairs: list[PairToLabel], out: Path, key: str) -> tuple[list[dict], int]:
+    def label(self, pairs: list[PairToLabel], out: Path, key: str, known: set[str]) -> tuple[list[dict], int]:
         rows = []
         for k, pair in enumerate(pairs):
             critiques = self.judge.critique([pair.source] * 2, [pair.instruction] * 2, [pair.a, pair.b])
@@ -171,18 +174,20 @@ class JudgeLabeller:
 
 
 class QueueLabeller:
-    """Pairs for people: each goes to DIR/pending/ID.json with its three PNGs; a label is DIR/labels/ID.json,
-    {"preferred": "a" | "b" | "tie", "critique_a": "...", "critique_b": "..."} (critiques optional). Every refresh
-    collects the labels that arrived, in the order of their ids, and moves their pairs to DIR/done/; the run never
-    waits. A label file that cannot be read is reported and left for a person to mend."""
+    """Pairs for people. Each pair asked goes to DIR/pending/ID.json with its three PNGs (ID names the run, the step
+    and the pair, so runs sharing DIR never mix); a label is DIR/labels/ID.json, {"preferred": "a" | "b" | "tie",
+    "critique_a": "...", "critique_b": "..."} (critiques optional). Every refresh collects, in the order of their
+    ids, the labels of this run's pairs that its buffer does not hold yet: the run never waits, and a resume that
+    cut the buffer back collects them again. Files are never moved or deleted. A label file that cannot be read is
+    reported once and left for a person to mend."""
 
     def __init__(self, folder: str):
-        self.folder = Path(folder)
-        for sub in ("pending", "labels", "done"):
+        self.folder = Path(folder).resolve()
+        for sub in ("pending", "labels"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         self.bad: set[str] = set()
 
-    def label(self, pairs: list[PairToLabel], out: Path, key: str) -> tuple[list[dict], int]:
+    def label(self, pairs: list[PairToLabel], out: Path, key: str, known: set[str]) -> tuple[list[dict], int]:
         for k, pair in enumerate(pairs):
             pid = f"{key}-p{k:03d}"
             stem = self.folder / "pending" / pid
@@ -190,13 +195,14 @@ class QueueLabeller:
             entry = {"id": pid, "instruction": pair.instruction, "source": paths[0], "a": paths[1], "b": paths[2]}
             entry["proxy"] = list(pair.proxy)
             (self.folder / "pending" / f"{pid}.json").write_text(json.dumps(entry, indent=1))
-        return self.collect(), len(pairs)
+        return self.collect(key.split("-step-")[0], known), len(pairs)
 
-    def collect(self) -> list[dict]:
+    def collect(self, run: str, known: set[str]) -> list[dict]:
+        """The readable labels of run `run`'s pairs whose ids are not in `known` (the buffer's)."""
         rows = []
-        for label_file in sorted((self.folder / "labels").glob("*.json")):
+        for label_file in sorted((self.folder / "labels").glob(f"{run}-*.json")):
             pending = self.folder / "pending" / label_file.name
-            if not pending.is_file():
+            if label_file.stem in known or not pending.is_file():
                 continue
             entry = json.loads(pending.read_text())
             try:
@@ -212,10 +218,9 @@ class QueueLabeller:
                 continue
             scores = {"a": (1.0, 0.0), "b": (0.0, 1.0), "tie": (0.5, 0.5)}[choice]
             pair = PairToLabel(None, entry["instruction"], None, None, tuple(entry["proxy"]))
-            rows.append(
-                pair_row(entry["id"], pair, (entry["source"], entry["a"], entry["b"]), scores, critiques, "human", 0.0)
-            )
-            shutil.move(str(pending), self.folder / "done" / pending.name)
+            paths = (entry["source"], entry["a"], entry["b"])
+            rows.append(pair_row(entry["id"], pair, paths, scores, critiques, "human", 0.0))
+            rows[-1]["tie_case"] = choice == "tie"
         return rows
 
 
@@ -290,10 +295,11 @@ class RewardTrainer:
         self.rows: list[dict] = []  # the replay buffer, in the order labelled
         self.version = 0
         self.labels_asked = 0
+        self.run = uuid.uuid4().hex[:8]  # names this run's pairs (a queue folder may serve several runs)
         self.last: tuple[int, dict] = (-1, {})  # the step and metrics of the last refresh done
         if restarted is not None and restarted():
-            if (self.dir / LATEST / "refresh.json").is_file():
-                self.load(self.dir / LATEST)
+            if latest_folder(self.dir) is not None:
+                self.load(latest_folder(self.dir))
             else:  # died in the run's first refresh: what it had labelled is labelled again
                 (self.dir / "pairs.jsonl").unlink(missing_ok=True)
 
@@ -315,9 +321,14 @@ class RewardTrainer:
             PairToLabel(p.source, p.instruction, *(sample(micro, m, i) for m, i in where), proxy)
             for p, where, proxy in list(zip(request.prompts, request.rows, request.proxy))[:take]
         ]
-        rows, asked = self.labeller.label(pairs, self.dir, f"step-{request.step:06d}") if pairs else ([], 0)
+        pairs = [
+            p for p in pairs if not np.array_equal(np.asarray(p.a), np.asarray(p.b))
+        ]  # one edit twice: no question
+        known = {r["id"] for r in self.rows}
+        key = f"{self.run}-step-{request.step:06d}"
+        rows, asked = self.labeller.label(pairs, self.dir, key, known) if pairs else ([], 0)
         if not pairs and isinstance(self.labeller, QueueLabeller):
-            rows = self.labeller.collect()  # people's labels still arrive after the budget is spent
+            rows = self.labeller.collect(self.run, known)  # people's labels still arrive after the budget is spent
         self.labels_asked += asked
         strict = [r for r in rows if not r["tie_case"]]
         metrics = {
@@ -343,7 +354,7 @@ class RewardTrainer:
             }
         )
         self.last = (request.step, metrics)
-        self.save(self.dir / LATEST)
+        self.save_latest()
         return metrics
 
     def remember(self, rows: list[dict]) -> None:
@@ -374,12 +385,12 @@ class RewardTrainer:
             out.loss.backward()
             self.optimizer.step()
             losses.append(float(out.loss.detach()))
-            accuracies.append(float(((out.chosen > out.rejected) | ties).float().mean()))
-        return {"refresh/loss": float(np.mean(losses)), "refresh/train_accuracy": float(np.mean(accuracies))}
+            accuracies.append(pairwise_accuracy(out.chosen, out.rejected, ties))
+        return {"refresh/loss": float(np.mean(losses)), "refresh/train_accuracy": float(np.nanmean(accuracies))}
 
     def trainable_state(self) -> dict[str, np.ndarray]:
         """What the reward actors load: the trained tensors by parameter name."""
-        return {n: p.detach().cpu().numpy().copy() for n, p in self.params.items()}
+        return {n: p.detach().float().cpu().numpy().copy() for n, p in self.params.items()}  # numpy has no bf16
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
 
@@ -394,6 +405,7 @@ class RewardTrainer:
             "labels_asked": self.labels_asked,
             "buffer": len(self.rows),
             "last": self.last,
+            "run": self.run,
         }
         (folder / "refresh.json").write_text(json.dumps(state))
 
@@ -416,16 +428,35 @@ class RewardTrainer:
         self.rows = rows[: state["buffer"]]
         log.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.version, self.labels_asked, self.last = state["version"], state["labels_asked"], tuple(state["last"])
-        if folder != self.dir / LATEST:  # a resume: what a restart would take back is now this checkpoint
-            self.save(self.dir / LATEST)
+        self.run = state["run"]
+        if folder != latest_folder(self.dir):  # a resume: what a restart would take back is now this checkpoint
+            self.save_latest()
         return self.version
+
+    def save_latest(self) -> None:
+        """`save` into refresh/state-N, then point refresh/latest at it (an atomic rename: a restarted actor never
+        reads a half-written state); the state before it is kept for a reader that has just read the old pointer."""
+        name = f"state-{self.last[0]:06d}"
+        self.save(self.dir / name)
+        pointer = self.dir / f"{LATEST}.tmp"
+        pointer.write_text(name)
+        os.replace(pointer, self.dir / LATEST)
+        for old in sorted(self.dir.glob("state-*"))[:-2]:
+            if old.name != name:
+                shutil.rmtree(old)
+
+
+def latest_folder(refresh_dir: Path) -> Path | None:
+    """The folder refresh_dir/latest points at (the trainer's state after its last refresh), or None."""
+    pointer = refresh_dir / LATEST
+    return refresh_dir / pointer.read_text() if pointer.is_file() else None
 
 
 def latest_weights(run_dir: str | Path) -> tuple[dict[str, Tensor], int] | None:
     """The refreshed tensors and version of a run's last refresh (None before its first): what a reward actor
     that Ray restarted loads, so it never scores with an older version than the others."""
-    folder = Path(run_dir) / "refresh" / LATEST
-    if not (folder / "refresh.json").is_file():
+    folder = latest_folder(Path(run_dir) / "refresh")
+    if folder is None:
         return None
     return load_file(folder / "reward.safetensors"), json.loads((folder / "refresh.json").read_text())["version"]
 

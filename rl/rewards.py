@@ -130,7 +130,6 @@ class RewardWorker:
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one scoring call at a time
         self.batch_sizes: list[int] = []
-        self.versions = {t.name: 0 for t in terms}  # each term's weights version (a refreshed term's grows)
         found = refreshed() if refreshed is not None else None
         if found is not None:
             self.load_term_weights(*found)
@@ -189,7 +188,7 @@ class RewardWorker:
 
     def load_term_weights(self, name: str, state: dict, version: int) -> int:
         """A refreshed term's new tensors (rl/refresh.py RewardTrainer.trainable_state), loaded between RL steps;
-        returns the version now held (reward/version of the metrics)."""
+        returns the version now held."""
         model = next(reward for term, reward in self.terms if term.name == name)
         params = dict(model.named_parameters())
         if not state.keys() <= params.keys():
@@ -197,7 +196,6 @@ class RewardWorker:
         with torch.no_grad():
             for key, value in state.items():
                 params[key].copy_(torch.as_tensor(value))
-        self.versions[name] = version
         return version
 
     def take_batch_sizes(self) -> list[int]:

@@ -407,7 +407,7 @@ def test_a_reward_trainer_killed_during_a_refresh_is_restarted_and_the_run_uncha
     train(load_config(RLConfig, None, refreshed_overrides(root, local)), local_actors)
     assert_learned(local)
     got_dir = tmp_path / "killed"
-    killer, killed = kill_when(got_dir / "refresh" / "images" / "step-000002", "ray::RewardTrainer.refresh")
+    killer, killed = kill_when(got_dir / "refresh" / "state-000001", "ray::RewardTrainer.refresh")
     train(load_config(RLConfig, None, refreshed_overrides(root, got_dir)), ray_actors)
     killer.join()
     assert killed, "the reward trainer was not caught refreshing: the fault was not injected"

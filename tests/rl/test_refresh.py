@@ -161,19 +161,22 @@ def test_people_label_through_a_file_queue_without_blocking_the_run(root, tmp_pa
     assert Image.open(entry["a"]).size == (32, 32) and entry["instruction"]
     (queue / "labels" / pending[0].name).write_text(json.dumps({"preferred": "b", "critique_b": "better"}))
     (queue / "labels" / pending[1].name).write_text(json.dumps({"preferred": "maybe"}))
-    run(root, out, *args[:1], "num_rl_steps=3")  # resumed: the label is collected after step 2, and trains
-    row = next(r for r in refresh_rows(out) if r["step"] == 2)
-    assert row["refresh/new_labels"] == 1 and row["refresh/version"] == 1
+    (queue / "labels" / pending[2].name).write_text(json.dumps({"preferred": "tie"}))
+    (queue / "labels" / ("another-run" + pending[3].name[8:])).write_text(json.dumps({"preferred": "a"}))
+    run(root, out, *args[:1], "num_rl_steps=3")  # resumed: the labels are collected after step 2, and train
+    rows = {r["step"]: r for r in refresh_rows(out)}
+    assert rows[2]["refresh/new_labels"] == 2 and rows[2]["refresh/new_ties"] == 1 and rows[2]["refresh/version"] == 1
+    assert rows[3]["refresh/new_labels"] == 0  # a label is collected once; another run's label never
     assert "preferred must be a, b or tie" in capsys.readouterr().out
-    labelled = json.loads((out / "refresh" / "pairs.jsonl").read_text().splitlines()[0])
-    assert labelled["origin"] == "human" and labelled["path1"] == entry["b"] and labelled["rationale1"] == "better"
-    assert (queue / "done" / pending[0].name).is_file() and (queue / "pending" / pending[1].name).is_file()
+    labelled = [json.loads(line) for line in (out / "refresh" / "pairs.jsonl").read_text().splitlines()]
+    assert labelled[0]["origin"] == "human" and labelled[0]["path1"] == entry["b"]
+    assert labelled[0]["rationale1"] == "better" and labelled[1]["tie_case"]
 
 
 def test_bad_refresh_settings_are_refused_before_any_actor_starts(root, tmp_path):
     data = root / "data"
     bad = {
-        "reward.refresh.term=gold": "must name a jrm: term",
+        "reward.refresh.term=gold": "must name a required jrm: term",
         "reward.refresh.labeller=people": "is not a labeller",
         "reward.refresh.select=best": "select must be top or random",
         "reward.refresh.budget=0": "budget and batch_size >= 1",
@@ -182,7 +185,7 @@ def test_bad_refresh_settings_are_refused_before_any_actor_starts(root, tmp_path
         with pytest.raises(ValueError, match=message):
             load_config(RLConfig, None, refreshed_overrides(root, tmp_path / "x", setting))
     oracle_term = f"reward.terms=[{{name: jrm, spec: 'oracle:{data}'}}]"
-    with pytest.raises(ValueError, match="must name a jrm: term"):
+    with pytest.raises(ValueError, match="must name a required jrm: term"):
         load_config(RLConfig, None, refreshed_overrides(root, tmp_path / "x") + [oracle_term])
     for setting, error in {
         "reward.refresh.labeller=oracle:/nowhere": FileNotFoundError,
@@ -218,7 +221,7 @@ def test_a_judge_model_labels_by_its_verdicts_and_its_critiques_become_the_targe
     labeller.judge.critique = lambda sources, instructions, edited: next(answers)
     image = Image.new("RGB", (32, 32), "white")
     pairs = [PairToLabel(image, "move the square left", image, image, (0.1, 0.2 + k)) for k in range(3)]
-    rows, asked = labeller.label(pairs, tmp_path, "step-000001")
+    rows, asked = labeller.label(pairs, tmp_path, "step-000001", set())
     assert asked == 3 and len(rows) == 2  # a pair whose verdict is missing is asked, but not labelled
     first, tie = rows
     assert first["rationale1"].endswith("7/8.") and first["proxy1"] == 0.2 and not first["tie_case"]
