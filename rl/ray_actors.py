@@ -85,21 +85,23 @@ class RayRewardClient:
                 print(f"reward call failed ({type(e).__name__}); retry {attempt + 1} of {self.retries}", flush=True)
                 ray.cancel(ref)
                 if isinstance(e, RayActorError):  # died: Ray restarts it (max_restarts); calls fail fast until then
-                    self._wait_until_alive()
+                    wait_until_alive(self.handle, self.timeout_s)
                 ref = getattr(self.handle, method).remote(*args)
         raise AssertionError("unreachable")
 
-    def _wait_until_alive(self) -> None:
-        """Poll the actor until it answers, for at most timeout_s (then the retry fails and counts)."""
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get(self.handle.__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 0.01))
-                return
-            except ActorDiedError:  # restarts used up: waiting can't help
-                return
-            except (GetTimeoutError, RayActorError):  # still restarting
-                time.sleep(0.2)
+
+def wait_until_alive(handle, timeout_s: float) -> None:
+    """Poll an actor that died until Ray has restarted it and it answers, for at most timeout_s (a call after that
+    fails and says so)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 0.01))
+            return
+        except ActorDiedError:  # restarts used up: waiting can't help
+            return
+        except (GetTimeoutError, RayActorError):  # still restarting
+            time.sleep(0.2)
 
 
 # ---- the actor set --------------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ class RayActors:
             metrics = self.watch([self.reward_trainer.refresh.remote(request)])[0]
         except RayActorError:  # Ray restarts it with its state after the last refresh; this one is asked again
             print("the reward trainer died during a refresh; asking the restarted one again", flush=True)
-            RayRewardClient(self.reward_trainer, self.reward_timeout_s, 0)._wait_until_alive()
+            wait_until_alive(self.reward_trainer, self.reward_timeout_s)
             metrics = self.watch([self.reward_trainer.refresh.remote(request)])[0]
         if metrics["refresh/trained"]:
             self.send_reward_weights(metrics["refresh/version"])

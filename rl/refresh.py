@@ -13,6 +13,7 @@ exactly (labels from people excepted: they arrive when they arrive).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from policies.images import tensor_to_images
 from reward.config import build, parse_yaml
-from reward.data import DataError, PairCollator, load_pairs, parse_pair
+from reward.data import DataError, PairCollator, PreferencePair, load_pairs, parse_pair
 from reward.evaluate import OracleReward
 from reward.generative import GenerativeJudge, parse_verdict
 from reward.losses import LossConfig, joint_loss, pairwise_accuracy
@@ -74,14 +75,11 @@ def select_pairs(scores: list[float], group_ids: Tensor, n: int, rule: str, seed
         if rule == "top":
             ranked = sorted(rows, key=lambda r: (-scores[r], r))
             # rows the reward scores alike are one edit sampled twice (a pair of them compares nothing): one each
-            rest = [r for k, r in enumerate(ranked) if k and not math.isclose(scores[r], scores[ranked[k - 1]])]
-            rest = [r for r in rest if not math.isclose(scores[r], scores[ranked[0]])]
-            if not rest:
-                chosen.append([])
-                continue
-            k = min(k, len(rest))
-            picks = sorted({int(round(x)) for x in np.linspace(len(rest) - 1, 0, k)}, reverse=True)
-            chosen.append([(ranked[0], rest[p]) for p in picks])
+            top, *rest = [
+                r for i, r in enumerate(ranked) if not i or not math.isclose(scores[r], scores[ranked[i - 1]])
+            ]
+            picks = sorted({int(round(x)) for x in np.linspace(len(rest) - 1, 0, min(k, len(rest)))}, reverse=True)
+            chosen.append([(top, rest[p]) for p in picks])
         else:
             every = [(a, b) for x, a in enumerate(rows) for b in rows[x + 1 :]]
             chosen.append([every[p] for p in rng.choice(len(every), size=k, replace=False)])
@@ -256,7 +254,7 @@ def refresh_loss(model_path: str, alpha: float | None) -> LossConfig:
     for folder in (Path(model_path), Path(model_path).parent):
         if (folder / "config.yaml").is_file():
             loss = build(LossConfig, parse_yaml((folder / "config.yaml").read_text())["loss"], "loss.")
-            return loss if alpha is None else LossConfig(**{**loss.__dict__, "alpha": alpha})
+            return loss if alpha is None else dataclasses.replace(loss, alpha=alpha)
     if alpha is None:
         raise ValueError(
             f"reward.refresh: no config.yaml of a reward/train.py run at {model_path} or above it, so the loss the "
@@ -293,13 +291,15 @@ class RewardTrainer:
         self.dir = Path(cfg.output_dir) / "refresh"
         self.original = load_pairs(r.original_data, progress=False)[0] if r.original_data else []
         self.rows: list[dict] = []  # the replay buffer, in the order labelled
+        self.strict: list[PreferencePair] = []  # its strict pairs, parsed: what training draws from
         self.version = 0
         self.labels_asked = 0
         self.run = uuid.uuid4().hex[:8]  # names this run's pairs (a queue folder may serve several runs)
         self.last: tuple[int, dict] = (-1, {})  # the step and metrics of the last refresh done
         if restarted is not None and restarted():
-            if latest_folder(self.dir) is not None:
-                self.load(latest_folder(self.dir))
+            latest = latest_folder(self.dir)
+            if latest is not None:
+                self.load(latest)
             else:  # died in the run's first refresh: what it had labelled is labelled again
                 (self.dir / "pairs.jsonl").unlink(missing_ok=True)
 
@@ -358,9 +358,9 @@ class RewardTrainer:
         return metrics
 
     def remember(self, rows: list[dict]) -> None:
-        """Append to the buffer and its file (rows are parsed first: a bad one stops here, not in training)."""
-        for r in rows:
-            parse_pair(r, r["id"], self.dir)
+        """Append to the buffer and its file (a bad row stops here, not in training); the strict pairs are kept parsed
+        for training."""
+        self.strict += [parse_pair(r, r["id"], self.dir) for r in rows if not r["tie_case"]]
         self.rows += rows
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "pairs.jsonl", "a") as f:
@@ -372,11 +372,10 @@ class RewardTrainer:
         the same batches."""
         rng = np.random.default_rng([self.seed, step])
         torch.manual_seed(self.seed * 1_000_003 + step)
-        buffer = [parse_pair(r, r["id"], self.dir) for r in self.rows if not r["tie_case"]]
         n_old = round(self.cfg.batch_size * self.cfg.original_fraction) if self.original else 0
         losses, accuracies = [], []
         for _ in range(self.cfg.steps):
-            batch = [buffer[i] for i in rng.integers(len(buffer), size=self.cfg.batch_size - n_old)]
+            batch = [self.strict[i] for i in rng.integers(len(self.strict), size=self.cfg.batch_size - n_old)]
             batch += [self.original[i] for i in rng.integers(len(self.original), size=n_old)] if n_old else []
             inputs = {k: v.to(self.device) for k, v in self.collate(batch).items()}
             ties = inputs["ties"]
@@ -416,7 +415,10 @@ class RewardTrainer:
         state = json.loads((folder / "refresh.json").read_text())
         tensors = load_file(folder / "reward.safetensors")
         if tensors.keys() != self.params.keys():
-            raise ValueError(f"{folder}: its reward tensors are not the refreshed model's trainable ones")
+            raise ValueError(
+                f"{folder}: its reward tensors are not the trainable ones of {self.cfg.term!r}'s model: resume with"
+                f" the reward term (spec and LoRA settings) the run was started with"
+            )
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(tensors[n])
@@ -424,8 +426,12 @@ class RewardTrainer:
         log = self.dir / "pairs.jsonl"
         rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
         if len(rows) < state["buffer"]:
-            raise DataError(f"{log} holds {len(rows)} labelled pairs; the checkpoint {folder} needs {state['buffer']}")
+            raise DataError(
+                f"{log} holds {len(rows)} labelled pairs; the checkpoint {folder} needs {state['buffer']}: put back "
+                f"the run's refresh/ folder, or start a new run"
+            )
         self.rows = rows[: state["buffer"]]
+        self.strict = [parse_pair(r, r["id"], self.dir) for r in self.rows if not r["tie_case"]]
         log.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.version, self.labels_asked, self.last = state["version"], state["labels_asked"], tuple(state["last"])
         self.run = state["run"]
