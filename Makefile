@@ -45,6 +45,8 @@ lock:
 	head -n 3 constraints.txt > constraints.new
 	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' >> constraints.new
 	mv constraints.new constraints.txt
+	# the same pins as a PEP 751 lock with hashes (tests/test_lock.py checks they agree and that every URL is public)
+	$(LATEST)/bin/python -m pip lock -q -c constraints.txt ".[dev]" -o pylock.toml
 
 clean:
 	rm -rf $(VENV) $(LATEST) runs
