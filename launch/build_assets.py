@@ -1,17 +1,23 @@
 """Build the starting checkpoints the project ships, from their documented recipes.
 
     python launch/build_assets.py                       # the shipped policy: about an hour on 2 CPU cores
-    python launch/build_assets.py --smoke --out /tmp/a  # the recipe in miniature (what the tests build)
-    python launch/build_assets.py --check               # verify the shipped files against their manifest
+    python launch/build_assets.py --asset backbone      # the shipped reward backbone: about 16 minutes
+    python launch/build_assets.py --smoke --out /tmp/a  # a recipe in miniature (what the tests build)
+    python launch/build_assets.py --check               # verify every shipped asset against its manifest
 
-The ShapeEdit policy (`assets/shapeedit_policy/`) is pretrained by launch/pretrain_policy.py with the recipe
-launch/recipes/shapeedit_policy.yaml, longer than `make demo` could afford, so that the demo's RL starts from a
-policy that renders edits well and whose samples of one prompt make different decisions. The folder holds what
-`ShapeEditPolicy.from_pretrained` reads (safetensors weights, configs, tokenizer, policy.json), the pretraining's
-`results.json` (val and held-out gold, the spread of its samples) and `manifest.json`: the command, recipe,
-seed, the data it was evaluated on (generator settings and the sha256 of its prompt files), the measured
-figures, the library versions, and the size and sha256 of every file. `load_asset` refuses a folder whose files
-do not match their manifest. Assets are replaced rarely; the whole of `assets/` stays under 30 MB.
+- The ShapeEdit policy (`assets/shapeedit_policy/`) is pretrained by launch/pretrain_policy.py with the recipe
+  launch/recipes/shapeedit_policy.yaml, longer than `make demo` could afford, so that the demo's RL starts from a
+  policy whose samples of one prompt make different decisions. The folder holds what
+  `ShapeEditPolicy.from_pretrained` reads (safetensors weights, configs, tokenizer, policy.json) and the
+  pretraining's `results.json` (val and held-out gold, the spread of its samples).
+- The reward backbone (`assets/reward_backbone/`) is pretrained by reward/pretrain_backbone.py on the label-free
+  grounding tasks with the recipe launch/recipes/reward_backbone.yaml. The folder is a Qwen2-VL checkpoint that
+  `model.backbone=assets/reward_backbone` (or a copy) loads, with its `pretrain.json` (final loss, the
+  localisation probe). The demo's JRM and its lambda = 0 ablation both start from it.
+
+Each folder also holds `manifest.json`: the command, recipe, seed, the data it was trained or evaluated on, the
+measured figures, the library versions, and the size and sha256 of every file. `load_asset` refuses a folder
+whose files do not match their manifest. Assets are replaced rarely; the whole of `assets/` stays under 30 MB.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ if __package__ in (None, ""):  # run as `python launch/build_assets.py`
 ROOT = Path(__file__).resolve().parents[1]
 POLICY_ASSET = ROOT / "assets" / "shapeedit_policy"
 POLICY_RECIPE = ROOT / "launch" / "recipes" / "shapeedit_policy.yaml"
+BACKBONE_ASSET = ROOT / "assets" / "reward_backbone"
+BACKBONE_RECIPE = ROOT / "launch" / "recipes" / "reward_backbone.yaml"
 MAX_ASSET_BYTES = 30 * 2**20
 """All shipped assets together stay under this (the repository carries them)."""
 MAX_FILE_BYTES = 4 * 10**6
@@ -47,7 +55,11 @@ SMOKE = [
     "group_size=2",
     "vocab_instructions=500",
 ]
-"""The recipe in miniature: same model, demonstrator and files, a few steps."""
+"""The policy's recipe in miniature: same model, demonstrator and files, a few steps."""
+BACKBONE_SMOKE = ["trainer.max_steps=2", "trainer.logging_steps=1"]
+"""The backbone's recipe in miniature: same model and files, two steps."""
+BACKBONE_LEFT_OUT = ("metrics.jsonl", "training_args.bin")
+"""What of a backbone pretraining folder is not shipped."""
 DATA_PAIRS = 10000
 """The evaluation data: `python -m reward.shapeedit generate` with these pairs and seed 0 (make demo's)."""
 
@@ -105,9 +117,6 @@ def ensure_data(data_dir: Path) -> dict:
 
 def build_policy(out: Path, work: Path, smoke: bool, overrides: list[str]) -> dict:
     """Pretrain the policy by the recipe into `work`, copy what ships into `out`, write its manifest."""
-    import torch
-    import transformers
-
     from launch.pretrain_policy import PolicyPretrainConfig, pretrain
     from policies.shapeedit import ShapeEditPolicy
     from reward.config import load_config
@@ -132,18 +141,61 @@ def build_policy(out: Path, work: Path, smoke: bool, overrides: list[str]) -> di
             )
         else:
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, out / name)
+    measured = {k: v for k, v in results.items() if k.startswith(("eval/", "spread/")) or k in ("steps", "trained_s")}
+    return write_manifest(out, "policy", POLICY_RECIPE, smoke, overrides, extra, cfg.seed, data, measured, start)
+
+
+def build_backbone(out: Path, work: Path, smoke: bool, overrides: list[str]) -> dict:
+    """Pretrain the reward backbone by the recipe into `work`, copy what ships into `out`, write its manifest."""
+    from reward.config import load_config
+    from reward.pretrain_backbone import PretrainConfig, pretrain
+
+    extra = [*(BACKBONE_SMOKE if smoke else []), *overrides]
+    trained = work / "backbone"
+    if trained.exists():  # a run of other settings would be refused, and a finished one reused
+        shutil.rmtree(trained)
+    cfg = load_config(PretrainConfig, BACKBONE_RECIPE, [f"output_dir={trained}", *extra])
+    start = time.perf_counter()
+    results = pretrain(cfg)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns(*BACKBONE_LEFT_OUT))
+    data = {"command": "drawn as it trains (reward/shapeedit/grounding.py)", "tasks": cfg.tasks, "seed": cfg.seed}
+    measured = {k: v for k, v in results.items() if k != "settings"}
+    return write_manifest(out, "backbone", BACKBONE_RECIPE, smoke, overrides, extra, cfg.seed, data, measured, start)
+
+
+def write_manifest(
+    out: Path,
+    asset: str,
+    recipe: Path,
+    smoke: bool,
+    overrides: list[str],
+    extra: list[str],
+    seed: int,
+    data: dict,
+    measured: dict,
+    start: float,
+) -> dict:
+    """manifest.json of a built asset folder: how to rebuild it, what it was measured on, and every file's hash."""
+    import torch
+    import transformers
+
     manifest = {
-        "asset": "shapeedit_policy",
+        "asset": {"policy": POLICY_ASSET, "backbone": BACKBONE_ASSET}[asset].name,
         "command": " ".join(
-            ["python launch/build_assets.py", *["--smoke"] * smoke, *(f"--set {o}" for o in overrides)]
+            [
+                "python launch/build_assets.py",
+                *(["--asset", asset] if asset != "policy" else []),
+                *["--smoke"] * smoke,
+                *(f"--set {o}" for o in overrides),
+            ]
         ),
-        "recipe": str(POLICY_RECIPE.relative_to(ROOT)),
+        "recipe": str(recipe.relative_to(ROOT)),
         "overrides": extra,
-        "seed": cfg.seed,
+        "seed": seed,
         "data": data,
-        "measured": {
-            k: v for k, v in results.items() if k.startswith(("eval/", "spread/")) or k in ("steps", "trained_s")
-        },
+        "measured": measured,
         "built": {
             "seconds": round(time.perf_counter() - start, 1),
             "threads": torch.get_num_threads(),
@@ -162,27 +214,40 @@ def main(argv: list[str] | None = None) -> int:
     from reward.config import HelpFormatter
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out", default=str(POLICY_ASSET), help="where the policy asset goes")
+    parser.add_argument("--asset", choices=("policy", "backbone"), default="policy", help="which asset to build")
+    parser.add_argument(
+        "--out", default=None, help="where the asset goes (default: its folder under assets/, what make demo loads)"
+    )
     parser.add_argument("--work", default="runs/assets", help="scratch folder: the data and the full pretraining run")
     parser.add_argument("--smoke", action="store_true", help="the recipe in miniature (seconds)")
-    parser.add_argument("--check", action="store_true", help="only verify the asset in --out against its manifest")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only verify assets against their manifests (--out, else every shipped one)",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the recipe (repeatable)"
     )
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    shipped_folder = {"policy": POLICY_ASSET, "backbone": BACKBONE_ASSET}
     if args.check:
-        manifest = load_asset(out)
-        print(f"{out}: {len(manifest['files'])} files match manifest.json")
+        for folder in [Path(args.out)] if args.out else shipped_folder.values():
+            manifest = load_asset(folder)
+            print(f"{folder}: {len(manifest['files'])} files match manifest.json")
         return 0
     if any("=" not in o for o in args.set):
         parser.error("--set takes KEY=VALUE")
-    manifest = build_policy(out, Path(args.work), args.smoke, args.set)
+    out = Path(args.out) if args.out else shipped_folder[args.asset]
+    build = {"policy": build_policy, "backbone": build_backbone}[args.asset]
+    manifest = build(out, Path(args.work), args.smoke, args.set)
     total = sum(f["bytes"] for f in manifest["files"].values())
     if not args.smoke and out.resolve().is_relative_to(ROOT / "assets"):
         shipped = sum(p.stat().st_size for p in (ROOT / "assets").rglob("*") if p.is_file())
         if shipped > MAX_ASSET_BYTES:
             raise SystemExit(f"assets/ holds {shipped / 2**20:.1f} MB, over the {MAX_ASSET_BYTES / 2**20:.0f} MB limit")
+        largest = max(manifest["files"].items(), key=lambda kv: kv[1]["bytes"])
+        if largest[1]["bytes"] > MAX_FILE_BYTES:
+            raise SystemExit(f"{out / largest[0]} is {largest[1]['bytes']} bytes, over the {MAX_FILE_BYTES} limit")
     print(json.dumps(manifest["measured"], indent=1))
     print(f"{out}: {len(manifest['files'])} files, {total / 2**20:.1f} MB")
     return 0

@@ -8,9 +8,11 @@
 3. sample the policy on the train prompts and label every pair of its samples with the oracle
    (launch/policy_pairs.py; pairs whose gold differs by less than --min-gap 0.1 left out): reward data on the
    edits RL will score;
-4. pretrain the tiny backbone on ShapeEdit grounding (reward/pretrain_backbone.py), then train two reward models
-   from it with reward/train.py on the candidate pairs mixed with the policy's pairs: the grounded JRM (alpha 0.7,
-   uncertainty ranking) and its discriminative-only ablation (lambda = 0), same data, steps and seed;
+4. take the shipped reward backbone (assets/reward_backbone: the tiny Qwen2-VL pretrained on ShapeEdit grounding
+   by reward/pretrain_backbone.py, built by launch/build_assets.py --asset backbone; `--from-scratch` rebuilds it),
+   then train two reward models from it with reward/train.py on the candidate pairs mixed with the policy's
+   pairs: the grounded JRM (alpha 0.7, uncertainty ranking) and its discriminative-only ablation (lambda = 0),
+   same data, steps and seed;
 5. measure how each reward model ranks fresh samples of the policy on val and held-out prompts, within groups
    of one prompt, against the oracle (what GRPO's advantages rest on);
 6. start a local Ray cluster on 127.0.0.1 and submit one GRPO job per reward model and seed with `ray job submit`
@@ -38,7 +40,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/demo.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from launch.build_assets import POLICY_ASSET, load_asset
+from launch.build_assets import BACKBONE_ASSET, POLICY_ASSET, load_asset
 from launch.jrm_shapeedit import OBJECTIVES
 from launch.nft_vs_grpo import ALGORITHMS, run_curve, time_to
 from launch.policy_pairs import on_policy, write_policy_pairs
@@ -450,12 +452,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="run folder (its data/ is regenerated)")
     parser.add_argument("--quick", action="store_true", help="every stage shortened: a smoke run of the whole path")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the reward models")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data and the reward models (the shipped checkpoints were built with seed 0)",
+    )
     parser.add_argument(
         "--from-scratch",
         action="store_true",
-        help="rebuild the pretrained policy by its recipe (launch/build_assets.py: about an hour; with --quick, its "
-        "smoke version) instead of starting from the shipped one (assets/shapeedit_policy)",
+        help="rebuild the pretrained policy and reward backbone by their recipes (launch/build_assets.py: about an "
+        "hour and a quarter; with --quick, their smoke versions) instead of starting from the shipped ones "
+        "(assets/shapeedit_policy, assets/reward_backbone)",
     )
     parser.add_argument(
         "--min-gap",
@@ -537,17 +545,23 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if backbone.exists():  # every stage starts from scratch (a backbone of other settings would be refused)
         shutil.rmtree(backbone)
-    run(
-        [
-            py,
-            "-m",
-            "reward.pretrain_backbone",
-            f"output_dir={backbone}",
-            f"seed={args.seed}",
-            f"trainer.max_steps={100 if args.quick else 1200}",
-            "trainer.disable_tqdm=true",
-        ]
-    )
+    if args.from_scratch:
+        run(
+            [
+                py,
+                "launch/build_assets.py",
+                "--asset",
+                "backbone",
+                "--out",
+                str(backbone),
+                "--work",
+                str(out / "assets"),
+                *(["--smoke"] if args.quick else []),
+            ]
+        )
+    else:
+        load_asset(BACKBONE_ASSET)  # every file as its manifest says
+        shutil.copytree(BACKBONE_ASSET, backbone)
     timings["backbone"] = time.perf_counter() - start
     steps = 100 if args.quick else 1000
     for name, folder in rewards.items():

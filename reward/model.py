@@ -46,6 +46,11 @@ class JRMArgs:
     """Tiny preset: language-model width."""
     tiny_layers: int = 4
     """Tiny preset: language-model layers."""
+    tiny_patch: int = 8
+    """Tiny preset: the vision tower's patch side in pixels. Two-by-two patches merge into one visual token, so a
+    64x64 image is 16 tokens at 8 and 64 tokens at 4: finer patches let the model see where things are."""
+    tiny_vision_depth: int = 2
+    """Tiny preset: vision tower blocks."""
     dimension_heads: int = 0
     """Extra reward heads for per-dimension scores (EditReward-Data has 2: following, quality); 0 for none."""
     uncertainty: bool = False
@@ -88,6 +93,10 @@ class JRMArgs:
             raise ValueError(f"dimension_heads must be >= 0, got {self.dimension_heads}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 trains every weight), got {self.lora_rank}")
+        if self.tiny_patch < 1 or self.tiny_vision_depth < 1:
+            raise ValueError(
+                f"tiny_patch and tiny_vision_depth must be >= 1, got {self.tiny_patch} and {self.tiny_vision_depth}"
+            )
 
 
 @dataclass
@@ -183,7 +192,14 @@ class JRM(PreTrainedModel):
     def build(cls, args: JRMArgs, seed: int = 0) -> JRM:
         """A new JRM: the tiny preset (random weights) or a pretrained backbone with a fresh head."""
         if args.backbone == "tiny":
-            backbone, processor = build_tiny(args.family, seed=seed, hidden=args.tiny_hidden, layers=args.tiny_layers)
+            backbone, processor = build_tiny(
+                args.family,
+                seed=seed,
+                hidden=args.tiny_hidden,
+                layers=args.tiny_layers,
+                patch=args.tiny_patch,
+                vision_depth=args.tiny_vision_depth,
+            )
             backbone = backbone.to(DTYPES[args.dtype])
         else:
             backbone, processor = load_backbone(
@@ -212,7 +228,14 @@ class JRM(PreTrainedModel):
             backbone_config=backbone.config,
             attn_implementation=backbone.config._attn_implementation,  # else the composite config resets the backbone's
             base_model_name_or_path=base,
-            tiny={"family": args.family, "hidden": args.tiny_hidden, "layers": args.tiny_layers, "seed": seed}
+            tiny={
+                "family": args.family,
+                "hidden": args.tiny_hidden,
+                "layers": args.tiny_layers,
+                "patch": args.tiny_patch,
+                "vision_depth": args.tiny_vision_depth,
+                "seed": seed,
+            }
             if base == "tiny"
             else None,
             score_token_id=processor.tokenizer.convert_tokens_to_ids(SCORE_TOKEN),
@@ -663,7 +686,14 @@ def _base_backbone(config: JRMConfig, dtype: torch.dtype) -> PreTrainedModel:
     """The backbone a LoRA checkpoint's adapters go on, as it was before training."""
     if config.base_model_name_or_path == "tiny":
         t = config.tiny
-        backbone, _ = build_tiny(t["family"], seed=t["seed"], hidden=t["hidden"], layers=t["layers"])
+        backbone, _ = build_tiny(
+            t["family"],
+            seed=t["seed"],
+            hidden=t["hidden"],
+            layers=t["layers"],
+            patch=t.get("patch", 8),  # configs saved before the two settings existed
+            vision_depth=t.get("vision_depth", 2),
+        )
         return backbone.to(dtype)
     backbone, _ = load_backbone(
         config.base_model_name_or_path, dtype, config.backbone_config._attn_implementation or "sdpa"

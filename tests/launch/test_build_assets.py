@@ -1,4 +1,4 @@
-"""launch/build_assets.py: the recipe's smoke version builds a policy that loads like the shipped one."""
+"""launch/build_assets.py: each recipe's smoke version builds an asset that loads like the shipped one."""
 
 import json
 
@@ -7,9 +7,19 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from launch.build_assets import MAX_ASSET_BYTES, MAX_FILE_BYTES, POLICY_ASSET, ROOT, build_policy, load_asset
+from launch.build_assets import (
+    BACKBONE_ASSET,
+    MAX_ASSET_BYTES,
+    MAX_FILE_BYTES,
+    POLICY_ASSET,
+    ROOT,
+    build_backbone,
+    build_policy,
+    load_asset,
+)
 from policies.sampling import SamplerConfig
 from policies.shapeedit import ShapeEditPolicy
+from reward.model import JRM, JRMArgs
 
 
 def tensors(folder):
@@ -50,6 +60,31 @@ def test_the_smoke_recipe_loads_like_the_shipped_policy(smoke):
     sampler = SamplerConfig(num_steps=2, noise_level=0.0)
     rollout = policy.sample([source] * 4, ["remove the red circle"] * 4, sampler, torch.Generator().manual_seed(0))
     assert rollout.condition.codes.unique().numel() == 4
+
+
+def test_the_smoke_backbone_recipe_loads_like_the_shipped_backbone(tmp_path):
+    out = tmp_path / "reward_backbone"
+    manifest = build_backbone(out, tmp_path / "work", smoke=True, overrides=[])
+    shipped = load_asset(BACKBONE_ASSET)
+    assert load_asset(out) == manifest
+    assert set(manifest) == set(shipped)
+    assert set(manifest["files"]) == set(shipped["files"])
+    assert tensors(out) == tensors(BACKBONE_ASSET)
+
+    def config(folder):
+        return {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != "_name_or_path"}
+
+    assert config(out) == config(BACKBONE_ASSET)
+    assert manifest["command"] == "python launch/build_assets.py --asset backbone --smoke"
+    assert shipped["command"] == "python launch/build_assets.py --asset backbone"
+    assert shipped["measured"]["locate_box_error"] < shipped["measured"]["constant_box_error"] * 2  # it answers boxes
+    assert max(f["bytes"] for f in shipped["files"].values()) <= MAX_FILE_BYTES
+    # A JRM starts from the shipped backbone like from any Qwen-VL checkpoint, and sees 4-pixel patches
+    model = JRM.build(JRMArgs(backbone=str(BACKBONE_ASSET)), seed=0)
+    assert model.processor.image_processor.patch_size == 4
+    source, edited = Image.new("RGB", (64, 64), (245, 245, 245)), Image.new("RGB", (64, 64), (20, 20, 20))
+    scores = model.score([source, source], ["paint the background black"] * 2, [edited, source])
+    assert torch.isfinite(scores).all() and scores[0] != scores[1]
 
 
 def test_a_changed_file_is_refused(smoke, tmp_path):

@@ -217,6 +217,27 @@ def test_lora_trains_only_adapters_and_head_and_round_trips(batch, tmp_path):
     assert torch.equal(loaded.score(sources, instructions, edited), model.score(sources, instructions, edited))
 
 
+def test_finer_tiny_patches_give_four_times_the_visual_tokens_and_round_trip(batch, tmp_path):
+    sources, instructions, edited, _ = batch
+    coarse = JRM.build(JRMArgs(**SMALL), seed=0)
+    fine = JRM.build(JRMArgs(tiny_patch=4, lora_rank=4, **SMALL), seed=0)
+
+    def visual_tokens(model):
+        ids = model.encode(sources[:1], instructions[:1], edited[:1])["input_ids"]
+        return int((ids == model.backbone.config.image_token_id).sum())
+
+    assert visual_tokens(fine) == 4 * visual_tokens(coarse)
+    with torch.no_grad():
+        for n, p in fine.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    fine.save_pretrained(tmp_path / "fine")  # adapters only: the patch-4 base is rebuilt from the config
+    loaded = JRM.from_pretrained(tmp_path / "fine")
+    assert torch.equal(loaded.score(sources, instructions, edited), fine.score(sources, instructions, edited))
+    with pytest.raises(ValueError, match="tiny_patch and tiny_vision_depth must be >= 1"):
+        JRMArgs(tiny_patch=0)
+
+
 def test_pretrained_backbone_loads_from_a_local_folder(tmp_path, batch):
     """The real loading path (from_pretrained of a transformers checkpoint), on a tiny saved backbone."""
     sources, instructions, edited, _ = batch
