@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     threads = args.threads or os.cpu_count()
     env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}}
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False, runtime_env=env)
+    ray.init(  # a cluster of its own, even where this machine runs another
+        address="local", _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False, runtime_env=env
+    )
     try:
         rows = [
             row

@@ -225,6 +225,7 @@ def local_ray(num_cpus: int = 2):
 
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
     ray.init(
+        address="local",  # a new cluster: never join one this machine runs already (another test's, a demo's)
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
         num_cpus=num_cpus,

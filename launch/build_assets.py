@@ -42,7 +42,8 @@ BACKBONE_RECIPE = ROOT / "launch" / "recipes" / "reward_backbone.yaml"
 MAX_ASSET_BYTES = 30 * 2**20
 """All shipped assets together stay under this (the repository carries them)."""
 MAX_FILE_BYTES = 4 * 10**6
-"""No shipped file is larger: weights are written in sharded safetensors (with their index) below it."""
+"""No shipped file is larger: the policy's weights are written in safetensors shards (with their index) below it,
+and the backbone's one weights file is checked against it before anything shipped is replaced."""
 SHIPPED = ("policy.json", "results.json", "config.yaml", "transformer", "text_encoder", "tokenizer")
 """What of a pretraining folder is shipped (its metrics.jsonl is not)."""
 SMOKE = [
@@ -148,15 +149,19 @@ def build_policy(out: Path, work: Path, smoke: bool, overrides: list[str]) -> di
 def build_backbone(out: Path, work: Path, smoke: bool, overrides: list[str]) -> dict:
     """Pretrain the reward backbone by the recipe into `work`, copy what ships into `out`, write its manifest."""
     from reward.config import load_config
-    from reward.pretrain_backbone import PretrainConfig, pretrain
+    from reward.pretrain_backbone import PretrainConfig, pretrain, settings
 
     extra = [*(BACKBONE_SMOKE if smoke else []), *overrides]
     trained = work / "backbone"
-    if trained.exists():  # a run of other settings would be refused, and a finished one reused
-        shutil.rmtree(trained)
     cfg = load_config(PretrainConfig, BACKBONE_RECIPE, [f"output_dir={trained}", *extra])
+    earlier = trained / "pretrain_config.yaml"
+    if earlier.is_file() and settings(load_config(PretrainConfig, earlier)) != settings(cfg):
+        shutil.rmtree(trained)  # a run of other settings (the smoke version, say); one of these resumes or is reused
     start = time.perf_counter()
     results = pretrain(cfg)
+    too_large = [p.name for p in trained.iterdir() if p.is_file() and p.stat().st_size > MAX_FILE_BYTES]
+    if too_large:  # checked before anything shipped is replaced
+        raise SystemExit(f"{trained}: {too_large} over the {MAX_FILE_BYTES}-byte file limit; shard them")
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(trained, out, ignore=shutil.ignore_patterns(*BACKBONE_LEFT_OUT))
@@ -238,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if any("=" not in o for o in args.set):
         parser.error("--set takes KEY=VALUE")
     out = Path(args.out) if args.out else shipped_folder[args.asset]
+    if args.smoke and out.resolve().is_relative_to(ROOT / "assets"):
+        parser.error("--smoke builds a miniature: give it an --out outside assets/ (it would replace a shipped asset)")
     build = {"policy": build_policy, "backbone": build_backbone}[args.asset]
     manifest = build(out, Path(args.work), args.smoke, args.set)
     total = sum(f["bytes"] for f in manifest["files"].values())

@@ -128,6 +128,22 @@ class RayCluster:
         subprocess.run([self.ray, "stop"], cwd=ROOT, check=False, env=self.env)
 
 
+def starting_checkpoint(asset: str, out: Path, from_scratch: bool, quick: bool) -> Path:
+    """out/<asset>: a copy of the shipped asset after load_asset checks every file against its manifest, or, with
+    from_scratch, the asset rebuilt by its recipe (launch/build_assets.py; with quick, the recipe's smoke version)."""
+    folder = out / asset
+    if folder.exists():  # every stage starts afresh
+        shutil.rmtree(folder)
+    if from_scratch:
+        build = [sys.executable, "launch/build_assets.py", "--asset", asset, "--out", str(folder)]
+        run([*build, "--work", str(out / "assets"), *(["--smoke"] if quick else [])])
+    else:
+        shipped = {"policy": POLICY_ASSET, "backbone": BACKBONE_ASSET}[asset]
+        load_asset(shipped)
+        shutil.copytree(shipped, folder)
+    return folder
+
+
 def doing_nothing(data_dir: Path, split: str, limit: int) -> dict:
     """The oracle's scores of returning each source unchanged, on the policy's evaluation prompts of `split`."""
     from launch.pretrain_policy import load_eval_prompts
@@ -509,24 +525,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 2. the policy: the shipped checkpoint (launch/build_assets.py), or rebuilt by its recipe ---------------
     start = time.perf_counter()
-    policy = out / "policy"
-    if policy.exists():
-        shutil.rmtree(policy)
-    if args.from_scratch:
-        run(
-            [
-                py,
-                "launch/build_assets.py",
-                "--out",
-                str(policy),
-                "--work",
-                str(out / "assets"),
-                *(["--smoke"] if args.quick else []),
-            ]
-        )
-    else:
-        load_asset(POLICY_ASSET)  # every file as its manifest says
-        shutil.copytree(POLICY_ASSET, policy)
+    policy = starting_checkpoint("policy", out, args.from_scratch, args.quick)
     measure_policy(policy, data_dir, 16 if args.quick else 64, 8 if args.quick else 32)
     timings["policy"] = time.perf_counter() - start
 
@@ -541,27 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     # Same backbone, data (the candidate pairs and the policy's), steps and seed; every checkpoint is kept for the
     # drift analysis of the report.
     rewards = {"JRM": out / "jrm", "lambda0": out / "lambda0"}
-    backbone = out / "backbone"
     start = time.perf_counter()
-    if backbone.exists():  # every stage starts from scratch (a backbone of other settings would be refused)
-        shutil.rmtree(backbone)
-    if args.from_scratch:
-        run(
-            [
-                py,
-                "launch/build_assets.py",
-                "--asset",
-                "backbone",
-                "--out",
-                str(backbone),
-                "--work",
-                str(out / "assets"),
-                *(["--smoke"] if args.quick else []),
-            ]
-        )
-    else:
-        load_asset(BACKBONE_ASSET)  # every file as its manifest says
-        shutil.copytree(BACKBONE_ASSET, backbone)
+    backbone = starting_checkpoint("backbone", out, args.from_scratch, args.quick)
     timings["backbone"] = time.perf_counter() - start
     steps = 100 if args.quick else 1000
     for name, folder in rewards.items():

@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             address=cfg.cluster.address or None, runtime_env=env
         )  # the job's cluster (ray job submit sets RAY_ADDRESS)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=env, configure_logging=False)
+        ray.init(  # a cluster of its own, even where this machine runs another (Ray would join the newest)
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            runtime_env=env,
+            configure_logging=False,
+        )
     try:
         print(json.dumps(train(cfg, ray_actors), indent=1))
     finally:

@@ -192,7 +192,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     done = out / DONE_FILE
     if done.is_file():
         record = json.loads(done.read_text())
-        if record["settings"] != settings(cfg):
+        saved = record["settings"]
+        # model keys added since the folder was written hold their defaults there (what its run used)
+        saved = {**saved, "model": {**dataclasses.asdict(JRMArgs()), **saved.get("model", {})}}
+        if saved != settings(cfg):
             raise ConfigError(
                 f"{out} holds a backbone pretrained with other settings ({done}); use another output_dir or delete "
                 f"{out}"

@@ -220,7 +220,7 @@ def test_lora_trains_only_adapters_and_head_and_round_trips(batch, tmp_path):
 def test_finer_tiny_patches_give_four_times_the_visual_tokens_and_round_trip(batch, tmp_path):
     sources, instructions, edited, _ = batch
     coarse = JRM.build(JRMArgs(**SMALL), seed=0)
-    fine = JRM.build(JRMArgs(tiny_patch=4, lora_rank=4, **SMALL), seed=0)
+    fine = JRM.build(JRMArgs(tiny_patch=4, tiny_vision_depth=3, lora_rank=4, **SMALL), seed=0)
 
     def visual_tokens(model):
         ids = model.encode(sources[:1], instructions[:1], edited[:1])["input_ids"]
@@ -231,7 +231,7 @@ def test_finer_tiny_patches_give_four_times_the_visual_tokens_and_round_trip(bat
         for n, p in fine.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.1)
-    fine.save_pretrained(tmp_path / "fine")  # adapters only: the patch-4 base is rebuilt from the config
+    fine.save_pretrained(tmp_path / "fine")  # adapters only: the base (patch 4, depth 3) is rebuilt from the config
     loaded = JRM.from_pretrained(tmp_path / "fine")
     assert torch.equal(loaded.score(sources, instructions, edited), fine.score(sources, instructions, edited))
     with pytest.raises(ValueError, match="tiny_patch and tiny_vision_depth must be >= 1"):

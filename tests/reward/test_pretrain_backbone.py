@@ -1,5 +1,6 @@
 """Backbone pretraining on ShapeEdit grounding tasks: exact answers, a checkpoint that loads like a real one, reuse."""
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -86,3 +87,16 @@ def test_a_second_run_reuses_the_checkpoint_and_other_settings_are_refused(pretr
     with pytest.raises(ConfigError, match="other settings"):
         pretrain(other)
     assert json.loads((Path(cfg.output_dir) / "pretrain.json").read_text()) == record
+    # A folder written before a model setting existed held its default: still reused, another value refused
+    done = Path(cfg.output_dir) / "pretrain.json"
+    older = json.loads(done.read_text())
+    del older["settings"]["model"]["tiny_patch"], older["settings"]["model"]["tiny_vision_depth"]
+    done.write_text(json.dumps(older))
+    try:
+        assert pretrain(cfg)["final_loss"] == record["final_loss"]
+        assert weights.stat().st_mtime_ns == stamp
+        finer = PretrainConfig(output_dir=cfg.output_dir, model=JRMArgs(tiny_hidden=64, tiny_layers=2, tiny_patch=4))
+        with pytest.raises(ConfigError, match="other settings"):
+            pretrain(dataclasses.replace(finer, trainer=cfg.trainer))
+    finally:
+        done.write_text(json.dumps(record, indent=1) + "\n")
