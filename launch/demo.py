@@ -40,7 +40,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/demo.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from launch.build_assets import BACKBONE_ASSET, POLICY_ASSET, load_asset
+from launch.build_assets import ASSETS, load_asset
 from launch.jrm_shapeedit import OBJECTIVES
 from launch.nft_vs_grpo import ALGORITHMS, run_curve, time_to
 from launch.policy_pairs import on_policy, write_policy_pairs
@@ -138,9 +138,8 @@ def starting_checkpoint(asset: str, out: Path, from_scratch: bool, quick: bool) 
         build = [sys.executable, "launch/build_assets.py", "--asset", asset, "--out", str(folder)]
         run([*build, "--work", str(out / "assets"), *(["--smoke"] if quick else [])])
     else:
-        shipped = {"policy": POLICY_ASSET, "backbone": BACKBONE_ASSET}[asset]
-        load_asset(shipped)
-        shutil.copytree(shipped, folder)
+        load_asset(ASSETS[asset])
+        shutil.copytree(ASSETS[asset], folder)
     return folder
 
 
