@@ -122,7 +122,7 @@ class LocalActors:
     def refresh(self, request: RefreshRequest) -> dict:
         metrics = self.trainer.refresh(request)
         if metrics["refresh/trained"]:
-            self.reward.load_term_weights(self.trainer.cfg.term, self.trainer.trainable_state(), self.trainer.version)
+            self.reward.load_term_weights(self.trainer.cfg.term, self.trainer.trainable_state())
         return metrics
 
     def save(self, staging: str) -> list:
@@ -133,7 +133,7 @@ class LocalActors:
     def load(self, path: str) -> None:
         self.learner.load(path)
         if self.trainer is not None and self.trainer.load(checked_reward_trainer_dir(path)):
-            self.reward.load_term_weights(self.trainer.cfg.term, self.trainer.trainable_state(), self.trainer.version)
+            self.reward.load_term_weights(self.trainer.cfg.term, self.trainer.trainable_state())
 
     def reward_batch_sizes(self) -> list[list[int] | None]:
         return [self.reward.take_batch_sizes()]

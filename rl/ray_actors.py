@@ -180,13 +180,13 @@ class RayActors:
             wait_until_alive(self.reward_trainer, self.reward_timeout_s)
             metrics = self.watch([self.reward_trainer.refresh.remote(request)])[0]
         if metrics["refresh/trained"]:
-            self.send_reward_weights(metrics["refresh/version"])
+            self.send_reward_weights()
         return metrics
 
-    def send_reward_weights(self, version: int) -> None:
+    def send_reward_weights(self) -> None:
         """The trainer's tensors to every node's reward actor, through the object store."""
         weights = self.reward_trainer.trainable_state.remote()
-        self.watch([a.load_term_weights.remote(self.refreshed_term, weights, version) for a in self.reward_actors])
+        self.watch([a.load_term_weights.remote(self.refreshed_term, weights) for a in self.reward_actors])
 
     def save(self, staging: str) -> list:
         if self.reward_trainer is not None:
@@ -198,7 +198,7 @@ class RayActors:
         if self.reward_trainer is not None:
             version = ray.get(self.reward_trainer.load.remote(str(checked_reward_trainer_dir(path))))
             if version:
-                self.send_reward_weights(version)
+                self.send_reward_weights()
 
     def reward_batch_sizes(self) -> list[list[int] | None]:
         sizes = []
@@ -450,12 +450,12 @@ def was_restarted() -> bool:
     return ray.get_runtime_context().was_current_actor_reconstructed
 
 
-def restarted_reward(run_dir: str, term: str) -> tuple[str, dict, int] | None:
+def restarted_reward(run_dir: str, term: str) -> tuple[str, dict] | None:
     """In a reward actor that Ray restarted: the refreshed term's latest weights (rl/refresh.py latest_weights)."""
     if not was_restarted():
         return None
     found = latest_weights(run_dir)
-    return None if found is None else (term, *found)
+    return None if found is None else (term, found)
 
 
 def _release(release, what) -> None:

@@ -253,7 +253,15 @@ def refresh_loss(model_path: str, alpha: float | None) -> LossConfig:
     then be given."""
     for folder in (Path(model_path), Path(model_path).parent):
         if (folder / "config.yaml").is_file():
-            loss = build(LossConfig, parse_yaml((folder / "config.yaml").read_text())["loss"], "loss.")
+            run_config = parse_yaml((folder / "config.yaml").read_text())
+            if "loss" not in run_config:
+                if alpha is None:
+                    raise ValueError(
+                        f"reward.refresh: {folder / 'config.yaml'} is not a reward/train.py config (it has no loss "
+                        f"section), so the loss the model was trained with is unknown; set reward.refresh.alpha"
+                    )
+                return LossConfig(alpha=alpha)
+            loss = build(LossConfig, run_config["loss"], "loss.")
             return loss if alpha is None else dataclasses.replace(loss, alpha=alpha)
     if alpha is None:
         raise ValueError(
@@ -444,11 +452,13 @@ class RewardTrainer:
         reads a half-written state); the state before it is kept for a reader that has just read the old pointer."""
         name = f"state-{self.last[0]:06d}"
         self.save(self.dir / name)
+        previous = latest_folder(self.dir)
         pointer = self.dir / f"{LATEST}.tmp"
         pointer.write_text(name)
         os.replace(pointer, self.dir / LATEST)
-        for old in sorted(self.dir.glob("state-*"))[:-2]:
-            if old.name != name:
+        keep = {name, previous.name if previous is not None else name}
+        for old in self.dir.glob("state-*"):  # the current state and the one the old pointer named, nothing else
+            if old.name not in keep:
                 shutil.rmtree(old)
 
 
@@ -458,13 +468,13 @@ def latest_folder(refresh_dir: Path) -> Path | None:
     return refresh_dir / pointer.read_text() if pointer.is_file() else None
 
 
-def latest_weights(run_dir: str | Path) -> tuple[dict[str, Tensor], int] | None:
-    """The refreshed tensors and version of a run's last refresh (None before its first): what a reward actor
+def latest_weights(run_dir: str | Path) -> dict[str, Tensor] | None:
+    """The refreshed tensors of a run's last refresh (None before its first): what a reward actor
     that Ray restarted loads, so it never scores with an older version than the others."""
     folder = latest_folder(Path(run_dir) / "refresh")
     if folder is None:
         return None
-    return load_file(folder / "reward.safetensors"), json.loads((folder / "refresh.json").read_text())["version"]
+    return load_file(folder / "reward.safetensors")
 
 
 def sample(micro: list, m: int, i: int) -> Image.Image:

@@ -105,14 +105,14 @@ class RewardWorker:
         threads: int = 0,
         clients: int = 0,
         gold: str = "",
-        refreshed: Callable[[], tuple[str, dict, int] | None] | None = None,
+        refreshed: Callable[[], tuple[str, dict] | None] | None = None,
     ):
         """`max_batch_size`: edits gathered into one call (reward.max_batch_size); each term then forwards them
         `term.micro_batch_size` at a time. `clients`: the rollout workers this actor serves (its node's), 0 if
         unknown: once that many requests wait, no more can be coming soon, so the call starts without waiting.
         `gold`: the held-out judge of evaluations (a reward spec, '' = none), which only `judge` calls.
         `refreshed`: in a reward actor that Ray restarted during a run whose reward is refreshed, the refreshed
-        term's name, latest tensors and version (rl/refresh.py latest_weights), loaded before it scores anything."""
+        term's name and latest tensors (rl/refresh.py latest_weights), loaded before it scores anything."""
         if threads:
             torch.set_num_threads(threads)
         names = [t.name for t in terms]
@@ -186,9 +186,8 @@ class RewardWorker:
             ]
         return Judged(self.score(source_images, instructions, edited_images), gold)
 
-    def load_term_weights(self, name: str, state: dict, version: int) -> int:
-        """A refreshed term's new tensors (rl/refresh.py RewardTrainer.trainable_state), loaded between RL steps;
-        returns the version now held."""
+    def load_term_weights(self, name: str, state: dict) -> None:
+        """A refreshed term's new tensors (rl/refresh.py RewardTrainer.trainable_state), loaded between RL steps."""
         model = next(reward for term, reward in self.terms if term.name == name)
         params = dict(model.named_parameters())
         if not state.keys() <= params.keys():
@@ -196,7 +195,6 @@ class RewardWorker:
         with torch.no_grad():
             for key, value in state.items():
                 params[key].copy_(torch.as_tensor(value))
-        return version
 
     def take_batch_sizes(self) -> list[int]:
         """The edits of each scoring call since the last take (the driver logs their mean per node and step)."""
