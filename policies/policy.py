@@ -61,6 +61,10 @@ class EditingPolicy(Protocol):
 
     def trainable_parameters(self) -> list[nn.Parameter]: ...
 
+    def decision_parameters(self) -> list[nn.Parameter]:
+        """Those of trainable_parameters that set which decision a sample makes, not how it draws it (ShapeEdit's
+        decision-code mean); the learner trains them at algo.decision_lr. [] for a policy without them."""
+
     def trained_module(self) -> nn.Module:
         """The network that holds the trainable weights (the denoiser, its LoRA adapters inside)."""
 

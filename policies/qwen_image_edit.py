@@ -243,6 +243,9 @@ class QwenImageEditPolicy:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.trainable.parameters()
 
+    def decision_parameters(self) -> list[nn.Parameter]:
+        return []  # its decisions are drawn in the initial noise with the rest
+
     def trainable_state(self) -> dict[str, Tensor]:
         return self.trainable.state()
 

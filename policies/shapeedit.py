@@ -468,6 +468,11 @@ class ShapeEditPolicy:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self._trainable().parameters()
 
+    def decision_parameters(self) -> list[nn.Parameter]:
+        """The decision-code mean's weights (trained whole beside the adapters), [] without a decision code."""
+        self._trainable()
+        return list(self.transformer.code_mean.parameters()) if self.cfg.decision_code else []
+
     def trainable_state(self) -> dict[str, Tensor]:
         return self._trainable().state()
 

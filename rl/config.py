@@ -249,6 +249,11 @@ class AlgoConfig:
     """NFT: noise levels drawn per micro-batch (from the rollout's schedule), one loss term and backward each."""
     lr: float = 3e-4
     """AdamW learning rate (constant)."""
+    decision_lr: float | None = None
+    """AdamW learning rate of the policy's decision weights (`decision_parameters`: the ShapeEdit policy's
+    decision-code mean, 65 weights); null = lr. The draw of the code decides which edit a sample makes, and its mean
+    is one number per instruction, not a large network's slice: at an adapter's lr it moves about 0.1 in a demo's
+    20 steps, far less than the unit spread of the codes."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -263,6 +268,8 @@ class AlgoConfig:
     def __post_init__(self):
         if self.name not in ("grpo", "ppo", "nft"):
             raise ValueError(f"algo.name must be 'grpo', 'ppo' or 'nft', got {self.name!r}")
+        if self.decision_lr is not None and self.decision_lr <= 0:
+            raise ValueError(f"algo.decision_lr must be > 0 (or null for lr), got {self.decision_lr}")
         if self.clip_range_high is not None and self.clip_range_high <= 0:
             raise ValueError(f"algo.clip_range_high must be > 0 (or null for clip_range), got {self.clip_range_high}")
         if self.nft_beta <= 0 or self.nft_terms < 1:

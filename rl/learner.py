@@ -98,7 +98,11 @@ class Learner:
         self.policy = policy
         algo = cfg.algo
         self.algorithm = algorithm
-        groups = [{"params": self.policy.trainable_parameters(), "lr": algo.lr}]
+        decision = self.policy.decision_parameters()  # their own lr: see AlgoConfig.decision_lr
+        rest = [p for p in self.policy.trainable_parameters() if all(p is not d for d in decision)]
+        groups = [{"params": rest, "lr": algo.lr}]
+        if decision:
+            groups.append({"params": decision, "lr": algo.decision_lr or algo.lr})
         self.zero3 = cfg.cluster.zero_stage == 3
         if self.zero3:
             # ZeRO-3 partitions the parameters of the engine's modules and gathers a module's own parameters in

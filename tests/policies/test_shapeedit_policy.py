@@ -436,6 +436,9 @@ def test_a_decision_code_is_drawn_per_edit_read_by_the_network_and_kept_for_the_
     # the draw of the code is a step of the policy: its mean is trained (through the first stochastic step's
     # log-prob), synced and saved with the adapters
     assert {"code_mean.weight", "code_mean.bias"} <= set(policy.trainable_state())
+    decision = policy.decision_parameters()  # trained at algo.decision_lr
+    assert [p.shape for p in decision] == [(1, TINY.text_hidden_size), (1,)]
+    assert all(any(p is q for q in policy.trainable_parameters()) for p in decision)
     policy.log_prob(rollout, 0).log_probs.sum().backward()
     assert policy.transformer.code_mean.weight.grad.abs().sum() > 0
     assert policy.log_prob(rollout, 1).log_probs.requires_grad  # later steps: the SDE transition alone
@@ -450,6 +453,7 @@ def test_a_decision_code_is_drawn_per_edit_read_by_the_network_and_kept_for_the_
     assert torch.equal(again.latents, rollout.latents)
 
     plain = tiny()
+    assert ShapeEditPolicy.build(TINY, INSTRUCTIONS, 0, trainable).decision_parameters() == []
     drawn = plain.sample(images(4), INSTRUCTIONS, sampler, torch.Generator().manual_seed(0))
     assert torch.equal(drawn.condition.codes, torch.zeros(4))
     assert torch.equal(drawn.latents[:, 0], torch.randn((4, 3, 32, 32), generator=torch.Generator().manual_seed(0)))

@@ -209,6 +209,23 @@ def test_dataset_format_splits_and_heldout_compositions(tmp_path):
     assert not {k for k in heldout_keys if is_heldout(k)} & train_keys
 
 
+def test_heldout_compositions_combine_words_seen_in_training():
+    """Held out: one (family, kind, colour) in six of the shape edits, never a background colour (its
+    composition is the colour alone, so holding it out would leave the word unseen in training)."""
+    from reward.shapeedit.edits import FAMILIES
+    from reward.shapeedit.world import BACKGROUND_COLOURS
+
+    assert not any(is_heldout(("background", "background", c)) for c in BACKGROUND_COLOURS)
+    for family in FAMILIES:
+        if family == "background":
+            continue
+        for kind in KINDS:
+            held = [c for c in SHAPE_COLOURS if is_heldout((family, kind, c))]
+            assert 1 <= len(held) <= 2, (family, kind, held)
+    for colour in SHAPE_COLOURS:  # every colour word stays in training with some family and kind
+        assert any(not is_heldout((f, k, colour)) for f in FAMILIES if f != "background" for k in KINDS)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

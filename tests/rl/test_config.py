@@ -54,6 +54,8 @@ def test_bad_configs_are_refused():
         load_config(RLConfig, None, ["cluster.num_rollout_workers=3"])
     with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
         load_config(RLConfig, None, ["keep_checkpoints=0"])
+    with pytest.raises(ValueError, match="decision_lr must be > 0"):
+        load_config(RLConfig, None, ["algo.decision_lr=0"])
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         load_config(RLConfig, None, ["algo.group_size=1"])
     with pytest.raises(ValueError, match="zero_stage must be 2 or 3"):

@@ -288,3 +288,34 @@ def test_no_secret_reaches_the_run_directory(root, tmp_path, monkeypatch):
         data = f.read_bytes()
         for key, value in secrets.items():
             assert value.encode() not in data, f"{key}'s value is in {f}"
+
+
+def test_the_decision_code_mean_trains_at_decision_lr(root, tmp_path):
+    """algo.decision_lr is the AdamW lr of the policy's decision weights (the ShapeEdit code mean), a group of
+    their own: Adam's first update moves every weight that has a gradient by about its group's lr, so after one
+    step the code mean's bias moved by decision_lr and no adapter weight by more than lr."""
+    from dataclasses import replace
+
+    from launch.benchmarking import KEEP_LOGIT
+    from policies.shapeedit import ShapeEditPolicy
+
+    plain = ShapeEditPolicy.from_pretrained(root / "policy")
+    rows = json.loads((root / "data" / "train_prompts.json").read_text())
+    coded = ShapeEditPolicy.build(replace(plain.cfg, decision_code=True), [r["instruction"] for r in rows])
+    with torch.no_grad():
+        coded.transformer.pixel_head[-1].bias[0] = KEEP_LOGIT
+    coded.save_pretrained(tmp_path / "policy")
+    out = run_in_process(
+        root, tmp_path / "run", f"policy.path={tmp_path / 'policy'}", "num_rl_steps=1", "algo.decision_lr=0.5"
+    )
+    assert_learned(out)
+    got = weights(out, 1)
+    assert 0.45 < got["code_mean.bias"].abs().item() <= 0.5
+    assert max((got[k] - v).abs().max().item() for k, v in coded_state(tmp_path).items()) <= 0.0101
+
+
+def coded_state(tmp_path):
+    """The adapters' initial weights of the decision-code policy at tmp_path/policy (the run's seed 0)."""
+    cfg = load_config(RLConfig, tmp_path / "run" / "config.yaml", [])
+    state = build_policy(cfg.policy, seed=cfg.seed).trainable_state()
+    return {k: v for k, v in state.items() if not k.startswith("code_mean")}
