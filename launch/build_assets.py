@@ -1,6 +1,6 @@
 """Build the starting checkpoints the project ships, from their documented recipes.
 
-    python launch/build_assets.py                       # the shipped policy: about an hour on 2 CPU cores
+    python launch/build_assets.py                       # the shipped policy: about half an hour on 2 CPU cores
     python launch/build_assets.py --asset backbone      # the shipped reward backbone: about 16 minutes
     python launch/build_assets.py --smoke --out /tmp/a  # a recipe in miniature (what the tests build)
     python launch/build_assets.py --check               # verify every shipped asset against its manifest

@@ -476,8 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--from-scratch",
         action="store_true",
-        help="rebuild the pretrained policy and reward backbone by their recipes (launch/build_assets.py: about an "
-        "hour and a quarter; with --quick, their smoke versions) instead of starting from the shipped ones "
+        help="rebuild the pretrained policy and reward backbone by their recipes (launch/build_assets.py: about 45 "
+        "minutes; with --quick, their smoke versions) instead of starting from the shipped ones "
         "(assets/shapeedit_policy, assets/reward_backbone)",
     )
     parser.add_argument(

@@ -61,6 +61,7 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "navy": (20, 40, 110),
 }
 SHAPEEDIT_PALETTE = (*SHAPE_COLOURS.values(), *BACKGROUND_COLOURS.values())  # the default palette, in this order
+CODE_MEAN_BOUND = 2.0  # the decision code's mean stays in (-2, 2): at -2, 98% of codes fall below 0
 LORA_TARGETS = r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|ff\.net\.0\.proj|ff\.net\.2)"
 
 
@@ -657,9 +658,11 @@ class ShapeEditPolicy:
         return out
 
     def _code_means(self, pooled: Tensor) -> Tensor:
-        """(B,) the mean of each edit's code draw, from its pooled instruction (the trained network's)."""
+        """(B,) the mean of each edit's code draw, from its pooled instruction (the trained network's), kept within
+        +-CODE_MEAN_BOUND by a tanh: pretraining drew the codes from N(0, 1), and a code far outside that range asks
+        the network for edits it never learnt (RL on a noisy reward drove an unbounded mean to +-80 in 20 steps)."""
         net = self.trainable.net if self.trainable is not None else self.transformer
-        return net.code_mean(pooled.float())[:, 0]
+        return CODE_MEAN_BOUND * torch.tanh(net.code_mean(pooled.float())[:, 0] / CODE_MEAN_BOUND)
 
     def _code_log_prob(self, condition: ShapeEditCondition) -> Tensor:
         """(B,) log N(z; mu, 1) of each edit's code, over the latent's dimensions (3 H W): the draw counts as one

@@ -98,11 +98,14 @@ class Learner:
         self.policy = policy
         algo = cfg.algo
         self.algorithm = algorithm
-        decision = self.policy.decision_parameters()  # their own lr: see AlgoConfig.decision_lr
+        # The decision weights at their own lr (AlgoConfig.decision_lr); a group of their own only when it differs,
+        # so that a run without one keeps the optimizer state layout (and checkpoints) of a single group.
+        split = algo.decision_lr not in (None, algo.lr)
+        decision = self.policy.decision_parameters() if split else []
         rest = [p for p in self.policy.trainable_parameters() if all(p is not d for d in decision)]
         groups = [{"params": rest, "lr": algo.lr}]
         if decision:
-            groups.append({"params": decision, "lr": algo.decision_lr or algo.lr})
+            groups.append({"params": decision, "lr": algo.decision_lr})
         self.zero3 = cfg.cluster.zero_stage == 3
         if self.zero3:
             # ZeRO-3 partitions the parameters of the engine's modules and gathers a module's own parameters in

@@ -198,6 +198,8 @@ def test_trained_module_holds_every_trainable_weight_and_a_learner_needs_only_it
     perturb(policy, seed=5)
     owned = {id(p) for p in policy.trained_module().parameters()}
     assert all(id(p) in owned for p in policy.trainable_parameters())
+    trainable = {id(p) for p in policy.trainable_parameters()}
+    assert all(id(p) in trainable for p in policy.decision_parameters())  # trained at algo.decision_lr
     rollout = sample(policy)
     before = [policy.log_prob(rollout, t).log_probs.detach() for t in range(rollout.num_steps)]
     policy.drop_encoders()

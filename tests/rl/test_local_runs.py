@@ -1,6 +1,7 @@
 """Runs in process (rl/actors.py `local_actors`, seconds a run) on the tiny fixture that learns
 (tests/rl/runs.py): the run comparisons of the loop tests catch what they guard against, the NaN guard holds on
-one rank under ZeRO-2 and ZeRO-3, NaN rewards stop a run, PPO and the drawn step's KL train, NFT resumes exactly.
+one rank under ZeRO-2 and ZeRO-3, NaN rewards stop a run, PPO and the drawn step's KL train, NFT resumes exactly,
+the decision-code mean trains at its own algo.decision_lr.
 
 Each comparison passes on a faithful run and fails on a run with one fault planted:
 - a micro-batch whose gradient is dropped (what a ZeRO-3 accumulation bug, a lost shard or a skipped
@@ -290,10 +291,12 @@ def test_no_secret_reaches_the_run_directory(root, tmp_path, monkeypatch):
             assert value.encode() not in data, f"{key}'s value is in {f}"
 
 
-def test_the_decision_code_mean_trains_at_decision_lr(root, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_decision_code_mean_trains_at_decision_lr(root, tmp_path, stage):
     """algo.decision_lr is the AdamW lr of the policy's decision weights (the ShapeEdit code mean), a group of
-    their own: Adam's first update moves every weight that has a gradient by about its group's lr, so after one
-    step the code mean's bias moved by decision_lr and no adapter weight by more than lr."""
+    their own, under ZeRO-2 and ZeRO-3: Adam's first update moves every weight that has a gradient by about its
+    group's lr, so after one step the code mean's bias moved by decision_lr and no adapter weight by more than
+    lr."""
     from dataclasses import replace
 
     from launch.benchmarking import KEEP_LOGIT
@@ -306,7 +309,12 @@ def test_the_decision_code_mean_trains_at_decision_lr(root, tmp_path):
         coded.transformer.pixel_head[-1].bias[0] = KEEP_LOGIT
     coded.save_pretrained(tmp_path / "policy")
     out = run_in_process(
-        root, tmp_path / "run", f"policy.path={tmp_path / 'policy'}", "num_rl_steps=1", "algo.decision_lr=0.5"
+        root,
+        tmp_path / "run",
+        f"policy.path={tmp_path / 'policy'}",
+        "num_rl_steps=1",
+        "algo.decision_lr=0.5",
+        f"cluster.zero_stage={stage}",
     )
     assert_learned(out)
     got = weights(out, 1)
