@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 LATEST := .venv-latest
 # CPU build of torch first, so that nothing pulls the multi-GB CUDA build. GPU users: see README.
 TORCH_SPEC ?= torch==2.13.0
+# pip itself is pinned too: a new pip changes how the rest resolves and builds.
+PIP_SPEC ?= pip==26.3
 
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
@@ -14,7 +16,7 @@ export WANDB_MODE ?= offline
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(PIP_SPEC)"
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -c requirements.txt -e ".[dev]"
 	touch $@
