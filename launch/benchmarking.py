@@ -192,11 +192,21 @@ def tiny_learning_run(root: Path, size: int = 32, hidden_size: int = 64) -> dict
     RL can move from its first step: its 'keep the source pixel' logit lowered to KEEP_LOGIT, so that with the
     palette's last step drawn (sampler.sample_last_step) every sample of a group is a different edit with a
     different oracle reward. The RL tests (tests/rl/runs.py) and the soak benchmark run on it."""
-    from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig
     from reward.shapeedit import GenerateConfig, generate
 
     generate(GenerateConfig(out=str(root / "data"), pairs=300, size=size, seed=0), progress=False)
-    rows = json.loads((root / "data" / "train_prompts.json").read_text())
+    save_tiny_learning_policy(root / "policy", root / "data", size, hidden_size)
+    return {"data": root / "data", "policy": root / "policy"}
+
+
+def save_tiny_learning_policy(
+    out: Path, data: Path, size: int = 32, hidden_size: int = 64, decision_code: bool = False
+) -> None:
+    """tiny_learning_run's policy for the prompts of `data`, saved to `out`; with decision_code, one that draws a
+    decision code per edit (ShapeEditPolicyConfig.decision_code)."""
+    from policies.shapeedit import ShapeEditPolicy, ShapeEditPolicyConfig
+
+    rows = json.loads((data / "train_prompts.json").read_text())
     cfg = ShapeEditPolicyConfig(
         image_size=size,
         patch_size=8,
@@ -205,12 +215,12 @@ def tiny_learning_run(root: Path, size: int = 32, hidden_size: int = 64) -> dict
         text_hidden_size=32,
         text_layers=1,
         max_instruction_tokens=24,
+        decision_code=decision_code,
     )
     policy = ShapeEditPolicy.build(cfg, [r["instruction"] for r in rows])
     with torch.no_grad():
         policy.transformer.pixel_head[-1].bias[0] = KEEP_LOGIT
-    policy.save_pretrained(root / "policy")
-    return {"data": root / "data", "policy": root / "policy"}
+    policy.save_pretrained(out)
 
 
 # a node of a simulated cluster: 2 CPUs and 2 'GPUs' (a custom resource standing for them), on loopback

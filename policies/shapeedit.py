@@ -471,7 +471,7 @@ class ShapeEditPolicy:
 
     def decision_parameters(self) -> list[nn.Parameter]:
         """The decision-code mean's weights (trained whole beside the adapters), [] without a decision code."""
-        self._trainable()
+        self._trainable()  # refuses a policy loaded without a TrainableConfig, as trainable_parameters does
         return list(self.transformer.code_mean.parameters()) if self.cfg.decision_code else []
 
     def trainable_state(self) -> dict[str, Tensor]:

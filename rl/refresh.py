@@ -456,7 +456,7 @@ class RewardTrainer:
         pointer = self.dir / f"{LATEST}.tmp"
         pointer.write_text(name)
         os.replace(pointer, self.dir / LATEST)
-        keep = {name, previous.name if previous is not None else name}
+        keep = {name} | ({previous.name} if previous is not None else set())
         for old in self.dir.glob("state-*"):  # the current state and the one the old pointer named, nothing else
             if old.name not in keep:
                 shutil.rmtree(old)

@@ -13,9 +13,18 @@ from reward.shapeedit import GenerateConfig, build_reference, generate, judge, j
 from reward.shapeedit.__main__ import main as cli
 from reward.shapeedit.candidates import MODES, make_candidate, render_candidate
 from reward.shapeedit.critique import box, scores_1_to_4, status, write_critique
-from reward.shapeedit.edits import ADDED_ID, Edit, apply_edits, composition_keys, is_heldout, refer, sample_instruction
+from reward.shapeedit.edits import (
+    ADDED_ID,
+    FAMILIES,
+    Edit,
+    apply_edits,
+    composition_keys,
+    is_heldout,
+    refer,
+    sample_instruction,
+)
 from reward.shapeedit.oracle import FAR
-from reward.shapeedit.world import KINDS, SHAPE_COLOURS, SIZES, Scene, palette, size_name
+from reward.shapeedit.world import BACKGROUND_COLOURS, KINDS, SHAPE_COLOURS, SIZES, Scene, palette, size_name
 
 
 def _cases(seed: int, n: int):
@@ -212,9 +221,6 @@ def test_dataset_format_splits_and_heldout_compositions(tmp_path):
 def test_heldout_compositions_combine_words_seen_in_training():
     """Held out: one (family, kind, colour) in six of the shape edits, never a background colour (its
     composition is the colour alone, so holding it out would leave the word unseen in training)."""
-    from reward.shapeedit.edits import FAMILIES
-    from reward.shapeedit.world import BACKGROUND_COLOURS
-
     assert not any(is_heldout(("background", "background", c)) for c in BACKGROUND_COLOURS)
     for family in FAMILIES:
         if family == "background":
