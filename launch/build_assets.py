@@ -118,8 +118,33 @@ def ensure_data(data_dir: Path) -> dict:
     }
 
 
-def build_policy(out: Path, work: Path, smoke: bool, overrides: list[str]) -> dict:
-    """Pretrain the policy by the recipe into `work`, copy what ships into `out`, write its manifest."""
+def finished_run(run: Path, cfg, data: dict) -> dict:
+    """The results of a finished pretraining run in `run` after checking that it is the recipe's: the same settings
+    (where it was written and read aside) and the evaluation data (the sha256 of its prompt files)."""
+    from dataclasses import asdict
+
+    from launch.pretrain_policy import PolicyPretrainConfig
+    from reward.config import load_config
+
+    if not (run / "results.json").is_file() or not (run / "config.yaml").is_file():
+        raise SystemExit(
+            f"--from-run {run}: no results.json and config.yaml there (a finished pretraining run has both)"
+        )
+    ran = load_config(PolicyPretrainConfig, run / "config.yaml")
+    differ = [
+        k for k, v in asdict(cfg).items() if k not in ("output_dir", "data_dir", "progress") and asdict(ran)[k] != v
+    ]
+    if differ:
+        raise SystemExit(f"--from-run {run}: not trained by the recipe ({', '.join(differ)} differ); build it instead")
+    hashes = {name: sha256(Path(ran.data_dir) / name) for name in data["sha256"]}
+    if hashes != data["sha256"]:
+        raise SystemExit(f"--from-run {run}: evaluated on other data than {data['command']} ({ran.data_dir})")
+    return json.loads((run / "results.json").read_text())
+
+
+def build_policy(out: Path, work: Path, smoke: bool, overrides: list[str], from_run: Path | None = None) -> dict:
+    """Pretrain the policy by the recipe into `work` (or take the finished run `from_run` of the same recipe), copy
+    what ships into `out`, write its manifest."""
     from launch.pretrain_policy import PolicyPretrainConfig, pretrain
     from policies.shapeedit import ShapeEditPolicy
     from reward.config import load_config
@@ -132,24 +157,29 @@ def build_policy(out: Path, work: Path, smoke: bool, overrides: list[str]) -> di
         [f"output_dir={work / 'policy'}", f"data_dir={work / 'data'}", *extra],
     )
     start = time.perf_counter()
-    results = pretrain(cfg)
+    run = from_run or work / "policy"
+    results = finished_run(from_run, cfg, data) if from_run else pretrain(cfg)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for name in SHIPPED:
-        source = work / "policy" / name
+        source = run / name
         if name == "transformer":  # the denoiser in safetensors shards, each under the repository's file limit
-            ShapeEditPolicy.from_pretrained(work / "policy").transformer.save_pretrained(
-                out / name, max_shard_size=MAX_FILE_BYTES
-            )
+            ShapeEditPolicy.from_pretrained(run).transformer.save_pretrained(out / name, max_shard_size=MAX_FILE_BYTES)
         else:
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, out / name)
     measured = {k: v for k, v in results.items() if k.startswith(("eval/", "spread/")) or k in ("steps", "trained_s")}
-    return write_manifest(out, "policy", POLICY_RECIPE, smoke, overrides, extra, cfg.seed, data, measured, start)
+    manifest = write_manifest(out, "policy", POLICY_RECIPE, smoke, overrides, extra, cfg.seed, data, measured, start)
+    if from_run:  # the build's seconds are then the packaging's; the training's are measured.trained_s
+        manifest["built"]["from_run"] = str(from_run)
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
 
 
-def build_backbone(out: Path, work: Path, smoke: bool, overrides: list[str]) -> dict:
+def build_backbone(out: Path, work: Path, smoke: bool, overrides: list[str], from_run: Path | None = None) -> dict:
     """Pretrain the reward backbone by the recipe into `work`, copy what ships into `out`, write its manifest."""
+    if from_run is not None:
+        raise SystemExit("--from-run packages a policy run; the backbone's build resumes its own run in --work instead")
     from reward.config import load_config
     from reward.pretrain_backbone import PretrainConfig, pretrain, settings
 
@@ -235,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the recipe (repeatable)"
     )
+    parser.add_argument(
+        "--from-run",
+        default=None,
+        help="the policy: ship this finished launch/pretrain_policy.py run of the recipe instead of training again "
+        "(its settings and evaluation data are checked against the recipe's)",
+    )
     args = parser.parse_args(argv)
     if args.check:
         for folder in [Path(args.out)] if args.out else ASSETS.values():
@@ -247,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke and out.resolve().is_relative_to(ROOT / "assets"):
         parser.error("--smoke builds a miniature: give it an --out outside assets/ (it would replace a shipped asset)")
     build = {"policy": build_policy, "backbone": build_backbone}[args.asset]
-    manifest = build(out, Path(args.work), args.smoke, args.set)
+    manifest = build(out, Path(args.work), args.smoke, args.set, Path(args.from_run) if args.from_run else None)
     total = sum(f["bytes"] for f in manifest["files"].values())
     if not args.smoke and out.resolve().is_relative_to(ROOT / "assets"):
         shipped = sum(p.stat().st_size for p in (ROOT / "assets").rglob("*") if p.is_file())

@@ -71,6 +71,10 @@ class PolicyPretrainConfig:
     """Weight of the gate's cross-entropy against the pixels each edit changes ('gated' policies; 0 = none)."""
     edit_weight: float = 1.0
     """Weight of the squared error averaged over the pixels each edit changes, beside the plain mean (0 = none)."""
+    distractor_weight: float = 0.0
+    """Weight of the squared error (the cross-entropy for 'palette') averaged over the pixels of the objects the
+    edit leaves alone (kept pixels not of the source's most common colour), averaged like edit_weight's term: the
+    price of painting an object that was not meant (policies.shapeedit.flow_matching_loss; 0 = none)."""
     edit_average: str = "image"
     """How edit_weight's term averages: over the batch's changed pixels ('batch') or per image, then over images
     ('image')."""
@@ -314,6 +318,7 @@ def pretrain(cfg: PolicyPretrainConfig) -> dict:
             cfg.sigma_location,
             cfg.edit_average,
             codes if cfg.policy.decision_code else None,
+            cfg.distractor_weight,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -110,6 +110,11 @@ class ShapeEditPolicyConfig:
     after pretraining and trained by RL: the draw of z is a step of the policy, its log-prob (over the latent's
     dimensions, like the SDE steps') counted in the first stochastic step, so RL can move which decisions the
     policy takes, not only how it draws them."""
+    head_sigma: bool = False
+    """'palette' and 'gated': the per-pixel head reads the noise level sigma and the noisy pixels scaled by
+    (1 - sigma). Without it the head sees each noisy pixel at full weight whatever the noise level (only the
+    transformer's features carry sigma), and where the edit must draw something new (move, add, resize, swap)
+    it followed pure noise at the first sampling steps (docs/policies.md)."""
     last_step: str = "most_probable"
     """'palette' only: the deterministic last step (to sigma 0) gives each pixel its 'most_probable' category, or
     the categories' 'mean' (the plain Euler step, which ends on blends where the classifier is unsure). A sampler
@@ -124,6 +129,8 @@ class ShapeEditPolicyConfig:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of the head size 32")
         if self.parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
+        if self.head_sigma and self.parameterisation == "change":
+            raise ValueError("head_sigma needs the 'palette' or 'gated' parameterisation (it has no per-pixel head)")
         if self.decision_code and self.parameterisation == "change":
             raise ValueError("decision_code needs the 'palette' or 'gated' parameterisation (its head reads the code)")
         if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in self.palette):
@@ -173,11 +180,13 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         head_outputs: int = 4,
         head_source_colours: int = 0,
         decision_code: bool = False,
+        head_sigma: bool = False,
     ):
         """SD3Transformer2DModel's arguments (out_channels = the features per pixel handed to the head), the
         head's width, the features of the pooled instruction it reads at every pixel (0 = none) and its outputs
         per pixel (4 = gate logit and colour for 'gated'; 1 + palette size = category logits for 'palette'), and
-        the palette size when the head also reads each source pixel's palette colour (0 = it does not)."""
+        the palette size when the head also reads each source pixel's palette colour (0 = it does not), and
+        whether the head reads the noise level (ShapeEditPolicyConfig.head_sigma)."""
         if in_channels != 6:
             raise ValueError(
                 f"the gated transformer reads (noisy image, source): in_channels must be 6, got {in_channels}"
@@ -212,7 +221,10 @@ class GatedSD3Transformer(SD3Transformer2DModel):
         k = head_source_colours
         self.colour_queries = nn.Linear(out_channels + head_text_features, 2 * QUERIES * k) if k else None
         self.pixel_head = nn.Sequential(
-            nn.Linear(out_channels + head_text_features + 6 + k + 2 * QUERIES * bool(k) + decision_code, head_hidden),
+            nn.Linear(
+                out_channels + head_text_features + 6 + k + 2 * QUERIES * bool(k) + decision_code + head_sigma,
+                head_hidden,
+            ),
             nn.SiLU(),
             nn.Linear(head_hidden, head_hidden),
             nn.SiLU(),
@@ -236,6 +248,13 @@ class GatedSD3Transformer(SD3Transformer2DModel):
             pooled_projections = pooled_projections + self.code_to_pooled(codes[:, None].to(pooled_projections.dtype))
         features = super().forward(hidden_states=hidden_states, pooled_projections=pooled_projections, **kwargs).sample
         pixels = [features.permute(0, 2, 3, 1), hidden_states.permute(0, 2, 3, 1)]  # (B, H, W, C) each
+        if self.config.head_sigma:
+            # The noisy pixels scaled by their signal's share (1 - sigma), and sigma itself: a pixel head that read
+            # them unscaled trusted pure noise like a nearly clean pixel (its guess flipped with the noise draw on
+            # 16-19% of the pixels of move and add edits at sigma 0.999), and the ODE then followed that speckle.
+            sigma = (kwargs["timestep"] / 1000.0).to(pixels[0].dtype)[:, None, None, None]
+            noisy, source = pixels[1].split(3, dim=-1)
+            pixels[1] = torch.cat([(1 - sigma) * noisy, source, sigma.expand(*noisy.shape[:3], 1)], dim=-1)
         if self.text_to_head is not None:
             # The instruction straight to every pixel: "pixels of the named colour" needs no attention to find.
             pixels.append(self.text_to_head(pooled_projections)[:, None, None, :].expand(*pixels[0].shape[:3], -1))
@@ -374,6 +393,7 @@ class ShapeEditPolicy:
                 head_text_features=cfg.head_text_features,
                 head_outputs=outputs,
                 decision_code=cfg.decision_code,
+                head_sigma=cfg.head_sigma,
                 head_source_colours=len(cfg.palette)
                 if cfg.parameterisation == "palette" and cfg.head_source_colours
                 else 0,
@@ -781,6 +801,7 @@ def flow_matching_loss(
     sigma_location: float = 0.0,
     edit_average: str = "batch",
     codes: Tensor | None = None,
+    distractor_weight: float = 0.0,
 ) -> Tensor:
     """Supervised (rectified) flow matching on x_s = (1 - s) x0 + s eps, in the x0 parametrisation.
 
@@ -797,6 +818,10 @@ def flow_matching_loss(
         sigma_location: mean of the normal whose sigmoid is sigma; above 0 more of the training is at high noise,
             where the edit must be read from the source and the instruction, not from the noisy image.
         codes: (B,) each target's decision code, for a policy with one (ShapeEditPolicyConfig.decision_code).
+        distractor_weight: the weight of a third term averaged (like edit_weight's) over the pixels the edit keeps
+            that are not the source's background (its most common colour): the other objects. edit_weight alone
+            makes a changed pixel weigh tens of unchanged ones, so a network unsure which object is meant paints
+            every candidate ("the blue triangle": all triangles); this term makes that cost as much.
     Returns: the scalar mean squared error of the predicted clean image (plus the two terms); sigmas are
         logit-normal (SD3). For the 'palette' parameterisation the cross-entropy of `palette_loss` instead.
     """
@@ -808,11 +833,17 @@ def flow_matching_loss(
     text, pooled = policy.encode_instructions(instructions)
     x0, logits = policy.predict(x, sigma, source, text, pooled, codes)
     changed = (target != source).any(dim=1, keepdim=True).float()  # (B, 1, H, W)
+    distractors = (1 - changed) * (~background_pixels(source)).float() if distractor_weight else None
     if policy.cfg.parameterisation == "palette":
-        return palette_loss(policy.palette, logits, target, changed, edit_weight, edit_average)
-    loss = torch.nn.functional.mse_loss(x0, target)
+        return palette_loss(
+            policy.palette, logits, target, changed, edit_weight, edit_average, distractors, distractor_weight
+        )
+    per_pixel = ((x0 - target) ** 2).mean(dim=1, keepdim=True)
+    loss = per_pixel.mean()
     if edit_weight:
-        loss = loss + edit_weight * changed_mean(((x0 - target) ** 2).mean(dim=1, keepdim=True), changed, edit_average)
+        loss = loss + edit_weight * changed_mean(per_pixel, changed, edit_average)
+    if distractor_weight:
+        loss = loss + distractor_weight * changed_mean(per_pixel, distractors, edit_average)
     if gate_weight and logits is not None:
         loss = loss + gate_weight * torch.nn.functional.binary_cross_entropy_with_logits(logits, changed)
     return loss
@@ -836,15 +867,32 @@ def changed_mean(per_pixel: Tensor, changed: Tensor, average: str) -> Tensor:
     raise ValueError(f"edit_average must be 'batch' or 'image', got {average!r}")
 
 
+def background_pixels(source: Tensor) -> Tensor:
+    """(B, 1, H, W): the pixels of each source image's most common colour (a ShapeEdit render's background)."""
+    rgb = ((source + 1.0) * 127.5).round().long()  # (B, 3, H, W) in 0-255
+    key = (rgb[:, 0] * 256 + rgb[:, 1]) * 256 + rgb[:, 2]  # (B, H, W): one integer per colour
+    common = key.flatten(1).mode(dim=1).values  # (B,)
+    return (key == common[:, None, None])[:, None]
+
+
 def palette_loss(
-    palette: Tensor, logits: Tensor, target: Tensor, changed: Tensor, edit_weight: float, edit_average: str = "batch"
+    palette: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    changed: Tensor,
+    edit_weight: float,
+    edit_average: str = "batch",
+    distractors: Tensor | None = None,
+    distractor_weight: float = 0.0,
 ) -> Tensor:
     """Cross-entropy of the 'palette' head against each pixel's category: 0 where the edit keeps the source
     pixel, else 1 + the index of the target's (nearest) palette colour; `edit_weight` adds the cross-entropy
-    averaged over the changed pixels alone."""
+    averaged over the changed pixels alone, `distractor_weight` over the `distractors` mask (flow_matching_loss)."""
     category = torch.where(changed[:, 0] > 0, nearest_colour(target, palette) + 1, 0)
-    per_pixel = torch.nn.functional.cross_entropy(logits, category, reduction="none")  # (B, H, W)
+    per_pixel = torch.nn.functional.cross_entropy(logits, category, reduction="none")[:, None]  # (B, 1, H, W)
     loss = per_pixel.mean()
     if edit_weight:
-        loss = loss + edit_weight * changed_mean(per_pixel[:, None], changed, edit_average)
+        loss = loss + edit_weight * changed_mean(per_pixel, changed, edit_average)
+    if distractor_weight:
+        loss = loss + distractor_weight * changed_mean(per_pixel, distractors, edit_average)
     return loss

@@ -36,12 +36,13 @@ def tensors(folder):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("asset") / "shapeedit_policy"
-    manifest = build_policy(out, tmp_path_factory.mktemp("work"), smoke=True, overrides=[])
-    return out, manifest
+    work = tmp_path_factory.mktemp("work")
+    manifest = build_policy(out, work, smoke=True, overrides=[])
+    return out, manifest, work
 
 
 def test_the_smoke_recipe_loads_like_the_shipped_policy(smoke):
-    out, manifest = smoke
+    out, manifest, _ = smoke
     shipped = load_asset(POLICY_ASSET)  # every shipped file matches its sha256
     assert load_asset(out) == manifest
     assert set(manifest) == set(shipped)
@@ -91,8 +92,24 @@ def test_the_smoke_backbone_recipe_loads_like_the_shipped_backbone(tmp_path):
     assert torch.isfinite(scores).all() and scores[0] != scores[1]
 
 
+def test_a_finished_run_of_the_recipe_ships_as_built_and_another_is_refused(smoke, tmp_path):
+    """--from-run packages the run the build trained into the same files; a run of other settings is refused."""
+    out, manifest, work = smoke
+    packaged = build_policy(tmp_path / "packaged", work, smoke=True, overrides=[], from_run=work / "policy")
+    assert packaged["files"] == manifest["files"] and packaged["measured"] == manifest["measured"]
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("results.json", "config.yaml"):
+        (other / name).write_text((work / "policy" / name).read_text().replace("lr: 0.001", "lr: 0.002"))
+    with pytest.raises(SystemExit, match="not trained by the recipe \\(lr differ\\)"):
+        build_policy(tmp_path / "refused", work, smoke=True, overrides=[], from_run=other)
+    with pytest.raises(SystemExit, match="no results.json"):
+        build_policy(tmp_path / "refused", work, smoke=True, overrides=[], from_run=tmp_path / "missing")
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+
+
 def test_a_changed_file_is_refused(smoke, tmp_path):
-    out, _ = smoke
+    out, _, _ = smoke
     copy = tmp_path / "copy"
     copy.mkdir()
     for path in out.rglob("*"):

@@ -32,6 +32,7 @@ FLAG_CLIS = [
     "launch.jrm_shapeedit",
     "launch.nft_vs_grpo",
     "launch.online_rm",
+    "launch.policy_binding",
     "launch.policy_pairs",
     "launch.serve_judge",
 ]

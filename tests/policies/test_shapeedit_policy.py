@@ -344,6 +344,34 @@ def test_the_image_average_weighs_every_edit_alike():
         changed_mean(loss, changed, "pixel")
 
 
+def test_the_distractor_term_prices_the_objects_the_edit_leaves_alone():
+    """distractor_weight adds the cross-entropy averaged over the kept pixels that are not the source's most common
+    colour (the other objects): a head that also paints the second red square pays it; the background does not."""
+    from policies.shapeedit import background_pixels, palette_loss
+
+    palette = torch.tensor(PALETTE, dtype=torch.float32) / 127.5 - 1
+    source = palette[2].view(1, 3, 1, 1).repeat(1, 1, 8, 8)  # white
+    source[:, :, 1:3, 1:3] = palette[0].view(1, 3, 1, 1)  # two red squares
+    source[:, :, 5:7, 5:7] = palette[0].view(1, 3, 1, 1)
+    target = source.clone()
+    target[:, :, 1:3, 1:3] = palette[1].view(1, 3, 1, 1)  # the first one turns blue
+    changed = (target != source).any(1, keepdim=True).float()
+    distractors = (1 - changed) * (~background_pixels(source)).float()
+    assert background_pixels(source).sum() == 64 - 8 and distractors.sum() == 4
+    assert distractors[0, 0, 5:7, 5:7].all()
+    logits = torch.zeros(1, 5, 8, 8)
+    logits[:, 0] = 5.0  # keep everywhere ...
+    logits[:, 2, 1:3, 1:3] = 10.0  # ... but the meant square, turned blue
+    right = palette_loss(palette, logits, target, changed, 1.0, "image", distractors, 1.0)
+    both = logits.clone()
+    both[:, 2, 5:7, 5:7] = 10.0  # the other square turned blue too
+    wrong = palette_loss(palette, both, target, changed, 1.0, "image", distractors, 1.0)
+    unpriced = palette_loss(palette, both, target, changed, 1.0, "image")
+    ce = torch.nn.functional.cross_entropy(both, torch.zeros(1, 8, 8, dtype=torch.long), reduction="none")[0, 5, 5]
+    assert (wrong - unpriced).item() == pytest.approx(ce.item(), rel=1e-5)  # the term is the distractors' mean
+    assert wrong - right > ce - 1e-3 > 1.0
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_a_drawn_last_step_is_the_classifiers_categorical_draw(temperature):
     """sample_last_step: every pixel's category is drawn from softmax(logits / temperature); the stored log-prob
@@ -459,3 +487,38 @@ def test_a_decision_code_is_drawn_per_edit_read_by_the_network_and_kept_for_the_
     assert torch.equal(drawn.latents[:, 0], torch.randn((4, 3, 32, 32), generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="decision_code needs"):
         ShapeEditPolicyConfig(parameterisation="change", decision_code=True)
+
+
+def test_a_head_that_reads_sigma_sees_the_noisy_pixels_scaled_by_their_signal_and_keeps_ratio_one(tmp_path):
+    """head_sigma: the per-pixel head reads (1 - sigma) x_sigma, the source and sigma; at sigma 1 nothing of the
+    pure noise reaches it directly. The setting survives save/load and the on-policy ratio stays exactly 1."""
+    cfg = dataclasses.replace(TINY, palette=PALETTE, head_sigma=True)
+    policy = ShapeEditPolicy.build(cfg, INSTRUCTIONS, trainable=TrainableConfig(lora_rank=4, lora_alpha=8))
+    seen = []
+    hook = policy.transformer.pixel_head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    source = torch.rand(2, 3, 32, 32) * 2 - 1
+    noisy = torch.randn(2, 3, 32, 32)
+    text, pooled = policy.encode_instructions(INSTRUCTIONS[:2])
+    k = policy.transformer.config.out_channels
+    for sigma in (1.0, 0.25):
+        seen.clear()
+        with torch.no_grad():
+            policy.predict(noisy, sigma, source, text, pooled)
+        head_in = seen[0]  # (B, H, W, C): the transformer's features, then the pixels and sigma, then the rest
+        pixels = head_in[..., k : k + 7]
+        assert torch.allclose(pixels[..., :3], (1 - sigma) * noisy.permute(0, 2, 3, 1))
+        assert torch.equal(pixels[..., 3:6], source.permute(0, 2, 3, 1))
+        assert torch.all(pixels[..., 6] == sigma)
+    hook.remove()
+    perturb(policy)
+    rollout = policy.sample(
+        images(2), INSTRUCTIONS[:2], SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0)
+    )
+    for t in range(2):
+        assert torch.equal(policy.log_prob(rollout, t).log_probs, rollout.log_probs[:, t])
+    policy.save_pretrained(tmp_path)
+    loaded = ShapeEditPolicy.from_pretrained(tmp_path)
+    assert loaded.cfg.head_sigma and loaded.transformer.config.head_sigma
+    assert torch.equal(loaded.log_prob(rollout, 1).log_probs, rollout.log_probs[:, 1])
+    with pytest.raises(ValueError, match="head_sigma needs the 'palette' or 'gated'"):
+        ShapeEditPolicyConfig(parameterisation="change", head_sigma=True)

@@ -1,0 +1,169 @@
+"""Does a ShapeEdit policy edit the object it is asked to, and only that one? A probe by edit family.
+
+    python launch/policy_binding.py --policy shipped=assets/shapeedit_policy --policy mine=runs/policy \
+        --data runs/assets/data --out docs/results/policy_binding.json
+
+For each single-edit prompt of the split, the policy predicts the clean edit once from the noisy *target* at
+noise level sigma (the denoiser's own question, teacher-forced) and once by sampling (8 ODE steps from noise).
+Its most probable category at every pixel is compared with the target on three kinds of pixel:
+
+- `changed`: the pixels the edit changes (drawn right?),
+- `kept_objects`: the pixels of the other objects, which the edit leaves alone (kept?),
+- `kept_background`: the rest (kept?).
+
+At sigma near 1 the noisy target says nothing, so the policy must find the meant object from the source and the
+instruction alone; at sigma 0.5 it can read it off the noisy target. A policy that paints every object of the
+named kind or colour ("the blue triangle": all triangles) loses `kept_objects`; one that reads the decision off
+the noise wins at 0.5 and loses at 0.999. Decision-code policies are probed at one code (`--code`, default -2: the
+correct share of the demonstrator's codes; sampled codes are drawn around it). docs/policies.md reads the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python launch/policy_binding.py`: import the packages, not sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+import torch
+
+from launch.pretrain_policy import load_eval_prompts
+from policies.images import images_to_tensor
+from policies.sampling import SamplerConfig
+from policies.shapeedit import CODE_MEAN_BOUND, ShapeEditPolicy, background_pixels
+from reward.config import HelpFormatter
+from reward.shapeedit import judge_image
+from reward.shapeedit.edits import apply_edits
+from reward.shapeedit.world import render
+
+SIGMAS = (0.999, 0.5)
+KINDS = ("changed", "kept_objects", "kept_background")
+
+
+def decoded(policy: ShapeEditPolicy, logits: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """The image of each pixel's most probable category (B, 3, H, W) in [-1, 1]."""
+    category = logits.argmax(1)
+    colours = policy.palette[(category - 1).clamp_min(0)].permute(0, 3, 1, 2)
+    return torch.where(category[:, None] == 0, source, colours)
+
+
+def pixel_hits(image: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """(right, all) pixels of each kind (KINDS), summed over the batch."""
+    right = ((image - target).abs().amax(1, keepdim=True) < 1e-3)[:, 0]
+    changed = (target != source).any(1)
+    background = background_pixels(source)[:, 0]
+    masks = {"changed": changed, "kept_objects": ~changed & ~background, "kept_background": ~changed & background}
+    return {k: (int((right & m).sum()), int(m.sum())) for k, m in masks.items()}
+
+
+@torch.no_grad()
+def probe(policy: ShapeEditPolicy, prompts: list[dict], code: float, seed: int = 0, batch_size: int = 32) -> dict:
+    """By family (and 'all'): the share of each kind of pixel the policy gets right at each sigma of SIGMAS and
+    when sampled, the oracle's gold of the sampled edits, and the number of prompts."""
+    if policy.cfg.parameterisation != "palette":
+        raise ValueError(
+            f"the probe reads the palette head's categories; this policy is {policy.cfg.parameterisation!r}"
+        )
+    size = policy.cfg.image_size
+    counts: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    gold: dict[str, list[float]] = defaultdict(list)
+    generator = torch.Generator().manual_seed(seed)
+    if policy.cfg.decision_code:  # sampled codes are drawn from N(code, 1): the mean set to `code`, within its bound
+        bound = CODE_MEAN_BOUND * (1 - 1e-6)
+        policy.transformer.code_mean.weight.zero_()
+        policy.transformer.code_mean.bias.fill_(
+            CODE_MEAN_BOUND * math.atanh(max(-bound, min(bound, code)) / CODE_MEAN_BOUND)
+        )
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        families = [p["edits"][0].family for p in chunk]
+        source = images_to_tensor([p["source"] for p in chunk]).float() / 127.5 - 1
+        target = torch.from_numpy(np.stack([render(apply_edits(p["scene"], p["edits"]), size) for p in chunk]))
+        target = target.permute(0, 3, 1, 2).float() / 127.5 - 1
+        text, pooled = policy.encode_instructions([p["instruction"] for p in chunk])
+        codes = torch.full((len(chunk),), code) if policy.cfg.decision_code else None
+        noise = torch.randn(target.shape, generator=generator)
+        images = {}
+        for sigma in SIGMAS:
+            _, logits = policy.predict((1 - sigma) * target + sigma * noise, sigma, source, text, pooled, codes)
+            images[f"sigma_{sigma}"] = decoded(policy, logits, source)
+        rollout = policy.sample(
+            [p["source"] for p in chunk],
+            [p["instruction"] for p in chunk],
+            SamplerConfig(num_steps=8, noise_level=0.0),
+            generator,
+        )
+        images["sampled"] = rollout.edited_images.float() / 127.5 - 1
+        for i, (p, family) in enumerate(zip(chunk, families)):
+            for name, image in images.items():
+                for kind, (right, total) in pixel_hits(image[i : i + 1], source[i : i + 1], target[i : i + 1]).items():
+                    for key in (family, "all"):
+                        counts[key][f"{name}/{kind}"][0] += right
+                        counts[key][f"{name}/{kind}"][1] += total
+            edited = ((images["sampled"][i].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+            score = judge_image(p["scene"], p["edits"], edited).overall
+            gold[family].append(score)
+            gold["all"].append(score)
+    report = {}
+    for key in sorted(gold, key=lambda k: (k == "all", k)):
+        row = {"prompts": len(gold[key]) if key != "all" else len(prompts), "gold": round(float(np.mean(gold[key])), 4)}
+        row.update({name: round(r / t, 4) if t else None for name, (r, t) in counts[key].items()})
+        report[key] = row
+    return report
+
+
+def markdown(report: dict, family: str = "all") -> str:
+    """One row per policy: gold and the pixel shares of one family (`all` = every single-edit prompt)."""
+    cols = [f"{n}/{k}" for n in (*(f"sigma_{s}" for s in SIGMAS), "sampled") for k in KINDS]
+    lines = [
+        "| policy | prompts | gold | " + " | ".join(c.replace("/", " ").replace("_", " ") for c in cols) + " |",
+        "| --- " * (3 + len(cols)) + "|",
+    ]
+    for name, entry in report["policies"].items():
+        row = entry["families"][family]
+        cells = ["–" if row[c] is None else f"{row[c]:.2f}" for c in cols]
+        lines.append(f"| {name} | {row['prompts']} | {row['gold']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--policy", action="append", required=True, help="NAME=DIR of a saved ShapeEdit policy (repeat for several)"
+    )
+    parser.add_argument("--data", default="runs/assets/data", help="a ShapeEdit dataset (its SPLIT_prompts.json)")
+    parser.add_argument("--split", default="val", help="which prompts: val or test_heldout")
+    parser.add_argument("--prompts", type=int, default=512, help="prompts read from the split (single edits kept)")
+    parser.add_argument("--code", type=float, default=-2.0, help="the decision code of a decision-code policy")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the noise, the same for every policy")
+    parser.add_argument("--out", default="", help="write the report here as JSON ('' = print only)")
+    args = parser.parse_args(argv)
+    policies = {}
+    for spec in args.policy:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not (Path(path) / "policy.json").is_file():
+            parser.error(f"--policy takes NAME=DIR of a saved ShapeEdit policy (with policy.json), got {spec!r}")
+        policies[name] = path
+    torch.manual_seed(args.seed)
+    report = {"data": args.data, "split": args.split, "code": args.code, "seed": args.seed, "policies": {}}
+    for name, path in policies.items():
+        policy = ShapeEditPolicy.from_pretrained(path)
+        policy.transformer.eval()
+        prompts = load_eval_prompts(Path(args.data), args.split, args.prompts, policy.cfg.image_size)
+        single = [p for p in prompts if len(p["edits"]) == 1]
+        report["policies"][name] = {"path": path, "families": probe(policy, single, args.code, args.seed)}
+    print(markdown(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
