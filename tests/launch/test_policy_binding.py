@@ -2,6 +2,7 @@
 object and background pixel, changes none, and scores the oracle's 0.5 for doing nothing."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +47,11 @@ def test_a_policy_that_does_nothing_keeps_everything_and_scores_doing_nothing(tm
     assert markdown(report) in capsys.readouterr().out and len(KINDS) == 3
     with pytest.raises(SystemExit):
         main(["--policy", str(tmp_path / "untrained")])  # no NAME=
+
+
+def test_the_docs_table_is_the_committed_json():
+    root = Path(__file__).resolve().parents[2]
+    report = json.loads((root / "docs" / "results" / "policy_binding.json").read_text())
+    assert markdown(report) in (root / "docs" / "policies.md").read_text(), (
+        "docs/policies.md's probe table differs from docs/results/policy_binding.json: paste `markdown` of it"
+    )
