@@ -131,9 +131,8 @@ def finished_run(run: Path, cfg, data: dict) -> dict:
             f"--from-run {run}: no results.json and config.yaml there (a finished pretraining run has both)"
         )
     ran = load_config(PolicyPretrainConfig, run / "config.yaml")
-    differ = [
-        k for k, v in asdict(cfg).items() if k not in ("output_dir", "data_dir", "progress") and asdict(ran)[k] != v
-    ]
+    theirs = asdict(ran)
+    differ = [k for k, v in asdict(cfg).items() if k not in ("output_dir", "data_dir", "progress") and theirs[k] != v]
     if differ:
         raise SystemExit(f"--from-run {run}: not trained by the recipe ({', '.join(differ)} differ); build it instead")
     hashes = {name: sha256(Path(ran.data_dir) / name) for name in data["sha256"]}
@@ -169,17 +168,13 @@ def build_policy(out: Path, work: Path, smoke: bool, overrides: list[str], from_
         else:
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, out / name)
     measured = {k: v for k, v in results.items() if k.startswith(("eval/", "spread/")) or k in ("steps", "trained_s")}
-    manifest = write_manifest(out, "policy", POLICY_RECIPE, smoke, overrides, extra, cfg.seed, data, measured, start)
-    if from_run:  # the build's seconds are then the packaging's; the training's are measured.trained_s
-        manifest["built"]["from_run"] = str(from_run)
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    return write_manifest(
+        out, "policy", POLICY_RECIPE, smoke, overrides, extra, cfg.seed, data, measured, start, from_run
+    )
 
 
-def build_backbone(out: Path, work: Path, smoke: bool, overrides: list[str], from_run: Path | None = None) -> dict:
+def build_backbone(out: Path, work: Path, smoke: bool, overrides: list[str]) -> dict:
     """Pretrain the reward backbone by the recipe into `work`, copy what ships into `out`, write its manifest."""
-    if from_run is not None:
-        raise SystemExit("--from-run packages a policy run; the backbone's build resumes its own run in --work instead")
     from reward.config import load_config
     from reward.pretrain_backbone import PretrainConfig, pretrain, settings
 
@@ -213,8 +208,11 @@ def write_manifest(
     data: dict,
     measured: dict,
     start: float,
+    from_run: Path | None = None,
 ) -> dict:
-    """manifest.json of a built asset folder: how to rebuild it, what it was measured on, and every file's hash."""
+    """manifest.json of a built asset folder: how to rebuild it, what it was measured on, and every file's hash;
+    `from_run`, the finished run it was packaged from (then the build's seconds are the packaging's, the training's
+    are measured.trained_s)."""
     import torch
     import transformers
 
@@ -240,6 +238,7 @@ def write_manifest(
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            **({"from_run": str(from_run)} if from_run else {}),
         },
         "files": asset_files(out),
     }
@@ -282,8 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else ASSETS[args.asset]
     if args.smoke and out.resolve().is_relative_to(ROOT / "assets"):
         parser.error("--smoke builds a miniature: give it an --out outside assets/ (it would replace a shipped asset)")
-    build = {"policy": build_policy, "backbone": build_backbone}[args.asset]
-    manifest = build(out, Path(args.work), args.smoke, args.set, Path(args.from_run) if args.from_run else None)
+    if args.from_run and args.asset != "policy":
+        parser.error("--from-run packages a policy run; the backbone's build resumes its own run in --work instead")
+    if args.asset == "policy":
+        manifest = build_policy(
+            out, Path(args.work), args.smoke, args.set, Path(args.from_run) if args.from_run else None
+        )
+    else:
+        manifest = build_backbone(out, Path(args.work), args.smoke, args.set)
     total = sum(f["bytes"] for f in manifest["files"].values())
     if not args.smoke and out.resolve().is_relative_to(ROOT / "assets"):
         shipped = sum(p.stat().st_size for p in (ROOT / "assets").rglob("*") if p.is_file())

@@ -46,13 +46,6 @@ SIGMAS = (0.999, 0.5)
 KINDS = ("changed", "kept_objects", "kept_background")
 
 
-def decoded(policy: ShapeEditPolicy, logits: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """The image of each pixel's most probable category (B, 3, H, W) in [-1, 1]."""
-    category = logits.argmax(1)
-    colours = policy.palette[(category - 1).clamp_min(0)].permute(0, 3, 1, 2)
-    return torch.where(category[:, None] == 0, source, colours)
-
-
 def pixel_hits(image: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> dict[str, tuple[int, int]]:
     """(right, all) pixels of each kind (KINDS), summed over the batch."""
     right = ((image - target).abs().amax(1, keepdim=True) < 1e-3)[:, 0]
@@ -92,7 +85,7 @@ def probe(policy: ShapeEditPolicy, prompts: list[dict], code: float, seed: int =
         images = {}
         for sigma in SIGMAS:
             _, logits = policy.predict((1 - sigma) * target + sigma * noise, sigma, source, text, pooled, codes)
-            images[f"sigma_{sigma}"] = decoded(policy, logits, source)
+            images[f"sigma_{sigma}"] = policy.category_image(logits.argmax(1), source)
         rollout = policy.sample(
             [p["source"] for p in chunk],
             [p["instruction"] for p in chunk],

@@ -716,6 +716,12 @@ class ShapeEditPolicy:
             sampler.sample_last_step or self.cfg.last_step == "most_probable"
         )
 
+    def category_image(self, category: Tensor, source: Tensor) -> Tensor:
+        """'palette': the image (B, 3, H, W) of each pixel's category (B, H, W): 0 keeps the source pixel, 1 + k
+        paints palette colour k."""
+        colours = self.palette.to(source.device)[(category - 1).clamp_min(0)].permute(0, 3, 1, 2)
+        return torch.where(category[:, None] == 0, source, colours)
+
     def _palette_step(
         self,
         x: Tensor,
@@ -746,9 +752,7 @@ class ShapeEditPolicy:
             if draw:
                 u = torch.rand(log_p.shape, generator=generator, dtype=torch.float32, device=x.device)
                 scores = log_p - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))  # Gumbel-max: a draw from softmax
-            choice = scores.argmax(dim=1, keepdim=True)  # (B, 1, H, W)
-            colours = palette[(choice[:, 0] - 1).clamp_min(0)].permute(0, 3, 1, 2)  # (B, 3, H, W)
-            chosen = torch.where(choice == 0, c.source, colours).to(x.dtype)
+            chosen = self.category_image(scores.argmax(dim=1), c.source).to(x.dtype)
         zero = torch.zeros((), dtype=torch.float32, device=x.device)
         if not draw:
             return StepOutput(chosen, torch.zeros(x.shape[0], dtype=torch.float32, device=x.device), chosen, zero)

@@ -16,6 +16,7 @@ from launch.build_assets import (
     build_backbone,
     build_policy,
     load_asset,
+    main,
 )
 from policies.sampling import SamplerConfig
 from policies.shapeedit import ShapeEditPolicy
@@ -106,6 +107,9 @@ def test_a_finished_run_of_the_recipe_ships_as_built_and_another_is_refused(smok
     with pytest.raises(SystemExit, match="no results.json"):
         build_policy(tmp_path / "refused", work, smoke=True, overrides=[], from_run=tmp_path / "missing")
     assert not (tmp_path / "refused").exists()  # refused before anything is written
+    with pytest.raises(SystemExit):  # the backbone's build has no --from-run: refused by the parser
+        main(["--asset", "backbone", "--from-run", str(work / "policy"), "--out", str(tmp_path / "bb")])
+    assert not (tmp_path / "bb").exists()
 
 
 def test_a_changed_file_is_refused(smoke, tmp_path):
