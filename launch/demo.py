@@ -161,7 +161,7 @@ def measure_policy(policy_dir: Path, data_dir: Path, num_eval: int, spread_promp
     preset's policy.eval_samples ODE samples per prompt (val and test_heldout), and how its samples of one val
     prompt differ under RL's sampler (launch/pretrain_policy.py's group_spread); pretraining's steps and seconds
     come from its manifest."""
-    from launch.pretrain_policy import evaluate, group_spread, load_eval_prompts
+    from launch.pretrain_policy import evaluate, gold_by_code_mean, group_spread, load_eval_prompts
     from policies.shapeedit import ShapeEditPolicy
     from reward.config import load_config
     from rl.config import RLConfig
@@ -173,6 +173,11 @@ def measure_policy(policy_dir: Path, data_dir: Path, num_eval: int, spread_promp
         prompts = load_eval_prompts(data_dir, split, num_eval, policy.height)
         scores = evaluate(policy, prompts, preset.policy.eval_denoising_steps, samples=preset.policy.eval_samples)
         result.update({f"eval/{split}/{k}": round(v, 4) for k, v in scores.items()})
+    if policy.cfg.decision_code:  # the most that moving the decision-code mean alone can give, on held-out prompts
+        heldout = load_eval_prompts(data_dir, "test_heldout", num_eval, policy.height)
+        result["decisions/test_heldout"] = gold_by_code_mean(
+            policy, heldout, preset.policy.eval_denoising_steps, preset.policy.eval_samples
+        )
     prompts = load_eval_prompts(data_dir, "val", spread_prompts, policy.height)
     spread = group_spread(policy, prompts, preset.policy.sampler, preset.algo.group_size)
     result.update({f"spread/{k}": v for k, v in spread.items()})
@@ -262,6 +267,7 @@ def write_rl_results(
             "group_gold_std": pretrained["spread/group_gold_std"],
             "identical_groups": pretrained["spread/identical_groups"],
             "spread_gold": pretrained["spread/gold"],
+            "gold_by_code_mean": pretrained.get("decisions/test_heldout"),
         },
         "pretraining": {k: pretrained[k] for k in ("steps", "trained_s", "threads")},
         "runs": runs,
@@ -354,7 +360,16 @@ def rl_markdown(results: dict) -> str:
         "",
         f"The pretrained policy's samples of one val prompt under RL's sampler: gold std within a group of 8 "
         f"{p['group_gold_std']:.3f} (mean over prompts), groups whose samples are all one image "
-        f"{p['identical_groups']:.0%}, mean gold {p['spread_gold']:.3f}.",
+        f"{p['identical_groups']:.0%}, mean gold {p['spread_gold']:.3f}."
+        + (
+            ""
+            if not p.get("gold_by_code_mean")
+            else " Its held-out gold with every instruction's decision-code mean fixed (the decisions chosen, "
+            "nothing else changed): "
+            + ", ".join(f"{mean} {gold:.3f}" for mean, gold in p["gold_by_code_mean"].items())
+            + f"; the most that moving the mean alone can add is "
+            f"{max(p['gold_by_code_mean'].values()) - results['pretrained']['test_heldout']['overall']:+.3f}."
+        ),
         "",
         "| reward model | seed | gold at step 0 | gold at the end (step) | gain | best gold | verdict | groups "
         "without reward spread | s per step |",

@@ -21,8 +21,8 @@ correct share of the demonstrator's codes; sampled codes are drawn around it). d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +36,7 @@ import torch
 from launch.pretrain_policy import load_eval_prompts
 from policies.images import images_to_tensor
 from policies.sampling import SamplerConfig
-from policies.shapeedit import CODE_MEAN_BOUND, ShapeEditPolicy, background_pixels
+from policies.shapeedit import ShapeEditPolicy, background_pixels
 from reward.config import HelpFormatter
 from reward.shapeedit import judge_image
 from reward.shapeedit.edits import apply_edits
@@ -67,42 +67,41 @@ def probe(policy: ShapeEditPolicy, prompts: list[dict], code: float, seed: int =
     counts: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     gold: dict[str, list[float]] = defaultdict(list)
     generator = torch.Generator().manual_seed(seed)
-    if policy.cfg.decision_code:  # sampled codes are drawn from N(code, 1): the mean set to `code`, within its bound
-        bound = CODE_MEAN_BOUND * (1 - 1e-6)
-        policy.transformer.code_mean.weight.zero_()
-        policy.transformer.code_mean.bias.fill_(
-            CODE_MEAN_BOUND * math.atanh(max(-bound, min(bound, code)) / CODE_MEAN_BOUND)
-        )
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        families = [p["edits"][0].family for p in chunk]
-        source = images_to_tensor([p["source"] for p in chunk]).float() / 127.5 - 1
-        target = torch.from_numpy(np.stack([render(apply_edits(p["scene"], p["edits"]), size) for p in chunk]))
-        target = target.permute(0, 3, 1, 2).float() / 127.5 - 1
-        text, pooled = policy.encode_instructions([p["instruction"] for p in chunk])
-        codes = torch.full((len(chunk),), code) if policy.cfg.decision_code else None
-        noise = torch.randn(target.shape, generator=generator)
-        images = {}
-        for sigma in SIGMAS:
-            _, logits = policy.predict((1 - sigma) * target + sigma * noise, sigma, source, text, pooled, codes)
-            images[f"sigma_{sigma}"] = policy.category_image(logits.argmax(1), source)
-        rollout = policy.sample(
-            [p["source"] for p in chunk],
-            [p["instruction"] for p in chunk],
-            SamplerConfig(num_steps=8, noise_level=0.0),
-            generator,
-        )
-        images["sampled"] = rollout.edited_images.float() / 127.5 - 1
-        for i, (p, family) in enumerate(zip(chunk, families)):
-            for name, image in images.items():
-                for kind, (right, total) in pixel_hits(image[i : i + 1], source[i : i + 1], target[i : i + 1]).items():
-                    for key in (family, "all"):
-                        counts[key][f"{name}/{kind}"][0] += right
-                        counts[key][f"{name}/{kind}"][1] += total
-            edited = ((images["sampled"][i].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
-            score = judge_image(p["scene"], p["edits"], edited).overall
-            gold[family].append(score)
-            gold["all"].append(score)
+    # sampled codes are drawn from N(code, 1): the mean set to `code`, within its bound
+    fixed = policy.code_mean_fixed(code) if policy.cfg.decision_code else contextlib.nullcontext()
+    with fixed:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            families = [p["edits"][0].family for p in chunk]
+            source = images_to_tensor([p["source"] for p in chunk]).float() / 127.5 - 1
+            target = torch.from_numpy(np.stack([render(apply_edits(p["scene"], p["edits"]), size) for p in chunk]))
+            target = target.permute(0, 3, 1, 2).float() / 127.5 - 1
+            text, pooled = policy.encode_instructions([p["instruction"] for p in chunk])
+            codes = torch.full((len(chunk),), code) if policy.cfg.decision_code else None
+            noise = torch.randn(target.shape, generator=generator)
+            images = {}
+            for sigma in SIGMAS:
+                _, logits = policy.predict((1 - sigma) * target + sigma * noise, sigma, source, text, pooled, codes)
+                images[f"sigma_{sigma}"] = policy.category_image(logits.argmax(1), source)
+            rollout = policy.sample(
+                [p["source"] for p in chunk],
+                [p["instruction"] for p in chunk],
+                SamplerConfig(num_steps=8, noise_level=0.0),
+                generator,
+            )
+            images["sampled"] = rollout.edited_images.float() / 127.5 - 1
+            for i, (p, family) in enumerate(zip(chunk, families)):
+                for name, image in images.items():
+                    for kind, (right, total) in pixel_hits(
+                        image[i : i + 1], source[i : i + 1], target[i : i + 1]
+                    ).items():
+                        for key in (family, "all"):
+                            counts[key][f"{name}/{kind}"][0] += right
+                            counts[key][f"{name}/{kind}"][1] += total
+                edited = ((images["sampled"][i].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+                score = judge_image(p["scene"], p["edits"], edited).overall
+                gold[family].append(score)
+                gold["all"].append(score)
     report = {}
     for key in sorted(gold, key=lambda k: (k == "all", k)):
         row = {"prompts": len(gold[key]) if key != "all" else len(prompts), "gold": round(float(np.mean(gold[key])), 4)}

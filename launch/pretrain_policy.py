@@ -218,6 +218,20 @@ def evaluate(
     return {k: v / len(repeated) for k, v in totals.items()}
 
 
+def gold_by_code_mean(
+    policy: ShapeEditPolicy, prompts: list[dict], num_steps: int, samples: int, means=(-2.0, -1.0, 0.0, 1.0, 2.0)
+) -> dict[str, float]:
+    """The oracle's mean gold (`evaluate`'s, the same noise for every mean) with every instruction's decision-code
+    mean fixed at each of `means`: what choosing the decisions alone makes of this policy. RL that moves only the
+    code mean cannot do better than the best of these (nor, when the mean is shared by every instruction, than
+    the best single value); the rest of any gain must come from how the policy draws its edits."""
+    out = {}
+    for mean in means:
+        with policy.code_mean_fixed(mean):
+            out[f"{mean:+g}"] = round(evaluate(policy, prompts, num_steps, samples=samples)["overall"], 4)
+    return out
+
+
 @torch.no_grad()
 def group_spread(policy: ShapeEditPolicy, prompts: list[dict], sampler: SamplerConfig, group_size: int, seed: int = 0):
     """How the policy's samples of one prompt differ, as group-relative RL sees them: `group_size` samples of each

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: a pipeline's load_lora_weights(dir) reads it
 POLICY_FILE = "policy.json"  # a saved policy's settings, trainable config and weight version
+DECISION_MEANS = ("shared", "instruction")  # TrainableConfig.decision_mean
 
 
 @dataclass
@@ -37,6 +38,14 @@ class TrainableConfig:
     gradient_checkpointing: bool = False
     """Recompute the network's activations in the backward pass instead of keeping them (diffusers'
     enable_gradient_checkpointing): the 12B+ editors need it to train at 512x512 on an 80 GB GPU."""
+    decision_mean: str = "shared"
+    """For a policy with decision weights (the ShapeEdit policy's decision-code mean mu = w . instruction + b):
+    'shared' trains b only, one offset of every instruction's mean; 'instruction' trains w too, a mean per
+    instruction. 'shared' is the default because, measured with the oracle as reward (docs/rl.md), 'instruction'
+    learns noise: eight prompts a step cannot say which of 64 directions of the instruction's features matter, so
+    Adam drives each instruction's mean to one end of its bound or the other (sd 1.6 across prompts after 10
+    steps), a group's eight codes then fall in one decision and score alike, and the held-out mean moved the wrong
+    way. Policies without decision weights have nothing this applies to."""
 
     def __post_init__(self):
         if self.lora_rank < 0:
@@ -45,6 +54,8 @@ class TrainableConfig:
             raise ValueError(
                 f"lora_targets must be a regex string ('' = the policy's default), got {self.lora_targets!r}"
             )
+        if self.decision_mean not in DECISION_MEANS:
+            raise ValueError(f"decision_mean must be one of {DECISION_MEANS}, got {self.decision_mean!r}")
         try:
             re.compile(self.lora_targets)
         except re.error as e:

@@ -331,7 +331,9 @@ class ShapeEditPolicy:
         self.trainable_cfg = trainable
         self.trainable = Trainable(transformer, trainable, LORA_TARGETS) if trainable is not None else None
         if self.trainable is not None and cfg.decision_code:
-            transformer.code_mean.requires_grad_(True)  # trained whole beside the adapters (2 x D_text + 1 weights)
+            # trained beside the adapters: the offset always, the instruction's weights when asked for
+            transformer.code_mean.bias.requires_grad_(True)
+            transformer.code_mean.weight.requires_grad_(trainable.decision_mean == "instruction")
         # 'palette': the colours the head chooses among, in the model's [-1, 1] pixel units, (K, 3).
         self.palette = torch.tensor(cfg.palette, dtype=torch.float32).reshape(-1, 3) / 127.5 - 1.0
 
@@ -490,9 +492,12 @@ class ShapeEditPolicy:
         return self._trainable().parameters()
 
     def decision_parameters(self) -> list[nn.Parameter]:
-        """The decision-code mean's weights (trained whole beside the adapters), [] without a decision code."""
+        """The decision-code mean's trained weights (TrainableConfig.decision_mean: its offset, or its instruction
+        weights too), [] without a decision code."""
         self._trainable()  # refuses a policy loaded without a TrainableConfig, as trainable_parameters does
-        return list(self.transformer.code_mean.parameters()) if self.cfg.decision_code else []
+        if not self.cfg.decision_code:
+            return []
+        return [p for p in self.transformer.code_mean.parameters() if p.requires_grad]
 
     def trainable_state(self) -> dict[str, Tensor]:
         return self._trainable().state()
@@ -676,6 +681,26 @@ class ShapeEditPolicy:
             out.log_probs = out.log_probs + torch.where(first, self._code_log_prob(rollout.condition), 0.0)
         out.log_probs = torch.where(stochastic, out.log_probs, torch.zeros_like(out.log_probs))
         return out
+
+    @contextlib.contextmanager
+    def code_mean_fixed(self, value: float):
+        """Within the block every instruction's decision-code mean is `value` (clamped just inside the bound), and
+        the mean's weights come back afterwards: the policy with its decisions chosen and nothing else changed
+        (launch/policy_binding.py's probe; the demo's gold by code mean, the most that moving the mean can give)."""
+        if not self.cfg.decision_code:
+            raise ValueError("code_mean_fixed needs a policy with a decision code (ShapeEditPolicyConfig)")
+        layer = self.transformer.code_mean
+        saved = layer.weight.detach().clone(), layer.bias.detach().clone()
+        bound = CODE_MEAN_BOUND * (1 - 1e-6)
+        with torch.no_grad():
+            layer.weight.zero_()
+            layer.bias.fill_(CODE_MEAN_BOUND * math.atanh(max(-bound, min(bound, value)) / CODE_MEAN_BOUND))
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                layer.weight.copy_(saved[0])
+                layer.bias.copy_(saved[1])
 
     def _code_means(self, pooled: Tensor) -> Tensor:
         """(B,) the mean of each edit's code draw, from its pooled instruction (the trained network's), kept within

@@ -251,10 +251,10 @@ class AlgoConfig:
     """AdamW learning rate (constant)."""
     decision_lr: float | None = None
     """AdamW learning rate of the policy's decision weights (`decision_parameters`: the ShapeEdit policy's
-    decision-code mean, 65 weights); null = lr. The draw of the code decides which edit a sample makes, and its mean
-    is one number per instruction, not a large network's slice: at an adapter's lr each of its weights moves about
-    0.003 an update, about 0.1 over a demo's 40 updates, far less than the unit spread of the codes. Its learning
-    rate comes from the checkpoint when a run resumes, like lr's."""
+    decision-code mean, its offset or its instruction weights too, policy.trainable.decision_mean); null = lr. The
+    draw of the code decides which edit a sample makes, and its mean is one number per instruction, not a large
+    network's slice: at an adapter's lr it moves about 3e-4 an update, 0.01 over a demo's 40 updates, far less
+    than the unit spread of the codes. Its learning rate comes from the checkpoint when a run resumes, like lr's."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     max_grad_norm: float = 1.0

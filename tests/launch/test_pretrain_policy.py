@@ -61,3 +61,42 @@ def test_the_exact_demonstrator_draws_no_codes_and_bad_settings_are_refused():
         PolicyPretrainConfig(demonstrator="decisions", failure_modes=["blur"])
     with pytest.raises(ValueError, match="correct_probability"):
         PolicyPretrainConfig(correct_probability=0)
+
+
+def test_gold_by_code_mean_fixes_every_instructions_mean_and_puts_it_back():
+    """The demo's decision ceiling: held-out gold with the code mean fixed at each value, on the same noise; the
+    mean's weights come back afterwards, and at the pretrained mean (0) it is the policy's own evaluation."""
+    import dataclasses
+
+    import torch
+    from PIL import Image
+
+    from launch.pretrain_policy import evaluate, gold_by_code_mean
+    from policies.shapeedit import TINY, TINY_INSTRUCTIONS, ShapeEditPolicy
+
+    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, decision_code=True), TINY_INSTRUCTIONS, 0)
+    prompts = [
+        {
+            "source": Image.fromarray(render(t.scene, 32)),
+            "instruction": t.instruction,
+            "scene": t.scene,
+            "edits": t.edits,
+        }
+        for t in tasks(3)
+    ]
+    gold = gold_by_code_mean(policy, prompts, num_steps=2, samples=2, means=(-1.0, 0.0, 3.0))
+    assert list(gold) == ["-1", "+0", "+3"]
+    assert gold["+0"] == round(evaluate(policy, prompts, 2, samples=2)["overall"], 4)
+    layer = policy.transformer.code_mean
+    with torch.no_grad():
+        layer.weight.normal_()
+    before = layer.weight.clone(), layer.bias.clone()
+    _, pooled = policy.encode_instructions(["a", "b", "c"])
+    with policy.code_mean_fixed(-1.5):
+        assert torch.allclose(policy._code_means(pooled), torch.full((3,), -1.5), atol=1e-5)
+    with policy.code_mean_fixed(3.0):  # beyond the bound: just inside it
+        assert torch.allclose(policy._code_means(pooled), torch.full((3,), 2.0), atol=1e-4)
+    assert torch.equal(layer.weight, before[0]) and torch.equal(layer.bias, before[1])
+    with pytest.raises(ValueError, match="decision code"):
+        with ShapeEditPolicy.build(TINY, TINY_INSTRUCTIONS, 0).code_mean_fixed(0.0):
+            pass

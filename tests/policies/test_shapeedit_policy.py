@@ -463,12 +463,27 @@ def test_a_decision_code_is_drawn_per_edit_read_by_the_network_and_kept_for_the_
         assert torch.equal(policy.log_prob(rollout, t).log_probs, rollout.log_probs[:, t]), t
     # the draw of the code is a step of the policy: its mean is trained (through the first stochastic step's
     # log-prob), synced and saved with the adapters
-    assert {"code_mean.weight", "code_mean.bias"} <= set(policy.trainable_state())
+    # (by default its offset only, one for every instruction: TrainableConfig.decision_mean)
+    assert "code_mean.bias" in policy.trainable_state() and "code_mean.weight" not in policy.trainable_state()
     decision = policy.decision_parameters()  # trained at algo.decision_lr
-    assert [p.shape for p in decision] == [(1, TINY.text_hidden_size), (1,)]
+    assert [p.shape for p in decision] == [(1,)]
     assert all(any(p is q for q in policy.trainable_parameters()) for p in decision)
     policy.log_prob(rollout, 0).log_probs.sum().backward()
-    assert policy.transformer.code_mean.weight.grad.abs().sum() > 0
+    assert policy.transformer.code_mean.bias.grad.abs().sum() > 0
+    per_instruction = dataclasses.replace(trainable, decision_mean="instruction")
+    for rank in (4, 0):  # adapters, or every weight: the instruction's weights train only when asked for
+        for setting in (trainable, per_instruction):
+            built = ShapeEditPolicy.build(
+                dataclasses.replace(TINY, decision_code=True),
+                INSTRUCTIONS,
+                0,
+                dataclasses.replace(setting, lora_rank=rank),
+            )
+            names = {n for n, p in built.transformer.code_mean.named_parameters() if p.requires_grad}
+            assert names == ({"weight", "bias"} if setting is per_instruction else {"bias"}), (rank, names)
+            assert len(built.decision_parameters()) == len(names)
+    with pytest.raises(ValueError, match="decision_mean"):
+        TrainableConfig(decision_mean="prompt")
     assert policy.log_prob(rollout, 1).log_probs.requires_grad  # later steps: the SDE transition alone
     x = rollout.latents[:, 1]
     v = policy.velocity(x, 0.5, c.source, c.text_embeds, c.pooled_embeds, c.codes)
