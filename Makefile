@@ -28,8 +28,10 @@ demo: $(BIN)/.installed
 
 # Two xdist workers: the Ray tests wait on process start-up, the other worker fills that time. (xdist 3.8's
 # --dist loadgroup does not group under pytest 9.2: it renames a node attribute pytest no longer reads.)
+# --maxschedchunk 1: each worker takes the next test when it is nearly done, in collection order, and
+# tests/conftest.py puts the slowest modules first, so no 2-minute test is left for the end.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -n 2 tests $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --maxschedchunk 1 tests $(ARGS)
 
 # ruff, configured in pyproject.toml (line length 120); `.venv/bin/ruff format .` and `ruff check --fix .` mend most of it.
 lint: $(BIN)/.installed

@@ -222,9 +222,10 @@ def gold_by_code_mean(
     policy: ShapeEditPolicy, prompts: list[dict], num_steps: int, samples: int, means=(-2.0, -1.0, 0.0, 1.0, 2.0)
 ) -> dict[str, float]:
     """The oracle's mean gold (`evaluate`'s, the same noise for every mean) with every instruction's decision-code
-    mean fixed at each of `means`: what choosing the decisions alone makes of this policy. RL that moves only the
-    code mean cannot do better than the best of these (nor, when the mean is shared by every instruction, than
-    the best single value); the rest of any gain must come from how the policy draws its edits."""
+    mean fixed at each of `means`: what choosing the decisions alone makes of this policy. RL that moves only one
+    offset of the code mean, shared by every instruction (policy.trainable.decision_mean 'shared'), cannot do
+    much better than the best of these; a mean per instruction could, and the rest of any gain must come from how
+    the policy draws its edits."""
     out = {}
     for mean in means:
         with policy.code_mean_fixed(mean):

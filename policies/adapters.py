@@ -28,7 +28,8 @@ DECISION_MEANS = ("shared", "instruction")  # TrainableConfig.decision_mean
 @dataclass
 class TrainableConfig:
     lora_rank: int = 16
-    """Rank of the LoRA adapters; 0 trains every weight (a frozen copy is kept as the KL reference)."""
+    """Rank of the LoRA adapters; 0 trains every weight (a frozen copy is kept as the KL reference), except the
+    decision-code mean's instruction weights unless decision_mean is 'instruction'."""
     lora_alpha: float = 32.0
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
     lora_targets: str = ""
@@ -39,7 +40,8 @@ class TrainableConfig:
     """Recompute the network's activations in the backward pass instead of keeping them (diffusers'
     enable_gradient_checkpointing): the 12B+ editors need it to train at 512x512 on an 80 GB GPU."""
     decision_mean: str = "shared"
-    """For a policy with decision weights (the ShapeEdit policy's decision-code mean mu = w . instruction + b):
+    """For a policy with decision weights (the ShapeEdit policy's decision-code mean, mu = 2 tanh((w . instruction
+    + b) / 2)):
     'shared' trains b only, one offset of every instruction's mean; 'instruction' trains w too, a mean per
     instruction. 'shared' is the default because, measured with the oracle as reward (docs/rl.md), 'instruction'
     learns noise: eight prompts a step cannot say which of 64 directions of the instruction's features matter, so
@@ -107,8 +109,14 @@ class Trainable:
         params = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
+            hint = (
+                " (the decision-code mean's instruction weights: set policy.trainable.decision_mean to what the "
+                "weights were trained with, 'instruction' or 'shared')"
+                if any(name.endswith("code_mean.weight") for name in missing + unexpected)
+                else ""
+            )
             raise KeyError(
-                f"trainable state does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"trainable state does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}" + hint
             )
         with torch.no_grad():
             for name, p in params.items():
@@ -150,6 +158,8 @@ class Trainable:
         if not (path / POLICY_FILE).is_file():
             raise FileNotFoundError(f"{path} holds no saved policy ({POLICY_FILE} is missing)")
         saved = json.loads((path / POLICY_FILE).read_text())
+        if isinstance(saved.get("trainable"), dict):  # written before a field existed: it reads as the default
+            saved["trainable"] = asdict(TrainableConfig(**saved["trainable"]))
         mine = {**settings, "trainable": asdict(self.cfg)}
         differ = {key: (saved.get(key), value) for key, value in mine.items() if saved.get(key) != value}
         if differ:

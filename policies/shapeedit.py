@@ -454,7 +454,9 @@ class ShapeEditPolicy:
             PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
             trainable,
         )
-        if trainable is not None and meta["trainable"] == asdict(trainable):
+        # a policy.json written before a TrainableConfig field existed reads as that field's default
+        saved = None if meta["trainable"] is None else asdict(TrainableConfig(**meta["trainable"]))
+        if trainable is not None and saved == asdict(trainable):
             if adapter.is_file():
                 policy.load_trainable_state(load_file(str(adapter)), meta["version"])
             else:  # a full fine-tune: its trained weights are the saved transformer

@@ -2,6 +2,7 @@
 save/load round trips, bad input refused, and flow matching learns (the shared contract: test_contract.py)."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -494,6 +495,18 @@ def test_a_decision_code_is_drawn_per_edit_read_by_the_network_and_kept_for_the_
     loaded = ShapeEditPolicy.from_pretrained(tmp_path, trainable=trainable)
     again = loaded.sample(images(4), INSTRUCTIONS, sampler, torch.Generator().manual_seed(0))
     assert torch.equal(again.latents, rollout.latents)
+    # a policy.json written before decision_mean existed loads its trained weights, the field at its default
+    trained = policy.trainable_state()
+    trained["code_mean.bias"] = torch.tensor([0.7])
+    policy.load_trainable_state(trained, version=3)
+    policy.save_pretrained(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "policy.json").read_text())
+    del meta["trainable"]["decision_mean"]
+    (tmp_path / "old" / "policy.json").write_text(json.dumps(meta))
+    old = ShapeEditPolicy.from_pretrained(tmp_path / "old", trainable=trainable)
+    assert old.version == 3 and old.transformer.code_mean.bias.item() == pytest.approx(0.7)
+    with pytest.raises(KeyError, match="decision_mean"):  # weights trained per instruction, read as shared
+        old.load_trainable_state({**trained, "code_mean.weight": torch.zeros(1, TINY.text_hidden_size)}, 4)
 
     plain = tiny()
     assert ShapeEditPolicy.build(TINY, INSTRUCTIONS, 0, trainable).decision_parameters() == []
