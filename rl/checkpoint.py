@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
@@ -85,6 +86,22 @@ def find_resume(run_dir: str | Path, resume: str) -> Path | None:
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no state.json)")
     return path
+
+
+def check_decision_weights(path: Path, decision_mean: str) -> None:
+    """Refuse, before any actor starts, a checkpoint whose decision-code mean was trained otherwise than
+    policy.trainable.decision_mean says: its weights and optimizer state would not fit the trained parameters.
+    Reads the names of the saved tensors only."""
+    with safe_open(str(path / "policy.safetensors"), "pt") as f:
+        names = list(f.keys())
+    if not any(n.endswith("code_mean.bias") for n in names):
+        return  # a policy without a decision code
+    trained = "instruction" if any(n.endswith("code_mean.weight") for n in names) else "shared"
+    if trained != decision_mean:
+        raise ValueError(
+            f"resume: {path} trained the decision-code mean with policy.trainable.decision_mean={trained}, this "
+            f"config says {decision_mean}; set it as the checkpoint was trained"
+        )
 
 
 def load(path: Path) -> tuple[dict, dict[str, np.ndarray]]:

@@ -441,6 +441,8 @@ def prepare(cfg: RLConfig) -> dict:
     if refresh.term and refresh.original_data and not Path(refresh.original_data).is_file():
         raise FileNotFoundError(f"reward.refresh.original_data: no EditReward-Data file at {refresh.original_data}")
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
+    if resume_from is not None:
+        checkpoint.check_decision_weights(resume_from, cfg.policy.trainable.decision_mean)
     found = checkpoint.complete_checkpoints(run_dir)
     if found and resume_from != found[-1]:
         raise ValueError(

@@ -48,3 +48,25 @@ def test_a_checkpoint_without_its_weights_is_never_committed(tmp_path):
     with pytest.raises(FileNotFoundError, match="did not write the checkpoint's weights"):
         checkpoint.commit(staging, {"step": 1}, 2)
     assert checkpoint.find_resume(tmp_path, "auto") is None
+
+
+def test_a_checkpoint_whose_decision_mean_was_trained_otherwise_is_refused(tmp_path):
+    """resume with policy.trainable.decision_mean other than the checkpoint's: refused before any actor starts,
+    naming the setting; a policy without a decision code is not concerned."""
+    from safetensors.torch import save_file
+
+    bias, weight = {"code_mean.bias": torch.zeros(1)}, {"code_mean.weight": torch.zeros(1, 4)}
+    for name, tensors in {
+        "shared": bias,
+        "instruction": {**bias, **weight},
+        "plain": {"lora.A": torch.zeros(2)},
+    }.items():
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "policy.safetensors"))
+    checkpoint.check_decision_weights(tmp_path / "shared", "shared")
+    checkpoint.check_decision_weights(tmp_path / "instruction", "instruction")
+    checkpoint.check_decision_weights(tmp_path / "plain", "shared")
+    with pytest.raises(ValueError, match="decision_mean=instruction, this config says shared"):
+        checkpoint.check_decision_weights(tmp_path / "instruction", "shared")
+    with pytest.raises(ValueError, match="decision_mean=shared, this config says instruction"):
+        checkpoint.check_decision_weights(tmp_path / "shared", "instruction")
