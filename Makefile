@@ -1,5 +1,5 @@
 # Two commands do all the set-up: `make demo` and `make test`. Both create .venv when it is missing, with the
-# exact versions in requirements.txt (the ones the suite passed with); `make test-latest` tries the newest releases.
+# exact versions in constraints.txt (the ones the suite passed with); `make test-latest` tries the newest releases.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,11 +14,11 @@ export WANDB_MODE ?= offline
 
 .PHONY: demo test lint install test-latest lock clean
 
-$(BIN)/.installed: pyproject.toml requirements.txt
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(PIP_SPEC)"
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -c requirements.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -46,13 +46,13 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH_SPEC)" -e ".[dev]"
 	$(LATEST)/bin/python -m pytest -q tests $(ARGS)
 
-# Rewrite requirements.txt from .venv-latest (after test-latest passed); then `make test` installs the new lock.
+# Rewrite constraints.txt from .venv-latest (after test-latest passed); then `make test` installs the new lock.
 lock:
-	head -n 3 requirements.txt > requirements.new
-	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' >> requirements.new
-	mv requirements.new requirements.txt
+	head -n 3 constraints.txt > constraints.new
+	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' >> constraints.new
+	mv constraints.new constraints.txt
 	# the same pins as a PEP 751 lock with hashes (tests/test_lock.py checks they agree and that every URL is public)
-	$(LATEST)/bin/python -m pip lock -q -c requirements.txt ".[dev]" -o pylock.toml
+	$(LATEST)/bin/python -m pip lock -q -c constraints.txt ".[dev]" -o pylock.toml
 
 clean:
 	rm -rf $(VENV) $(LATEST) runs

@@ -1,5 +1,5 @@
 """The two lock files say the same thing: pylock.toml (PEP 751, every wheel with its sha256 and a public URL)
-pins exactly the versions of requirements.txt, the file make install / test / demo install with."""
+pins exactly the versions of constraints.txt, the file make install / test / demo install with."""
 
 from itertools import chain
 from pathlib import Path
@@ -16,14 +16,14 @@ def canonical(name: str) -> str:
 
 def requirement_pins() -> dict[str, str]:
     pins = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, version = line.split("==")
             pins[canonical(name)] = version
     return pins
 
 
-def test_pylock_pins_what_requirements_pins_with_hashes_and_public_urls():
+def test_pylock_pins_what_constraints_pins_with_hashes_and_public_urls():
     pins = requirement_pins()
     lock = tomllib.loads((ROOT / "pylock.toml").read_text())
     locked = {canonical(p["name"]): p for p in lock["packages"] if "directory" not in p}  # the project itself

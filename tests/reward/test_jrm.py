@@ -88,7 +88,7 @@ def assert_same_state(loaded, model):
 def assert_same_scores(got, want):
     """Equal weights give equal scores up to float32 rounding, not bit for bit: a loader that memory-maps the
     safetensors file (transformers 5.25) leaves the weights at other alignments, and BLAS then sums in another
-    order (1.2e-7 measured). Bit-for-bit equality holds on the locked versions (requirements.txt) but is not
+    order (1.2e-7 measured). Bit-for-bit equality holds on the locked versions (constraints.txt) but is not
     promised by the maths, so it is not asserted."""
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
