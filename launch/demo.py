@@ -169,14 +169,13 @@ def measure_policy(policy_dir: Path, data_dir: Path, num_eval: int, spread_promp
     preset = load_config(RLConfig, ROOT / "launch" / "configs" / "shapeedit.yaml", [])
     policy = ShapeEditPolicy.from_pretrained(policy_dir)
     result = {}
-    for split in ("val", "test_heldout"):
-        prompts = load_eval_prompts(data_dir, split, num_eval, policy.height)
+    splits = {split: load_eval_prompts(data_dir, split, num_eval, policy.height) for split in ("val", "test_heldout")}
+    for split, prompts in splits.items():
         scores = evaluate(policy, prompts, preset.policy.eval_denoising_steps, samples=preset.policy.eval_samples)
         result.update({f"eval/{split}/{k}": round(v, 4) for k, v in scores.items()})
     if policy.cfg.decision_code:  # the most that moving the decision-code mean alone can give, on held-out prompts
-        heldout = load_eval_prompts(data_dir, "test_heldout", num_eval, policy.height)
         result["decisions/test_heldout"] = gold_by_code_mean(
-            policy, heldout, preset.policy.eval_denoising_steps, preset.policy.eval_samples
+            policy, splits["test_heldout"], preset.policy.eval_denoising_steps, preset.policy.eval_samples
         )
     prompts = load_eval_prompts(data_dir, "val", spread_prompts, policy.height)
     spread = group_spread(policy, prompts, preset.policy.sampler, preset.algo.group_size)

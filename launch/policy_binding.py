@@ -56,6 +56,40 @@ def pixel_hits(image: torch.Tensor, source: torch.Tensor, target: torch.Tensor) 
 
 
 @torch.no_grad()
+def probe_batch(policy: ShapeEditPolicy, chunk: list[dict], code: float, generator, counts: dict, gold: dict) -> None:
+    """One batch of the probe: add its pixel counts (by family and 'all') to `counts` and its gold to `gold`."""
+    size = policy.cfg.image_size
+    families = [p["edits"][0].family for p in chunk]
+    source = images_to_tensor([p["source"] for p in chunk]).float() / 127.5 - 1
+    target = torch.from_numpy(np.stack([render(apply_edits(p["scene"], p["edits"]), size) for p in chunk]))
+    target = target.permute(0, 3, 1, 2).float() / 127.5 - 1
+    text, pooled = policy.encode_instructions([p["instruction"] for p in chunk])
+    codes = torch.full((len(chunk),), code) if policy.cfg.decision_code else None
+    noise = torch.randn(target.shape, generator=generator)
+    images = {}
+    for sigma in SIGMAS:
+        _, logits = policy.predict((1 - sigma) * target + sigma * noise, sigma, source, text, pooled, codes)
+        images[f"sigma_{sigma}"] = policy.category_image(logits.argmax(1), source)
+    rollout = policy.sample(
+        [p["source"] for p in chunk],
+        [p["instruction"] for p in chunk],
+        SamplerConfig(num_steps=8, noise_level=0.0),
+        generator,
+    )
+    images["sampled"] = rollout.edited_images.float() / 127.5 - 1
+    for i, (p, family) in enumerate(zip(chunk, families)):
+        for name, image in images.items():
+            for kind, (right, total) in pixel_hits(image[i : i + 1], source[i : i + 1], target[i : i + 1]).items():
+                for key in (family, "all"):
+                    counts[key][f"{name}/{kind}"][0] += right
+                    counts[key][f"{name}/{kind}"][1] += total
+        edited = ((images["sampled"][i].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+        score = judge_image(p["scene"], p["edits"], edited).overall
+        gold[family].append(score)
+        gold["all"].append(score)
+
+
+@torch.no_grad()
 def probe(policy: ShapeEditPolicy, prompts: list[dict], code: float, seed: int = 0, batch_size: int = 32) -> dict:
     """By family (and 'all'): the share of each kind of pixel the policy gets right at each sigma of SIGMAS and
     when sampled, the oracle's gold of the sampled edits, and the number of prompts."""
@@ -63,45 +97,13 @@ def probe(policy: ShapeEditPolicy, prompts: list[dict], code: float, seed: int =
         raise ValueError(
             f"the probe reads the palette head's categories; this policy is {policy.cfg.parameterisation!r}"
         )
-    size = policy.cfg.image_size
     counts: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     gold: dict[str, list[float]] = defaultdict(list)
     generator = torch.Generator().manual_seed(seed)
     # sampled codes are drawn from N(code, 1): the mean set to `code`, within its bound
-    fixed = policy.code_mean_fixed(code) if policy.cfg.decision_code else contextlib.nullcontext()
-    with fixed:
+    with policy.code_mean_fixed(code) if policy.cfg.decision_code else contextlib.nullcontext():
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            families = [p["edits"][0].family for p in chunk]
-            source = images_to_tensor([p["source"] for p in chunk]).float() / 127.5 - 1
-            target = torch.from_numpy(np.stack([render(apply_edits(p["scene"], p["edits"]), size) for p in chunk]))
-            target = target.permute(0, 3, 1, 2).float() / 127.5 - 1
-            text, pooled = policy.encode_instructions([p["instruction"] for p in chunk])
-            codes = torch.full((len(chunk),), code) if policy.cfg.decision_code else None
-            noise = torch.randn(target.shape, generator=generator)
-            images = {}
-            for sigma in SIGMAS:
-                _, logits = policy.predict((1 - sigma) * target + sigma * noise, sigma, source, text, pooled, codes)
-                images[f"sigma_{sigma}"] = policy.category_image(logits.argmax(1), source)
-            rollout = policy.sample(
-                [p["source"] for p in chunk],
-                [p["instruction"] for p in chunk],
-                SamplerConfig(num_steps=8, noise_level=0.0),
-                generator,
-            )
-            images["sampled"] = rollout.edited_images.float() / 127.5 - 1
-            for i, (p, family) in enumerate(zip(chunk, families)):
-                for name, image in images.items():
-                    for kind, (right, total) in pixel_hits(
-                        image[i : i + 1], source[i : i + 1], target[i : i + 1]
-                    ).items():
-                        for key in (family, "all"):
-                            counts[key][f"{name}/{kind}"][0] += right
-                            counts[key][f"{name}/{kind}"][1] += total
-                edited = ((images["sampled"][i].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
-                score = judge_image(p["scene"], p["edits"], edited).overall
-                gold[family].append(score)
-                gold["all"].append(score)
+            probe_batch(policy, prompts[start : start + batch_size], code, generator, counts, gold)
     report = {}
     for key in sorted(gold, key=lambda k: (k == "all", k)):
         row = {"prompts": len(gold[key]) if key != "all" else len(prompts), "gold": round(float(np.mean(gold[key])), 4)}

@@ -25,6 +25,22 @@ POLICY_FILE = "policy.json"  # a saved policy's settings, trainable config and w
 DECISION_MEANS = ("shared", "instruction")  # TrainableConfig.decision_mean
 
 
+def saved_trainable(saved: dict | None) -> dict | None:
+    """A policy.json's trainable config as this version writes it: a field it was written without reads as its
+    default (None stays None)."""
+    return None if saved is None else asdict(TrainableConfig(**saved))
+
+
+def trained_decision_mean(names) -> str | None:
+    """The TrainableConfig.decision_mean that trained tensors of these names were saved with: 'instruction' when
+    the decision-code mean's instruction weights are among them, 'shared' when only its offset is, None when the
+    policy has no decision-code mean."""
+    names = list(names)
+    if not any(n.endswith("code_mean.bias") for n in names):
+        return None
+    return "instruction" if any(n.endswith("code_mean.weight") for n in names) else "shared"
+
+
 @dataclass
 class TrainableConfig:
     lora_rank: int = 16
@@ -109,14 +125,8 @@ class Trainable:
         params = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
-            hint = (
-                " (the decision-code mean's instruction weights: set policy.trainable.decision_mean to what the "
-                "weights were trained with, 'instruction' or 'shared')"
-                if any(name.endswith("code_mean.weight") for name in missing + unexpected)
-                else ""
-            )
             raise KeyError(
-                f"trainable state does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}" + hint
+                f"trainable state does not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         with torch.no_grad():
             for name, p in params.items():
@@ -158,8 +168,7 @@ class Trainable:
         if not (path / POLICY_FILE).is_file():
             raise FileNotFoundError(f"{path} holds no saved policy ({POLICY_FILE} is missing)")
         saved = json.loads((path / POLICY_FILE).read_text())
-        if isinstance(saved.get("trainable"), dict):  # written before a field existed: it reads as the default
-            saved["trainable"] = asdict(TrainableConfig(**saved["trainable"]))
+        saved["trainable"] = saved_trainable(saved.get("trainable"))
         mine = {**settings, "trainable": asdict(self.cfg)}
         differ = {key: (saved.get(key), value) for key, value in mine.items() if saved.get(key) != value}
         if differ:

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from policies.adapters import Trainable, TrainableConfig
+from policies.adapters import Trainable, TrainableConfig, saved_trainable, trained_decision_mean
 from policies.images import check_batch, images_to_tensor, to_uint8
 from policies.rollout import Rollout
 from policies.sampling import SamplerConfig, stochastic_steps
@@ -454,9 +454,7 @@ class ShapeEditPolicy:
             PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
             trainable,
         )
-        # a policy.json written before a TrainableConfig field existed reads as that field's default
-        saved = None if meta["trainable"] is None else asdict(TrainableConfig(**meta["trainable"]))
-        if trainable is not None and saved == asdict(trainable):
+        if trainable is not None and saved_trainable(meta["trainable"]) == asdict(trainable):
             if adapter.is_file():
                 policy.load_trainable_state(load_file(str(adapter)), meta["version"])
             else:  # a full fine-tune: its trained weights are the saved transformer
@@ -505,6 +503,12 @@ class ShapeEditPolicy:
         return self._trainable().state()
 
     def load_trainable_state(self, state: dict[str, Tensor], version: int) -> None:
+        trained, mine = trained_decision_mean(state), self._trainable().cfg.decision_mean
+        if self.cfg.decision_code and trained not in (None, mine):
+            raise KeyError(
+                f"these weights trained the decision-code mean with policy.trainable.decision_mean={trained}, this "
+                f"policy is set to {mine}: set it as the weights were trained"
+            )
         self._trainable().load_state(state)
         self.version = version
 

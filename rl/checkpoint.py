@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from policies.adapters import trained_decision_mean
+
 PREFIX = "step-"
 
 
@@ -93,11 +95,8 @@ def check_decision_weights(path: Path, decision_mean: str) -> None:
     policy.trainable.decision_mean says: its weights and optimizer state would not fit the trained parameters.
     Reads the names of the saved tensors only."""
     with safe_open(str(path / "policy.safetensors"), "pt") as f:
-        names = list(f.keys())
-    if not any(n.endswith("code_mean.bias") for n in names):
-        return  # a policy without a decision code
-    trained = "instruction" if any(n.endswith("code_mean.weight") for n in names) else "shared"
-    if trained != decision_mean:
+        trained = trained_decision_mean(f.keys())
+    if trained not in (None, decision_mean):
         raise ValueError(
             f"resume: {path} trained the decision-code mean with policy.trainable.decision_mean={trained}, this "
             f"config says {decision_mean}; set it as the checkpoint was trained"
