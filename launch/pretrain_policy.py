@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python launch/pretrain_policy.py`: import the packages, not sibling files
@@ -51,6 +51,10 @@ class PolicyPretrainConfig:
     """Seeds the initial weights, the task stream and the noise."""
     policy: ShapeEditPolicyConfig = field(default_factory=ShapeEditPolicyConfig)
     """The policy's architecture."""
+    init_from: str = ""
+    """A saved ShapeEdit policy (a pretraining's output_dir, or assets/shapeedit_policy) whose weights and vocabulary
+    training starts from, for longer pretraining in several runs; its architecture must be `policy`'s (checked
+    before training). Empty: fresh weights."""
     max_steps: int = 1500
     """Optimizer steps; the cosine schedule ends here (training stops earlier when max_minutes is reached)."""
     max_minutes: float = 8.0
@@ -261,6 +265,22 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+def start_policy(cfg: PolicyPretrainConfig, vocab: list[str]) -> ShapeEditPolicy:
+    """Fresh weights with a vocabulary learnt from `vocab`, or `init_from`'s weights and vocabulary, refused unless
+    its architecture is cfg.policy's (a difference would otherwise surface as a shape error mid-load, or not at
+    all)."""
+    if not cfg.init_from:
+        return ShapeEditPolicy.build(cfg.policy, vocab, seed=cfg.seed)
+    policy = ShapeEditPolicy.from_pretrained(cfg.init_from)
+    if policy.trainable is not None:
+        raise ValueError(f"init_from {cfg.init_from} holds RL adapters: start pretraining from a pretrained policy")
+    if policy.cfg != cfg.policy:
+        saved, asked = asdict(policy.cfg), asdict(cfg.policy)
+        diff = {k: (saved[k], asked[k]) for k in saved if saved[k] != asked[k]}
+        raise ValueError(f"init_from {cfg.init_from} has another architecture (saved, asked): {diff}")
+    return policy
+
+
 def pretrain(cfg: PolicyPretrainConfig) -> dict:
     """Train, evaluate and save; returns the last evaluation."""
     out = Path(cfg.output_dir)
@@ -273,7 +293,7 @@ def pretrain(cfg: PolicyPretrainConfig) -> dict:
         task = sample_task(vocab_rng, cfg.policy.image_size, cfg.compose_probability)
         if task is not None and not task.heldout:
             vocab.append(task.instruction)
-    policy = ShapeEditPolicy.build(cfg.policy, vocab, seed=cfg.seed)
+    policy = start_policy(cfg, vocab)
     save_config(cfg, out / "config.yaml")
     data_dir = Path(cfg.data_dir)
     evals = {s: load_eval_prompts(data_dir, s, cfg.num_eval, cfg.policy.image_size) for s in ("val", "test_heldout")}

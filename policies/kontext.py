@@ -263,6 +263,9 @@ class FluxKontextPolicy:
     def decision_parameters(self) -> list[nn.Parameter]:
         return []  # its decisions are drawn in the initial noise with the rest
 
+    def decision_draw(self, rollout: Rollout) -> None:
+        return None
+
     def trainable_state(self) -> dict[str, Tensor]:
         """Detached copies of the trained tensors by parameter name (LoRA A/B, or every transformer weight)."""
         return self.trainable.state()

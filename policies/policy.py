@@ -65,6 +65,11 @@ class EditingPolicy(Protocol):
         """Those of trainable_parameters that set which decision a sample makes, not how it draws it (ShapeEdit's
         decision-code mean); the learner trains them at algo.decision_lr. [] for a policy without them."""
 
+    def decision_draw(self, rollout: Rollout) -> tuple[Tensor, Tensor] | None:
+        """(B,) the mean of each row's decision draw, a unit-variance Gaussian, under the current weights (with grad if
+        enabled), and (B,) the values drawn: what DiffusionNFT trains for the decisions (rl/algorithms.py's NFT), as
+        GRPO trains them through log_prob. None for a policy without them."""
+
     def trained_module(self) -> nn.Module:
         """The network that holds the trainable weights (the denoiser, its LoRA adapters inside)."""
 

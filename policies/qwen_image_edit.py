@@ -246,6 +246,9 @@ class QwenImageEditPolicy:
     def decision_parameters(self) -> list[nn.Parameter]:
         return []  # its decisions are drawn in the initial noise with the rest
 
+    def decision_draw(self, rollout: Rollout) -> None:
+        return None
+
     def trainable_state(self) -> dict[str, Tensor]:
         return self.trainable.state()
 

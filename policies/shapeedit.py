@@ -708,6 +708,13 @@ class ShapeEditPolicy:
                 layer.weight.copy_(saved[0])
                 layer.bias.copy_(saved[1])
 
+    def decision_draw(self, rollout: Rollout) -> tuple[Tensor, Tensor] | None:
+        """(B,) each edit's decision-code mean under the current weights and (B,) the codes drawn (the draw is
+        N(mean, 1)); None without a decision code (EditingPolicy.decision_draw)."""
+        if not self.cfg.decision_code:
+            return None
+        return self._code_means(rollout.condition.pooled_embeds), rollout.condition.codes.float()
+
     def _code_means(self, pooled: Tensor) -> Tensor:
         """(B,) the mean of each edit's code draw, from its pooled instruction (the trained network's), kept within
         +-CODE_MEAN_BOUND by a tanh: pretraining drew the codes from N(0, 1), and a code far outside that range asks

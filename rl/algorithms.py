@@ -318,6 +318,15 @@ class NFT:
     schedule), x_sigma = (1 - sigma) x0 + sigma eps and the loss sigma^2 nft_loss(v_theta, v_old, eps - x0, r,
     beta): the clean-image (x0) form of the velocity loss, so that low noise levels do not dominate.
 
+    The decisions (a policy's `decision_draw`: ShapeEdit's decision code z ~ N(mu, 1)) are trained by the same loss
+    with the draw's mean in the velocity's place and the code as the target, once per micro-batch: the implicit
+    positive policy's mean (1 - beta) mu_old + beta mu_theta is pulled towards the codes of rows with r > 1/2 and
+    the negative one's towards the others, so minimising it sets mu+ to the optimality-weighted mean of the codes,
+    which is DiffusionNFT's positive policy (pi+ proportional to r pi_old) for a unit Gaussian. Without it NFT
+    could change how a policy draws its edits but never which decisions it takes. The term shares no weights with
+    the velocity loss (the network reads the drawn code, not its mean), so its scale only matters where gradients
+    are clipped together; the decision weights train at algo.decision_lr.
+
     v_old is the velocity of the weights that sampled the rollout (the last synced version; the paper's
     soft EMA update of the old policy is not used), computed in `prepare` before the optimizer moves, so
     nothing of the old weights is kept. The velocity is the one the sampler uses (policy.flow_velocity:
@@ -342,7 +351,8 @@ class NFT:
 
     @torch.no_grad()
     def prepare(self, policy, rollouts: list[Rollout], targets: list[MicroTargets]) -> list:
-        """Per micro-batch and term: (sigma, x_sigma, target eps - x0, v_old), and the optimality (B,)."""
+        """Per micro-batch: per term (sigma, x_sigma, target eps - x0, v_old), the optimality (B,), and the
+        decision draw's old mean (B,) (None for a policy without decisions)."""
         prepared = []
         for mb, t in zip(rollouts, targets):
             generator = torch.Generator().manual_seed(t.seed)
@@ -354,11 +364,12 @@ class NFT:
                 eps = torch.randn(x0.shape, generator=generator).to(x0.device)
                 x = (1 - sigma) * x0 + sigma * eps
                 draws.append((sigma, x, eps - x0, policy.flow_velocity(mb, x, sigma).float()))
-            prepared.append((draws, t.values.to(x0.device)))
+            decision = policy.decision_draw(mb)
+            prepared.append((draws, t.values.to(x0.device), None if decision is None else decision[0].float()))
         return prepared
 
     def loss(self, policy, rollout: Rollout, prepared, term: int) -> tuple[Tensor, dict]:
-        draws, optimality = prepared
+        draws, optimality, mean_old = prepared
         sigma, x, target, v_old = draws[term]
         v_theta = policy.flow_velocity(rollout, x, sigma).float()
         loss, stats = nft_loss(v_theta, v_old, target, optimality, self.cfg.nft_beta)
@@ -366,6 +377,13 @@ class NFT:
         # it the smallest noise levels of a schedule (0.001) weigh a million times more than sigma = 1
         loss = sigma**2 * loss.mean()
         row = {k: sigma**2 * v for k, v in asdict(stats).items()}
+        if mean_old is not None and term == 0:  # the decisions, once per micro-batch
+            mean, codes = policy.decision_draw(rollout)
+            decision, decision_stats = nft_loss(
+                mean[:, None], mean_old[:, None], codes[:, None], optimality, self.cfg.nft_beta
+            )
+            loss = loss + decision.mean()
+            row["decision_drift"] = decision_stats.drift
         if self.cfg.kl_beta > 0:  # distance to the reference policy (adapters off), on the loss's clean-image scale
             with torch.no_grad(), policy.reference():
                 v_ref = policy.flow_velocity(rollout, x, sigma).float()

@@ -100,3 +100,30 @@ def test_gold_by_code_mean_fixes_every_instructions_mean_and_puts_it_back():
     with pytest.raises(ValueError, match="decision code"):
         with ShapeEditPolicy.build(TINY, TINY_INSTRUCTIONS, 0).code_mean_fixed(0.0):
             pass
+
+
+def test_init_from_starts_from_a_saved_policys_weights_and_refuses_another_architecture(tmp_path):
+    """Longer pretraining in several runs: init_from loads the saved weights and vocabulary; a saved policy of another
+    architecture, or one holding RL adapters, is refused before training."""
+    import dataclasses
+
+    import torch
+
+    from launch.pretrain_policy import start_policy
+    from policies.adapters import TrainableConfig
+    from policies.shapeedit import TINY, TINY_INSTRUCTIONS, ShapeEditPolicy
+
+    saved = ShapeEditPolicy.build(TINY, TINY_INSTRUCTIONS, seed=3)
+    saved.save_pretrained(tmp_path / "saved")
+    cfg = PolicyPretrainConfig(policy=TINY, init_from=str(tmp_path / "saved"))
+    loaded = start_policy(cfg, ["words nobody saved"])
+    assert loaded.tokenizer.get_vocab() == saved.tokenizer.get_vocab()
+    want = saved.transformer.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.transformer.state_dict().items())
+    fresh = start_policy(dataclasses.replace(cfg, init_from=""), TINY_INSTRUCTIONS)
+    assert not torch.equal(fresh.transformer.proj_out.weight, saved.transformer.proj_out.weight)
+    with pytest.raises(ValueError, match="another architecture.*num_layers"):
+        start_policy(dataclasses.replace(cfg, policy=dataclasses.replace(TINY, num_layers=TINY.num_layers + 1)), [])
+    ShapeEditPolicy.build(TINY, TINY_INSTRUCTIONS, 0, TrainableConfig(lora_rank=2)).save_pretrained(tmp_path / "rl")
+    with pytest.raises(ValueError, match="RL adapters"):
+        start_policy(dataclasses.replace(cfg, init_from=str(tmp_path / "rl")), [])

@@ -1,5 +1,6 @@
 """rl/algorithms.py against closed forms."""
 
+import dataclasses
 import math
 
 import pytest
@@ -187,6 +188,36 @@ def test_nft_kl_is_the_clean_edit_distance_on_the_loss_scale():
     loss_kl, row = penalised.loss(policy, rollout, prepared, 0)
     assert want > 0 and row["kl"] == pytest.approx(want, rel=1e-4)
     assert (loss_kl - loss).item() == pytest.approx(0.5 * want, rel=1e-4)
+
+
+def test_nft_trains_the_decision_draw_towards_the_codes_of_the_better_rows():
+    """With a decision code, NFT's first term of each micro-batch adds the same loss on the draw's mean: its gradient
+    on the mean's offset at the sampling weights is mean_b 2 beta (2 r_b - 1)(mu_old - z_b), so a step moves the mean
+    towards the codes of rows with r > 1/2. Other terms, and a policy without a code, add nothing."""
+    trainable = TrainableConfig(lora_rank=4)
+    policy = ShapeEditPolicy.build(dataclasses.replace(TINY, decision_code=True), INSTRUCTIONS, 0, trainable)
+    images = [Image.new("RGB", (TINY.image_size, TINY.image_size), c) for c in ("red", "blue", "green", "white")]
+    rollout = policy.sample(
+        images, INSTRUCTIONS, SamplerConfig(num_steps=3, noise_level=0.7), torch.Generator().manual_seed(0)
+    )
+    codes = rollout.condition.codes
+    optimality = (codes < codes.median()).float()  # the rows with the lowest codes are the better ones
+    cfg = dict(name="nft", nft_terms=2, group_size=2, prompts_per_step=2, micro_batch_size=4, updates_per_step=1)
+    nft = NFT(AlgoConfig(**cfg, nft_beta=0.5))
+    (prepared,) = nft.prepare(policy, [rollout.final_only()], [MicroTargets(optimality, seed=3)])
+    bias = policy.transformer.code_mean.bias
+    loss, row = nft.loss(policy, rollout.final_only(), prepared, 0)
+    loss.backward()
+    want = (2 * 0.5 * (2 * optimality - 1) * (0.0 - codes)).mean()  # mu_old = 0: the pretrained mean
+    assert row["decision_drift"] == 0.0
+    torch.testing.assert_close(bias.grad, want.reshape(1))
+    assert bias.grad.item() > 0  # gradient descent lowers the mean, towards the better rows' codes
+    bias.grad = None
+    _, later = nft.loss(policy, rollout.final_only(), prepared, 1)
+    assert "decision_drift" not in later
+    plain = ShapeEditPolicy.build(TINY, INSTRUCTIONS, 0, trainable)
+    (prepared,) = nft.prepare(plain, [rollout.final_only()], [MicroTargets(optimality, seed=3)])
+    assert prepared[2] is None and plain.decision_draw(rollout) is None
 
 
 def test_ppo_matches_a_hand_computed_update():
