@@ -106,6 +106,11 @@ class PolicyPretrainConfig:
     eval_samples: int = 4
     """ODE samples per evaluation prompt, from the same seeds at every evaluation: a policy with a decision code
     is judged by the mean over its samples (RL's policy.eval_samples)."""
+    eval_code_means: list[float] = field(default_factory=list)
+    """A policy with a decision code: also evaluate with every instruction's code mean fixed at each of these
+    (`eval/SPLIT/overall@MEAN`, gold_by_code_mean). At -2 nearly every code is the demonstrator's correct answer, so
+    it measures how well the policy draws the edits asked for; the plain evaluation (mean 0) mixes in how faithfully
+    it draws the demonstrator's failures, which lowers gold as it gets better at them."""
     spread_prompts: int = 32
     """Val prompts whose samples' spread is measured at the end (group_spread; 0 = none)."""
     spread_sampler: SamplerConfig = field(
@@ -125,6 +130,8 @@ class PolicyPretrainConfig:
             raise ValueError(f"edit_average must be 'batch' or 'image', got {self.edit_average!r}")
         if not 0 <= self.uncond_probability < 1:
             raise ValueError(f"uncond_probability must be in [0, 1), got {self.uncond_probability}")
+        if self.eval_code_means and not self.policy.decision_code:
+            raise ValueError("eval_code_means needs a policy with a decision code (policy.decision_code=true)")
         if self.demonstrator not in ("exact", "decisions"):
             raise ValueError(f"demonstrator must be 'exact' or 'decisions', got {self.demonstrator!r}")
         if not 0 < self.correct_probability <= 1:
@@ -223,7 +230,12 @@ def evaluate(
 
 
 def gold_by_code_mean(
-    policy: ShapeEditPolicy, prompts: list[dict], num_steps: int, samples: int, means=(-2.0, -1.0, 0.0, 1.0, 2.0)
+    policy: ShapeEditPolicy,
+    prompts: list[dict],
+    num_steps: int,
+    samples: int,
+    means=(-2.0, -1.0, 0.0, 1.0, 2.0),
+    seed: int = 0,
 ) -> dict[str, float]:
     """The oracle's mean gold (`evaluate`'s, the same noise for every mean) with every instruction's decision-code
     mean fixed at each of `means`: what choosing the decisions alone makes of this policy. RL that moves only one
@@ -233,7 +245,7 @@ def gold_by_code_mean(
     out = {}
     for mean in means:
         with policy.code_mean_fixed(mean):
-            out[f"{mean:+g}"] = round(evaluate(policy, prompts, num_steps, samples=samples)["overall"], 4)
+            out[f"{mean:+g}"] = round(evaluate(policy, prompts, num_steps, seed=seed, samples=samples)["overall"], 4)
     return out
 
 
@@ -326,6 +338,11 @@ def pretrain(cfg: PolicyPretrainConfig) -> dict:
                 policy, prompts, cfg.eval_denoising_steps, seed=cfg.seed, samples=cfg.eval_samples
             ).items():
                 result[f"eval/{split}/{k}"] = round(v, 4)
+            if cfg.eval_code_means:
+                by_mean = gold_by_code_mean(
+                    policy, prompts, cfg.eval_denoising_steps, cfg.eval_samples, cfg.eval_code_means, cfg.seed
+                )
+                result.update({f"eval/{split}/overall@{m}": v for m, v in by_mean.items()})
         if ema is not None:
             ema.restore(params)
         policy.transformer.train()

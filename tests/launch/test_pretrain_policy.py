@@ -61,6 +61,8 @@ def test_the_exact_demonstrator_draws_no_codes_and_bad_settings_are_refused():
         PolicyPretrainConfig(demonstrator="decisions", failure_modes=["blur"])
     with pytest.raises(ValueError, match="correct_probability"):
         PolicyPretrainConfig(correct_probability=0)
+    with pytest.raises(ValueError, match="eval_code_means needs a policy with a decision code"):
+        PolicyPretrainConfig(eval_code_means=[-2.0])
 
 
 def test_gold_by_code_mean_fixes_every_instructions_mean_and_puts_it_back():
@@ -127,3 +129,35 @@ def test_init_from_starts_from_a_saved_policys_weights_and_refuses_another_archi
     ShapeEditPolicy.build(TINY, TINY_INSTRUCTIONS, 0, TrainableConfig(lora_rank=2)).save_pretrained(tmp_path / "rl")
     with pytest.raises(ValueError, match="RL adapters"):
         start_policy(dataclasses.replace(cfg, init_from=str(tmp_path / "rl")), [])
+
+
+def test_pretraining_evaluates_with_the_code_mean_fixed_where_asked(tmp_path):
+    """eval_code_means: each evaluation also scores the policy with every instruction's code mean fixed; the
+    pretrained mean is 0, so at 0 it is the plain evaluation."""
+    import dataclasses
+
+    from launch.pretrain_policy import pretrain
+    from policies.shapeedit import TINY
+    from reward.shapeedit import GenerateConfig, generate
+
+    generate(GenerateConfig(out=str(tmp_path / "data"), pairs=80, size=32), progress=False)
+    cfg = PolicyPretrainConfig(
+        output_dir=str(tmp_path / "policy"),
+        data_dir=str(tmp_path / "data"),
+        policy=dataclasses.replace(TINY, decision_code=True),
+        demonstrator="decisions",
+        failure_modes=["not_applied"],
+        max_steps=2,
+        max_minutes=0,
+        num_eval=3,
+        eval_samples=2,
+        eval_denoising_steps=2,
+        eval_code_means=[-2.0, 0.0],
+        spread_prompts=0,
+        vocab_instructions=200,
+        progress=False,
+    )
+    result = pretrain(cfg)
+    for split in ("val", "test_heldout"):
+        assert result[f"eval/{split}/overall@+0"] == result[f"eval/{split}/overall"]
+        assert 0 <= result[f"eval/{split}/overall@-2"] <= 1
