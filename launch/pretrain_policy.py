@@ -70,7 +70,7 @@ class PolicyPretrainConfig:
     compose_probability: float = 0.25
     """Fraction of instructions that compose two edits."""
     vocab_instructions: int = 20000
-    """Instructions drawn to learn the word-level vocabulary."""
+    """Instructions drawn to learn the word-level vocabulary (fresh weights only; init_from keeps its own)."""
     gate_weight: float = 4.0
     """Weight of the gate's cross-entropy against the pixels each edit changes ('gated' policies; 0 = none)."""
     edit_weight: float = 1.0
@@ -277,11 +277,17 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def start_policy(cfg: PolicyPretrainConfig, vocab: list[str]) -> ShapeEditPolicy:
-    """Fresh weights with a vocabulary learnt from `vocab`, or `init_from`'s weights and vocabulary, refused unless
-    its architecture is cfg.policy's (a difference would otherwise surface as a shape error mid-load, or not at
-    all)."""
+def start_policy(cfg: PolicyPretrainConfig) -> ShapeEditPolicy:
+    """Fresh weights with a vocabulary learnt from `vocab_instructions` drawn instructions (held-out compositions
+    excluded; their own stream, so the task stream is the same either way), or `init_from`'s weights and
+    vocabulary, refused unless its architecture is cfg.policy's (a difference would otherwise surface as a shape
+    error mid-load, or not at all)."""
     if not cfg.init_from:
+        vocab_rng, vocab = np.random.default_rng(cfg.seed + 1), []
+        while len(vocab) < cfg.vocab_instructions:
+            task = sample_task(vocab_rng, cfg.policy.image_size, cfg.compose_probability)
+            if task is not None and not task.heldout:
+                vocab.append(task.instruction)
         return ShapeEditPolicy.build(cfg.policy, vocab, seed=cfg.seed)
     policy = ShapeEditPolicy.from_pretrained(cfg.init_from)
     if policy.trainable is not None:
@@ -289,7 +295,10 @@ def start_policy(cfg: PolicyPretrainConfig, vocab: list[str]) -> ShapeEditPolicy
     if policy.cfg != cfg.policy:
         saved, asked = asdict(policy.cfg), asdict(cfg.policy)
         diff = {k: (saved[k], asked[k]) for k in saved if saved[k] != asked[k]}
-        raise ValueError(f"init_from {cfg.init_from} has another architecture (saved, asked): {diff}")
+        raise ValueError(
+            f"init_from {cfg.init_from} has another architecture (saved, asked): {diff}; set policy.* as saved "
+            f"(its policy.json) or leave init_from empty for fresh weights"
+        )
     return policy
 
 
@@ -299,13 +308,7 @@ def pretrain(cfg: PolicyPretrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    vocab_rng = np.random.default_rng(cfg.seed + 1)
-    vocab = []
-    while len(vocab) < cfg.vocab_instructions:
-        task = sample_task(vocab_rng, cfg.policy.image_size, cfg.compose_probability)
-        if task is not None and not task.heldout:
-            vocab.append(task.instruction)
-    policy = start_policy(cfg, vocab)
+    policy = start_policy(cfg)
     save_config(cfg, out / "config.yaml")
     data_dir = Path(cfg.data_dir)
     evals = {s: load_eval_prompts(data_dir, s, cfg.num_eval, cfg.policy.image_size) for s in ("val", "test_heldout")}

@@ -117,18 +117,18 @@ def test_init_from_starts_from_a_saved_policys_weights_and_refuses_another_archi
 
     saved = ShapeEditPolicy.build(TINY, TINY_INSTRUCTIONS, seed=3)
     saved.save_pretrained(tmp_path / "saved")
-    cfg = PolicyPretrainConfig(policy=TINY, init_from=str(tmp_path / "saved"))
-    loaded = start_policy(cfg, ["words nobody saved"])
+    cfg = PolicyPretrainConfig(policy=TINY, init_from=str(tmp_path / "saved"), vocab_instructions=50)
+    loaded = start_policy(cfg)
     assert loaded.tokenizer.get_vocab() == saved.tokenizer.get_vocab()
     want = saved.transformer.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in loaded.transformer.state_dict().items())
-    fresh = start_policy(dataclasses.replace(cfg, init_from=""), TINY_INSTRUCTIONS)
+    fresh = start_policy(dataclasses.replace(cfg, init_from=""))
     assert not torch.equal(fresh.transformer.proj_out.weight, saved.transformer.proj_out.weight)
-    with pytest.raises(ValueError, match="another architecture.*num_layers"):
-        start_policy(dataclasses.replace(cfg, policy=dataclasses.replace(TINY, num_layers=TINY.num_layers + 1)), [])
+    with pytest.raises(ValueError, match="another architecture.*num_layers.*set policy"):
+        start_policy(dataclasses.replace(cfg, policy=dataclasses.replace(TINY, num_layers=TINY.num_layers + 1)))
     ShapeEditPolicy.build(TINY, TINY_INSTRUCTIONS, 0, TrainableConfig(lora_rank=2)).save_pretrained(tmp_path / "rl")
     with pytest.raises(ValueError, match="RL adapters"):
-        start_policy(dataclasses.replace(cfg, init_from=str(tmp_path / "rl")), [])
+        start_policy(dataclasses.replace(cfg, init_from=str(tmp_path / "rl")))
 
 
 def test_pretraining_evaluates_with_the_code_mean_fixed_where_asked(tmp_path):
