@@ -15,7 +15,12 @@ At sigma near 1 the noisy target says nothing, so the policy must find the meant
 instruction alone; at sigma 0.5 it can read it off the noisy target. A policy that paints every object of the
 named kind or colour ("the blue triangle": all triangles) loses `kept_objects`; one that reads the decision off
 the noise wins at 0.5 and loses at 0.999. Decision-code policies are probed at one code (`--code`, default -2: the
-correct share of the demonstrator's codes; sampled codes are drawn around it). docs/policies.md reads the results.
+correct share of the demonstrator's codes; sampled codes are drawn around it).
+
+Placement: at each sigma the probe also averages the probability the policy gives to changing a pixel (1 - P(keep
+the source pixel)) over the pixels the edit changes and over the background it keeps (`placement_markdown`). At
+sigma 0.999, a policy that knows where an added or moved shape goes gives the first far more than the second; one
+that knows only what appears gives both the same. docs/policies.md reads the results.
 """
 
 from __future__ import annotations
@@ -66,10 +71,13 @@ def probe_batch(policy: ShapeEditPolicy, chunk: list[dict], code: float, generat
     text, pooled = policy.encode_instructions([p["instruction"] for p in chunk])
     codes = torch.full((len(chunk),), code) if policy.cfg.decision_code else None
     noise = torch.randn(target.shape, generator=generator)
-    images = {}
+    images, p_change = {}, {}
+    changed = (target != source).any(1)
+    background = ~changed & background_pixels(source)[:, 0]
     for sigma in SIGMAS:
         _, logits = policy.predict((1 - sigma) * target + sigma * noise, sigma, source, text, pooled, codes)
         images[f"sigma_{sigma}"] = policy.category_image(logits.argmax(1), source)
+        p_change[f"sigma_{sigma}"] = 1 - logits.softmax(1)[:, 0]  # (B, H, W): P(not the source pixel)
     rollout = policy.sample(
         [p["source"] for p in chunk],
         [p["instruction"] for p in chunk],
@@ -83,6 +91,11 @@ def probe_batch(policy: ShapeEditPolicy, chunk: list[dict], code: float, generat
                 for key in (family, "all"):
                     counts[key][f"{name}/{kind}"][0] += right
                     counts[key][f"{name}/{kind}"][1] += total
+        for name, prob in p_change.items():  # summed probabilities over pixel counts: the report's means
+            for kind, mask in (("changed", changed[i]), ("kept_background", background[i])):
+                for key in (family, "all"):
+                    counts[key][f"{name}/p_change_{kind}"][0] += float(prob[i][mask].sum())
+                    counts[key][f"{name}/p_change_{kind}"][1] += int(mask.sum())
         edited = ((images["sampled"][i].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
         score = judge_image(p["scene"], p["edits"], edited).overall
         gold[family].append(score)
@@ -92,7 +105,9 @@ def probe_batch(policy: ShapeEditPolicy, chunk: list[dict], code: float, generat
 @torch.no_grad()
 def probe(policy: ShapeEditPolicy, prompts: list[dict], code: float, seed: int = 0, batch_size: int = 32) -> dict:
     """By family (and 'all'): the share of each kind of pixel the policy gets right at each sigma of SIGMAS and
-    when sampled, the oracle's gold of the sampled edits, and the number of prompts."""
+    when sampled, the mean probability it gives to changing a pixel (1 - P(keep the source pixel)) over the pixels
+    the edit changes and over the background it keeps (`sigma_S/p_change_changed`, `.../p_change_kept_background`),
+    the oracle's gold of the sampled edits, and the number of prompts."""
     if policy.cfg.parameterisation != "palette":
         raise ValueError(
             f"the probe reads the palette head's categories; this policy is {policy.cfg.parameterisation!r}"
@@ -126,6 +141,26 @@ def markdown(report: dict, family: str = "all") -> str:
     return "\n".join(lines)
 
 
+def placement_markdown(report: dict, families: tuple[str, ...] = ("add", "move", "resize", "swap", "recolour")) -> str:
+    """Does the policy know where an edit goes before the noise shows it? One row per policy and family: the mean
+    P(change) at sigma 0.999 over the pixels the edit changes and over the background it keeps."""
+    sigma = SIGMAS[0]
+    lines = [
+        f"| policy | family | prompts | P(change) where the edit changes, sigma {sigma} "
+        "| P(change) on the kept background |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in report["policies"].items():
+        for family in families:
+            row = entry["families"].get(family)
+            if row is None:
+                continue
+            inside, outside = row[f"sigma_{sigma}/p_change_changed"], row[f"sigma_{sigma}/p_change_kept_background"]
+            cells = ["–" if v is None else f"{v:.2f}" for v in (inside, outside)]
+            lines.append(f"| {name} | {family} | {row['prompts']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
@@ -153,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         single = [p for p in prompts if len(p["edits"]) == 1]
         report["policies"][name] = {"path": path, "families": probe(policy, single, args.code, args.seed)}
     print(markdown(report))
+    print(placement_markdown(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.policy_binding import SIGMAS, main, markdown, pixel_hits
+from launch.policy_binding import SIGMAS, main, markdown, pixel_hits, placement_markdown
 from policies.shapeedit import TINY, TINY_INSTRUCTIONS, ShapeEditPolicy
 from reward.shapeedit import GenerateConfig, generate
 
@@ -43,8 +43,15 @@ def test_a_policy_that_does_nothing_keeps_everything_and_scores_doing_nothing(tm
         for name in (*(f"sigma_{s}" for s in SIGMAS), "sampled"):
             assert row[f"{name}/changed"] == 0.0
             assert row[f"{name}/kept_background"] in (1.0, None) and row[f"{name}/kept_objects"] in (1.0, None)
+        for sigma in SIGMAS:  # it gives every pixel a small chance of changing, wherever the edit is
+            for kind in ("changed", "kept_background"):
+                assert row[f"sigma_{sigma}/p_change_{kind}"] is None or 0 < row[f"sigma_{sigma}/p_change_{kind}"] < 0.1
     assert rows["all"]["sampled/kept_background"] == 1.0  # None: a family without such pixels (a new background)
-    assert markdown(report) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert markdown(report) in printed and placement_markdown(report) in printed
+    assert placement_markdown(report).count("| untrained |") == sum(
+        f in rows for f in ("add", "move", "resize", "swap", "recolour")
+    )
     with pytest.raises(SystemExit):
         main(["--policy", str(tmp_path / "untrained")])  # no NAME=
 
@@ -52,6 +59,9 @@ def test_a_policy_that_does_nothing_keeps_everything_and_scores_doing_nothing(tm
 def test_the_docs_table_is_the_committed_json():
     root = Path(__file__).resolve().parents[2]
     report = json.loads((root / "docs" / "results" / "policy_binding.json").read_text())
-    assert markdown(report) in (root / "docs" / "policies.md").read_text(), (
-        "docs/policies.md's probe table differs from docs/results/policy_binding.json: paste `markdown` of it"
-    )
+    docs = (root / "docs" / "policies.md").read_text()
+    for table in (markdown, placement_markdown):
+        assert table(report) in docs, (
+            f"docs/policies.md's probe table differs from docs/results/policy_binding.json: "
+            f"paste `{table.__name__}` of it"
+        )
