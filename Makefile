@@ -11,6 +11,10 @@ PIP_SPEC ?= pip==26.3
 
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
+# demo and test run with the venv's tools first on PATH: DeepSpeed compiles its C++ extensions with the `ninja` it
+# finds there, and the pinned one (constraints.txt) and an older system one log their builds differently, so each
+# switch between them compiled the extensions again.
+ON_PATH := PATH="$(abspath $(BIN)):$$PATH"
 
 .PHONY: demo test lint install test-latest lock clean
 
@@ -24,14 +28,14 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/python launch/demo.py $(ARGS)
+	$(ON_PATH) $(BIN)/python launch/demo.py $(ARGS)
 
 # Two xdist workers: the Ray tests wait on process start-up, the other worker fills that time. (xdist 3.8's
 # --dist loadgroup does not group under pytest 9.2: it renames a node attribute pytest no longer reads.)
 # --maxschedchunk 1: each worker takes the next test when it is nearly done, in collection order, and
 # tests/conftest.py puts the slowest modules first, so no 2-minute test is left for the end.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -n 2 --maxschedchunk 1 tests $(ARGS)
+	$(ON_PATH) $(BIN)/python -m pytest -q -n 2 --maxschedchunk 1 tests $(ARGS)
 
 # ruff, configured in pyproject.toml (line length 120); `.venv/bin/ruff format .` and `ruff check --fix .` mend most of it.
 lint: $(BIN)/.installed
