@@ -125,6 +125,17 @@ def comma_list(parser: argparse.ArgumentParser, option: str, text: str, choices=
     return [int(item) for item in items]
 
 
+def named_folders(parser: argparse.ArgumentParser, option: str, specs: list[str], marker: str, what: str) -> dict:
+    """{NAME: DIR} from an option's NAME=DIR values, each DIR holding the file `marker`; else a usage error."""
+    folders = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not (Path(path) / marker).is_file():
+            parser.error(f"{option} takes NAME=DIR of {what} (with {marker}), got {spec!r}")
+        folders[name] = path
+    return folders
+
+
 def median(values: list[float]) -> float:
     """The median as a plain float (for JSON)."""
     return float(statistics.median(values))

@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as `python launch/policy_binding.py`: impor
 import numpy as np
 import torch
 
+from launch.benchmarking import named_folders
 from launch.pretrain_policy import load_eval_prompts
 from policies.images import images_to_tensor
 from policies.sampling import SamplerConfig
@@ -173,12 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the noise, the same for every policy")
     parser.add_argument("--out", default="", help="write the report here as JSON ('' = print only)")
     args = parser.parse_args(argv)
-    policies = {}
-    for spec in args.policy:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not (Path(path) / "policy.json").is_file():
-            parser.error(f"--policy takes NAME=DIR of a saved ShapeEdit policy (with policy.json), got {spec!r}")
-        policies[name] = path
+    policies = named_folders(parser, "--policy", args.policy, "policy.json", "a saved ShapeEdit policy")
     torch.manual_seed(args.seed)
     report = {"data": args.data, "split": args.split, "code": args.code, "seed": args.seed, "policies": {}}
     for name, path in policies.items():

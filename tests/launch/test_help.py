@@ -21,6 +21,7 @@ FLAG_CLIS = [
     "reward.evaluate",
     "reward.synthesize_critiques",
     "reward.shapeedit.__main__",
+    "launch.backbone_probe",
     "launch.bench_reward",
     "launch.bench_reward_actor",
     "launch.bench_rl_step",

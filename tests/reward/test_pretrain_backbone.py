@@ -77,6 +77,22 @@ def test_pretrained_backbone_loads_like_a_real_checkpoint(pretrained):
     assert len(jrm.processor.tokenizer) == saved.get_input_embeddings().weight.shape[0]
 
 
+def test_the_leading_digit_probe_reads_every_number_of_every_box(pretrained):
+    """locate_digits: four leading digits per question, scored against the four numbers' most common leading
+    digits, recounted here from the same questions."""
+    cfg, record = pretrained
+    assert record["locate_leading_digits"] == 4 * 256
+    assert 0 <= record["locate_leading_digit_accuracy"] <= 1
+    rng = np.random.default_rng([cfg.seed, 2**31 + 1])
+    leading = []
+    while len(leading) < 256:
+        example = sample_example(rng, cfg.image_size, "locate")
+        if example is not None:
+            leading.append([v[0] for v in re.findall(r"\d+", example.answer)])
+    constant = sum(max(col.count(d) for d in set(col)) for col in zip(*leading)) / (4 * 256)
+    assert record["constant_leading_digit_accuracy"] == pytest.approx(constant)
+
+
 def test_a_second_run_reuses_the_checkpoint_and_other_settings_are_refused(pretrained):
     cfg, record = pretrained
     weights = Path(cfg.output_dir) / "model.safetensors"

@@ -1,0 +1,115 @@
+"""Does a pretrained reward backbone know where things are? Both localisation probes, for several backbones.
+
+    python launch/backbone_probe.py --backbone shipped=assets/reward_backbone --backbone mine=runs/backbone \
+        --out docs/results/backbone_probe.json
+
+Each backbone is a folder written by reward/pretrain_backbone.py (its `pretrain.json` says how it was trained).
+On fresh "where is the ...?" questions about generated scenes (never the training ones) the probe measures:
+
+- `locate_box_error`: the mean absolute error of greedy answers' box coordinates (0-1000 scale; 64 questions),
+  beside `constant_box_error`, what always answering the mean box reaches;
+- `locate_leading_digit_accuracy`: with the true box given up to each number, how often the most probable next
+  token is the number's leading digit (256 questions, 1,024 digits), beside `constant_leading_digit_accuracy`,
+  always answering each number's most common leading digit.
+
+Greedy answers collapse onto one likely box, so the first can sit above the constant while the backbone has
+learnt a good deal; the second is the one that separates two backbones (docs/reward.md reads the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python launch/backbone_probe.py`: import the packages, not sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+from launch.benchmarking import named_folders
+from reward.config import HelpFormatter
+from reward.model import JRM, JRMArgs
+from reward.pretrain_backbone import DONE_FILE, locate_digits, locate_error
+
+COLUMNS = (
+    ("family", "family"),
+    ("patch", "patch"),
+    ("steps", "steps"),
+    ("tasks", "tasks"),
+    ("final_loss", "final loss"),
+    ("locate_leading_digit_accuracy", "leading digit right"),
+    ("constant_leading_digit_accuracy", "constant answer"),
+    ("locate_box_error", "greedy box error"),
+    ("constant_box_error", "constant answer"),
+)
+
+
+def probe(path: str | Path, image_size: int, seed: int) -> dict:
+    """How the backbone in `path` was trained (from its pretrain.json) and both probes measured now."""
+    record = json.loads((Path(path) / DONE_FILE).read_text())
+    settings = record["settings"]
+    model = JRM.build(JRMArgs(backbone=str(path)), seed=seed)
+    row = {
+        "path": str(path),
+        "family": model.backbone.config.model_type,
+        "patch": model.backbone.config.vision_config.patch_size,
+        "steps": settings["trainer"].get("max_steps"),
+        "tasks": ",".join(settings["tasks"]),
+        "final_loss": record["final_loss"],
+    }
+    row.update(locate_digits(model, image_size, seed))
+    row.update(locate_error(model, image_size, seed))
+    return row
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "| backbone | " + " | ".join(title for _, title in COLUMNS) + " |",
+        "| --- |" + " --- |" * len(COLUMNS),
+    ]
+    for name, row in report["backbones"].items():
+        cells = []
+        for key, _ in COLUMNS:
+            value = row[key]
+            if value is None:  # no loss logged (fewer steps than logging_steps), no parsable greedy box
+                cells.append("–")
+            elif key.endswith("accuracy") or key == "final_loss":
+                cells.append(f"{value:.3f}")
+            elif key.endswith("box_error"):
+                cells.append(f"{value:.0f}")
+            elif key == "steps":
+                cells.append(f"{value:,}")
+            else:
+                cells.append(str(value))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--backbone",
+        action="append",
+        required=True,
+        help="NAME=DIR of a backbone saved by reward/pretrain_backbone.py (repeat for several)",
+    )
+    parser.add_argument("--image-size", type=int, default=64, help="side of the generated scenes, in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the questions, the same for every backbone")
+    parser.add_argument("--out", default="", help="write the report here as JSON ('' = print only)")
+    args = parser.parse_args(argv)
+    backbones = named_folders(parser, "--backbone", args.backbone, DONE_FILE, "a pretrained backbone")
+    torch.manual_seed(args.seed)
+    report = {"image_size": args.image_size, "seed": args.seed, "backbones": {}}
+    for name, path in backbones.items():
+        report["backbones"][name] = probe(path, args.image_size, args.seed)
+    print(markdown(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
