@@ -26,8 +26,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/backbone_probe.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch
-
 from launch.benchmarking import named_folders
 from reward.config import HelpFormatter
 from reward.model import JRM, JRMArgs
@@ -100,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="write the report here as JSON ('' = print only)")
     args = parser.parse_args(argv)
     backbones = named_folders(parser, "--backbone", args.backbone, DONE_FILE, "a pretrained backbone")
-    torch.manual_seed(args.seed)
     report = {"image_size": args.image_size, "seed": args.seed, "backbones": {}}
     for name, path in backbones.items():
         report["backbones"][name] = probe(path, args.image_size, args.seed)

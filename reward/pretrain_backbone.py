@@ -137,6 +137,18 @@ def save_backbone(model: JRM, path: str | Path) -> None:
     model.processor.save_pretrained(str(path))
 
 
+def locate_questions(image_size: int, seed: int, stream: int, num: int) -> list[GroundingExample]:
+    """`num` "where is ...?" examples drawn from rng [seed, stream]; the training examples use [seed, i] with
+    i < 2**31, so a stream >= 2**31 never repeats one of them."""
+    rng = np.random.default_rng([seed, stream])
+    examples: list[GroundingExample] = []
+    while len(examples) < num:
+        example = sample_example(rng, image_size, "locate")
+        if example is not None:
+            examples.append(example)
+    return examples
+
+
 @torch.inference_mode()
 def locate_digits(model: JRM, image_size: int, seed: int, num: int = 256, batch_size: int = 32) -> dict:
     """A sharper localisation probe than greedy boxes: on `num` fresh "where is ...?" questions, with the true
@@ -148,36 +160,29 @@ def locate_digits(model: JRM, image_size: int, seed: int, num: int = 256, batch_
     leading digit is the coarse place of an edge (within 100 on the 0-1000 scale for three-digit numbers), and
     4 x `num` of them give the share to about 1.5 points. Returns both shares and the count of digits.
     """
-    rng = np.random.default_rng([seed, 2**31 + 1])  # other questions than locate_error's
-    examples: list[GroundingExample] = []
-    while len(examples) < num:
-        example = sample_example(rng, image_size, "locate")
-        if example is not None:
-            examples.append(example)
+    examples = locate_questions(image_size, seed, 2**31 + 1, num)  # other questions than locate_error's
     tokenizer = model.processor.tokenizer
     digits = {tokenizer.convert_tokens_to_ids(str(d)): d for d in range(10)}
     was_training = model.training
     model.eval()
-    hits, leading = [], []
+    hits: list[bool] = []
+    by_slot: dict[int, list[int]] = {}  # the true leading digits of the boxes' first, second, ... number
     device = model.head.weight.device
+    collate = GroundingCollator(model)
     for start in range(0, num, batch_size):
-        batch = GroundingCollator(model)(examples[start : start + batch_size])
+        batch = collate(examples[start : start + batch_size])
         labels = batch.pop("labels")
-        with torch.no_grad():
-            logits = _unwrap(model.backbone)(**{k: v.to(device) for k, v in batch.items()}).logits.cpu()
+        logits = _unwrap(model.backbone)(**{k: v.to(device) for k, v in batch.items()}).logits.cpu()
         for row in range(labels.shape[0]):
             slot = 0
             for j in torch.nonzero(labels[row] != -100).flatten().tolist():
                 token, before = labels[row, j].item(), labels[row, j - 1].item()
                 if token in digits and before not in digits:  # the first digit of one of the box's numbers
                     hits.append(logits[row, j - 1].argmax().item() == token)
-                    leading.append((slot, digits[token]))
+                    by_slot.setdefault(slot, []).append(digits[token])
                     slot += 1
     model.train(was_training)
-    by_slot: dict[int, list[int]] = {}
-    for slot, digit in leading:
-        by_slot.setdefault(slot, []).append(digit)
-    constant = sum(max(d.count(v) for v in set(d)) for d in by_slot.values()) / max(len(leading), 1)
+    constant = sum(max(d.count(v) for v in set(d)) for d in by_slot.values()) / max(len(hits), 1)
     return {
         "locate_leading_digit_accuracy": float(np.mean(hits)) if hits else None,
         "constant_leading_digit_accuracy": float(constant),
@@ -185,18 +190,14 @@ def locate_digits(model: JRM, image_size: int, seed: int, num: int = 256, batch_
     }
 
 
+@torch.inference_mode()
 def locate_error(model: JRM, image_size: int, seed: int, num: int = 64) -> dict:
     """How well the backbone localises: greedy answers to `num` fresh "where is the ...?" questions.
 
     Returns the mean absolute error of the box coordinates (0-1000 scale), that of always answering the
     mean true box (what a backbone that does not look at the image can reach), and unparsable answers.
     """
-    rng = np.random.default_rng([seed, 2**31])  # the training examples use [seed, i] with i < 2**31
-    examples: list[GroundingExample] = []
-    while len(examples) < num:
-        example = sample_example(rng, image_size, "locate")
-        if example is not None:
-            examples.append(example)
+    examples = locate_questions(image_size, seed, 2**31, num)
     was_training = model.training
     model.eval()
     tokenizer = model.processor.tokenizer

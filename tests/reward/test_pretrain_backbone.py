@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText
 
 from reward.config import ConfigError
 from reward.model import JRM, JRMArgs
-from reward.pretrain_backbone import PretrainConfig, pretrain
+from reward.pretrain_backbone import PretrainConfig, locate_questions, pretrain
 from reward.shapeedit.critique import box
 from reward.shapeedit.grounding import TASKS, describe, sample_example
 from reward.shapeedit.world import sample_scene
@@ -83,12 +83,8 @@ def test_the_leading_digit_probe_reads_every_number_of_every_box(pretrained):
     cfg, record = pretrained
     assert record["locate_leading_digits"] == 4 * 256
     assert 0 <= record["locate_leading_digit_accuracy"] <= 1
-    rng = np.random.default_rng([cfg.seed, 2**31 + 1])
-    leading = []
-    while len(leading) < 256:
-        example = sample_example(rng, cfg.image_size, "locate")
-        if example is not None:
-            leading.append([v[0] for v in re.findall(r"\d+", example.answer)])
+    questions = locate_questions(cfg.image_size, cfg.seed, 2**31 + 1, 256)
+    leading = [[v[0] for v in re.findall(r"\d+", q.answer)] for q in questions]
     constant = sum(max(col.count(d) for d in set(col)) for col in zip(*leading)) / (4 * 256)
     assert record["constant_leading_digit_accuracy"] == pytest.approx(constant)
 
