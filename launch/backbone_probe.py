@@ -8,12 +8,13 @@ On fresh "where is the ...?" questions about generated scenes (never the trainin
 
 - `locate_box_error`: the mean absolute error of greedy answers' box coordinates (0-1000 scale; 64 questions),
   beside `constant_box_error`, what always answering the mean box reaches;
-- `locate_leading_digit_accuracy`: with the true box given up to each number, how often the most probable next
-  token is the number's leading digit (256 questions, 1,024 digits), beside `constant_leading_digit_accuracy`,
-  always answering each number's most common leading digit.
+- `locate_edge_errors`: with the true box given up to each edge, the distance from the most probable location
+  token to the true edge (0-1000 scale; 256 questions), for ymin, xmin, ymax and xmax, their mean
+  `locate_edge_error`, beside `constant_edge_error`, always answering each edge's mean.
 
-Greedy answers collapse onto one likely box, so the first can sit above the constant while the backbone has
-learnt a good deal; the second is the one that separates two backbones (docs/reward.md reads the results).
+Greedy answers can collapse onto a few likely boxes, so the first can sit above the constant while the
+backbone has learnt a good deal; the second says which edges it has learnt: ymin and xmin place the object,
+ymax and xmax follow from its size (docs/reward.md reads the results).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if __package__ in (None, ""):  # run as `python launch/backbone_probe.py`: impor
 from launch.benchmarking import named_folders
 from reward.config import HelpFormatter
 from reward.model import JRM, JRMArgs
-from reward.pretrain_backbone import DONE_FILE, locate_digits, locate_error
+from reward.pretrain_backbone import DONE_FILE, locate_edges, locate_error
 
 COLUMNS = (
     ("family", "family"),
@@ -37,8 +38,10 @@ COLUMNS = (
     ("steps", "steps"),
     ("tasks", "tasks"),
     ("final_loss", "final loss"),
-    ("locate_leading_digit_accuracy", "leading digit right"),
-    ("constant_leading_digit_accuracy", "constant answer"),
+    ("locate_edge_errors", "edge error ymin / xmin / ymax / xmax"),
+    ("constant_edge_errors", "constant answer"),
+    ("locate_edge_error", "mean"),
+    ("constant_edge_error", "constant"),
     ("locate_box_error", "greedy box error"),
     ("constant_box_error", "constant answer"),
 )
@@ -57,7 +60,7 @@ def probe(path: str | Path, image_size: int, seed: int) -> dict:
         "tasks": ",".join(settings["tasks"]),
         "final_loss": record["final_loss"],
     }
-    row.update(locate_digits(model, image_size, seed))
+    row.update(locate_edges(model, image_size, seed))
     row.update(locate_error(model, image_size, seed))
     return row
 
@@ -73,9 +76,11 @@ def markdown(report: dict) -> str:
             value = row[key]
             if value is None:  # no loss logged (fewer steps than logging_steps), no parsable greedy box
                 cells.append("–")
-            elif key.endswith("accuracy") or key == "final_loss":
+            elif key == "final_loss":
                 cells.append(f"{value:.3f}")
-            elif key.endswith("box_error"):
+            elif key.endswith("_errors"):
+                cells.append(" / ".join(f"{v:.0f}" for v in value))
+            elif key.endswith("_error"):
                 cells.append(f"{value:.0f}")
             elif key == "steps":
                 cells.append(f"{value:,}")

@@ -49,7 +49,7 @@ ABLATIONS = {
     "alpha 1/3 instead of 0.7": ("jrm", ["loss.alpha=0.3333"]),
     "lambda = 0 (no critiques)": ("lambda0", []),
 }
-GROUNDING = re.compile(r"Regions:[^\n]*\n|; now at \[\d+, \d+, \d+, \d+\]|<\|(?:bbox_\d+|global)\|> ")
+GROUNDING = re.compile(r"Regions:[^\n]*\n|; now at (?:<\|loc_\d+\|>){4}|<\|(?:bbox_\d+|global)\|> ")
 """What the ablation without grounding cuts from a critique: the region list, the boxes and the region tags."""
 
 

@@ -30,12 +30,13 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from reward.shapeedit.critique import GLOBAL_TAG, REGION_TAGS
+from reward.shapeedit.critique import GLOBAL_TAG, LOC_TOKENS, REGION_TAGS
 from reward.shapeedit.generate import GenerateConfig, make_prompt
 
 SCORE_TOKEN = "<|score|>"
-ADDED_TOKENS = [SCORE_TOKEN, *REGION_TAGS, GLOBAL_TAG]
-"""Tokens JRM adds to a backbone's vocabulary: the score token and the grounded critiques' region tags."""
+ADDED_TOKENS = [SCORE_TOKEN, *REGION_TAGS, GLOBAL_TAG, *LOC_TOKENS]
+"""Tokens JRM adds to a backbone's vocabulary: the score token, the grounded critiques' region tags and the
+location tokens of their boxes."""
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,

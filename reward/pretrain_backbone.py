@@ -13,8 +13,8 @@ pretrained on. Both the JRM and its alpha = 0 ablation start from the same check
 
 Writes {output_dir}/ (config.json, model.safetensors, tokenizer and processor files: `load_backbone` and
 `AutoModelForImageTextToText` read it), pretrain.json (the settings, final loss, and how well it localises:
-the box error of greedy answers to fresh "where is ...?" questions beside that of a constant answer) and
-metrics.jsonl.
+the box error of greedy answers to fresh "where is ...?" questions and, teacher forced, each edge's error,
+both beside those of a constant answer) and metrics.jsonl.
 A second run with the same settings reuses the checkpoint; other settings in the same folder are refused.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from reward.config import ConfigError, config_from_cli, save_config
 from reward.model import JRM, JRMArgs, _unwrap
+from reward.shapeedit.critique import LOC_BINS, LOC_TOKENS, parse_locations
 from reward.shapeedit.grounding import TASKS, GroundingExample, sample_example
 
 DEFAULT_TRAINER = {
@@ -150,43 +150,42 @@ def locate_questions(image_size: int, seed: int, stream: int, num: int) -> list[
 
 
 @torch.inference_mode()
-def locate_digits(model: JRM, image_size: int, seed: int, num: int = 256, batch_size: int = 32) -> dict:
-    """A sharper localisation probe than greedy boxes: on `num` fresh "where is ...?" questions, with the true
-    box given up to each number (teacher forcing), how often the backbone's most probable next token is the
-    number's leading digit, against always answering each of the four numbers' most common leading digit.
+def locate_edges(model: JRM, image_size: int, seed: int, num: int = 256, batch_size: int = 32) -> dict:
+    """A sharper localisation probe than greedy boxes, edge by edge: on `num` fresh "where is ...?" questions,
+    with the true box given up to each edge (teacher forcing), the distance on the 0-1000 scale from the most
+    probable location token's centre to the true edge, against always answering each edge's mean.
 
-    Greedy answers collapse onto one likely box (the tiny backbones answered "[504, 53, ..." to most questions),
-    so their error says little about what a model has learnt, and 64 of them move by tens from run to run; a
-    leading digit is the coarse place of an edge (within 100 on the 0-1000 scale for three-digit numbers), and
-    4 x `num` of them give the share to about 1.5 points. Returns both shares and the count of digits.
+    Greedy answers can collapse onto a few likely boxes, so their error can say little about what a model has
+    learnt, and 64 of them move by tens from run to run. Edge by edge the probe also says *what* is learnt:
+    ymin and xmin place the object (given only the image and the question), ymax and xmax then follow from
+    its size, so a backbone that sees rows but not columns shows it in the first two. Returns the mean over
+    the four edges and each edge's, the constant's likewise, and the count of questions.
     """
     examples = locate_questions(image_size, seed, 2**31 + 1, num)  # other questions than locate_error's
     tokenizer = model.processor.tokenizer
-    digits = {tokenizer.convert_tokens_to_ids(str(d)): d for d in range(10)}
+    bins = {tokenizer.convert_tokens_to_ids(t): k for k, t in enumerate(LOC_TOKENS)}
+    centre = np.array([(k + 0.5) * 1000 / LOC_BINS for k in range(LOC_BINS)])
     was_training = model.training
     model.eval()
-    hits: list[bool] = []
-    by_slot: dict[int, list[int]] = {}  # the true leading digits of the boxes' first, second, ... number
+    answered, truth = [], np.array([parse_locations(e.answer) for e in examples])
     device = model.head.weight.device
     collate = GroundingCollator(model)
+    ids = torch.tensor(list(bins))
     for start in range(0, num, batch_size):
         batch = collate(examples[start : start + batch_size])
         labels = batch.pop("labels")
         logits = _unwrap(model.backbone)(**{k: v.to(device) for k, v in batch.items()}).logits.cpu()
         for row in range(labels.shape[0]):
-            slot = 0
-            for j in torch.nonzero(labels[row] != -100).flatten().tolist():
-                token, before = labels[row, j].item(), labels[row, j - 1].item()
-                if token in digits and before not in digits:  # the first digit of one of the box's numbers
-                    hits.append(logits[row, j - 1].argmax().item() == token)
-                    by_slot.setdefault(slot, []).append(digits[token])
-                    slot += 1
+            at = [j for j in torch.nonzero(labels[row] != -100).flatten().tolist() if labels[row, j].item() in bins]
+            answered.append([centre[logits[row, j - 1, ids].argmax().item()] for j in at])
     model.train(was_training)
-    constant = sum(max(d.count(v) for v in set(d)) for d in by_slot.values()) / max(len(hits), 1)
+    errors, constant = np.abs(np.array(answered) - truth).mean(0), np.abs(truth - truth.mean(0)).mean(0)
     return {
-        "locate_leading_digit_accuracy": float(np.mean(hits)) if hits else None,
-        "constant_leading_digit_accuracy": float(constant),
-        "locate_leading_digits": len(hits),
+        "locate_edge_error": float(errors.mean()),
+        "locate_edge_errors": [round(float(e), 1) for e in errors],
+        "constant_edge_error": float(constant.mean()),
+        "constant_edge_errors": [round(float(e), 1) for e in constant],
+        "locate_edge_questions": num,
     }
 
 
@@ -213,11 +212,11 @@ def locate_error(model: JRM, image_size: int, seed: int, num: int = 64) -> dict:
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     model.train(was_training)
-    answers = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    truth = np.array([[int(v) for v in re.findall(r"\d+", e.answer)] for e in examples], dtype=float)
+    answers = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=False)
+    truth = np.array([parse_locations(e.answer) for e in examples])
     errors, failures = [], 0
     for answer, box in zip(answers, truth):
-        found = [int(v) for v in re.findall(r"\d+", answer)][:4]
+        found = parse_locations(answer)[:4]
         if len(found) < 4:
             failures += 1
             continue
@@ -281,7 +280,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         "seconds": trainer.state.log_history[-1].get("train_runtime"),
     }
     record.update(locate_error(model, cfg.image_size, cfg.seed))
-    record.update(locate_digits(model, cfg.image_size, cfg.seed))
+    record.update(locate_edges(model, cfg.image_size, cfg.seed))
     with (out / "metrics.jsonl").open("w") as f:
         for log in trainer.state.log_history:
             f.write(json.dumps(log) + "\n")

@@ -2,7 +2,7 @@
 
 The critique is the text that JRM's language-modelling loss learns from, in the structured, spatially
 grounded form of arXiv 2602.07533: first the boxes of the regions the instruction concerns and of the
-regions that changed (`[ymin, xmin, ymax, xmax]` on Qwen-VL's 0-1000 scale), then one statement per
+regions that changed (four location tokens, `ymin xmin ymax xmax`, see `box_text`), then one statement per
 region under its tag (`<|bbox_0|>`, `<|bbox_1|>`, ...), then `<|global|>` (background, untouched
 objects, artifacts), then the verdict with the scores. Its facts come from comparing scenes object by
 object; its judgements (done / partly done / not done, the scores) come from the oracle, so a critique
@@ -10,6 +10,8 @@ never disagrees with the label of its candidate.
 """
 
 from __future__ import annotations
+
+import re
 
 from reward.shapeedit.candidates import Candidate
 from reward.shapeedit.edits import ADDED_ID, Edit, apply_edits
@@ -20,6 +22,10 @@ REGION_TAGS = tuple(f"<|bbox_{i}|>" for i in range(8))
 """Region tags, in the order the critique lists its regions; special tokens of the JRM's tokenizer."""
 GLOBAL_TAG = "<|global|>"
 """Introduces the critique's statement on the whole image."""
+LOC_BINS = 32
+LOC_TOKENS = tuple(f"<|loc_{i}|>" for i in range(LOC_BINS))
+"""Location tokens: bin k of the 0-1000 scale covers [1000 k / 32, 1000 (k + 1) / 32); special tokens."""
+_LOC = re.compile(r"<\|loc_(\d+)\|>")
 
 ARTIFACT_SENTENCES = {
     None: "The image is clean and sharp.",
@@ -114,7 +120,20 @@ def box(shape: Shape) -> tuple[int, int, int, int]:
 
 
 def box_text(b: tuple[int, int, int, int]) -> str:
-    return "[" + ", ".join(str(v) for v in b) + "]"
+    """A box (ymin, xmin, ymax, xmax on the 0-1000 scale) as four location tokens, as PaliGemma and Kosmos-2
+    write boxes, not as the digit strings of Qwen-VL's "[ymin, xmin, ymax, xmax]".
+
+    Why: a backbone spelling digits must get each number's length right before its value, and the tiny
+    backbones' greedy boxes collapsed onto a few digit strings (docs/reward.md); a location token is one
+    choice among 32 places per edge. 32 bins are two pixels of a 64x64 ShapeEdit image (31.25 on the scale),
+    finer than any object's edge needs. A real backbone gets the tokens added to its vocabulary with the
+    region tags (`reward.backbone.ADDED_TOKENS`)."""
+    return "".join(LOC_TOKENS[min(LOC_BINS - 1, max(0, v * LOC_BINS // 1000))] for v in b)
+
+
+def parse_locations(text: str) -> list[float]:
+    """The location tokens of `text` in order, each as its bin's centre on the 0-1000 scale."""
+    return [(int(k) + 0.5) * 1000 / LOC_BINS for k in _LOC.findall(text)]
 
 
 def regions(source: Scene, wanted: Scene, seen: Scene, edits: tuple[Edit, ...]) -> list[tuple[int, Shape]]:

@@ -1,7 +1,7 @@
 """Label-free grounding tasks on ShapeEdit scenes, for pretraining a reward model's backbone.
 
 Each task is a question about two images (a source scene and a second image) with an exact answer in
-the grounded critiques' vocabulary (boxes on the 0-1000 scale, region tags), and carries no preference
+the grounded critiques' vocabulary (boxes as location tokens, region tags), and carries no preference
 label: describe the scene with boxes, say what differs between the two images, find a named object,
 and point at the objects an instruction names. A backbone that has learnt them sees shapes, reads the
 words that name them and binds the two, before it ever sees a ranked pair (reward/pretrain_backbone.py).

@@ -33,7 +33,7 @@ def test_a_pretrained_backbone_is_probed_with_its_settings(tmp_path, capsys):
     row = report["backbones"]["tiny"]
     assert (row["family"], row["patch"], row["steps"], row["tasks"]) == ("qwen2_vl", 8, 2, "locate")
     assert row["final_loss"] == record["final_loss"]
-    for key in ("locate_leading_digit_accuracy", "constant_leading_digit_accuracy", "constant_box_error"):
+    for key in ("locate_edge_error", "locate_edge_errors", "constant_edge_error", "constant_box_error"):
         assert row[key] == pytest.approx(record[key])  # measured again, on the same questions: the same figures
     assert markdown(report) in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText
 from reward.config import ConfigError
 from reward.model import JRM, JRMArgs
 from reward.pretrain_backbone import PretrainConfig, locate_questions, pretrain
-from reward.shapeedit.critique import box
+from reward.shapeedit.critique import box, box_text, parse_locations
 from reward.shapeedit.grounding import TASKS, describe, sample_example
 from reward.shapeedit.world import sample_scene
 
@@ -30,14 +30,15 @@ def test_grounding_answers_are_exact():
             assert example.task == task and example.source.shape == example.second.shape == (32, 32, 3)
             if task in ("describe", "locate", "instruction_regions"):
                 assert np.array_equal(example.source, example.second)  # one image asked about
-            for b in re.findall(r"\[(\d+), (\d+), (\d+), (\d+)\]", example.answer):
-                ymin, xmin, ymax, xmax = map(int, b)
-                assert 0 <= ymin < ymax <= 1000 and 0 <= xmin < xmax <= 1000, example
+            edges = parse_locations(example.answer)
+            assert len(edges) % 4 == 0 and (edges or task != "locate"), example
+            for ymin, xmin, ymax, xmax in zip(*[iter(edges)] * 4):
+                assert 0 < ymin < ymax < 1000 and 0 < xmin < xmax < 1000, example
     scene = sample_scene(np.random.default_rng(1), num_shapes=3)
     text = describe(scene)
     # Reading order: the boxes appear sorted, one per shape, each the shape's exact box.
-    boxes = [tuple(map(int, b)) for b in re.findall(r"\[(\d+), (\d+), (\d+), (\d+)\]", text)]
-    assert boxes == sorted(box(s) for s in scene.shapes)
+    boxes = re.findall(r"(?:<\|loc_\d+\|>){4}", text)
+    assert boxes == [box_text(b) for b in sorted(box(s) for s in scene.shapes)]
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +78,19 @@ def test_pretrained_backbone_loads_like_a_real_checkpoint(pretrained):
     assert len(jrm.processor.tokenizer) == saved.get_input_embeddings().weight.shape[0]
 
 
-def test_the_leading_digit_probe_reads_every_number_of_every_box(pretrained):
-    """locate_digits: four leading digits per question, scored against the four numbers' most common leading
-    digits, recounted here from the same questions."""
+def test_the_edge_probe_reads_every_edge_of_every_box(pretrained):
+    """locate_edges: four edges per question, each error between 0 and 1000, their mean the reported mean, and
+    the constant answer's error recounted here from the same questions' location tokens."""
     cfg, record = pretrained
-    assert record["locate_leading_digits"] == 4 * 256
-    assert 0 <= record["locate_leading_digit_accuracy"] <= 1
+    assert record["locate_edge_questions"] == 256 and len(record["locate_edge_errors"]) == 4
+    assert all(0 <= e <= 1000 for e in record["locate_edge_errors"])
+    assert record["locate_edge_error"] == pytest.approx(np.mean(record["locate_edge_errors"]), abs=0.05)
     questions = locate_questions(cfg.image_size, cfg.seed, 2**31 + 1, 256)
-    leading = [[v[0] for v in re.findall(r"\d+", q.answer)] for q in questions]
-    constant = sum(max(col.count(d) for d in set(col)) for col in zip(*leading)) / (4 * 256)
-    assert record["constant_leading_digit_accuracy"] == pytest.approx(constant)
+    truth = np.array([parse_locations(q.answer) for q in questions])
+    assert truth.shape == (256, 4)
+    constant = np.abs(truth - truth.mean(0)).mean(0)
+    assert record["constant_edge_error"] == pytest.approx(constant.mean())
+    assert record["constant_edge_errors"] == pytest.approx(constant, abs=0.05)
 
 
 def test_a_second_run_reuses_the_checkpoint_and_other_settings_are_refused(pretrained):

@@ -12,7 +12,7 @@ from PIL import Image
 from reward.shapeedit import GenerateConfig, build_reference, generate, judge, judge_image, render, sample_scene
 from reward.shapeedit.__main__ import main as cli
 from reward.shapeedit.candidates import MODES, make_candidate, render_candidate
-from reward.shapeedit.critique import box, scores_1_to_4, status, write_critique
+from reward.shapeedit.critique import LOC_BINS, box, box_text, parse_locations, scores_1_to_4, status, write_critique
 from reward.shapeedit.edits import (
     ADDED_ID,
     FAMILIES,
@@ -160,10 +160,10 @@ def test_critiques_agree_with_the_oracle_and_their_boxes_with_the_scene():
             # Every region's box is the exact box of an object of the source, of the asked-for scene or of
             # the candidate, on the 0-1000 scale; the instruction's objects come first, with tags in order.
             header, *lines = text.split("\n")
-            boxes = re.findall(r"<\|bbox_(\d)\|> \[(\d+), (\d+), (\d+), (\d+)\]", header)
+            boxes = re.findall(r"<\|bbox_(\d)\|> ((?:<\|loc_\d+\|>){4})", header)
             assert [int(b[0]) for b in boxes] == list(range(len(boxes))), text
-            known = {box(s) for sc in (scene, wanted, candidate.scene) for s in sc.shapes}
-            assert all(tuple(map(int, b[1:])) in known for b in boxes), text
+            known = {box_text(box(s)) for sc in (scene, wanted, candidate.scene) for s in sc.shapes}
+            assert all(b[1] in known for b in boxes), text
             named = {
                 i for e in edits for i in ([ADDED_ID] if e.family == "add" else [e.target, e.other]) if i is not None
             }
@@ -179,6 +179,16 @@ def test_critiques_agree_with_the_oracle_and_their_boxes_with_the_scene():
             if mode == "wrong_object":
                 # The object that did change is boxed and said to be not asked for.
                 assert "not asked; changes:" in text, text
+
+
+def test_boxes_are_four_location_tokens_that_read_back_within_half_a_bin():
+    half = 1000 / LOC_BINS / 2
+    for b in [(0, 0, 1000, 1000), (15, 16, 31, 32), (500, 499, 968, 969)]:
+        text = box_text(b)
+        assert text.count("<|loc_") == 4 and text.replace("<|loc_", "").count("|>") == 4
+        assert all(abs(read - true) <= half for read, true in zip(parse_locations(text), b)), (b, text)
+    assert box_text((0, 0, 1000, 1000)) == "<|loc_0|><|loc_0|><|loc_31|><|loc_31|>"
+    assert parse_locations("no boxes [1, 2, 3, 4]") == []
 
 
 def test_dataset_format_splits_and_heldout_compositions(tmp_path):

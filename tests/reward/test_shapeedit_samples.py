@@ -47,7 +47,7 @@ def test_samples_are_judged_critiqued_and_paired_like_candidates(tmp_path):
     assert "the circle: asked to recolour the circle to green: done" in first["rationale1"]
     assert "not done" in first["rationale2"] and "Verdict: a good edit" in first["rationale1"]
     damaged = by_id["train-000000-s0s2"]["rationale2"]  # the wrong object's damage is named, with its box
-    assert "the square: not asked; 100% of it lost its colour" in damaged and "<|bbox_1|> [" in damaged
+    assert "the square: not asked; 100% of it lost its colour" in damaged and "<|bbox_1|> <|loc_" in damaged
     (tmp_path / "pairs.json").write_text(json.dumps(rows))
     pairs, skipped = load_pairs(tmp_path / "pairs.json", progress=False)  # the EditReward-Data format, images included
     assert len(pairs) == 5 and not skipped and pairs[0].chosen_critique == first["rationale1"]
@@ -111,6 +111,6 @@ def test_a_painted_blob_is_named_with_its_box_and_soft_edges_are_not(tmp_path):
     blob = right.copy()
     blob[40:52, 5:17] = [255, 0, 0]  # 12 x 12 pixels of red on the white background, where nothing was asked
     text = critique(blob)
-    assert "<|bbox_1|> [625, 78, 812, 266]" in text  # rows 40-51, columns 5-16 on the 0-1000 scale
+    assert "<|bbox_1|> <|loc_20|><|loc_2|><|loc_25|><|loc_8|>" in text  # rows 40-51, columns 5-16: [625, 78, 812, 266]
     assert "part of the background: not asked; 144 pixels painted over" in text
     assert "parts of the background were painted over" in text
