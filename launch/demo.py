@@ -83,12 +83,17 @@ class RayCluster:
     def __init__(self):
         bin_dir = Path(sys.executable).parent
         self.ray = str(bin_dir / "ray")
-        # Ray 2.60 clusters require a token (written to ~/.ray/auth_token by `ray start`); the job client only
+        # Ray 2.60 clusters require a token (in ~/.ray/auth_token, made in __enter__); the job client only
         # sends it when RAY_AUTH_MODE=token is set in its environment. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 stops
         # Ray from replacing 127.0.0.1 by the machine's address, so every server listens on loopback only.
         self.env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **os.environ, "RAY_AUTH_MODE": "token"}
 
     def __enter__(self) -> RayCluster:
+        # `ray start` refuses to create the token itself: on a machine that never ran Ray, make one first (kept
+        # in ~/.ray/auth_token, never printed).
+        subprocess.run(
+            [self.ray, "get-auth-token", "--generate"], cwd=ROOT, check=True, env=self.env, stdout=subprocess.DEVNULL
+        )
         run(
             [
                 self.ray,
