@@ -384,8 +384,10 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, weights):
     full = load_config(TrainConfig, None, [f"output_dir={tmp_path / 'full'}"] + common)
     train(full)
     logs = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in logs if "loss" in r]
-    assert losses[-1] < losses[0]
+    # It learnt: the critique's next-token loss falls step by step (the ranking loss is noise at 24 steps of a
+    # random tiny backbone, and with LoRA it can end above where it started).
+    losses = [r["train/lm_loss"] for r in logs if "train/lm_loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
     weights_file = "model.safetensors" if weights == "full" else "adapter_model.safetensors"
     assert (tmp_path / "full" / "final" / weights_file).is_file()
     JRM.from_pretrained(tmp_path / "full" / "checkpoint-12")  # checkpoints are loadable JRMs
