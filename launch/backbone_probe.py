@@ -27,7 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/backbone_probe.py`: import the packages, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from launch.benchmarking import named_folders
+from launch.benchmarking import named_folders, write_json
 from reward.config import HelpFormatter
 from reward.model import JRM, JRMArgs
 from reward.pretrain_backbone import DONE_FILE, locate_edges, locate_error
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         report["backbones"][name] = probe(path, args.image_size, args.seed)
     print(markdown(report))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.out, report)
     return 0
 
 

@@ -177,6 +177,14 @@ def table(rows: list[dict], columns: list[str], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str | Path, data: dict) -> Path:
+    """`data` as indented JSON at `path`, its folder made first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
 def write_report(path: str | Path, name: str, command: str, settings: dict, results: dict) -> Path:
     """The JSON a benchmark leaves behind: what ran, where, with which settings, and what it measured."""
     path = Path(path)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -38,7 +37,7 @@ if __package__ in (None, ""):  # run as `python launch/policy_binding.py`: impor
 import numpy as np
 import torch
 
-from launch.benchmarking import named_folders
+from launch.benchmarking import named_folders, write_json
 from launch.pretrain_policy import load_eval_prompts
 from policies.images import images_to_tensor
 from policies.sampling import SamplerConfig
@@ -186,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(report))
     print(placement_markdown(report))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.out, report)
     return 0
 
 

@@ -40,7 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from reward.config import ConfigError, config_from_cli, save_config
 from reward.model import JRM, JRMArgs, _unwrap
-from reward.shapeedit.critique import LOC_BINS, LOC_TOKENS, parse_locations
+from reward.shapeedit.critique import LOC_TOKENS, parse_locations
 from reward.shapeedit.grounding import TASKS, GroundingExample, sample_example
 
 DEFAULT_TRAINER = {
@@ -163,20 +163,20 @@ def locate_edges(model: JRM, image_size: int, seed: int, num: int = 256, batch_s
     """
     examples = locate_questions(image_size, seed, 2**31 + 1, num)  # other questions than locate_error's
     tokenizer = model.processor.tokenizer
-    bins = {tokenizer.convert_tokens_to_ids(t): k for k, t in enumerate(LOC_TOKENS)}
-    centre = np.array([(k + 0.5) * 1000 / LOC_BINS for k in range(LOC_BINS)])
+    ids = tokenizer.convert_tokens_to_ids(list(LOC_TOKENS))
+    is_location, centre = set(ids), np.array(parse_locations("".join(LOC_TOKENS)))
     was_training = model.training
     model.eval()
     answered, truth = [], np.array([parse_locations(e.answer) for e in examples])
     device = model.head.weight.device
     collate = GroundingCollator(model)
-    ids = torch.tensor(list(bins))
     for start in range(0, num, batch_size):
         batch = collate(examples[start : start + batch_size])
         labels = batch.pop("labels")
         logits = _unwrap(model.backbone)(**{k: v.to(device) for k, v in batch.items()}).logits.cpu()
         for row in range(labels.shape[0]):
-            at = [j for j in torch.nonzero(labels[row] != -100).flatten().tolist() if labels[row, j].item() in bins]
+            answer = torch.nonzero(labels[row] != -100).flatten().tolist()
+            at = [j for j in answer if labels[row, j].item() in is_location]
             answered.append([centre[logits[row, j - 1, ids].argmax().item()] for j in at])
     model.train(was_training)
     errors, constant = np.abs(np.array(answered) - truth).mean(0), np.abs(truth - truth.mean(0)).mean(0)
